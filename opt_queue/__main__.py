@@ -1,0 +1,3 @@
+from opt_queue.cli import main
+
+main()

@@ -1,0 +1,42 @@
+"""The Celery application: Redis broker, late acks, I/O-bound defaults.
+
+The broker comes from :func:`configure` (the CLI calls it) or ``OPT_QUEUE_BROKER_URL``, so that
+``celery -A opt_queue.app worker`` works too.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+from opt_queue import keys
+
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+
+app = Celery("opt_queue", include=["opt_queue.tasks"])
+app.conf.update(
+    broker_url=os.environ.get("OPT_QUEUE_BROKER_URL", DEFAULT_BROKER),
+    task_default_queue=keys.QUEUE,
+    task_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    # A killed worker's rows are delivered again; publishing is idempotent by row, so that is safe.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=4,
+    worker_send_task_events=True,
+    task_send_sent_event=False,
+    broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,
+    broker_transport_options={"visibility_timeout": 3600},
+    worker_hijack_root_logger=False,
+    worker_enable_remote_control=True,
+)
+
+
+def configure(broker_url: str, visibility_timeout: int = 3600) -> Celery:
+    """Point the app at ``broker_url``; return it."""
+    app.conf.broker_url = broker_url
+    app.conf.broker_transport_options = {"visibility_timeout": visibility_timeout}
+    return app

@@ -1,0 +1,235 @@
+"""The ``opt-queue`` command line: thin commands over the library."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from opt_queue import __version__
+from opt_queue.collector import CollectStatus, Collector, errors_path
+from opt_queue.config import Config, load_config
+from opt_queue.errors import ConfigError, OptQueueError
+from opt_queue.jobs import job_id_for
+from opt_queue.redis_conn import connect, redact_url
+from opt_queue.ui import CollectDisplay, SubmitDisplay, print_summary
+
+console = Console(stderr=True)
+out = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(fn: F) -> F:
+    """Turn our errors into one red line and an exit code; Ctrl-C into a clean message."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OptQueueError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: nothing is lost; run the same command again to resume.")
+            sys.exit(130)
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "httpx2", "openai", "celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config(path: str | None, require_keys: bool = True) -> Config:
+    if path is None and Path("config.json").exists():
+        path = "config.json"
+    cfg = load_config(path, require_keys=require_keys)
+    _setup_logging(cfg.log_level)
+    return cfg
+
+
+def _broker(cfg: Config) -> str:
+    if not cfg.broker_url:
+        raise ConfigError("no broker: set \"broker_url\" in the config or OPT_QUEUE_BROKER_URL "
+                          "(or use `opt-queue run`, which starts a private Redis)")
+    return cfg.broker_url
+
+
+config_option = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+                             help="config.json (default: ./config.json, else the environment).")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="opt-queue")
+def main() -> None:
+    """Push JSONL datasets of prompts through OpenAI-compatible chat APIs, in parallel, safely."""
+
+
+@main.command()
+@click.argument("input_path", type=click.Path(dir_okay=False))
+@config_option
+@click.option("-o", "--output", default="output.jsonl", show_default=True, help="Output JSONL file.")
+@click.option("--job", "job_name", help="Job name (default: derived from the output path).")
+@click.option("--skip-bad-lines", is_flag=True, help="Enqueue the valid rows and list the bad ones.")
+@friendly
+def submit(input_path: str, config_path: str | None, output: str, job_name: str | None,
+           skip_bad_lines: bool) -> None:
+    """Enqueue one task per row that output.jsonl does not answer yet."""
+    from opt_queue.app import configure
+    from opt_queue.producer import submit as do_submit
+
+    cfg = _config(config_path, require_keys=False)
+    url = _broker(cfg)
+    client = connect(url, check=True)
+    configure(url, cfg.visibility_timeout)
+    job = job_id_for(output, job_name)
+    with SubmitDisplay(console) as display:
+        report = do_submit(client, job, input_path, output, cfg, skip_bad=skip_bad_lines,
+                           on_progress=display.update)
+    out.print(f"job [bold]{job}[/]: enqueued {report.enqueued} rows, skipped {report.skipped} "
+              f"({report.answered} already answered, {report.queued} already queued)"
+              + (f", {report.retried_nulls} nulls retried" if report.retried_nulls else ""))
+    if report.bad_lines:
+        console.print(f"[yellow]{report.bad_lines} bad line(s) of {input_path} were skipped[/]")
+
+
+@main.command()
+@config_option
+@click.option("--concurrency", type=int, help="Rows in flight per worker (default: config concurrency, 32).")
+@click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads",
+              show_default=True, help="Celery execution pool.")
+@click.option("--loglevel", default=None, help="Log level (default: config log_level).")
+@click.option("--hostname", default=None, help="Celery worker name (default: celery@host).")
+@friendly
+def worker(config_path: str | None, concurrency: int | None, pool: str, loglevel: str | None,
+           hostname: str | None) -> None:
+    """Run a worker that answers rows from the broker's queue."""
+    from opt_queue import keys
+    from opt_queue.app import app, configure
+
+    cfg = _config(config_path)
+    url = _broker(cfg)
+    connect(url, check=True)
+    if config_path:
+        os.environ["OPT_QUEUE_CONFIG"] = str(Path(config_path).resolve())
+    os.environ["OPT_QUEUE_BROKER_URL"] = url
+    configure(url, cfg.visibility_timeout)
+    level = (loglevel or cfg.log_level).upper()
+    _setup_logging(level)
+    logging.getLogger(__name__).info("worker for %s with %d keys", redact_url(url), len(cfg.api_keys))
+    argv = ["worker", "--pool", pool, "--concurrency", str(concurrency or cfg.concurrency),
+            "-Q", keys.QUEUE, "--events", "--loglevel", level, "--without-mingle", "--without-gossip"]
+    if hostname:
+        argv += ["--hostname", hostname]
+    app.worker_main(argv)
+
+
+@main.command()
+@config_option
+@click.option("-o", "--output", default="output.jsonl", show_default=True, help="Output JSONL file.")
+@click.option("--job", "job_name", help="Job name (default: derived from the output path).")
+@click.option("--input", "input_path", help="The job's input file (default: the path submit recorded).")
+@click.option("--follow", is_flag=True, help="Keep collecting while rows are still being submitted.")
+@friendly
+def collect(config_path: str | None, output: str, job_name: str | None, input_path: str | None,
+            follow: bool) -> None:
+    """Stream finished rows into output.jsonl; rewrite it in input order when the job is complete."""
+    cfg = _config(config_path, require_keys=False)
+    client = connect(_broker(cfg), check=True)
+    job = job_id_for(output, job_name)
+    with CollectDisplay(console) as display:
+        status = Collector(client, job, output, input_path).run(follow=follow, on_progress=display.update)
+    print_summary(out, status, output, errors_path(output))
+    if not status.complete:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("input_path", type=click.Path(dir_okay=False))
+@config_option
+@click.option("-o", "--output", default="output.jsonl", show_default=True, help="Output JSONL file.")
+@click.option("--job", "job_name", help="Job name (default: derived from the output path).")
+@click.option("--workers", default=1, show_default=True, help="Local worker processes (0: use the fleet).")
+@click.option("--skip-bad-lines", is_flag=True, help="Process the valid rows and list the bad ones.")
+@friendly
+def run(input_path: str, config_path: str | None, output: str, job_name: str | None, workers: int,
+        skip_bad_lines: bool) -> None:
+    """Submit, work and collect a whole job on this machine (private Redis unless broker_url is set)."""
+    from opt_queue.runner import run_job
+
+    cfg = _config(config_path)
+    if config_path is None and Path("config.json").exists():
+        config_path = "config.json"
+    _run_and_report(input_path, output, cfg, config_path, job_name, workers, skip_bad_lines)
+
+
+def _run_and_report(input_path: str, output: str, cfg: Config, config_path: str | None,
+                    job_name: str | None, workers: int, skip_bad: bool) -> CollectStatus:
+    from opt_queue.runner import run_job
+
+    with SubmitDisplay(console) as sub, CollectDisplay(console) as col:
+        result = run_job(input_path, output, cfg, config_path=config_path, job_name=job_name,
+                         workers=workers, skip_bad=skip_bad, on_submit=sub.update, on_progress=col.update)
+    print_summary(out, result.collected, output, errors_path(output))
+    return result.collected
+
+
+@main.command()
+@click.argument("input_path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("output_path", type=click.Path(exists=True, dir_okay=False))
+@click.argument("merged_path", type=click.Path(dir_okay=False))
+@friendly
+def merge(input_path: str, output_path: str, merged_path: str) -> None:
+    """Write the input rows with their "output" as one JSON array (indent 4)."""
+    from opt_queue.dataset import merge as do_merge
+
+    count = do_merge(input_path, output_path, merged_path)
+    out.print(f"wrote {count} rows to {merged_path}")
+
+
+@main.command()
+@config_option
+@click.option("--job", "job_name", help="Only this job (a job id or name).")
+@click.option("-o", "--output", help="Only the job of this output file.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@friendly
+def status(config_path: str | None, job_name: str | None, output: str | None, as_json: bool) -> None:
+    """Show progress per job and usage per key."""
+    from opt_queue.status import snapshot
+    from opt_queue.ui import status_tables
+
+    cfg = _config(config_path, require_keys=False)
+    client = connect(_broker(cfg), check=True)
+    job = job_name or (job_id_for(output) if output else None)
+    snap = snapshot(client, job)
+    if as_json:
+        click.echo(json.dumps(snap, indent=2, ensure_ascii=False))
+        return
+    for table in status_tables(snap):
+        out.print(table)
+
+
+@main.command()
+@click.option("-d", "--directory", default="opt-queue-demo", show_default=True,
+              help="Where the demo writes its data, config and output.")
+@click.option("--rows", default=120, show_default=True, help="Rows of the demo dataset to process.")
+@friendly
+def demo(directory: str, rows: int) -> None:
+    """Run the whole system against a built-in simulated API, offline, in under a minute."""
+    from opt_queue.demo import run_demo
+
+    run_demo(Path(directory), rows, console, out)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

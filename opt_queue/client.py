@@ -1,0 +1,233 @@
+"""One chat-completion call with the official ``openai`` SDK, and what its failure means.
+
+:func:`classify` turns any exception of a call into a :class:`Failure` with a :class:`Kind` that
+the error policy acts on; :func:`parse_duration` and :func:`retry_after_seconds` read the
+server's pacing hints. All three are pure and unit-tested without a server.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+
+from opt_queue.config import ApiKey
+
+
+class Kind(enum.Enum):
+    """What a failed call means for the row and the key (see the README's error table)."""
+
+    RATE_LIMITED = "rate_limited"        # cool the key, try another, no attempt used
+    KEY_DEAD = "key_dead"                # retire the key for the job, try another
+    TOO_LARGE = "request_too_large"      # larger than the key's whole TPM window: never passes
+    TRANSIENT = "transient"              # back off and retry, up to max_retries
+    TOO_LONG = "context_length_exceeded" # fallback model once, else null
+    JOB_CONFIG = "job_config"            # wrong model or parameter for every row: stop the job
+    BAD_ROW = "bad_request"              # this row cannot succeed: null
+
+
+@dataclass
+class Failure:
+    """A classified failure of one call."""
+
+    kind: Kind
+    message: str
+    status: int | None = None
+    code: str | None = None
+    retry_after: float | None = None
+    server_limits: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def reason(self) -> str:
+        """Short machine-readable reason: the API's code, else the kind."""
+        return self.code or self.kind.value
+
+
+@dataclass
+class Answer:
+    """A successful call."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+    headers: dict[str, str]
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+_TRY_AGAIN_RE = re.compile(r"try again in ([0-9hmsµu.]+)", re.IGNORECASE)
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Parse a Go duration (``12ms``, ``1.5s``, ``6m0s``, ``1h2m3s``) or plain seconds."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    parts = _DURATION_RE.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+def retry_after_seconds(headers: Any, message: str = "") -> float | None:
+    """How long the server asks us to wait: ``retry-after-ms``, ``retry-after``,
+    the ``x-ratelimit-reset-*`` headers, or "try again in 20s" in the message."""
+    get = headers.get if headers is not None else (lambda _k: None)
+    ms = get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    for name in ("retry-after", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
+        value = parse_duration(get(name))
+        if value is not None:
+            return value
+    m = _TRY_AGAIN_RE.search(message or "")
+    return parse_duration(m.group(1).rstrip(".")) if m else None
+
+
+def server_limits(headers: Any) -> dict[str, int]:
+    """Return ``{"requests": n, "tokens": n}`` from ``x-ratelimit-limit-*`` headers when present."""
+    out: dict[str, int] = {}
+    if headers is None:
+        return out
+    for dim in ("requests", "tokens"):
+        value = headers.get(f"x-ratelimit-limit-{dim}")
+        try:
+            if value is not None and int(value) > 0:
+                out[dim] = int(value)
+        except ValueError:
+            pass
+    return out
+
+
+def _error_fields(body: Any) -> tuple[str | None, str | None]:
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict):
+            return inner.get("code") or inner.get("type"), inner.get("message")
+    return None, None
+
+
+def classify_status(status: int, body: Any, headers: Any, text: str = "") -> Failure:
+    """Classify an HTTP error response by status, error code and message."""
+    code, message = _error_fields(body)
+    message = message or (text or "").strip()[:300] or f"HTTP {status}"
+    lowered = message.lower()
+    if status == 429:
+        if code == "insufficient_quota" or "exceeded your current quota" in lowered:
+            return Failure(Kind.KEY_DEAD, message, status, "insufficient_quota")
+        if "request too large" in lowered:
+            return Failure(Kind.TOO_LARGE, message, status, code or "request_too_large")
+        return Failure(Kind.RATE_LIMITED, message, status, code or "rate_limit_exceeded",
+                       retry_after=retry_after_seconds(headers, message),
+                       server_limits=server_limits(headers))
+    if status in (401, 403):
+        return Failure(Kind.KEY_DEAD, message, status, code or ("invalid_api_key" if status == 401 else "forbidden"))
+    if status == 400 and (code == "context_length_exceeded" or "maximum context length" in lowered):
+        return Failure(Kind.TOO_LONG, message, status, "context_length_exceeded")
+    if status == 404 or (status == 400 and code in ("unknown_parameter", "unsupported_parameter",
+                                                    "invalid_model", "model_not_found")):
+        return Failure(Kind.JOB_CONFIG, message, status, code or "not_found")
+    if status >= 500 or status in (408, 409):
+        return Failure(Kind.TRANSIENT, message, status, code or f"http_{status}",
+                       retry_after=retry_after_seconds(headers))
+    return Failure(Kind.BAD_ROW, message, status, code or f"http_{status}")
+
+
+def classify(exc: BaseException) -> Failure:
+    """Classify an exception raised by :func:`call`."""
+    if isinstance(exc, openai.APIStatusError):
+        response = exc.response
+        try:
+            text = response.text
+        except Exception:  # a streamed or closed body
+            text = ""
+        return classify_status(exc.status_code, exc.body, response.headers, text)
+    if isinstance(exc, openai.APITimeoutError):
+        return Failure(Kind.TRANSIENT, "the request timed out", code="timeout")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return Failure(Kind.TRANSIENT, f"connection error: {type(cause).__name__}", code="connection_error")
+    if isinstance(exc, ContentFiltered):
+        return Failure(Kind.BAD_ROW, str(exc), code="content_filter")
+    if isinstance(exc, BadResponse):
+        return Failure(Kind.TRANSIENT, str(exc), code="bad_response")
+    return Failure(Kind.TRANSIENT, f"unexpected {type(exc).__name__}: {exc}", code="unexpected_error")
+
+
+class BadResponse(Exception):
+    """A 200 response that holds no usable answer (malformed JSON, empty choices)."""
+
+
+_clients: dict[tuple[str, str, float], openai.OpenAI] = {}
+_clients_lock = threading.Lock()
+
+
+def _client(key: ApiKey, timeout: float) -> openai.OpenAI:
+    ident = (key.api_base, key.fingerprint, timeout)
+    with _clients_lock:
+        client = _clients.get(ident)
+        if client is None:
+            client = _clients[ident] = openai.OpenAI(
+                api_key=key.secret.get_secret_value(), base_url=key.api_base,
+                max_retries=0, timeout=timeout)
+        return client
+
+
+def call(key: ApiKey, body: dict[str, Any], timeout: float) -> Answer:
+    """Send one chat completion; return the first choice's content, stripped.
+
+    The SDK's own retries are off: the engine's policy decides what to retry.
+    """
+    params = dict(body)
+    model, messages = params.pop("model"), params.pop("messages")
+    raw = _client(key, timeout).chat.completions.with_raw_response.create(
+        model=model, messages=messages, extra_body=params or None)
+    headers = {k.lower(): v for k, v in raw.headers.items() if k.lower().startswith(("x-ratelimit", "retry"))}
+    try:
+        data = json.loads(raw.text)
+    except ValueError:
+        raise BadResponse("the server answered 200 with a body that is not JSON") from None
+    return _answer(data, headers)
+
+
+def _answer(data: Any, headers: dict[str, str]) -> Answer:
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices[0], dict):
+        raise BadResponse("the server answered 200 with no choices")
+    choice = choices[0]
+    message = choice.get("message") or {}
+    content = message.get("content")
+    finish = choice.get("finish_reason")
+    if content is None:
+        if finish == "content_filter":
+            raise ContentFiltered("the answer was withheld by the content filter")
+        raise BadResponse(f"the server answered with no content (finish_reason {finish!r})")
+    usage = data.get("usage") or {}
+    return Answer(text=str(content).strip(), prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                  completion_tokens=int(usage.get("completion_tokens") or 0),
+                  finish_reason=finish, headers=headers)
+
+
+class ContentFiltered(Exception):
+    """The model withheld the answer (``finish_reason: content_filter``)."""
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """Replace every secret in ``text`` by ``***`` (defence in depth for error messages)."""
+    for s in secrets:
+        if s and s in text:
+            text = text.replace(s, "***")
+    return text

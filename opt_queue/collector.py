@@ -1,0 +1,227 @@
+"""Collect: stream finished rows from Redis into output.jsonl, then rewrite it in input order.
+
+Crash safety: a stream entry is acknowledged (and deleted) only after its line is fsync'd, so a
+killed collector re-reads unacknowledged entries on restart; lines already on disk are recognised
+by index and not written twice, and a half-written last line is cut off before anything else.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import redis
+
+from opt_queue import keys
+from opt_queue.dataset import (atomic_write, iter_indices, output_line, read_output, repair_tail,
+                               rewrite_output)
+from opt_queue.errors import InputError, JobStopped, OptQueueError, OutputError
+from opt_queue.jobs import STOPPED, Job, Progress, RowResult
+
+log = logging.getLogger(__name__)
+CONSUMER = "collector"
+READ_COUNT = 2000
+BLOCK_MS = 500
+
+
+def errors_path(output: str | os.PathLike[str]) -> Path:
+    """``output.errors.jsonl`` beside ``output.jsonl``."""
+    p = Path(output)
+    return p.with_name(p.name[: -len(".jsonl")] + ".errors.jsonl" if p.name.endswith(".jsonl")
+                       else p.name + ".errors.jsonl")
+
+
+@dataclass
+class CollectStatus:
+    """What the collector knows, for progress displays and the final summary."""
+
+    job: str
+    total: int
+    answered: int = 0
+    nulls: int = 0
+    written: int = 0
+    started: float = field(default_factory=time.monotonic)
+    progress: Progress | None = None
+    complete: bool = False
+    null_reasons: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total - self.answered - self.nulls)
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.written / elapsed if elapsed > 0 else 0.0
+
+
+@contextmanager
+def _locked(output: Path) -> Iterator[None]:
+    lock_path = output.with_name(output.name + ".lock")
+    fh = open(lock_path, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"another collector is writing {output}; stop it first") from None
+        yield
+    finally:
+        fh.close()
+
+
+class Collector:
+    """Streams one job's results into its output file."""
+
+    def __init__(self, client: redis.Redis, job_id: str, output: str | os.PathLike[str],
+                 input_path: str | os.PathLike[str] | None = None) -> None:
+        self.client = client
+        self.job = Job(client, job_id)
+        self.output = Path(output)
+        self.errors = errors_path(self.output)
+        self.stream = keys.job_results(job_id)
+        self._input = input_path
+
+    def __repr__(self) -> str:
+        return f"<Collector {self.job.id} -> {self.output}>"
+
+    def _input_path(self, follow: bool) -> Path:
+        if self._input:
+            return Path(self._input)
+        while True:
+            given = self.job.meta().get("input")
+            if given:
+                return Path(given)
+            if not follow:
+                raise OptQueueError(f"job {self.job.id} is unknown to this broker; run submit first "
+                                    f"(or collect --follow to wait for it)")
+            time.sleep(1)
+
+    def run(self, *, follow: bool = False, on_progress: Callable[[CollectStatus], None] | None = None,
+            should_stop: Callable[[], bool] = lambda: False) -> CollectStatus:
+        """Collect until the job is complete (exit normally), stopped (raise :class:`JobStopped`),
+        or, without ``follow``, until nothing more can arrive."""
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(self.output):
+            return self._run(follow, on_progress or (lambda s: None), should_stop)
+
+    def _run(self, follow: bool, on_progress: Callable[[CollectStatus], None],
+             should_stop: Callable[[], bool]) -> CollectStatus:
+        input_path = self._input_path(follow)
+        try:
+            order = list(iter_indices(input_path))
+        except InputError as exc:
+            raise OptQueueError(f"cannot read the job's input {input_path}: {exc}; pass --input") from None
+        state = read_output(self.output)
+        repair_tail(self.errors)
+        inputs = set(order)
+        status = CollectStatus(job=self.job.id, total=len(order),
+                               answered=len(state.answered & inputs), nulls=len(state.nulls & inputs))
+        self._ensure_group()
+        out = open(self.output, "a", encoding="utf-8")
+        err = open(self.errors, "a", encoding="utf-8")
+        try:
+            pending_first = True
+            while True:
+                got = self._read(pending_first)
+                if pending_first and not got:
+                    pending_first = False
+                    continue
+                if got:
+                    self._write(got, state, inputs, status, out, err)
+                status.progress = self.job.progress()
+                on_progress(status)
+                if got or should_stop():
+                    if should_stop():
+                        return status
+                    continue
+                p = status.progress
+                quiet = p.outstanding == 0 and not p.submitting and self._stream_empty()
+                if p.status == STOPPED and quiet:
+                    raise JobStopped(f"job {self.job.id} stopped: {p.reason}")
+                if quiet and status.remaining == 0:
+                    break
+                if quiet and not follow:
+                    return status
+        finally:
+            out.close()
+            err.close()
+        self._finalize(order, status)
+        on_progress(status)
+        return status
+
+    def _ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.stream, keys.COLLECTOR_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _read(self, pending: bool) -> list[tuple[bytes, dict[Any, Any]]]:
+        res = self.client.xreadgroup(keys.COLLECTOR_GROUP, CONSUMER, {self.stream: "0" if pending else ">"},
+                                     count=READ_COUNT, block=None if pending else BLOCK_MS)
+        return res[0][1] if res else []
+
+    def _stream_empty(self) -> bool:
+        return self.client.xlen(self.stream) == 0
+
+    def _write(self, entries: list[tuple[bytes, dict[Any, Any]]], state: Any, inputs: set[str],
+               status: CollectStatus, out: IO[str], err: IO[str]) -> None:
+        for _entry_id, fields in entries:
+            if not fields:  # deleted entry still listed as pending
+                continue
+            r = RowResult.from_fields(fields)
+            was_null = r.index in state.nulls
+            new = state.record(r.index, r.answer)
+            if r.answer is None and (new or was_null):
+                # also when the null line made it to disk before a crash but its reason did not
+                err.write(json.dumps({"index": r.index, "error_type": r.error_type, "message": r.error,
+                                      "attempts": r.attempts, "key": r.key, "model": r.model},
+                                     ensure_ascii=False) + "\n")
+            if not new:
+                continue
+            out.write(output_line(r.index, r.answer))
+            status.written += 1
+            if r.index not in inputs:
+                continue
+            if r.answer is None:
+                status.nulls += 1
+            else:
+                status.answered += 1
+                status.nulls -= was_null
+        for fh in (out, err):
+            fh.flush()
+            os.fsync(fh.fileno())
+        ids = [e[0] for e in entries]
+        pipe = self.client.pipeline()
+        pipe.xack(self.stream, keys.COLLECTOR_GROUP, *ids)
+        pipe.xdel(self.stream, *ids)
+        pipe.execute()
+
+    def _finalize(self, order: list[str], status: CollectStatus) -> None:
+        """Rewrite output.jsonl in input order, one line per row, and the errors of its nulls."""
+        rewrite_output(self.output, iter(order))
+        state = read_output(self.output)
+        last_error: dict[str, str] = {}
+        if self.errors.exists():
+            with open(self.errors, encoding="utf-8") as fh:
+                for line in fh:
+                    try:
+                        index = json.loads(line)["index"]
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a torn line from a crash; the entry was re-read and rewritten
+                    if index in state.nulls:
+                        last_error[index] = line if line.endswith("\n") else line + "\n"
+        atomic_write(self.errors, (last_error[i] for i in order if i in last_error))
+        status.null_reasons = Counter(json.loads(v).get("error_type") or "unknown" for v in last_error.values())
+        status.answered = len(state.answered)
+        status.nulls = len(state.nulls)
+        status.complete = True

@@ -1,0 +1,275 @@
+"""Configuration: ``config.json`` (the original form and the extended one) plus the environment.
+
+The original toolkit's file still works::
+
+    {"api_keys": ["sk-...", "sk-..."], "api_base": "https://..."}
+
+Every other field is optional; see ``config.example.json`` and the README for the full reference.
+The environment is read in one place, :func:`load_config`: ``OPT_QUEUE_API_KEYS`` (comma separated
+keys, added to the file's), ``OPT_QUEUE_BROKER_URL`` (overrides ``broker_url``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from opt_queue.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_API_BASE = "https://api.openai.com/v1"
+DEFAULT_MODEL = "gpt-3.5-turbo-0613"
+ENV_KEYS = "OPT_QUEUE_API_KEYS"
+ENV_BROKER = "OPT_QUEUE_BROKER_URL"
+ENV_CONFIG = "OPT_QUEUE_CONFIG"
+
+_PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
+            "h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
+_WINDOW_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*([a-z]+)\s*$")
+
+
+def fingerprint(secret: str) -> str:
+    """Return the short public name of an API key: ``key-`` and 8 hex digits of its SHA-256."""
+    return "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
+
+
+class Window(BaseModel):
+    """At most ``limit`` units (requests or tokens) in any ``period`` seconds."""
+
+    model_config = ConfigDict(frozen=True)
+    limit: int = Field(ge=1)
+    period: float = Field(gt=0)
+
+    @classmethod
+    def parse(cls, text: str) -> Window:
+        """Parse ``N/PERIOD``: ``3/min``, ``600/10s``, ``10/s``, ``200/day``, ``5/1.5s``."""
+        m = _WINDOW_RE.match(str(text).lower())
+        if not m or m.group(3) not in _PERIODS:
+            raise ValueError(
+                f"{text!r} is not a limit; write N/PERIOD such as '3/min', '600/10s' or '200/day'"
+            )
+        count = float(m.group(2)) if m.group(2) else 1.0
+        return cls(limit=int(m.group(1)), period=count * _PERIODS[m.group(3)])
+
+    def __str__(self) -> str:
+        for unit, seconds in (("day", 86400.0), ("h", 3600.0), ("min", 60.0), ("s", 1.0)):
+            if self.period == seconds:
+                return f"{self.limit}/{unit}"
+        return f"{self.limit}/{self.period:g}s"
+
+
+class Limits(BaseModel):
+    """Request windows and token windows of one key (or one group of keys)."""
+
+    model_config = ConfigDict(frozen=True)
+    requests: tuple[Window, ...] = ()
+    tokens: tuple[Window, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        requests = [_window(w) for w in data.pop("requests", [])]
+        tokens = [_window(w) for w in data.pop("tokens", [])]
+        for name, period, target in (("rpm", 60.0, requests), ("rpd", 86400.0, requests),
+                                     ("rps", 1.0, requests), ("tpm", 60.0, tokens),
+                                     ("tpd", 86400.0, tokens)):
+            if name in data:
+                value = data.pop(name)
+                if value is not None:
+                    target.append(Window(limit=value, period=period))
+        if data:
+            raise ValueError(f"unknown field(s) {sorted(data)}; use rpm, tpm, rpd, requests, tokens")
+        return {"requests": requests, "tokens": tokens}
+
+    def override(self, other: Limits) -> Limits:
+        """Return these limits with ``other``'s windows replacing those of the same period."""
+        def merge(base: tuple[Window, ...], top: tuple[Window, ...]) -> tuple[Window, ...]:
+            periods = {w.period for w in top}
+            return tuple(w for w in base if w.period not in periods) + top
+        return Limits(requests=merge(self.requests, other.requests),
+                      tokens=merge(self.tokens, other.tokens))
+
+    def __str__(self) -> str:
+        parts = [f"{w} req" for w in self.requests] + [f"{w} tok" for w in self.tokens]
+        return ", ".join(parts) or "unlimited"
+
+
+def _window(value: Any) -> Window:
+    if isinstance(value, Window):
+        return value
+    if isinstance(value, dict):
+        return Window(**value)
+    return Window.parse(value)
+
+
+SEED_LIMITS = Limits(rpm=3, tpm=40000, rpd=200)
+
+
+class KeyConfig(BaseModel):
+    """One API key as written in ``api_keys``: a string, or an object with overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+    key: SecretStr
+    api_base: str | None = None
+    group: str | None = None
+    models: list[str] | None = None
+    limits: Limits | None = None
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    rpd: int | None = Field(default=None, ge=1)
+
+    @field_validator("key")
+    @classmethod
+    def _not_blank(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().strip():
+            raise ValueError("an API key is empty")
+        return SecretStr(v.get_secret_value().strip())
+
+
+class ModelConfig(BaseModel):
+    """The model and the request parameters sent with every row."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = DEFAULT_MODEL
+    fallback: str | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Request parameters other than the model name (temperature, max_tokens, ...)."""
+        return dict(self.model_extra or {})
+
+
+class ApiKey(BaseModel):
+    """A key resolved against the defaults: what the engine uses. ``repr`` never shows the secret."""
+
+    model_config = ConfigDict(frozen=True)
+    secret: SecretStr
+    fingerprint: str
+    api_base: str
+    limits: Limits
+    models: tuple[str, ...] | None = None
+    group: str | None = None
+
+    @property
+    def bucket(self) -> str:
+        """Name of the rate-limit state this key draws from: its group, else its fingerprint."""
+        return f"group-{self.group}" if self.group else self.fingerprint
+
+    def serves(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+class Config(BaseModel):
+    """The whole configuration, validated."""
+
+    model_config = ConfigDict(extra="forbid")
+    api_keys: list[str | KeyConfig] = Field(default_factory=list)
+    api_base: str | None = None
+    limits: Limits = SEED_LIMITS
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    max_retries: int = Field(default=5, ge=0)
+    request_timeout: float = Field(default=60.0, gt=0)
+    broker_url: str | None = None
+    concurrency: int = Field(default=32, ge=1, le=4096)
+    visibility_timeout: int = Field(default=3600, ge=60)
+    safety_margin: float = Field(default=0.25, ge=0)
+    backoff_base: float = Field(default=1.0, ge=0)
+    backoff_max: float = Field(default=60.0, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    def keys(self) -> list[ApiKey]:
+        """Resolve every key against the defaults (api_base, limits)."""
+        base = (self.api_base or "").strip() or DEFAULT_API_BASE
+        out: list[ApiKey] = []
+        for entry in self.api_keys:
+            kc = KeyConfig(key=entry) if isinstance(entry, str) else entry
+            secret = kc.key.get_secret_value()
+            limits = self.limits
+            if kc.limits is not None:
+                limits = limits.override(kc.limits)
+            short = {k: v for k, v in (("rpm", kc.rpm), ("tpm", kc.tpm), ("rpd", kc.rpd)) if v}
+            if short:
+                limits = limits.override(Limits(**short))
+            out.append(ApiKey(secret=SecretStr(secret), fingerprint=fingerprint(secret),
+                              api_base=(kc.api_base or base).rstrip("/"), limits=limits,
+                              models=tuple(kc.models) if kc.models is not None else None,
+                              group=kc.group))
+        return out
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {msg}")
+    return f"{source} is not a valid opt-queue config: " + "; ".join(lines)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, env: dict[str, str] | None = None,
+                require_keys: bool = True) -> Config:
+    """Read and validate a config file and the ``OPT_QUEUE_*`` environment."""
+    env = dict(os.environ if env is None else env)
+    path = path or env.get(ENV_CONFIG)
+    data: dict[str, Any] = {}
+    source = "the environment"
+    if path:
+        p = Path(path)
+        source = str(p)
+        try:
+            text = p.read_text(encoding="utf-8-sig")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist; create it (see config.example.json)") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {p}: {exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{p}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p} must hold a JSON object with at least \"api_keys\"")
+        _warn_if_world_readable(p, data)
+    extra = [k.strip() for k in env.get(ENV_KEYS, "").split(",") if k.strip()]
+    if extra:
+        data["api_keys"] = list(data.get("api_keys") or []) + extra
+    if env.get(ENV_BROKER):
+        data["broker_url"] = env[ENV_BROKER]
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    if require_keys and not cfg.api_keys:
+        raise ConfigError(f"{source} gives no API key: add \"api_keys\" to the config "
+                          f"or set {ENV_KEYS}=key1,key2")
+    fps = [k.fingerprint for k in cfg.keys()]
+    if len(set(fps)) != len(fps):
+        raise ConfigError(f"{source}: api_keys lists the same key twice")
+    return cfg
+
+
+def _warn_if_world_readable(p: Path, data: dict[str, Any]) -> None:
+    if not data.get("api_keys"):
+        return
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return
+    if mode & stat.S_IROTH:
+        log.warning("config file %s holds API keys and is readable by every user; run: chmod 600 %s", p, p)

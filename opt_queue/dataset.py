@@ -1,0 +1,362 @@
+"""JSONL in and out, with no Redis and no network: input rows, output state, atomic rewrites.
+
+Input formats, detected per file from its first row:
+
+* seed:  ``{"index": "0", "instruction": "...", "input": "..."}``
+* chat:  ``{"index": "7", "messages": [...], ...request params}``
+* batch: ``{"custom_id": "...", "method": "POST", "url": "/v1/chat/completions", "body": {...}}``
+
+Output lines are ``{"<index>": "answer"}`` or ``{"<index>": null}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from opt_queue.errors import InputError, OutputError
+
+SEED, CHAT, BATCH = "seed", "chat", "batch"
+MAX_PROBLEMS_SHOWN = 20
+_BATCH_URLS = {"/v1/chat/completions", "/chat/completions"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One valid input row: its position, its index, and the chat request it asks for."""
+
+    seq: int
+    line: int
+    index: str
+    body: dict[str, Any]
+    raw: dict[str, Any]
+
+
+class BadLine(ValueError):
+    """One input line that cannot become a row."""
+
+
+def _detect(obj: dict[str, Any]) -> str:
+    if "custom_id" in obj:
+        return BATCH
+    if "messages" in obj:
+        return CHAT
+    return SEED
+
+
+def _index(value: Any, field_name: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise BadLine(f'"{field_name}" must be a string (or an integer), not {type(value).__name__}')
+    text = str(value)
+    if not text.strip():
+        raise BadLine(f'"{field_name}" is empty')
+    return text
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise BadLine('"messages" must be a non-empty list')
+    for m in value:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise BadLine('every message needs a "role" string and a "content"')
+    return value
+
+
+def row_request(obj: dict[str, Any], fmt: str) -> tuple[str, dict[str, Any]]:
+    """Return ``(index, request body)`` of one parsed line, or raise :class:`BadLine`.
+
+    The body holds ``messages`` and any request parameters the row sets; the job's model and
+    parameters are added by the producer.
+    """
+    if fmt == SEED:
+        if "index" not in obj:
+            raise BadLine('missing "index"')
+        index = _index(obj["index"], "index")
+        for name in ("instruction", "input"):
+            if not isinstance(obj.get(name, ""), str):
+                raise BadLine(f'"{name}" must be a string')
+        if "instruction" not in obj and "input" not in obj:
+            raise BadLine('a seed row needs "instruction" and/or "input" (or use "messages")')
+        instruction, text = obj.get("instruction", ""), obj.get("input", "")
+        messages = [{"role": "system", "content": instruction}] if instruction else []
+        messages.append({"role": "user", "content": text})
+        return index, {"messages": messages}
+    if fmt == CHAT:
+        if "index" not in obj:
+            raise BadLine('missing "index"')
+        index = _index(obj["index"], "index")
+        body = {k: v for k, v in obj.items() if k != "index"}
+        body["messages"] = _messages(obj.get("messages"))
+        return index, body
+    index = _index(obj.get("custom_id"), "custom_id")
+    if obj.get("method", "POST") != "POST" or obj.get("url") not in _BATCH_URLS:
+        raise BadLine('a batch row must have "method": "POST" and "url": "/v1/chat/completions"')
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        raise BadLine('a batch row needs a "body" object')
+    body = dict(body)
+    body["messages"] = _messages(body.get("messages"))
+    return index, body
+
+
+def _decode_lines(fh: BinaryIO) -> Iterator[tuple[int, str | None, str | None]]:
+    """Yield ``(line number, text, problem)`` for each non-blank line; handles BOM and CRLF."""
+    for number, raw in enumerate(fh, 1):
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        raw = raw.rstrip(b"\r\n")
+        if not raw.strip():
+            continue
+        try:
+            yield number, raw.decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            yield number, None, f"not valid UTF-8 (byte {exc.start})"
+
+
+def iter_input(path: str | os.PathLike[str], *, skip_bad: bool = False,
+               bad: list[tuple[int, str]] | None = None) -> Iterator[Row]:
+    """Stream the rows of an input file.
+
+    A bad line raises :class:`InputError` at once unless ``skip_bad``, in which case it is
+    appended to ``bad`` and skipped. Duplicate indices are bad lines too (the first one wins).
+    """
+    fmt: str | None = None
+    seen: set[str] = set()
+    seq = 0
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise InputError(str(path), [(0, f"cannot open: {exc.strerror}")]) from None
+    with fh:
+        for number, text, problem in _decode_lines(fh):
+            try:
+                if problem:
+                    raise BadLine(problem)
+                try:
+                    obj = json.loads(text)  # type: ignore[arg-type]
+                except json.JSONDecodeError as exc:
+                    raise BadLine(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(obj, dict):
+                    raise BadLine(f"must be a JSON object, not {type(obj).__name__}")
+                fmt = fmt or _detect(obj)
+                index, body = row_request(obj, fmt)
+                if index in seen:
+                    raise BadLine(f"index {index!r} appears more than once")
+            except BadLine as exc:
+                if not skip_bad:
+                    raise InputError(str(path), [(number, str(exc))]) from None
+                if bad is not None:
+                    bad.append((number, str(exc)))
+                continue
+            seen.add(index)
+            yield Row(seq=seq, line=number, index=index, body=body, raw=obj)
+            seq += 1
+
+
+@dataclass
+class InputSummary:
+    """What :func:`validate_input` found."""
+
+    rows: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)
+
+
+def validate_input(path: str | os.PathLike[str], *, skip_bad: bool = False) -> InputSummary:
+    """Read the whole file once; raise :class:`InputError` listing bad lines unless ``skip_bad``."""
+    summary = InputSummary()
+    for _ in iter_input(path, skip_bad=True, bad=summary.bad):
+        summary.rows += 1
+    if summary.bad and not skip_bad:
+        raise InputError(str(path), summary.bad[:MAX_PROBLEMS_SHOWN], total=len(summary.bad))
+    if summary.rows == 0 and not summary.bad:
+        raise InputError(str(path), [(0, "the file holds no rows")])
+    return summary
+
+
+def iter_indices(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield the indices of the valid rows of an input file, in order."""
+    for row in iter_input(path, skip_bad=True):
+        yield row.index
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def output_line(index: str, answer: str | None) -> str:
+    """Return the output line (with newline) for one row."""
+    return json.dumps({index: answer}, ensure_ascii=False) + "\n"
+
+
+def _parse_output_line(path: Path, number: int, raw: bytes) -> tuple[str, str | None]:
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        obj = None
+    if not isinstance(obj, dict) or len(obj) != 1:
+        raise OutputError(f"{path}:{number}: this line is not an opt-queue output line "
+                          f'({{"<index>": "answer"}}); is {path} the right output file?')
+    ((index, answer),) = obj.items()
+    if answer is not None and not isinstance(answer, str):
+        raise OutputError(f"{path}:{number}: the answer must be a string or null")
+    return index, answer
+
+
+def repair_tail(path: str | os.PathLike[str]) -> int:
+    """Cut a half-written last line (a crash mid-write); return how many bytes were removed."""
+    p = Path(path)
+    if not p.exists():
+        return 0
+    size = p.stat().st_size
+    if size == 0:
+        return 0
+    with open(p, "rb+") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return 0
+        back = min(size, 1 << 16)
+        while True:
+            fh.seek(size - back)
+            chunk = fh.read(back)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0 or back == size:
+                keep = size - back + cut + 1 if cut >= 0 else 0
+                break
+            back = min(size, back * 4)
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return size - keep
+
+
+@dataclass
+class OutputState:
+    """Which indices an output file answers, which are null, and where each line lives."""
+
+    answered: set[str] = field(default_factory=set)
+    nulls: set[str] = field(default_factory=set)
+    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def has(self, index: str) -> bool:
+        return index in self.answered or index in self.nulls
+
+    def record(self, index: str, answer: str | None, offset: int = -1, length: int = 0) -> bool:
+        """Note one line; return False when it adds nothing (the index is already answered)."""
+        if index in self.answered:
+            return False
+        if answer is None:
+            if index in self.nulls:
+                return False
+            self.nulls.add(index)
+        else:
+            self.nulls.discard(index)
+            self.answered.add(index)
+        self.offsets[index] = (offset, length)
+        return True
+
+
+def read_output(path: str | os.PathLike[str], *, repair: bool = True) -> OutputState:
+    """Read an output file (missing means empty). An answer beats a null for the same index."""
+    p = Path(path)
+    state = OutputState()
+    if not p.exists():
+        return state
+    if repair:
+        repair_tail(p)
+    offset = 0
+    with open(p, "rb") as fh:
+        for number, raw in enumerate(fh, 1):
+            length = len(raw)
+            if raw.strip():
+                index, answer = _parse_output_line(p, number, raw)
+                state.record(index, answer, offset, length)
+            offset += length
+    return state
+
+
+def atomic_write(path: str | os.PathLike[str], lines: Iterator[str] | Iterator[bytes],
+                 binary: bool = False) -> None:
+    """Write ``lines`` to a temporary file beside ``path``, fsync it, then rename over ``path``."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent or ".")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as fh:
+            for line in lines:
+                fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(p.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rewrite_output(output: str | os.PathLike[str], order: Iterator[str]) -> tuple[int, int]:
+    """Rewrite ``output`` with one line per index of ``order``, taken from its current lines.
+
+    Returns ``(lines written, indices missing)``; missing indices are left out.
+    """
+    state = read_output(output)
+    written = missing = 0
+
+    def lines() -> Iterator[bytes]:
+        nonlocal written, missing
+        with open(output, "rb") as src:
+            for index in order:
+                where = state.offsets.get(index)
+                if where is None:
+                    missing += 1
+                    continue
+                src.seek(where[0])
+                written += 1
+                yield src.read(where[1])
+
+    atomic_write(output, lines(), binary=True)
+    return written, missing
+
+
+def merge(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
+          merged_path: str | os.PathLike[str]) -> int:
+    """Write the input rows, each with its ``"output"``, as one JSON array (indent 4)."""
+    answers: dict[str, str | None] = {}
+    p = Path(output_path)
+    if p.exists():
+        with open(p, "rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                if raw.strip():
+                    index, answer = _parse_output_line(p, number, raw)
+                    if answer is not None or index not in answers:
+                        answers[index] = answer
+    count = 0
+
+    def chunks() -> Iterator[str]:
+        nonlocal count
+        yield "["
+        for row in iter_input(input_path, skip_bad=True):
+            item = dict(row.raw)
+            if "index" in item:
+                item["index"] = row.index
+            item["output"] = answers.get(row.index)
+            text = json.dumps(item, ensure_ascii=False, indent=4)
+            yield ("\n" if count == 0 else ",\n") + "    " + text.replace("\n", "\n    ")
+            count += 1
+        yield "\n]\n" if count else "]\n"
+
+    atomic_write(merged_path, chunks())
+    return count

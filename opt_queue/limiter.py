@@ -1,0 +1,205 @@
+"""Shared per-key rate limits in Redis: one atomic admission per API call, on Redis' clock.
+
+Algorithm: a **sliding log** per window (``lua/acquire.lua``). Each admission is a member of a
+sorted set scored by Redis' ``TIME``; a request is admitted only if, for every window of the key,
+the admissions of the last ``period + margin`` plus this one stay within the limit. Why a log and
+not the alternatives:
+
+* GCRA / token buckets allow a full burst and then the steady rate, so a window of the configured
+  length can hold almost twice the limit; a 3 RPM key would meet 429s.
+* A sliding-window *counter* is an approximation that lets a window exceed its limit at the
+  boundary between two fixed windows.
+* A fixed window either admits 2x the limit across a boundary or, made conservative, gives a
+  3 RPM key only 2 requests in some minutes.
+
+The log is exact: no window of the configured length ever holds more than the limit, from the
+first request of a job on, and a key with 3 RPM gets exactly 3 requests in every minute. Its cost is
+one sorted-set entry per admission per window (bounded by the limit), and token windows keep a
+running sum so that a check is O(log n) plus the entries it expires.
+
+The **safety margin** (config ``safety_margin``, seconds) lengthens every window: the server counts
+a request when it arrives, a little after we admit it, and jitter in that delay must never let
+the server see ``limit + 1`` requests in one of its windows.
+
+Keys of one ``group`` share one bucket (one set of windows), since limits belong to organizations.
+A 429 cools the bucket (``lua/cool.lua``) and lowers its minute windows to the server's
+``x-ratelimit-limit-*``. After a response the token estimate is replaced by the real usage
+(``lua/settle.lua``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from opt_queue import keys as rkeys
+from opt_queue.config import ApiKey, Limits, Window
+from opt_queue.scripts import scripts_for
+
+CHARS_PER_TOKEN = 3.0
+"""Character-based estimate: real tokenizers give 3-4 characters per token for English and fewer
+tokens per character for nothing we know of, so dividing by 3 overestimates, which is safe."""
+TOKENS_PER_MESSAGE = 4
+DEFAULT_COMPLETION_ESTIMATE = 256
+
+
+def estimate_tokens(body: dict[str, Any], completion_default: int = DEFAULT_COMPLETION_ESTIMATE) -> int:
+    """Estimate the tokens a request counts against TPM: prompt plus the completion's maximum."""
+    chars = 0
+    messages = body.get("messages") or []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif content is not None:
+            chars += len(json.dumps(content, ensure_ascii=False))
+    prompt = math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages) + 3
+    completion = body.get("max_completion_tokens") or body.get("max_tokens") or completion_default
+    return prompt + int(completion) * int(body.get("n") or 1)
+
+
+def learn_flags(windows: tuple[Window, ...]) -> list[bool]:
+    """Mark the window a server's ``x-ratelimit-limit-*`` value describes: the per-minute one.
+
+    That is the longest window of at most 60 s, or the shortest window when all are longer.
+    """
+    if not windows:
+        return []
+    short = [w.period for w in windows if w.period <= 60]
+    target = max(short) if short else min(w.period for w in windows)
+    return [w.period == target for w in windows]
+
+
+def minute_limit(limits: Limits, dim: str) -> int | None:
+    """The configured limit of the window that ``learn_flags`` marks, for ``requests`` or ``tokens``."""
+    windows = limits.requests if dim == "requests" else limits.tokens
+    for w, learn in zip(windows, learn_flags(windows)):
+        if learn:
+            return w.limit
+    return None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A granted admission: the key to call with and what to settle afterwards."""
+
+    key: ApiKey
+    uid: str
+    tokens: int
+    bucket: str
+    limits: Limits
+
+
+@dataclass(frozen=True)
+class Wait:
+    """No key can admit now; ``seconds`` until the earliest might."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Never:
+    """No key serving the model can ever admit a request this large (TPM window too small)."""
+
+    tokens: int
+
+
+class KeyPool:
+    """The keys a worker may use, paced by the shared state in Redis."""
+
+    def __init__(self, client: redis.Redis, keys: list[ApiKey], margin: float = 0.25) -> None:
+        self.client = client
+        self.keys = list(keys)
+        self.margin_ms = int(margin * 1000)
+        self._scripts = scripts_for(client)
+        self._rr = itertools.count()
+        self._lock = threading.Lock()
+        self.buckets: dict[str, list[ApiKey]] = {}
+        for k in self.keys:
+            self.buckets.setdefault(k.bucket, []).append(k)
+        self._register()
+
+    def __repr__(self) -> str:
+        return f"<KeyPool {len(self.keys)} keys in {len(self.buckets)} buckets>"
+
+    def _register(self) -> None:
+        """Describe the keys in Redis for ``status`` (fingerprints and limits, never secrets)."""
+        pipe = self.client.pipeline()
+        for k in self.keys:
+            windows = [["req", w.period] for w in k.limits.requests] + [
+                ["tok", w.period] for w in k.limits.tokens]
+            desc = {"bucket": k.bucket, "limits": str(k.limits), "windows": windows,
+                    "models": list(k.models or []), "api_base": k.api_base}
+            pipe.hset(rkeys.KNOWN_KEYS, k.fingerprint, json.dumps(desc))
+        pipe.execute()
+
+    def candidates(self, model: str, exclude: set[str]) -> dict[str, list[ApiKey]]:
+        """Buckets with at least one usable key that serves ``model``."""
+        out: dict[str, list[ApiKey]] = {}
+        for bucket, members in self.buckets.items():
+            usable = [k for k in members if k.serves(model) and k.fingerprint not in exclude]
+            if usable:
+                out[bucket] = usable
+        return out
+
+    def acquire(self, model: str, tokens: int, exclude: set[str] | None = None) -> Lease | Wait | Never | None:
+        """Try to admit one request; ``None`` when no usable key serves ``model`` at all."""
+        cands = self.candidates(model, exclude or set())
+        if not cands:
+            return None
+        order = list(cands)
+        random.shuffle(order)  # ties in headroom go to a random bucket, not always the first
+        ks: list[str] = []
+        argv: list[Any] = [tokens, self.margin_ms, uuid.uuid4().hex[:16], len(order)]
+        for bucket in order:
+            limits = cands[bucket][0].limits
+            ks.append(rkeys.bucket_state(bucket))
+            argv += [len(limits.requests), len(limits.tokens)]
+            for dim, windows in (("req", limits.requests), ("tok", limits.tokens)):
+                for w, learn in zip(windows, learn_flags(windows)):
+                    ks.append(rkeys.bucket_window(bucket, dim, w.period))
+                    argv += [w.limit, int(w.period * 1000), int(learn)]
+        res = self._scripts.acquire(keys=ks, args=argv)
+        status = int(res[0])
+        if status == -1:
+            return Never(tokens)
+        if status == 0:
+            return Wait(int(res[1]) / 1000.0)
+        bucket = order[int(res[1]) - 1]
+        members = cands[bucket]
+        with self._lock:
+            key = members[next(self._rr) % len(members)]
+        return Lease(key=key, uid=argv[2], tokens=tokens, bucket=bucket, limits=key.limits)
+
+    def settle(self, lease: Lease, used_tokens: int) -> None:
+        """Replace the lease's token estimate by the real usage and count the request."""
+        pipe = self.client.pipeline()
+        windows = lease.limits.tokens
+        if windows and used_tokens > 0 and used_tokens != lease.tokens:
+            ks = [rkeys.bucket_state(lease.bucket)] + [
+                rkeys.bucket_window(lease.bucket, "tok", w.period) for w in windows]
+            self._scripts.settle(keys=ks, args=[lease.uid, lease.tokens, used_tokens,
+                                                *[int(w.period * 1000) for w in windows]], client=pipe)
+        stats = rkeys.key_stats(lease.key.fingerprint)
+        pipe.hincrby(stats, "requests", 1)
+        pipe.hincrby(stats, "tokens", max(used_tokens, 0))
+        pipe.execute()
+
+    def count_error(self, key: ApiKey, reason: str) -> None:
+        self.client.hincrby(rkeys.key_stats(key.fingerprint), f"error:{reason}", 1)
+
+    def cool(self, key: ApiKey, seconds: float, learned: dict[str, int] | None = None) -> float:
+        """Cool ``key``'s bucket for ``seconds`` and learn lower server limits; return the cooldown."""
+        learned = learned or {}
+        left = self._scripts.cool(keys=[rkeys.bucket_state(key.bucket)],
+                                  args=[int(seconds * 1000), learned.get("requests", 0),
+                                        learned.get("tokens", 0)])
+        return int(left) / 1000.0

@@ -1,0 +1,97 @@
+"""Submit: validate the input, then enqueue one task per row that output.jsonl does not answer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from opt_queue.app import app
+from opt_queue.config import Config
+from opt_queue.dataset import Row, iter_input, read_output, validate_input
+from opt_queue.jobs import Job
+from opt_queue.tasks import row as row_task
+
+log = logging.getLogger(__name__)
+BATCH = 500
+
+
+@dataclass
+class SubmitReport:
+    """What a submit did."""
+
+    job: str
+    total: int = 0
+    enqueued: int = 0
+    answered: int = 0
+    queued: int = 0
+    retried_nulls: int = 0
+    bad_lines: int = 0
+
+    @property
+    def skipped(self) -> int:
+        return self.answered + self.queued
+
+
+def request_body(row: Row, config: Config) -> dict[str, Any]:
+    """The full request for a row: the job's model and parameters, overridden by the row's own."""
+    body: dict[str, Any] = {"model": config.model.name, **config.model.params}
+    body.update(row.body)
+    return body
+
+
+def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
+    batch: list[Row] = []
+    for r in rows:
+        batch.append(r)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
+           output_path: str | os.PathLike[str], config: Config, *, skip_bad: bool = False,
+           on_progress: Callable[[int, int], None] | None = None) -> SubmitReport:
+    """Enqueue every row of ``input_path`` that ``output_path`` does not answer yet.
+
+    Validates the whole input first (nothing is enqueued when a line is bad, unless ``skip_bad``).
+    Rows answered on disk are skipped; rows null on disk are tried again; rows already queued by an
+    earlier submit are not enqueued twice. Safe to run again at any time.
+    """
+    summary = validate_input(input_path, skip_bad=skip_bad)
+    state = read_output(output_path)
+    job = Job(client, job_id)
+    job.begin_submit(input=str(Path(input_path).resolve()), output=str(Path(output_path).resolve()),
+                     total=summary.rows, model=config.model.name)
+    report = SubmitReport(job=job_id, total=summary.rows, bad_lines=len(summary.bad))
+    options = {"fallback": config.model.fallback} if config.model.fallback else {}
+    done = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            for batch in _batches(iter_input(input_path, skip_bad=skip_bad), BATCH):
+                wanted = [(r.seq, r.index in state.nulls) for r in batch if r.index not in state.answered]
+                report.answered += len(batch) - len(wanted)
+                claimed = set(job.claim(wanted))
+                report.queued += len(wanted) - len(claimed)
+                for r in batch:
+                    if r.seq in claimed:
+                        report.retried_nulls += r.index in state.nulls
+                        row_task.apply_async(
+                            args=(job_id, r.seq, r.index, request_body(r, config), options),
+                            argsrepr=repr((job_id, r.index)), kwargsrepr="{}", producer=producer)
+                        report.enqueued += 1
+                done += len(batch)
+                if on_progress:
+                    on_progress(done, summary.rows)
+    finally:
+        job.end_submit()
+    log.info("job %s: %d rows enqueued, %d already answered, %d already queued",
+             job_id, report.enqueued, report.answered, report.queued)
+    return report

@@ -1,0 +1,92 @@
+"""``run``: submit, work and collect one job on this machine, with a private Redis if needed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from opt_queue.app import configure
+from opt_queue.collector import CollectStatus, Collector
+from opt_queue.config import Config
+from opt_queue.jobs import Job, job_id_for
+from opt_queue.local import EmbeddedRedis, LocalWorkers, purge_queue
+from opt_queue.producer import SubmitReport, submit
+from opt_queue.redis_conn import connect
+
+log = logging.getLogger(__name__)
+
+
+def state_dir(output: str | os.PathLike[str]) -> Path:
+    """Where the private Redis keeps its append-only file: ``<output>.oq-redis/`` beside it."""
+    p = Path(output)
+    return p.with_name(p.name + ".oq-redis")
+
+
+@dataclass
+class RunResult:
+    """What a run did."""
+
+    job: str
+    submitted: SubmitReport
+    collected: CollectStatus
+    broker: str
+
+
+def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], config: Config, *,
+            config_path: str | None = None, job_name: str | None = None, workers: int = 1,
+            skip_bad: bool = False, on_submit: Callable[[int, int], None] | None = None,
+            on_progress: Callable[[CollectStatus], None] | None = None,
+            should_stop: Callable[[], bool] = lambda: False, keep_state: bool = False) -> RunResult:
+    """Run a whole job here. Without ``broker_url`` a private Redis is started beside the output
+    (its append-only file lets an interrupted run resume) and removed once the job is complete."""
+    job_id = job_id_for(output_path, job_name)
+    private = None
+    if config.broker_url is None:
+        private = EmbeddedRedis(state_dir(output_path)).start()
+    url = private.url if private else str(config.broker_url)
+    try:
+        client = connect(url, check=True)
+        configure(url, config.visibility_timeout)
+        if private:
+            # Nobody else uses this broker: tasks left by an interrupted run are ours to redo.
+            dropped = purge_queue(client)
+            Job(client, job_id).forget_queued()
+            if dropped:
+                log.info("dropped %d tasks of the interrupted run; their rows are enqueued again", dropped)
+        local = LocalWorkers(url, config_path, processes=workers, concurrency=config.concurrency,
+                             loglevel=config.log_level,
+                             log_file=(private.directory / "worker.log") if private else None)
+        if workers:
+            local.start()
+        try:
+            report = submit(client, job_id, input_path, output_path, config, skip_bad=skip_bad,
+                            on_progress=on_submit)
+            status = Collector(client, job_id, output_path, input_path).run(
+                on_progress=on_progress, should_stop=should_stop)
+        finally:
+            local.stop()
+        client.close()
+    finally:
+        if private:
+            private.stop()
+    if private and status.complete and not keep_state:
+        shutil.rmtree(private.directory, ignore_errors=True)
+    return RunResult(job=job_id, submitted=report, collected=status, broker=url)
+
+
+class StopFlag:
+    """A thread-safe flag that ``run_job(should_stop=...)`` polls."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def __call__(self) -> bool:
+        return self._event.is_set()

@@ -1,0 +1,381 @@
+"""A simulated OpenAI-compatible chat API: a real HTTP server on loopback for the demo and tests.
+
+It behaves like the real API where opt-queue cares (see OPENAI_API_FACTS.md): per-key (or per
+organization) RPM, TPM and RPD sliding windows with OpenAI-shaped 429s and ``x-ratelimit-*``
+headers, 401 for unknown keys, 429 ``insufficient_quota`` for spent keys, 400
+``context_length_exceeded``, 404 for unknown models, and injectable faults (latency, 5xx, HTML
+502, timeouts, connection resets, malformed bodies, empty ``choices``). Answers are deterministic:
+:func:`sim_answer` tells a test what the API will say to a prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import random
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+DEFAULT_MODELS = {"gpt-3.5-turbo-0613": 4096, "gpt-3.5-turbo": 4096, "gpt-3.5-turbo-16k-0613": 16384,
+                  "gpt-4o-mini": 128000}
+
+
+def sim_answer(model: str, messages: list[dict[str, Any]]) -> str:
+    """The (stripped) answer the simulated API gives to ``messages`` on ``model``."""
+    digest = hashlib.sha256(json.dumps([model, messages], ensure_ascii=False, sort_keys=True).encode())
+    last = str(messages[-1].get("content") or "")[:24] if messages else ""
+    return f"answer {digest.hexdigest()[:10]}: {last}".strip()
+
+
+def prompt_key(messages: list[dict[str, Any]]) -> str:
+    """Identity of a prompt, to count how often the same row was paid for."""
+    return hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def count_tokens(text: str) -> int:
+    """The simulated tokenizer: four characters a token."""
+    return math.ceil(len(text) / 4)
+
+
+@dataclass
+class SimKey:
+    """One key the simulated API knows: its limits and whether it works."""
+
+    key: str
+    rpm: int | None = None
+    tpm: int | None = None
+    rpd: int | None = None
+    org: str | None = None
+    dead: str | None = None  # "invalid" (401), "quota" (429 insufficient_quota), "forbidden" (403)
+
+
+@dataclass
+class SimConfig:
+    """How the simulated API behaves; every rate is a probability per request."""
+
+    keys: list[SimKey] = field(default_factory=list)
+    minute: float = 60.0
+    day: float = 86400.0
+    models: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MODELS))
+    latency: float = 0.0
+    latency_jitter: float = 0.0
+    transient_rate: float = 0.0
+    timeout_rate: float = 0.0
+    reset_rate: float = 0.0
+    malformed_rate: float = 0.0
+    empty_choices_rate: float = 0.0
+    hang_seconds: float = 30.0
+    send_headers: bool = True
+    seed: int = 0
+
+
+class _Windows:
+    """Server-side sliding log of one organization's admitted requests."""
+
+    def __init__(self) -> None:
+        self.log: deque[tuple[float, int]] = deque()
+        self.day: deque[float] = deque()
+
+    def check(self, now: float, tokens: int, k: SimKey, cfg: SimConfig) -> tuple[str, float] | None:
+        while self.log and self.log[0][0] <= now - cfg.minute:
+            self.log.popleft()
+        while self.day and self.day[0] <= now - cfg.day:
+            self.day.popleft()
+        if k.rpm is not None and len(self.log) + 1 > k.rpm:
+            return "requests per min (RPM)", self.log[len(self.log) - k.rpm][0] + cfg.minute - now
+        if k.tpm is not None:
+            used = sum(t for _, t in self.log)
+            if used + tokens > k.tpm:
+                freed, wait = 0, cfg.minute
+                for ts, t in self.log:
+                    freed += t
+                    if used - freed + tokens <= k.tpm:
+                        wait = ts + cfg.minute - now
+                        break
+                return "tokens per min (TPM)", wait
+        if k.rpd is not None and len(self.day) + 1 > k.rpd:
+            return "requests per day (RPD)", self.day[len(self.day) - k.rpd] + cfg.day - now
+        return None
+
+    def admit(self, now: float, tokens: int) -> None:
+        self.log.append((now, tokens))
+        self.day.append(now)
+
+
+class SimAPI:
+    """The aiohttp application and its counters."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = config or SimConfig()
+        self.rng = random.Random(self.config.seed)
+        self.windows: dict[str, _Windows] = {}
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.calls = 0
+        self.answered = 0
+        self.rate_limited = 0
+        self.breaches = 0
+        self.faults: Counter[str] = Counter()
+        self.per_prompt: Counter[str] = Counter()
+        self.per_key: Counter[str] = Counter()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.first_call: float | None = None
+        self.last_answer: float | None = None
+        self.requests: list[dict[str, Any]] = []
+
+    def stats(self) -> dict[str, Any]:
+        return {"calls": self.calls, "answered": self.answered, "rate_limited": self.rate_limited,
+                "breaches": self.breaches, "faults": dict(self.faults),
+                "per_prompt": dict(self.per_prompt), "per_key": dict(self.per_key),
+                "max_in_flight": self.max_in_flight, "first_call": self.first_call,
+                "last_answer": self.last_answer}
+
+    def key(self, secret: str) -> SimKey | None:
+        for k in self.config.keys:
+            if k.key == secret:
+                return k
+        return None
+
+    def app(self) -> web.Application:
+        application = web.Application(client_max_size=64 * 1024 * 1024)
+        application.router.add_post("/v1/chat/completions", self.chat)
+        application.router.add_post("/chat/completions", self.chat)
+        application.router.add_get("/_sim/stats", self._stats)
+        application.router.add_post("/_sim/config", self._configure)
+        return application
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats())
+
+    async def _configure(self, request: web.Request) -> web.Response:
+        for name, value in (await request.json()).items():
+            if name == "keys":
+                value = [SimKey(**k) for k in value]
+            setattr(self.config, name, value)
+        return web.json_response(asdict(self.config))
+
+    # -- the endpoint ---------------------------------------------------------------------------
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.calls += 1
+        self.first_call = self.first_call or time.monotonic()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._chat(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        cfg = self.config
+        secret = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        k = self.key(secret)
+        if k is None or k.dead == "invalid":
+            masked = (secret[:3] + "***" + secret[-4:]) if len(secret) > 8 else "***"
+            return _error(401, f"Incorrect API key provided: {masked}. You can find your API key "
+                               f"at https://platform.openai.com/account/api-keys.",
+                          "invalid_request_error", "invalid_api_key")
+        if k.dead == "forbidden":
+            return _error(403, "You are not allowed to sample from this model", "invalid_request_error",
+                          "forbidden")
+        if k.dead == "quota":
+            return _error(429, "You exceeded your current quota, please check your plan and billing "
+                               "details.", "insufficient_quota", "insufficient_quota")
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
+        self.requests.append({k2: v for k2, v in body.items() if k2 != "messages"})
+        model, messages = body.get("model"), body.get("messages")
+        if model not in cfg.models:
+            return _error(404, f"The model `{model}` does not exist or you do not have access to it.",
+                          "invalid_request_error", "model_not_found")
+        if not isinstance(messages, list) or not messages:
+            return _error(400, "'messages' is a required property", "invalid_request_error", None)
+        prompt_tokens = sum(count_tokens(str(m.get("content") or "")) + 3 for m in messages)
+        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
+        if prompt_tokens + max_tokens > cfg.models[model]:
+            return _error(400, f"This model's maximum context length is {cfg.models[model]} tokens. "
+                               f"However, your messages resulted in {prompt_tokens} tokens. Please "
+                               f"reduce the length of the messages.", "invalid_request_error",
+                          "context_length_exceeded", param="messages")
+        answer = sim_answer(model, messages)
+        completion_tokens = count_tokens(answer)
+        if max_tokens and completion_tokens > max_tokens:
+            completion_tokens = max_tokens
+        tokens = prompt_tokens + completion_tokens
+        now = time.monotonic()
+        org = k.org or k.key
+        win = self.windows.setdefault(org, _Windows())
+        refused = win.check(now, tokens, k, cfg)
+        if refused:
+            self.rate_limited += 1
+            what, wait = refused
+            limit = {"requests per min (RPM)": k.rpm, "tokens per min (TPM)": k.tpm,
+                     "requests per day (RPD)": k.rpd}[what]
+            resp = _error(429, f"Rate limit reached for {model} in organization org-sim on {what}: "
+                               f"Limit {limit}, Used {limit}, Requested 1. Please try again in "
+                               f"{max(wait, 0.001):.3f}s.", "requests", "rate_limit_exceeded")
+            resp.headers["retry-after"] = str(max(1, math.ceil(wait)))
+            resp.headers["retry-after-ms"] = str(max(1, int(wait * 1000)))
+            self._limit_headers(resp, k, win)
+            return resp
+        win.admit(now, tokens)
+        fault = await self._fault(request)
+        if fault is not None:
+            return fault
+        delay = cfg.latency + (self.rng.uniform(0, cfg.latency_jitter) if cfg.latency_jitter else 0.0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        self.answered += 1
+        self.last_answer = time.monotonic()
+        self.per_prompt[prompt_key(messages)] += 1
+        self.per_key[k.key[-6:]] += 1
+        data = {"id": f"chatcmpl-sim{self.calls}", "object": "chat.completion", "created": int(time.time()),
+                "model": model, "choices": [{"index": 0, "finish_reason": "stop",
+                                             "message": {"role": "assistant", "content": f"\n {answer} \n"}}],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": tokens}}
+        resp = web.json_response(data, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+        self._limit_headers(resp, k, win)
+        return resp
+
+    async def _fault(self, request: web.Request) -> web.StreamResponse | None:
+        cfg, roll = self.config, self.rng.random()
+        for name, rate in (("transient", cfg.transient_rate), ("timeout", cfg.timeout_rate),
+                           ("reset", cfg.reset_rate), ("malformed", cfg.malformed_rate),
+                           ("empty_choices", cfg.empty_choices_rate)):
+            if roll < rate:
+                self.faults[name] += 1
+                return await self._inject(name, request)
+            roll -= rate
+        return None
+
+    async def _inject(self, name: str, request: web.Request) -> web.StreamResponse:
+        if name == "transient":
+            kind = self.rng.choice((500, 503, 502))
+            if kind == 502:
+                return web.Response(status=502, content_type="text/html",
+                                    text="<html><head><title>502 Bad Gateway</title></head></html>")
+            msg = ("The server had an error while processing your request." if kind == 500
+                   else "That model is currently overloaded with other requests.")
+            return _error(kind, msg, "server_error", None)
+        if name == "timeout":
+            await asyncio.sleep(self.config.hang_seconds)
+            return _error(500, "hung request finished late", "server_error", None)
+        if name == "reset":
+            if request.transport is not None:
+                request.transport.abort()
+            raise ConnectionResetError("simulated connection reset")
+        if name == "malformed":
+            return web.Response(status=200, content_type="application/json", text='{"id": "x", "choi')
+        return web.json_response({"id": "x", "object": "chat.completion", "choices": [],
+                                  "usage": {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}})
+
+    def _limit_headers(self, resp: web.StreamResponse, k: SimKey, win: _Windows) -> None:
+        if not self.config.send_headers:
+            return
+        oldest = win.log[0][0] + self.config.minute - time.monotonic() if win.log else 0.0
+        if k.rpm is not None:
+            resp.headers["x-ratelimit-limit-requests"] = str(k.rpm)
+            resp.headers["x-ratelimit-remaining-requests"] = str(max(0, k.rpm - len(win.log)))
+            resp.headers["x-ratelimit-reset-requests"] = f"{max(oldest, 0):.3f}s"
+        if k.tpm is not None:
+            used = sum(t for _, t in win.log)
+            resp.headers["x-ratelimit-limit-tokens"] = str(k.tpm)
+            resp.headers["x-ratelimit-remaining-tokens"] = str(max(0, k.tpm - used))
+            resp.headers["x-ratelimit-reset-tokens"] = f"{max(oldest, 0):.3f}s"
+
+
+def _error(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return web.json_response(body, status=status)
+
+
+class SimServer:
+    """Runs a :class:`SimAPI` on loopback in a background thread."""
+
+    def __init__(self, config: SimConfig | None = None, port: int = 0) -> None:
+        self.api = SimAPI(config)
+        self.port = port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __repr__(self) -> str:
+        return f"<SimServer {self.base_url} calls={self.api.calls}>"
+
+    def start(self) -> SimServer:
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        async def boot() -> None:
+            self._runner = web.AppRunner(self.api.app(), access_log=None, handle_signals=False)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=4096)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            ready.set()
+
+        def serve() -> None:
+            assert self._loop is not None
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(boot())
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, name="sim-api", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("the simulated API did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        loop = self._loop
+
+        async def down() -> None:
+            if self._runner is not None:
+                await self._runner.cleanup()
+
+        asyncio.run_coroutine_threadsafe(down(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread:
+            self._thread.join(10)
+        self._loop = None
+
+    def __enter__(self) -> SimServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def configure(self, **changes: Any) -> None:
+        """Change the behaviour while running (thread-safe)."""
+        assert self._loop is not None
+
+        async def apply() -> None:
+            for name, value in changes.items():
+                setattr(self.api.config, name, value)
+
+        asyncio.run_coroutine_threadsafe(apply(), self._loop).result(10)
+
+    def stats(self) -> dict[str, Any]:
+        assert self._loop is not None
+
+        async def read() -> dict[str, Any]:
+            return self.api.stats()
+
+        return asyncio.run_coroutine_threadsafe(read(), self._loop).result(10)

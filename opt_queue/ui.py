@@ -1,0 +1,96 @@
+"""Terminal output: progress bars while submitting and collecting, summaries, status tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+from opt_queue.collector import CollectStatus
+
+
+class _Bar:
+    def __init__(self, console: Console, description: str, detail: bool = True) -> None:
+        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+        if detail:
+            columns.append(TextColumn("{task.fields[detail]}"))
+        columns += [TimeElapsedColumn(), TimeRemainingColumn()]
+        self.progress = Progress(*columns, console=console, transient=False, refresh_per_second=4)
+        self.description = description
+        self.task: TaskID | None = None
+
+    def __enter__(self) -> _Bar:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def _task(self, total: int) -> TaskID:
+        if self.task is None:
+            self.task = self.progress.add_task(self.description, total=total, detail="")
+        return self.task
+
+
+class SubmitDisplay(_Bar):
+    """Progress of validating and enqueueing an input file."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(console, "submit", detail=False)
+
+    def update(self, done: int, total: int) -> None:
+        self.progress.update(self._task(total), completed=done, total=total)
+
+
+class CollectDisplay(_Bar):
+    """Rows finished (answered + null) of the job, with nulls, rate and rows in flight."""
+
+    def __init__(self, console: Console, description: str = "collect") -> None:
+        super().__init__(console, description)
+
+    def update(self, status: CollectStatus) -> None:
+        p = status.progress
+        flight = f" · in flight {p.outstanding}" if p else ""
+        self.progress.update(self._task(status.total), completed=status.total - status.remaining,
+                             total=status.total,
+                             detail=f"null {status.nulls} · {status.rate:.1f} rows/s{flight}")
+
+
+def print_summary(console: Console, status: CollectStatus, output: str | Path, errors: Path) -> None:
+    """One paragraph: where the output is, what is in it, tokens used, why rows are null."""
+    p = status.progress
+    tokens = f"; tokens used: {p.prompt_tokens} prompt + {p.completion_tokens} completion" if p else ""
+    if status.complete:
+        console.print(f"[green]done[/]: {output} has {status.total} rows: {status.answered} answered, "
+                      f"{status.nulls} null{tokens}.")
+    else:
+        console.print(f"[yellow]incomplete[/]: {status.total - status.remaining} of {status.total} rows "
+                      f"have a result in {output}; {status.remaining} have none yet{tokens}. "
+                      f"Run submit (or run) again to enqueue them.")
+    if status.null_reasons:
+        reasons = ", ".join(f"{n} {why}" for why, n in status.null_reasons.most_common())
+        console.print(f"null rows by reason: {reasons} (details in {errors}); "
+                      f"running the same command again retries them.")
+
+
+def status_tables(snap: dict[str, Any]) -> list[Table]:
+    """Render ``status.snapshot()`` as a jobs table and a keys table."""
+    jobs = Table(title="jobs")
+    for col in ("job", "status", "total", "finished", "null", "queued/in flight", "tokens", "note"):
+        jobs.add_column(col)
+    for j in snap["jobs"]:
+        note = j["reason"] or ("submitting" if j["submitting"] else "")
+        jobs.add_row(j["job"], j["status"], str(j["total"]), str(j["finished"]), str(j["nulls"]),
+                     str(j["in_flight_or_queued"]), str(j["prompt_tokens"] + j["completion_tokens"]), note)
+    ks = Table(title="keys")
+    for col in ("key", "limits", "in current windows", "cooldown", "requests", "tokens", "429s", "retired"):
+        ks.add_column(col)
+    for k in snap["keys"]:
+        usage = ", ".join(f"{v} {n}" for n, v in k["usage"].items())
+        ks.add_row(k["key"], k["limits"], usage, f"{k['cooldown_s']}s" if k["cooldown_s"] else "",
+                   str(k["requests"]), str(k["tokens"]), str(k["rate_limited"]), k["retired"] or "")
+    return [jobs, ks]
