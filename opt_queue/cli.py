@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from opt_queue import __version__
 from opt_queue.collector import CollectStatus, Collector, errors_path
@@ -21,7 +20,7 @@ from opt_queue.config import Config, load_config
 from opt_queue.errors import ConfigError, OptQueueError
 from opt_queue.jobs import job_id_for
 from opt_queue.redis_conn import connect, redact_url
-from opt_queue.ui import CollectDisplay, SubmitDisplay, print_summary
+from opt_queue.ui import Display, print_summary
 
 console = Console(stderr=True)
 out = Console()
@@ -53,8 +52,9 @@ def _setup_logging(level: str) -> None:
 def _config(path: str | None, require_keys: bool = True) -> Config:
     if path is None and Path("config.json").exists():
         path = "config.json"
+    _setup_logging("INFO")
     cfg = load_config(path, require_keys=require_keys)
-    _setup_logging(cfg.log_level)
+    logging.getLogger().setLevel(getattr(logging, cfg.log_level.upper(), logging.INFO))
     return cfg
 
 
@@ -93,9 +93,9 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
     client = connect(url, check=True)
     configure(url, cfg.visibility_timeout)
     job = job_id_for(output, job_name)
-    with SubmitDisplay(console) as display:
+    with Display(console) as display:
         report = do_submit(client, job, input_path, output, cfg, skip_bad=skip_bad_lines,
-                           on_progress=display.update)
+                           on_progress=display.submitted)
     out.print(f"job [bold]{job}[/]: enqueued {report.enqueued} rows, skipped {report.skipped} "
               f"({report.answered} already answered, {report.queued} already queued)"
               + (f", {report.retried_nulls} nulls retried" if report.retried_nulls else ""))
@@ -147,8 +147,8 @@ def collect(config_path: str | None, output: str, job_name: str | None, input_pa
     cfg = _config(config_path, require_keys=False)
     client = connect(_broker(cfg), check=True)
     job = job_id_for(output, job_name)
-    with CollectDisplay(console) as display:
-        status = Collector(client, job, output, input_path).run(follow=follow, on_progress=display.update)
+    with Display(console) as display:
+        status = Collector(client, job, output, input_path).run(follow=follow, on_progress=display.collected)
     print_summary(out, status, output, errors_path(output))
     if not status.complete:
         sys.exit(1)
@@ -165,8 +165,6 @@ def collect(config_path: str | None, output: str, job_name: str | None, input_pa
 def run(input_path: str, config_path: str | None, output: str, job_name: str | None, workers: int,
         skip_bad_lines: bool) -> None:
     """Submit, work and collect a whole job on this machine (private Redis unless broker_url is set)."""
-    from opt_queue.runner import run_job
-
     cfg = _config(config_path)
     if config_path is None and Path("config.json").exists():
         config_path = "config.json"
@@ -177,9 +175,10 @@ def _run_and_report(input_path: str, output: str, cfg: Config, config_path: str 
                     job_name: str | None, workers: int, skip_bad: bool) -> CollectStatus:
     from opt_queue.runner import run_job
 
-    with SubmitDisplay(console) as sub, CollectDisplay(console) as col:
+    with Display(console) as display:
         result = run_job(input_path, output, cfg, config_path=config_path, job_name=job_name,
-                         workers=workers, skip_bad=skip_bad, on_submit=sub.update, on_progress=col.update)
+                         workers=workers, skip_bad=skip_bad, on_submit=display.submitted,
+                         on_progress=display.collected)
     print_summary(out, result.collected, output, errors_path(output))
     return result.collected
 

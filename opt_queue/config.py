@@ -175,15 +175,15 @@ class Config(BaseModel):
     """The whole configuration, validated."""
 
     model_config = ConfigDict(extra="forbid")
-    api_keys: list[str | KeyConfig] = Field(default_factory=list)
+    api_keys: list[SecretStr | KeyConfig] = Field(default_factory=list)
     api_base: str | None = None
     limits: Limits = SEED_LIMITS
     model: ModelConfig = Field(default_factory=ModelConfig)
     max_retries: int = Field(default=5, ge=0)
     request_timeout: float = Field(default=60.0, gt=0)
-    broker_url: str | None = None
+    broker_url: str | None = Field(default=None, repr=False)  # may hold a password
     concurrency: int = Field(default=32, ge=1, le=4096)
-    visibility_timeout: int = Field(default=3600, ge=60)
+    visibility_timeout: int = Field(default=3600, ge=1)
     safety_margin: float = Field(default=0.25, ge=0)
     backoff_base: float = Field(default=1.0, ge=0)
     backoff_max: float = Field(default=60.0, ge=0)
@@ -199,7 +199,7 @@ class Config(BaseModel):
         base = (self.api_base or "").strip() or DEFAULT_API_BASE
         out: list[ApiKey] = []
         for entry in self.api_keys:
-            kc = KeyConfig(key=entry) if isinstance(entry, str) else entry
+            kc = entry if isinstance(entry, KeyConfig) else KeyConfig(key=entry)
             secret = kc.key.get_secret_value()
             limits = self.limits
             if kc.limits is not None:

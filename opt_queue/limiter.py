@@ -96,6 +96,7 @@ class Lease:
     tokens: int
     bucket: str
     limits: Limits
+    at_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class Wait:
     """No key can admit now; ``seconds`` until the earliest might."""
 
     seconds: float
+    at_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -172,12 +174,12 @@ class KeyPool:
         if status == -1:
             return Never(tokens)
         if status == 0:
-            return Wait(int(res[1]) / 1000.0)
+            return Wait(int(res[1]) / 1000.0, int(res[2]))
         bucket = order[int(res[1]) - 1]
         members = cands[bucket]
         with self._lock:
             key = members[next(self._rr) % len(members)]
-        return Lease(key=key, uid=argv[2], tokens=tokens, bucket=bucket, limits=key.limits)
+        return Lease(key=key, uid=argv[2], tokens=tokens, bucket=bucket, limits=key.limits, at_ms=int(res[2]))
 
     def settle(self, lease: Lease, used_tokens: int) -> None:
         """Replace the lease's token estimate by the real usage and count the request."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,16 +76,3 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
     if private and status.complete and not keep_state:
         shutil.rmtree(private.directory, ignore_errors=True)
     return RunResult(job=job_id, submitted=report, collected=status, broker=url)
-
-
-class StopFlag:
-    """A thread-safe flag that ``run_job(should_stop=...)`` polls."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    def __call__(self) -> bool:
-        return self._event.is_set()

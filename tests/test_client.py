@@ -1,0 +1,76 @@
+"""Pure pieces of the API client: durations, pacing hints, error classification."""
+
+from __future__ import annotations
+
+import pytest
+
+from opt_queue.client import Kind, classify_status, parse_duration, redact, retry_after_seconds
+from opt_queue.limiter import estimate_tokens, learn_flags
+from opt_queue.config import Window
+
+
+@pytest.mark.parametrize("text, seconds", [("12ms", 0.012), ("1.5s", 1.5), ("6m0s", 360.0),
+                                           ("1h2m3s", 3723.0), ("20", 20.0), ("0.25", 0.25)])
+def test_go_durations_parse(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+def test_unparseable_duration_is_none() -> None:
+    assert parse_duration("soon") is None and parse_duration(None) is None
+
+
+def test_retry_hint_prefers_ms_header_then_retry_after_then_reset_then_message() -> None:
+    assert retry_after_seconds({"retry-after-ms": "1500", "retry-after": "9"}) == 1.5
+    assert retry_after_seconds({"retry-after": "9", "x-ratelimit-reset-requests": "1s"}) == 9
+    assert retry_after_seconds({"x-ratelimit-reset-tokens": "6m0s"}) == 360
+    msg = ("Rate limit reached for gpt-4o-mini in organization org-x on requests per min (RPM): "
+           "Limit 3, Used 3, Requested 1. Please try again in 20s.")
+    assert retry_after_seconds({}, msg) == 20
+    legacy = "Rate limit reached for default-gpt-3.5-turbo in organization org-x on requests per min. Limit: 3 / min. Please try again in 20s."
+    assert retry_after_seconds({}, legacy) == 20
+    assert retry_after_seconds({}, "") is None
+
+
+def err(code: str | None, message: str) -> dict:
+    return {"error": {"message": message, "type": "x", "param": None, "code": code}}
+
+
+@pytest.mark.parametrize("status, body, kind", [
+    (429, err("rate_limit_exceeded", "Rate limit reached ... try again in 2s."), Kind.RATE_LIMITED),
+    (429, err("insufficient_quota", "You exceeded your current quota, please check your plan"), Kind.KEY_DEAD),
+    (429, err("rate_limit_exceeded", "Request too large for gpt-4o-mini on tokens per min (TPM): Limit 30000, Requested 45000"), Kind.TOO_LARGE),
+    (401, err("invalid_api_key", "Incorrect API key provided: sk-ab***wxyz."), Kind.KEY_DEAD),
+    (403, err(None, "not allowed"), Kind.KEY_DEAD),
+    (400, err("context_length_exceeded", "This model's maximum context length is 4097 tokens."), Kind.TOO_LONG),
+    (404, err("model_not_found", "The model `gpt-5-foo` does not exist"), Kind.JOB_CONFIG),
+    (400, err("unknown_parameter", "Unrecognized request argument supplied: foo"), Kind.JOB_CONFIG),
+    (500, err("server_error", "The server had an error"), Kind.TRANSIENT),
+    (503, err(None, "That model is currently overloaded"), Kind.TRANSIENT),
+    (502, None, Kind.TRANSIENT),
+    (400, err("invalid_value", "bad image url"), Kind.BAD_ROW),
+])
+def test_error_classification_follows_the_policy_table(status: int, body: dict | None, kind: Kind) -> None:
+    f = classify_status(status, body, {}, "<html>502 Bad Gateway</html>")
+    assert f.kind is kind and f.message
+
+
+def test_rate_limit_carries_hint_and_server_limits() -> None:
+    f = classify_status(429, err("rate_limit_exceeded", "Rate limit reached"),
+                        {"retry-after": "3", "x-ratelimit-limit-requests": "2", "x-ratelimit-limit-tokens": "900"})
+    assert f.retry_after == 3 and f.server_limits == {"requests": 2, "tokens": 900}
+
+
+def test_redact_hides_secrets() -> None:
+    assert redact("key sk-secret-123 bad", ["sk-secret-123"]) == "key *** bad"
+
+
+def test_token_estimate_covers_prompt_and_completion_budget() -> None:
+    body = {"messages": [{"role": "user", "content": "x" * 300}], "max_tokens": 50}
+    assert estimate_tokens(body) >= 300 / 4 + 50
+    assert estimate_tokens({"messages": [{"role": "user", "content": ""}]}) >= 256
+
+
+def test_learned_server_limit_applies_to_the_minute_window() -> None:
+    w = (Window.parse("3/min"), Window.parse("200/day"), Window.parse("1/s"))
+    assert learn_flags(w) == [True, False, False]
+    assert learn_flags((Window.parse("200/day"), Window.parse("5/h"))) == [False, True]
