@@ -105,10 +105,12 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
 
 @main.command()
 @config_option
-@click.option("--concurrency", type=int, help="Rows in flight per worker (default: config concurrency, 32).")
+@click.option("--concurrency", type=int, envvar="OPT_QUEUE_CONCURRENCY",
+              help="Rows in flight per worker (default: config concurrency, 32). Env: OPT_QUEUE_CONCURRENCY.")
 @click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads",
-              show_default=True, help="Celery execution pool.")
-@click.option("--loglevel", default=None, help="Log level (default: config log_level).")
+              show_default=True, envvar="OPT_QUEUE_POOL", help="Celery execution pool. Env: OPT_QUEUE_POOL.")
+@click.option("--loglevel", default=None, envvar="OPT_QUEUE_LOG_LEVEL",
+              help="Log level (default: config log_level). Env: OPT_QUEUE_LOG_LEVEL.")
 @click.option("--hostname", default=None, help="Celery worker name (default: celery@host).")
 @friendly
 def worker(config_path: str | None, concurrency: int | None, pool: str, loglevel: str | None,

@@ -225,3 +225,4 @@ class Collector:
         status.answered = len(state.answered)
         status.nulls = len(state.nulls)
         status.complete = True
+        self.job.mark_complete()

@@ -21,7 +21,7 @@ import redis
 from opt_queue import keys
 from opt_queue.scripts import scripts_for
 
-RUNNING, STOPPED = "running", "stopped"
+RUNNING, STOPPED, COMPLETE = "running", "stopped", "complete"
 
 
 def job_id_for(output_path: str | os.PathLike[str], name: str | None = None) -> str:
@@ -115,6 +115,10 @@ class Job:
         pipe.hset(self.meta_key, mapping={"status": STOPPED, "reason": reason})
         before, _ = pipe.execute()
         return before != STOPPED.encode()
+
+    def mark_complete(self) -> None:
+        """Every row has its final result on disk (set by the collector)."""
+        self.client.hset(self.meta_key, mapping={"status": COMPLETE, "updated": str(time.time())})
 
     def is_stopped(self) -> bool:
         return self.client.hget(self.meta_key, "status") == STOPPED.encode()

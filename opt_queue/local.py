@@ -39,6 +39,34 @@ def find_redis_server() -> str:
         "or set broker_url to a running Redis")
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies (Linux), so a killed ``run``
+    leaves no orphan worker or Redis behind. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes  # noqa: PLC0415
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _stop_stale(pidfile: Path, timeout: float = 15.0) -> None:
+    """Stop a Redis left running on the same data directory by a run that was killed."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        return
+    log.warning("stopping the private Redis (pid %d) that a killed run left behind", pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return
+        time.sleep(0.05)
+    raise BrokerError(f"a Redis (pid {pid}) still uses {pidfile.parent}; stop it and run again")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -63,13 +91,17 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         self.directory.mkdir(parents=True, exist_ok=True)
+        pidfile = (self.directory / "redis.pid").resolve()
+        _stop_stale(pidfile)
         args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--pidfile", str(pidfile),
                 "--dir", str(self.directory.resolve()), "--appendonly", "yes",
                 "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
                 "--protected-mode", "yes", "--loglevel", "warning",
                 "--logfile", str((self.directory / "redis.log").resolve())]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, start_new_session=True)
+                                     stderr=subprocess.PIPE, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         while True:
@@ -153,7 +185,8 @@ class LocalWorkers:
             if self.concurrency:
                 cmd += ["--concurrency", str(self.concurrency)]
             self.procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                               stderr=out, start_new_session=True))
+                                               stderr=out, start_new_session=True,
+                                               preexec_fn=_die_with_parent))
         if out is not subprocess.DEVNULL:
             out.close()
         return self

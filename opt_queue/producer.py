@@ -13,7 +13,7 @@ import redis
 
 from opt_queue.app import app
 from opt_queue.config import Config
-from opt_queue.dataset import Row, iter_input, read_output, validate_input
+from opt_queue.dataset import InputSummary, Row, iter_input, read_output, validate_input
 from opt_queue.jobs import Job
 from opt_queue.tasks import row as row_task
 
@@ -58,14 +58,15 @@ def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
 
 def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
            output_path: str | os.PathLike[str], config: Config, *, skip_bad: bool = False,
-           on_progress: Callable[[int, int], None] | None = None) -> SubmitReport:
+           on_progress: Callable[[int, int], None] | None = None,
+           validated: InputSummary | None = None) -> SubmitReport:
     """Enqueue every row of ``input_path`` that ``output_path`` does not answer yet.
 
     Validates the whole input first (nothing is enqueued when a line is bad, unless ``skip_bad``).
     Rows answered on disk are skipped; rows null on disk are tried again; rows already queued by an
     earlier submit are not enqueued twice. Safe to run again at any time.
     """
-    summary = validate_input(input_path, skip_bad=skip_bad)
+    summary = validated or validate_input(input_path, skip_bad=skip_bad)
     state = read_output(output_path)
     job = Job(client, job_id)
     job.begin_submit(input=str(Path(input_path).resolve()), output=str(Path(output_path).resolve()),

@@ -12,6 +12,7 @@ from pathlib import Path
 from opt_queue.app import configure
 from opt_queue.collector import CollectStatus, Collector
 from opt_queue.config import Config
+from opt_queue.dataset import read_output, validate_input
 from opt_queue.jobs import Job, job_id_for
 from opt_queue.local import EmbeddedRedis, LocalWorkers, purge_queue
 from opt_queue.producer import SubmitReport, submit
@@ -44,6 +45,8 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
     """Run a whole job here. Without ``broker_url`` a private Redis is started beside the output
     (its append-only file lets an interrupted run resume) and removed once the job is complete."""
     job_id = job_id_for(output_path, job_name)
+    validated = validate_input(input_path, skip_bad=skip_bad)  # before anything starts
+    read_output(output_path)  # refuse an output file that is not ours, before anything starts
     private = None
     if config.broker_url is None:
         private = EmbeddedRedis(state_dir(output_path)).start()
@@ -64,7 +67,7 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
             local.start()
         try:
             report = submit(client, job_id, input_path, output_path, config, skip_bad=skip_bad,
-                            on_progress=on_submit)
+                            on_progress=on_submit, validated=validated)
             status = Collector(client, job_id, output_path, input_path).run(
                 on_progress=on_progress, should_stop=should_stop)
         finally:

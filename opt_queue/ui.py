@@ -69,14 +69,14 @@ def status_tables(snap: dict[str, Any]) -> list[Table]:
     """Render ``status.snapshot()`` as a jobs table and a keys table."""
     jobs = Table(title="jobs")
     for col in ("job", "status", "total", "finished", "null", "queued/in flight", "tokens", "note"):
-        jobs.add_column(col)
+        jobs.add_column(col, no_wrap=col == "job")
     for j in snap["jobs"]:
         note = j["reason"] or ("submitting" if j["submitting"] else "")
         jobs.add_row(j["job"], j["status"], str(j["total"]), str(j["finished"]), str(j["nulls"]),
                      str(j["in_flight_or_queued"]), str(j["prompt_tokens"] + j["completion_tokens"]), note)
     ks = Table(title="keys")
     for col in ("key", "limits", "in current windows", "cooldown", "requests", "tokens", "429s", "retired"):
-        ks.add_column(col)
+        ks.add_column(col, no_wrap=col == "key")
     for k in snap["keys"]:
         usage = ", ".join(f"{v} {n}" for n, v in k["usage"].items())
         ks.add_row(k["key"], k["limits"], usage, f"{k['cooldown_s']}s" if k["cooldown_s"] else "",

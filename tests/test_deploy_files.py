@@ -1,0 +1,37 @@
+"""The files a user deploys with: config.example.json loads; docker-compose.yml is well formed,
+lets the worker scale and writes no secret inline."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from opt_queue.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_config_example_is_a_valid_config() -> None:
+    cfg = load_config(ROOT / "config.example.json", env={})
+    assert len(cfg.keys()) == 2 and cfg.model.fallback
+
+
+def test_compose_worker_scales_and_holds_no_inline_secret() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    services = compose["services"]
+    assert set(services) >= {"redis", "worker", "flower"}
+    worker = services["worker"]
+    assert "container_name" not in worker and "ports" not in worker  # --scale worker=N works
+    assert worker["build"]["dockerfile"] == "workers/Dockerfile" and (ROOT / "workers/Dockerfile").exists()
+    assert any(v.endswith(":ro") for v in worker["volumes"])
+    assert "--appendonly yes" in " ".join(services["redis"]["command"]) and "healthcheck" in services["redis"]
+    assert "ports" not in services["redis"]
+    assert all(p.startswith("127.0.0.1:") for p in services["flower"]["ports"])
+    assert not re.search(r"sk-[A-Za-z0-9]{8,}", text)
+    for svc in services.values():
+        for value in (svc.get("environment") or {}).values():
+            if any(word in str(value).lower() for word in ("password", "auth", "key")):
+                assert "${" in str(value), f"secret written inline: {value}"

@@ -1,0 +1,89 @@
+"""The whole pipeline with real processes: `opt-queue run` on a private Redis, real Celery workers,
+the simulated API over loopback."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from conftest import TEST_KEY, cli, read_jsonl, write_config, write_jsonl
+
+from opt_queue.dataset import iter_input
+from opt_queue.simapi import SimServer, prompt_key, sim_answer
+
+MODEL = "gpt-3.5-turbo-0613"
+
+
+def dataset(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        if i % 50 == 7:  # longer than the simulated 400-token context window
+            rows.append({"index": str(i), "instruction": "Summarise", "input": "长" * 2000})
+        elif i % 10 == 3:
+            rows.append({"index": str(i), "instruction": "写一个笑话", "input": ""})
+        else:
+            rows.append({"index": i if i % 13 == 0 else str(i), "instruction": "Translate",
+                         "input": f"Ligne {i}: ça va? 今天天气真好 🌤"})
+    return rows
+
+
+def test_run_answers_every_row_once_in_input_order_with_reasons_for_nulls(tmp_path: Path, sim: SimServer) -> None:
+    sim.configure(models={MODEL: 400}, latency=0.01)
+    data = write_jsonl(tmp_path / "data.jsonl", dataset(200))
+    config = write_config(tmp_path / "config.json", sim)
+    out = tmp_path / "output.jsonl"
+
+    result = cli("run", str(data), "-c", str(config), "-o", str(out))
+
+    assert result.returncode == 0, result.stderr
+    assert "200 rows: 196 answered, 4 null" in result.stdout
+    lines = read_jsonl(out)
+    rows = list(iter_input(data))
+    assert [next(iter(line)) for line in lines] == [r.index for r in rows]
+    for line, row in zip(lines, rows):
+        answer = line[row.index]
+        if row.raw["input"].startswith("长"):
+            assert answer is None
+        else:
+            assert answer == sim_answer(MODEL, row.body["messages"])
+    errors = read_jsonl(tmp_path / "output.errors.jsonl")
+    assert [e["index"] for e in errors] == ["7", "57", "107", "157"]
+    assert {e["error_type"] for e in errors} == {"context_length_exceeded"}
+    assert all("maximum context length" in e["message"] and e["key"].startswith("key-") for e in errors)
+    expected = Counter(prompt_key(r.body["messages"]) for r in rows if not r.raw["input"].startswith("长"))
+    assert sim.stats()["per_prompt"] == dict(expected)  # every answered row was paid for once
+    assert not (tmp_path / "output.jsonl.oq-redis").exists()  # private state removed when complete
+    assert TEST_KEY not in result.stdout + result.stderr
+
+
+def test_rerun_sends_only_missing_and_null_rows(tmp_path: Path, sim: SimServer) -> None:
+    rows = dataset(30)
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, model={"name": MODEL})
+    # an earlier run left 20 answers, 2 nulls and nothing for the rest
+    prior = [{r.index: "kept"} for r in list(iter_input(data))[:20]] + [{"25": None}, {"26": None}]
+    write_jsonl(out, prior)
+
+    result = cli("run", str(data), "-c", str(config), "-o", str(out))
+
+    assert result.returncode == 0, result.stderr
+    lines = read_jsonl(out)
+    assert len(lines) == 30 and all(v == "kept" for line in lines[:20] for v in line.values())
+    assert all(v is not None and v != "kept" for line in lines[20:] for v in line.values())
+    assert sim.stats()["answered"] == 10
+
+
+def test_fallback_model_answers_rows_too_long_for_the_main_model(tmp_path: Path, sim: SimServer) -> None:
+    sim.configure(models={MODEL: 400, "gpt-3.5-turbo-16k-0613": 16000})
+    rows = [{"index": "short", "input": "hi"}, {"index": "long", "input": "长" * 2000}]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    config = write_config(tmp_path / "config.json", sim,
+                          model={"name": MODEL, "fallback": "gpt-3.5-turbo-16k-0613"})
+    out = tmp_path / "output.jsonl"
+    assert cli("run", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    got = {k: v for line in read_jsonl(out) for k, v in line.items()}
+    long_messages = [{"role": "user", "content": "长" * 2000}]
+    assert got == {"short": sim_answer(MODEL, [{"role": "user", "content": "hi"}]),
+                   "long": sim_answer("gpt-3.5-turbo-16k-0613", long_messages)}
+    assert sim.stats()["per_prompt"][prompt_key(long_messages)] == 1

@@ -1,0 +1,90 @@
+"""Stop part way, start again: nothing lost, nothing duplicated, nothing on disk paid twice."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import cli, kill_group, read_jsonl, seed_rows, start_cli, wait_for, write_config, write_jsonl
+
+from opt_queue.dataset import iter_input, read_output
+from opt_queue.simapi import SimServer, prompt_key, sim_answer
+
+MODEL = "gpt-3.5-turbo-0613"
+
+
+def lines_in(path: Path) -> int:
+    return sum(1 for _ in open(path, "rb")) if path.exists() else 0
+
+
+def check_complete(data: Path, out: Path) -> None:
+    rows = list(iter_input(data))
+    lines = read_jsonl(out)
+    assert [next(iter(line)) for line in lines] == [r.index for r in rows]  # one line per row, in order
+    assert all(line[r.index] == sim_answer(MODEL, r.body["messages"]) for line, r in zip(lines, rows))
+
+
+@pytest.mark.slow
+def test_killed_worker_and_collector_resume_on_a_shared_broker(tmp_path: Path, sim: SimServer, redis_url: str) -> None:
+    sim.configure(latency=0.05)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(300))
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, visibility_timeout=3,
+                          model={"name": MODEL})
+    c = ("-c", str(config))
+    first = cli("submit", str(data), *c, "-o", str(out))
+    assert first.returncode == 0 and "enqueued 300 rows" in first.stdout, first.stderr
+
+    worker = start_cli("worker", *c, "--concurrency", "4", log=tmp_path / "w1.log")
+    collector = start_cli("collect", *c, "-o", str(out), log=tmp_path / "c1.log")
+    wait_for(lambda: lines_in(out) >= 80, what="80 rows on disk")
+    kill_group(worker)
+    kill_group(collector)
+    on_disk = read_output(out).answered
+    assert 80 <= len(on_disk) < 300
+    paid_before = sum(sim.stats()["per_prompt"].values())
+
+    again = cli("submit", str(data), *c, "-o", str(out))  # nothing new: every row is on disk or queued
+    assert again.returncode == 0 and "enqueued 0 rows" in again.stdout, again.stdout
+    worker = start_cli("worker", *c, "--concurrency", "4", log=tmp_path / "w2.log")
+    try:
+        done = cli("collect", *c, "-o", str(out), timeout=120)
+    finally:
+        kill_group(worker, signal.SIGTERM)
+    assert done.returncode == 0, done.stderr + done.stdout
+    check_complete(data, out)
+
+    per_prompt = sim.stats()["per_prompt"]
+    rows = {r.index: prompt_key(r.body["messages"]) for r in iter_input(data)}
+    assert all(per_prompt[rows[i]] == 1 for i in on_disk)  # nothing already on disk was paid again
+    twice = [p for p, n in per_prompt.items() if n > 1]
+    assert len(twice) <= 4, f"only rows in flight at the kill may be paid twice, not {len(twice)}"
+    assert paid_before + 300 - len(on_disk) >= sum(per_prompt.values()) - len(twice)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_private_redis(tmp_path: Path, sim: SimServer) -> None:
+    sim.configure(latency=0.05)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(300))
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, model={"name": MODEL}, concurrency=4)
+    run = start_cli("run", str(data), "-c", str(config), "-o", str(out), log=tmp_path / "run1.log")
+    wait_for(lambda: lines_in(out) >= 60, what="60 rows on disk")
+    kill_group(run)  # SIGKILL: its worker and Redis get SIGTERM from the kernel (parent death)
+    on_disk = read_output(out).answered
+    assert (tmp_path / "output.jsonl.oq-redis" / "appendonly.aof").exists() or \
+        (tmp_path / "output.jsonl.oq-redis" / "appendonlydir").exists()
+
+    time.sleep(0.5)
+    result = cli("run", str(data), "-c", str(config), "-o", str(out), timeout=150)
+
+    assert result.returncode == 0, result.stderr
+    check_complete(data, out)
+    per_prompt = sim.stats()["per_prompt"]
+    rows = {r.index: prompt_key(r.body["messages"]) for r in iter_input(data)}
+    assert all(per_prompt[rows[i]] == 1 for i in on_disk)
+    assert sum(n - 1 for n in per_prompt.values()) <= 4
+    assert Counter(per_prompt.values()).keys() <= {1, 2}
