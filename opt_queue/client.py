@@ -186,6 +186,13 @@ def _client(key: ApiKey, timeout: float) -> openai.OpenAI:
         return client
 
 
+def warm_up(keys: list[ApiKey], timeout: float) -> None:
+    """Build every key's client now: building one takes long enough (tens of ms) that doing it
+    between an admission and the request would eat into the limiter's safety margin."""
+    for key in keys:
+        _client(key, timeout)
+
+
 def call(key: ApiKey, body: dict[str, Any], timeout: float) -> Answer:
     """Send one chat completion; return the first choice's content, stripped.
 

@@ -58,6 +58,7 @@ class Engine:
         self.keys = config.keys()
         self.pool = KeyPool(client, self.keys, margin=config.safety_margin)
         self._secrets = [k.secret.get_secret_value() for k in self.keys]
+        api.warm_up(self.keys, config.request_timeout)
         self._retired: dict[str, tuple[float, dict[str, str]]] = {}
         self._lock = threading.Lock()
 

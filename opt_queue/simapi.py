@@ -23,6 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
+from opt_queue.config import fingerprint
+
 DEFAULT_MODELS = {"gpt-3.5-turbo-0613": 4096, "gpt-3.5-turbo": 4096, "gpt-3.5-turbo-16k-0613": 16384,
                   "gpt-4o-mini": 128000}
 
@@ -122,7 +124,7 @@ class SimAPI:
         self.calls = 0
         self.answered = 0
         self.rate_limited = 0
-        self.breaches = 0
+        self.refusals: Counter[str] = Counter()
         self.faults: Counter[str] = Counter()
         self.per_prompt: Counter[str] = Counter()
         self.per_key: Counter[str] = Counter()
@@ -134,7 +136,7 @@ class SimAPI:
 
     def stats(self) -> dict[str, Any]:
         return {"calls": self.calls, "answered": self.answered, "rate_limited": self.rate_limited,
-                "breaches": self.breaches, "faults": dict(self.faults),
+                "refusals": dict(self.refusals), "faults": dict(self.faults),
                 "per_prompt": dict(self.per_prompt), "per_key": dict(self.per_key),
                 "max_in_flight": self.max_in_flight, "first_call": self.first_call,
                 "last_answer": self.last_answer}
@@ -219,6 +221,7 @@ class SimAPI:
         if refused:
             self.rate_limited += 1
             what, wait = refused
+            self.refusals[what] += 1
             limit = {"requests per min (RPM)": k.rpm, "tokens per min (TPM)": k.tpm,
                      "requests per day (RPD)": k.rpd}[what]
             resp = _error(429, f"Rate limit reached for {model} in organization org-sim on {what}: "
@@ -238,7 +241,7 @@ class SimAPI:
         self.answered += 1
         self.last_answer = time.monotonic()
         self.per_prompt[prompt_key(messages)] += 1
-        self.per_key[k.key[-6:]] += 1
+        self.per_key[fingerprint(k.key)] += 1
         data = {"id": f"chatcmpl-sim{self.calls}", "object": "chat.completion", "created": int(time.time()),
                 "model": model, "choices": [{"index": 0, "finish_reason": "stop",
                                              "message": {"role": "assistant", "content": f"\n {answer} \n"}}],

@@ -1,0 +1,135 @@
+"""Shared limits and the error policy with real workers and the simulated API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import cli, read_jsonl, seed_rows, write_config, write_jsonl
+
+from opt_queue.config import fingerprint
+from opt_queue.simapi import SimKey, SimServer
+
+MODEL = "gpt-3.5-turbo-0613"
+
+
+def sim_keys(n: int, prefix: str = "sk-fleet", **limits: int | str | None) -> list[SimKey]:
+    return [SimKey(f"{prefix}-{i:03d}-xxxxxxxxxxxxxxxx", **limits) for i in range(n)]  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_fleet_of_three_workers_never_exceeds_any_key_limit(tmp_path: Path, sim: SimServer, redis_url: str) -> None:
+    keys = sim_keys(10, rpm=6, tpm=2500)
+    sim.configure(keys=keys, minute=2.0, latency=0.05, latency_jitter=0.1)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(300))
+    config = write_config(tmp_path / "config.json", sim, api_keys=[k.key for k in keys], broker_url=redis_url,
+                          limits={"requests": ["6/2s"], "tokens": ["2500/2s"]}, safety_margin=0.2,
+                          concurrency=8)
+    out = tmp_path / "output.jsonl"
+
+    result = cli("run", str(data), "-c", str(config), "-o", str(out), "--workers", "3", timeout=150)
+
+    assert result.returncode == 0, result.stderr
+    lines = read_jsonl(out)
+    assert len(lines) == 300 and all(v for line in lines for v in line.values())
+    stats = sim.stats()
+    assert stats["rate_limited"] == 0, f"our own traffic must never meet a 429: {stats['refusals']}"
+    assert stats["answered"] == 300 and len(stats["per_key"]) == 10
+
+
+def test_dead_keys_are_retired_and_the_job_finishes_on_the_others(tmp_path: Path, sim: SimServer,
+                                                                 redis_url: str) -> None:
+    good = sim_keys(2, "sk-good")
+    keys = good + [SimKey("sk-revoked-xxxxxxxxxxxxxxxx", dead="invalid"),
+                   SimKey("sk-spent-xxxxxxxxxxxxxxxxxx", dead="quota"),
+                   SimKey("sk-forbidden-xxxxxxxxxxxxxx", dead="forbidden")]
+    sim.configure(keys=keys)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(40))
+    config = write_config(tmp_path / "config.json", sim, api_keys=[k.key for k in keys], broker_url=redis_url)
+    out = tmp_path / "output.jsonl"
+
+    result = cli("run", str(data), "-c", str(config), "-o", str(out))
+
+    assert result.returncode == 0, result.stderr
+    assert all(v for line in read_jsonl(out) for v in line.values())
+    snap = json.loads(cli("status", "-c", str(config), "--json").stdout)
+    retired = snap["jobs"][0]["retired_keys"]
+    assert set(retired) == {fingerprint(k.key) for k in keys[2:]}
+    assert "invalid_api_key" in retired[fingerprint(keys[2].key)]
+    assert "insufficient_quota" in retired[fingerprint(keys[3].key)]
+    assert all(k.key not in json.dumps(snap) for k in keys)
+
+
+def test_all_keys_dead_stops_the_job_and_a_rerun_with_a_good_key_finishes(tmp_path: Path, sim: SimServer) -> None:
+    dead = [SimKey("sk-revoked-1-xxxxxxxxxxxxxx", dead="invalid"), SimKey("sk-spent-1-xxxxxxxxxxxxxxxx", dead="quota")]
+    good = SimKey("sk-fresh-key-xxxxxxxxxxxxxxx")
+    sim.configure(keys=dead + [good])
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(30))
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, api_keys=[k.key for k in dead])
+
+    stopped = cli("run", str(data), "-c", str(config), "-o", str(out))
+
+    assert stopped.returncode == 4, stopped.stderr
+    assert "every key serving gpt-3.5-turbo-0613 is retired" in stopped.stderr
+    assert "run the same command again" in stopped.stderr
+    assert all(v is not None for line in read_jsonl(out) for v in line.values()) if out.exists() else True
+    assert "Traceback" not in stopped.stderr
+
+    config = write_config(tmp_path / "config.json", sim, api_keys=[k.key for k in dead] + [good.key])
+    again = cli("run", str(data), "-c", str(config), "-o", str(out))
+    assert again.returncode == 0, again.stderr
+    lines = read_jsonl(out)
+    assert len(lines) == 30 and all(v for line in lines for v in line.values())
+
+
+def test_server_limits_lower_than_configured_are_learned(tmp_path: Path, sim: SimServer, redis_url: str) -> None:
+    keys = sim_keys(2, "sk-small", rpm=3)
+    sim.configure(keys=keys, minute=1.0)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(24))
+    config = write_config(tmp_path / "config.json", sim, api_keys=[k.key for k in keys], broker_url=redis_url,
+                          limits={"requests": ["20/1s"]}, safety_margin=0.1)
+    out = tmp_path / "output.jsonl"
+
+    result = cli("run", str(data), "-c", str(config), "-o", str(out), timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert all(v for line in read_jsonl(out) for v in line.values())
+    snap = json.loads(cli("status", "-c", str(config), "--json").stdout)
+    assert {k["learned_requests"] for k in snap["keys"]} == {3}
+    assert sim.stats()["rate_limited"] <= 20  # a few 429s teach the limit, then none
+
+
+def test_model_not_found_stops_the_job_early_with_the_api_message(tmp_path: Path, sim: SimServer) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(200))
+    config = write_config(tmp_path / "config.json", sim, model={"name": "gpt-5-foo"}, concurrency=4)
+
+    result = cli("run", str(data), "-c", str(config), "-o", str(tmp_path / "out.jsonl"))
+
+    assert result.returncode == 4
+    assert "The model `gpt-5-foo` does not exist" in result.stderr
+    assert sim.stats()["calls"] < 50
+
+
+def test_transient_errors_are_retried_then_null_with_the_reason(tmp_path: Path, sim: SimServer) -> None:
+    sim.configure(transient_rate=0.3, timeout_rate=0.05, hang_seconds=3.0, reset_rate=0.05,
+                  malformed_rate=0.05, empty_choices_rate=0.05, seed=3)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(60))
+    config = write_config(tmp_path / "config.json", sim, request_timeout=1.0, max_retries=8)
+    out = tmp_path / "output.jsonl"
+    result = cli("run", str(data), "-c", str(config), "-o", str(out), timeout=150)
+    assert result.returncode == 0, result.stderr
+    assert all(v for line in read_jsonl(out) for v in line.values())
+    assert set(sim.stats()["faults"]) >= {"transient", "timeout", "reset", "malformed", "empty_choices"}
+
+    sim.configure(transient_rate=1.0, timeout_rate=0.0, reset_rate=0.0, malformed_rate=0.0, empty_choices_rate=0.0)
+    data2 = write_jsonl(tmp_path / "data2.jsonl", seed_rows(3))
+    config = write_config(tmp_path / "config.json", sim, max_retries=2)
+    out2 = tmp_path / "output2.jsonl"
+    result = cli("run", str(data2), "-c", str(config), "-o", str(out2))
+    assert result.returncode == 0, result.stderr
+    assert read_jsonl(out2) == [{"0": None}, {"1": None}, {"2": None}]
+    errors = read_jsonl(tmp_path / "output2.errors.jsonl")
+    assert all(e["attempts"] == 3 and e["error_type"] in ("server_error", "http_502", "http_503", "http_500")
+               for e in errors), errors
