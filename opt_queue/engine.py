@@ -21,7 +21,7 @@ import logging
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -47,6 +47,7 @@ class _Row:
     attempts: int = 0
     fallback_used: bool = False
     last_key: str | None = None
+    too_large_for: set[str] = field(default_factory=set)
 
 
 class Engine:
@@ -89,7 +90,12 @@ class Engine:
             if row.job.is_stopped():
                 return None
             model = row.body["model"]
-            lease = self.pool.acquire(model, estimate_tokens(row.body), self._retired_for(row.job))
+            lease = self.pool.acquire(model, estimate_tokens(row.body),
+                                      self._retired_for(row.job) | row.too_large_for)
+            if lease is None and row.too_large_for:
+                return self._null(row, "request_too_large",
+                                  f"every usable key serving {model} refused the request as too large "
+                                  f"for its tokens-per-minute limit")
             if lease is None:
                 self._stop_no_keys(row.job, model)
                 return None
@@ -130,7 +136,10 @@ class Engine:
             left = self.pool.cool(lease.key, seconds, f.server_limits)
             log.info("key %s rate limited by the server; cooling for %.1fs", fp, left)
             return None
-        if f.kind in (api.Kind.KEY_DEAD, api.Kind.TOO_LARGE):
+        if f.kind is api.Kind.TOO_LARGE:
+            row.too_large_for.add(fp)  # this row can never pass on this key; others still can
+            return None
+        if f.kind is api.Kind.KEY_DEAD:
             if row.job.retire_key(fp, f"{f.status} {f.reason}: {f.message}"):
                 log.warning("key %s retired for job %s: %s %s", fp, row.job.id, f.status, f.reason)
             self._forget_retired(row.job)
