@@ -45,6 +45,8 @@ def transport_options(visibility_timeout: int) -> dict[str, int]:
 
 def configure(broker_url: str, visibility_timeout: int = 3600) -> Celery:
     """Point the app at ``broker_url``; return it."""
+    if app.conf.broker_url != broker_url:
+        app.close()  # drop pooled connections to the previous broker
     app.conf.broker_url = broker_url
     app.conf.broker_transport_options = transport_options(visibility_timeout)
     return app

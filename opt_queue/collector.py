@@ -64,6 +64,71 @@ class CollectStatus:
         return self.written / elapsed if elapsed > 0 else 0.0
 
 
+class ResultStream:
+    """The job's results stream, read through the collectors' consumer group."""
+
+    def __init__(self, client: redis.Redis, job_id: str) -> None:
+        self.client = client
+        self.key = keys.job_results(job_id)
+        try:
+            client.xgroup_create(self.key, keys.COLLECTOR_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read(self, pending: bool) -> list[tuple[bytes, dict[Any, Any]]]:
+        """Entries delivered before but not acknowledged (``pending``), else new ones (blocks briefly)."""
+        res = self.client.xreadgroup(keys.COLLECTOR_GROUP, CONSUMER, {self.key: "0" if pending else ">"},
+                                     count=READ_COUNT, block=None if pending else BLOCK_MS)
+        return res[0][1] if res else []
+
+    def ack(self, entries: list[tuple[bytes, dict[Any, Any]]]) -> None:
+        """Acknowledge and delete entries whose rows are safely stored."""
+        ids = [e[0] for e in entries]
+        pipe = self.client.pipeline()
+        pipe.xack(self.key, keys.COLLECTOR_GROUP, *ids)
+        pipe.xdel(self.key, *ids)
+        pipe.execute()
+
+    def empty(self) -> bool:
+        return self.client.xlen(self.key) == 0
+
+    def entries(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[list[tuple[bytes, dict[Any, Any]]]]:
+        """Batches of entries, pending ones first; an empty batch means nothing arrived for a moment."""
+        pending = True
+        while not should_stop():
+            got = self.read(pending)
+            if pending and not got:
+                pending = False
+                continue
+            yield got
+
+
+def gather(client: redis.Redis, job_id: str, count: int,
+           on_result: Callable[[RowResult], None] | None = None) -> dict[str, RowResult]:
+    """Collect ``count`` distinct results of a job into memory (no files); raise
+    :class:`JobStopped` if the job stops first."""
+    job = Job(client, job_id)
+    stream = ResultStream(client, job_id)
+    results: dict[str, RowResult] = {}
+    for batch in stream.entries():
+        for _id, fields in batch:
+            if fields:
+                r = RowResult.from_fields(fields)
+                if r.index not in results and on_result:
+                    on_result(r)
+                results.setdefault(r.index, r)
+        if batch:
+            stream.ack(batch)
+        if len(results) >= count:
+            return results
+        if not batch:
+            p = job.progress()
+            if p.status == STOPPED and p.outstanding == 0 and stream.empty():
+                raise JobStopped(f"job {job_id} stopped: {p.reason}")
+    return results
+
+
 @contextmanager
 def _locked(output: Path) -> Iterator[None]:
     lock_path = output.with_name(output.name + ".lock")
@@ -87,7 +152,6 @@ class Collector:
         self.job = Job(client, job_id)
         self.output = Path(output)
         self.errors = errors_path(self.output)
-        self.stream = keys.job_results(job_id)
         self._input = input_path
 
     def __repr__(self) -> str:
@@ -125,53 +189,34 @@ class Collector:
         inputs = set(order)
         status = CollectStatus(job=self.job.id, total=len(order),
                                answered=len(state.answered & inputs), nulls=len(state.nulls & inputs))
-        self._ensure_group()
+        stream = ResultStream(self.client, self.job.id)
         out = open(self.output, "a", encoding="utf-8")
         err = open(self.errors, "a", encoding="utf-8")
         try:
-            pending_first = True
-            while True:
-                got = self._read(pending_first)
-                if pending_first and not got:
-                    pending_first = False
-                    continue
+            for got in stream.entries(should_stop):
                 if got:
                     self._write(got, state, inputs, status, out, err)
+                    stream.ack(got)
                 status.progress = self.job.progress()
                 on_progress(status)
-                if got or should_stop():
-                    if should_stop():
-                        return status
+                if got:
                     continue
                 p = status.progress
-                quiet = p.outstanding == 0 and not p.submitting and self._stream_empty()
+                quiet = p.outstanding == 0 and not p.submitting and stream.empty()
                 if p.status == STOPPED and quiet:
                     raise JobStopped(f"job {self.job.id} stopped: {p.reason}")
                 if quiet and status.remaining == 0:
                     break
                 if quiet and not follow:
                     return status
+            else:
+                return status  # asked to stop
         finally:
             out.close()
             err.close()
         self._finalize(order, status)
         on_progress(status)
         return status
-
-    def _ensure_group(self) -> None:
-        try:
-            self.client.xgroup_create(self.stream, keys.COLLECTOR_GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    def _read(self, pending: bool) -> list[tuple[bytes, dict[Any, Any]]]:
-        res = self.client.xreadgroup(keys.COLLECTOR_GROUP, CONSUMER, {self.stream: "0" if pending else ">"},
-                                     count=READ_COUNT, block=None if pending else BLOCK_MS)
-        return res[0][1] if res else []
-
-    def _stream_empty(self) -> bool:
-        return self.client.xlen(self.stream) == 0
 
     def _write(self, entries: list[tuple[bytes, dict[Any, Any]]], state: Any, inputs: set[str],
                status: CollectStatus, out: IO[str], err: IO[str]) -> None:
@@ -200,11 +245,6 @@ class Collector:
         for fh in (out, err):
             fh.flush()
             os.fsync(fh.fileno())
-        ids = [e[0] for e in entries]
-        pipe = self.client.pipeline()
-        pipe.xack(self.stream, keys.COLLECTOR_GROUP, *ids)
-        pipe.xdel(self.stream, *ids)
-        pipe.execute()
 
     def _finalize(self, order: list[str], status: CollectStatus) -> None:
         """Rewrite output.jsonl in input order, one line per row, and the errors of its nulls."""

@@ -31,6 +31,7 @@ DEFAULT_MODEL = "gpt-3.5-turbo-0613"
 ENV_KEYS = "OPT_QUEUE_API_KEYS"
 ENV_BROKER = "OPT_QUEUE_BROKER_URL"
 ENV_CONFIG = "OPT_QUEUE_CONFIG"
+ENV_OVERRIDES = "OPT_QUEUE_OVERRIDES"  # JSON object of key-free fields, set for local workers
 
 _PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
             "h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
@@ -251,6 +252,11 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: dict[str, st
         data["api_keys"] = list(data.get("api_keys") or []) + extra
     if env.get(ENV_BROKER):
         data["broker_url"] = env[ENV_BROKER]
+    if env.get(ENV_OVERRIDES):
+        try:
+            data.update(json.loads(env[ENV_OVERRIDES]))
+        except (ValueError, TypeError):
+            raise ConfigError(f"{ENV_OVERRIDES} must hold a JSON object") from None
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:

@@ -183,6 +183,11 @@ class Job:
         _, reported, released = pipe.execute()
         self.client.hset(self.meta_key, "claimed", int(reported or 0) + int(released or 0))
 
+    def delete(self) -> None:
+        """Forget the job entirely (in-memory jobs, once their answers are returned)."""
+        self.client.delete(*keys.job_keys(self.id))
+        self.client.srem(keys.JOBS, self.id)
+
     # -- keys -----------------------------------------------------------------------------------
     def retire_key(self, fingerprint: str, reason: str) -> bool:
         """Retire a key for this job; return True the first time."""

@@ -62,3 +62,9 @@ KNOWN_KEYS = f"{PREFIX}:{LIMITS_TAG}:known"
 def job_answered(job: str) -> str:
     """Bitmap by row position: the published result was an answer (not a null)."""
     return f"{PREFIX}:{{{job}}}:answered"
+
+
+def job_keys(job: str) -> list[str]:
+    """Every key of one job."""
+    return [job_meta(job), job_claimed(job), job_done(job), job_answered(job), job_results(job),
+            job_retired(job)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -11,10 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
 from opt_queue import keys
+from opt_queue.config import ENV_OVERRIDES
 from opt_queue.errors import BrokerError, OptQueueError
 
 log = logging.getLogger(__name__)
@@ -76,9 +79,11 @@ def free_port() -> int:
 class EmbeddedRedis:
     """A private ``redis-server`` on loopback with its append-only file in ``directory``."""
 
-    def __init__(self, directory: str | os.PathLike[str], port: int | None = None) -> None:
+    def __init__(self, directory: str | os.PathLike[str], port: int | None = None,
+                 persist: bool = True) -> None:
         self.directory = Path(directory)
         self.port = port or free_port()
+        self.persist = persist
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -95,7 +100,7 @@ class EmbeddedRedis:
         _stop_stale(pidfile)
         args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--pidfile", str(pidfile),
-                "--dir", str(self.directory.resolve()), "--appendonly", "yes",
+                "--dir", str(self.directory.resolve()), "--appendonly", "yes" if self.persist else "no",
                 "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
                 "--protected-mode", "yes", "--loglevel", "warning",
                 "--logfile", str((self.directory / "redis.log").resolve())]
@@ -156,8 +161,10 @@ class LocalWorkers:
 
     def __init__(self, broker_url: str, config_path: str | None, processes: int = 1,
                  concurrency: int | None = None, loglevel: str = "WARNING",
-                 log_file: str | os.PathLike[str] | None = None) -> None:
+                 log_file: str | os.PathLike[str] | None = None,
+                 overrides: dict[str, Any] | None = None) -> None:
         self.broker_url = broker_url
+        self.overrides = overrides or {}
         self.config_path = config_path
         self.processes = processes
         self.concurrency = concurrency
@@ -173,6 +180,8 @@ class LocalWorkers:
         env = dict(os.environ, OPT_QUEUE_BROKER_URL=self.broker_url)
         if self.config_path:
             env["OPT_QUEUE_CONFIG"] = str(Path(self.config_path).resolve())
+        if self.overrides:
+            env[ENV_OVERRIDES] = json.dumps(self.overrides)
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         for i in range(self.processes):
             cmd = [sys.executable, "-m", "opt_queue", "worker", "--loglevel", self.loglevel,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,29 +68,40 @@ def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
     """
     summary = validated or validate_input(input_path, skip_bad=skip_bad)
     state = read_output(output_path)
+    meta = {"input": str(Path(input_path).resolve()), "output": str(Path(output_path).resolve())}
+    return enqueue(client, job_id, iter_input(input_path, skip_bad=skip_bad), summary.rows, config,
+                   answered=state.answered, nulls=state.nulls, on_progress=on_progress,
+                   bad_lines=len(summary.bad), **meta)
+
+
+def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, config: Config, *,
+            answered: set[str] | None = None, nulls: set[str] | None = None,
+            on_progress: Callable[[int, int], None] | None = None, bad_lines: int = 0,
+            **meta: str) -> SubmitReport:
+    """Claim and enqueue ``rows`` (skipping ``answered``; ``nulls`` are retried) for job ``job_id``."""
+    answered, nulls = answered or set(), nulls or set()
     job = Job(client, job_id)
-    job.begin_submit(input=str(Path(input_path).resolve()), output=str(Path(output_path).resolve()),
-                     total=summary.rows, model=config.model.name)
-    report = SubmitReport(job=job_id, total=summary.rows, bad_lines=len(summary.bad))
+    job.begin_submit(total=total, model=config.model.name, **meta)
+    report = SubmitReport(job=job_id, total=total, bad_lines=bad_lines)
     options = {"fallback": config.model.fallback} if config.model.fallback else {}
     done = 0
     try:
         with app.producer_or_acquire() as producer:
-            for batch in _batches(iter_input(input_path, skip_bad=skip_bad), BATCH):
-                wanted = [(r.seq, r.index in state.nulls) for r in batch if r.index not in state.answered]
+            for batch in _batches(iter(rows), BATCH):
+                wanted = [(r.seq, r.index in nulls) for r in batch if r.index not in answered]
                 report.answered += len(batch) - len(wanted)
                 claimed = set(job.claim(wanted))
                 report.queued += len(wanted) - len(claimed)
                 for r in batch:
                     if r.seq in claimed:
-                        report.retried_nulls += r.index in state.nulls
+                        report.retried_nulls += r.index in nulls
                         row_task.apply_async(
                             args=(job_id, r.seq, r.index, request_body(r, config), options),
                             argsrepr=repr((job_id, r.index)), kwargsrepr="{}", producer=producer)
                         report.enqueued += 1
                 done += len(batch)
                 if on_progress:
-                    on_progress(done, summary.rows)
+                    on_progress(done, total)
     finally:
         job.end_submit()
     log.info("job %s: %d rows enqueued, %d already answered, %d already queued",

@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from opt_queue.app import configure
 from opt_queue.collector import CollectStatus, Collector
@@ -41,7 +42,8 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
             config_path: str | None = None, job_name: str | None = None, workers: int = 1,
             skip_bad: bool = False, on_submit: Callable[[int, int], None] | None = None,
             on_progress: Callable[[CollectStatus], None] | None = None,
-            should_stop: Callable[[], bool] = lambda: False, keep_state: bool = False) -> RunResult:
+            should_stop: Callable[[], bool] = lambda: False, keep_state: bool = False,
+            worker_overrides: dict[str, Any] | None = None) -> RunResult:
     """Run a whole job here. Without ``broker_url`` a private Redis is started beside the output
     (its append-only file lets an interrupted run resume) and removed once the job is complete."""
     job_id = job_id_for(output_path, job_name)
@@ -62,7 +64,8 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
                 log.info("dropped %d tasks of the interrupted run; their rows are enqueued again", dropped)
         local = LocalWorkers(url, config_path, processes=workers, concurrency=config.concurrency,
                              loglevel=config.log_level,
-                             log_file=(private.directory / "worker.log") if private else None)
+                             log_file=(private.directory / "worker.log") if private else None,
+                             overrides=worker_overrides)
         if workers:
             local.start()
         try:

@@ -131,6 +131,7 @@ class SimAPI:
         self.in_flight = 0
         self.max_in_flight = 0
         self.first_call: float | None = None
+        self.last_call: float | None = None
         self.last_answer: float | None = None
         self.requests: list[dict[str, Any]] = []
 
@@ -139,7 +140,7 @@ class SimAPI:
                 "refusals": dict(self.refusals), "faults": dict(self.faults),
                 "per_prompt": dict(self.per_prompt), "per_key": dict(self.per_key),
                 "max_in_flight": self.max_in_flight, "first_call": self.first_call,
-                "last_answer": self.last_answer}
+                "last_call": self.last_call, "last_answer": self.last_answer}
 
     def key(self, secret: str) -> SimKey | None:
         for k in self.config.keys:
@@ -168,7 +169,8 @@ class SimAPI:
     # -- the endpoint ---------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.calls += 1
-        self.first_call = self.first_call or time.monotonic()
+        self.last_call = time.monotonic()
+        self.first_call = self.first_call or self.last_call
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -195,7 +197,8 @@ class SimAPI:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
-        self.requests.append({k2: v for k2, v in body.items() if k2 != "messages"})
+        if len(self.requests) < 10000:
+            self.requests.append({k2: v for k2, v in body.items() if k2 != "messages"})
         model, messages = body.get("model"), body.get("messages")
         if model not in cfg.models:
             return _error(404, f"The model `{model}` does not exist or you do not have access to it.",
@@ -376,9 +379,17 @@ class SimServer:
         asyncio.run_coroutine_threadsafe(apply(), self._loop).result(10)
 
     def stats(self) -> dict[str, Any]:
+        """The API's counters (calls, answers, 429s, faults, calls per prompt, ...)."""
+        return self._read(self.api.stats)
+
+    def received(self) -> list[dict[str, Any]]:
+        """The request bodies received so far (without their messages), oldest first."""
+        return self._read(lambda: list(self.api.requests))
+
+    def _read(self, fn: Any) -> Any:
         assert self._loop is not None
 
-        async def read() -> dict[str, Any]:
-            return self.api.stats()
+        async def read() -> Any:
+            return fn()
 
         return asyncio.run_coroutine_threadsafe(read(), self._loop).result(10)

@@ -16,7 +16,8 @@ from opt_queue.collector import CollectStatus
 class Display:
     """One live progress display: a submit bar and a collect bar (rich allows one live display)."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, collect_label: str = "collect") -> None:
+        self.collect_label = collect_label
         self.progress = Progress(TextColumn("[bold]{task.description:>7}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
                                  TimeElapsedColumn(), TimeRemainingColumn(),
@@ -32,7 +33,8 @@ class Display:
 
     def _task(self, name: str, total: int) -> TaskID:
         if name not in self._tasks:
-            self._tasks[name] = self.progress.add_task(name, total=total, detail="")
+            label = self.collect_label if name == "collect" else name
+            self._tasks[name] = self.progress.add_task(label, total=total, detail="")
         return self._tasks[name]
 
     def submitted(self, done: int, total: int) -> None:

@@ -1,0 +1,97 @@
+"""Limit fidelity: how close does opt-queue run N keys to their combined limit, with zero 429s?
+
+N keys x R requests per shortened minute (W seconds) on the simulated API, with 300 ms latency and
+1% transient server errors; the dataset is K windows' worth of rows. A fresh window admits a burst
+of N*R at once, and every further N*R calls need one more window, so the earliest the C-th call
+(C = every call the API received, retries of injected errors included: they use quota too) can
+arrive after the first is
+
+    ideal = W * (ceil(C / (N*R)) - 1)
+
+We report
+
+    active ratio     = ideal / (API's last request - API's first request)
+    end-to-end ratio = (ideal + latency) / wall time of `opt-queue run` (start-up, submit, collect)
+
+and the number of 429s. The safety margin m lengthens each window, so the active ratio tends to
+W / (W + m): 0.98 for W = 10 s and m = 0.2 s here, 0.996 for a real minute with the default 0.25 s. Run:  python bench/limits.py [--keys 5 20 100] [--rpm 6] [--window 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from opt_queue.simapi import SimConfig, SimKey, SimServer
+
+
+def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, errors: float,
+          margin: float, workers: int, concurrency: int) -> dict:
+    keys = [SimKey(f"sk-bench-{i:04d}-xxxxxxxxxxxxxxxx", rpm=rpm) for i in range(n_keys)]
+    rows = n_keys * rpm * windows
+    sim = SimConfig(keys=keys, minute=window, latency=latency, transient_rate=errors, seed=1)
+    with SimServer(sim) as server, tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        with open(d / "data.jsonl", "w") as fh:
+            for i in range(rows):
+                fh.write(json.dumps({"index": str(i), "instruction": "Say hi", "input": f"row {i}"}) + "\n")
+        config = {"api_keys": [k.key for k in keys], "api_base": server.base_url,
+                  "limits": {"requests": [f"{rpm}/{window:g}s"]}, "safety_margin": margin,
+                  "concurrency": concurrency, "backoff_base": 0.2, "backoff_max": 2, "log_level": "WARNING"}
+        (d / "config.json").write_text(json.dumps(config))
+        os.chmod(d / "config.json", 0o600)
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "opt_queue", "run", str(d / "data.jsonl"), "-c",
+                               str(d / "config.json"), "-o", str(d / "out.jsonl"), "--workers", str(workers)],
+                              capture_output=True, text=True)
+        wall = time.monotonic() - started
+        if proc.returncode != 0:
+            raise SystemExit(f"run failed: {proc.stderr[-2000:]}")
+        stats = server.stats()
+        answered = sum(1 for line in open(d / "out.jsonl") if ": null}" not in line)
+    calls = stats["calls"]
+    ideal = window * (math.ceil(calls / (n_keys * rpm)) - 1)
+    active = stats["last_call"] - stats["first_call"]
+    return {"keys": n_keys, "limit": f"{rpm}/{window:g}s", "rows": rows, "answered": answered, "calls": calls,
+            "ideal_s": round(ideal, 2), "active_s": round(active, 2), "wall_s": round(wall, 2),
+            "calls_per_s_active": round((calls - 1) / active, 1),
+            "combined_limit_per_s": round(n_keys * rpm / window, 1),
+            "active_ratio": round(ideal / active, 3), "end_to_end_ratio": round((ideal + latency) / wall, 3),
+            "http_429": stats["rate_limited"], "injected_errors": sum(stats["faults"].values())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keys", type=int, nargs="+", default=[5, 20, 100])
+    ap.add_argument("--rpm", type=int, default=6, help="requests per key per window")
+    ap.add_argument("--window", type=float, default=10.0, help="the shortened minute, seconds")
+    ap.add_argument("--windows", type=int, default=3, help="dataset size in windows' worth of rows")
+    ap.add_argument("--latency", type=float, default=0.3)
+    ap.add_argument("--errors", type=float, default=0.01)
+    ap.add_argument("--margin", type=float, default=0.2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--concurrency", type=int, default=128)
+    args = ap.parse_args()
+    print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"# latency {args.latency}s, {args.errors:.0%} transient errors, margin {args.margin}s, "
+          f"{args.workers} worker processes x {args.concurrency} threads")
+    cols = ["keys", "limit", "rows", "answered", "calls", "ideal_s", "active_s", "wall_s", "calls_per_s_active",
+            "combined_limit_per_s", "active_ratio", "end_to_end_ratio", "http_429", "injected_errors"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for n in args.keys:
+        r = bench(n, args.rpm, args.window, args.windows, args.latency, args.errors, args.margin,
+                  args.workers, args.concurrency)
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
