@@ -12,6 +12,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -173,6 +174,15 @@ class BadResponse(Exception):
 
 _clients: dict[tuple[str, str, float], openai.OpenAI] = {}
 _clients_lock = threading.Lock()
+_on_send = threading.local()
+
+
+def _send_hook(request: Any) -> None:
+    """HTTP event hook: runs in the calling thread just before the request goes out."""
+    callback = getattr(_on_send, "callback", None)
+    if callback is not None:
+        _on_send.callback = None  # once per call
+        callback()
 
 
 def _client(key: ApiKey, timeout: float) -> openai.OpenAI:
@@ -180,9 +190,10 @@ def _client(key: ApiKey, timeout: float) -> openai.OpenAI:
     with _clients_lock:
         client = _clients.get(ident)
         if client is None:
+            http = openai.DefaultHttpxClient(event_hooks={"request": [_send_hook]}, timeout=timeout)
             client = _clients[ident] = openai.OpenAI(
                 api_key=key.secret.get_secret_value(), base_url=key.api_base,
-                max_retries=0, timeout=timeout)
+                max_retries=0, timeout=timeout, http_client=http)
         return client
 
 
@@ -193,15 +204,21 @@ def warm_up(keys: list[ApiKey], timeout: float) -> None:
         _client(key, timeout)
 
 
-def call(key: ApiKey, body: dict[str, Any], timeout: float) -> Answer:
+def call(key: ApiKey, body: dict[str, Any], timeout: float,
+         on_send: Callable[[], None] | None = None) -> Answer:
     """Send one chat completion; return the first choice's content, stripped.
 
-    The SDK's own retries are off: the engine's policy decides what to retry.
+    ``on_send`` runs just before the request leaves (the limiter stamps its admission then). The
+    SDK's own retries are off: the engine's policy decides what to retry.
     """
     params = dict(body)
     model, messages = params.pop("model"), params.pop("messages")
-    raw = _client(key, timeout).chat.completions.with_raw_response.create(
-        model=model, messages=messages, extra_body=params or None)
+    _on_send.callback = on_send
+    try:
+        raw = _client(key, timeout).chat.completions.with_raw_response.create(
+            model=model, messages=messages, extra_body=params or None)
+    finally:
+        _on_send.callback = None
     headers = {k.lower(): v for k, v in raw.headers.items() if k.lower().startswith(("x-ratelimit", "retry"))}
     try:
         data = json.loads(raw.text)

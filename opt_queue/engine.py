@@ -116,7 +116,8 @@ class Engine:
         """One API call; return the final result, or None to go round the loop again."""
         row.last_key = lease.key.fingerprint
         try:
-            answer = api.call(lease.key, row.body, self.config.request_timeout)
+            answer = api.call(lease.key, row.body, self.config.request_timeout,
+                              on_send=lambda: self.pool.stamp(lease))
         except Exception as exc:  # every failure is classified; none escapes as a crash
             failure = api.classify(exc)
             failure.message = api.redact(failure.message, self._secrets)

@@ -17,9 +17,12 @@ first request of a job on, and a key with 3 RPM gets exactly 3 requests in every
 one sorted-set entry per admission per window (bounded by the limit), and token windows keep a
 running sum so that a check is O(log n) plus the entries it expires.
 
-The **safety margin** (config ``safety_margin``, seconds) lengthens every window: the server counts
-a request when it arrives, a little after we admit it, and jitter in that delay must never let
-the server see ``limit + 1`` requests in one of its windows.
+An admission is first **reserved** (it counts, and cannot expire) and then **stamped** with Redis'
+time at the moment its request is sent (an HTTP event hook, ``lua/stamp.lua``): the server counts
+a request when it arrives, and under load a request can wait a long time for a thread or a
+connection between admission and sending. The **safety margin** (config ``safety_margin``,
+seconds) lengthens every window to cover what is left: the short, jittery delay between the stamp
+and the server's own count.
 
 Keys of one ``group`` share one bucket (one set of windows), since limits belong to organizations.
 A 429 cools the bucket (``lua/cool.lua``) and lowers its minute windows to the server's
@@ -49,6 +52,8 @@ CHARS_PER_TOKEN = 3.0
 tokens per character for nothing we know of, so dividing by 3 overestimates, which is safe."""
 TOKENS_PER_MESSAGE = 4
 DEFAULT_COMPLETION_ESTIMATE = 256
+RESERVE_MS = 120_000
+"""How long an admission that was never sent (its worker died) holds its place before expiring."""
 
 
 def estimate_tokens(body: dict[str, Any], completion_default: int = DEFAULT_COMPLETION_ESTIMATE) -> int:
@@ -160,7 +165,7 @@ class KeyPool:
         order = list(cands)
         random.shuffle(order)  # ties in headroom go to a random bucket, not always the first
         ks: list[str] = []
-        argv: list[Any] = [tokens, self.margin_ms, uuid.uuid4().hex[:16], len(order)]
+        argv: list[Any] = [tokens, self.margin_ms, uuid.uuid4().hex[:16], len(order), RESERVE_MS]
         for bucket in order:
             limits = cands[bucket][0].limits
             ks.append(rkeys.bucket_state(bucket))
@@ -180,6 +185,15 @@ class KeyPool:
         with self._lock:
             key = members[next(self._rr) % len(members)]
         return Lease(key=key, uid=argv[2], tokens=tokens, bucket=bucket, limits=key.limits, at_ms=int(res[2]))
+
+    def stamp(self, lease: Lease) -> int:
+        """Start the lease's windows now, as its request is being sent; return the stamp (ms)."""
+        limits = lease.limits
+        ks = [rkeys.bucket_window(lease.bucket, "req", w.period) for w in limits.requests] + [
+            rkeys.bucket_window(lease.bucket, "tok", w.period) for w in limits.tokens]
+        if not ks:
+            return lease.at_ms
+        return int(self._scripts.stamp(keys=ks, args=[lease.uid, lease.tokens, len(limits.requests)]))
 
     def settle(self, lease: Lease, used_tokens: int) -> None:
         """Replace the lease's token estimate by the real usage and count the request."""

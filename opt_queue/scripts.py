@@ -8,7 +8,7 @@ from importlib import resources
 import redis
 from redis.commands.core import Script
 
-_NAMES = ("claim", "publish", "release", "acquire", "settle", "cool")
+_NAMES = ("claim", "publish", "release", "acquire", "stamp", "settle", "cool")
 
 
 @cache
@@ -28,6 +28,7 @@ class Scripts:
     publish: Script
     release: Script
     acquire: Script
+    stamp: Script
     settle: Script
     cool: Script
 

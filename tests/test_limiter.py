@@ -21,14 +21,34 @@ def key(secret: str, limits: dict, group: str | None = None, models: tuple[str, 
                   limits=Limits.model_validate(limits), group=group, models=models)
 
 
+def sent(pool: KeyPool, got: object) -> object:
+    """Acquire's result, stamped as sent at once when it is a lease (as the engine does)."""
+    if isinstance(got, Lease):
+        pool.stamp(got)
+    return got
+
+
 def test_a_3_per_window_key_gets_exactly_3_then_waits_for_the_oldest(rclient: redis.Redis) -> None:
     pool = KeyPool(rclient, [key("sk-a", {"requests": ["3/2s"]})], margin=0.0)
-    got = [pool.acquire("m", 1) for _ in range(4)]
+    got = [sent(pool, pool.acquire("m", 1)) for _ in range(4)]
     assert [type(g) for g in got] == [Lease, Lease, Lease, Wait]
     wait = got[3]
     assert isinstance(wait, Wait) and 1.9 <= wait.seconds <= 2.01
     time.sleep(wait.seconds)
     assert isinstance(pool.acquire("m", 1), Lease)
+
+
+def test_an_admission_not_yet_sent_holds_its_place_until_stamped(rclient: redis.Redis) -> None:
+    """A request that waits for a thread after admission must not let its window run early."""
+    pool = KeyPool(rclient, [key("sk-slow", {"requests": ["1/0.3s"]})], margin=0.0)
+    lease = pool.acquire("m", 1)
+    assert isinstance(lease, Lease)
+    time.sleep(0.4)  # longer than the window, still not sent
+    assert isinstance(pool.acquire("m", 1), Wait)
+    stamp = pool.stamp(lease)
+    assert stamp >= lease.at_ms + 400
+    wait = pool.acquire("m", 1)
+    assert isinstance(wait, Wait) and 0.25 <= wait.seconds <= 0.31
 
 
 def test_concurrent_acquires_admit_exactly_the_limit(redis_url: str) -> None:
@@ -62,7 +82,7 @@ def test_most_headroom_wins_and_keys_are_shared_fairly(rclient: redis.Redis) -> 
 
 def test_token_window_counts_estimates_and_settles_to_real_usage(rclient: redis.Redis) -> None:
     pool = KeyPool(rclient, [key("sk-t", {"tokens": ["1000/min"]})], margin=0.0)
-    a = pool.acquire("m", 600)
+    a = sent(pool, pool.acquire("m", 600))
     assert isinstance(a, Lease)
     assert isinstance(pool.acquire("m", 600), Wait)  # 1200 > 1000
     pool.settle(a, 100)  # the call really used 100
@@ -85,7 +105,7 @@ def test_cooldown_and_learned_lower_limit(rclient: redis.Redis) -> None:
     w = pool.acquire("m", 1)
     assert isinstance(w, Wait) and w.seconds <= 0.31
     time.sleep(w.seconds)
-    assert [type(pool.acquire("m", 1)) for _ in range(3)] == [Lease, Lease, Wait]  # learned 2 < 5
+    assert [type(sent(pool, pool.acquire("m", 1))) for _ in range(3)] == [Lease, Lease, Wait]  # learned 2 < 5
 
 
 def test_models_and_exclusions_filter_candidates(rclient: redis.Redis) -> None:
@@ -109,16 +129,13 @@ def test_limiter_matches_the_sliding_log_model(rclient: redis.Redis, limit: int,
     admitted: list[tuple[int, int]] = []
     for tokens, sleep_ms in ops:
         got = pool.acquire("m", tokens)
-        if isinstance(got, Lease):
-            now = got.at_ms
-        elif isinstance(got, Wait):
-            now = got.at_ms
-        else:
-            assert isinstance(got, Never) and tokens > tok_limit
+        if isinstance(got, Never):
+            assert tokens > tok_limit
             continue
+        now = got.at_ms  # the instant the script decided, on Redis' clock
         live = [(t, w) for t, w in admitted if t > now - period_ms]
         fits = len(live) + 1 <= limit and sum(w for _, w in live) + tokens <= tok_limit
         assert isinstance(got, Lease) == fits, (got, live, now)
         if isinstance(got, Lease):
-            admitted.append((now, tokens))
+            admitted.append((pool.stamp(got), tokens))  # sent at once; its windows run from the stamp
         time.sleep(sleep_ms / 1000)

@@ -1,11 +1,14 @@
 -- Admit one request on the bucket (key or key group) with the most headroom, or say how long to wait.
 -- Sliding log per window: a sorted set of admissions scored by Redis' own clock (TIME, in ms).
+-- A new admission is *reserved*: scored in the future (now + reserve) so that it counts, and never
+-- expires, until lua/stamp.lua scores it with the moment its request is sent.
 -- Token windows keep their running sum in the bucket's state hash (field "tsum:<period>"); members
 -- are "<uid>:<tokens>" so that expired entries give their tokens back.
 -- KEYS    for each bucket: its state hash, then one sorted set per window (request windows first)
 -- ARGV[1] tokens this request is estimated to use   ARGV[2] safety margin in ms
 -- ARGV[3] unique id of this admission                ARGV[4] number of buckets n
--- ARGV[5..] for each bucket: nreq, ntok, then per window: limit, period_ms, learn (1: the limit
+-- ARGV[5] reserve in ms (how long an unsent admission holds its place)
+-- ARGV[6..] for each bucket: nreq, ntok, then per window: limit, period_ms, learn (1: the limit
 --           learned from the server's x-ratelimit-limit-* header caps this window)
 -- Returns {1, b, now_ms} admitted on bucket b (1-based)
 --         {0, wait_ms, now_ms}   no bucket can admit now; the earliest may in wait_ms
@@ -16,6 +19,7 @@ local need_tokens = tonumber(ARGV[1])
 local margin = tonumber(ARGV[2])
 local uid = ARGV[3]
 local n = tonumber(ARGV[4])
+local reserve = tonumber(ARGV[5])
 
 local function weight(member)
   return tonumber(string.match(member, ':(%d+)$')) or 0
@@ -43,7 +47,8 @@ local function token_wait(key, sum, need, limit, period)
     if #batch == 0 then return period end
     for i = 1, #batch, 2 do
       excess = excess - weight(batch[i])
-      if excess <= 0 then return tonumber(batch[i + 1]) + period + margin - now + 1 end
+      -- a reserved entry will be stamped about now: it frees a period after that
+      if excess <= 0 then return math.min(tonumber(batch[i + 1]), now) + period + margin - now + 1 end
     end
     start = start + 100
   end
@@ -51,7 +56,7 @@ end
 
 local best, best_room, best_windows, best_state = nil, -1, nil, nil
 local min_wait, never = nil, 0
-local k, a = 1, 5
+local k, a = 1, 6
 for b = 1, n do
   local state = KEYS[k]
   k = k + 1
@@ -87,7 +92,7 @@ for b = 1, n do
       used = redis.call('ZCARD', key)
       if used + 1 > limit then
         local oldest = redis.call('ZRANGE', key, used - limit, used - limit, 'WITHSCORES')
-        wait = math.max(wait, tonumber(oldest[2]) + period + margin - now + 1)
+        wait = math.max(wait, math.min(tonumber(oldest[2]), now) + period + margin - now + 1)
       end
     end
     room = math.min(room, (limit - used - need) / limit)
@@ -109,10 +114,10 @@ if best == nil then
 end
 for _, w in ipairs(best_windows) do
   if w[2] then
-    redis.call('ZADD', w[1], now, uid .. ':' .. need_tokens)
+    redis.call('ZADD', w[1], now + reserve, uid .. ':' .. need_tokens)
     redis.call('HINCRBY', best_state, 'tsum:' .. w[3], need_tokens)
   else
-    redis.call('ZADD', w[1], now, uid)
+    redis.call('ZADD', w[1], now + reserve, uid)
   end
 end
 return {1, best, now}
