@@ -14,7 +14,9 @@ We report
     end-to-end ratio = (ideal + latency) / wall time of `opt-queue run` (start-up, submit, collect)
 
 and the number of 429s. The safety margin m lengthens each window, so the active ratio tends to
-W / (W + m): 0.984 for W = 15 s and m = 0.25 s here, 0.996 for a real minute with the default 0.25 s. Run:  python bench/limits.py [--keys 5 20 100] [--rpm 6] [--window 10]
+W / (W + m): 0.984 for W = 15 s and m = 0.25 s here, 0.996 for a real minute.
+
+Run:  python bench/limits.py [--keys 5 20 100] [--rpm 6] [--window 15]
 """
 
 from __future__ import annotations

@@ -8,11 +8,10 @@ The tree::
     +-- OutputError                  output.jsonl is not an opt-queue output file (exit 2)
     +-- BrokerError                  Redis cannot be reached or is not usable (exit 3)
     +-- JobStopped                   the job was stopped for good, e.g. every key is retired (exit 4)
-    +-- APIError                     one call to the chat API failed
-        +-- RetryableAPIError        429 rate limit, 5xx, timeouts, connection errors
-        +-- PermanentAPIError        other 4xx: the row (or the job) cannot succeed as it is
 
-Programmer mistakes raise ``RuntimeError`` or ``ValueError`` as usual.
+A failed API call is not an exception here: ``client.classify`` turns it into a ``Failure`` whose
+``Kind`` (rate limited, key dead, transient, too long, job config, bad row) the error policy in
+``engine`` acts on. Programmer mistakes raise ``RuntimeError`` or ``ValueError`` as usual.
 """
 
 from __future__ import annotations
@@ -65,14 +64,3 @@ class JobStopped(OptQueueError):
 
     exit_code = 4
 
-
-class APIError(OptQueueError):
-    """A chat completion call failed."""
-
-
-class RetryableAPIError(APIError):
-    """A failure that waiting or another key may cure."""
-
-
-class PermanentAPIError(APIError):
-    """A failure that repeating the same request will not cure."""

@@ -1,0 +1,74 @@
+"""Flower, started for real against the test Redis, shows our workers and tasks, never a key."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import TEST_KEY, cli, seed_rows, wait_for, write_config, write_jsonl
+
+from opt_queue.local import free_port
+from opt_queue.simapi import SimServer
+
+AUTH = "admin:s3cret-flower"
+
+
+def get(url: str, auth: str | None = AUTH) -> tuple[int, str]:
+    req = urllib.request.Request(url)
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+    except (urllib.error.URLError, ConnectionError):
+        return 0, ""
+
+
+@pytest.mark.slow
+def test_flower_lists_workers_and_tasks_without_keys_and_refuses_anonymous(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    env = dict(os.environ, OPT_QUEUE_BROKER_URL=redis_url)
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "opt_queue.app", "flower",
+                               f"--port={port}", "--address=127.0.0.1", f"--basic-auth={AUTH}"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "flower.log", "wb"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: get(f"{base}/healthcheck", None)[0] == 200, timeout=30, what="flower up")
+        sim.configure(latency=0.05)
+        config = write_config(tmp_path / "config.json", sim, broker_url=redis_url)
+        workers(config, concurrency=4)
+        data = write_jsonl(tmp_path / "data.jsonl", seed_rows(20))
+        out = tmp_path / "output.jsonl"
+        assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+        assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
+
+        def tasks() -> dict:
+            status, body = get(f"{base}/api/tasks")
+            return json.loads(body) if status == 200 else {}
+
+        wait_for(lambda: len([t for t in tasks().values() if t.get("state") == "SUCCESS"]) == 20,
+                 timeout=30, what="flower to see 20 finished tasks")
+        seen = tasks()
+        assert {t["name"] for t in seen.values()} == {"opt_queue.row"}
+        shown = json.dumps(seen)
+        assert TEST_KEY not in shown
+        assert any("'19'" in t["args"] and "output-" in t["args"] for t in seen.values())
+
+        status, body = get(f"{base}/api/workers?refresh=1")
+        assert status == 200 and len(json.loads(body)) >= 1
+        assert TEST_KEY not in body
+        assert get(f"{base}/api/tasks", None)[0] == 401
+        assert get(f"{base}/api/tasks", "admin:wrong")[0] == 401
+    finally:
+        flower.terminate()
+        flower.wait(10)
