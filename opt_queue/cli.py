@@ -147,7 +147,7 @@ def collect(config_path: str | None, output: str, job_name: str | None, input_pa
             follow: bool) -> None:
     """Stream finished rows into output.jsonl; rewrite it in input order when the job is complete."""
     cfg = _config(config_path, require_keys=False)
-    client = connect(_broker(cfg), check=True)
+    client = connect(_broker(cfg), check=True, patient=True)
     job = job_id_for(output, job_name)
     with Display(console) as display:
         status = Collector(client, job, output, input_path).run(follow=follow, on_progress=display.collected)

@@ -30,6 +30,7 @@ from opt_queue.jobs import STOPPED, Job, Progress, RowResult
 log = logging.getLogger(__name__)
 CONSUMER = "collector"
 READ_COUNT = 2000
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 BLOCK_MS = 500
 
 
@@ -94,10 +95,19 @@ class ResultStream:
         return self.client.xlen(self.key) == 0
 
     def entries(self, should_stop: Callable[[], bool] = lambda: False) -> Iterator[list[tuple[bytes, dict[Any, Any]]]]:
-        """Batches of entries, pending ones first; an empty batch means nothing arrived for a moment."""
+        """Batches of entries, pending ones first; an empty batch means nothing arrived for a moment.
+
+        Rides out a Redis restart: it waits for the server to come back instead of failing.
+        """
         pending = True
         while not should_stop():
-            got = self.read(pending)
+            try:
+                got = self.read(pending)
+            except _REDIS_DOWN as exc:
+                log.warning("Redis unavailable (%s); waiting for it to come back", type(exc).__name__)
+                time.sleep(1.0)
+                pending = True  # re-read what was delivered but not acknowledged
+                continue
             if pending and not got:
                 pending = False
                 continue
@@ -196,13 +206,17 @@ class Collector:
             for got in stream.entries(should_stop):
                 if got:
                     self._write(got, state, inputs, status, out, err)
-                    stream.ack(got)
-                status.progress = self.job.progress()
-                on_progress(status)
-                if got:
-                    continue
-                p = status.progress
-                quiet = p.outstanding == 0 and not p.submitting and stream.empty()
+                try:
+                    if got:
+                        stream.ack(got)
+                    status.progress = self.job.progress()
+                    on_progress(status)
+                    if got:
+                        continue
+                    p = status.progress
+                    quiet = p.outstanding == 0 and not p.submitting and stream.empty()
+                except _REDIS_DOWN:
+                    continue  # entries() waits for Redis; unacknowledged entries come back, deduplicated
                 if p.status == STOPPED and quiet:
                     raise JobStopped(f"job {self.job.id} stopped: {p.reason}")
                 if quiet and status.remaining == 0:

@@ -9,13 +9,14 @@ from redis.retry import Retry
 from opt_queue.errors import BrokerError
 
 
-def connect(url: str, *, check: bool = False, timeout: float = 5.0) -> redis.Redis:
+def connect(url: str, *, check: bool = False, timeout: float = 5.0, patient: bool = False) -> redis.Redis:
     """Return a client for ``url`` (``redis://``, ``rediss://``, with password) that retries
-    dropped connections; with ``check``, fail fast with :class:`BrokerError` if nobody answers."""
+    dropped connections (``patient``: for about two minutes, enough for a Redis restart); with
+    ``check``, fail fast with :class:`BrokerError` if nobody answers now."""
     try:
         client = redis.Redis.from_url(
             url, socket_connect_timeout=timeout, socket_timeout=30, health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 8),
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 60 if patient else 8),
             retry_on_error=[redis.ConnectionError, redis.TimeoutError])
     except ValueError as exc:
         raise BrokerError(f"broker_url {redact_url(url)} is not a Redis URL: {exc}") from None

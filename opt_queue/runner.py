@@ -54,7 +54,7 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
         private = EmbeddedRedis(state_dir(output_path)).start()
     url = private.url if private else str(config.broker_url)
     try:
-        client = connect(url, check=True)
+        client = connect(url, check=True, patient=True)
         configure(url, config.visibility_timeout)
         if private:
             # Nobody else uses this broker: tasks left by an interrupted run are ours to redo.

@@ -28,7 +28,7 @@ def get_engine() -> Engine:
     with _engine_lock:
         if _engine is None:
             config = load_config()
-            _engine = Engine(config, connect(app.conf.broker_url))
+            _engine = Engine(config, connect(app.conf.broker_url, patient=True))
         return _engine
 
 

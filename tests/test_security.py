@@ -1,0 +1,71 @@
+"""No key anywhere: logs, task messages, Redis, status, exceptions, the errors file, the output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import redis
+from conftest import cli, seed_rows, write_config, write_jsonl
+
+from opt_queue import keys
+from opt_queue.local import LocalWorkers
+from opt_queue.simapi import SimKey, SimServer
+
+GOOD = "sk-proj-GOODgoodGOODgood1234567890abcdef"
+REVOKED = "sk-proj-REVOKEDrevokedREVOKED0987654321"
+
+
+def dump_redis(client: redis.Redis) -> str:
+    """Every key and value in the server, as text."""
+    parts = []
+    for name in client.scan_iter(count=1000):
+        kind = client.type(name).decode()
+        parts.append(repr(name))
+        if kind == "string":
+            parts.append(repr(client.get(name)))
+        elif kind == "hash":
+            parts.append(repr(client.hgetall(name)))
+        elif kind == "list":
+            parts.append(repr(client.lrange(name, 0, -1)))
+        elif kind == "set":
+            parts.append(repr(client.smembers(name)))
+        elif kind == "zset":
+            parts.append(repr(client.zrange(name, 0, -1, withscores=True)))
+        elif kind == "stream":
+            parts.append(repr(client.xrange(name)))
+    return "\n".join(parts)
+
+
+def test_known_keys_never_leave_the_config(tmp_path: Path, sim: SimServer, redis_url: str,
+                                           rclient: redis.Redis) -> None:
+    sim.configure(keys=[SimKey(GOOD), SimKey(REVOKED, dead="invalid")], transient_rate=0.2, seed=5)
+    rows = seed_rows(30) + [{"index": "long", "instruction": "x", "input": "y" * 40000}]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, api_keys=[GOOD, REVOKED], broker_url=redis_url,
+                          log_level="DEBUG")
+    submitted = cli("submit", str(data), "-c", str(config), "-o", str(out))
+    assert submitted.returncode == 0
+    queued = dump_redis(rclient)  # task messages waiting in the queue
+    assert rclient.llen(keys.QUEUE) == 31
+
+    worker_log = tmp_path / "worker.log"
+    workers = LocalWorkers(redis_url, str(config), concurrency=4, loglevel="DEBUG", log_file=worker_log).start()
+    try:
+        collected = cli("collect", "-c", str(config), "-o", str(out))
+    finally:
+        workers.stop()
+    assert collected.returncode == 0, collected.stderr
+    status = cli("status", "-c", str(config), "--json")
+    table = cli("status", "-c", str(config))
+    everything = "\n".join([
+        submitted.stdout, submitted.stderr, queued, collected.stdout, collected.stderr,
+        worker_log.read_text(errors="replace"), dump_redis(rclient), status.stdout, table.stdout,
+        out.read_text(encoding="utf-8"), (tmp_path / "output.errors.jsonl").read_text(encoding="utf-8")])
+    for secret in (GOOD, REVOKED):
+        assert secret not in everything
+        assert secret[8:24] not in everything  # not even a long fragment
+    errors = [json.loads(line) for line in (tmp_path / "output.errors.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in errors] == ["long"] and errors[0]["key"].startswith("key-")
+    assert "retired" in worker_log.read_text() or json.loads(status.stdout)["jobs"][0]["retired_keys"]
