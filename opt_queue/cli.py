@@ -22,8 +22,8 @@ from opt_queue.jobs import job_id_for
 from opt_queue.redis_conn import connect, redact_url
 from opt_queue.ui import Display, print_summary
 
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
