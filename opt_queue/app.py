@@ -38,9 +38,11 @@ app.conf.update(
 def transport_options(visibility_timeout: int) -> dict[str, int]:
     """Redis transport options: a killed worker's unacknowledged tasks go back to the queue once
     ``visibility_timeout`` has passed, noticed by a sweep every few seconds (kombu's default sweep
-    runs a scan only every tenth 10-second tick, which left rows stranded for ~100 s)."""
+    runs a scan only every tenth 10-second tick, which left rows stranded for ~100 s). A worker
+    killed in the middle of a sweep leaves the sweep's lock behind: it expires after 15 s, not
+    kombu's 300 s."""
     return {"visibility_timeout": visibility_timeout, "unacked_restore_interval": 5,
-            "unacked_restore_throttle": 1}
+            "unacked_restore_throttle": 1, "unacked_mutex_expire": 15}
 
 
 def configure(broker_url: str, visibility_timeout: int = 3600) -> Celery:

@@ -26,6 +26,7 @@ from opt_queue.dataset import (atomic_write, iter_indices, output_line, read_out
                                rewrite_output)
 from opt_queue.errors import InputError, JobStopped, OptQueueError, OutputError
 from opt_queue.jobs import STOPPED, Job, Progress, RowResult
+from opt_queue.status import key_status
 
 log = logging.getLogger(__name__)
 CONSUMER = "collector"
@@ -54,6 +55,8 @@ class CollectStatus:
     progress: Progress | None = None
     complete: bool = False
     null_reasons: Counter[str] = field(default_factory=Counter)
+    keys: list[dict[str, Any]] = field(default_factory=list)
+    keys_read: float = 0.0
 
     @property
     def remaining(self) -> int:
@@ -210,6 +213,7 @@ class Collector:
                     if got:
                         stream.ack(got)
                     status.progress = self.job.progress()
+                    self._refresh_keys(status)
                     on_progress(status)
                     if got:
                         continue
@@ -231,6 +235,13 @@ class Collector:
         self._finalize(order, status)
         on_progress(status)
         return status
+
+    def _refresh_keys(self, status: CollectStatus) -> None:
+        """Per-key usage for live displays, read at most once a second."""
+        now = time.monotonic()
+        if now - status.keys_read >= 1.0:
+            status.keys = key_status(self.client, self.job.retired_keys())
+            status.keys_read = now
 
     def _write(self, entries: list[tuple[bytes, dict[Any, Any]]], state: Any, inputs: set[str],
                status: CollectStatus, out: IO[str], err: IO[str]) -> None:

@@ -74,7 +74,13 @@ class Engine:
         if job.is_done(seq):
             return "duplicate"
         row = _Row(job, seq, index, dict(body), (options or {}).get("fallback"))
-        result = self._run(row)
+        try:
+            result = self._run(row)
+        except redis.RedisError:
+            raise  # the task retries: Redis is restarting or unreachable
+        except Exception as exc:  # a bug must not lose the row: it ends null, with the reason
+            log.exception("row %s of job %s: internal error", index, job_id)
+            result = self._null(row, "internal_error", api.redact(f"{type(exc).__name__}: {exc}", self._secrets))
         if result is None:
             return "released" if job.release(seq) else "duplicate"
         published = job.publish(result)

@@ -9,19 +9,32 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
 from opt_queue.collector import CollectStatus
 
 
+class _Progress(Progress):
+    """Progress bars with free text lines below them (rates, keys), which never squeeze the bars."""
+
+    def __init__(self, *columns: Any, **kwargs: Any) -> None:
+        self.lines: dict[str, str] = {}  # before super(): its live display may render at once
+        super().__init__(*columns, **kwargs)
+
+    def get_renderables(self) -> Any:
+        yield self.make_tasks_table(self.tasks)
+        for line in self.lines.values():
+            yield Text(line, no_wrap=True, overflow="ellipsis")
+
+
 class Display:
-    """One live progress display: a submit bar and a collect bar (rich allows one live display)."""
+    """One live display: a submit bar, a collect bar with rates, and a line about the keys."""
 
     def __init__(self, console: Console, collect_label: str = "collect") -> None:
         self.collect_label = collect_label
-        self.progress = Progress(TextColumn("[bold]{task.description:>7}"), BarColumn(),
-                                 MofNCompleteColumn(), TextColumn("{task.fields[detail]}"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(),
-                                 console=console, transient=False, refresh_per_second=4)
+        self.progress = _Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=30),
+                                  MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                                  console=console, transient=False, refresh_per_second=4)
         self._tasks: dict[str, TaskID] = {}
 
     def __enter__(self) -> Display:
@@ -34,7 +47,7 @@ class Display:
     def _task(self, name: str, total: int) -> TaskID:
         if name not in self._tasks:
             label = self.collect_label if name == "collect" else name
-            self._tasks[name] = self.progress.add_task(label, total=total, detail="")
+            self._tasks[name] = self.progress.add_task(label, total=total)
         return self._tasks[name]
 
     def submitted(self, done: int, total: int) -> None:
@@ -42,12 +55,27 @@ class Display:
         self.progress.update(self._task("submit", total), completed=done, total=total)
 
     def collected(self, status: CollectStatus) -> None:
-        """Rows finished (answered + null), with nulls, rate and rows in flight."""
+        """Rows finished (answered + null), with nulls, rate, rows in flight and the keys' state."""
         p = status.progress
-        flight = f" · in flight {p.outstanding}" if p else ""
         self.progress.update(self._task("collect", status.total), completed=status.total - status.remaining,
-                             total=status.total,
-                             detail=f"null {status.nulls} · {status.rate:.1f} rows/s{flight}")
+                             total=status.total)
+        flight = f" · in flight {p.outstanding}" if p else ""
+        self.progress.lines["rows"] = (f"  rows: {status.answered} answered · {status.nulls} null · "
+                                       f"{status.remaining} remaining · {status.rate:.1f} rows/s{flight}")
+        if status.keys:
+            self.progress.lines["keys"] = "  keys: " + keys_summary(status.keys)
+
+
+def keys_summary(keys: list[dict[str, Any]]) -> str:
+    """One line about the keys: how many are usable, cooling, retired, and their current usage."""
+    retired = sum(1 for k in keys if k["retired"])
+    cooling = sum(1 for k in keys if k["cooldown_s"] and not k["retired"])
+    windows: dict[str, int] = {}
+    for k in keys:
+        for name, used in k["usage"].items():
+            windows[name] = windows.get(name, 0) + used
+    usage = ", ".join(f"{v} {n}" for n, v in windows.items())
+    return f"{len(keys) - retired - cooling} ready, {cooling} cooling, {retired} retired · now: {usage}"
 
 
 def print_summary(console: Console, status: CollectStatus, output: str | Path, errors: Path) -> None:

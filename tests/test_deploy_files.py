@@ -4,6 +4,9 @@ lets the worker scale and writes no secret inline."""
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -35,3 +38,19 @@ def test_compose_worker_scales_and_holds_no_inline_secret() -> None:
         for value in (svc.get("environment") or {}).values():
             if any(word in str(value).lower() for word in ("password", "auth", "key")):
                 assert "${" in str(value), f"secret written inline: {value}"
+
+
+def check_compose(path: Path) -> subprocess.CompletedProcess[str]:
+    """Validate against the Compose Specification schema (check-jsonschema ships it, offline)."""
+    exe = shutil.which("check-jsonschema") or str(Path(sys.executable).with_name("check-jsonschema"))
+    return subprocess.run([exe, "--builtin-schema", "vendor.compose-spec", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_compose_file_follows_the_compose_specification(tmp_path: Path) -> None:
+    ok = check_compose(ROOT / "docker-compose.yml")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text((ROOT / "docker-compose.yml").read_text().replace("restart: unless-stopped",
+                                                                        "restart: [sometimes]", 1))
+    assert check_compose(broken).returncode != 0  # the validator really checks
