@@ -80,15 +80,23 @@ class EmbeddedRedis:
     """A private ``redis-server`` on loopback with its append-only file in ``directory``."""
 
     def __init__(self, directory: str | os.PathLike[str], port: int | None = None,
-                 persist: bool = True) -> None:
+                 persist: bool = True, bind: tuple[str, ...] = ("127.0.0.1",),
+                 password: str | None = None) -> None:
         self.directory = Path(directory)
         self.port = port or free_port()
         self.persist = persist
+        self.bind = bind
+        self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_for(self.bind[0])
+
+    def url_for(self, host: str) -> str:
+        """The URL that reaches this server on ``host`` (one of its bind addresses)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{host}:{self.port}/0"
 
     def __repr__(self) -> str:
         state = "running" if self.proc and self.proc.poll() is None else "stopped"
@@ -98,16 +106,19 @@ class EmbeddedRedis:
         self.directory.mkdir(parents=True, exist_ok=True)
         pidfile = (self.directory / "redis.pid").resolve()
         _stop_stale(pidfile)
-        args = [find_redis_server(), "--port", str(self.port), "--bind", "127.0.0.1",
+        args = [find_redis_server(), "--port", str(self.port), "--bind", *self.bind,
                 "--pidfile", str(pidfile),
                 "--dir", str(self.directory.resolve()), "--appendonly", "yes" if self.persist else "no",
                 "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
                 "--protected-mode", "yes", "--loglevel", "warning",
                 "--logfile", str((self.directory / "redis.log").resolve())]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, start_new_session=True,
                                      preexec_fn=_die_with_parent)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        client = redis.Redis(host=self.bind[0], port=self.port, password=self.password,
+                             socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout
         while True:
             try:

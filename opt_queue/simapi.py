@@ -309,16 +309,22 @@ def _error(status: int, message: str, type_: str, code: str | None, param: str |
 class SimServer:
     """Runs a :class:`SimAPI` on loopback in a background thread."""
 
-    def __init__(self, config: SimConfig | None = None, port: int = 0) -> None:
+    def __init__(self, config: SimConfig | None = None, port: int = 0,
+                 hosts: tuple[str, ...] = ("127.0.0.1",)) -> None:
         self.api = SimAPI(config)
         self.port = port
+        self.hosts = hosts
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return self.base_url_for(self.hosts[0])
+
+    def base_url_for(self, host: str) -> str:
+        """The API base on ``host`` (one of the addresses it listens on)."""
+        return f"http://{host}:{self.port}/v1"
 
     def __repr__(self) -> str:
         return f"<SimServer {self.base_url} calls={self.api.calls}>"
@@ -330,9 +336,10 @@ class SimServer:
         async def boot() -> None:
             self._runner = web.AppRunner(self.api.app(), access_log=None, handle_signals=False)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", self.port, backlog=4096)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            for host in self.hosts:
+                site = web.TCPSite(self._runner, host, self.port, backlog=4096)
+                await site.start()
+                self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             ready.set()
 
         def serve() -> None:
