@@ -32,12 +32,17 @@ A 429 cools the bucket (``lua/cool.lua``) and lowers its minute windows to the s
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import json
 import math
+import os
 import random
+import tempfile
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,25 +53,55 @@ from opt_queue.config import ApiKey, Limits, Window
 from opt_queue.scripts import scripts_for
 
 CHARS_PER_TOKEN = 3.0
-"""Character-based estimate: real tokenizers give 3-4 characters per token for English and fewer
-tokens per character for nothing we know of, so dividing by 3 overestimates, which is safe."""
+"""Character-based estimate, used unless tiktoken's encoding is on this machine: OpenAI's
+tokenizers give about 4 characters per token in English, so dividing by 3 overestimates, which is
+the safe side (the estimate is replaced by the real usage after the response)."""
 TOKENS_PER_MESSAGE = 4
 DEFAULT_COMPLETION_ESTIMATE = 256
+TIKTOKEN_ENCODING = "cl100k_base"
+_TIKTOKEN_URL = f"https://openaipublic.blob.core.windows.net/encodings/{TIKTOKEN_ENCODING}.tiktoken"
+
+
+@functools.cache
+def _tokenizer() -> Callable[[str], int] | None:
+    """tiktoken's encoder when tiktoken is installed and its encoding file is already cached here
+    (never downloaded: workers may have no internet); else None (character estimate)."""
+    if os.environ.get("OPT_QUEUE_TOKENIZER", "auto") == "chars":
+        return None
+    try:
+        import tiktoken  # noqa: PLC0415 - optional
+    except ImportError:
+        return None
+    cache_dir = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+                 or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+    if not os.path.exists(os.path.join(cache_dir, hashlib.sha1(_TIKTOKEN_URL.encode()).hexdigest())):
+        return None
+    try:
+        encoding = tiktoken.get_encoding(TIKTOKEN_ENCODING)
+    except Exception:  # a corrupt cache or an incompatible version: fall back, never fail a row
+        return None
+    return lambda text: len(encoding.encode(text, disallowed_special=()))
+
+
+def count_prompt_tokens(text: str) -> int:
+    """Tokens of ``text``: tiktoken's count when available, else the character estimate."""
+    tokenize = _tokenizer()
+    return tokenize(text) if tokenize else math.ceil(len(text) / CHARS_PER_TOKEN)
 RESERVE_MS = 120_000
 """How long an admission that was never sent (its worker died) holds its place before expiring."""
 
 
 def estimate_tokens(body: dict[str, Any], completion_default: int = DEFAULT_COMPLETION_ESTIMATE) -> int:
     """Estimate the tokens a request counts against TPM: prompt plus the completion's maximum."""
-    chars = 0
+    texts = []
     messages = body.get("messages") or []
     for m in messages:
         content = m.get("content")
         if isinstance(content, str):
-            chars += len(content)
+            texts.append(content)
         elif content is not None:
-            chars += len(json.dumps(content, ensure_ascii=False))
-    prompt = math.ceil(chars / CHARS_PER_TOKEN) + TOKENS_PER_MESSAGE * len(messages) + 3
+            texts.append(json.dumps(content, ensure_ascii=False))
+    prompt = count_prompt_tokens("\n".join(texts)) + TOKENS_PER_MESSAGE * len(messages) + 3
     completion = body.get("max_completion_tokens") or body.get("max_tokens") or completion_default
     return prompt + int(completion) * int(body.get("n") or 1)
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import redis
-from conftest import TEST_KEY, cli, read_jsonl, seed_rows, write_config, write_jsonl
+from conftest import TEST_KEY, cli, read_jsonl, seed_rows, wait_for, write_config, write_jsonl
 
 from opt_queue import keys
 from opt_queue.simapi import SimServer
@@ -94,3 +94,32 @@ def test_merge_and_status_json(tmp_path: Path, sim: SimServer, redis_url: str) -
     assert TEST_KEY not in status.stdout
     table = cli("status", "-c", str(config))
     assert table.returncode == 0 and key["key"] in table.stdout
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path, sim: SimServer, redis_url: str) -> None:
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url)
+    config.chmod(0o644)  # world-readable: draws a warning
+    result = cli("status", "-c", str(config), env={"OPT_QUEUE_LOG_FORMAT": "json"})
+    assert result.returncode == 0
+    (line,) = [json.loads(x) for x in result.stderr.splitlines() if x.startswith("{")]
+    assert line["level"] == "WARNING" and "chmod 600" in line["message"] and TEST_KEY not in result.stderr
+
+
+def test_status_json_reflects_a_running_job(tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    sim.configure(latency=0.3)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(60))
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url,
+                          limits={"requests": ["20/2s"]})
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    workers(config, concurrency=8)
+
+    def snapshot() -> dict:
+        return json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)
+
+    wait_for(lambda: snapshot()["jobs"][0]["finished"] >= 10, what="10 rows finished")
+    snap = snapshot()
+    (job,) = snap["jobs"]
+    assert job["status"] == "running" and 10 <= job["finished"] < 60 and job["in_flight_or_queued"] > 0
+    (key,) = snap["keys"]
+    assert 0 < key["usage"]["requests/2s"] <= 20 and key["requests"] >= 10
