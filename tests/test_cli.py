@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import redis
-from conftest import TEST_KEY, cli, read_jsonl, seed_rows, wait_for, write_config, write_jsonl
+from conftest import TEST_KEY, cli, read_jsonl, seed_rows, start_cli, wait_for, write_config, write_jsonl
 
 from opt_queue import keys
 from opt_queue.simapi import SimServer
@@ -123,3 +123,19 @@ def test_status_json_reflects_a_running_job(tmp_path: Path, sim: SimServer, redi
     assert job["status"] == "running" and 10 <= job["finished"] < 60 and job["in_flight_or_queued"] > 0
     (key,) = snap["keys"]
     assert 0 < key["usage"]["requests/2s"] <= 20 and key["requests"] >= 10
+
+
+def test_collect_follow_waits_for_a_job_not_yet_submitted(tmp_path: Path, sim: SimServer, redis_url: str,
+                                                          workers) -> None:  # type: ignore[no-untyped-def]
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(20))
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url)
+    early = cli("collect", "-c", str(config), "-o", str(out))
+    assert early.returncode == 1 and "run submit first" in early.stderr  # without --follow: says so
+    collector = start_cli("collect", "-c", str(config), "-o", str(out), "--follow")
+    time.sleep(1.5)
+    assert collector.poll() is None  # still waiting for the job
+    workers(config, concurrency=4)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    assert collector.wait(timeout=60) == 0
+    assert [next(iter(x)) for x in read_jsonl(out)] == [str(i) for i in range(20)]

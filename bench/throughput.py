@@ -1,0 +1,130 @@
+"""Throughput and memory of the pipeline's parts on this machine (issue: speed is measured here).
+
+Figures:
+  submit     rows/s enqueued from an N-row file, and the producer's peak RSS
+  broker     Redis used_memory after the submit (rows waiting in the queue)
+  collect    rows/s written to output.jsonl from a results stream of N rows
+  resume     seconds to compute the resume set from an N-line output.jsonl
+  engine     rows/s end to end for `opt-queue run` on a zero-latency, unlimited simulated API
+
+Run:  python bench/throughput.py [--rows 1000000] [--engine-rows 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from opt_queue.collector import Collector
+from opt_queue.config import Config
+from opt_queue.dataset import read_output
+from opt_queue.jobs import Job, RowResult
+from opt_queue.local import EmbeddedRedis
+from opt_queue.simapi import SimConfig, SimKey, SimServer
+
+KEY = "sk-bench-throughput-xxxxxxxxxxxxxxxx"
+
+
+def write_input(path: Path, rows: int) -> None:
+    with open(path, "w") as fh:
+        for i in range(rows):
+            fh.write(json.dumps({"index": str(i), "instruction": "Translate", "input": f"row number {i}"}) + "\n")
+
+
+def bench_submit(d: Path, server: EmbeddedRedis, rows: int) -> dict:
+    cfg = d / "config.json"
+    cfg.write_text(json.dumps({"api_keys": [KEY], "broker_url": server.url, "log_level": "WARNING"}))
+    os.chmod(cfg, 0o600)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "opt_queue", "submit", str(d / "data.jsonl"), "-c", str(cfg),
+                           "-o", str(d / "out.jsonl")], capture_output=True, text=True)
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-2000:])
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    info = redis.Redis.from_url(server.url).info("memory")
+    return {"submit_rows_per_s": round(rows / wall), "submit_wall_s": round(wall, 1),
+            "submit_peak_rss_mb": round(peak_kb / 1024), "redis_used_memory_mb": round(info["used_memory"] / 2**20)}
+
+
+def bench_collect(d: Path, server: EmbeddedRedis, rows: int) -> dict:
+    client = redis.Redis.from_url(server.url)
+    client.flushall()
+    job = Job(client, "bench-collect")
+    job.begin_submit(total=rows, input=str(d / "data.jsonl"))
+    job.claim((i, False) for i in range(rows))
+    pipe_every = 5000
+    for start in range(0, rows, pipe_every):
+        pipe = client.pipeline(transaction=False)
+        for i in range(start, min(rows, start + pipe_every)):
+            r = RowResult(seq=i, index=str(i), answer=f"answer to row {i}", attempts=1, key="key-bench")
+            job._scripts.publish(keys=[f"oq:{{bench-collect}}:done", f"oq:{{bench-collect}}:answered",
+                                       job.meta_key, f"oq:{{bench-collect}}:results"],
+                                 args=[i, 1, 10, 5, "r", json.dumps(r.__dict__)], client=pipe)
+        pipe.execute()
+    job.end_submit()
+    out = d / "collected.jsonl"
+    started = time.monotonic()
+    status = Collector(client, "bench-collect", out, d / "data.jsonl").run()
+    wall = time.monotonic() - started
+    assert status.complete and status.answered == rows
+    return {"collect_rows_per_s": round(rows / wall), "collect_wall_s": round(wall, 1)}
+
+
+def bench_resume(d: Path) -> dict:
+    started = time.monotonic()
+    state = read_output(d / "collected.jsonl")
+    return {"resume_set_s": round(time.monotonic() - started, 2), "resume_lines": len(state.answered)}
+
+
+def bench_engine(d: Path, rows: int) -> dict:
+    with SimServer(SimConfig(keys=[SimKey(KEY)])) as sim:
+        write_input(d / "engine.jsonl", rows)
+        cfg = d / "engine.json"
+        cfg.write_text(json.dumps({"api_keys": [KEY], "api_base": sim.base_url, "limits": {},
+                                   "log_level": "WARNING"}))
+        os.chmod(cfg, 0o600)
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "opt_queue", "run", str(d / "engine.jsonl"), "-c", str(cfg),
+                               "-o", str(d / "engine.out.jsonl")], capture_output=True, text=True)
+        wall = time.monotonic() - started
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-2000:])
+    return {"engine_rows_per_s": round(rows / wall, 1), "engine_wall_s": round(wall, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--engine-rows", type=int, default=20_000)
+    args = ap.parse_args()
+    print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        write_input(d / "data.jsonl", args.rows)
+        server = EmbeddedRedis(d / "redis", persist=False).start()
+        try:
+            results = {"rows": args.rows}
+            results.update(bench_submit(d, server, args.rows))
+            print(json.dumps(results), flush=True)
+            results.update(bench_collect(d, server, args.rows))
+            results.update(bench_resume(d))
+            print(json.dumps(results), flush=True)
+        finally:
+            server.stop()
+        results.update(bench_engine(d, args.engine_rows))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
