@@ -110,7 +110,7 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
     job = job_id_for(output, job_name)
     with Display(console) as display:
         report = do_submit(client, job, input_path, output, cfg, skip_bad=skip_bad_lines,
-                           on_progress=display.submitted)
+                           on_progress=display.submitted, on_wait=display.waiting)
     out.print(f"job [bold]{job}[/]: enqueued {report.enqueued} rows, skipped {report.skipped} "
               f"({report.answered} already answered, {report.queued} already queued)"
               + (f", {report.retried_nulls} nulls retried" if report.retried_nulls else ""))

@@ -184,6 +184,7 @@ class Config(BaseModel):
     request_timeout: float = Field(default=60.0, gt=0)
     broker_url: str | None = Field(default=None, repr=False)  # may hold a password
     concurrency: int = Field(default=32, ge=1, le=4096)
+    max_queued: int = Field(default=50_000, ge=0)
     visibility_timeout: int = Field(default=3600, ge=1)
     safety_margin: float = Field(default=0.25, ge=0)
     backoff_base: float = Field(default=1.0, ge=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,14 +12,13 @@ from typing import Any
 
 import redis
 
-from opt_queue.app import app
 from opt_queue.config import Config
 from opt_queue.dataset import InputSummary, Row, iter_input, read_output, validate_input
 from opt_queue.jobs import Job
-from opt_queue.tasks import row as row_task
+from opt_queue.messages import declare_queue, envelope, push
 
 log = logging.getLogger(__name__)
-BATCH = 500
+BATCH = 1000
 
 
 @dataclass
@@ -59,7 +59,8 @@ def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
 def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
            output_path: str | os.PathLike[str], config: Config, *, skip_bad: bool = False,
            on_progress: Callable[[int, int], None] | None = None,
-           validated: InputSummary | None = None) -> SubmitReport:
+           validated: InputSummary | None = None,
+           on_wait: Callable[[int], None] | None = None) -> SubmitReport:
     """Enqueue every row of ``input_path`` that ``output_path`` does not answer yet.
 
     Validates the whole input first (nothing is enqueued when a line is bad, unless ``skip_bad``).
@@ -71,37 +72,52 @@ def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
     meta = {"input": str(Path(input_path).resolve()), "output": str(Path(output_path).resolve())}
     return enqueue(client, job_id, iter_input(input_path, skip_bad=skip_bad), summary.rows, config,
                    answered=state.answered, nulls=state.nulls, on_progress=on_progress,
-                   bad_lines=len(summary.bad), **meta)
+                   bad_lines=len(summary.bad), on_wait=on_wait, **meta)
+
+
+def _wait_for_room(job: Job, max_queued: int, wanted: int, on_wait: Callable[[int], None] | None) -> None:
+    """Flow control: block while the job already has ``max_queued`` rows queued or in flight."""
+    while True:
+        outstanding = job.progress().outstanding
+        if outstanding + wanted <= max_queued:
+            return
+        if on_wait:
+            on_wait(outstanding)
+        time.sleep(0.2)
 
 
 def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, config: Config, *,
             answered: set[str] | None = None, nulls: set[str] | None = None,
             on_progress: Callable[[int, int], None] | None = None, bad_lines: int = 0,
-            **meta: str) -> SubmitReport:
-    """Claim and enqueue ``rows`` (skipping ``answered``; ``nulls`` are retried) for job ``job_id``."""
+            on_wait: Callable[[int], None] | None = None, **meta: str) -> SubmitReport:
+    """Claim and enqueue ``rows`` (skipping ``answered``; ``nulls`` are retried) for job ``job_id``.
+
+    At most ``config.max_queued`` rows of the job sit in Redis at once: the rest wait here until
+    rows finish, so Redis memory stays flat however large the input.
+    """
+    max_queued = config.max_queued
     answered, nulls = answered or set(), nulls or set()
     job = Job(client, job_id)
     job.begin_submit(total=total, model=config.model.name, **meta)
     report = SubmitReport(job=job_id, total=total, bad_lines=bad_lines)
     options = {"fallback": config.model.fallback} if config.model.fallback else {}
     done = 0
+    declare_queue()
     try:
-        with app.producer_or_acquire() as producer:
-            for batch in _batches(iter(rows), BATCH):
-                wanted = [(r.seq, r.index in nulls) for r in batch if r.index not in answered]
-                report.answered += len(batch) - len(wanted)
-                claimed = set(job.claim(wanted))
-                report.queued += len(wanted) - len(claimed)
-                for r in batch:
-                    if r.seq in claimed:
-                        report.retried_nulls += r.index in nulls
-                        row_task.apply_async(
-                            args=(job_id, r.seq, r.index, request_body(r, config), options),
-                            argsrepr=repr((job_id, r.index)), kwargsrepr="{}", producer=producer)
-                        report.enqueued += 1
-                done += len(batch)
-                if on_progress:
-                    on_progress(done, total)
+        for batch in _batches(iter(rows), min(BATCH, max_queued) if max_queued else BATCH):
+            wanted = [(r.seq, r.index in nulls) for r in batch if r.index not in answered]
+            report.answered += len(batch) - len(wanted)
+            if max_queued:
+                _wait_for_room(job, max_queued, len(wanted), on_wait)
+            claimed = set(job.claim(wanted))
+            report.queued += len(wanted) - len(claimed)
+            fresh = [r for r in batch if r.seq in claimed]
+            report.retried_nulls += sum(r.index in nulls for r in fresh)
+            report.enqueued += push(client, (envelope(job_id, r.seq, r.index, request_body(r, config), options)
+                                             for r in fresh))
+            done += len(batch)
+            if on_progress:
+                on_progress(done, total)
     finally:
         job.end_submit()
     log.info("job %s: %d rows enqueued, %d already answered, %d already queued",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,39 @@ def state_dir(output: str | os.PathLike[str]) -> Path:
     """Where the private Redis keeps its append-only file: ``<output>.oq-redis/`` beside it."""
     p = Path(output)
     return p.with_name(p.name + ".oq-redis")
+
+
+class _Submitter(threading.Thread):
+    """Submits in the background: with flow control it waits for rows to finish as it goes."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(name="opt-queue-submit", daemon=True)
+        self.kwargs = kwargs
+        self.report: SubmitReport | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.report = submit(**self.kwargs)
+        except BaseException as exc:  # handed to the main thread
+            self.error = exc
+
+
+def _submit_and_collect(client: Any, job_id: str, input_path: Any, output_path: Any, config: Config,
+                        skip_bad: bool, validated: Any, on_submit: Any, on_progress: Any,
+                        should_stop: Callable[[], bool]) -> tuple[SubmitReport, CollectStatus]:
+    job = Job(client, job_id)
+    job.client.hset(job.meta_key, "submitting", "1")  # before the collector can look
+    submitter = _Submitter(client=client, job_id=job_id, input_path=input_path, output_path=output_path,
+                           config=config, skip_bad=skip_bad, on_progress=on_submit, validated=validated)
+    submitter.start()
+    status = Collector(client, job_id, output_path, input_path).run(
+        on_progress=on_progress, should_stop=lambda: submitter.error is not None or should_stop())
+    submitter.join()
+    if submitter.error is not None:
+        raise submitter.error
+    assert submitter.report is not None
+    return submitter.report, status
 
 
 @dataclass
@@ -69,10 +103,8 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
         if workers:
             local.start()
         try:
-            report = submit(client, job_id, input_path, output_path, config, skip_bad=skip_bad,
-                            on_progress=on_submit, validated=validated)
-            status = Collector(client, job_id, output_path, input_path).run(
-                on_progress=on_progress, should_stop=should_stop)
+            report, status = _submit_and_collect(client, job_id, input_path, output_path, config, skip_bad,
+                                                 validated, on_submit, on_progress, should_stop)
         finally:
             local.stop()
         client.close()

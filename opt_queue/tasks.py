@@ -12,10 +12,10 @@ from celery import Task
 from opt_queue.app import app
 from opt_queue.config import load_config
 from opt_queue.engine import Engine
+from opt_queue.messages import ROW_TASK
 from opt_queue.redis_conn import connect
 
 log = logging.getLogger(__name__)
-ROW_TASK = "opt_queue.row"
 INTERNAL_RETRIES = 5
 
 _engine: Engine | None = None

@@ -54,6 +54,11 @@ class Display:
         """Rows of the input validated and enqueued (or skipped) so far."""
         self.progress.update(self._task("submit", total), completed=done, total=total)
 
+    def waiting(self, outstanding: int) -> None:
+        """Submit is holding back: the job already has ``max_queued`` rows in Redis."""
+        self.progress.lines["wait"] = (f"  waiting for room: {outstanding} rows queued or in flight "
+                                       f"(max_queued); workers take them as keys allow")
+
     def collected(self, status: CollectStatus) -> None:
         """Rows finished (answered + null), with nulls, rate, rows in flight and the keys' state."""
         p = status.progress
