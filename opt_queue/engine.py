@@ -113,6 +113,7 @@ class Engine:
                                   f"the request needs about {lease.tokens} tokens, more than the "
                                   f"tokens-per-minute limit of every key serving {model}")
             if row.job.is_done(row.seq):  # another delivery of this row finished meanwhile
+                self.pool.cancel(lease)
                 return None
             outcome = self._call(row, lease)
             if outcome is not None:
@@ -121,13 +122,22 @@ class Engine:
     def _call(self, row: _Row, lease: Lease) -> RowResult | None:
         """One API call; return the final result, or None to go round the loop again."""
         row.last_key = lease.key.fingerprint
+        sent = False
+
+        def on_send() -> None:
+            nonlocal sent
+            sent = True
+            self.pool.stamp(lease)
+
         try:
-            answer = api.call(lease.key, row.body, self.config.request_timeout,
-                              on_send=lambda: self.pool.stamp(lease))
+            answer = api.call(lease.key, row.body, self.config.request_timeout, on_send=on_send)
         except Exception as exc:  # every failure is classified; none escapes as a crash
             failure = api.classify(exc)
             failure.message = api.redact(failure.message, self._secrets)
-            self.pool.settle(lease, 0)
+            if sent:
+                self.pool.settle(lease, 0)
+            else:
+                self.pool.cancel(lease)
             self.pool.count_error(lease.key, failure.reason)
             return self._on_failure(row, lease, failure)
         self.pool.settle(lease, answer.prompt_tokens + answer.completion_tokens)

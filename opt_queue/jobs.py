@@ -142,15 +142,19 @@ class Job:
                         submitting=m.get("submitting") == "1", reason=m.get("reason", ""), meta=m)
 
     # -- rows -----------------------------------------------------------------------------------
-    def claim(self, rows: Iterable[tuple[int, bool]]) -> list[int]:
+    def claim(self, rows: Iterable[tuple[int, bool]], chunk: int = 2000) -> list[int]:
         """Claim ``(seq, is_null_retry)`` rows; return the seqs this caller must enqueue."""
+        ks = [keys.job_claimed(self.id), keys.job_done(self.id), keys.job_answered(self.id), self.meta_key]
+        claimed: list[int] = []
         argv: list[Any] = []
         for seq, retry in rows:
             argv += [seq, "n" if retry else "m"]
-        if not argv:
-            return []
-        ks = [keys.job_claimed(self.id), keys.job_done(self.id), keys.job_answered(self.id), self.meta_key]
-        return [int(s) for s in self._scripts.claim(keys=ks, args=argv)]
+            if len(argv) >= 2 * chunk:
+                claimed += [int(s) for s in self._scripts.claim(keys=ks, args=argv)]
+                argv = []
+        if argv:
+            claimed += [int(s) for s in self._scripts.claim(keys=ks, args=argv)]
+        return claimed
 
     def is_done(self, seq: int) -> bool:
         return bool(self.client.getbit(keys.job_done(self.id), seq))

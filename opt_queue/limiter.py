@@ -230,6 +230,15 @@ class KeyPool:
             return lease.at_ms
         return int(self._scripts.stamp(keys=ks, args=[lease.uid, lease.tokens, len(limits.requests)]))
 
+    def cancel(self, lease: Lease) -> None:
+        """Give back a lease whose request was never sent."""
+        limits = lease.limits
+        ks = [rkeys.bucket_state(lease.bucket)] + [
+            rkeys.bucket_window(lease.bucket, "req", w.period) for w in limits.requests] + [
+            rkeys.bucket_window(lease.bucket, "tok", w.period) for w in limits.tokens]
+        self._scripts.cancel(keys=ks, args=[lease.uid, lease.tokens, len(limits.requests),
+                                            *[int(w.period * 1000) for w in limits.tokens]])
+
     def settle(self, lease: Lease, used_tokens: int) -> None:
         """Replace the lease's token estimate by the real usage and count the request."""
         pipe = self.client.pipeline()

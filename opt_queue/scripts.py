@@ -8,7 +8,7 @@ from importlib import resources
 import redis
 from redis.commands.core import Script
 
-_NAMES = ("claim", "publish", "release", "acquire", "stamp", "settle", "cool")
+_NAMES = ("claim", "publish", "release", "acquire", "stamp", "cancel", "settle", "cool")
 
 
 @cache
@@ -29,6 +29,7 @@ class Scripts:
     release: Script
     acquire: Script
     stamp: Script
+    cancel: Script
     settle: Script
     cool: Script
 

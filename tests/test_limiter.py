@@ -51,6 +51,14 @@ def test_an_admission_not_yet_sent_holds_its_place_until_stamped(rclient: redis.
     assert isinstance(wait, Wait) and 0.25 <= wait.seconds <= 0.31
 
 
+def test_a_cancelled_admission_gives_its_place_back(rclient: redis.Redis) -> None:
+    pool = KeyPool(rclient, [key("sk-cancel", {"requests": ["1/min"], "tokens": ["100/min"]})], margin=0.0)
+    lease = pool.acquire("m", 80)
+    assert isinstance(lease, Lease) and isinstance(pool.acquire("m", 80), Wait)
+    pool.cancel(lease)  # never sent
+    assert isinstance(pool.acquire("m", 80), Lease)
+
+
 def test_concurrent_acquires_admit_exactly_the_limit(redis_url: str) -> None:
     """50 threads, each with its own connection, race for one key allowing 10 per minute."""
     k = key("sk-race", {"requests": ["10/min"]})
