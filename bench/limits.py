@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--errors", type=float, default=0.01)
     ap.add_argument("--margin", type=float, default=0.25)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--concurrency", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=64)
     args = ap.parse_args()
     print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"# latency {args.latency}s, {args.errors:.0%} transient errors, margin {args.margin}s, "
