@@ -75,6 +75,16 @@ def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
                    bad_lines=len(summary.bad), on_wait=on_wait, **meta)
 
 
+def _release_quietly(job: Job, seqs: list[int]) -> None:
+    """Best effort: unclaim rows whose tasks were never pushed, so the next submit sends them."""
+    try:
+        for seq in seqs:
+            job.release(seq)
+    except Exception:  # Redis is gone too: the rows stay claimed (see README, Troubleshooting)
+        log.warning("could not give back %d claimed rows of job %s; run submit again once Redis "
+                    "is back, after their visibility timeout", len(seqs), job.id)
+
+
 def _wait_for_room(job: Job, max_queued: int, wanted: int, on_wait: Callable[[int], None] | None) -> None:
     """Flow control: block while the job already has ``max_queued`` rows queued or in flight."""
     while True:
@@ -113,8 +123,12 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
             report.queued += len(wanted) - len(claimed)
             fresh = [r for r in batch if r.seq in claimed]
             report.retried_nulls += sum(r.index in nulls for r in fresh)
-            report.enqueued += push(client, (envelope(job_id, r.seq, r.index, request_body(r, config), options)
-                                             for r in fresh))
+            try:
+                report.enqueued += push(client, [envelope(job_id, r.seq, r.index, request_body(r, config),
+                                                          options) for r in fresh])
+            except BaseException:  # Ctrl-C or Redis gone between claim and push: give the rows back
+                _release_quietly(job, [r.seq for r in fresh])
+                raise
             done += len(batch)
             if on_progress:
                 on_progress(done, total)
