@@ -25,8 +25,8 @@ from pathlib import Path
 
 import redis
 
+from opt_queue import keys
 from opt_queue.collector import Collector
-from opt_queue.config import Config
 from opt_queue.dataset import read_output
 from opt_queue.jobs import Job, RowResult
 from opt_queue.local import EmbeddedRedis
@@ -41,17 +41,22 @@ def write_input(path: Path, rows: int) -> None:
             fh.write(json.dumps({"index": str(i), "instruction": "Translate", "input": f"row number {i}"}) + "\n")
 
 
-def bench_submit(d: Path, server: EmbeddedRedis, rows: int) -> dict:
+def timed_cli(d: Path, config: dict, *args: str) -> float:
+    """Write ``config`` to ``d``/config.json, run ``opt-queue ARGS -c it``, return the wall time."""
     cfg = d / "config.json"
-    cfg.write_text(json.dumps({"api_keys": [KEY], "broker_url": server.url, "log_level": "WARNING",
-                               "max_queued": 0}))  # unbounded: measures the raw enqueue rate
+    cfg.write_text(json.dumps({"api_keys": [KEY], "log_level": "WARNING", **config}))
     os.chmod(cfg, 0o600)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "opt_queue", "submit", str(d / "data.jsonl"), "-c", str(cfg),
-                           "-o", str(d / "out.jsonl")], capture_output=True, text=True)
-    wall = time.monotonic() - started
+    proc = subprocess.run([sys.executable, "-m", "opt_queue", *args, "-c", str(cfg)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-2000:])
+    return time.monotonic() - started
+
+
+def bench_submit(d: Path, server: EmbeddedRedis, rows: int) -> dict:
+    # max_queued 0: unbounded, to measure the raw enqueue rate
+    wall = timed_cli(d, {"broker_url": server.url, "max_queued": 0}, "submit", str(d / "data.jsonl"),
+                     "-o", str(d / "out.jsonl"))
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     info = redis.Redis.from_url(server.url).info("memory")
     return {"submit_rows_per_s": round(rows / wall), "submit_wall_s": round(wall, 1),
@@ -69,9 +74,9 @@ def bench_collect(d: Path, server: EmbeddedRedis, rows: int) -> dict:
         pipe = client.pipeline(transaction=False)
         for i in range(start, min(rows, start + pipe_every)):
             r = RowResult(seq=i, index=str(i), answer=f"answer to row {i}", attempts=1, key="key-bench")
-            job._scripts.publish(keys=[f"oq:{{bench-collect}}:done", f"oq:{{bench-collect}}:answered",
-                                       job.meta_key, f"oq:{{bench-collect}}:results"],
-                                 args=[i, 1, 10, 5, "r", json.dumps(r.__dict__)], client=pipe)
+            job._scripts.publish(keys=[keys.job_done(job.id), keys.job_answered(job.id), job.meta_key,
+                                       keys.job_results(job.id)],
+                                 args=[i, 1, 10, 5, *r.to_fields().popitem()], client=pipe)
         pipe.execute()
     job.end_submit()
     out = d / "collected.jsonl"
@@ -91,16 +96,8 @@ def bench_resume(d: Path) -> dict:
 def bench_engine(d: Path, rows: int) -> dict:
     with SimServer(SimConfig(keys=[SimKey(KEY)])) as sim:
         write_input(d / "engine.jsonl", rows)
-        cfg = d / "engine.json"
-        cfg.write_text(json.dumps({"api_keys": [KEY], "api_base": sim.base_url, "limits": {},
-                                   "log_level": "WARNING"}))
-        os.chmod(cfg, 0o600)
-        started = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "opt_queue", "run", str(d / "engine.jsonl"), "-c", str(cfg),
-                               "-o", str(d / "engine.out.jsonl")], capture_output=True, text=True)
-        wall = time.monotonic() - started
-        if proc.returncode != 0:
-            raise SystemExit(proc.stderr[-2000:])
+        wall = timed_cli(d, {"api_base": sim.base_url, "limits": {}}, "run", str(d / "engine.jsonl"),
+                         "-o", str(d / "engine.out.jsonl"))
     return {"engine_rows_per_s": round(rows / wall, 1), "engine_wall_s": round(wall, 1)}
 
 

@@ -104,6 +104,22 @@ def kill_group(proc: subprocess.Popen[Any], sig: int = signal.SIGKILL) -> None:
     proc.wait(timeout=30)
 
 
+def lines_in(path: Path) -> int:
+    """Lines in a file so far (0 when it does not exist yet)."""
+    return sum(1 for _ in open(path, "rb")) if path.exists() else 0
+
+
+def assert_complete(data: Path, out: Path, model: str = "gpt-3.5-turbo-0613") -> None:
+    """One line per input row, in input order, each the simulated API's answer."""
+    from opt_queue.dataset import iter_input
+    from opt_queue.simapi import sim_answer
+
+    rows = list(iter_input(data))
+    lines = read_jsonl(out)
+    assert [next(iter(line)) for line in lines] == [r.index for r in rows]
+    assert all(line[r.index] == sim_answer(model, r.body["messages"]) for line, r in zip(lines, rows))
+
+
 def wait_for(predicate: Any, timeout: float = 60, interval: float = 0.1, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -14,27 +14,16 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import (cli, kill_group, read_jsonl, seed_rows, start_cli, wait_for, write_config,
-                      write_jsonl)
+from conftest import (assert_complete, cli, kill_group, lines_in, read_jsonl, seed_rows, start_cli,
+                      wait_for, write_config, write_jsonl)
 
 from opt_queue import keys
 from opt_queue.dataset import iter_input, read_output
 from opt_queue.local import EmbeddedRedis
-from opt_queue.simapi import SimServer, prompt_key, sim_answer
+from opt_queue.simapi import SimServer, prompt_key
 
 MODEL = "gpt-3.5-turbo-0613"
 pytestmark = pytest.mark.slow
-
-
-def lines_in(path: Path) -> int:
-    return sum(1 for _ in open(path, "rb")) if path.exists() else 0
-
-
-def assert_complete(data: Path, out: Path) -> None:
-    rows = list(iter_input(data))
-    lines = read_jsonl(out)
-    assert [next(iter(line)) for line in lines] == [r.index for r in rows]
-    assert all(line[r.index] == sim_answer(MODEL, r.body["messages"]) for line, r in zip(lines, rows))
 
 
 def paid_twice(sim: SimServer) -> int:

@@ -8,23 +8,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import cli, kill_group, read_jsonl, seed_rows, start_cli, wait_for, write_config, write_jsonl
+from conftest import assert_complete, cli, kill_group, lines_in, seed_rows, start_cli, wait_for, write_config, write_jsonl
 
 from opt_queue.dataset import iter_input, read_output
-from opt_queue.simapi import SimServer, prompt_key, sim_answer
+from opt_queue.simapi import SimServer, prompt_key
 
 MODEL = "gpt-3.5-turbo-0613"
-
-
-def lines_in(path: Path) -> int:
-    return sum(1 for _ in open(path, "rb")) if path.exists() else 0
-
-
-def check_complete(data: Path, out: Path) -> None:
-    rows = list(iter_input(data))
-    lines = read_jsonl(out)
-    assert [next(iter(line)) for line in lines] == [r.index for r in rows]  # one line per row, in order
-    assert all(line[r.index] == sim_answer(MODEL, r.body["messages"]) for line, r in zip(lines, rows))
 
 
 @pytest.mark.slow
@@ -55,7 +44,7 @@ def test_killed_worker_and_collector_resume_on_a_shared_broker(tmp_path: Path, s
     finally:
         kill_group(worker, signal.SIGTERM)
     assert done.returncode == 0, done.stderr + done.stdout
-    check_complete(data, out)
+    assert_complete(data, out)
 
     per_prompt = sim.stats()["per_prompt"]
     rows = {r.index: prompt_key(r.body["messages"]) for r in iter_input(data)}
@@ -82,7 +71,7 @@ def test_killed_run_resumes_from_its_private_redis(tmp_path: Path, sim: SimServe
     result = cli("run", str(data), "-c", str(config), "-o", str(out), timeout=150)
 
     assert result.returncode == 0, result.stderr
-    check_complete(data, out)
+    assert_complete(data, out)
     per_prompt = sim.stats()["per_prompt"]
     rows = {r.index: prompt_key(r.body["messages"]) for r in iter_input(data)}
     assert all(per_prompt[rows[i]] == 1 for i in on_disk)
