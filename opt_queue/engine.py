@@ -48,6 +48,7 @@ class _Row:
     fallback_used: bool = False
     last_key: str | None = None
     too_large_for: set[str] = field(default_factory=set)
+    to_settle: tuple[Lease, int] | None = None  # sent with the result, in one round trip
 
 
 class Engine:
@@ -71,8 +72,6 @@ class Engine:
                 options: dict[str, Any] | None = None) -> str:
         """Run one row to its final result; return what happened (for logs and tests)."""
         job = Job(self.client, job_id)
-        if job.is_done(seq):
-            return "duplicate"
         row = _Row(job, seq, index, dict(body), (options or {}).get("fallback"))
         try:
             result = self._run(row)
@@ -83,7 +82,11 @@ class Engine:
             result = self._null(row, "internal_error", api.redact(f"{type(exc).__name__}: {exc}", self._secrets))
         if result is None:
             return "released" if job.release(seq) else "duplicate"
-        published = job.publish(result)
+        pipe = self.client.pipeline(transaction=False)
+        if row.to_settle is not None:
+            self.pool.settle(*row.to_settle, pipe=pipe)
+        job.publish(result, pipe=pipe)
+        published = bool(pipe.execute()[-1])
         if result.answer is None and published:
             log.warning("row %s of job %s failed for good: %s (%s)", index, job_id,
                         result.error_type, result.error)
@@ -91,9 +94,11 @@ class Engine:
 
     # -- the loop -------------------------------------------------------------------------------
     def _run(self, row: _Row) -> RowResult | None:
-        """Return the row's final result, or None when the job stopped (the row stays unanswered)."""
+        """Return the row's final result, or None when the job stopped (the row stays unanswered)
+        or another delivery of the row finished first."""
         while True:
-            if row.job.is_stopped():
+            stopped, done = row.job.state(row.seq)  # checked again after every wait
+            if stopped or done:
                 return None
             model = row.body["model"]
             lease = self.pool.acquire(model, estimate_tokens(row.body),
@@ -112,9 +117,6 @@ class Engine:
                 return self._null(row, "request_too_large",
                                   f"the request needs about {lease.tokens} tokens, more than the "
                                   f"tokens-per-minute limit of every key serving {model}")
-            if row.job.is_done(row.seq):  # another delivery of this row finished meanwhile
-                self.pool.cancel(lease)
-                return None
             outcome = self._call(row, lease)
             if outcome is not None:
                 return outcome
@@ -140,7 +142,7 @@ class Engine:
                 self.pool.cancel(lease)
             self.pool.count_error(lease.key, failure.reason)
             return self._on_failure(row, lease, failure)
-        self.pool.settle(lease, answer.prompt_tokens + answer.completion_tokens)
+        row.to_settle = (lease, answer.prompt_tokens + answer.completion_tokens)
         self._learn(lease, answer.headers)
         return RowResult(seq=row.seq, index=row.index, answer=answer.text, attempts=row.attempts + 1,
                          key=lease.key.fingerprint, model=row.body["model"],

@@ -120,9 +120,6 @@ class Job:
         """Every row has its final result on disk (set by the collector)."""
         self.client.hset(self.meta_key, mapping={"status": COMPLETE, "updated": str(time.time())})
 
-    def is_stopped(self) -> bool:
-        return self.client.hget(self.meta_key, "status") == STOPPED.encode()
-
     def meta(self) -> dict[str, str]:
         return {k.decode(): v.decode() for k, v in self.client.hgetall(self.meta_key).items()}
 
@@ -156,17 +153,28 @@ class Job:
             claimed += [int(s) for s in self._scripts.claim(keys=ks, args=argv)]
         return claimed
 
-    def is_done(self, seq: int) -> bool:
-        return bool(self.client.getbit(keys.job_done(self.id), seq))
+    def state(self, seq: int) -> tuple[bool, bool]:
+        """``(job stopped, row done)`` in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hget(self.meta_key, "status")
+        pipe.getbit(keys.job_done(self.id), seq)
+        status, done = pipe.execute()
+        return status == STOPPED.encode(), bool(done)
 
-    def publish(self, result: RowResult) -> bool:
-        """Publish a row's final result; False when it was already published (redelivery)."""
+    def publish(self, result: RowResult, pipe: redis.client.Pipeline | None = None) -> bool | None:
+        """Publish a row's final result; False when it was already published (redelivery).
+
+        With ``pipe`` the call is only queued there (its reply is the pipeline's) and None returned.
+        """
         ks = [keys.job_done(self.id), keys.job_answered(self.id), self.meta_key, keys.job_results(self.id)]
         flat: list[str] = []
         for k, v in result.to_fields().items():
             flat += [k, v]
         args = [result.seq, 0 if result.answer is None else 1, result.prompt_tokens,
                 result.completion_tokens, *flat]
+        if pipe is not None:
+            self._scripts.publish(keys=ks, args=args, client=pipe)
+            return None
         return bool(self._scripts.publish(keys=ks, args=args))
 
     def release(self, seq: int) -> bool:

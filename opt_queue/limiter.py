@@ -239,19 +239,22 @@ class KeyPool:
         self._scripts.cancel(keys=ks, args=[lease.uid, lease.tokens, len(limits.requests),
                                             *[int(w.period * 1000) for w in limits.tokens]])
 
-    def settle(self, lease: Lease, used_tokens: int) -> None:
-        """Replace the lease's token estimate by the real usage and count the request."""
-        pipe = self.client.pipeline()
+    def settle(self, lease: Lease, used_tokens: int, pipe: redis.client.Pipeline | None = None) -> None:
+        """Replace the lease's token estimate by the real usage and count the request
+        (queued on ``pipe`` when given, so the caller can send it with other commands)."""
+        own = pipe is None
+        p = self.client.pipeline() if pipe is None else pipe
         windows = lease.limits.tokens
         if windows and used_tokens > 0 and used_tokens != lease.tokens:
             ks = [rkeys.bucket_state(lease.bucket)] + [
                 rkeys.bucket_window(lease.bucket, "tok", w.period) for w in windows]
             self._scripts.settle(keys=ks, args=[lease.uid, lease.tokens, used_tokens,
-                                                *[int(w.period * 1000) for w in windows]], client=pipe)
+                                                *[int(w.period * 1000) for w in windows]], client=p)
         stats = rkeys.key_stats(lease.key.fingerprint)
-        pipe.hincrby(stats, "requests", 1)
-        pipe.hincrby(stats, "tokens", max(used_tokens, 0))
-        pipe.execute()
+        p.hincrby(stats, "requests", 1)
+        p.hincrby(stats, "tokens", max(used_tokens, 0))
+        if own:
+            p.execute()
 
     def count_error(self, key: ApiKey, reason: str) -> None:
         self.client.hincrby(rkeys.key_stats(key.fingerprint), f"error:{reason}", 1)
