@@ -25,7 +25,7 @@ app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=4,
-    worker_send_task_events=True,
+    worker_send_task_events=False,  # `opt-queue worker --events` (the default) turns them on
     task_send_sent_event=False,
     broker_connection_retry_on_startup=True,
     broker_connection_max_retries=None,

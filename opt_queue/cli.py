@@ -127,9 +127,11 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
 @click.option("--loglevel", default=None, envvar="OPT_QUEUE_LOG_LEVEL",
               help="Log level (default: config log_level). Env: OPT_QUEUE_LOG_LEVEL.")
 @click.option("--hostname", default=None, help="Celery worker name (default: celery@host).")
+@click.option("--events/--no-events", default=True, envvar="OPT_QUEUE_EVENTS", show_default=True,
+              help="Send task events (Flower needs them; off saves CPU per row). Env: OPT_QUEUE_EVENTS.")
 @friendly
 def worker(config_path: str | None, concurrency: int | None, pool: str, loglevel: str | None,
-           hostname: str | None) -> None:
+           hostname: str | None, events: bool) -> None:
     """Run a worker that answers rows from the broker's queue."""
     from opt_queue import keys
     from opt_queue.app import app, configure
@@ -145,7 +147,9 @@ def worker(config_path: str | None, concurrency: int | None, pool: str, loglevel
     _setup_logging(level)
     logging.getLogger(__name__).info("worker for %s with %d keys", redact_url(url), len(cfg.api_keys))
     argv = ["worker", "--pool", pool, "--concurrency", str(concurrency or cfg.concurrency),
-            "-Q", keys.QUEUE, "--events", "--loglevel", level, "--without-mingle", "--without-gossip"]
+            "-Q", keys.QUEUE, "--loglevel", level, "--without-mingle", "--without-gossip"]
+    if events:
+        argv.append("--events")
     if hostname:
         argv += ["--hostname", hostname]
     app.worker_main(argv)

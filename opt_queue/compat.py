@@ -204,7 +204,7 @@ class _Engine:
         configure(url, config.visibility_timeout)
         if self.redis is not None:
             self.workers = LocalWorkers(url, config_path, concurrency=threads, loglevel=config.log_level,
-                                        overrides=overrides).start()
+                                        overrides=overrides, events=False).start()
 
     def close(self) -> None:
         if self.workers:

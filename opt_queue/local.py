@@ -173,9 +173,10 @@ class LocalWorkers:
     def __init__(self, broker_url: str, config_path: str | None, processes: int = 1,
                  concurrency: int | None = None, loglevel: str = "WARNING",
                  log_file: str | os.PathLike[str] | None = None,
-                 overrides: dict[str, Any] | None = None) -> None:
+                 overrides: dict[str, Any] | None = None, events: bool = True) -> None:
         self.broker_url = broker_url
         self.overrides = overrides or {}
+        self.events = events
         self.config_path = config_path
         self.processes = processes
         self.concurrency = concurrency
@@ -201,6 +202,8 @@ class LocalWorkers:
                 cmd += ["-c", str(Path(self.config_path).resolve())]
             if self.concurrency:
                 cmd += ["--concurrency", str(self.concurrency)]
+            if not self.events:
+                cmd.append("--no-events")
             self.procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                                stderr=out, start_new_session=True,
                                                preexec_fn=_die_with_parent))

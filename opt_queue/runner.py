@@ -99,7 +99,8 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
         local = LocalWorkers(url, config_path, processes=workers, concurrency=config.concurrency,
                              loglevel=config.log_level,
                              log_file=(private.directory / "worker.log") if private else None,
-                             overrides=worker_overrides)
+                             overrides=worker_overrides,
+                             events=private is None)  # nobody watches a private broker with Flower
         if workers:
             local.start()
         try:
