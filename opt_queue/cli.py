@@ -169,7 +169,8 @@ def collect(config_path: str | None, output: str, job_name: str | None, input_pa
     client = connect(_broker(cfg), check=True, patient=True)
     job = job_id_for(output, job_name)
     with Display(console) as display:
-        status = Collector(client, job, output, input_path).run(follow=follow, on_progress=display.collected)
+        status = Collector(client, job, output, input_path, config=cfg).run(follow=follow,
+                                                                             on_progress=display.collected)
     print_summary(out, status, output, errors_path(output))
     if not status.complete:
         sys.exit(1)

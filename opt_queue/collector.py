@@ -25,7 +25,9 @@ from opt_queue import keys
 from opt_queue.dataset import (atomic_write, iter_indices, output_line, read_output, repair_tail,
                                rewrite_output)
 from opt_queue.errors import InputError, JobStopped, OptQueueError, OutputError
-from opt_queue.jobs import STOPPED, Job, Progress, RowResult
+from opt_queue.config import Config
+from opt_queue.jobs import RUNNING, STOPPED, Job, Progress, RowResult
+from opt_queue.producer import requeue_lost
 from opt_queue.status import key_status
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,30 @@ def gather(client: redis.Redis, job_id: str, count: int,
     return results
 
 
+class _StallWatch:
+    """Notices a running job whose unfinished rows stopped moving, and enqueues lost ones again."""
+
+    def __init__(self, collector: Collector, input_path: Path) -> None:
+        self.collector = collector
+        self.input_path = input_path
+        self.seen: tuple[int, ...] = ()
+        self.since = time.monotonic()
+
+    def check(self, p: Progress, status: CollectStatus) -> None:
+        config = self.collector.config
+        if config is None or p.status != RUNNING or p.submitting or p.outstanding == 0:
+            return
+        now = time.monotonic()
+        seen = (p.reported, p.released, p.claimed, status.written)
+        if seen != self.seen:
+            self.seen, self.since = seen, now
+            return
+        # past the visibility timeout every task of a dead worker is back in the queue
+        if now - self.since > config.visibility_timeout + 15:
+            requeue_lost(self.collector.client, self.collector.job.id, self.input_path, config)
+            self.since = now
+
+
 @contextmanager
 def _locked(output: Path) -> Iterator[None]:
     lock_path = output.with_name(output.name + ".lock")
@@ -160,7 +186,8 @@ class Collector:
     """Streams one job's results into its output file."""
 
     def __init__(self, client: redis.Redis, job_id: str, output: str | os.PathLike[str],
-                 input_path: str | os.PathLike[str] | None = None) -> None:
+                 input_path: str | os.PathLike[str] | None = None, config: Config | None = None) -> None:
+        self.config = config  # lets the collector enqueue again rows whose tasks were lost
         self.client = client
         self.job = Job(client, job_id)
         self.output = Path(output)
@@ -203,6 +230,7 @@ class Collector:
         status = CollectStatus(job=self.job.id, total=len(order),
                                answered=len(state.answered & inputs), nulls=len(state.nulls & inputs))
         stream = ResultStream(self.client, self.job.id)
+        stall = _StallWatch(self, input_path)
         out = open(self.output, "a", encoding="utf-8")
         err = open(self.errors, "a", encoding="utf-8")
         try:
@@ -227,6 +255,7 @@ class Collector:
                     break
                 if quiet and not follow:
                     return status
+                stall.check(p, status)
             else:
                 return status  # asked to stop
         finally:

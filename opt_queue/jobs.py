@@ -177,6 +177,21 @@ class Job:
             return None
         return bool(self._scripts.publish(keys=ks, args=args))
 
+    def unfinished(self) -> set[int]:
+        """Rows claimed (a task was enqueued for them) whose result is not published yet."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(keys.job_claimed(self.id))
+        pipe.get(keys.job_done(self.id))
+        claimed, done = (raw or b"" for raw in pipe.execute())
+        size = max(len(claimed), len(done))
+        bits = int.from_bytes(claimed.ljust(size, b"\0"), "big") & ~int.from_bytes(done.ljust(size, b"\0"), "big")
+        seqs = set()
+        while bits:  # Redis numbers bits from the most significant bit of the first byte
+            top = bits.bit_length() - 1
+            seqs.add(8 * size - 1 - top)
+            bits ^= 1 << top
+        return seqs
+
     def release(self, seq: int) -> bool:
         """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""
         ks = [keys.job_claimed(self.id), keys.job_done(self.id), self.meta_key]

@@ -46,6 +46,22 @@ def declare_queue() -> None:
         producer.maybe_declare(app.amqp.queues[keys.QUEUE])
 
 
+def queued_seqs(client: redis.Redis, job_id: str) -> set[int]:
+    """Rows of ``job_id`` that have a task message in the broker: queued, or delivered and not yet
+    acknowledged (kombu keeps those in the ``unacked`` hash as ``[message, exchange, key]``)."""
+    raws = [json.loads(m) for m in client.lrange(keys.QUEUE, 0, -1)]
+    raws += [json.loads(m)[0] for m in client.hvals("unacked")]
+    found = set()
+    for message in raws:
+        headers = message.get("headers") or {}
+        if headers.get("task") != ROW_TASK or job_id not in str(headers.get("argsrepr")):
+            continue
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        if args[0] == job_id:
+            found.add(int(args[1]))
+    return found
+
+
 def push(client: redis.Redis, entries: Iterable[str]) -> int:
     """Append entries to the queue in one round trip; first in, first out. Return how many."""
     batch = list(entries)

@@ -15,7 +15,7 @@ import redis
 from opt_queue.config import Config
 from opt_queue.dataset import InputSummary, Row, iter_input, read_output, validate_input
 from opt_queue.jobs import Job
-from opt_queue.messages import declare_queue, envelope, push
+from opt_queue.messages import declare_queue, envelope, push, queued_seqs
 
 log = logging.getLogger(__name__)
 BATCH = 1000
@@ -73,6 +73,28 @@ def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
     return enqueue(client, job_id, iter_input(input_path, skip_bad=skip_bad), summary.rows, config,
                    answered=state.answered, nulls=state.nulls, on_progress=on_progress,
                    bad_lines=len(summary.bad), on_wait=on_wait, **meta)
+
+
+def requeue_lost(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str], config: Config) -> int:
+    """Enqueue again the rows that are claimed and unfinished but whose task message is nowhere.
+
+    Kombu's Redis transport moves a delivered message to its ``unacked`` hash a moment after
+    popping it; a worker killed in that moment loses the message. A producer killed between claim
+    and push leaves claimed rows without messages too. Either way the row would wait forever; this
+    finds such rows and enqueues them again (a copy that is not really lost is harmless: a row's
+    result is published once). Returns how many rows were enqueued again.
+    """
+    job = Job(client, job_id)
+    lost = job.unfinished() - queued_seqs(client, job_id)
+    if not lost:
+        return 0
+    options = {"fallback": config.model.fallback} if config.model.fallback else {}
+    entries = [envelope(job_id, r.seq, r.index, request_body(r, config), options)
+               for r in iter_input(input_path, skip_bad=True) if r.seq in lost]
+    push(client, entries)
+    log.warning("job %s: enqueued %d rows again whose tasks were lost (a worker or submit died "
+                "while handling them)", job_id, len(entries))
+    return len(entries)
 
 
 def _release_quietly(job: Job, seqs: list[int]) -> None:

@@ -53,7 +53,7 @@ def _submit_and_collect(client: Any, job_id: str, input_path: Any, output_path: 
     submitter = _Submitter(client=client, job_id=job_id, input_path=input_path, output_path=output_path,
                            config=config, skip_bad=skip_bad, on_progress=on_submit, validated=validated)
     submitter.start()
-    status = Collector(client, job_id, output_path, input_path).run(
+    status = Collector(client, job_id, output_path, input_path, config=config).run(
         on_progress=on_progress, should_stop=lambda: submitter.error is not None or should_stop())
     submitter.join()
     if submitter.error is not None:

@@ -174,3 +174,23 @@ def test_concurrent_submits_never_enqueue_a_row_twice(tmp_path: Path, sim: SimSe
     again = cli("submit", str(data), "-c", str(config), "-o", str(out))
     assert "enqueued 0 rows" in again.stdout and "2000 already queued" in again.stdout
     assert Counter(enqueued).total() == 3
+
+
+def test_rows_whose_task_message_vanished_are_enqueued_again(tmp_path: Path, sim: SimServer, redis_url: str,
+                                                             rclient: redis.Redis, workers) -> None:  # type: ignore[no-untyped-def]
+    """Kombu pops a message before it records it as unacknowledged: a worker killed in between
+    loses it. The collector notices the stall and enqueues such rows again by itself."""
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(30))
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, visibility_timeout=1,
+                          model={"name": MODEL})
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    lost = [json.loads(rclient.rpop(keys.QUEUE)) for _ in range(2)]  # as if popped by a dying worker
+    assert rclient.llen(keys.QUEUE) == 28 and all(m["headers"]["task"] == "opt_queue.row" for m in lost)
+    workers(config, concurrency=4)
+    started = time.monotonic()
+    done = cli("collect", "-c", str(config), "-o", str(out), timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "enqueued 2 rows again whose tasks were lost" in done.stderr
+    assert time.monotonic() - started < 60
+    assert_complete(data, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import redis
@@ -35,3 +36,26 @@ def test_envelope_matches_what_apply_async_writes(redis_url: str, rclient: redis
 def test_push_keeps_first_in_first_out(rclient: redis.Redis) -> None:
     assert push(rclient, ["a", "b", "c"]) == 3
     assert [rclient.rpop(keys.QUEUE) for _ in range(3)] == [b"a", b"b", b"c"]
+
+
+def test_requeue_lost_finds_exactly_the_rows_without_a_message(tmp_path, redis_url: str, rclient: redis.Redis) -> None:  # type: ignore[no-untyped-def]
+    from conftest import seed_rows, write_jsonl
+
+    from opt_queue.config import Config
+    from opt_queue.dataset import iter_input
+    from opt_queue.jobs import Job
+    from opt_queue.producer import enqueue, requeue_lost
+
+    configure(redis_url)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(10))
+    config = Config.model_validate({"api_keys": ["sk-x"]})
+    enqueue(rclient, "job-q", iter_input(data), 10, config)
+    assert requeue_lost(rclient, "job-q", data, config) == 0  # every row has its message
+    gone = json.loads(rclient.rpop(keys.QUEUE))  # the oldest: row 0
+    held = rclient.rpop(keys.QUEUE)  # row 1, now "delivered, not acknowledged"
+    rclient.hset("unacked", "tag-1", json.dumps([json.loads(held), "", keys.QUEUE]))
+    assert Job(rclient, "job-q").unfinished() == set(range(10))
+    assert requeue_lost(rclient, "job-q", data, config) == 1
+    again = json.loads(rclient.lindex(keys.QUEUE, 0))  # the newest entry: row 0 again, not row 1
+    assert json.loads(base64.b64decode(again["body"]))[0][:3] == ["job-q", 0, "0"]
+    assert json.loads(base64.b64decode(gone["body"]))[0][:3] == ["job-q", 0, "0"]
