@@ -64,9 +64,15 @@ def _setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _config(path: str | None, require_keys: bool = True) -> Config:
+def _config_path(path: str | None) -> str | None:
+    """The config file to read: the one given, else ./config.json if it exists (else none)."""
     if path is None and Path("config.json").exists():
-        path = "config.json"
+        return "config.json"
+    return path
+
+
+def _config(path: str | None, require_keys: bool = True) -> Config:
+    path = _config_path(path)
     _setup_logging("INFO")
     cfg = load_config(path, require_keys=require_keys)
     logging.getLogger().setLevel(getattr(logging, cfg.log_level.upper(), logging.INFO))
@@ -187,9 +193,8 @@ def collect(config_path: str | None, output: str, job_name: str | None, input_pa
 def run(input_path: str, config_path: str | None, output: str, job_name: str | None, workers: int,
         skip_bad_lines: bool) -> None:
     """Submit, work and collect a whole job on this machine (private Redis unless broker_url is set)."""
+    config_path = _config_path(config_path)
     cfg = _config(config_path)
-    if config_path is None and Path("config.json").exists():
-        config_path = "config.json"
     _run_and_report(input_path, output, cfg, config_path, job_name, workers, skip_bad_lines)
 
 

@@ -221,11 +221,16 @@ class KeyPool:
             key = members[next(self._rr) % len(members)]
         return Lease(key=key, uid=argv[2], tokens=tokens, bucket=bucket, limits=key.limits, at_ms=int(res[2]))
 
+    @staticmethod
+    def _window_keys(lease: Lease) -> list[str]:
+        """The lease's window sorted sets: request windows first, then token windows."""
+        return [rkeys.bucket_window(lease.bucket, "req", w.period) for w in lease.limits.requests] + [
+            rkeys.bucket_window(lease.bucket, "tok", w.period) for w in lease.limits.tokens]
+
     def stamp(self, lease: Lease) -> int:
         """Start the lease's windows now, as its request is being sent; return the stamp (ms)."""
         limits = lease.limits
-        ks = [rkeys.bucket_window(lease.bucket, "req", w.period) for w in limits.requests] + [
-            rkeys.bucket_window(lease.bucket, "tok", w.period) for w in limits.tokens]
+        ks = self._window_keys(lease)
         if not ks:
             return lease.at_ms
         return int(self._scripts.stamp(keys=ks, args=[lease.uid, lease.tokens, len(limits.requests)]))
@@ -233,9 +238,7 @@ class KeyPool:
     def cancel(self, lease: Lease) -> None:
         """Give back a lease whose request was never sent."""
         limits = lease.limits
-        ks = [rkeys.bucket_state(lease.bucket)] + [
-            rkeys.bucket_window(lease.bucket, "req", w.period) for w in limits.requests] + [
-            rkeys.bucket_window(lease.bucket, "tok", w.period) for w in limits.tokens]
+        ks = [rkeys.bucket_state(lease.bucket), *self._window_keys(lease)]
         self._scripts.cancel(keys=ks, args=[lease.uid, lease.tokens, len(limits.requests),
                                             *[int(w.period * 1000) for w in limits.tokens]])
 

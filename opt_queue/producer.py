@@ -45,6 +45,11 @@ def request_body(row: Row, config: Config) -> dict[str, Any]:
     return body
 
 
+def task_options(config: Config) -> dict[str, Any]:
+    """Job-wide options that travel with every row task (the fallback model)."""
+    return {"fallback": config.model.fallback} if config.model.fallback else {}
+
+
 def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
     batch: list[Row] = []
     for r in rows:
@@ -88,7 +93,7 @@ def requeue_lost(client: redis.Redis, job_id: str, input_path: str | os.PathLike
     lost = job.unfinished() - queued_seqs(client, job_id)
     if not lost:
         return 0
-    options = {"fallback": config.model.fallback} if config.model.fallback else {}
+    options = task_options(config)
     entries = [envelope(job_id, r.seq, r.index, request_body(r, config), options)
                for r in iter_input(input_path, skip_bad=True) if r.seq in lost]
     push(client, entries)
@@ -132,7 +137,7 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
     job = Job(client, job_id)
     job.begin_submit(total=total, model=config.model.name, **meta)
     report = SubmitReport(job=job_id, total=total, bad_lines=bad_lines)
-    options = {"fallback": config.model.fallback} if config.model.fallback else {}
+    options = task_options(config)
     done = 0
     declare_queue()
     try:
