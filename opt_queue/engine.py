@@ -49,6 +49,10 @@ class _Row:
     last_key: str | None = None
     too_large_for: set[str] = field(default_factory=set)
     to_settle: tuple[Lease, int] | None = None  # sent with the result, in one round trip
+    tokens: int = 0  # TPM estimate, computed once: waits and the fallback model do not change it
+
+    def __post_init__(self) -> None:
+        self.tokens = estimate_tokens(self.body)
 
 
 class Engine:
@@ -101,8 +105,7 @@ class Engine:
             if stopped or done:
                 return None
             model = row.body["model"]
-            lease = self.pool.acquire(model, estimate_tokens(row.body),
-                                      self._retired_for(row.job) | row.too_large_for)
+            lease = self.pool.acquire(model, row.tokens, self._retired_for(row.job) | row.too_large_for)
             if lease is None and row.too_large_for:
                 return self._null(row, "request_too_large",
                                   f"every usable key serving {model} refused the request as too large "

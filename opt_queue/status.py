@@ -28,25 +28,35 @@ def job_status(client: redis.Redis, job_id: str) -> dict[str, Any]:
             "model": p.meta.get("model"), "retired_keys": job.retired_keys()}
 
 
+def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
 def key_status(client: redis.Redis, retired: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Every key workers have registered: limits, current window usage, cooldown, counters."""
+    """Every key workers have registered: limits, current window usage, cooldown, counters.
+
+    Three round trips whatever the number of keys (live displays call this every second)."""
     now = _now_ms(client)
+    known = [(fp.decode(), json.loads(desc)) for fp, desc in sorted(client.hgetall(keys.KNOWN_KEYS).items())]
+    pipe = client.pipeline(transaction=False)
+    for fp, desc in known:
+        pipe.hgetall(keys.bucket_state(desc["bucket"]))
+        pipe.hgetall(keys.key_stats(fp))
+        for dim, period in desc.get("windows", []):
+            if dim == "req":
+                pipe.zcount(keys.bucket_window(desc["bucket"], dim, period), now - int(period * 1000), "+inf")
+    replies = iter(pipe.execute())
     out = []
-    for fp_raw, desc_raw in sorted(client.hgetall(keys.KNOWN_KEYS).items()):
-        fp, desc = fp_raw.decode(), json.loads(desc_raw)
-        bucket = desc["bucket"]
-        state = {k.decode(): v.decode() for k, v in client.hgetall(keys.bucket_state(bucket)).items()}
-        stats = {k.decode(): v.decode() for k, v in client.hgetall(keys.key_stats(fp)).items()}
+    for fp, desc in known:
+        state, stats = _decode(next(replies)), _decode(next(replies))
         usage = {}
         for dim, period in desc.get("windows", []):
-            name = keys.bucket_window(bucket, dim, period)
-            ms = int(period * 1000)
             if dim == "req":
-                usage[f"requests/{period:g}s"] = client.zcount(name, now - ms, "+inf")
+                usage[f"requests/{period:g}s"] = next(replies)
             else:
-                usage[f"tokens/{period:g}s"] = int(state.get(f"tsum:{ms}", 0))
+                usage[f"tokens/{period:g}s"] = int(state.get(f"tsum:{int(period * 1000)}", 0))
         cool = int(state.get("cool_until", 0)) - now
-        out.append({"key": fp, "bucket": bucket, "limits": desc["limits"], "api_base": desc["api_base"],
+        out.append({"key": fp, "bucket": desc["bucket"], "limits": desc["limits"], "api_base": desc["api_base"],
                     "usage": usage, "cooldown_s": round(cool / 1000, 2) if cool > 0 else 0,
                     "learned_requests": int(state.get("learn_requests", 0)) or None,
                     "learned_tokens": int(state.get("learn_tokens", 0)) or None,
