@@ -6,6 +6,7 @@ The broker comes from :func:`configure` (the CLI calls it) or ``OPT_QUEUE_BROKER
 
 from __future__ import annotations
 
+import math
 import os
 
 from celery import Celery
@@ -24,7 +25,9 @@ app.conf.update(
     # A killed worker's rows are delivered again; publishing is idempotent by row, so that is safe.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
-    worker_prefetch_multiplier=4,
+    # One task of rows_per_task rows waits per pool thread: enough to keep rows flowing, few
+    # enough that the rows a worker holds stay close to its concurrency (fair among workers).
+    worker_prefetch_multiplier=1,
     worker_send_task_events=False,  # `opt-queue worker --events` (the default) turns them on
     task_send_sent_event=False,
     broker_connection_retry_on_startup=True,
@@ -33,6 +36,16 @@ app.conf.update(
     worker_hijack_root_logger=False,
     worker_enable_remote_control=True,
 )
+
+
+def task_slots(rows_in_flight: int, rows_per_task: int) -> int:
+    """Celery pool threads for a worker: twice the tasks it takes to fill ``rows_in_flight``.
+
+    The threads only wait on their batch (the rows run on the worker's event loop, which caps
+    them at ``rows_in_flight``); the spare half keeps the cap reached while a batch's last rows
+    finish.
+    """
+    return max(2, 2 * math.ceil(rows_in_flight / rows_per_task))
 
 
 def transport_options(visibility_timeout: int) -> dict[str, int]:

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from opt_queue import __version__
 from opt_queue.collector import CollectStatus, Collector, errors_path
-from opt_queue.config import Config, load_config
+from opt_queue.config import ENV_OVERRIDES, Config, load_config
 from opt_queue.errors import ConfigError, OptQueueError
 from opt_queue.jobs import job_id_for
 from opt_queue.redis_conn import connect, redact_url
@@ -140,7 +140,7 @@ def worker(config_path: str | None, concurrency: int | None, pool: str, loglevel
            hostname: str | None, events: bool) -> None:
     """Run a worker that answers rows from the broker's queue."""
     from opt_queue import keys
-    from opt_queue.app import app, configure
+    from opt_queue.app import app, configure, task_slots
 
     cfg = _config(config_path)
     url = _broker(cfg)
@@ -148,11 +148,16 @@ def worker(config_path: str | None, concurrency: int | None, pool: str, loglevel
     if config_path:
         os.environ["OPT_QUEUE_CONFIG"] = str(Path(config_path).resolve())
     os.environ["OPT_QUEUE_BROKER_URL"] = url
+    if concurrency:  # the engine (built from the config in the worker) caps rows in flight at it
+        overrides = json.loads(os.environ.get(ENV_OVERRIDES) or "{}")
+        os.environ[ENV_OVERRIDES] = json.dumps({**overrides, "concurrency": concurrency})
     configure(url, cfg.visibility_timeout)
     level = (loglevel or cfg.log_level).upper()
     _setup_logging(level)
-    logging.getLogger(__name__).info("worker for %s with %d keys", redact_url(url), len(cfg.api_keys))
-    argv = ["worker", "--pool", pool, "--concurrency", str(concurrency or cfg.concurrency),
+    rows_in_flight = concurrency or cfg.concurrency
+    logging.getLogger(__name__).info("worker for %s with %d keys, up to %d rows in flight",
+                                     redact_url(url), len(cfg.api_keys), rows_in_flight)
+    argv = ["worker", "--pool", pool, "--concurrency", str(task_slots(rows_in_flight, cfg.rows_per_task)),
             "-Q", keys.QUEUE, "--loglevel", level, "--without-mingle", "--without-gossip"]
     if events:
         argv.append("--events")

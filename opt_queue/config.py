@@ -183,7 +183,8 @@ class Config(BaseModel):
     max_retries: int = Field(default=5, ge=0)
     request_timeout: float = Field(default=60.0, gt=0)
     broker_url: str | None = Field(default=None, repr=False)  # may hold a password
-    concurrency: int = Field(default=32, ge=1, le=4096)
+    concurrency: int = Field(default=256, ge=1, le=16384)
+    rows_per_task: int = Field(default=16, ge=1, le=1000)
     max_queued: int = Field(default=50_000, ge=0)
     visibility_timeout: int = Field(default=3600, ge=1)
     safety_margin: float = Field(default=0.25, ge=0)

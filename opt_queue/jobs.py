@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from opt_queue import keys
-from opt_queue.scripts import scripts_for
+from opt_queue.scripts import queue, scripts_for
 
 RUNNING, STOPPED, COMPLETE = "running", "stopped", "complete"
 
@@ -81,17 +81,34 @@ class Progress:
         return max(0, self.claimed - self.reported - self.released)
 
 
-class Job:
-    """Handle on one job's Redis state."""
+class _JobBase:
+    """A job's Redis names and the arguments of the scripts both job handles call."""
 
-    def __init__(self, client: redis.Redis, job_id: str) -> None:
+    def __init__(self, client: Any, job_id: str) -> None:
         self.client = client
         self.id = job_id
         self._scripts = scripts_for(client)
         self.meta_key = keys.job_meta(job_id)
 
     def __repr__(self) -> str:
-        return f"<Job {self.id}>"
+        return f"<{type(self).__name__} {self.id}>"
+
+    def _publish_call(self, result: RowResult) -> dict[str, Any]:
+        ks = [keys.job_done(self.id), keys.job_answered(self.id), self.meta_key, keys.job_results(self.id)]
+        flat: list[str] = []
+        for k, v in result.to_fields().items():
+            flat += [k, v]
+        return {"keys": ks, "args": [result.seq, 0 if result.answer is None else 1, result.prompt_tokens,
+                                     result.completion_tokens, *flat]}
+
+    def _release_call(self, seq: int) -> dict[str, Any]:
+        return {"keys": [keys.job_claimed(self.id), keys.job_done(self.id), self.meta_key], "args": [seq]}
+
+
+class Job(_JobBase):
+    """Handle on one job's Redis state (blocking client)."""
+
+    client: redis.Redis
 
     # -- lifecycle ------------------------------------------------------------------------------
     def begin_submit(self, **meta: Any) -> None:
@@ -153,29 +170,9 @@ class Job:
             claimed += [int(s) for s in self._scripts.claim(keys=ks, args=argv)]
         return claimed
 
-    def state(self, seq: int) -> tuple[bool, bool]:
-        """``(job stopped, row done)`` in one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hget(self.meta_key, "status")
-        pipe.getbit(keys.job_done(self.id), seq)
-        status, done = pipe.execute()
-        return status == STOPPED.encode(), bool(done)
-
-    def publish(self, result: RowResult, pipe: redis.client.Pipeline | None = None) -> bool | None:
-        """Publish a row's final result; False when it was already published (redelivery).
-
-        With ``pipe`` the call is only queued there (its reply is the pipeline's) and None returned.
-        """
-        ks = [keys.job_done(self.id), keys.job_answered(self.id), self.meta_key, keys.job_results(self.id)]
-        flat: list[str] = []
-        for k, v in result.to_fields().items():
-            flat += [k, v]
-        args = [result.seq, 0 if result.answer is None else 1, result.prompt_tokens,
-                result.completion_tokens, *flat]
-        if pipe is not None:
-            self._scripts.publish(keys=ks, args=args, client=pipe)
-            return None
-        return bool(self._scripts.publish(keys=ks, args=args))
+    def publish(self, result: RowResult) -> bool:
+        """Publish a row's final result; False when it was already published (redelivery)."""
+        return bool(self._scripts.publish(**self._publish_call(result)))
 
     def unfinished(self) -> set[int]:
         """Rows claimed (a task was enqueued for them) whose result is not published yet."""
@@ -194,8 +191,7 @@ class Job:
 
     def release(self, seq: int) -> bool:
         """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""
-        ks = [keys.job_claimed(self.id), keys.job_done(self.id), self.meta_key]
-        return bool(self._scripts.release(keys=ks, args=[seq]))
+        return bool(self._scripts.release(**self._release_call(seq)))
 
     def forget_queued(self) -> None:
         """Forget claims of rows that are neither done nor released (their tasks are gone).
@@ -222,6 +218,45 @@ class Job:
 
     def retired_keys(self) -> dict[str, str]:
         raw = self.client.hgetall(keys.job_retired(self.id))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+class AsyncJob(_JobBase):
+    """The calls a worker's engine makes on a job, on a ``redis.asyncio`` client."""
+
+    def queue_state(self, seq: int, pipe: Any) -> None:
+        """Queue the reads of ``(job stopped, row done)`` on ``pipe``: two replies for :meth:`read_state`."""
+        pipe.hget(self.meta_key, "status")
+        pipe.getbit(keys.job_done(self.id), seq)
+
+    @staticmethod
+    def read_state(replies: list[Any]) -> tuple[bool, bool]:
+        status, done = replies
+        return status == STOPPED.encode(), bool(done)
+
+    def queue_publish(self, result: RowResult, pipe: Any) -> None:
+        """Queue the publication of a row's result on ``pipe`` (see ``scripts.run_pipeline``);
+        its reply says whether it was new."""
+        queue(pipe, self._scripts.publish, **self._publish_call(result))
+
+    async def release(self, seq: int) -> bool:
+        """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""
+        return bool(await self._scripts.release(**self._release_call(seq)))
+
+    async def stop(self, reason: str) -> bool:
+        """Stop the job for good with ``reason``; return False if it was already stopped."""
+        pipe = self.client.pipeline()
+        pipe.hget(self.meta_key, "status")
+        pipe.hset(self.meta_key, mapping={"status": STOPPED, "reason": reason})
+        before, _ = await pipe.execute()
+        return before != STOPPED.encode()
+
+    async def retire_key(self, fingerprint: str, reason: str) -> bool:
+        """Retire a key for this job; return True the first time."""
+        return bool(await self.client.hsetnx(keys.job_retired(self.id), fingerprint, reason))
+
+    async def retired_keys(self) -> dict[str, str]:
+        raw = await self.client.hgetall(keys.job_retired(self.id))
         return {k.decode(): v.decode() for k, v in raw.items()}
 
 

@@ -40,7 +40,6 @@ import math
 import os
 import random
 import tempfile
-import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ import redis
 
 from opt_queue import keys as rkeys
 from opt_queue.config import ApiKey, Limits, Window
-from opt_queue.scripts import scripts_for
+from opt_queue.scripts import queue, run_pipeline, scripts_for
 
 CHARS_PER_TOKEN = 3.0
 """Character-based estimate, used unless tiktoken's encoding is on this machine: OpenAI's
@@ -154,34 +153,45 @@ class Never:
     tokens: int
 
 
-class KeyPool:
-    """The keys a worker may use, paced by the shared state in Redis."""
+@dataclass(frozen=True)
+class _AcquirePlan:
+    """One ``acquire.lua`` call: its keys and arguments, and how to read its reply."""
 
-    def __init__(self, client: redis.Redis, keys: list[ApiKey], margin: float = 0.25) -> None:
+    order: list[str]
+    cands: dict[str, list[ApiKey]]
+    keys: list[str]
+    args: list[Any]
+    tokens: int
+
+
+class _PoolBase:
+    """What the sync and asyncio key pools share: the keys, and every script call's arguments.
+
+    The two pools differ only in how they talk to Redis (``redis.Redis`` in the producer's and
+    tests' processes, ``redis.asyncio.Redis`` in the worker's event loop).
+    """
+
+    def __init__(self, client: Any, keys: list[ApiKey], margin: float = 0.25) -> None:
         self.client = client
         self.keys = list(keys)
         self.margin_ms = int(margin * 1000)
         self._scripts = scripts_for(client)
         self._rr = itertools.count()
-        self._lock = threading.Lock()
         self.buckets: dict[str, list[ApiKey]] = {}
         for k in self.keys:
             self.buckets.setdefault(k.bucket, []).append(k)
-        self._register()
 
     def __repr__(self) -> str:
-        return f"<KeyPool {len(self.keys)} keys in {len(self.buckets)} buckets>"
+        return f"<{type(self).__name__} {len(self.keys)} keys in {len(self.buckets)} buckets>"
 
-    def _register(self) -> None:
+    def _describe(self, pipe: Any) -> None:
         """Describe the keys in Redis for ``status`` (fingerprints and limits, never secrets)."""
-        pipe = self.client.pipeline()
         for k in self.keys:
             windows = [["req", w.period] for w in k.limits.requests] + [
                 ["tok", w.period] for w in k.limits.tokens]
             desc = {"bucket": k.bucket, "limits": str(k.limits), "windows": windows,
                     "models": list(k.models or []), "api_base": k.api_base}
             pipe.hset(rkeys.KNOWN_KEYS, k.fingerprint, json.dumps(desc))
-        pipe.execute()
 
     def candidates(self, model: str, exclude: set[str]) -> dict[str, list[ApiKey]]:
         """Buckets with at least one usable key that serves ``model``."""
@@ -192,8 +202,7 @@ class KeyPool:
                 out[bucket] = usable
         return out
 
-    def acquire(self, model: str, tokens: int, exclude: set[str] | None = None) -> Lease | Wait | Never | None:
-        """Try to admit one request; ``None`` when no usable key serves ``model`` at all."""
+    def _plan_acquire(self, model: str, tokens: int, exclude: set[str] | None) -> _AcquirePlan | None:
         cands = self.candidates(model, exclude or set())
         if not cands:
             return None
@@ -209,17 +218,19 @@ class KeyPool:
                 for w, learn in zip(windows, learn_flags(windows)):
                     ks.append(rkeys.bucket_window(bucket, dim, w.period))
                     argv += [w.limit, int(w.period * 1000), int(learn)]
-        res = self._scripts.acquire(keys=ks, args=argv)
+        return _AcquirePlan(order, cands, ks, argv, tokens)
+
+    def _granted(self, plan: _AcquirePlan, res: list[Any]) -> Lease | Wait | Never:
         status = int(res[0])
         if status == -1:
-            return Never(tokens)
+            return Never(plan.tokens)
         if status == 0:
             return Wait(int(res[1]) / 1000.0, int(res[2]))
-        bucket = order[int(res[1]) - 1]
-        members = cands[bucket]
-        with self._lock:
-            key = members[next(self._rr) % len(members)]
-        return Lease(key=key, uid=argv[2], tokens=tokens, bucket=bucket, limits=key.limits, at_ms=int(res[2]))
+        bucket = plan.order[int(res[1]) - 1]
+        members = plan.cands[bucket]
+        key = members[next(self._rr) % len(members)]  # itertools.count is atomic under the GIL
+        return Lease(key=key, uid=plan.args[2], tokens=plan.tokens, bucket=bucket, limits=key.limits,
+                     at_ms=int(res[2]))
 
     @staticmethod
     def _window_keys(lease: Lease) -> list[str]:
@@ -227,45 +238,123 @@ class KeyPool:
         return [rkeys.bucket_window(lease.bucket, "req", w.period) for w in lease.limits.requests] + [
             rkeys.bucket_window(lease.bucket, "tok", w.period) for w in lease.limits.tokens]
 
+    def _stamp_call(self, lease: Lease) -> dict[str, Any] | None:
+        ks = self._window_keys(lease)
+        return {"keys": ks, "args": [lease.uid, lease.tokens, len(lease.limits.requests)]} if ks else None
+
+    def _cancel_call(self, lease: Lease) -> dict[str, Any]:
+        limits = lease.limits
+        return {"keys": [rkeys.bucket_state(lease.bucket), *self._window_keys(lease)],
+                "args": [lease.uid, lease.tokens, len(limits.requests),
+                         *[int(w.period * 1000) for w in limits.tokens]]}
+
+    @staticmethod
+    def _settle_call(lease: Lease, used_tokens: int) -> dict[str, Any] | None:
+        """The settle script's call, or None when the estimate needs no correction."""
+        windows = lease.limits.tokens
+        if not windows or used_tokens <= 0 or used_tokens == lease.tokens:
+            return None
+        return {"keys": [rkeys.bucket_state(lease.bucket)] + [
+                    rkeys.bucket_window(lease.bucket, "tok", w.period) for w in windows],
+                "args": [lease.uid, lease.tokens, used_tokens, *[int(w.period * 1000) for w in windows]]}
+
+    @staticmethod
+    def _count(lease: Lease, used_tokens: int, pipe: Any) -> None:
+        stats = rkeys.key_stats(lease.key.fingerprint)
+        pipe.hincrby(stats, "requests", 1)
+        pipe.hincrby(stats, "tokens", max(used_tokens, 0))
+
+    @staticmethod
+    def _cool_call(key: ApiKey, seconds: float, learned: dict[str, int] | None) -> dict[str, Any]:
+        learned = learned or {}
+        return {"keys": [rkeys.bucket_state(key.bucket)],
+                "args": [int(seconds * 1000), learned.get("requests", 0), learned.get("tokens", 0)]}
+
+
+class KeyPool(_PoolBase):
+    """The keys a process may use, paced by the shared state in Redis (blocking client)."""
+
+    def __init__(self, client: redis.Redis, keys: list[ApiKey], margin: float = 0.25) -> None:
+        super().__init__(client, keys, margin)
+        pipe = self.client.pipeline()
+        self._describe(pipe)
+        pipe.execute()
+
+    def acquire(self, model: str, tokens: int, exclude: set[str] | None = None) -> Lease | Wait | Never | None:
+        """Try to admit one request; ``None`` when no usable key serves ``model`` at all."""
+        plan = self._plan_acquire(model, tokens, exclude)
+        if plan is None:
+            return None
+        return self._granted(plan, self._scripts.acquire(keys=plan.keys, args=plan.args))
+
     def stamp(self, lease: Lease) -> int:
         """Start the lease's windows now, as its request is being sent; return the stamp (ms)."""
-        limits = lease.limits
-        ks = self._window_keys(lease)
-        if not ks:
-            return lease.at_ms
-        return int(self._scripts.stamp(keys=ks, args=[lease.uid, lease.tokens, len(limits.requests)]))
+        call = self._stamp_call(lease)
+        return lease.at_ms if call is None else int(self._scripts.stamp(**call))
 
     def cancel(self, lease: Lease) -> None:
         """Give back a lease whose request was never sent."""
-        limits = lease.limits
-        ks = [rkeys.bucket_state(lease.bucket), *self._window_keys(lease)]
-        self._scripts.cancel(keys=ks, args=[lease.uid, lease.tokens, len(limits.requests),
-                                            *[int(w.period * 1000) for w in limits.tokens]])
+        self._scripts.cancel(**self._cancel_call(lease))
 
-    def settle(self, lease: Lease, used_tokens: int, pipe: redis.client.Pipeline | None = None) -> None:
-        """Replace the lease's token estimate by the real usage and count the request
-        (queued on ``pipe`` when given, so the caller can send it with other commands)."""
-        own = pipe is None
-        p = self.client.pipeline() if pipe is None else pipe
-        windows = lease.limits.tokens
-        if windows and used_tokens > 0 and used_tokens != lease.tokens:
-            ks = [rkeys.bucket_state(lease.bucket)] + [
-                rkeys.bucket_window(lease.bucket, "tok", w.period) for w in windows]
-            self._scripts.settle(keys=ks, args=[lease.uid, lease.tokens, used_tokens,
-                                                *[int(w.period * 1000) for w in windows]], client=p)
-        stats = rkeys.key_stats(lease.key.fingerprint)
-        p.hincrby(stats, "requests", 1)
-        p.hincrby(stats, "tokens", max(used_tokens, 0))
-        if own:
-            p.execute()
-
-    def count_error(self, key: ApiKey, reason: str) -> None:
-        self.client.hincrby(rkeys.key_stats(key.fingerprint), f"error:{reason}", 1)
+    def settle(self, lease: Lease, used_tokens: int) -> None:
+        """Replace the lease's token estimate by the real usage and count the request."""
+        call = self._settle_call(lease, used_tokens)
+        if call is not None:
+            self._scripts.settle(**call)
+        pipe = self.client.pipeline()
+        self._count(lease, used_tokens, pipe)
+        pipe.execute()
 
     def cool(self, key: ApiKey, seconds: float, learned: dict[str, int] | None = None) -> float:
         """Cool ``key``'s bucket for ``seconds`` and learn lower server limits; return the cooldown."""
-        learned = learned or {}
-        left = self._scripts.cool(keys=[rkeys.bucket_state(key.bucket)],
-                                  args=[int(seconds * 1000), learned.get("requests", 0),
-                                        learned.get("tokens", 0)])
-        return int(left) / 1000.0
+        return int(self._scripts.cool(**self._cool_call(key, seconds, learned))) / 1000.0
+
+
+class AsyncKeyPool(_PoolBase):
+    """:class:`KeyPool` on a ``redis.asyncio`` client, for the worker's event loop."""
+
+    async def describe(self) -> None:
+        """Describe the keys in Redis for ``status``; call once after construction."""
+        pipe = self.client.pipeline()
+        self._describe(pipe)
+        await pipe.execute()
+
+    def plan(self, model: str, tokens: int, exclude: set[str] | None = None) -> _AcquirePlan | None:
+        """What an admission needs (None when no usable key serves ``model`` at all): queue it with
+        :meth:`queue_acquire` and read its reply with :meth:`granted`."""
+        return self._plan_acquire(model, tokens, exclude)
+
+    def queue_acquire(self, plan: _AcquirePlan, pipe: Any) -> None:
+        """Queue the admission on ``pipe`` (see ``scripts.run_pipeline``)."""
+        queue(pipe, self._scripts.acquire, plan.keys, plan.args)
+
+    def granted(self, plan: _AcquirePlan, reply: Any) -> Lease | Wait | Never:
+        """Read the admission's reply."""
+        return self._granted(plan, reply)
+
+    async def stamp(self, lease: Lease) -> int:
+        """Start the lease's windows now, as its request is being sent; return the stamp (ms)."""
+        call = self._stamp_call(lease)
+        return lease.at_ms if call is None else int(await self._scripts.stamp(**call))
+
+    async def cancel(self, lease: Lease) -> None:
+        """Give back a lease whose request was never sent."""
+        await self._scripts.cancel(**self._cancel_call(lease))
+
+    def queue_settle(self, lease: Lease, used_tokens: int, pipe: Any) -> None:
+        """Queue the settlement on ``pipe`` (sent with the row's result, in one round trip)."""
+        call = self._settle_call(lease, used_tokens)
+        if call is not None:
+            queue(pipe, self._scripts.settle, **call)
+        self._count(lease, used_tokens, pipe)
+
+    async def settle(self, lease: Lease, used_tokens: int) -> None:
+        """Replace the lease's token estimate by the real usage and count the request."""
+        await run_pipeline(self.client, lambda pipe: self.queue_settle(lease, used_tokens, pipe))
+
+    async def count_error(self, key: ApiKey, reason: str) -> None:
+        await self.client.hincrby(rkeys.key_stats(key.fingerprint), f"error:{reason}", 1)
+
+    async def cool(self, key: ApiKey, seconds: float, learned: dict[str, int] | None = None) -> float:
+        """Cool ``key``'s bucket for ``seconds`` and learn lower server limits; return the cooldown."""
+        return int(await self._scripts.cool(**self._cool_call(key, seconds, learned))) / 1000.0

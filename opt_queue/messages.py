@@ -1,4 +1,8 @@
-"""Row task messages built in bulk and pushed to the Redis queue in pipelines.
+"""Rows task messages built in bulk and pushed to the Redis queue in pipelines.
+
+A task carries up to ``rows_per_task`` rows of one job as ``[seq, index, request]`` triples: the
+worker runs them concurrently, and Celery's own cost (about 1 ms per task message in a worker
+process, measured in docs/benchmarks.md) is paid once per batch instead of once per row.
 
 Publishing through ``apply_async`` costs one or two Redis round trips and ~400 us of Python per
 row (about 2,000 rows/s); a million-row submit needs better. Celery still builds every message
@@ -21,14 +25,16 @@ from kombu.serialization import dumps
 from opt_queue import keys
 from opt_queue.app import app
 
-ROW_TASK = "opt_queue.row"
+ROWS_TASK = "opt_queue.rows"
+TaskRow = tuple[int, str, dict[str, Any]]
+"""One row as a task carries it: ``(seq, index, request body)``; the key never travels."""
 
 
-def envelope(job_id: str, seq: int, index: str, body: dict[str, Any], options: dict[str, Any]) -> str:
-    """The queue entry for one row task, as kombu's Redis transport stores it (JSON text)."""
+def envelope(job_id: str, rows: list[TaskRow], options: dict[str, Any]) -> str:
+    """The queue entry for one task of ``rows``, as kombu's Redis transport stores it (JSON text)."""
     task_id = str(uuid.uuid4())
-    argsrepr = repr((job_id, index))
-    message = app.amqp.create_task_message(task_id, ROW_TASK, (job_id, seq, index, body, options), {},
+    argsrepr = repr((job_id, [index for _, index, _ in rows]))  # what Flower shows: indices only
+    message = app.amqp.create_task_message(task_id, ROWS_TASK, (job_id, rows, options), {},
                                            argsrepr=argsrepr, kwargsrepr="{}", ignore_result=True)
     content_type, content_encoding, data = dumps(message.body, serializer="json")
     properties = dict(message.properties)
@@ -54,11 +60,11 @@ def queued_seqs(client: redis.Redis, job_id: str) -> set[int]:
     found = set()
     for message in raws:
         headers = message.get("headers") or {}
-        if headers.get("task") != ROW_TASK or job_id not in str(headers.get("argsrepr")):
+        if headers.get("task") != ROWS_TASK or job_id not in str(headers.get("argsrepr")):
             continue
         args = json.loads(base64.b64decode(message["body"]))[0]
         if args[0] == job_id:
-            found.add(int(args[1]))
+            found.update(int(row[0]) for row in args[1])
     return found
 
 

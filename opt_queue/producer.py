@@ -1,4 +1,5 @@
-"""Submit: validate the input, then enqueue one task per row that output.jsonl does not answer."""
+"""Submit: validate the input, then enqueue the rows that output.jsonl does not answer yet
+(``rows_per_task`` rows to a task message)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,14 @@ def task_options(config: Config) -> dict[str, Any]:
     return {"fallback": config.model.fallback} if config.model.fallback else {}
 
 
+def envelopes(job_id: str, rows: list[Row], config: Config) -> list[str]:
+    """Task messages for ``rows``: ``config.rows_per_task`` rows to a task, in input order."""
+    options = task_options(config)
+    size = config.rows_per_task
+    return [envelope(job_id, [(r.seq, r.index, request_body(r, config)) for r in rows[i:i + size]], options)
+            for i in range(0, len(rows), size)]
+
+
 def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
     batch: list[Row] = []
     for r in rows:
@@ -93,13 +102,11 @@ def requeue_lost(client: redis.Redis, job_id: str, input_path: str | os.PathLike
     lost = job.unfinished() - queued_seqs(client, job_id)
     if not lost:
         return 0
-    options = task_options(config)
-    entries = [envelope(job_id, r.seq, r.index, request_body(r, config), options)
-               for r in iter_input(input_path, skip_bad=True) if r.seq in lost]
-    push(client, entries)
+    rows = [r for r in iter_input(input_path, skip_bad=True) if r.seq in lost]
+    push(client, envelopes(job_id, rows, config))
     log.warning("job %s: enqueued %d rows again whose tasks were lost (a worker or submit died "
-                "while handling them)", job_id, len(entries))
-    return len(entries)
+                "while handling them)", job_id, len(rows))
+    return len(rows)
 
 
 def _release_quietly(job: Job, seqs: list[int]) -> None:
@@ -137,7 +144,6 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
     job = Job(client, job_id)
     job.begin_submit(total=total, model=config.model.name, **meta)
     report = SubmitReport(job=job_id, total=total, bad_lines=bad_lines)
-    options = task_options(config)
     done = 0
     declare_queue()
     try:
@@ -151,8 +157,8 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
             fresh = [r for r in batch if r.seq in claimed]
             report.retried_nulls += sum(r.index in nulls for r in fresh)
             try:
-                report.enqueued += push(client, [envelope(job_id, r.seq, r.index, request_body(r, config),
-                                                          options) for r in fresh])
+                push(client, envelopes(job_id, fresh, config))
+                report.enqueued += len(fresh)
             except BaseException:  # Ctrl-C or Redis gone between claim and push: give the rows back
                 _release_quietly(job, [r.seq for r in fresh])
                 raise

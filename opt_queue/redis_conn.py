@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import redis
+import redis.asyncio
+import redis.asyncio.retry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -32,6 +34,20 @@ def connect(url: str, *, check: bool = False, timeout: float = 5.0, patient: boo
         finally:
             probe.close()
     return client
+
+
+def connect_async(url: str, *, timeout: float = 5.0, max_connections: int = 64) -> redis.asyncio.Redis:
+    """An asyncio client for ``url`` that, like ``connect(patient=True)``, rides out a restart.
+
+    Its ``max_connections`` are shared by every row of the process: a row that finds them all
+    busy waits for one (a Redis call takes well under a millisecond) instead of failing.
+    """
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=60, socket_connect_timeout=timeout,
+        socket_timeout=30,
+        retry=redis.asyncio.retry.Retry(ExponentialBackoff(cap=2.0, base=0.05), 60),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    return redis.asyncio.Redis(connection_pool=pool)
 
 
 def redact_url(url: str) -> str:

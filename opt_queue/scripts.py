@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 from importlib import resources
+from typing import Any
 
 import redis
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 _NAMES = ("claim", "publish", "release", "acquire", "stamp", "cancel", "settle", "cool")
 
@@ -43,3 +46,32 @@ def scripts_for(client: redis.Redis) -> Scripts:
     if got is None:
         got = _by_client[id(client)] = Scripts(client)
     return got
+
+
+def queue(pipe: Any, script: Script, keys: list[str], args: list[Any]) -> None:
+    """Queue ``script`` on ``pipe`` by its SHA alone.
+
+    redis-py's own way (``script(..., client=pipe)``) costs a ``SCRIPT EXISTS`` round trip before
+    every pipeline; :func:`run_pipeline` instead loads the scripts only when Redis has lost them.
+    """
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+async def run_pipeline(client: Any, fill: Callable[[Any], None]) -> list[Any]:
+    """Fill a fresh non-transactional pipeline of the asyncio ``client`` and run it.
+
+    When Redis no longer knows a script (it restarted), load them all and run the pipeline once
+    more: a script that met ``NOSCRIPT`` did nothing, and the pipelines built this way hold only
+    reads, scripts and counters (a counter may then count twice; nothing else can).
+    """
+    for attempt in (1, 2):
+        pipe = client.pipeline(transaction=False)
+        fill(pipe)
+        try:
+            return await pipe.execute()
+        except NoScriptError:
+            if attempt == 2:
+                raise
+            for name in _NAMES:
+                await client.script_load(source(name))
+    raise AssertionError("unreachable")

@@ -1,10 +1,19 @@
-"""The row task: decode, hand the row to the engine, done. Everything else lives in ``engine``."""
+"""The rows task: hand a batch of rows to the worker's event loop and wait for them.
+
+Each worker process runs one asyncio event loop in a background thread, with one :class:`Engine`
+on it. A Celery pool thread that receives a task only blocks on the batch's future; the rows
+themselves run on the loop, so thousands of rows in flight cost no threads and no GIL contention.
+Everything a row does lives in ``engine``.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from typing import Any
+from collections import Counter
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import redis
 from celery import Task
@@ -12,33 +21,55 @@ from celery import Task
 from opt_queue.app import app
 from opt_queue.config import load_config
 from opt_queue.engine import Engine
-from opt_queue.messages import ROW_TASK
-from opt_queue.redis_conn import connect
+from opt_queue.messages import ROWS_TASK
+from opt_queue.redis_conn import connect_async
 
 log = logging.getLogger(__name__)
-INTERNAL_RETRIES = 5
-
-_engine: Engine | None = None
-_engine_lock = threading.Lock()
+T = TypeVar("T")
 
 
-def get_engine() -> Engine:
-    """The worker process's engine, built on first use from ``OPT_QUEUE_CONFIG`` and the broker."""
-    global _engine
-    with _engine_lock:
-        if _engine is None:
-            config = load_config()
-            _engine = Engine(config, connect(app.conf.broker_url, patient=True))
-        return _engine
+class _Runtime:
+    """The worker process's event loop thread and the engine that lives on it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="opt-queue-rows", daemon=True)
+        self.thread.start()
+        config = load_config()
+        client = connect_async(app.conf.broker_url)
+        self.engine: Engine = self.run(Engine.start(config, client))
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the loop and wait for its result (from a pool thread)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
 
-@app.task(name=ROW_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def row(self: Task, job_id: str, seq: int, index: str, body: dict[str, Any],
-        options: dict[str, Any] | None = None) -> str:
-    """Answer one row of a job (the request travels in the message; the key never does)."""
-    try:
-        return get_engine().process(job_id, seq, index, body, options)
-    except redis.RedisError as exc:
-        # Redis restarting or unreachable: the row is neither done nor lost; try it again later.
-        log.warning("row %s of job %s: Redis error (%s); retrying", index, job_id, type(exc).__name__)
-        raise self.retry(exc=exc, countdown=min(30, 2 ** self.request.retries), max_retries=None)
+_runtime: _Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def runtime() -> _Runtime:
+    """The worker process's runtime, built on first use from ``OPT_QUEUE_CONFIG`` and the broker."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = _Runtime()
+        return _runtime
+
+
+@app.task(name=ROWS_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+          max_retries=None)
+def rows(self: Task, job_id: str, rows: list[list[Any]], options: dict[str, Any] | None = None) -> dict[str, int]:
+    """Answer a batch of one job's ``[seq, index, request]`` rows; return how each one ended."""
+    rt = runtime()
+    outcomes = rt.run(rt.engine.process_rows(job_id, rows, options))
+    errors = [out for out in outcomes if isinstance(out, BaseException)]
+    if errors:
+        # Redis restarting or unreachable: those rows are neither done nor lost; run them again.
+        unfinished = [row for row, out in zip(rows, outcomes) if isinstance(out, BaseException)]
+        first = errors[0]
+        level = logging.WARNING if isinstance(first, redis.RedisError) else logging.ERROR
+        log.log(level, "job %s: %d rows of the batch did not finish (%s: %s); retrying them",
+                job_id, len(unfinished), type(first).__name__, first)
+        raise self.retry(args=(job_id, unfinished, options), countdown=min(30, 2 ** self.request.retries))
+    return dict(Counter(str(out) for out in outcomes))
