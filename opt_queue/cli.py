@@ -192,7 +192,8 @@ def collect(config_path: str | None, output: str, job_name: str | None, input_pa
 @config_option
 @click.option("-o", "--output", default="output.jsonl", show_default=True, help="Output JSONL file.")
 @click.option("--job", "job_name", help="Job name (default: derived from the output path).")
-@click.option("--workers", default=1, show_default=True, help="Local worker processes (0: use the fleet).")
+@click.option("--workers", type=int, default=None,
+              help="Local worker processes (default: one per CPU core, at most 4; 0: use the fleet).")
 @click.option("--skip-bad-lines", is_flag=True, help="Process the valid rows and list the bad ones.")
 @friendly
 def run(input_path: str, config_path: str | None, output: str, job_name: str | None, workers: int,
@@ -200,6 +201,8 @@ def run(input_path: str, config_path: str | None, output: str, job_name: str | N
     """Submit, work and collect a whole job on this machine (private Redis unless broker_url is set)."""
     config_path = _config_path(config_path)
     cfg = _config(config_path)
+    if workers is None:
+        workers = max(1, min(4, os.cpu_count() or 1))
     _run_and_report(input_path, output, cfg, config_path, job_name, workers, skip_bad_lines)
 
 

@@ -36,14 +36,14 @@ def connect(url: str, *, check: bool = False, timeout: float = 5.0, patient: boo
     return client
 
 
-def connect_async(url: str, *, timeout: float = 5.0, max_connections: int = 64) -> redis.asyncio.Redis:
+def connect_async(url: str, *, max_connections: int, timeout: float = 5.0) -> redis.asyncio.Redis:
     """An asyncio client for ``url`` that, like ``connect(patient=True)``, rides out a restart.
 
-    Its ``max_connections`` are shared by every row of the process: a row that finds them all
-    busy waits for one (a Redis call takes well under a millisecond) instead of failing.
+    ``max_connections`` must cover the callers that can use Redis at once (a worker's rows in
+    flight): connections open only as many are in use together, and running out is an error.
     """
-    pool = redis.asyncio.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=60, socket_connect_timeout=timeout,
+    pool = redis.asyncio.ConnectionPool.from_url(
+        url, max_connections=max_connections, socket_connect_timeout=timeout,
         socket_timeout=30,
         retry=redis.asyncio.retry.Retry(ExponentialBackoff(cap=2.0, base=0.05), 60),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError])

@@ -36,7 +36,8 @@ class _Runtime:
         self.thread = threading.Thread(target=self.loop.run_forever, name="opt-queue-rows", daemon=True)
         self.thread.start()
         config = load_config()
-        client = connect_async(app.conf.broker_url)
+        # Each row in flight holds at most one connection at a time; the rest is for the engine.
+        client = connect_async(app.conf.broker_url, max_connections=config.concurrency + 16)
         self.engine: Engine = self.run(Engine.start(config, client))
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
