@@ -143,3 +143,16 @@ def workers(redis_url: str, tmp_path: Path) -> Iterator[Any]:
     yield start
     for w in started:
         w.stop(timeout=5)
+
+
+def queued_rows(client: redis.Redis) -> list[int]:
+    """The seqs of every row in a task message waiting in the queue, sorted (repeats kept)."""
+    import base64  # noqa: PLC0415
+
+    from opt_queue import keys  # noqa: PLC0415
+
+    seqs = []
+    for raw in client.lrange(keys.QUEUE, 0, -1):
+        _, batch, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+        seqs += [seq for seq, _, _ in batch]
+    return sorted(seqs)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from conftest import (assert_complete, cli, kill_group, lines_in, read_jsonl, seed_rows, start_cli,
+from conftest import (assert_complete, cli, kill_group, lines_in, queued_rows, read_jsonl, seed_rows, start_cli,
                       wait_for, write_config, write_jsonl)
 
 from opt_queue import keys
@@ -170,7 +170,7 @@ def test_concurrent_submits_never_enqueue_a_row_twice(tmp_path: Path, sim: SimSe
     assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
     enqueued = [int(r.stdout.split("enqueued ")[1].split(" ")[0]) for r in results]
     assert sum(enqueued) == 2000, enqueued
-    assert rclient.llen(keys.QUEUE) == 2000
+    assert queued_rows(rclient) == list(range(2000))  # every row in exactly one task message
     again = cli("submit", str(data), "-c", str(config), "-o", str(out))
     assert "enqueued 0 rows" in again.stdout and "2000 already queued" in again.stdout
     assert Counter(enqueued).total() == 3
@@ -183,14 +183,15 @@ def test_rows_whose_task_message_vanished_are_enqueued_again(tmp_path: Path, sim
     data = write_jsonl(tmp_path / "data.jsonl", seed_rows(30))
     out = tmp_path / "output.jsonl"
     config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, visibility_timeout=1,
-                          model={"name": MODEL})
+                          model={"name": MODEL}, rows_per_task=4)
     assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    assert rclient.llen(keys.QUEUE) == 8  # 7 tasks of 4 rows, 1 of 2
     lost = [json.loads(rclient.rpop(keys.QUEUE)) for _ in range(2)]  # as if popped by a dying worker
-    assert rclient.llen(keys.QUEUE) == 28 and all(m["headers"]["task"] == "opt_queue.row" for m in lost)
+    assert all(m["headers"]["task"] == "opt_queue.rows" for m in lost)
     workers(config, concurrency=4)
     started = time.monotonic()
     done = cli("collect", "-c", str(config), "-o", str(out), timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "enqueued 2 rows again whose tasks were lost" in done.stderr
+    assert "enqueued 8 rows again whose tasks were lost" in done.stderr
     assert time.monotonic() - started < 60
     assert_complete(data, out)

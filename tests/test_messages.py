@@ -10,7 +10,7 @@ import redis
 from opt_queue import keys
 from opt_queue.app import configure
 from opt_queue.messages import envelope, push
-from opt_queue.tasks import row
+from opt_queue.tasks import rows
 
 
 def shape(message: dict) -> dict:
@@ -25,8 +25,10 @@ def shape(message: dict) -> dict:
 
 def test_envelope_matches_what_apply_async_writes(redis_url: str, rclient: redis.Redis) -> None:
     configure(redis_url)
-    args = ("job-1", 7, "7", {"model": "m", "messages": [{"role": "user", "content": "é 字"}]}, {"fallback": "f"})
-    row.apply_async(args=args, argsrepr=repr(("job-1", "7")), kwargsrepr="{}")
+    batch = [(7, "7", {"model": "m", "messages": [{"role": "user", "content": "é 字"}]}),
+             (8, "8", {"model": "m", "messages": [{"role": "user", "content": "b"}], "temperature": 0})]
+    args = ("job-1", batch, {"fallback": "f"})
+    rows.apply_async(args=args, argsrepr=repr(("job-1", ["7", "8"])), kwargsrepr="{}")
     ordinary = json.loads(rclient.rpop(keys.QUEUE))
     bulk = json.loads(envelope(*args))
     assert shape(bulk) == shape(ordinary)
@@ -48,14 +50,20 @@ def test_requeue_lost_finds_exactly_the_rows_without_a_message(tmp_path, redis_u
 
     configure(redis_url)
     data = write_jsonl(tmp_path / "data.jsonl", seed_rows(10))
-    config = Config.model_validate({"api_keys": ["sk-x"]})
+    config = Config.model_validate({"api_keys": ["sk-x"], "rows_per_task": 4})
     enqueue(rclient, "job-q", iter_input(data), 10, config)
+    assert rclient.llen(keys.QUEUE) == 3  # rows 0-3, 4-7, 8-9
     assert requeue_lost(rclient, "job-q", data, config) == 0  # every row has its message
-    gone = json.loads(rclient.rpop(keys.QUEUE))  # the oldest: row 0
-    held = rclient.rpop(keys.QUEUE)  # row 1, now "delivered, not acknowledged"
+
+    def seqs(message: dict) -> list[int]:
+        job, batch, _ = json.loads(base64.b64decode(message["body"]))[0]
+        assert job == "job-q"
+        return [seq for seq, _, _ in batch]
+
+    gone = json.loads(rclient.rpop(keys.QUEUE))  # the oldest: rows 0-3
+    held = rclient.rpop(keys.QUEUE)  # rows 4-7, now "delivered, not acknowledged"
     rclient.hset("unacked", "tag-1", json.dumps([json.loads(held), "", keys.QUEUE]))
     assert Job(rclient, "job-q").unfinished() == set(range(10))
-    assert requeue_lost(rclient, "job-q", data, config) == 1
-    again = json.loads(rclient.lindex(keys.QUEUE, 0))  # the newest entry: row 0 again, not row 1
-    assert json.loads(base64.b64decode(again["body"]))[0][:3] == ["job-q", 0, "0"]
-    assert json.loads(base64.b64decode(gone["body"]))[0][:3] == ["job-q", 0, "0"]
+    assert requeue_lost(rclient, "job-q", data, config) == 4
+    again = json.loads(rclient.lindex(keys.QUEUE, 0))  # the newest entry: rows 0-3 again, not 4-7
+    assert seqs(again) == seqs(gone) == [0, 1, 2, 3]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import redis
-from conftest import cli, seed_rows, write_config, write_jsonl
+from conftest import cli, queued_rows, seed_rows, write_config, write_jsonl
 
 from opt_queue import keys
 from opt_queue.local import LocalWorkers
@@ -48,7 +48,7 @@ def test_known_keys_never_leave_the_config(tmp_path: Path, sim: SimServer, redis
     submitted = cli("submit", str(data), "-c", str(config), "-o", str(out))
     assert submitted.returncode == 0
     queued = dump_redis(rclient)  # task messages waiting in the queue
-    assert rclient.llen(keys.QUEUE) == 31
+    assert queued_rows(rclient) == list(range(31))
 
     worker_log = tmp_path / "worker.log"
     workers = LocalWorkers(redis_url, str(config), concurrency=4, loglevel="DEBUG", log_file=worker_log).start()
