@@ -83,6 +83,11 @@ class Engine:
         api.warm_up(engine.keys, config.request_timeout)
         return engine
 
+    async def close(self) -> None:
+        """Close the HTTP session and the Redis connections of this loop."""
+        await api.close_clients()
+        await self.client.aclose()
+
     def __repr__(self) -> str:
         return f"<Engine {self.pool!r} concurrency={self.config.concurrency} max_retries={self.config.max_retries}>"
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import redis
 from celery import Task
+from celery.signals import worker_shutdown
 
 from opt_queue.app import app
 from opt_queue.config import load_config
@@ -40,9 +41,17 @@ class _Runtime:
         client = connect_async(app.conf.broker_url, max_connections=config.concurrency + 16)
         self.engine: Engine = self.run(Engine.start(config, client))
 
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coro`` on the loop and wait for its result (from a pool thread)."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        """Close the engine's connections and stop the loop (the worker is shutting down)."""
+        try:
+            self.run(self.engine.close(), timeout=5)
+        except Exception as exc:  # best effort: the process is exiting anyway
+            log.debug("closing the worker's connections: %r", exc)
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
 _runtime: _Runtime | None = None
@@ -56,6 +65,12 @@ def runtime() -> _Runtime:
         if _runtime is None:
             _runtime = _Runtime()
         return _runtime
+
+
+@worker_shutdown.connect
+def _close_runtime(**_: Any) -> None:
+    if _runtime is not None:
+        _runtime.close()
 
 
 @app.task(name=ROWS_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,

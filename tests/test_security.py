@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import json
 from pathlib import Path
 
@@ -16,6 +18,14 @@ GOOD = "sk-proj-GOODgoodGOODgood1234567890abcdef"
 REVOKED = "sk-proj-REVOKEDrevokedREVOKED0987654321"
 
 
+def _message_body(item: bytes) -> str:
+    """The decoded body of a queued task message (kombu stores it base64-encoded), else ''."""
+    try:
+        return base64.b64decode(json.loads(item)["body"]).decode()
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
 def dump_redis(client: redis.Redis) -> str:
     """Every key and value in the server, as text."""
     parts = []
@@ -27,7 +37,9 @@ def dump_redis(client: redis.Redis) -> str:
         elif kind == "hash":
             parts.append(repr(client.hgetall(name)))
         elif kind == "list":
-            parts.append(repr(client.lrange(name, 0, -1)))
+            items = client.lrange(name, 0, -1)
+            parts.append(repr(items))
+            parts += [_message_body(item) for item in items]  # task bodies are base64 inside
         elif kind == "set":
             parts.append(repr(client.smembers(name)))
         elif kind == "zset":
@@ -49,6 +61,7 @@ def test_known_keys_never_leave_the_config(tmp_path: Path, sim: SimServer, redis
     assert submitted.returncode == 0
     queued = dump_redis(rclient)  # task messages waiting in the queue
     assert queued_rows(rclient) == list(range(31))
+    assert "Translate to English" in queued  # the decoded task bodies are scanned too
 
     worker_log = tmp_path / "worker.log"
     workers = LocalWorkers(redis_url, str(config), concurrency=4, loglevel="DEBUG", log_file=worker_log).start()

@@ -1,0 +1,100 @@
+"""The worker side of a rows task: many rows of many tasks in flight on one event loop, capped at
+the worker's concurrency; Redis losing its scripts mid-job; a row's outcome independent of its
+batch neighbours."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import redis
+
+from conftest import assert_complete, cli, seed_rows, write_config, write_jsonl
+from opt_queue.config import Config
+from opt_queue.engine import Engine
+from opt_queue.jobs import Job
+from opt_queue.redis_conn import connect_async
+from opt_queue.simapi import SimKey, SimServer
+
+MODEL = "gpt-3.5-turbo-0613"
+TEST_KEY = "sk-test-engine-0123456789abcdefghij"
+
+
+@pytest.mark.slow
+def test_rows_of_several_tasks_run_together_but_never_above_concurrency(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    sim.configure(latency=0.2)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(90))
+    out = tmp_path / "output.jsonl"
+    # 3 rows to a task and 7 rows in flight: a worker must draw on three tasks at once to fill its
+    # cap, and must hold back the rows of tasks it has received beyond it.
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, rows_per_task=3,
+                          model={"name": MODEL})
+    workers(config, concurrency=7)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
+    assert_complete(data, out, MODEL)
+    stats = sim.stats()
+    assert stats["max_in_flight"] == 7
+    assert stats["calls"] == 90
+
+
+def _engine_config(sim: SimServer, **fields: object) -> Config:
+    return Config.model_validate({"api_keys": [TEST_KEY], "api_base": sim.base_url, "limits": {"rpm": 1000},
+                                  "model": {"name": MODEL}, "backoff_base": 0.01, **fields})
+
+
+def _rows(n: int, start: int = 0) -> list[list[object]]:
+    return [[i, str(i), {"model": MODEL, "messages": [{"role": "user", "content": f"row {i}"}]}]
+            for i in range(start, start + n)]
+
+
+def _run(redis_url: str, config: Config, job_id: str, rows: list[list[object]]) -> list[object]:
+    async def go() -> list[object]:
+        engine = await Engine.start(config, connect_async(redis_url, max_connections=64))
+        try:
+            return await engine.process_rows(job_id, rows)
+        finally:
+            await engine.close()
+    return asyncio.run(go())
+
+
+def test_rows_finish_after_redis_forgets_its_scripts(sim: SimServer, redis_url: str,
+                                                      rclient: redis.Redis) -> None:
+    sim.configure(keys=[SimKey(TEST_KEY)])
+    config = _engine_config(sim)
+    job = Job(rclient, "job-noscript")
+    job.begin_submit(total=20)
+    assert job.claim((i, False) for i in range(20)) == list(range(20))
+    assert _run(redis_url, config, job.id, _rows(10)) == ["published"] * 10
+    rclient.script_flush()  # as after a Redis restart: every cached script is gone
+    assert _run(redis_url, config, job.id, _rows(10, start=10)) == ["published"] * 10
+    assert job.unfinished() == set()
+    assert job.progress().reported == 20
+
+
+def test_a_row_that_fails_for_good_does_not_hold_back_its_batch(sim: SimServer, redis_url: str,
+                                                                rclient: redis.Redis) -> None:
+    sim.configure(keys=[SimKey(TEST_KEY)])
+    config = _engine_config(sim, max_retries=0)
+    job = Job(rclient, "job-mixed")
+    job.begin_submit(total=4)
+    job.claim((i, False) for i in range(4))
+    rows = _rows(4)
+    rows[2][2] = {"model": MODEL}  # no messages: the API answers 400 for this row only
+    assert _run(redis_url, config, job.id, rows) == ["published"] * 4
+    results = {r.index: r for r in _results(rclient, job.id)}
+    assert results["2"].answer is None and results["2"].error_type
+    assert all(results[i].answer for i in ("0", "1", "3"))
+    # a second delivery of the same batch pays nothing and publishes nothing
+    calls = sim.stats()["calls"]
+    assert _run(redis_url, config, job.id, rows) == ["duplicate"] * 4
+    assert sim.stats()["calls"] == calls
+
+
+def _results(client: redis.Redis, job_id: str) -> list:  # type: ignore[type-arg]
+    from opt_queue import keys
+    from opt_queue.jobs import RowResult
+
+    return [RowResult.from_fields(fields) for _, fields in client.xrange(keys.job_results(job_id))]
