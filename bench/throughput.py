@@ -5,7 +5,9 @@ Figures:
   broker     Redis used_memory after the submit (rows waiting in the queue)
   collect    rows/s written to output.jsonl from a results stream of N rows
   resume     seconds to compute the resume set from an N-line output.jsonl
-  engine     rows/s end to end for `opt-queue run` on a zero-latency, unlimited simulated API
+  engine     rows/s end to end for `opt-queue run` (default settings) on a zero-latency,
+             unlimited simulated API
+  latency    the same with 2 s of latency per call: requests in flight (peak and sustained)
 
 Run:  python bench/throughput.py [--rows 1000000] [--engine-rows 20000]
 """
@@ -98,29 +100,56 @@ def bench_engine(d: Path, rows: int) -> dict:
         write_input(d / "engine.jsonl", rows)
         wall = timed_cli(d, {"api_base": sim.base_url, "limits": {}}, "run", str(d / "engine.jsonl"),
                          "-o", str(d / "engine.out.jsonl"))
+        assert sim.stats()["calls"] == rows
     return {"engine_rows_per_s": round(rows / wall, 1), "engine_wall_s": round(wall, 1)}
+
+
+def bench_latency(d: Path, rows: int, latency: float, concurrency: int) -> dict:
+    """In flight = calls x latency / (last call - first call): the average over the active span."""
+    with SimServer(SimConfig(keys=[SimKey(KEY)], latency=latency)) as sim:
+        write_input(d / "latency.jsonl", rows)
+        wall = timed_cli(d, {"api_base": sim.base_url, "limits": {}, "concurrency": concurrency,
+                             "request_timeout": 30}, "run", str(d / "latency.jsonl"),
+                         "-o", str(d / "latency.out.jsonl"))
+        stats = sim.stats()
+    active = stats["last_call"] - stats["first_call"] + latency
+    return {"latency_s": latency, "latency_concurrency_per_worker": concurrency,
+            "latency_peak_in_flight": stats["max_in_flight"],
+            "latency_sustained_in_flight": round(stats["calls"] * latency / active),
+            "latency_rows_per_s": round(rows / wall, 1), "latency_active_rows_per_s": round(stats["calls"] / active, 1),
+            "latency_wall_s": round(wall, 1)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--engine-rows", type=int, default=20_000)
+    ap.add_argument("--latency", type=float, default=2.0)
+    ap.add_argument("--latency-concurrency", type=int, default=1500,
+                    help="rows in flight per worker process for the latency figure")
+    ap.add_argument("--only", choices=["submit", "engine", "latency"], help="run one part only")
     args = ap.parse_args()
     print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        write_input(d / "data.jsonl", args.rows)
-        server = EmbeddedRedis(d / "redis", persist=False).start()
-        try:
-            results = {"rows": args.rows}
-            results.update(bench_submit(d, server, args.rows))
+        if args.only in (None, "submit"):
+            write_input(d / "data.jsonl", args.rows)
+            server = EmbeddedRedis(d / "redis", persist=False).start()
+            try:
+                results["rows"] = args.rows
+                results.update(bench_submit(d, server, args.rows))
+                print(json.dumps(results), flush=True)
+                results.update(bench_collect(d, server, args.rows))
+                results.update(bench_resume(d))
+                print(json.dumps(results), flush=True)
+            finally:
+                server.stop()
+        if args.only in (None, "engine"):
+            results.update(bench_engine(d, args.engine_rows))
             print(json.dumps(results), flush=True)
-            results.update(bench_collect(d, server, args.rows))
-            results.update(bench_resume(d))
-            print(json.dumps(results), flush=True)
-        finally:
-            server.stop()
-        results.update(bench_engine(d, args.engine_rows))
+        if args.only in (None, "latency"):
+            results.update(bench_latency(d, args.engine_rows, args.latency, args.latency_concurrency))
     print(json.dumps(results, indent=2))
 
 

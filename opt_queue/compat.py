@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import logging
 import json
+import signal
 import tempfile
 import threading
 import uuid
@@ -204,7 +205,7 @@ class _Engine:
         configure(url, config.visibility_timeout)
         if self.redis is not None:
             self.workers = LocalWorkers(url, config_path, concurrency=threads, loglevel=config.log_level,
-                                        overrides=overrides, events=False).start()
+                                        overrides=overrides, events=False, die_signal=signal.SIGKILL).start()
 
     def close(self) -> None:
         if self.workers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -42,14 +43,14 @@ def find_redis_server() -> str:
         "or set broker_url to a running Redis")
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when the parent dies (Linux), so a killed ``run``
+def _die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """In the child, before exec: get ``sig`` when the parent dies (Linux), so a killed ``run``
     leaves no orphan worker or Redis behind. Elsewhere a no-op."""
     if sys.platform.startswith("linux"):
         import ctypes  # noqa: PLC0415
 
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
 
 
 def _stop_stale(pidfile: Path, timeout: float = 15.0) -> None:
@@ -173,8 +174,13 @@ class LocalWorkers:
     def __init__(self, broker_url: str, config_path: str | None, processes: int = 1,
                  concurrency: int | None = None, loglevel: str = "WARNING",
                  log_file: str | os.PathLike[str] | None = None,
-                 overrides: dict[str, Any] | None = None, events: bool = True) -> None:
+                 overrides: dict[str, Any] | None = None, events: bool = True,
+                 die_signal: int = signal.SIGTERM) -> None:
+        """``die_signal`` reaches the workers when this process dies: SIGTERM (finish the rows in
+        flight) on a shared broker; SIGKILL when the broker is private and dies too, since a warm
+        shutdown would then wait for Redis forever."""
         self.broker_url = broker_url
+        self.die_signal = die_signal
         self.overrides = overrides or {}
         self.events = events
         self.config_path = config_path
@@ -206,7 +212,7 @@ class LocalWorkers:
                 cmd.append("--no-events")
             self.procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                                stderr=out, start_new_session=True,
-                                               preexec_fn=_die_with_parent))
+                                               preexec_fn=functools.partial(_die_with_parent, self.die_signal)))
         if out is not subprocess.DEVNULL:
             out.close()
         return self

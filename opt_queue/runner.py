@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,7 +101,8 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
                              loglevel=config.log_level,
                              log_file=(private.directory / "worker.log") if private else None,
                              overrides=worker_overrides,
-                             events=private is None)  # nobody watches a private broker with Flower
+                             events=private is None,  # nobody watches a private broker with Flower
+                             die_signal=signal.SIGKILL if private else signal.SIGTERM)
         if workers:
             local.start()
         try:
