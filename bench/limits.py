@@ -80,11 +80,11 @@ def main() -> None:
     ap.add_argument("--errors", type=float, default=0.01)
     ap.add_argument("--margin", type=float, default=0.25)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=500, help="rows in flight per worker process")
     args = ap.parse_args()
     print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"# latency {args.latency}s, {args.errors:.0%} transient errors, margin {args.margin}s, "
-          f"{args.workers} worker processes x {args.concurrency} threads")
+          f"{args.workers} worker processes x {args.concurrency} rows in flight")
     cols = ["keys", "limit", "rows", "answered", "calls", "ideal_s", "active_s", "wall_s", "calls_per_s_active",
             "combined_limit_per_s", "active_ratio", "end_to_end_ratio", "http_429", "injected_errors"]
     print("| " + " | ".join(cols) + " |")

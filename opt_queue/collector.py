@@ -22,7 +22,7 @@ from typing import IO, Any
 import redis
 
 from opt_queue import keys
-from opt_queue.dataset import (atomic_write, iter_indices, output_line, read_output, repair_tail,
+from opt_queue.dataset import (IndexSet, atomic_write, iter_indices, output_line, read_output, repair_tail,
                                rewrite_output)
 from opt_queue.errors import InputError, JobStopped, OptQueueError, OutputError
 from opt_queue.config import Config
@@ -226,9 +226,10 @@ class Collector:
             raise OptQueueError(f"cannot read the job's input {input_path}: {exc}; pass --input") from None
         state = read_output(self.output)
         repair_tail(self.errors)
-        inputs = set(order)
+        inputs = IndexSet(order)
         status = CollectStatus(job=self.job.id, total=len(order),
-                               answered=len(state.answered & inputs), nulls=len(state.nulls & inputs))
+                               answered=sum(i in state.answered for i in order),
+                               nulls=sum(i in state.nulls for i in order))
         stream = ResultStream(self.client, self.job.id)
         stall = _StallWatch(self, input_path)
         out = open(self.output, "a", encoding="utf-8")
@@ -272,7 +273,7 @@ class Collector:
             status.keys = key_status(self.client, self.job.retired_keys())
             status.keys_read = now
 
-    def _write(self, entries: list[tuple[bytes, dict[Any, Any]]], state: Any, inputs: set[str],
+    def _write(self, entries: list[tuple[bytes, dict[Any, Any]]], state: Any, inputs: IndexSet,
                status: CollectStatus, out: IO[str], err: IO[str]) -> None:
         for _entry_id, fields in entries:
             if not fields:  # deleted entry still listed as pending

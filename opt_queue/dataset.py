@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -126,7 +126,7 @@ def iter_input(path: str | os.PathLike[str], *, skip_bad: bool = False,
     appended to ``bad`` and skipped. Duplicate indices are bad lines too (the first one wins).
     """
     fmt: str | None = None
-    seen: set[str] = set()
+    seen = IndexSet()
     seq = 0
     try:
         fh = open(path, "rb")
@@ -233,13 +233,90 @@ def repair_tail(path: str | os.PathLike[str]) -> int:
     return size - keep
 
 
+class IndexSet:
+    """A set of row indices that costs one bit for a small decimal index ("0", "17": the usual
+    case, up to 2**24) and a string for any other, so a million-row job's sets take kilobytes."""
+
+    __slots__ = ("_bits", "_other", "_count")
+    BITMAP_LIMIT = 1 << 24  # 2 MB of bitmap at most, however sparse the numbers
+
+    def __init__(self, items: Iterable[str] = ()) -> None:
+        self._bits = bytearray()
+        self._other: set[str] = set()
+        self._count = 0
+        for index in items:
+            self.add(index)
+
+    @classmethod
+    def _number(cls, index: str) -> int | None:
+        if index.isascii() and index.isdigit() and len(index) <= 8 and (index[0] != "0" or index == "0"):
+            n = int(index)
+            return n if n < cls.BITMAP_LIMIT else None
+        return None
+
+    def add(self, index: str) -> None:
+        n = self._number(index)
+        if n is None:
+            if index not in self._other:
+                self._other.add(index)
+                self._count += 1
+            return
+        byte, bit = divmod(n, 8)
+        if byte >= len(self._bits):
+            self._bits.extend(bytes(max(byte + 1, 2 * len(self._bits)) - len(self._bits)))
+        if not self._bits[byte] >> bit & 1:
+            self._bits[byte] |= 1 << bit
+            self._count += 1
+
+    def discard(self, index: str) -> None:
+        n = self._number(index)
+        if n is None:
+            if index in self._other:
+                self._other.discard(index)
+                self._count -= 1
+            return
+        byte, bit = divmod(n, 8)
+        if byte < len(self._bits) and self._bits[byte] >> bit & 1:
+            self._bits[byte] &= ~(1 << bit) & 0xFF
+            self._count -= 1
+
+    def __contains__(self, index: object) -> bool:
+        if not isinstance(index, str):
+            return False
+        n = self._number(index)
+        if n is None:
+            return index in self._other
+        byte, bit = divmod(n, 8)
+        return byte < len(self._bits) and bool(self._bits[byte] >> bit & 1)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[str]:
+        for byte, value in enumerate(self._bits):
+            if value:
+                for bit in range(8):
+                    if value >> bit & 1:
+                        yield str(8 * byte + bit)
+        yield from self._other
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (IndexSet, set, frozenset)):
+            return len(self) == len(other) and all(i in self for i in other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"<IndexSet of {self._count}>"
+
+
 @dataclass
 class OutputState:
-    """Which indices an output file answers, which are null, and where each line lives."""
+    """Which indices an output file answers, which are null, and (when asked for) where each
+    line lives."""
 
-    answered: set[str] = field(default_factory=set)
-    nulls: set[str] = field(default_factory=set)
-    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)
+    answered: IndexSet = field(default_factory=IndexSet)
+    nulls: IndexSet = field(default_factory=IndexSet)
+    offsets: dict[str, tuple[int, int]] | None = field(default_factory=dict)
 
     def has(self, index: str) -> bool:
         return index in self.answered or index in self.nulls
@@ -255,14 +332,19 @@ class OutputState:
         else:
             self.nulls.discard(index)
             self.answered.add(index)
-        self.offsets[index] = (offset, length)
+        if self.offsets is not None:
+            self.offsets[index] = (offset, length)
         return True
 
 
-def read_output(path: str | os.PathLike[str], *, repair: bool = True) -> OutputState:
-    """Read an output file (missing means empty). An answer beats a null for the same index."""
+def read_output(path: str | os.PathLike[str], *, repair: bool = True, offsets: bool = True) -> OutputState:
+    """Read an output file (missing means empty). An answer beats a null for the same index.
+
+    Without ``offsets`` (the producer's case) no per-line position is kept, so the memory stays
+    that of two :class:`IndexSet`.
+    """
     p = Path(path)
-    state = OutputState()
+    state = OutputState(offsets={} if offsets else None)
     if not p.exists():
         return state
     if repair:
@@ -313,13 +395,14 @@ def rewrite_output(output: str | os.PathLike[str], order: Iterator[str]) -> tupl
     Returns ``(lines written, indices missing)``; missing indices are left out.
     """
     state = read_output(output)
+    offsets = state.offsets or {}
     written = missing = 0
 
     def lines() -> Iterator[bytes]:
         nonlocal written, missing
         with open(output, "rb") as src:
             for index in order:
-                where = state.offsets.get(index)
+                where = offsets.get(index)
                 if where is None:
                     missing += 1
                     continue

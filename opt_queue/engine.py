@@ -150,7 +150,8 @@ class Engine:
                 await self._stop_no_keys(row.job, model)
                 return None
             if isinstance(lease, Wait):
-                await asyncio.sleep(min(lease.seconds, MAX_SLEEP))  # waiting for a slot is not an attempt
+                # Waiting for a slot is not an attempt. Jitter spreads the polls of many waiting rows.
+                await asyncio.sleep(min(lease.seconds, MAX_SLEEP) * random.uniform(1.0, 1.2))
                 continue
             if isinstance(lease, Never):
                 return self._null(row, "request_too_large",

@@ -86,6 +86,13 @@ def count_prompt_tokens(text: str) -> int:
     """Tokens of ``text``: tiktoken's count when available, else the character estimate."""
     tokenize = _tokenizer()
     return tokenize(text) if tokenize else math.ceil(len(text) / CHARS_PER_TOKEN)
+ACQUIRE_SAMPLE = 32
+"""Buckets one admission looks at: all of them up to this many, else a random sample of this many.
+The script's cost is linear in the buckets it checks; with a thousand keys a full scan per request
+made Redis the bottleneck (docs/benchmarks.md)."""
+SAMPLE_POLL = 2.0
+"""Longest wait after a sampled admission found no room (unsampled buckets may have some); the
+engine spreads such waits so that thousands of waiting rows do not poll Redis in step."""
 RESERVE_MS = 120_000
 """How long an admission that was never sent (its worker died) holds its place before expiring."""
 
@@ -180,6 +187,7 @@ class _PoolBase:
         self.buckets: dict[str, list[ApiKey]] = {}
         for k in self.keys:
             self.buckets.setdefault(k.bucket, []).append(k)
+        self._candidates: dict[tuple[str, frozenset[str]], dict[str, list[ApiKey]]] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {len(self.keys)} keys in {len(self.buckets)} buckets>"
@@ -194,20 +202,28 @@ class _PoolBase:
             pipe.hset(rkeys.KNOWN_KEYS, k.fingerprint, json.dumps(desc))
 
     def candidates(self, model: str, exclude: set[str]) -> dict[str, list[ApiKey]]:
-        """Buckets with at least one usable key that serves ``model``."""
-        out: dict[str, list[ApiKey]] = {}
-        for bucket, members in self.buckets.items():
-            usable = [k for k in members if k.serves(model) and k.fingerprint not in exclude]
-            if usable:
-                out[bucket] = usable
+        """Buckets with at least one usable key that serves ``model`` (cached: the answer only
+        changes when a key is retired, and computing it is linear in the number of keys)."""
+        ident = (model, frozenset(exclude))
+        out = self._candidates.get(ident)
+        if out is None:
+            out = {}
+            for bucket, members in self.buckets.items():
+                usable = [k for k in members if k.serves(model) and k.fingerprint not in exclude]
+                if usable:
+                    out[bucket] = usable
+            if len(self._candidates) > 256:
+                self._candidates.clear()
+            self._candidates[ident] = out
         return out
 
     def _plan_acquire(self, model: str, tokens: int, exclude: set[str] | None) -> _AcquirePlan | None:
         cands = self.candidates(model, exclude or set())
         if not cands:
             return None
-        order = list(cands)
-        random.shuffle(order)  # ties in headroom go to a random bucket, not always the first
+        # Ties in headroom go to a random bucket, not always the first; beyond ACQUIRE_SAMPLE
+        # buckets a random sample keeps the script's cost flat in the number of keys.
+        order = random.sample(list(cands), min(len(cands), ACQUIRE_SAMPLE))
         ks: list[str] = []
         argv: list[Any] = [tokens, self.margin_ms, uuid.uuid4().hex[:16], len(order), RESERVE_MS]
         for bucket in order:
@@ -222,10 +238,15 @@ class _PoolBase:
 
     def _granted(self, plan: _AcquirePlan, res: list[Any]) -> Lease | Wait | Never:
         status = int(res[0])
-        if status == -1:
+        if status == -1 and (len(plan.order) == len(plan.cands) or not any(
+                all(w.limit >= plan.tokens for w in members[0].limits.tokens)
+                for members in plan.cands.values())):
             return Never(plan.tokens)
-        if status == 0:
-            return Wait(int(res[1]) / 1000.0, int(res[2]))
+        if status <= 0:
+            seconds = int(res[1]) / 1000.0 if status == 0 else SAMPLE_POLL
+            if len(plan.order) < len(plan.cands):  # buckets outside the sample may be free now
+                seconds = min(seconds, SAMPLE_POLL)
+            return Wait(seconds, int(res[2]))
         bucket = plan.order[int(res[1]) - 1]
         members = plan.cands[bucket]
         key = members[next(self._rr) % len(members)]  # itertools.count is atomic under the GIL

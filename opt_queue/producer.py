@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
     earlier submit are not enqueued twice. Safe to run again at any time.
     """
     summary = validated or validate_input(input_path, skip_bad=skip_bad)
-    state = read_output(output_path)
+    state = read_output(output_path, offsets=False)
     meta = {"input": str(Path(input_path).resolve()), "output": str(Path(output_path).resolve())}
     return enqueue(client, job_id, iter_input(input_path, skip_bad=skip_bad), summary.rows, config,
                    answered=state.answered, nulls=state.nulls, on_progress=on_progress,
@@ -131,7 +131,7 @@ def _wait_for_room(job: Job, max_queued: int, wanted: int, on_wait: Callable[[in
 
 
 def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, config: Config, *,
-            answered: set[str] | None = None, nulls: set[str] | None = None,
+            answered: Container[str] | None = None, nulls: Container[str] | None = None,
             on_progress: Callable[[int, int], None] | None = None, bad_lines: int = 0,
             on_wait: Callable[[int], None] | None = None, **meta: str) -> SubmitReport:
     """Claim and enqueue ``rows`` (skipping ``answered``; ``nulls`` are retried) for job ``job_id``.

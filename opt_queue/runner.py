@@ -83,7 +83,7 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
     (its append-only file lets an interrupted run resume) and removed once the job is complete."""
     job_id = job_id_for(output_path, job_name)
     validated = validate_input(input_path, skip_bad=skip_bad)  # before anything starts
-    read_output(output_path)  # refuse an output file that is not ours, before anything starts
+    read_output(output_path, offsets=False)  # refuse an output file that is not ours, before anything starts
     private = None
     if config.broker_url is None:
         private = EmbeddedRedis(state_dir(output_path)).start()

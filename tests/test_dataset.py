@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from opt_queue.dataset import (iter_input, merge, read_output, repair_tail, rewrite_output,
+from opt_queue.dataset import (IndexSet, iter_input, merge, read_output, repair_tail, rewrite_output,
                                validate_input)
 from opt_queue.errors import InputError, OutputError
 
@@ -139,3 +139,22 @@ def test_reader_never_crashes_on_arbitrary_bytes(tmp_path: Path, lines: list[byt
     else:
         indices = [r.index for r in iter_input(p)]
         assert len(indices) == summary.rows == len(set(indices))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.one_of(
+    st.integers(0, 5000).map(str), st.integers(2**24 - 3, 2**24 + 3).map(str),
+    st.sampled_from(["007", "00", "-1", "1e3", "a", "", "٣", "12 "]), st.text(max_size=4)))))
+def test_index_set_behaves_like_a_set_of_strings(ops: list[tuple[bool, str]]) -> None:
+    compact, model = IndexSet(), set()
+    for add, index in ops:
+        if add:
+            compact.add(index)
+            model.add(index)
+        else:
+            compact.discard(index)
+            model.discard(index)
+        assert len(compact) == len(model)
+    assert sorted(compact) == sorted(model)
+    assert all(i in compact for i in model)
+    assert all((i in compact) == (i in model) for _, i in ops)
