@@ -249,7 +249,7 @@ class IndexSet:
 
     @classmethod
     def _number(cls, index: str) -> int | None:
-        if index.isascii() and index.isdigit() and len(index) <= 8 and (index[0] != "0" or index == "0"):
+        if len(index) <= 8 and index.isdigit() and index.isascii() and (index[0] != "0" or len(index) == 1):
             n = int(index)
             return n if n < cls.BITMAP_LIMIT else None
         return None
@@ -330,7 +330,8 @@ class OutputState:
                 return False
             self.nulls.add(index)
         else:
-            self.nulls.discard(index)
+            if self.nulls:
+                self.nulls.discard(index)
             self.answered.add(index)
         if self.offsets is not None:
             self.offsets[index] = (offset, length)

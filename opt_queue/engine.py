@@ -150,8 +150,12 @@ class Engine:
                 await self._stop_no_keys(row.job, model)
                 return None
             if isinstance(lease, Wait):
-                # Waiting for a slot is not an attempt. Jitter spreads the polls of many waiting rows.
-                await asyncio.sleep(min(lease.seconds, MAX_SLEEP) * random.uniform(1.0, 1.2))
+                # Waiting for a slot is not an attempt. A row wakes exactly when its slot frees;
+                # polls (capped or sampled waits) are spread so that many rows do not poll in step.
+                delay = min(lease.seconds, MAX_SLEEP)
+                if delay >= MAX_SLEEP or not lease.exact:
+                    delay *= random.uniform(0.8, 1.0)
+                await asyncio.sleep(delay)
                 continue
             if isinstance(lease, Never):
                 return self._null(row, "request_too_large",

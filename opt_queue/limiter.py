@@ -147,10 +147,12 @@ class Lease:
 
 @dataclass(frozen=True)
 class Wait:
-    """No key can admit now; ``seconds`` until the earliest might."""
+    """No key can admit now; ``seconds`` until the earliest might (``exact``), or until it is
+    worth looking again (a sample of the keys was full; others may not be)."""
 
     seconds: float
     at_ms: int = 0
+    exact: bool = True
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,7 @@ class _PoolBase:
         if status <= 0:
             seconds = int(res[1]) / 1000.0 if status == 0 else SAMPLE_POLL
             if len(plan.order) < len(plan.cands):  # buckets outside the sample may be free now
-                seconds = min(seconds, SAMPLE_POLL)
+                return Wait(min(seconds, SAMPLE_POLL), int(res[2]), exact=False)
             return Wait(seconds, int(res[2]))
         bucket = plan.order[int(res[1]) - 1]
         members = plan.cands[bucket]
