@@ -37,6 +37,7 @@ from opt_queue.scripts import run_pipeline
 log = logging.getLogger(__name__)
 
 MAX_SLEEP = 5.0
+WAKE_SPREAD = 0.1
 RETIRED_CACHE_SECONDS = 1.0
 
 
@@ -150,12 +151,14 @@ class Engine:
                 await self._stop_no_keys(row.job, model)
                 return None
             if isinstance(lease, Wait):
-                # Waiting for a slot is not an attempt. A row wakes exactly when its slot frees;
-                # polls (capped or sampled waits) are spread so that many rows do not poll in step.
+                # Waiting for a slot is not an attempt. A row wakes when its slot frees, give or
+                # take WAKE_SPREAD, so that the rows waiting for a new window do not all send in
+                # the same instant (on a loaded machine that delays sends past their stamps);
+                # polls (capped or sampled waits) are spread more widely.
                 delay = min(lease.seconds, MAX_SLEEP)
                 if delay >= MAX_SLEEP or not lease.exact:
                     delay *= random.uniform(0.8, 1.0)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay + random.uniform(0, WAKE_SPREAD))
                 continue
             if isinstance(lease, Never):
                 return self._null(row, "request_too_large",
