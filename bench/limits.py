@@ -16,7 +16,7 @@ We report
 and the number of 429s. The safety margin m lengthens each window, so the active ratio tends to
 W / (W + m): 0.984 for W = 15 s and m = 0.25 s here, 0.996 for a real minute.
 
-Run:  python bench/limits.py [--keys 5 20 100] [--rpm 6] [--window 15]
+Run:  python bench/limits.py [--keys 5 20 100 1000] [--rpm 2] [--window 15]
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--keys", type=int, nargs="+", default=[5, 20, 100])
-    ap.add_argument("--rpm", type=int, default=6, help="requests per key per window")
+    ap.add_argument("--keys", type=int, nargs="+", default=[5, 20, 100, 1000])
+    ap.add_argument("--rpm", type=int, default=2, help="requests per key per window")
     ap.add_argument("--window", type=float, default=15.0, help="the shortened minute, seconds")
     ap.add_argument("--windows", type=int, default=3, help="dataset size in windows' worth of rows")
     ap.add_argument("--latency", type=float, default=0.3)

@@ -105,7 +105,7 @@ def main() -> None:
 @friendly
 def submit(input_path: str, config_path: str | None, output: str, job_name: str | None,
            skip_bad_lines: bool) -> None:
-    """Enqueue one task per row that output.jsonl does not answer yet."""
+    """Enqueue the rows that output.jsonl does not answer yet (rows_per_task rows to a task)."""
     from opt_queue.app import configure
     from opt_queue.producer import submit as do_submit
 

@@ -18,7 +18,7 @@ import enum
 import json
 import re
 from dataclasses import dataclass, field
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -198,9 +198,20 @@ def _session() -> aiohttp.ClientSession:
         # Idle connections are kept a minute: a burst after a quiet limit window reuses them
         # instead of opening hundreds at once (slow, and it delays requests past their stamp).
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        trace = aiohttp.TraceConfig()
+        trace.on_request_chunk_sent.append(_body_sending)
         session = _sessions[id(loop)] = aiohttp.ClientSession(
-            connector=connector, headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"})
+            connector=connector, trace_configs=[trace],
+            headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"})
     return session
+
+
+async def _body_sending(session: Any, context: Any, params: Any) -> None:
+    """aiohttp trace hook, awaited right before a chunk of the request body is written."""
+    hooks = context.trace_request_ctx
+    callback = hooks.pop("on_send", None) if isinstance(hooks, dict) else None
+    if callback is not None:
+        callback()
 
 
 def warm_up(keys: list[ApiKey], timeout: float) -> None:
@@ -216,11 +227,11 @@ async def close_clients() -> None:
 
 
 async def call(key: ApiKey, body: dict[str, Any], timeout: float,
-               on_send: Callable[[], Awaitable[None]] | None = None) -> Answer:
+               on_send: Callable[[], None] | None = None) -> Answer:
     """Send one chat completion with ``key``; return the first choice's content, stripped.
 
-    ``on_send`` is awaited just before the request leaves (the limiter stamps its admission
-    then). Nothing is retried here: the engine's policy decides. Errors raise
+    ``on_send`` is called (once, synchronously) right before the request's body is written: the
+    limiter reads the send time then. Nothing is retried here: the engine's policy decides. Errors raise
     :class:`CallFailed`, :class:`BadResponse`, :class:`ContentFiltered`, a timeout or an
     ``aiohttp.ClientError``; :func:`classify` says what each means.
     """
@@ -228,10 +239,8 @@ async def call(key: ApiKey, body: dict[str, Any], timeout: float,
     url = key.api_base.rstrip("/") + "/chat/completions"
     headers = {"Authorization": "Bearer " + key.secret.get_secret_value()}
     session = _session()
-    if on_send is not None:
-        await on_send()
-    async with session.post(url, data=payload, headers=headers,
-                            timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+    async with session.post(url, data=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout),
+                            trace_request_ctx={"on_send": on_send}) as response:
         raw = await response.read()
         status, got = response.status, response.headers
     text = raw.decode("utf-8", errors="replace")

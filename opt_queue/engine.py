@@ -178,33 +178,44 @@ class Engine:
             if plan is not None:
                 self.pool.queue_acquire(plan, pipe)
 
+        t0 = time.monotonic()
         replies = await run_pipeline(self.client, state_and_acquire)
         stopped, done = row.job.read_state(replies[:2])
-        return stopped, done, (self.pool.granted(plan, replies[2]) if plan is not None else None)
+        if plan is None:
+            return stopped, done, None
+        admission = self.pool.granted(plan, replies[2])
+        self.pool.clock.observe(t0, time.monotonic(), admission.at_ms if not isinstance(admission, Never)
+                                else int(replies[2][2]))
+        return stopped, done, admission
 
     async def _call(self, row: _Row, lease: Lease) -> RowResult | None:
         """One API call; return the final result, or None to go round the loop again."""
         row.last_key = lease.key.fingerprint
-        sent = False
+        stamped: asyncio.Future[int] | None = None
 
-        async def on_send() -> None:
-            nonlocal sent
-            sent = True
-            await self.pool.stamp(lease)
+        def on_send() -> None:
+            # Runs just before the request's bytes are written: read the time now, on Redis'
+            # clock, and let the stamp carry it to Redis (in the background: no round trip, so
+            # no loop lag, between the reading and the sending).
+            nonlocal stamped
+            stamped = asyncio.ensure_future(self.pool.stamp(lease, self.pool.clock.now_ms()))
 
         try:
             answer = await api.call(lease.key, row.body, self.config.request_timeout, on_send=on_send)
-        except redis.RedisError:
-            raise
         except Exception as exc:  # every failure is classified; none escapes as a crash
             failure = api.classify(exc)
             failure.message = api.redact(failure.message, self._secrets)
-            if sent:
+            if stamped is not None:
+                await stamped
                 await self.pool.settle(lease, 0)
             else:
                 await self.pool.cancel(lease)
             await self.pool.count_error(lease.key, failure.reason)
             return await self._on_failure(row, lease, failure)
+        if stamped is not None:
+            await stamped
+        else:  # not seen leaving (an HTTP stack without the hook): stamp late, the safe side
+            await self.pool.stamp(lease)
         row.to_settle = (lease, answer.prompt_tokens + answer.completion_tokens)
         await self._learn(lease, answer.headers)
         return RowResult(seq=row.seq, index=row.index, answer=answer.text, attempts=row.attempts + 1,

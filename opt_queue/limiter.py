@@ -40,6 +40,7 @@ import math
 import os
 import random
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -261,9 +262,14 @@ class _PoolBase:
         return [rkeys.bucket_window(lease.bucket, "req", w.period) for w in lease.limits.requests] + [
             rkeys.bucket_window(lease.bucket, "tok", w.period) for w in lease.limits.tokens]
 
-    def _stamp_call(self, lease: Lease) -> dict[str, Any] | None:
+    def _stamp_call(self, lease: Lease, sent_ms: int | None = None) -> dict[str, Any] | None:
         ks = self._window_keys(lease)
-        return {"keys": ks, "args": [lease.uid, lease.tokens, len(lease.limits.requests)]} if ks else None
+        if not ks:
+            return None
+        args: list[Any] = [lease.uid, lease.tokens, len(lease.limits.requests)]
+        if sent_ms is not None:
+            args += [sent_ms, lease.at_ms]
+        return {"keys": ks, "args": args}
 
     def _cancel_call(self, lease: Lease) -> dict[str, Any]:
         limits = lease.limits
@@ -333,8 +339,45 @@ class KeyPool(_PoolBase):
         return int(self._scripts.cool(**self._cool_call(key, seconds, learned))) / 1000.0
 
 
+class RedisClock:
+    """Redis' clock (``TIME``, ms) read off this process's monotonic clock.
+
+    A request's stamp must be the moment its bytes leave, but a worker can only learn Redis' time
+    with a round trip, and on a busy event loop a round trip between stamping and sending delays
+    the send by the loop's lag (hundreds of ms in a burst of thousands of rows, past the safety
+    margin). So the worker reads the time locally at the send and maps it: every admission's reply
+    carries Redis' time, and the reply with the shortest round trip gives the offset (error at most
+    half that round trip; a sample ages by 5 ms per second so that a drifting clock is followed).
+    """
+
+    AGE_MS_PER_S = 5.0
+
+    def __init__(self) -> None:
+        self._offset_ms: float | None = None
+        self._rtt_ms = math.inf
+        self._at = 0.0
+
+    def observe(self, t0: float, t1: float, redis_ms: int) -> None:
+        """Note a Redis time read by a call sent at monotonic ``t0`` and answered at ``t1``."""
+        rtt_ms = (t1 - t0) * 1000
+        aged = self._rtt_ms + (t1 - self._at) * self.AGE_MS_PER_S
+        if rtt_ms <= aged:
+            self._offset_ms = redis_ms - (t0 + t1) * 500
+            self._rtt_ms, self._at = rtt_ms, t1
+
+    def now_ms(self) -> int | None:
+        """Redis' time now, or None before the first observation."""
+        if self._offset_ms is None:
+            return None
+        return int(time.monotonic() * 1000 + self._offset_ms)
+
+
 class AsyncKeyPool(_PoolBase):
     """:class:`KeyPool` on a ``redis.asyncio`` client, for the worker's event loop."""
+
+    def __init__(self, client: Any, keys: list[ApiKey], margin: float = 0.25) -> None:
+        super().__init__(client, keys, margin)
+        self.clock = RedisClock()
 
     async def describe(self) -> None:
         """Describe the keys in Redis for ``status``; call once after construction."""
@@ -355,9 +398,10 @@ class AsyncKeyPool(_PoolBase):
         """Read the admission's reply."""
         return self._granted(plan, reply)
 
-    async def stamp(self, lease: Lease) -> int:
-        """Start the lease's windows now, as its request is being sent; return the stamp (ms)."""
-        call = self._stamp_call(lease)
+    async def stamp(self, lease: Lease, sent_ms: int | None = None) -> int:
+        """Start the lease's windows at ``sent_ms`` (when its request was sent, on Redis' clock:
+        see :class:`RedisClock`), else now; return the stamp (ms)."""
+        call = self._stamp_call(lease, sent_ms)
         return lease.at_ms if call is None else int(await self._scripts.stamp(**call))
 
     async def cancel(self, lease: Lease) -> None:

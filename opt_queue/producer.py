@@ -47,7 +47,7 @@ def request_body(row: Row, config: Config) -> dict[str, Any]:
 
 
 def task_options(config: Config) -> dict[str, Any]:
-    """Job-wide options that travel with every row task (the fallback model)."""
+    """Job-wide options that travel with every task (the fallback model)."""
     return {"fallback": config.model.fallback} if config.model.fallback else {}
 
 

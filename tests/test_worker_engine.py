@@ -5,6 +5,7 @@ batch neighbours."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,34 @@ def _results(client: redis.Redis, job_id: str) -> list:  # type: ignore[type-arg
     from opt_queue.jobs import RowResult
 
     return [RowResult.from_fields(fields) for _, fields in client.xrange(keys.job_results(job_id))]
+
+
+def test_the_send_hook_fires_once_just_before_the_request_leaves(sim: SimServer) -> None:
+    from opt_queue import client as api
+    sim.configure(keys=[SimKey(TEST_KEY)], latency=0.2)
+    key = _engine_config(sim).keys()[0]
+    seen: list[float] = []
+
+    async def go() -> api.Answer:
+        try:
+            return await api.call(key, _rows(1)[0][2], 5.0, on_send=lambda: seen.append(time.monotonic()))
+        finally:
+            await api.close_clients()
+
+    started = time.monotonic()
+    answer = asyncio.run(go())
+    assert answer.text and len(seen) == 1
+    assert seen[0] - started < 0.15  # before the 0.2 s the server takes to answer, not after it
+
+
+def test_redis_clock_reads_redis_time_locally(rclient: redis.Redis) -> None:
+    from opt_queue.limiter import RedisClock
+
+    clock = RedisClock()
+    assert clock.now_ms() is None
+    for _ in range(5):
+        t0 = time.monotonic()
+        sec, usec = rclient.time()
+        clock.observe(t0, time.monotonic(), sec * 1000 + usec // 1000)
+    sec, usec = rclient.time()
+    assert abs(clock.now_ms() - (sec * 1000 + usec // 1000)) <= 5
