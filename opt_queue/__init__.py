@@ -5,6 +5,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from opt_queue.compat import OpenAIModel, ParallelToolkit, Prompt  # noqa: E402
+from opt_queue.compat import OpenAIModel, ParallelToolkit, Prompt
 
 __all__ = ["OpenAIModel", "ParallelToolkit", "Prompt", "__version__"]

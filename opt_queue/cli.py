@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 
 from opt_queue import __version__
-from opt_queue.collector import CollectStatus, Collector, errors_path
+from opt_queue.collector import Collector, CollectStatus, errors_path
 from opt_queue.config import ENV_OVERRIDES, Config, load_config
 from opt_queue.errors import ConfigError, OptQueueError
 from opt_queue.jobs import job_id_for

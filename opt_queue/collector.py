@@ -22,10 +22,17 @@ from typing import IO, Any
 import redis
 
 from opt_queue import keys
-from opt_queue.dataset import (IndexSet, atomic_write, iter_indices, output_line, read_output, repair_tail,
-                               rewrite_output)
-from opt_queue.errors import InputError, JobStopped, OptQueueError, OutputError
 from opt_queue.config import Config
+from opt_queue.dataset import (
+    IndexSet,
+    atomic_write,
+    iter_indices,
+    output_line,
+    read_output,
+    repair_tail,
+    rewrite_output,
+)
+from opt_queue.errors import InputError, JobStopped, OptQueueError, OutputError
 from opt_queue.jobs import RUNNING, STOPPED, Job, Progress, RowResult
 from opt_queue.producer import requeue_lost
 from opt_queue.status import key_status

@@ -12,8 +12,8 @@ use and stopped by :meth:`ParallelToolkit.close`, at exit, or when a ``with`` bl
 from __future__ import annotations
 
 import atexit
-import logging
 import json
+import logging
 import signal
 import tempfile
 import threading

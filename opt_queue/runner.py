@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from opt_queue.app import configure
-from opt_queue.collector import CollectStatus, Collector
+from opt_queue.collector import Collector, CollectStatus
 from opt_queue.config import Config
 from opt_queue.dataset import read_output, validate_input
 from opt_queue.jobs import Job, job_id_for

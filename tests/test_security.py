@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import base64
-
 import json
 from pathlib import Path
 
 import redis
 from conftest import cli, queued_rows, seed_rows, write_config, write_jsonl
 
-from opt_queue import keys
 from opt_queue.local import LocalWorkers
 from opt_queue.simapi import SimKey, SimServer
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import redis
-
 from conftest import assert_complete, cli, seed_rows, write_config, write_jsonl
+
 from opt_queue.config import Config
 from opt_queue.engine import Engine
 from opt_queue.jobs import Job
