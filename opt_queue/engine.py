@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 MAX_SLEEP = 5.0
 WAKE_SPREAD = 0.1
+HANDED_BACK = "handed_back"
+"""Outcome of a row that waited for a slot until its task's hold ran out (see ``process_rows``)."""
 RETIRED_CACHE_SECONDS = 1.0
 
 
@@ -52,6 +54,7 @@ class _Row:
     fallback_used: bool = False
     last_key: str | None = None
     too_large_for: set[str] = field(default_factory=set)
+    hold_until: float = float("inf")  # monotonic time after which a waiting row is handed back
     to_settle: tuple[Lease, int] | None = None  # sent with the result, in one round trip
     tokens: int = 0  # TPM estimate, computed once: waits and the fallback model do not change it
 
@@ -96,27 +99,37 @@ class Engine:
     async def process_rows(self, job_id: str, rows: Sequence[Sequence[Any]],
                            options: dict[str, Any] | None = None) -> list[str | BaseException]:
         """Run ``[seq, index, body]`` rows concurrently; return each one's outcome or the Redis
-        error that kept it from finishing (such a row is neither done nor lost: run it again)."""
-        return await asyncio.gather(*(self.process(job_id, seq, index, body, options)
+        error that kept it from finishing (such a row is neither done nor lost: run it again).
+
+        A task's message comes back to the queue once it has been unacknowledged for
+        ``visibility_timeout``, and a second copy would pay for its rows again. So a row still
+        waiting for a slot a third of that time after the task started is not sent: it ends as
+        :data:`HANDED_BACK`, for the task to enqueue again (behind the rows already queued).
+        """
+        hold_until = time.monotonic() + self.config.visibility_timeout / 3
+        return await asyncio.gather(*(self.process(job_id, seq, index, body, options, hold_until)
                                       for seq, index, body in rows), return_exceptions=True)
 
     async def process(self, job_id: str, seq: int, index: str, body: dict[str, Any],
-                      options: dict[str, Any] | None = None) -> str:
+                      options: dict[str, Any] | None = None, hold_until: float = float("inf")) -> str:
         """Run one row to its final result; return what happened (for logs and tests)."""
-        row = _Row(AsyncJob(self.client, job_id), seq, index, dict(body), (options or {}).get("fallback"))
+        row = _Row(AsyncJob(self.client, job_id), seq, index, dict(body), (options or {}).get("fallback"),
+                   hold_until=hold_until)
         async with self._slots:
             return await self._finish(row)
 
     async def _finish(self, row: _Row) -> str:
         job = row.job
         try:
-            result = await self._run(row)
+            result: RowResult | str | None = await self._run(row)
         except redis.RedisError:
             raise  # the task runs the row again: Redis is restarting or unreachable
         except Exception as exc:  # a bug must not lose the row: it ends null, with the reason
             log.exception("row %s of job %s: internal error", row.index, job.id)
             result = self._null(row, "internal_error",
                                 api.redact(f"{type(exc).__name__}: {exc}", self._secrets))
+        if result is HANDED_BACK:
+            return HANDED_BACK
         if result is None:
             return "released" if await job.release(row.seq) else "duplicate"
 
@@ -132,9 +145,9 @@ class Engine:
         return "published" if published else "duplicate"
 
     # -- the loop -------------------------------------------------------------------------------
-    async def _run(self, row: _Row) -> RowResult | None:
-        """Return the row's final result, or None when the job stopped (the row stays unanswered)
-        or another delivery of the row finished first."""
+    async def _run(self, row: _Row) -> RowResult | str | None:
+        """Return the row's final result, None when the job stopped (the row stays unanswered)
+        or another delivery of the row finished first, or :data:`HANDED_BACK`."""
         while True:
             model = row.body["model"]
             exclude = await self._retired_for(row.job) | row.too_large_for
@@ -158,6 +171,8 @@ class Engine:
                 delay = min(lease.seconds, MAX_SLEEP)
                 if delay >= MAX_SLEEP or not lease.exact:
                     delay *= random.uniform(0.8, 1.0)
+                if time.monotonic() + delay > row.hold_until:
+                    return HANDED_BACK
                 await asyncio.sleep(delay + random.uniform(0, WAKE_SPREAD))
                 continue
             if isinstance(lease, Never):

@@ -130,3 +130,25 @@ def test_redis_clock_reads_redis_time_locally(rclient: redis.Redis) -> None:
         clock.observe(t0, time.monotonic(), sec * 1000 + usec // 1000)
     sec, usec = rclient.time()
     assert abs(clock.now_ms() - (sec * 1000 + usec // 1000)) <= 5
+
+
+@pytest.mark.slow
+def test_rows_waiting_longer_than_a_task_may_be_held_go_back_to_the_queue_and_are_paid_once(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    # One 12-row task, one request per second: the last rows would hold the message for 12 s,
+    # twice its 6 s visibility timeout. Rows still waiting after 2 s (a third of it) are handed
+    # back instead, so the message is acknowledged in time and no row is sent twice.
+    sim.configure(keys=[SimKey(TEST_KEY, rpm=1)], minute=1.0)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(12))
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, api_keys=[TEST_KEY], broker_url=redis_url,
+                          limits={"requests": ["1/s"]}, rows_per_task=12, visibility_timeout=6,
+                          safety_margin=0.1, model={"name": MODEL})
+    workers(config, concurrency=12)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    assert cli("collect", "-c", str(config), "-o", str(out), timeout=120).returncode == 0
+    assert_complete(data, out, MODEL)
+    stats = sim.stats()
+    assert stats["rate_limited"] == 0
+    assert sorted(stats["per_prompt"].values()) == [1] * 12, stats["per_prompt"]
+    assert "were enqueued again" in (tmp_path / "worker.log").read_text()
