@@ -214,7 +214,7 @@ async def _body_sending(session: Any, context: Any, params: Any) -> None:
         callback()
 
 
-def warm_up(keys: list[ApiKey], timeout: float) -> None:
+def warm_up() -> None:
     """Create the running loop's session now, not between an admission and its request."""
     _session()
 

@@ -81,10 +81,10 @@ class Engine:
 
     @classmethod
     async def start(cls, config: Config, client: redis.asyncio.Redis) -> Engine:
-        """Build the engine on the running loop: describe the keys in Redis, warm the clients."""
+        """Build the engine on the running loop: describe the keys in Redis, open the HTTP session."""
         engine = cls(config, client)
         await engine.pool.describe()
-        api.warm_up(engine.keys, config.request_timeout)
+        api.warm_up()
         return engine
 
     async def close(self) -> None:

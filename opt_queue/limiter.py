@@ -17,12 +17,16 @@ first request of a job on, and a key with 3 RPM gets exactly 3 requests in every
 one sorted-set entry per admission per window (bounded by the limit), and token windows keep a
 running sum so that a check is O(log n) plus the entries it expires.
 
-An admission is first **reserved** (it counts, and cannot expire) and then **stamped** with Redis'
-time at the moment its request is sent (an HTTP event hook, ``lua/stamp.lua``): the server counts
-a request when it arrives, and under load a request can wait a long time for a thread or a
+An admission is first **reserved** (it counts, and cannot expire) and then **stamped** with the
+moment its request was sent, on Redis' clock (``lua/stamp.lua``; the worker reads that moment
+locally with :class:`RedisClock` right before the request body is written): the server counts a
+request when it arrives, and under load a request can wait a long time for the event loop or a
 connection between admission and sending. The **safety margin** (config ``safety_margin``,
-seconds) lengthens every window to cover what is left: the short, jittery delay between the stamp
+seconds) lengthens every window to cover what is left: the short, jittery delay between the send
 and the server's own count.
+
+An admission looks at every bucket that serves the model up to ``ACQUIRE_SAMPLE``, else at a
+random sample of that many, so that its cost does not grow with the number of keys.
 
 Keys of one ``group`` share one bucket (one set of windows), since limits belong to organizations.
 A 429 cools the bucket (``lua/cool.lua``) and lowers its minute windows to the server's
@@ -87,6 +91,8 @@ def count_prompt_tokens(text: str) -> int:
     """Tokens of ``text``: tiktoken's count when available, else the character estimate."""
     tokenize = _tokenizer()
     return tokenize(text) if tokenize else math.ceil(len(text) / CHARS_PER_TOKEN)
+
+
 ACQUIRE_SAMPLE = 32
 """Buckets one admission looks at: all of them up to this many, else a random sample of this many.
 The script's cost is linear in the buckets it checks; with a thousand keys a full scan per request

@@ -30,10 +30,15 @@ TaskRow = tuple[int, str, dict[str, Any]]
 """One row as a task carries it: ``(seq, index, request body)``; the key never travels."""
 
 
+def args_repr(job_id: str, rows: list[TaskRow] | list[list[Any]]) -> str:
+    """What Flower and the logs show of a task's arguments: the job and the rows' indices only."""
+    return repr((job_id, [row[1] for row in rows]))
+
+
 def envelope(job_id: str, rows: list[TaskRow], options: dict[str, Any]) -> str:
     """The queue entry for one task of ``rows``, as kombu's Redis transport stores it (JSON text)."""
     task_id = str(uuid.uuid4())
-    argsrepr = repr((job_id, [index for _, index, _ in rows]))  # what Flower shows: indices only
+    argsrepr = args_repr(job_id, rows)
     message = app.amqp.create_task_message(task_id, ROWS_TASK, (job_id, rows, options), {},
                                            argsrepr=argsrepr, kwargsrepr="{}", ignore_result=True)
     content_type, content_encoding, data = dumps(message.body, serializer="json")

@@ -22,7 +22,7 @@ from celery.signals import worker_shutdown
 from opt_queue.app import app
 from opt_queue.config import load_config
 from opt_queue.engine import HANDED_BACK, Engine
-from opt_queue.messages import ROWS_TASK
+from opt_queue.messages import ROWS_TASK, args_repr
 from opt_queue.redis_conn import connect_async
 
 log = logging.getLogger(__name__)
@@ -87,13 +87,13 @@ def rows(self: Task, job_id: str, rows: list[list[Any]], options: dict[str, Any]
         level = logging.WARNING if isinstance(first, redis.RedisError) else logging.ERROR
         log.log(level, "job %s: %d rows of the batch did not finish (%s: %s); retrying them",
                 job_id, len(unfinished), type(first).__name__, first)
-        raise self.retry(args=(job_id, unfinished, options), countdown=min(30, 2 ** self.request.retries))
+        raise self.retry(args=(job_id, unfinished, options), countdown=min(30, 2 ** self.request.retries),
+                         argsrepr=args_repr(job_id, unfinished), kwargsrepr="{}")
     back = [row for row, out in zip(rows, outcomes) if out == HANDED_BACK]
     if back:
         # Still waiting for a slot: enqueue them again rather than hold the message past its
         # visibility timeout (it would be delivered twice). Enqueued before this task is acked, so
         # a crash in between leaves at worst a second copy, which publishes nothing twice.
-        self.apply_async(args=(job_id, back, options), argsrepr=repr((job_id, [r[1] for r in back])),
-                         kwargsrepr="{}")
+        self.apply_async(args=(job_id, back, options), argsrepr=args_repr(job_id, back), kwargsrepr="{}")
         log.info("job %s: %d rows still waiting for a rate-limit slot were enqueued again", job_id, len(back))
     return dict(Counter(str(out) for out in outcomes))
