@@ -192,10 +192,13 @@ def output_line(index: str, answer: str | None) -> str:
     return json.dumps({index: answer}, ensure_ascii=False) + "\n"
 
 
+_DECODE = json.JSONDecoder().decode
+
+
 def _parse_output_line(path: Path, number: int, raw: bytes) -> tuple[str, str | None]:
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        obj = _DECODE(raw.decode("utf-8-sig"))  # json.loads(bytes) spends a third again guessing
+    except (ValueError, UnicodeDecodeError):
         obj = None
     if not isinstance(obj, dict) or len(obj) != 1:
         raise OutputError(f"{path}:{number}: this line is not an opt-queue output line "
@@ -254,19 +257,23 @@ class IndexSet:
             return n if n < cls.BITMAP_LIMIT else None
         return None
 
-    def add(self, index: str) -> None:
+    def add(self, index: str) -> bool:
+        """Add ``index``; return whether it was new."""
         n = self._number(index)
         if n is None:
-            if index not in self._other:
-                self._other.add(index)
-                self._count += 1
-            return
+            if index in self._other:
+                return False
+            self._other.add(index)
+            self._count += 1
+            return True
         byte, bit = divmod(n, 8)
         if byte >= len(self._bits):
             self._bits.extend(bytes(max(byte + 1, 2 * len(self._bits)) - len(self._bits)))
-        if not self._bits[byte] >> bit & 1:
-            self._bits[byte] |= 1 << bit
-            self._count += 1
+        if self._bits[byte] >> bit & 1:
+            return False
+        self._bits[byte] |= 1 << bit
+        self._count += 1
+        return True
 
     def discard(self, index: str) -> None:
         n = self._number(index)
@@ -323,16 +330,14 @@ class OutputState:
 
     def record(self, index: str, answer: str | None, offset: int = -1, length: int = 0) -> bool:
         """Note one line; return False when it adds nothing (the index is already answered)."""
-        if index in self.answered:
-            return False
         if answer is None:
-            if index in self.nulls:
+            if index in self.answered or not self.nulls.add(index):
                 return False
-            self.nulls.add(index)
         else:
+            if not self.answered.add(index):
+                return False
             if self.nulls:
                 self.nulls.discard(index)
-            self.answered.add(index)
         if self.offsets is not None:
             self.offsets[index] = (offset, length)
         return True
