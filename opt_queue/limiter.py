@@ -73,7 +73,7 @@ def _tokenizer() -> Callable[[str], int] | None:
     if os.environ.get("OPT_QUEUE_TOKENIZER", "auto") == "chars":
         return None
     try:
-        import tiktoken
+        import tiktoken  # optional
     except ImportError:
         return None
     cache_dir = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")

