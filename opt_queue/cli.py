@@ -107,19 +107,26 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
            skip_bad_lines: bool) -> None:
     """Enqueue the rows that output.jsonl does not answer yet (rows_per_task rows to a task)."""
     from opt_queue.app import configure
+    from opt_queue.dataset import check_writable, read_output, validate_input
     from opt_queue.producer import submit as do_submit
 
     cfg = _config(config_path, require_keys=False)
     url = _broker(cfg)
+    # Everything that can be checked is checked before a row is enqueued (and paid for).
+    check_writable(output)
+    validated = validate_input(input_path, skip_bad=skip_bad_lines)
+    read_output(output, offsets=False)
     client = connect(url, check=True)
     configure(url, cfg.visibility_timeout)
     job = job_id_for(output, job_name)
     with Display(console) as display:
         report = do_submit(client, job, input_path, output, cfg, skip_bad=skip_bad_lines,
-                           on_progress=display.submitted, on_wait=display.waiting)
-    out.print(f"job [bold]{job}[/]: enqueued {report.enqueued} rows, skipped {report.skipped} "
-              f"({report.answered} already answered, {report.queued} already queued)"
-              + (f", {report.retried_nulls} nulls retried" if report.retried_nulls else ""))
+                           on_progress=display.submitted, on_wait=display.waiting, validated=validated)
+    out.print(f"job [bold]{job}[/]: {report.describe()}")
+    if report.input_changed:
+        console.print(f"{input_path} changed since the job's last submit; rows are matched by index")
+    if report.uncollected:
+        console.print(f"run `opt-queue collect -o {output}` to write the {report.uncollected} finished rows")
     if report.bad_lines:
         console.print(f"[yellow]{report.bad_lines} bad line(s) of {input_path} were skipped[/]")
 
@@ -176,7 +183,10 @@ def worker(config_path: str | None, concurrency: int | None, pool: str, loglevel
 def collect(config_path: str | None, output: str, job_name: str | None, input_path: str | None,
             follow: bool) -> None:
     """Stream finished rows into output.jsonl; rewrite it in input order when the job is complete."""
+    from opt_queue.dataset import check_writable
+
     cfg = _config(config_path, require_keys=False)
+    check_writable(output)
     client = connect(_broker(cfg), check=True, patient=True)
     job = job_id_for(output, job_name)
     with Display(console) as display:
@@ -203,7 +213,9 @@ def run(input_path: str, config_path: str | None, output: str, job_name: str | N
     cfg = _config(config_path)
     if workers is None:
         workers = max(1, min(4, os.cpu_count() or 1))
-    _run_and_report(input_path, output, cfg, config_path, job_name, workers, skip_bad_lines)
+    status = _run_and_report(input_path, output, cfg, config_path, job_name, workers, skip_bad_lines)
+    if not status.complete:
+        sys.exit(1)
 
 
 def _run_and_report(input_path: str, output: str, cfg: Config, config_path: str | None,
@@ -214,7 +226,7 @@ def _run_and_report(input_path: str, output: str, cfg: Config, config_path: str 
         result = run_job(input_path, output, cfg, config_path=config_path, job_name=job_name,
                          workers=workers, skip_bad=skip_bad, on_submit=display.submitted,
                          on_progress=display.collected)
-    print_summary(out, result.collected, output, errors_path(output))
+    print_summary(out, result.collected, output, errors_path(output), result.worker_log)
     return result.collected
 
 
@@ -242,8 +254,14 @@ def status(config_path: str | None, job_name: str | None, output: str | None, as
     from opt_queue.status import snapshot
     from opt_queue.ui import status_tables
 
+    from opt_queue.runner import private_broker
+
     cfg = _config(config_path, require_keys=False)
-    client = connect(_broker(cfg), check=True)
+    url = cfg.broker_url or (private_broker(output) if output else None)
+    if url is None and output:
+        raise ConfigError(f"no broker: no `opt-queue run` is working on {output} now, and neither "
+                          f"\"broker_url\" nor OPT_QUEUE_BROKER_URL is set")
+    client = connect(_broker(cfg) if url is None else url, check=True)
     job = job_name or (job_id_for(output) if output else None)
     snap = snapshot(client, job)
     if as_json:
@@ -251,6 +269,41 @@ def status(config_path: str | None, job_name: str | None, output: str | None, as
         return
     for table in status_tables(snap):
         out.print(table)
+
+
+@main.command()
+@config_option
+@click.option("--job", "job_name", help="The job's id or name.")
+@click.option("-o", "--output", help="The job of this output file.")
+@click.option("--yes", is_flag=True, help="Do it without asking.")
+@friendly
+def reset(config_path: str | None, job_name: str | None, output: str | None, yes: bool) -> None:
+    """Forget a job's state in Redis (done rows, claims, uncollected results); files stay as they are."""
+    from opt_queue import keys
+    from opt_queue.jobs import Job
+
+    if not (job_name or output):
+        raise ConfigError("say which job to reset: -o OUTPUT or --job ID")
+    cfg = _config(config_path, require_keys=False)
+    client = connect(_broker(cfg), check=True)
+    job = Job(client, job_name or job_id_for(output))  # type: ignore[arg-type]
+    if not job.exists():
+        out.print(f"job {job.id} has no state in Redis; nothing to reset")
+        return
+    p = job.progress()
+    uncollected = client.xlen(keys.job_results(job.id))
+    out.print(f"job [bold]{job.id}[/] ({p.status}): {p.total} rows, {p.reported} finished, "
+              f"{p.outstanding} queued or in flight, {uncollected} finished but not collected.")
+    out.print("reset drops its Redis state: the next submit sends every row the output file lacks or "
+              "holds as null; tasks still queued are dropped by the workers"
+              + (f"; the {uncollected} uncollected answers are lost (run collect first to keep them)"
+                 if uncollected else "") + ".")
+    if not yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("reset needs --yes when it cannot ask (no terminal)")
+        click.confirm("reset this job?", abort=True)
+    job.delete()
+    out.print(f"job {job.id} reset")
 
 
 @main.command()

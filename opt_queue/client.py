@@ -170,6 +170,10 @@ class ContentFiltered(Exception):
     """The model withheld the answer (``finish_reason: content_filter``)."""
 
 
+class Refused(Exception):
+    """The model refused (``message.refusal``, under structured outputs): final, never retried."""
+
+
 def classify(exc: BaseException) -> Failure:
     """Classify an exception raised by :func:`call`."""
     if isinstance(exc, CallFailed):
@@ -180,6 +184,8 @@ def classify(exc: BaseException) -> Failure:
         return Failure(Kind.TRANSIENT, f"connection error: {type(exc).__name__}", code="connection_error")
     if isinstance(exc, ContentFiltered):
         return Failure(Kind.BAD_ROW, str(exc), code="content_filter")
+    if isinstance(exc, Refused):
+        return Failure(Kind.BAD_ROW, str(exc), code="refusal")
     if isinstance(exc, BadResponse):
         return Failure(Kind.TRANSIENT, str(exc), code="bad_response")
     return Failure(Kind.TRANSIENT, f"unexpected {type(exc).__name__}: {exc}", code="unexpected_error")
@@ -259,6 +265,9 @@ async def call(key: ApiKey, body: dict[str, Any], timeout: float,
 
 
 def _answer(data: Any, headers: dict[str, str]) -> Answer:
+    """The answer of a 200 response: the first choice's text, stripped; or, when the model called
+    tools instead of writing text, its ``tool_calls`` as a JSON array. A refusal raises
+    :class:`Refused`, a withheld answer :class:`ContentFiltered`, no usable choice :class:`BadResponse`."""
     choices = data.get("choices") if isinstance(data, dict) else None
     if not choices or not isinstance(choices[0], dict):
         raise BadResponse("the server answered 200 with no choices")
@@ -266,10 +275,15 @@ def _answer(data: Any, headers: dict[str, str]) -> Answer:
     message = choice.get("message") or {}
     content = message.get("content")
     finish = choice.get("finish_reason")
-    if content is None:
-        if finish == "content_filter":
+    if message.get("refusal"):
+        raise Refused(f"the model refused: {message['refusal']}")
+    if content is None or (not str(content).strip() and message.get("tool_calls")):
+        if message.get("tool_calls"):
+            content = json.dumps(message["tool_calls"], ensure_ascii=False)
+        elif finish == "content_filter":
             raise ContentFiltered("the answer was withheld by the content filter")
-        raise BadResponse(f"the server answered with no content (finish_reason {finish!r})")
+        else:
+            raise BadResponse(f"the server answered with no content (finish_reason {finish!r})")
     usage = data.get("usage") or {}
     return Answer(text=str(content).strip(), prompt_tokens=int(usage.get("prompt_tokens") or 0),
                   completion_tokens=int(usage.get("completion_tokens") or 0),

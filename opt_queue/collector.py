@@ -3,6 +3,9 @@
 Crash safety: a stream entry is acknowledged (and deleted) only after its line is fsync'd, so a
 killed collector re-reads unacknowledged entries on restart; lines already on disk are recognised
 by index and not written twice, and a half-written last line is cut off before anything else.
+Acknowledging marks the rows collected, so that a line later deleted from output.jsonl (or
+turned null) is sent again by the next submit. While it waits, the collector also runs the
+broker's recovery (``broker.recover_stale``, ``broker.LostRows``): it only calls it.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from typing import IO, Any
 import redis
 
 from opt_queue import keys
+from opt_queue.broker import LEASE_SECONDS, LostRows, recover_stale
 from opt_queue.config import Config
 from opt_queue.dataset import (
     IndexSet,
     atomic_write,
+    beside,
     iter_indices,
     output_line,
     read_output,
@@ -33,8 +38,8 @@ from opt_queue.dataset import (
     rewrite_output,
 )
 from opt_queue.errors import InputError, JobStopped, OptQueueError, OutputError
-from opt_queue.jobs import RUNNING, STOPPED, Job, Progress, RowResult
-from opt_queue.producer import requeue_lost
+from opt_queue.jobs import STOPPED, Job, Progress, RowResult
+from opt_queue.producer import requeue
 from opt_queue.status import key_status
 
 log = logging.getLogger(__name__)
@@ -44,11 +49,18 @@ _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError
 BLOCK_MS = 500
 
 
+def error_line(r: RowResult) -> str:
+    """The errors file's line for a null row (why it is null) or a kept answer with a warning."""
+    entry: dict[str, Any] = {"index": r.index, "error_type": r.error_type, "message": r.error,
+                             "attempts": r.attempts, "key": r.key, "model": r.model}
+    if r.answer is not None:
+        entry.update(error_type="finish_reason_length", message=r.warning, warning=True)
+    return json.dumps(entry, ensure_ascii=False) + "\n"
+
+
 def errors_path(output: str | os.PathLike[str]) -> Path:
     """``output.errors.jsonl`` beside ``output.jsonl``."""
-    p = Path(output)
-    return p.with_name(p.name[: -len(".jsonl")] + ".errors.jsonl" if p.name.endswith(".jsonl")
-                       else p.name + ".errors.jsonl")
+    return beside(output, ".errors.jsonl")
 
 
 @dataclass
@@ -64,6 +76,7 @@ class CollectStatus:
     progress: Progress | None = None
     complete: bool = False
     null_reasons: Counter[str] = field(default_factory=Counter)
+    warnings: Counter[str] = field(default_factory=Counter)
     keys: list[dict[str, Any]] = field(default_factory=list)
     keys_read: float = 0.0
 
@@ -95,9 +108,13 @@ class ResultStream:
                                      count=READ_COUNT, block=None if pending else BLOCK_MS)
         return res[0][1] if res else []
 
-    def ack(self, entries: list[tuple[bytes, dict[Any, Any]]]) -> None:
-        """Acknowledge and delete entries whose rows are safely stored."""
+    def ack(self, entries: list[tuple[bytes, dict[Any, Any]]], job: Job | None = None) -> None:
+        """Acknowledge and delete entries whose rows are safely stored; with ``job``, mark their
+        rows collected too (a row whose line later disappears from the file is then sent again)."""
         ids = [e[0] for e in entries]
+        if job is not None:
+            job.collected(ids, [RowResult.from_fields(f).index for _id, f in entries if f])
+            return
         pipe = self.client.pipeline()
         pipe.xack(self.key, keys.COLLECTOR_GROUP, *ids)
         pipe.xdel(self.key, *ids)
@@ -126,12 +143,35 @@ class ResultStream:
             yield got
 
 
+class _Recovery:
+    """The broker's recovery, run by whoever waits for a job's results (see ``broker``)."""
+
+    def __init__(self, client: redis.Redis, job_id: str, requeue: Callable[[set[str]], int] | None,
+                 lease_seconds: float) -> None:
+        self.client = client
+        self.lease_seconds = lease_seconds
+        self.lost = LostRows(client, job_id, requeue, lease_seconds) if requeue else None
+        self._last = 0.0
+
+    def check(self, p: Progress, *signature: Any) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.lease_seconds / 6:
+            self._last = now
+            recover_stale(self.client, self.lease_seconds)
+        if self.lost is not None and not p.submitting and p.outstanding:
+            self.lost.check((p.reported, p.released, p.claimed, *signature))
+
+
 def gather(client: redis.Redis, job_id: str, count: int,
-           on_result: Callable[[RowResult], None] | None = None) -> dict[str, RowResult]:
+           on_result: Callable[[RowResult], None] | None = None,
+           requeue: Callable[[set[str]], int] | None = None,
+           lease_seconds: float = LEASE_SECONDS) -> dict[str, RowResult]:
     """Collect ``count`` distinct results of a job into memory (no files); raise
-    :class:`JobStopped` if the job stops first."""
+    :class:`JobStopped` if the job stops first. Recovers stalled rows the way ``collect`` does
+    (``requeue`` enqueues rows whose messages were lost)."""
     job = Job(client, job_id)
     stream = ResultStream(client, job_id)
+    recovery = _Recovery(client, job_id, requeue, lease_seconds)
     results: dict[str, RowResult] = {}
     for batch in stream.entries():
         for _id, fields in batch:
@@ -148,31 +188,8 @@ def gather(client: redis.Redis, job_id: str, count: int,
             p = job.progress()
             if p.status == STOPPED and p.outstanding == 0 and stream.empty():
                 raise JobStopped(f"job {job_id} stopped: {p.reason}")
+            recovery.check(p, len(results))
     return results
-
-
-class _StallWatch:
-    """Notices a running job whose unfinished rows stopped moving, and enqueues lost ones again."""
-
-    def __init__(self, collector: Collector, input_path: Path) -> None:
-        self.collector = collector
-        self.input_path = input_path
-        self.seen: tuple[int, ...] = ()
-        self.since = time.monotonic()
-
-    def check(self, p: Progress, status: CollectStatus) -> None:
-        config = self.collector.config
-        if config is None or p.status != RUNNING or p.submitting or p.outstanding == 0:
-            return
-        now = time.monotonic()
-        seen = (p.reported, p.released, p.claimed, status.written)
-        if seen != self.seen:
-            self.seen, self.since = seen, now
-            return
-        # past the visibility timeout every task of a dead worker is back in the queue
-        if now - self.since > config.visibility_timeout + 15:
-            requeue_lost(self.collector.client, self.collector.job.id, self.input_path, config)
-            self.since = now
 
 
 @contextmanager
@@ -238,7 +255,10 @@ class Collector:
                                answered=sum(i in state.answered for i in order),
                                nulls=sum(i in state.nulls for i in order))
         stream = ResultStream(self.client, self.job.id)
-        stall = _StallWatch(self, input_path)
+        config = self.config or Config()
+        recovery = _Recovery(self.client, self.job.id,
+                             (lambda lost: requeue(self.client, self.job.id, input_path, config, lost))
+                             if self.config is not None else None, config.lease_seconds)
         out = open(self.output, "a", encoding="utf-8")
         err = open(self.errors, "a", encoding="utf-8")
         try:
@@ -247,7 +267,7 @@ class Collector:
                     self._write(got, state, inputs, status, out, err)
                 try:
                     if got:
-                        stream.ack(got)
+                        stream.ack(got, self.job)
                     status.progress = self.job.progress()
                     self._refresh_keys(status)
                     on_progress(status)
@@ -263,7 +283,7 @@ class Collector:
                     break
                 if quiet and not follow:
                     return status
-                stall.check(p, status)
+                recovery.check(p, status.written)
             else:
                 return status  # asked to stop
         finally:
@@ -288,11 +308,9 @@ class Collector:
             r = RowResult.from_fields(fields)
             was_null = r.index in state.nulls
             new = state.record(r.index, r.answer)
-            if r.answer is None and (new or was_null):
+            if (r.answer is None and (new or was_null)) or (r.warning and new):
                 # also when the null line made it to disk before a crash but its reason did not
-                err.write(json.dumps({"index": r.index, "error_type": r.error_type, "message": r.error,
-                                      "attempts": r.attempts, "key": r.key, "model": r.model},
-                                     ensure_ascii=False) + "\n")
+                err.write(error_line(r))
             if not new:
                 continue
             out.write(output_line(r.index, r.answer))
@@ -320,11 +338,15 @@ class Collector:
                         index = json.loads(line)["index"]
                     except (ValueError, KeyError, TypeError):
                         continue  # a torn line from a crash; the entry was re-read and rewritten
-                    if index in state.nulls:
+                    warning = '"warning": true' in line
+                    if (index in state.nulls and not warning) or (index in state.answered and warning):
                         last_error[index] = line if line.endswith("\n") else line + "\n"
         atomic_write(self.errors, (last_error[i] for i in order if i in last_error))
-        status.null_reasons = Counter(json.loads(v).get("error_type") or "unknown" for v in last_error.values())
+        for line in last_error.values():
+            entry = json.loads(line)
+            counter = status.warnings if entry.get("warning") else status.null_reasons
+            counter[entry.get("error_type") or "unknown"] += 1
         status.answered = len(state.answered)
         status.nulls = len(state.nulls)
         status.complete = True
-        self.job.mark_complete()
+        self.job.mark_complete((self.config or Config()).state_ttl)

@@ -30,7 +30,8 @@ from opt_queue.config import Config, ModelConfig, load_config
 from opt_queue.dataset import SEED, Row, merge, row_request
 from opt_queue.jobs import Job
 from opt_queue.local import EmbeddedRedis, LocalWorkers
-from opt_queue.producer import enqueue
+from opt_queue.broker import push
+from opt_queue.producer import enqueue, envelopes
 from opt_queue.redis_conn import connect
 from opt_queue.ui import Display, print_summary
 
@@ -119,7 +120,12 @@ class ParallelToolkit:
         engine = self._ensure_engine()
         job_id = "api-" + uuid.uuid4().hex[:12]
         enqueue(engine.client, job_id, rows, len(rows), self.config)
-        results = gather(engine.client, job_id, len(rows))
+
+        def requeue(lost: set[str]) -> int:
+            return push(engine.client, envelopes(job_id, [r for r in rows if r.index in lost], self.config))
+
+        results = gather(engine.client, job_id, len(rows), requeue=requeue,
+                         lease_seconds=self.config.lease_seconds)
         Job(engine.client, job_id).delete()
         return {ids[i]: results[i].answer if i in results else None for i in ids}
 

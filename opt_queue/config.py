@@ -19,6 +19,7 @@ import re
 import stat
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -44,6 +45,28 @@ ENV_OVERRIDES = "OPT_QUEUE_OVERRIDES"  # JSON object of key-free fields, set for
 _PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
             "h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
 _WINDOW_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*([a-z]+)\s*$")
+
+
+def _api_base(value: str | None) -> str | None:
+    """An ``api_base`` must be an http(s) URL with a host (an empty string means the default)."""
+    if value is None or not value.strip():
+        return value
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"{value!r} is not an http(s) URL; write the API's base URL, such as "
+                         f"'{DEFAULT_API_BASE}'")
+    return value.strip()
+
+
+def parse_seconds(value: Any) -> float:
+    """Seconds from a number or a duration such as ``90s``, ``30m``, ``12h``, ``7d``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", str(value).lower())
+    if not m or (m.group(2) and m.group(2) not in _PERIODS):
+        raise ValueError(f"{value!r} is not a duration; write seconds or a number with s, min, h or d, "
+                         f"such as '7d'")
+    return float(m.group(1)) * (_PERIODS[m.group(2)] if m.group(2) else 1.0)
 
 
 def fingerprint(secret: str) -> str:
@@ -146,6 +169,8 @@ class KeyConfig(BaseModel):
             raise ValueError("an API key is empty")
         return SecretStr(v.get_secret_value().strip())
 
+    _url = field_validator("api_base")(classmethod(lambda cls, v: _api_base(v)))
+
 
 class ModelConfig(BaseModel):
     """The model and the request parameters sent with every row."""
@@ -195,6 +220,8 @@ class Config(BaseModel):
     rows_per_task: int = Field(default=16, ge=1, le=1000)
     max_queued: int = Field(default=50_000, ge=0)
     visibility_timeout: int = Field(default=3600, ge=1)
+    lease_seconds: float = Field(default=30.0, ge=2)
+    state_ttl: float = Field(default=7 * 86400.0, ge=0)
     safety_margin: float = Field(default=0.25, ge=0)
     backoff_base: float = Field(default=1.0, ge=0)
     backoff_max: float = Field(default=60.0, ge=0)
@@ -204,6 +231,13 @@ class Config(BaseModel):
     @classmethod
     def _model_name(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
+
+    _url = field_validator("api_base")(classmethod(lambda cls, v: _api_base(v)))
+
+    @field_validator("state_ttl", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        return parse_seconds(v)
 
     def keys(self) -> list[ApiKey]:
         """Resolve every key against the defaults (api_base, limits)."""
@@ -225,13 +259,41 @@ class Config(BaseModel):
         return out
 
 
+_FIXES = {
+    "extra_forbidden": "is not a field opt-queue knows; check its spelling (see config.example.json)",
+    "missing": "is required",
+}
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    """``api_keys[0].rpm`` from pydantic's location, without its union and validator tags."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif any(c in str(part) for c in "[]()-") or str(part) in ("str", "KeyConfig", "function-after",
+                                                                   "function-plain", "function-before"):
+            continue  # "lax-or-strict[...]", "function-after[...]": pydantic's inner names
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
 def _describe(err: ValidationError, source: str) -> str:
-    lines = []
+    """One readable line: each bad field, what is wrong with it, and the fix."""
+    found: dict[str, str] = {}
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{where}: {msg}")
-    return f"{source} is not a valid opt-queue config: " + "; ".join(lines)
+        where = _where(e["loc"])
+        if e["type"] in _FIXES:
+            msg = _FIXES[e["type"]]
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+        if where.startswith("api_keys[") and e["type"] in ("string_type", "model_type", "dict_type"):
+            msg = ('must be a key string, or an object such as {"key": "sk-...", "rpm": 500}')
+        found.setdefault(where, msg)  # a union reports each branch; the first says enough
+    for where in [w for w in found if any(o.startswith(w + ".") for o in found)]:
+        del found[where]  # "api_keys[0]: must be ..." when "api_keys[0].rpm: ..." says what is wrong
+    return f"{source} is not a valid opt-queue config: " + "; ".join(f"{w}: {m}" for w, m in found.items())
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *, env: dict[str, str] | None = None,

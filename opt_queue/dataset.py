@@ -11,6 +11,7 @@ Output lines are ``{"<index>": "answer"}`` or ``{"<index>": null}``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -104,9 +105,12 @@ def row_request(obj: dict[str, Any], fmt: str) -> tuple[str, dict[str, Any]]:
     return index, body
 
 
-def _decode_lines(fh: BinaryIO) -> Iterator[tuple[int, str | None, str | None]]:
-    """Yield ``(line number, text, problem)`` for each non-blank line; handles BOM and CRLF."""
+def _decode_lines(fh: BinaryIO, digest: Any = None) -> Iterator[tuple[int, str | None, str | None]]:
+    """Yield ``(line number, text, problem)`` for each non-blank line; handles BOM and CRLF.
+    ``digest`` (a hashlib object), when given, is fed every byte of the file."""
     for number, raw in enumerate(fh, 1):
+        if digest is not None:
+            digest.update(raw)
         if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         raw = raw.rstrip(b"\r\n")
@@ -119,7 +123,7 @@ def _decode_lines(fh: BinaryIO) -> Iterator[tuple[int, str | None, str | None]]:
 
 
 def iter_input(path: str | os.PathLike[str], *, skip_bad: bool = False,
-               bad: list[tuple[int, str]] | None = None) -> Iterator[Row]:
+               bad: list[tuple[int, str]] | None = None, digest: Any = None) -> Iterator[Row]:
     """Stream the rows of an input file.
 
     A bad line raises :class:`InputError` at once unless ``skip_bad``, in which case it is
@@ -133,7 +137,7 @@ def iter_input(path: str | os.PathLike[str], *, skip_bad: bool = False,
     except OSError as exc:
         raise InputError(str(path), [(0, f"cannot open: {exc.strerror}")]) from None
     with fh:
-        for number, text, problem in _decode_lines(fh):
+        for number, text, problem in _decode_lines(fh, digest):
             try:
                 if problem:
                     raise BadLine(problem)
@@ -164,13 +168,17 @@ class InputSummary:
 
     rows: int = 0
     bad: list[tuple[int, str]] = field(default_factory=list)
+    sha256: str = ""
+    """Fingerprint of the file's bytes: the job records which input it was submitted from."""
 
 
 def validate_input(path: str | os.PathLike[str], *, skip_bad: bool = False) -> InputSummary:
     """Read the whole file once; raise :class:`InputError` listing bad lines unless ``skip_bad``."""
     summary = InputSummary()
-    for _ in iter_input(path, skip_bad=True, bad=summary.bad):
+    digest = hashlib.sha256()
+    for _ in iter_input(path, skip_bad=True, bad=summary.bad, digest=digest):
         summary.rows += 1
+    summary.sha256 = digest.hexdigest()
     if summary.bad and not skip_bad:
         raise InputError(str(path), summary.bad[:MAX_PROBLEMS_SHOWN], total=len(summary.bad))
     if summary.rows == 0 and not summary.bad:
@@ -185,6 +193,30 @@ def iter_indices(path: str | os.PathLike[str]) -> Iterator[str]:
 
 
 # --- output ----------------------------------------------------------------------------------
+
+
+def beside(output: str | os.PathLike[str], suffix: str) -> Path:
+    """A file beside the output: ``output.jsonl`` -> ``output<suffix>`` (``.errors.jsonl``, ``.worker.log``)."""
+    p = Path(output)
+    return p.with_name(p.name[: -len(".jsonl")] + suffix if p.name.endswith(".jsonl") else p.name + suffix)
+
+
+def check_writable(output: str | os.PathLike[str]) -> None:
+    """Raise :class:`OutputError` unless ``output`` (and the files beside it: errors, lock, state)
+    can be written: checked before anything is enqueued or paid for."""
+    p = Path(output)
+    if p.is_dir():
+        raise OutputError(f"{p} is a directory; give -o a file name such as {p / 'output.jsonl'}")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the directory {p.parent} for {p.name} ({exc.strerror}); "
+                          f"choose another -o or fix its permissions") from None
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {p}: the directory {p.parent} is not writable; choose another "
+                          f"-o or fix its permissions (chmod u+w {p.parent})")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise OutputError(f"cannot write {p}: the file is read-only; fix its permissions (chmod u+w {p})")
 
 
 def output_line(index: str, answer: str | None) -> str:
@@ -236,12 +268,24 @@ def repair_tail(path: str | os.PathLike[str]) -> int:
     return size - keep
 
 
+BITMAP_LIMIT = 1 << 24
+"""Decimal indices below this are bits (in an :class:`IndexSet`, and in a job's Redis bitmaps):
+2 MB per bitmap at most, however sparse the numbers."""
+
+
+def index_number(index: str) -> int | None:
+    """The bit of a canonical small decimal index (``"17"`` -> 17; ``"017"``, ``"x"`` -> None)."""
+    if len(index) <= 8 and index.isdigit() and index.isascii() and (index[0] != "0" or len(index) == 1):
+        n = int(index)
+        return n if n < BITMAP_LIMIT else None
+    return None
+
+
 class IndexSet:
     """A set of row indices that costs one bit for a small decimal index ("0", "17": the usual
     case, up to 2**24) and a string for any other, so a million-row job's sets take kilobytes."""
 
     __slots__ = ("_bits", "_count", "_other")
-    BITMAP_LIMIT = 1 << 24  # 2 MB of bitmap at most, however sparse the numbers
 
     def __init__(self, items: Iterable[str] = ()) -> None:
         self._bits = bytearray()
@@ -250,12 +294,7 @@ class IndexSet:
         for index in items:
             self.add(index)
 
-    @classmethod
-    def _number(cls, index: str) -> int | None:
-        if len(index) <= 8 and index.isdigit() and index.isascii() and (index[0] != "0" or len(index) == 1):
-            n = int(index)
-            return n if n < cls.BITMAP_LIMIT else None
-        return None
+    _number = staticmethod(index_number)
 
     def add(self, index: str) -> bool:
         """Add ``index``; return whether it was new."""

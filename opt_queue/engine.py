@@ -29,8 +29,9 @@ import redis
 import redis.asyncio
 
 from opt_queue import client as api
+from opt_queue.broker import DONE, HELD, Leases
 from opt_queue.config import Config
-from opt_queue.jobs import AsyncJob, RowResult
+from opt_queue.jobs import STOPPED, AsyncJob, RowResult
 from opt_queue.limiter import AsyncKeyPool, Lease, Never, Wait, estimate_tokens, minute_limit
 from opt_queue.scripts import run_pipeline
 
@@ -40,13 +41,19 @@ MAX_SLEEP = 5.0
 WAKE_SPREAD = 0.1
 HANDED_BACK = "handed_back"
 """Outcome of a row that waited for a slot until its task's hold ran out (see ``process_rows``)."""
+DUPLICATE, RELEASED, DROPPED, PUBLISHED = "duplicate", "released", "dropped", "published"
+"""Other outcomes: another copy of the row finished it (or works on it now); the job stopped and
+the row stays unanswered; the job is unknown (reset or expired); the row's result is out."""
 RETIRED_CACHE_SECONDS = 1.0
+LEASE_POLL = 1.0
+"""How often a copy of a row whose lease another worker holds looks again."""
+PUBLISH_PATIENCE = 600.0
+"""How long a paid answer waits for Redis to take it before the row is given up to a retry."""
 
 
 @dataclass
 class _Row:
     job: AsyncJob
-    seq: int
     index: str
     body: dict[str, Any]
     fallback: str | None
@@ -75,6 +82,7 @@ class Engine:
         self.client = client
         self.keys = config.keys()
         self.pool = AsyncKeyPool(client, self.keys, margin=config.safety_margin)
+        self.leases = Leases(client, config.lease_seconds)
         self._secrets = [k.secret.get_secret_value() for k in self.keys]
         self._retired: dict[str, tuple[float, dict[str, str]]] = {}
         self._slots = asyncio.Semaphore(config.concurrency)
@@ -85,10 +93,12 @@ class Engine:
         engine = cls(config, client)
         await engine.pool.describe()
         api.warm_up()
+        engine.leases.start()
         return engine
 
     async def close(self) -> None:
-        """Close the HTTP session and the Redis connections of this loop."""
+        """Stop renewing leases; close the HTTP session and the Redis connections of this loop."""
+        await self.leases.stop()
         await api.close_clients()
         await self.client.aclose()
 
@@ -98,25 +108,65 @@ class Engine:
     # -- entry points ---------------------------------------------------------------------------
     async def process_rows(self, job_id: str, rows: Sequence[Sequence[Any]],
                            options: dict[str, Any] | None = None) -> list[str | BaseException]:
-        """Run ``[seq, index, body]`` rows concurrently; return each one's outcome or the Redis
-        error that kept it from finishing (such a row is neither done nor lost: run it again).
+        """Run ``[index, body]`` rows concurrently; return each one's outcome or the Redis error
+        that kept it from finishing (such a row is neither done nor lost: run it again).
+
+        First the rows' leases are taken, in one round trip: a row whose lease another worker
+        holds waits for that worker's result instead of calling the API.
 
         A task's message comes back to the queue once it has been unacknowledged for
-        ``visibility_timeout``, and a second copy would pay for its rows again. So a row still
-        waiting for a slot a third of that time after the task started is not sent: it ends as
-        :data:`HANDED_BACK`, for the task to enqueue again (behind the rows already queued).
+        ``visibility_timeout``. So a row still waiting for a slot a third of that time after the
+        task started is not sent: it ends as :data:`HANDED_BACK`, for the task to enqueue again
+        (behind the rows already queued) once :meth:`give_back` has ended its lease.
         """
         hold_until = time.monotonic() + self.config.visibility_timeout / 3
-        return await asyncio.gather(*(self.process(job_id, seq, index, body, options, hold_until)
-                                      for seq, index, body in rows), return_exceptions=True)
+        rows = [(str(r[-2]), r[-1]) for r in rows]  # [index, body]; 0.1 messages had [seq, index, body]
+        job = AsyncJob(self.client, job_id)
+        try:
+            status, codes = await self.leases.take(job, [index for index, _ in rows])
+        except redis.RedisError as exc:
+            return [exc] * len(rows)
+        if status == "unknown":
+            log.warning("job %s is unknown (reset, or its state expired): %d rows dropped", job_id, len(rows))
+            return [DROPPED] * len(rows)
+        return await asyncio.gather(*(self.process(job, index, body, options, hold_until, codes.get(index))
+                                      for index, body in rows), return_exceptions=True)
 
-    async def process(self, job_id: str, seq: int, index: str, body: dict[str, Any],
-                      options: dict[str, Any] | None = None, hold_until: float = float("inf")) -> str:
-        """Run one row to its final result; return what happened (for logs and tests)."""
-        row = _Row(AsyncJob(self.client, job_id), seq, index, dict(body), (options or {}).get("fallback"),
-                   hold_until=hold_until)
-        async with self._slots:
-            return await self._finish(row)
+    async def give_back(self, job_id: str, indices: list[str]) -> None:
+        """End the leases of rows that are handed back or retried, so their next copy may run."""
+        await self.leases.give_up(AsyncJob(self.client, job_id), indices)
+
+    async def process(self, job: AsyncJob, index: str, body: dict[str, Any],
+                      options: dict[str, Any] | None = None, hold_until: float = float("inf"),
+                      lease: int | None = None) -> str:
+        """Run one row to its final result; return what happened (for logs and tests).
+        ``lease`` is what taking the row's lease said (None: the job is stopped)."""
+        if lease == DONE:
+            return DUPLICATE
+        if lease == HELD:
+            lease = await self._wait_for_lease(job, index, hold_until)
+            if isinstance(lease, str):
+                return lease
+        row = _Row(job, index, dict(body), (options or {}).get("fallback"), hold_until=hold_until)
+        try:
+            async with self._slots:
+                return await self._finish(row)
+        finally:
+            self.leases.forget(job.id, index)
+
+    async def _wait_for_lease(self, job: AsyncJob, index: str, hold_until: float) -> int | str | None:
+        """Another worker holds the row's lease: wait until it publishes (:data:`DUPLICATE`), or
+        its lease expires (the lease is ours then), or this task's hold runs out."""
+        while True:
+            if time.monotonic() + LEASE_POLL > hold_until:
+                return HANDED_BACK
+            await asyncio.sleep(LEASE_POLL * random.uniform(0.8, 1.2))
+            status, codes = await self.leases.take(job, [index])
+            if status == "unknown":
+                return DROPPED
+            code = codes.get(index)  # None: the job stopped
+            if code != HELD:
+                return DUPLICATE if code == DONE else code
 
     async def _finish(self, row: _Row) -> str:
         job = row.job
@@ -128,34 +178,52 @@ class Engine:
             log.exception("row %s of job %s: internal error", row.index, job.id)
             result = self._null(row, "internal_error",
                                 api.redact(f"{type(exc).__name__}: {exc}", self._secrets))
-        if result is HANDED_BACK:
-            return HANDED_BACK
+        if isinstance(result, str):
+            return result
         if result is None:
-            return "released" if await job.release(row.seq) else "duplicate"
-
-        def settle_and_publish(pipe: Any) -> None:
-            if row.to_settle is not None:
-                self.pool.queue_settle(*row.to_settle, pipe)
-            job.queue_publish(result, pipe)
-
-        published = bool((await run_pipeline(self.client, settle_and_publish))[-1])
+            return RELEASED if await job.release(row.index) else DUPLICATE
+        published = await self._publish(row, result)
         if result.answer is None and published:
             log.warning("row %s of job %s failed for good: %s (%s)", row.index, job.id,
                         result.error_type, result.error)
-        return "published" if published else "duplicate"
+        return PUBLISHED if published else DUPLICATE
+
+    async def _publish(self, row: _Row, result: RowResult) -> bool:
+        """Settle the row's tokens and publish its result, in one round trip. The result may be a
+        paid answer: a Redis error retries the publication, never the call."""
+        def settle_and_publish(pipe: Any) -> None:
+            if row.to_settle is not None:
+                self.pool.queue_settle(*row.to_settle, pipe)
+            row.job.queue_publish(result, pipe)
+
+        deadline = time.monotonic() + PUBLISH_PATIENCE
+        delay = 1.0
+        while True:
+            try:
+                return bool((await run_pipeline(self.client, settle_and_publish))[-1])
+            except redis.RedisError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("row %s of job %s: Redis did not take its result (%s); trying again in %.0fs",
+                            row.index, row.job.id, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     # -- the loop -------------------------------------------------------------------------------
     async def _run(self, row: _Row) -> RowResult | str | None:
-        """Return the row's final result, None when the job stopped (the row stays unanswered)
-        or another delivery of the row finished first, or :data:`HANDED_BACK`."""
+        """Return the row's final result, None when the job stopped (the row stays unanswered),
+        or an outcome: :data:`DUPLICATE` (another copy of the row finished it or took it over),
+        :data:`DROPPED` (the job is gone) or :data:`HANDED_BACK`."""
         while True:
             model = row.body["model"]
             exclude = await self._retired_for(row.job) | row.too_large_for
-            stopped, done, lease = await self._admit(row, model, exclude)  # again after every wait
-            if stopped or done:
+            status, done, lease = await self._admit(row, model, exclude)  # again after every wait
+            if status != "running" or done:
                 if isinstance(lease, Lease):
                     await self.pool.cancel(lease)
-                return None
+                if status is None:
+                    return DROPPED
+                return None if status == STOPPED else DUPLICATE
             if lease is None and row.too_large_for:
                 return self._null(row, "request_too_large",
                                   f"every usable key serving {model} refused the request as too large "
@@ -184,24 +252,26 @@ class Engine:
                 return outcome
 
     async def _admit(self, row: _Row, model: str,
-                     exclude: set[str]) -> tuple[bool, bool, Lease | Wait | Never | None]:
-        """``(job stopped, row done, admission)`` in one round trip."""
+                     exclude: set[str]) -> tuple[str | None, bool, Lease | Wait | Never | None]:
+        """``(job status, row done, admission)`` in one round trip."""
         plan = self.pool.plan(model, row.tokens, exclude)
 
         def state_and_acquire(pipe: Any) -> None:
-            row.job.queue_state(row.seq, pipe)
+            row.job.queue_state(row.index, pipe)
             if plan is not None:
                 self.pool.queue_acquire(plan, pipe)
 
         t0 = time.monotonic()
         replies = await run_pipeline(self.client, state_and_acquire)
-        stopped, done = row.job.read_state(replies[:2])
+        status, done = row.job.read_state(row.index, replies[:2])
+        if (row.job.id, row.index) in self.leases.lost:
+            done = True  # another worker took the row over while this one stalled: it is theirs
         if plan is None:
-            return stopped, done, None
+            return status, done, None
         admission = self.pool.granted(plan, replies[2])
         self.pool.clock.observe(t0, time.monotonic(), admission.at_ms if not isinstance(admission, Never)
                                 else int(replies[2][2]))
-        return stopped, done, admission
+        return status, done, admission
 
     async def _call(self, row: _Row, lease: Lease) -> RowResult | None:
         """One API call; return the final result, or None to go round the loop again."""
@@ -227,15 +297,23 @@ class Engine:
                 await self.pool.cancel(lease)
             await self.pool.count_error(lease.key, failure.reason)
             return await self._on_failure(row, lease, failure)
-        if stamped is not None:
-            await stamped
-        else:  # not seen leaving (an HTTP stack without the hook): stamp late, the safe side
-            await self.pool.stamp(lease)
+        try:  # bookkeeping: a Redis error here must not throw the paid answer away
+            if stamped is not None:
+                await stamped
+            else:  # not seen leaving (an HTTP stack without the hook): stamp late, the safe side
+                await self.pool.stamp(lease)
+            await self._learn(lease, answer.headers)
+        except redis.RedisError as exc:
+            log.warning("row %s: the limiter's bookkeeping failed after the call (%s); the answer "
+                        "is kept", row.index, type(exc).__name__)
         row.to_settle = (lease, answer.prompt_tokens + answer.completion_tokens)
-        await self._learn(lease, answer.headers)
-        return RowResult(seq=row.seq, index=row.index, answer=answer.text, attempts=row.attempts + 1,
+        warning = None
+        if answer.finish_reason == "length":
+            warning = "the answer was cut at the token limit (finish_reason: length); raise max_tokens"
+        return RowResult(index=row.index, answer=answer.text, attempts=row.attempts + 1,
                          key=lease.key.fingerprint, model=row.body["model"],
-                         prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens)
+                         prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
+                         warning=warning)
 
     async def _on_failure(self, row: _Row, lease: Lease, f: api.Failure) -> RowResult | None:
         fp = lease.key.fingerprint
@@ -281,7 +359,7 @@ class Engine:
         return max(hint or 0.0, random.uniform(cap / 2, cap))
 
     def _null(self, row: _Row, error_type: str, message: str) -> RowResult:
-        return RowResult(seq=row.seq, index=row.index, answer=None, error_type=error_type,
+        return RowResult(index=row.index, answer=None, error_type=error_type,
                          error=message, attempts=row.attempts, key=row.last_key, model=row.body["model"])
 
     async def _learn(self, lease: Lease, headers: dict[str, str]) -> None:

@@ -1,8 +1,10 @@
 """A job's state in Redis: its metadata, which rows are claimed and done, its results stream.
 
 A job is one output file (its id is derived from the output path unless named), fed by one input
-file. Rows are identified in Redis by their position in the input (``seq``), so the bitmaps stay
-small: a million rows cost 125 kB per bitmap.
+file. Rows are identified by their input ``index`` (see ``keys.slot``): an edited input (a fixed
+line, rows added, removed or reordered) keeps every row's state, and ``output.jsonl`` stays the
+truth: a row collected once and later missing or null on disk is claimed, and sent, again.
+A finished job's state expires (``state_ttl``); :meth:`Job.delete` forgets a job at once.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ def job_id_for(output_path: str | os.PathLike[str], name: str | None = None) -> 
 
 @dataclass
 class RowResult:
-    """The final outcome of one row, as published to the job's results stream."""
+    """The final outcome of one row, as published to the job's results stream.
 
-    seq: int
+    ``warning`` marks an answer that is kept but deserves a look (``finish_reason: length``)."""
+
     index: str
     answer: str | None
     error_type: str | None = None
@@ -48,14 +51,16 @@ class RowResult:
     model: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    warning: str | None = None
 
     def to_fields(self) -> dict[str, str]:
         return {"r": json.dumps(asdict(self), ensure_ascii=False)}
 
     @classmethod
     def from_fields(cls, fields: dict[Any, Any]) -> RowResult:
-        raw = fields.get(b"r", fields.get("r"))
-        return cls(**json.loads(raw))
+        raw = json.loads(fields.get(b"r", fields.get("r")))
+        raw.pop("seq", None)  # published by 0.1 workers
+        return cls(**raw)
 
 
 @dataclass
@@ -81,6 +86,32 @@ class Progress:
         return max(0, self.claimed - self.reported - self.released)
 
 
+@dataclass
+class Claim:
+    """What :meth:`Job.claim` found: the rows this caller must enqueue, and the rows it must not."""
+
+    claimed: list[str] = field(default_factory=list)
+    busy: int = 0
+    """Rows queued or in flight already."""
+    pending: int = 0
+    """Rows whose result is published but not collected yet (``collect`` writes them)."""
+    redone: set[str] = field(default_factory=set)
+    """Claimed rows that had been collected before (their line is missing or null on disk now)."""
+
+
+def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def _bits(raw: bytes) -> Iterable[int]:
+    """Positions of the set bits of a Redis bitmap (bit 0 is the top bit of the first byte)."""
+    for byte_no, value in enumerate(raw):
+        if value:
+            for bit in range(8):
+                if value & (0x80 >> bit):
+                    yield 8 * byte_no + bit
+
+
 class _JobBase:
     """A job's Redis names and the arguments of the scripts both job handles call."""
 
@@ -89,20 +120,22 @@ class _JobBase:
         self.id = job_id
         self._scripts = scripts_for(client)
         self.meta_key = keys.job_meta(job_id)
+        self.rows = keys.row_state(job_id)
+        self.leases = [keys.job_leases(job_id), keys.job_lease_owners(job_id)]
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id}>"
 
     def _publish_call(self, result: RowResult) -> dict[str, Any]:
-        ks = [keys.job_done(self.id), keys.job_answered(self.id), self.meta_key, keys.job_results(self.id)]
         flat: list[str] = []
         for k, v in result.to_fields().items():
             flat += [k, v]
-        return {"keys": ks, "args": [result.seq, 0 if result.answer is None else 1, result.prompt_tokens,
-                                     result.completion_tokens, *flat]}
+        return {"keys": [*self.rows, self.meta_key, keys.job_results(self.id), *self.leases],
+                "args": [keys.slot(result.index), result.index, 0 if result.answer is None else 1,
+                         result.prompt_tokens, result.completion_tokens, *flat]}
 
-    def _release_call(self, seq: int) -> dict[str, Any]:
-        return {"keys": [keys.job_claimed(self.id), keys.job_done(self.id), self.meta_key], "args": [seq]}
+    def _release_call(self, index: str) -> dict[str, Any]:
+        return {"keys": [*self.rows, self.meta_key, *self.leases], "args": [keys.slot(index), index]}
 
 
 class Job(_JobBase):
@@ -112,7 +145,8 @@ class Job(_JobBase):
 
     # -- lifecycle ------------------------------------------------------------------------------
     def begin_submit(self, **meta: Any) -> None:
-        """Record the job (paths, model, total) and mark it as being submitted and running."""
+        """Record the job (paths, input fingerprint, model, total) as being submitted and running;
+        its state no longer expires."""
         fields = {k: str(v) for k, v in meta.items() if v is not None}
         fields.update(status=RUNNING, reason="", submitting="1", updated=str(time.time()))
         pipe = self.client.pipeline()
@@ -120,6 +154,8 @@ class Job(_JobBase):
         pipe.hsetnx(self.meta_key, "created", str(time.time()))
         pipe.delete(keys.job_retired(self.id))
         pipe.sadd(keys.JOBS, self.id)
+        for key in keys.job_keys(self.id):
+            pipe.persist(key)
         pipe.execute()
 
     def end_submit(self) -> None:
@@ -133,15 +169,25 @@ class Job(_JobBase):
         before, _ = pipe.execute()
         return before != STOPPED.encode()
 
-    def mark_complete(self) -> None:
-        """Every row has its final result on disk (set by the collector)."""
-        self.client.hset(self.meta_key, mapping={"status": COMPLETE, "updated": str(time.time())})
+    def mark_complete(self, ttl: float | None = None) -> None:
+        """Every row has its final result on disk (set by the collector); the state expires after
+        ``ttl`` seconds unless the job is submitted again."""
+        pipe = self.client.pipeline()
+        pipe.hset(self.meta_key, mapping={"status": COMPLETE, "updated": str(time.time())})
+        if ttl:
+            for key in keys.job_keys(self.id):
+                pipe.expire(key, int(ttl))
+        pipe.execute()
 
     def meta(self) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.client.hgetall(self.meta_key).items()}
+        return _decode(self.client.hgetall(self.meta_key))
 
     def exists(self) -> bool:
         return bool(self.client.exists(self.meta_key))
+
+    def status(self) -> str | None:
+        raw = self.client.hget(self.meta_key, "status")
+        return raw.decode() if raw else None
 
     def progress(self) -> Progress:
         m = self.meta()
@@ -156,58 +202,83 @@ class Job(_JobBase):
                         submitting=m.get("submitting") == "1", reason=m.get("reason", ""), meta=m)
 
     # -- rows -----------------------------------------------------------------------------------
-    def claim(self, rows: Iterable[tuple[int, bool]], chunk: int = 2000) -> list[int]:
-        """Claim ``(seq, is_null_retry)`` rows; return the seqs this caller must enqueue."""
-        ks = [keys.job_claimed(self.id), keys.job_done(self.id), keys.job_answered(self.id), self.meta_key]
-        claimed: list[int] = []
-        argv: list[Any] = []
-        for seq, retry in rows:
-            argv += [seq, "n" if retry else "m"]
-            if len(argv) >= 2 * chunk:
-                claimed += [int(s) for s in self._scripts.claim(keys=ks, args=argv)]
-                argv = []
-        if argv:
-            claimed += [int(s) for s in self._scripts.claim(keys=ks, args=argv)]
-        return claimed
+    def claim(self, indices: Iterable[str], chunk: int = 2000) -> Claim:
+        """Claim rows that output.jsonl lacks or holds as null; say which ones to enqueue."""
+        out = Claim()
+        ks = [*self.rows, self.meta_key]
+        batch: list[str] = []
+
+        def flush() -> None:
+            claimed, busy, pending, redone = self._scripts.claim(keys=ks, args=[keys.slot(i) for i in batch])
+            by_slot = {keys.slot(i): i for i in batch}
+            out.claimed += [by_slot[s.decode()] for s in claimed]
+            out.redone.update(by_slot[s.decode()] for s in redone)
+            out.busy += int(busy)
+            out.pending += int(pending)
+            batch.clear()
+
+        for index in indices:
+            batch.append(index)
+            if len(batch) >= chunk:
+                flush()
+        if batch:
+            flush()
+        return out
 
     def publish(self, result: RowResult) -> bool:
-        """Publish a row's final result; False when it was already published (redelivery)."""
+        """Publish a row's final result; False when it was already published (another copy)."""
         return bool(self._scripts.publish(**self._publish_call(result)))
 
-    def unfinished(self) -> set[int]:
+    def unfinished(self) -> set[str]:
         """Rows claimed (a task was enqueued for them) whose result is not published yet."""
         pipe = self.client.pipeline(transaction=False)
         pipe.get(keys.job_claimed(self.id))
         pipe.get(keys.job_done(self.id))
-        claimed, done = (raw or b"" for raw in pipe.execute())
+        pipe.hgetall(keys.job_rows(self.id))
+        claimed, done, others = pipe.execute()
+        claimed, done = claimed or b"", done or b""
         size = max(len(claimed), len(done))
-        bits = int.from_bytes(claimed.ljust(size, b"\0"), "big") & ~int.from_bytes(done.ljust(size, b"\0"), "big")
-        seqs = set()
-        while bits:  # Redis numbers bits from the most significant bit of the first byte
-            top = bits.bit_length() - 1
-            seqs.add(8 * size - 1 - top)
-            bits ^= 1 << top
-        return seqs
+        mask = bytes(c & ~d & 0xFF for c, d in zip(claimed.ljust(size, b"\0"), done.ljust(size, b"\0")))
+        out = {str(n) for n in _bits(mask)}
+        out.update(k.decode() for k, v in others.items() if int(v) == 1)
+        return out
 
-    def release(self, seq: int) -> bool:
+    def release(self, index: str) -> bool:
         """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""
-        return bool(self._scripts.release(**self._release_call(seq)))
+        return bool(self._scripts.release(**self._release_call(index)))
+
+    def collected(self, entry_ids: list[Any], indices: list[str]) -> None:
+        """Acknowledge stream entries stored on disk and mark their rows collected."""
+        self._scripts.collected(keys=[*self.rows, keys.job_results(self.id)],
+                                args=[keys.COLLECTOR_GROUP, len(entry_ids), *entry_ids,
+                                      *(keys.slot(i) for i in indices)])
 
     def forget_queued(self) -> None:
-        """Forget claims of rows that are neither done nor released (their tasks are gone).
+        """Forget claims of rows that are not done (their tasks are gone).
 
         Only for a private broker whose queue was purged: every claimed, unfinished row is then
-        claimable again.
+        claimable again; rows published but not collected keep their claim (their result is in
+        the stream).
         """
+        claimed, done, rows = self.rows
         pipe = self.client.pipeline()
-        pipe.delete(keys.job_claimed(self.id))
+        pipe.bitop("AND", claimed, claimed, done)
+        pipe.hgetall(rows)
         pipe.hget(self.meta_key, "reported")
         pipe.hget(self.meta_key, "released")
-        _, reported, released = pipe.execute()
-        self.client.hset(self.meta_key, "claimed", int(reported or 0) + int(released or 0))
+        _, others, reported, released = pipe.execute()
+        pipe = self.client.pipeline()
+        for index, flags in others.items():
+            if int(flags) == 1:
+                pipe.hdel(rows, index)
+        pipe.hset(self.meta_key, "claimed", int(reported or 0) + int(released or 0))
+        pipe.delete(*self.leases)
+        pipe.execute()
 
     def delete(self) -> None:
-        """Forget the job entirely (in-memory jobs, once their answers are returned)."""
+        """Forget the job entirely (``reset``, and in-memory jobs once their answers are returned).
+
+        Task messages of the job still in the broker find no job and are dropped by the workers."""
         self.client.delete(*keys.job_keys(self.id))
         self.client.srem(keys.JOBS, self.id)
 
@@ -217,31 +288,37 @@ class Job(_JobBase):
         return bool(self.client.hsetnx(keys.job_retired(self.id), fingerprint, reason))
 
     def retired_keys(self) -> dict[str, str]:
-        raw = self.client.hgetall(keys.job_retired(self.id))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return _decode(self.client.hgetall(keys.job_retired(self.id)))
 
 
 class AsyncJob(_JobBase):
     """The calls a worker's engine makes on a job, on a ``redis.asyncio`` client."""
 
-    def queue_state(self, seq: int, pipe: Any) -> None:
-        """Queue the reads of ``(job stopped, row done)`` on ``pipe``: two replies for :meth:`read_state`."""
+    def queue_state(self, index: str, pipe: Any) -> None:
+        """Queue the reads of ``(job status, row done)`` on ``pipe``: two replies for :meth:`read_state`."""
         pipe.hget(self.meta_key, "status")
-        pipe.getbit(keys.job_done(self.id), seq)
+        n = keys.index_number(index)
+        if n is None:
+            pipe.hget(keys.job_rows(self.id), index)
+        else:
+            pipe.getbit(keys.job_done(self.id), n)
 
     @staticmethod
-    def read_state(replies: list[Any]) -> tuple[bool, bool]:
+    def read_state(index: str, replies: list[Any]) -> tuple[str | None, bool]:
+        """``(job status or None when the job is unknown, row done)``."""
         status, done = replies
-        return status == STOPPED.encode(), bool(done)
+        if keys.index_number(index) is None:
+            done = int(done or 0) & 2
+        return (status.decode() if status else None), bool(done)
 
     def queue_publish(self, result: RowResult, pipe: Any) -> None:
         """Queue the publication of a row's result on ``pipe`` (see ``scripts.run_pipeline``);
         its reply says whether it was new."""
         queue(pipe, self._scripts.publish, **self._publish_call(result))
 
-    async def release(self, seq: int) -> bool:
+    async def release(self, index: str) -> bool:
         """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""
-        return bool(await self._scripts.release(**self._release_call(seq)))
+        return bool(await self._scripts.release(**self._release_call(index)))
 
     async def stop(self, reason: str) -> bool:
         """Stop the job for good with ``reason``; return False if it was already stopped."""
@@ -256,8 +333,7 @@ class AsyncJob(_JobBase):
         return bool(await self.client.hsetnx(keys.job_retired(self.id), fingerprint, reason))
 
     async def retired_keys(self) -> dict[str, str]:
-        raw = await self.client.hgetall(keys.job_retired(self.id))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return _decode(await self.client.hgetall(keys.job_retired(self.id)))
 
 
 def list_jobs(client: redis.Redis) -> list[str]:

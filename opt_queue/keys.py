@@ -2,29 +2,60 @@
 
 Job keys wrap the job id in a hash tag (``oq:{job}:...``) and the rate-limit keys share the tag
 ``{limits}``, so that each Lua script touches a single Redis Cluster slot.
+
+A row's state is keyed by its input ``index``, never by its position in the file: a small decimal
+index (``"0"``, ``"17"``) is a bit of the ``claimed`` and ``done`` bitmaps, any other index is a
+field of the ``rows`` hash (see :func:`slot` and ``lua/_rows.lua``).
 """
 
 from __future__ import annotations
+
+from opt_queue.dataset import index_number
 
 PREFIX = "oq"
 JOBS = f"{PREFIX}:jobs"
 QUEUE = "opt-queue"
 COLLECTOR_GROUP = "collectors"
+UNACKED = "unacked"
+"""Kombu's Redis transport: hash delivery tag -> ``[message, exchange, routing key]`` of every
+message delivered to a worker and not acknowledged yet."""
+UNACKED_INDEX = "unacked_index"
+"""Kombu's Redis transport: sorted set of those delivery tags, scored by delivery time (seconds)."""
+RECOVERY_LOCK = f"{PREFIX}:recovery-lock"
+
+__all__ = ["index_number"]
+
+
+def slot(index: str) -> str:
+    """Where a row's state lives, as the Lua scripts take it: ``"17"`` (bit 17 of the bitmaps) or
+    ``"s<index>"`` (field ``<index>`` of the rows hash)."""
+    n = index_number(index)
+    return str(n) if n is not None else "s" + index
 
 
 def job_meta(job: str) -> str:
-    """Hash: input/output paths, model, counters (claimed, reported, released), status."""
+    """Hash: input/output paths and fingerprint, model, counters (claimed, reported, released), status."""
     return f"{PREFIX}:{{{job}}}:meta"
 
 
 def job_claimed(job: str) -> str:
-    """Bitmap by row position: a task for this row was enqueued and has not been released."""
+    """Bitmap by decimal index: a task was enqueued for the row, or its result awaits collection."""
     return f"{PREFIX}:{{{job}}}:claimed"
 
 
 def job_done(job: str) -> str:
-    """Bitmap by row position: the row's final result (answer or null) was published."""
+    """Bitmap by decimal index: the row's final result (answer or null) was published."""
     return f"{PREFIX}:{{{job}}}:done"
+
+
+def job_rows(job: str) -> str:
+    """Hash: other index -> its flags (1 claimed, 2 done), for indices that are not small decimals."""
+    return f"{PREFIX}:{{{job}}}:rows"
+
+
+def row_state(job: str) -> list[str]:
+    """The three keys of the row state, in the order every row script takes them (KEYS[1..3])."""
+    return [job_claimed(job), job_done(job), job_rows(job)]
 
 
 def job_results(job: str) -> str:
@@ -35,6 +66,16 @@ def job_results(job: str) -> str:
 def job_retired(job: str) -> str:
     """Hash: key fingerprint -> why the key was retired for this job."""
     return f"{PREFIX}:{{{job}}}:retired"
+
+
+def job_leases(job: str) -> str:
+    """Sorted set: index -> when its lease expires (ms, Redis' clock); rows being worked on."""
+    return f"{PREFIX}:{{{job}}}:leases"
+
+
+def job_lease_owners(job: str) -> str:
+    """Hash: index -> the worker process that holds its lease."""
+    return f"{PREFIX}:{{{job}}}:lease-owners"
 
 
 LIMITS_TAG = "{limits}"
@@ -59,12 +100,7 @@ KNOWN_KEYS = f"{PREFIX}:{LIMITS_TAG}:known"
 """Hash: fingerprint -> JSON description (limits, bucket, api_base host) for ``status``."""
 
 
-def job_answered(job: str) -> str:
-    """Bitmap by row position: the published result was an answer (not a null)."""
-    return f"{PREFIX}:{{{job}}}:answered"
-
-
 def job_keys(job: str) -> list[str]:
     """Every key of one job."""
-    return [job_meta(job), job_claimed(job), job_done(job), job_answered(job), job_results(job),
-            job_retired(job)]
+    return [job_meta(job), *row_state(job), job_results(job), job_retired(job), job_leases(job),
+            job_lease_owners(job)]

@@ -1,5 +1,5 @@
 """Submit: validate the input, then enqueue the rows that output.jsonl does not answer yet
-(``rows_per_task`` rows to a task message)."""
+(``rows_per_task`` rows to a task message). Rows are matched by index: the file is the truth."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from typing import Any
 
 import redis
 
+from opt_queue.broker import declare_queue, envelope, push
 from opt_queue.config import Config
 from opt_queue.dataset import InputSummary, Row, iter_input, read_output, validate_input
-from opt_queue.jobs import Job
-from opt_queue.messages import declare_queue, envelope, push, queued_seqs
+from opt_queue.errors import JobStopped
+from opt_queue.jobs import STOPPED, Job
 
 log = logging.getLogger(__name__)
 BATCH = 1000
@@ -31,12 +32,31 @@ class SubmitReport:
     enqueued: int = 0
     answered: int = 0
     queued: int = 0
+    """Rows queued or in flight already (an earlier submit's)."""
+    uncollected: int = 0
+    """Rows finished but not written to the output yet: ``collect`` writes them."""
     retried_nulls: int = 0
+    resent: int = 0
+    """Rows collected before whose line output.jsonl no longer has."""
     bad_lines: int = 0
+    input_changed: bool = False
 
     @property
     def skipped(self) -> int:
-        return self.answered + self.queued
+        return self.answered + self.queued + self.uncollected
+
+    def describe(self) -> str:
+        """One line for the user."""
+        text = (f"enqueued {self.enqueued} rows, skipped {self.skipped} ({self.answered} already "
+                f"answered, {self.queued} already queued")
+        if self.uncollected:
+            text += f", {self.uncollected} finished and waiting for collect"
+        text += ")"
+        if self.retried_nulls:
+            text += f", {self.retried_nulls} nulls retried"
+        if self.resent:
+            text += f", {self.resent} sent again because output.jsonl no longer has them"
+        return text
 
 
 def request_body(row: Row, config: Config) -> dict[str, Any]:
@@ -55,7 +75,7 @@ def envelopes(job_id: str, rows: list[Row], config: Config) -> list[str]:
     """Task messages for ``rows``: ``config.rows_per_task`` rows to a task, in input order."""
     options = task_options(config)
     size = config.rows_per_task
-    return [envelope(job_id, [(r.seq, r.index, request_body(r, config)) for r in rows[i:i + size]], options)
+    return [envelope(job_id, [(r.index, request_body(r, config)) for r in rows[i:i + size]], options)
             for i in range(0, len(rows), size)]
 
 
@@ -75,48 +95,41 @@ def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
            on_progress: Callable[[int, int], None] | None = None,
            validated: InputSummary | None = None,
            on_wait: Callable[[int], None] | None = None) -> SubmitReport:
-    """Enqueue every row of ``input_path`` that ``output_path`` does not answer yet.
+    """Enqueue every row of ``input_path`` that ``output_path`` lacks or holds as null.
 
     Validates the whole input first (nothing is enqueued when a line is bad, unless ``skip_bad``).
-    Rows answered on disk are skipped; rows null on disk are tried again; rows already queued by an
-    earlier submit are not enqueued twice. Safe to run again at any time.
+    Rows are matched by index, so the input may have been edited since the last submit. Rows
+    queued, in flight or finished but not yet collected are not enqueued twice. Safe to run
+    again at any time.
     """
     summary = validated or validate_input(input_path, skip_bad=skip_bad)
     state = read_output(output_path, offsets=False)
-    meta = {"input": str(Path(input_path).resolve()), "output": str(Path(output_path).resolve())}
-    return enqueue(client, job_id, iter_input(input_path, skip_bad=skip_bad), summary.rows, config,
-                   answered=state.answered, nulls=state.nulls, on_progress=on_progress,
-                   bad_lines=len(summary.bad), on_wait=on_wait, **meta)
+    before = Job(client, job_id).meta().get("input_sha256")
+    meta = {"input": str(Path(input_path).resolve()), "output": str(Path(output_path).resolve()),
+            "input_sha256": summary.sha256}
+    report = enqueue(client, job_id, iter_input(input_path, skip_bad=skip_bad), summary.rows, config,
+                     answered=state.answered, nulls=state.nulls, on_progress=on_progress,
+                     bad_lines=len(summary.bad), on_wait=on_wait, **meta)
+    report.input_changed = before is not None and before != summary.sha256
+    return report
 
 
-def requeue_lost(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str], config: Config) -> int:
-    """Enqueue again the rows that are claimed and unfinished but whose task message is nowhere.
-
-    Kombu's Redis transport moves a delivered message to its ``unacked`` hash a moment after
-    popping it; a worker killed in that moment loses the message. A producer killed between claim
-    and push leaves claimed rows without messages too. Either way the row would wait forever; this
-    finds such rows and enqueues them again (a copy that is not really lost is harmless: a row's
-    result is published once). Returns how many rows were enqueued again.
-    """
-    job = Job(client, job_id)
-    lost = job.unfinished() - queued_seqs(client, job_id)
-    if not lost:
-        return 0
-    rows = [r for r in iter_input(input_path, skip_bad=True) if r.seq in lost]
+def requeue(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str], config: Config,
+            indices: set[str]) -> int:
+    """Enqueue ``indices`` again from the input file (their task messages were lost)."""
+    rows = [r for r in iter_input(input_path, skip_bad=True) if r.index in indices]
     push(client, envelopes(job_id, rows, config))
-    log.warning("job %s: enqueued %d rows again whose tasks were lost (a worker or submit died "
-                "while handling them)", job_id, len(rows))
     return len(rows)
 
 
-def _release_quietly(job: Job, seqs: list[int]) -> None:
+def _release_quietly(job: Job, indices: list[str]) -> None:
     """Best effort: unclaim rows whose tasks were never pushed, so the next submit sends them."""
     try:
-        for seq in seqs:
-            job.release(seq)
-    except Exception:  # Redis is gone too: the rows stay claimed (see README, Troubleshooting)
-        log.warning("could not give back %d claimed rows of job %s; run submit again once Redis "
-                    "is back, after their visibility timeout", len(seqs), job.id)
+        for index in indices:
+            job.release(index)
+    except Exception:  # Redis is gone too: the collector finds such rows once the job stalls
+        log.warning("could not give back %d claimed rows of job %s; the collector enqueues them "
+                    "again once Redis is back", len(indices), job.id)
 
 
 def _wait_for_room(job: Job, max_queued: int, wanted: int, on_wait: Callable[[int], None] | None) -> None:
@@ -137,7 +150,8 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
     """Claim and enqueue ``rows`` (skipping ``answered``; ``nulls`` are retried) for job ``job_id``.
 
     At most ``config.max_queued`` rows of the job sit in Redis at once: the rest wait here until
-    rows finish, so Redis memory stays flat however large the input.
+    rows finish, so Redis memory stays flat however large the input. Raises :class:`JobStopped`
+    when the job is stopped meanwhile (every key retired, a wrong model): nothing more is sent.
     """
     max_queued = config.max_queued
     answered, nulls = answered or set(), nulls or set()
@@ -148,25 +162,30 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
     declare_queue()
     try:
         for batch in _batches(iter(rows), min(BATCH, max_queued) if max_queued else BATCH):
-            wanted = [(r.seq, r.index in nulls) for r in batch if r.index not in answered]
+            wanted = [r.index for r in batch if r.index not in answered]
             report.answered += len(batch) - len(wanted)
             if max_queued:
                 _wait_for_room(job, max_queued, len(wanted), on_wait)
-            claimed = set(job.claim(wanted))
-            report.queued += len(wanted) - len(claimed)
-            fresh = [r for r in batch if r.seq in claimed]
+            if job.status() == STOPPED:
+                raise JobStopped(f"job {job_id} stopped: {job.meta().get('reason', '')}")
+            claim = job.claim(wanted)
+            report.queued += claim.busy
+            report.uncollected += claim.pending
+            claimed = set(claim.claimed)
+            fresh = [r for r in batch if r.index in claimed]
             report.retried_nulls += sum(r.index in nulls for r in fresh)
+            report.resent += sum(r.index in claim.redone and r.index not in nulls for r in fresh)
             try:
                 push(client, envelopes(job_id, fresh, config))
                 report.enqueued += len(fresh)
             except BaseException:  # Ctrl-C or Redis gone between claim and push: give the rows back
-                _release_quietly(job, [r.seq for r in fresh])
+                _release_quietly(job, [r.index for r in fresh])
                 raise
             done += len(batch)
             if on_progress:
                 on_progress(done, total)
     finally:
         job.end_submit()
-    log.info("job %s: %d rows enqueued, %d already answered, %d already queued",
-             job_id, report.enqueued, report.answered, report.queued)
+    log.info("job %s: %d rows enqueued, %d already answered, %d already queued, %d awaiting collection",
+             job_id, report.enqueued, report.answered, report.queued, report.uncollected)
     return report

@@ -15,7 +15,7 @@ from typing import Any
 from opt_queue.app import configure
 from opt_queue.collector import Collector, CollectStatus
 from opt_queue.config import Config
-from opt_queue.dataset import read_output, validate_input
+from opt_queue.dataset import beside, check_writable, read_output, validate_input
 from opt_queue.jobs import Job, job_id_for
 from opt_queue.local import EmbeddedRedis, LocalWorkers, purge_queue
 from opt_queue.producer import SubmitReport, submit
@@ -28,6 +28,23 @@ def state_dir(output: str | os.PathLike[str]) -> Path:
     """Where the private Redis keeps its append-only file: ``<output>.oq-redis/`` beside it."""
     p = Path(output)
     return p.with_name(p.name + ".oq-redis")
+
+
+BROKER_FILE = "broker.url"
+"""In :func:`state_dir` while ``run`` works: the private Redis' URL, for ``status -o``."""
+
+
+def private_broker(output: str | os.PathLike[str]) -> str | None:
+    """The URL of the private Redis of a ``run`` working on ``output`` now, if any."""
+    try:
+        return (state_dir(output) / BROKER_FILE).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def worker_log(output: str | os.PathLike[str]) -> Path:
+    """Where ``run``'s local workers log (kept after the job: keys retired, rows failed)."""
+    return beside(output, ".worker.log")
 
 
 class _Submitter(threading.Thread):
@@ -71,6 +88,7 @@ class RunResult:
     submitted: SubmitReport
     collected: CollectStatus
     broker: str
+    worker_log: Path | None = None
 
 
 def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], config: Config, *,
@@ -82,12 +100,16 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
     """Run a whole job here. Without ``broker_url`` a private Redis is started beside the output
     (its append-only file lets an interrupted run resume) and removed once the job is complete."""
     job_id = job_id_for(output_path, job_name)
-    validated = validate_input(input_path, skip_bad=skip_bad)  # before anything starts
-    read_output(output_path, offsets=False)  # refuse an output file that is not ours, before anything starts
+    # Everything that can be checked is checked before anything starts or anything is paid for.
+    check_writable(output_path)
+    validated = validate_input(input_path, skip_bad=skip_bad)
+    read_output(output_path, offsets=False)  # refuse an output file that is not ours
     private = None
     if config.broker_url is None:
         private = EmbeddedRedis(state_dir(output_path)).start()
+        (private.directory / BROKER_FILE).write_text(private.url, encoding="utf-8")
     url = private.url if private else str(config.broker_url)
+    log_file = worker_log(output_path) if workers else None
     try:
         client = connect(url, check=True, patient=True)
         configure(url, config.visibility_timeout)
@@ -98,8 +120,7 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
             if dropped:
                 log.info("dropped %d tasks of the interrupted run; their rows are enqueued again", dropped)
         local = LocalWorkers(url, config_path, processes=workers, concurrency=config.concurrency,
-                             loglevel=config.log_level,
-                             log_file=(private.directory / "worker.log") if private else None,
+                             loglevel=config.log_level, log_file=log_file,
                              overrides=worker_overrides,
                              events=private is None,  # nobody watches a private broker with Flower
                              die_signal=signal.SIGKILL if private else signal.SIGTERM)
@@ -113,7 +134,8 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
         client.close()
     finally:
         if private:
+            (private.directory / BROKER_FILE).unlink(missing_ok=True)
             private.stop()
     if private and status.complete and not keep_state:
         shutil.rmtree(private.directory, ignore_errors=True)
-    return RunResult(job=job_id, submitted=report, collected=status, broker=url)
+    return RunResult(job=job_id, submitted=report, collected=status, broker=url, worker_log=log_file)

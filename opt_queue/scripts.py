@@ -11,13 +11,19 @@ import redis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
-_NAMES = ("claim", "publish", "release", "acquire", "stamp", "cancel", "settle", "cool")
+_ROW_SCRIPTS = ("claim", "publish", "release", "collected", "lease", "orphans")
+"""Scripts on a job's row state: ``lua/_rows.lua`` (its helpers) is put in front of each."""
+_NAMES = (*_ROW_SCRIPTS, "renew", "acquire", "stamp", "cancel", "settle", "cool")
+
+
+def _read(name: str) -> str:
+    return resources.files("opt_queue").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
 
 
 @cache
 def source(name: str) -> str:
-    """Return the text of ``lua/<name>.lua``."""
-    return resources.files("opt_queue").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    """Return the text of script ``name`` as Redis runs it."""
+    return (_read("_rows") + "\n" if name in _ROW_SCRIPTS else "") + _read(name)
 
 
 class Scripts:
@@ -30,6 +36,10 @@ class Scripts:
     claim: Script
     publish: Script
     release: Script
+    collected: Script
+    lease: Script
+    orphans: Script
+    renew: Script
     acquire: Script
     stamp: Script
     cancel: Script

@@ -6,6 +6,11 @@ headers, 401 for unknown keys, 429 ``insufficient_quota`` for spent keys, 400
 ``context_length_exceeded``, 404 for unknown models, and injectable faults (latency, 5xx, HTML
 502, timeouts, connection resets, malformed bodies, empty ``choices``). Answers are deterministic:
 :func:`sim_answer` tells a test what the API will say to a prompt.
+
+Response shapes that are not plain text, on demand: a request with ``tools`` gets a call of its
+first tool (``content: null``, ``finish_reason: "tool_calls"``); a last message containing
+``REFUSE`` gets a refusal (``message.refusal``); a ``max_tokens`` below the answer's length cuts
+it (``finish_reason: "length"``).
 """
 
 from __future__ import annotations
@@ -212,8 +217,9 @@ class SimAPI:
                                f"However, your messages resulted in {prompt_tokens} tokens. Please "
                                f"reduce the length of the messages.", "invalid_request_error",
                           "context_length_exceeded", param="messages")
-        answer = sim_answer(model, messages)
-        completion_tokens = count_tokens(answer)
+        message, finish = self._message(body, model, messages, max_tokens)
+        said = message.get("content") or json.dumps(message.get("tool_calls") or message.get("refusal"))
+        completion_tokens = count_tokens(said.strip())
         if max_tokens and completion_tokens > max_tokens:
             completion_tokens = max_tokens
         tokens = prompt_tokens + completion_tokens
@@ -246,13 +252,31 @@ class SimAPI:
         self.per_prompt[prompt_key(messages)] += 1
         self.per_key[fingerprint(k.key)] += 1
         data = {"id": f"chatcmpl-sim{self.calls}", "object": "chat.completion", "created": int(time.time()),
-                "model": model, "choices": [{"index": 0, "finish_reason": "stop",
-                                             "message": {"role": "assistant", "content": f"\n {answer} \n"}}],
+                "model": model, "choices": [{"index": 0, "finish_reason": finish, "message": message}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": tokens}}
         resp = web.json_response(data, dumps=lambda o: json.dumps(o, ensure_ascii=False))
         self._limit_headers(resp, k, win)
         return resp
+
+    @staticmethod
+    def _message(body: dict[str, Any], model: str, messages: list[Any],
+                 max_tokens: int) -> tuple[dict[str, Any], str]:
+        """The assistant message and finish reason for a request (see the module docstring)."""
+        last = str(messages[-1].get("content") or "") if isinstance(messages[-1], dict) else ""
+        if "REFUSE" in last:
+            return {"role": "assistant", "content": None,
+                    "refusal": "I'm sorry, I cannot help with that request."}, "stop"
+        tools = body.get("tools")
+        if isinstance(tools, list) and tools:
+            name = (tools[0].get("function") or {}).get("name", "tool") if isinstance(tools[0], dict) else "tool"
+            call = {"id": "call_" + prompt_key(messages)[:12], "type": "function",
+                    "function": {"name": name, "arguments": json.dumps({"text": last[:40]}, ensure_ascii=False)}}
+            return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+        answer = sim_answer(model, messages)
+        if max_tokens and count_tokens(answer) > max_tokens:
+            return {"role": "assistant", "content": answer[: 4 * max_tokens]}, "length"
+        return {"role": "assistant", "content": f"\n {answer} \n"}, "stop"
 
     async def _fault(self, request: web.Request) -> web.StreamResponse | None:
         cfg, roll = self.config, self.rng.random()

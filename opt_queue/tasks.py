@@ -3,7 +3,9 @@
 Each worker process runs one asyncio event loop in a background thread, with one :class:`Engine`
 on it. A Celery pool thread that receives a task only blocks on the batch's future; the rows
 themselves run on the loop, so thousands of rows in flight cost no threads and no GIL contention.
-Everything a row does lives in ``engine``.
+Everything a row does lives in ``engine``; leases, hand-back and recovery live in ``broker``. Each
+worker process also runs the recovery of dead workers' messages (``broker.recover_stale``) in a
+background thread.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from celery import Task
 from celery.signals import worker_shutdown
 
 from opt_queue.app import app
+from opt_queue.broker import ROWS_TASK, args_repr, hand_back, recover_stale
 from opt_queue.config import load_config
 from opt_queue.engine import HANDED_BACK, Engine
-from opt_queue.messages import ROWS_TASK, args_repr
-from opt_queue.redis_conn import connect_async
+from opt_queue.redis_conn import connect, connect_async
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +42,19 @@ class _Runtime:
         # Each row in flight holds at most one connection at a time; the rest is for the engine.
         client = connect_async(app.conf.broker_url, max_connections=config.concurrency + 16)
         self.engine: Engine = self.run(Engine.start(config, client))
+        self._stop = threading.Event()
+        self.recovery = threading.Thread(target=self._recover, args=(config.lease_seconds,),
+                                         name="opt-queue-recovery", daemon=True)
+        self.recovery.start()
+
+    def _recover(self, lease_seconds: float) -> None:
+        """Every few seconds, put dead workers' messages back in the queue (see ``broker``)."""
+        client = connect(app.conf.broker_url)
+        while not self._stop.wait(lease_seconds / 6):
+            try:
+                recover_stale(client, lease_seconds)
+            except redis.RedisError as exc:
+                log.debug("recovery pass skipped: %r", exc)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coro`` on the loop and wait for its result (from a pool thread)."""
@@ -47,6 +62,7 @@ class _Runtime:
 
     def close(self) -> None:
         """Close the engine's connections and stop the loop (the worker is shutting down)."""
+        self._stop.set()
         try:
             self.run(self.engine.close(), timeout=5)
         except Exception as exc:  # best effort: the process is exiting anyway
@@ -76,24 +92,28 @@ def _close_runtime(**_: Any) -> None:
 @app.task(name=ROWS_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
           max_retries=None)
 def rows(self: Task, job_id: str, rows: list[list[Any]], options: dict[str, Any] | None = None) -> dict[str, int]:
-    """Answer a batch of one job's ``[seq, index, request]`` rows; return how each one ended."""
+    """Answer a batch of one job's ``[index, request]`` rows; return how each one ended."""
     rt = runtime()
     outcomes = rt.run(rt.engine.process_rows(job_id, rows, options))
-    errors = [out for out in outcomes if isinstance(out, BaseException)]
-    if errors:
+    back = [row for row, out in zip(rows, outcomes) if out == HANDED_BACK]
+    unfinished = [row for row, out in zip(rows, outcomes) if isinstance(out, BaseException)]
+    if back or unfinished:
+        try:  # so that their next copy may take them at once; else their leases expire
+            rt.run(rt.engine.give_back(job_id, [str(row[-2]) for row in back + unfinished]))
+        except redis.RedisError:
+            pass
+    if back:
+        # Still waiting for a slot (or for another worker's lease): enqueue them again rather than
+        # hold the message past its visibility timeout. Enqueued before this task is acked, so a
+        # crash in between leaves at worst a second copy, which the rows' leases keep from paying.
+        hand_back(job_id, back, options)
+        log.info("job %s: %d rows still waiting for a rate-limit slot were enqueued again", job_id, len(back))
+    if unfinished:
         # Redis restarting or unreachable: those rows are neither done nor lost; run them again.
-        unfinished = [row for row, out in zip(rows, outcomes) if isinstance(out, BaseException)]
-        first = errors[0]
+        first = next(out for out in outcomes if isinstance(out, BaseException))
         level = logging.WARNING if isinstance(first, redis.RedisError) else logging.ERROR
         log.log(level, "job %s: %d rows of the batch did not finish (%s: %s); retrying them",
                 job_id, len(unfinished), type(first).__name__, first)
         raise self.retry(args=(job_id, unfinished, options), countdown=min(30, 2 ** self.request.retries),
                          argsrepr=args_repr(job_id, unfinished), kwargsrepr="{}")
-    back = [row for row, out in zip(rows, outcomes) if out == HANDED_BACK]
-    if back:
-        # Still waiting for a slot: enqueue them again rather than hold the message past its
-        # visibility timeout (it would be delivered twice). Enqueued before this task is acked, so
-        # a crash in between leaves at worst a second copy, which publishes nothing twice.
-        self.apply_async(args=(job_id, back, options), argsrepr=args_repr(job_id, back), kwargsrepr="{}")
-        log.info("job %s: %d rows still waiting for a rate-limit slot were enqueued again", job_id, len(back))
     return dict(Counter(str(out) for out in outcomes))

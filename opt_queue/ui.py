@@ -90,7 +90,8 @@ def keys_summary(keys: list[dict[str, Any]]) -> str:
     return f"{len(keys) - retired - cooling} ready, {cooling} cooling, {retired} retired · now: {usage}"
 
 
-def print_summary(console: Console, status: CollectStatus, output: str | Path, errors: Path) -> None:
+def print_summary(console: Console, status: CollectStatus, output: str | Path, errors: Path,
+                  worker_log: Path | None = None) -> None:
     """One paragraph: where the output is, what is in it, tokens used, why rows are null."""
     p = status.progress
     tokens = f"; tokens used: {p.prompt_tokens} prompt + {p.completion_tokens} completion" if p else ""
@@ -105,6 +106,12 @@ def print_summary(console: Console, status: CollectStatus, output: str | Path, e
         reasons = ", ".join(f"{n} {why}" for why, n in status.null_reasons.most_common())
         console.print(f"null rows by reason: {reasons} (details in {errors}); "
                       f"running the same command again retries them.")
+    if status.warnings:
+        console.print(f"{status.warnings.total()} answers were cut at the token limit (finish_reason "
+                      f"length): listed in {errors} with \"warning\": true; raise max_tokens and null them "
+                      f"to ask again.")
+    if worker_log is not None and Path(worker_log).exists():
+        console.print(f"worker log: {worker_log}")
 
 
 def status_tables(snap: dict[str, Any]) -> list[Table]:

@@ -145,14 +145,10 @@ def workers(redis_url: str, tmp_path: Path) -> Iterator[Any]:
         w.stop(timeout=5)
 
 
-def queued_rows(client: redis.Redis) -> list[int]:
-    """The seqs of every row in a task message waiting in the queue, sorted (repeats kept)."""
-    import base64  # noqa: PLC0415
+def queued_rows(client: redis.Redis) -> list[str]:
+    """The indices of every row in a task message waiting in the queue, sorted as numbers when
+    they are (repeats kept)."""
+    from opt_queue.broker import messages  # noqa: PLC0415
 
-    from opt_queue import keys  # noqa: PLC0415
-
-    seqs = []
-    for raw in client.lrange(keys.QUEUE, 0, -1):
-        _, batch, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
-        seqs += [seq for seq, _, _ in batch]
-    return sorted(seqs)
+    indices = [i for tag, _job, batch in messages(client) if tag is None for i in batch]
+    return sorted(indices, key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i))

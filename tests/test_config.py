@@ -61,22 +61,38 @@ def test_keys_from_environment_join_the_file_and_broker_env_wins(tmp_path: Path)
     assert load_config(None, env={"OPT_QUEUE_API_KEYS": "sk-only"}).keys()[0].fingerprint == fingerprint("sk-only")
 
 
-@pytest.mark.parametrize("data, field", [
-    ({"api_keys": "sk-x"}, "api_keys"),
-    ({"api_keys": ["sk-x"], "limits": {"rpm": -1}}, "limits"),
-    ({"api_keys": ["sk-x"], "max_retries": "many"}, "max_retries"),
-    ({"api_keys": ["sk-x"], "colour": "red"}, "colour"),
-    ({"api_keys": [{"key": "sk-x", "rpm": 0}]}, "api_keys.0"),
+@pytest.mark.parametrize("data, field, fix", [
+    ({"api_keys": "sk-x"}, "api_keys:", "valid list"),
+    ({"api_keys": ["sk-x"], "limits": {"rpm": -1}}, "limits", "greater than or equal to 1"),
+    ({"api_keys": ["sk-x"], "max_retries": "many"}, "max_retries:", "integer"),
+    ({"api_keys": ["sk-x"], "colour": "red"}, "colour:", "check its spelling"),
+    ({"api_keys": [{"key": "sk-x", "rpm": 0}]}, "api_keys[0].rpm:", "greater than or equal to 1"),
+    ({"api_keys": [{"key": "sk-x", "rpmm": 5}]}, "api_keys[0].rpmm:", "check its spelling"),
+    ({"api_keys": [5]}, "api_keys[0]:", 'an object such as {"key"'),
+    ({"api_keys": ["sk-x"], "api_base": "notaurl"}, "api_base:", "is not an http(s) URL"),
+    ({"api_keys": [{"key": "sk-x", "api_base": "ftp://h/v1"}]}, "api_keys[0].api_base:", "http(s) URL"),
+    ({"api_keys": ["sk-x"], "state_ttl": "a week"}, "state_ttl:", "such as '7d'"),
 ])
-def test_invalid_config_names_the_field(tmp_path: Path, data: dict, field: str) -> None:
+def test_invalid_config_is_one_line_naming_the_field_and_the_fix(tmp_path: Path, data: dict, field: str,
+                                                                  fix: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, data), env={})
-    assert field in str(err.value)
+    text = str(err.value)
+    assert field in text and fix in text and "\n" not in text
+    for internal in ("lax-or-strict", "function-after", "json-or-python", "KeyConfig", "SecretStr"):
+        assert internal not in text  # pydantic's inner names are not the user's
+
+
+def test_durations_and_urls_that_are_fine(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, {"api_keys": [{"key": "sk-x", "api_base": "http://127.0.0.1:8/v1"}],
+                                       "state_ttl": "12h", "api_base": ""}), env={})
+    assert cfg.state_ttl == 43200 and cfg.keys()[0].api_base == "http://127.0.0.1:8/v1"
+    assert load_config(write(tmp_path, {"api_keys": ["k"], "state_ttl": 0}), env={}).state_ttl == 0
 
 
 def test_no_keys_and_bad_json_and_missing_file_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no API key"):
-        load_config(write(tmp_path, {"api_base": "x"}), env={})
+        load_config(write(tmp_path, {"api_base": "https://proxy.example/v1"}), env={})
     with pytest.raises(ConfigError, match=r"config.json:1: not valid JSON"):
         load_config(write(tmp_path, "{nope"), env={})
     with pytest.raises(ConfigError, match="does not exist"):

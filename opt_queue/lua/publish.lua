@@ -1,23 +1,29 @@
--- Publish a row's final result once, however often its task is delivered.
--- KEYS[1] done bitmap   KEYS[2] answered bitmap   KEYS[3] job meta hash   KEYS[4] results stream
--- ARGV[1] seq   ARGV[2] 1 if answered, 0 if null   ARGV[3] prompt tokens   ARGV[4] completion tokens
--- ARGV[5..] field, value, ... of the stream entry
--- Returns 1 when published, 0 when the row already had a result (a redelivered task).
-local seq = tonumber(ARGV[1])
-if redis.call('GETBIT', KEYS[1], seq) == 1 then
+-- Publish a row's final result once, however often its task is delivered, and end its lease.
+-- KEYS[1..3] row state (_rows.lua)   KEYS[4] job meta hash   KEYS[5] results stream
+-- KEYS[6] leases (sorted set)   KEYS[7] lease owners (hash)
+-- ARGV[1] slot   ARGV[2] index   ARGV[3] 1 if answered, 0 if null
+-- ARGV[4] prompt tokens   ARGV[5] completion tokens   ARGV[6..] field, value, ... of the stream entry
+-- Returns 1 when published, 0 when the row already had a result (another copy of its task).
+local slot, index = ARGV[1], ARGV[2]
+redis.call('ZREM', KEYS[6], index)
+redis.call('HDEL', KEYS[7], index)
+if row_get(slot, 'done') == 1 then
   return 0
 end
-redis.call('SETBIT', KEYS[1], seq, 1)
-redis.call('SETBIT', KEYS[2], seq, tonumber(ARGV[2]))
-redis.call('HINCRBY', KEYS[3], 'reported', 1)
-if ARGV[2] == '0' then
-  redis.call('HINCRBY', KEYS[3], 'nulls', 1)
+row_set(slot, 'done', 1)
+if row_set(slot, 'claimed', 1) == 0 then
+  -- a copy of a row that was given back meanwhile: it awaits collection like any other
+  redis.call('HINCRBY', KEYS[4], 'claimed', 1)
 end
-redis.call('HINCRBY', KEYS[3], 'prompt_tokens', tonumber(ARGV[3]))
-redis.call('HINCRBY', KEYS[3], 'completion_tokens', tonumber(ARGV[4]))
+redis.call('HINCRBY', KEYS[4], 'reported', 1)
+if ARGV[3] == '0' then
+  redis.call('HINCRBY', KEYS[4], 'nulls', 1)
+end
+redis.call('HINCRBY', KEYS[4], 'prompt_tokens', tonumber(ARGV[4]))
+redis.call('HINCRBY', KEYS[4], 'completion_tokens', tonumber(ARGV[5]))
 local fields = {}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   fields[#fields + 1] = ARGV[i]
 end
-redis.call('XADD', KEYS[4], '*', unpack(fields))
+redis.call('XADD', KEYS[5], '*', unpack(fields))
 return 1

@@ -1,11 +1,12 @@
 -- Give a row back unanswered (its job was stopped), so that a later submit enqueues it again.
--- KEYS[1] claimed bitmap   KEYS[2] done bitmap   KEYS[3] job meta hash
--- ARGV[1] seq
+-- KEYS[1..3] row state (_rows.lua)   KEYS[4] job meta hash   KEYS[5] leases   KEYS[6] lease owners
+-- ARGV[1] slot   ARGV[2] index
 -- Returns 1 when released, 0 when the row was done or not claimed (nothing to give back).
-local seq = tonumber(ARGV[1])
-if redis.call('GETBIT', KEYS[2], seq) == 1 or redis.call('GETBIT', KEYS[1], seq) == 0 then
+redis.call('ZREM', KEYS[5], ARGV[2])
+redis.call('HDEL', KEYS[6], ARGV[2])
+if row_get(ARGV[1], 'done') == 1 or row_get(ARGV[1], 'claimed') == 0 then
   return 0
 end
-redis.call('SETBIT', KEYS[1], seq, 0)
-redis.call('HINCRBY', KEYS[3], 'released', 1)
+row_set(ARGV[1], 'claimed', 0)
+redis.call('HINCRBY', KEYS[4], 'released', 1)
 return 1
