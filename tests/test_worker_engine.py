@@ -47,7 +47,7 @@ def _engine_config(sim: SimServer, **fields: object) -> Config:
 
 
 def _rows(n: int, start: int = 0) -> list[list[object]]:
-    return [[i, str(i), {"model": MODEL, "messages": [{"role": "user", "content": f"row {i}"}]}]
+    return [[str(i), {"model": MODEL, "messages": [{"role": "user", "content": f"row {i}"}]}]
             for i in range(start, start + n)]
 
 
@@ -67,7 +67,7 @@ def test_rows_finish_after_redis_forgets_its_scripts(sim: SimServer, redis_url: 
     config = _engine_config(sim)
     job = Job(rclient, "job-noscript")
     job.begin_submit(total=20)
-    assert job.claim((i, False) for i in range(20)) == list(range(20))
+    assert job.claim(str(i) for i in range(20)).claimed == [str(i) for i in range(20)]
     assert _run(redis_url, config, job.id, _rows(10)) == ["published"] * 10
     rclient.script_flush()  # as after a Redis restart: every cached script is gone
     assert _run(redis_url, config, job.id, _rows(10, start=10)) == ["published"] * 10
@@ -81,9 +81,9 @@ def test_a_row_that_fails_for_good_does_not_hold_back_its_batch(sim: SimServer, 
     config = _engine_config(sim, max_retries=0)
     job = Job(rclient, "job-mixed")
     job.begin_submit(total=4)
-    job.claim((i, False) for i in range(4))
+    job.claim(str(i) for i in range(4))
     rows = _rows(4)
-    rows[2][2] = {"model": MODEL}  # no messages: the API answers 400 for this row only
+    rows[2][1] = {"model": MODEL}  # no messages: the API answers 400 for this row only
     assert _run(redis_url, config, job.id, rows) == ["published"] * 4
     results = {r.index: r for r in _results(rclient, job.id)}
     assert results["2"].answer is None and results["2"].error_type
@@ -109,7 +109,7 @@ def test_the_send_hook_fires_once_just_before_the_request_leaves(sim: SimServer)
 
     async def go() -> api.Answer:
         try:
-            return await api.call(key, _rows(1)[0][2], 5.0, on_send=lambda: seen.append(time.monotonic()))
+            return await api.call(key, _rows(1)[0][1], 5.0, on_send=lambda: seen.append(time.monotonic()))
         finally:
             await api.close_clients()
 
