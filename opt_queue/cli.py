@@ -213,6 +213,9 @@ def run(input_path: str, config_path: str | None, output: str, job_name: str | N
     cfg = _config(config_path)
     if workers is None:
         workers = max(1, min(4, os.cpu_count() or 1))
+    if workers == 0 and not cfg.broker_url:
+        raise ConfigError("--workers 0 leaves the work to a fleet, which needs \"broker_url\" (or "
+                          "OPT_QUEUE_BROKER_URL); without one, give --workers 1 or more")
     status = _run_and_report(input_path, output, cfg, config_path, job_name, workers, skip_bad_lines)
     if not status.complete:
         sys.exit(1)

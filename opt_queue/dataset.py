@@ -212,11 +212,18 @@ def check_writable(output: str | os.PathLike[str]) -> None:
     except OSError as exc:
         raise OutputError(f"cannot create the directory {p.parent} for {p.name} ({exc.strerror}); "
                           f"choose another -o or fix its permissions") from None
-    if not os.access(p.parent, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write {p}: the directory {p.parent} is not writable; choose another "
-                          f"-o or fix its permissions (chmod u+w {p.parent})")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise OutputError(f"cannot write {p}: the file is read-only; fix its permissions (chmod u+w {p})")
+    try:  # a real write (mode bits say nothing to root, nor about read-only mounts)
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=p.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write {p}: the directory {p.parent} is not writable ({exc.strerror}); "
+                          f"choose another -o or fix its permissions") from None
+    if p.exists():
+        try:
+            open(p, "ab").close()
+        except OSError as exc:
+            raise OutputError(f"cannot write {p} ({exc.strerror}); fix its permissions (chmod u+w {p})") from None
 
 
 def output_line(index: str, answer: str | None) -> str:
