@@ -240,6 +240,9 @@ class Engine:
                 if delay >= MAX_SLEEP or not lease.exact:
                     delay *= random.uniform(0.8, 1.0)
                 if time.monotonic() + delay > row.hold_until:
+                    # Not before the hold is spent: handed back at once, every copy of a row that
+                    # waits longer than a hold (a per-day limit) would go round the queue non-stop.
+                    await asyncio.sleep(max(0.0, row.hold_until - time.monotonic()))
                     return HANDED_BACK
                 await asyncio.sleep(delay + random.uniform(0, WAKE_SPREAD))
                 continue

@@ -197,3 +197,39 @@ def test_run_keeps_its_worker_log_and_refuses_a_run_nobody_can_work(tmp_path: Pa
     log = tmp_path / "output.worker.log"
     assert f"worker log: {log}" in done.stdout and log.stat().st_size > 0
     assert not (tmp_path / "output.jsonl.oq-redis").exists()  # the state goes, the log stays
+
+
+@pytest.mark.slow
+def test_a_batch_with_a_redis_error_and_a_handed_back_row_finishes_both(
+        tmp_path: Path, sim: SimServer, redis_url: str, rclient: redis.Redis, workers) -> None:  # type: ignore[no-untyped-def]
+    """One task of three rows: "0" is answered at once, "1" waits for the key's next window past
+    its task's hold (handed back), "x" meets a Redis error (its model's only key has limiter state
+    of the wrong type) until the test mends it. Both "1" and "x" must finish, each paid once."""
+    from opt_queue.config import fingerprint
+    from opt_queue.simapi import SimKey
+
+    slow, other = "sk-test-slow-0123456789abcdefghij", "sk-test-other-0123456789abcdefgh"
+    sim.configure(keys=[SimKey(slow), SimKey(other)])
+    rows = [{"index": i, "messages": [{"role": "user", "content": f"row {i}"}]} for i in ("0", "1")]
+    rows.append({"index": "x", "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "row x"}]})
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, rows_per_task=3,
+                          visibility_timeout=6, model={"name": MODEL},
+                          api_keys=[{"key": slow, "models": [MODEL], "limits": {"requests": ["1/8s"]}},
+                                    {"key": other, "models": ["gpt-4o-mini"]}])
+    broken = keys.bucket_state(fingerprint(other))
+    rclient.set(broken, "not a hash")  # every admission of row x now fails with WRONGTYPE
+    workers(config, concurrency=4)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    log = tmp_path / "worker.log"
+    wait_for(lambda: log.exists() and "did not finish" in log.read_text(), timeout=30, what="a Redis error")
+    wait_for(lambda: "were enqueued again" in log.read_text(), timeout=30, what="a hand-back")
+    rclient.delete(broken)
+    # well before a lost row would be found (two quiet lease lengths): row 1 had its message
+    collected = cli("collect", "-c", str(config), "-o", str(out), timeout=45)
+    assert collected.returncode == 0, collected.stderr
+    answers = {k: v for line in read_jsonl(out) for k, v in line.items()}
+    assert list(answers) == ["0", "1", "x"] and all(answers.values())
+    assert set(paid(sim, data).values()) == {1}
+    assert log.read_text().count("were enqueued again") <= 6  # once per 2 s hold, not a storm
