@@ -148,11 +148,11 @@ class Engine:
             if isinstance(lease, str):
                 return lease
         row = _Row(job, index, dict(body), (options or {}).get("fallback"), hold_until=hold_until)
-        try:
-            async with self._slots:
-                return await self._finish(row)
-        finally:
-            self.leases.forget(job.id, index)
+        async with self._slots:
+            outcome = await self._finish(row)  # a Redis error keeps the lease: the task gives it up
+        if outcome != HANDED_BACK:  # else the task gives it up before it enqueues the row again
+            self.leases.forget(job.id, index)  # published or given back: Redis ended the lease
+        return outcome
 
     async def _wait_for_lease(self, job: AsyncJob, index: str, hold_until: float) -> int | str | None:
         """Another worker holds the row's lease: wait until it publishes (:data:`DUPLICATE`), or
