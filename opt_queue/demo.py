@@ -31,7 +31,7 @@ def run_demo(directory: Path, rows: int, console: Console, out: Console) -> None
     data = directory / "data.jsonl"
     data.write_text("".join(demo_rows(rows)), encoding="utf-8")
     output = directory / "output.jsonl"
-    for stale in (output, directory / "output.errors.jsonl"):
+    for stale in (output, directory / "output.errors.jsonl", directory / "output.worker.log"):
         stale.unlink(missing_ok=True)
     keys = [SimKey(f"sk-demo-{i:02d}-not-a-real-key", rpm=DEMO_RPM, tpm=60000) for i in range(DEMO_KEYS)]
     keys.append(SimKey("sk-demo-spent-not-a-real-key", dead="quota"))  # shows a key being retired
