@@ -107,15 +107,15 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
            skip_bad_lines: bool) -> None:
     """Enqueue the rows that output.jsonl does not answer yet (rows_per_task rows to a task)."""
     from opt_queue.app import configure
-    from opt_queue.dataset import check_writable, read_output, validate_input
+    from opt_queue.dataset import check_writable, validate_input
     from opt_queue.producer import submit as do_submit
 
     cfg = _config(config_path, require_keys=False)
     url = _broker(cfg)
-    # Everything that can be checked is checked before a row is enqueued (and paid for).
+    # Everything that can be checked is checked before a row is enqueued (and paid for); the
+    # output file itself is read by submit before it touches the job's state.
     check_writable(output)
     validated = validate_input(input_path, skip_bad=skip_bad_lines)
-    read_output(output, offsets=False)
     client = connect(url, check=True)
     configure(url, cfg.visibility_timeout)
     job = job_id_for(output, job_name)
