@@ -156,6 +156,11 @@ def restore(client: redis.Redis, tag: str) -> bool:
 
 
 # -- leases --------------------------------------------------------------------------------------
+def _index_slots(indices: Iterable[str]) -> list[str]:
+    """``index, slot, index, slot, ...``: how ``lua/lease.lua`` and ``lua/orphans.lua`` take rows."""
+    return [part for index in indices for part in (index, keys.slot(index))]
+
+
 def owner_id() -> str:
     """A name for this worker process's leases: host, pid and a random part (pids are reused)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -183,10 +188,8 @@ class Leases:
     async def take(self, job: _JobBase, indices: list[str]) -> tuple[str, dict[str, int]]:
         """Take the leases of ``indices`` of ``job``: ``(status, code per index)``; status
         ``unknown`` (the job was reset or expired) or ``stopped`` come with no codes."""
-        args: list[Any] = [self.owner, self.ms]
-        for index in indices:
-            args += [index, keys.slot(index)]
-        reply = await job._scripts.lease(keys=[*job.rows, job.meta_key, *job.leases], args=args)
+        reply = await job._scripts.lease(keys=[*job.rows, job.meta_key, *job.leases],
+                                         args=[self.owner, self.ms, *_index_slots(indices)])
         status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         codes = dict(zip(indices, (int(c) for c in reply[1:])))
         held = self.held.setdefault(job.id, set())
@@ -252,10 +255,7 @@ class Leases:
 def _orphans(client: redis.Redis, job_id: str, indices: list[str]) -> set[str]:
     """Rows of a running job among ``indices`` that are not done and hold no live lease."""
     job = Job(client, job_id)
-    args: list[str] = []
-    for index in indices:
-        args += [index, keys.slot(index)]
-    found = job._scripts.orphans(keys=[*job.rows, job.meta_key, job.leases[0]], args=args)
+    found = job._scripts.orphans(keys=[*job.rows, job.meta_key, job.leases[0]], args=_index_slots(indices))
     return {i.decode() if isinstance(i, bytes) else str(i) for i in found}
 
 
