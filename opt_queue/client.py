@@ -87,9 +87,11 @@ def parse_duration(text: str | None) -> float | None:
     return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
-def retry_after_seconds(headers: Any, message: str = "") -> float | None:
-    """How long the server asks us to wait: ``retry-after-ms``, ``retry-after``,
-    the ``x-ratelimit-reset-*`` headers, or "try again in 20s" in the message."""
+def retry_after_seconds(headers: Any, message: str = "", rate_limited: bool = True) -> float | None:
+    """How long the server asks us to wait: ``retry-after-ms``, ``retry-after``, and on a 429 also
+    the ``x-ratelimit-reset-*`` headers or "try again in 20s" in the message. A reset header says
+    when a window empties, which is a retry hint only for a request refused by that window: on a
+    5xx it would wait for nothing (a minute, for a per-minute window)."""
     get = headers.get if headers is not None else (lambda _k: None)
     ms = get("retry-after-ms")
     if ms is not None:
@@ -97,10 +99,13 @@ def retry_after_seconds(headers: Any, message: str = "") -> float | None:
             return max(0.0, float(ms) / 1000.0)
         except ValueError:
             pass
-    for name in ("retry-after", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
+    names = ("retry-after", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+    for name in names if rate_limited else names[:1]:
         value = parse_duration(get(name))
         if value is not None:
             return value
+    if not rate_limited:
+        return None
     m = _TRY_AGAIN_RE.search(message or "")
     return parse_duration(m.group(1).rstrip(".")) if m else None
 
@@ -150,7 +155,7 @@ def classify_status(status: int, body: Any, headers: Any, text: str = "") -> Fai
         return Failure(Kind.JOB_CONFIG, message, status, code or "not_found")
     if status >= 500 or status in (408, 409):
         return Failure(Kind.TRANSIENT, message, status, code or f"http_{status}",
-                       retry_after=retry_after_seconds(headers))
+                       retry_after=retry_after_seconds(headers, rate_limited=False))
     return Failure(Kind.BAD_ROW, message, status, code or f"http_{status}")
 
 

@@ -243,6 +243,8 @@ class SimAPI:
         win.admit(now, tokens)
         fault = await self._fault(request)
         if fault is not None:
+            if fault.content_type == "application/json":
+                self._limit_headers(fault, k, win)  # the API's own errors carry them, a proxy's do not
             return fault
         delay = cfg.latency + (self.rng.uniform(0, cfg.latency_jitter) if cfg.latency_jitter else 0.0)
         if delay > 0:

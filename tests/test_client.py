@@ -31,6 +31,15 @@ def test_retry_hint_prefers_ms_header_then_retry_after_then_reset_then_message()
     assert retry_after_seconds({}, "") is None
 
 
+def test_a_server_error_takes_retry_after_but_never_a_rate_limit_reset() -> None:
+    resets = {"x-ratelimit-reset-requests": "60s", "x-ratelimit-reset-tokens": "6m0s"}
+    assert classify_status(500, {"error": {"message": "boom"}}, resets).retry_after is None
+    assert classify_status(503, None, {**resets, "retry-after": "2"}).retry_after == 2
+    assert classify_status(502, None, {"retry-after-ms": "250"}, "<html>").retry_after == 0.25
+    assert classify_status(429, {"error": {"code": "rate_limit_exceeded", "message": "slow"}},
+                           resets).retry_after == 60  # on a 429 the reset is the hint
+
+
 def err(code: str | None, message: str) -> dict:
     return {"error": {"message": message, "type": "x", "param": None, "code": code}}
 

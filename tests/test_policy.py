@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
-from conftest import cli, read_jsonl, seed_rows, write_config, write_jsonl
+from conftest import TEST_KEY, cli, read_jsonl, seed_rows, write_config, write_jsonl
 
 from opt_queue.config import fingerprint
 from opt_queue.simapi import SimKey, SimServer
@@ -134,3 +135,20 @@ def test_transient_errors_are_retried_then_null_with_the_reason(tmp_path: Path, 
     errors = read_jsonl(tmp_path / "output2.errors.jsonl")
     assert all(e["attempts"] == 3 and e["error_type"] in ("server_error", "http_502", "http_503", "http_500")
                for e in errors), errors
+
+
+def test_a_server_error_is_retried_after_the_backoff_not_the_rate_limit_reset(tmp_path: Path,
+                                                                              sim: SimServer) -> None:
+    """The simulated API's 5xx carry x-ratelimit-reset-requests (about 60 s on a per-minute
+    window), as the real API's do; a retry waits for the backoff (here under a second)."""
+    sim.configure(keys=[SimKey(TEST_KEY, rpm=1000)], minute=60.0, transient_rate=1.0, seed=3)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(1))
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, max_retries=3, backoff_base=0.1, backoff_max=1.0)
+    started = time.monotonic()
+    result = cli("run", str(data), "-c", str(config), "-o", str(out), "--workers", "1", timeout=120)
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert sim.stats()["calls"] == 4 and read_jsonl(out) == [{"0": None}]
+    assert sim.stats()["faults"]["transient"] == 4
+    assert took < 30, took  # four attempts; a reset hint would have made it minutes
