@@ -30,8 +30,8 @@ random sample of that many, so that its cost does not grow with the number of ke
 
 Keys of one ``group`` share one bucket (one set of windows), since limits belong to organizations.
 A 429 cools the bucket (``lua/cool.lua``) and lowers its minute windows to the server's
-``x-ratelimit-limit-*``. After a response the token estimate is replaced by the real usage
-(``lua/settle.lua``).
+``x-ratelimit-limit-*``. After a response, a real usage above the admission's estimate raises
+it (``lua/settle.lua``); a smaller one gives nothing back, as on the server.
 """
 
 from __future__ import annotations
@@ -285,9 +285,11 @@ class _PoolBase:
 
     @staticmethod
     def _settle_call(lease: Lease, used_tokens: int) -> dict[str, Any] | None:
-        """The settle script's call, or None when the estimate needs no correction."""
+        """The settle script's call when the real usage exceeds what the admission counted, else
+        None: the server counts a request's prompt and ``max_tokens`` when it arrives and gives
+        nothing back for a smaller usage, so settling down would let the next request in early."""
         windows = lease.limits.tokens
-        if not windows or used_tokens <= 0 or used_tokens == lease.tokens:
+        if not windows or used_tokens <= lease.tokens:
             return None
         return {"keys": [rkeys.bucket_state(lease.bucket)] + [
                     rkeys.bucket_window(lease.bucket, "tok", w.period) for w in windows],

@@ -222,11 +222,14 @@ class SimAPI:
         completion_tokens = count_tokens(said.strip())
         if max_tokens and completion_tokens > max_tokens:
             completion_tokens = max_tokens
+        # The window counts a request as it arrives: its prompt plus its max_tokens (the real API's
+        # rule), and a smaller usage afterwards gives nothing back. Without max_tokens, the answer.
+        counted = prompt_tokens + (max_tokens * int(body.get("n") or 1) if max_tokens else completion_tokens)
         tokens = prompt_tokens + completion_tokens
         now = time.monotonic()
         org = k.org or k.key
         win = self.windows.setdefault(org, _Windows())
-        refused = win.check(now, tokens, k, cfg)
+        refused = win.check(now, counted, k, cfg)
         if refused:
             self.rate_limited += 1
             what, wait = refused
@@ -240,7 +243,7 @@ class SimAPI:
             resp.headers["retry-after-ms"] = str(max(1, int(wait * 1000)))
             self._limit_headers(resp, k, win)
             return resp
-        win.admit(now, tokens)
+        win.admit(now, counted)
         fault = await self._fault(request)
         if fault is not None:
             if fault.content_type == "application/json":

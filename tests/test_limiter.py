@@ -88,13 +88,18 @@ def test_most_headroom_wins_and_keys_are_shared_fairly(rclient: redis.Redis) -> 
     assert isinstance(pool.acquire("m", 1), Wait)
 
 
-def test_token_window_counts_estimates_and_settles_to_real_usage(rclient: redis.Redis) -> None:
+def test_token_window_counts_estimates_and_only_settles_upwards(rclient: redis.Redis) -> None:
+    """As on the server: a request counts its estimate (prompt + max_tokens) when admitted; a
+    smaller usage gives nothing back, a larger one is added."""
     pool = KeyPool(rclient, [key("sk-t", {"tokens": ["1000/min"]})], margin=0.0)
     a = sent(pool, pool.acquire("m", 600))
     assert isinstance(a, Lease)
     assert isinstance(pool.acquire("m", 600), Wait)  # 1200 > 1000
-    pool.settle(a, 100)  # the call really used 100
-    assert isinstance(pool.acquire("m", 600), Lease)  # 700 <= 1000
+    pool.settle(a, 100)  # the call used less: the window keeps 600
+    assert isinstance(pool.acquire("m", 500), Wait)
+    pool.settle(a, 800)  # the call used more than estimated: the window holds 800
+    assert isinstance(pool.acquire("m", 201), Wait)
+    assert isinstance(pool.acquire("m", 200), Lease)  # 1000 <= 1000
     assert isinstance(pool.acquire("m", 5000), Never)  # larger than the whole window
 
 

@@ -152,3 +152,20 @@ def test_a_server_error_is_retried_after_the_backoff_not_the_rate_limit_reset(tm
     assert sim.stats()["calls"] == 4 and read_jsonl(out) == [{"0": None}]
     assert sim.stats()["faults"]["transient"] == 4
     assert took < 30, took  # four attempts; a reset hint would have made it minutes
+
+
+def test_token_bound_rows_with_max_tokens_meet_no_429(tmp_path: Path, sim: SimServer) -> None:
+    """The server counts prompt + max_tokens when a request arrives and gives nothing back for a
+    smaller usage; pacing that settled down to usage let requests in early and met 429s."""
+    sim.configure(keys=[SimKey(TEST_KEY, tpm=8000)], minute=4.0)
+    # ~1,000 prompt tokens, max_tokens 1,000, answers of ~12 tokens: the server counts ~2,000 per
+    # row (3 to a window); settled down to usage (~1,000) the window would seem to have room for 5
+    rows = [{"index": str(i), "max_tokens": 1000,
+             "messages": [{"role": "user", "content": f"{i} " + "word " * 800}]} for i in range(10)]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, limits={"tokens": ["8000/4s"]}, concurrency=16)
+    result = cli("run", str(data), "-c", str(config), "-o", str(out), "--workers", "1", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert all(v for line in read_jsonl(out) for v in line.values())
+    assert sim.stats()["rate_limited"] == 0 and sim.stats()["calls"] == 10

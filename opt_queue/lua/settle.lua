@@ -1,4 +1,5 @@
--- Replace an admission's estimated tokens by the tokens the response really used.
+-- Raise an admission's estimated tokens to the tokens the response really used (the caller only
+-- calls this when the usage is larger: the server never gives tokens back for a smaller one).
 -- KEYS[1] the bucket's state hash   KEYS[2..] the bucket's token windows (sorted sets)
 -- ARGV[1] admission uid   ARGV[2] estimated tokens   ARGV[3] real tokens
 -- ARGV[4..] the period (ms) of each token window, in KEYS order
