@@ -81,7 +81,7 @@ class Engine:
         self.config = config
         self.client = client
         self.keys = config.keys()
-        self.pool = AsyncKeyPool(client, self.keys, margin=config.safety_margin)
+        self.pool = AsyncKeyPool(client, self.keys, margin=config.safety_margin, probe=config.request_timeout)
         self.leases = Leases(client, config.lease_seconds)
         self._secrets = [k.secret.get_secret_value() for k in self.keys]
         self._retired: dict[str, tuple[float, dict[str, str]]] = {}
@@ -194,6 +194,7 @@ class Engine:
         def settle_and_publish(pipe: Any) -> None:
             if row.to_settle is not None:
                 self.pool.queue_settle(*row.to_settle, pipe)
+                self.pool.queue_answered(row.to_settle[0], pipe)
             row.job.queue_publish(result, pipe)
 
         deadline = time.monotonic() + PUBLISH_PATIENCE
@@ -299,6 +300,8 @@ class Engine:
             else:
                 await self.pool.cancel(lease)
             await self.pool.count_error(lease.key, failure.reason)
+            if failure.kind is not api.Kind.KEY_DEAD:  # a dead key's probe stays out: no second call
+                await self.pool.answered(lease, alive=failure.kind is not api.Kind.TRANSIENT)
             return await self._on_failure(row, lease, failure)
         try:  # bookkeeping: a Redis error here must not throw the paid answer away
             if stamped is not None:

@@ -102,6 +102,10 @@ SAMPLE_POLL = 2.0
 engine spreads such waits so that thousands of waiting rows do not poll Redis in step."""
 RESERVE_MS = 120_000
 """How long an admission that was never sent (its worker died) holds its place before expiring."""
+ANSWERED_MS = 600_000
+"""A bucket that answered (anything but a dead key's error) within this long takes any number of
+requests at once; otherwise it is probed: one request in flight until one answers, so a revoked or
+spent key costs one call, not a burst, whatever the number of workers."""
 
 
 def estimate_tokens(body: dict[str, Any], completion_default: int = DEFAULT_COMPLETION_ESTIMATE) -> int:
@@ -187,10 +191,11 @@ class _PoolBase:
     tests' processes, ``redis.asyncio.Redis`` in the worker's event loop).
     """
 
-    def __init__(self, client: Any, keys: list[ApiKey], margin: float = 0.25) -> None:
+    def __init__(self, client: Any, keys: list[ApiKey], margin: float = 0.25, probe: float = 0.0) -> None:
         self.client = client
         self.keys = list(keys)
         self.margin_ms = int(margin * 1000)
+        self.probe_ms = int(probe * 1000)
         self._scripts = scripts_for(client)
         self._rr = itertools.count()
         self.buckets: dict[str, list[ApiKey]] = {}
@@ -234,7 +239,7 @@ class _PoolBase:
         # buckets a random sample keeps the script's cost flat in the number of keys.
         order = random.sample(list(cands), min(len(cands), ACQUIRE_SAMPLE))
         ks: list[str] = []
-        argv: list[Any] = [tokens, self.margin_ms, uuid.uuid4().hex[:16], len(order), RESERVE_MS]
+        argv: list[Any] = [tokens, self.margin_ms, uuid.uuid4().hex[:16], len(order), RESERVE_MS, self.probe_ms]
         for bucket in order:
             limits = cands[bucket][0].limits
             ks.append(rkeys.bucket_state(bucket))
@@ -381,10 +386,13 @@ class RedisClock:
 
 
 class AsyncKeyPool(_PoolBase):
-    """:class:`KeyPool` on a ``redis.asyncio`` client, for the worker's event loop."""
+    """:class:`KeyPool` on a ``redis.asyncio`` client, for the worker's event loop.
 
-    def __init__(self, client: Any, keys: list[ApiKey], margin: float = 0.25) -> None:
-        super().__init__(client, keys, margin)
+    ``probe`` (seconds, usually the request timeout): how long a bucket's probe may stay out
+    before another request may probe it (see :data:`ANSWERED_MS`); 0 turns probing off."""
+
+    def __init__(self, client: Any, keys: list[ApiKey], margin: float = 0.25, probe: float = 0.0) -> None:
+        super().__init__(client, keys, margin, probe)
         self.clock = RedisClock()
 
     async def describe(self) -> None:
@@ -426,6 +434,23 @@ class AsyncKeyPool(_PoolBase):
     async def settle(self, lease: Lease, used_tokens: int) -> None:
         """Replace the lease's token estimate by the real usage and count the request."""
         await run_pipeline(self.client, lambda pipe: self.queue_settle(lease, used_tokens, pipe))
+
+    def queue_answered(self, lease: Lease, pipe: Any) -> None:
+        """The bucket answered: no probing for a while (the time is Redis', read locally)."""
+        now = self.clock.now_ms()
+        if self.probe_ms and now is not None:
+            pipe.hset(rkeys.bucket_state(lease.bucket), mapping={"answered_until": now + ANSWERED_MS,
+                                                                  "probe_until": 0})
+
+    async def answered(self, lease: Lease, alive: bool) -> None:
+        """After a failed call: an answer from a live key ends probing like a success; a
+        transient failure says nothing about the key, so it only lets another probe go."""
+        if not self.probe_ms:
+            return
+        if alive:
+            await run_pipeline(self.client, lambda pipe: self.queue_answered(lease, pipe))
+        else:
+            await self.client.hset(rkeys.bucket_state(lease.bucket), "probe_until", 0)
 
     async def count_error(self, key: ApiKey, reason: str) -> None:
         await self.client.hincrby(rkeys.key_stats(key.fingerprint), f"error:{reason}", 1)

@@ -133,6 +133,7 @@ class SimAPI:
         self.faults: Counter[str] = Counter()
         self.per_prompt: Counter[str] = Counter()
         self.per_key: Counter[str] = Counter()
+        self.calls_per_key: Counter[str] = Counter()  # every call, errors included, by fingerprint
         self.in_flight = 0
         self.max_in_flight = 0
         self.first_call: float | None = None
@@ -144,6 +145,7 @@ class SimAPI:
         return {"calls": self.calls, "answered": self.answered, "rate_limited": self.rate_limited,
                 "refusals": dict(self.refusals), "faults": dict(self.faults),
                 "per_prompt": dict(self.per_prompt), "per_key": dict(self.per_key),
+                "calls_per_key": dict(self.calls_per_key),
                 "max_in_flight": self.max_in_flight, "first_call": self.first_call,
                 "last_call": self.last_call, "last_answer": self.last_answer}
 
@@ -186,6 +188,7 @@ class SimAPI:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         cfg = self.config
         secret = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        self.calls_per_key[fingerprint(secret)] += 1
         k = self.key(secret)
         if k is None or k.dead == "invalid":
             masked = (secret[:3] + "***" + secret[-4:]) if len(secret) > 8 else "***"

@@ -60,6 +60,8 @@ def test_dead_keys_are_retired_and_the_job_finishes_on_the_others(tmp_path: Path
     assert "invalid_api_key" in retired[fingerprint(keys[2].key)]
     assert "insufficient_quota" in retired[fingerprint(keys[3].key)]
     assert all(k.key not in json.dumps(snap) for k in keys)
+    calls = sim.stats()["calls_per_key"]  # a key is probed until it answers: a dead one costs one call
+    assert all(calls[fingerprint(k.key)] == 1 for k in keys[2:]), calls
 
 
 def test_all_keys_dead_stops_the_job_and_a_rerun_with_a_good_key_finishes(tmp_path: Path, sim: SimServer) -> None:
@@ -76,7 +78,7 @@ def test_all_keys_dead_stops_the_job_and_a_rerun_with_a_good_key_finishes(tmp_pa
     assert "every key serving gpt-3.5-turbo-0613 is retired" in stopped.stderr
     assert "run the same command again" in stopped.stderr
     assert read_jsonl(out) == []  # no row was written as null: they stay unanswered for the re-run
-    assert sim.stats()["answered"] == 0
+    assert sim.stats()["answered"] == 0 and sim.stats()["calls"] == 2  # one probe per dead key
     assert "Traceback" not in stopped.stderr
 
     config = write_config(tmp_path / "config.json", sim, api_keys=[k.key for k in dead] + [good.key])

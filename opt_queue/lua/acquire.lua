@@ -8,7 +8,10 @@
 -- ARGV[1] tokens this request is estimated to use   ARGV[2] safety margin in ms
 -- ARGV[3] unique id of this admission                ARGV[4] number of buckets n
 -- ARGV[5] reserve in ms (how long an unsent admission holds its place)
--- ARGV[6..] for each bucket: nreq, ntok, then per window: limit, period_ms, learn (1: the limit
+-- ARGV[6] probe in ms: a bucket that has not answered lately ("answered_until" in its state, set by
+--         the workers) admits one request at a time, which holds "probe_until" this long at most
+--         (0: no probes)
+-- ARGV[7..] for each bucket: nreq, ntok, then per window: limit, period_ms, learn (1: the limit
 --           learned from the server's x-ratelimit-limit-* header caps this window)
 -- Returns {1, b, now_ms} admitted on bucket b (1-based)
 --         {0, wait_ms, now_ms}   no bucket can admit now; the earliest may in wait_ms
@@ -20,6 +23,7 @@ local margin = tonumber(ARGV[2])
 local uid = ARGV[3]
 local n = tonumber(ARGV[4])
 local reserve = tonumber(ARGV[5])
+local probe = tonumber(ARGV[6])
 
 local function weight(member)
   return tonumber(string.match(member, ':(%d+)$')) or 0
@@ -54,15 +58,16 @@ local function token_wait(key, sum, need, limit, period)
   end
 end
 
-local best, best_room, best_windows, best_state = nil, -1, nil, nil
+local best, best_room, best_windows, best_state, best_probing = nil, -1, nil, nil, false
 local min_wait, never = nil, 0
-local k, a = 1, 6
+local k, a = 1, 7
 for b = 1, n do
   local state = KEYS[k]
   k = k + 1
   local nreq, ntok = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
-  local st = redis.call('HMGET', state, 'cool_until', 'learn_requests', 'learn_tokens')
+  local st = redis.call('HMGET', state, 'cool_until', 'learn_requests', 'learn_tokens', 'answered_until',
+                       'probe_until')
   local cool = tonumber(st[1] or '0')
   local learned = {tonumber(st[2] or '0'), tonumber(st[3] or '0')}
   local room, wait, too_large = 1.0, 0, false
@@ -99,12 +104,17 @@ for b = 1, n do
     windows[#windows + 1] = {key, is_tok, period}
   end
   if cool > now then wait = math.max(wait, cool - now) end
+  local probing = probe > 0 and tonumber(st[4] or '0') <= now
+  if probing and tonumber(st[5] or '0') > now then
+    -- its probe is still out: look again soon (its answer, or its expiry, frees the bucket)
+    wait = math.max(wait, math.min(tonumber(st[5]) - now, 250))
+  end
   if too_large then
     never = never + 1
   elseif wait > 0 then
     if min_wait == nil or wait < min_wait then min_wait = wait end
   elseif room > best_room then
-    best, best_room, best_windows, best_state = b, room, windows, state
+    best, best_room, best_windows, best_state, best_probing = b, room, windows, state, probing
   end
 end
 
@@ -119,5 +129,8 @@ for _, w in ipairs(best_windows) do
   else
     redis.call('ZADD', w[1], now + reserve, uid)
   end
+end
+if best_probing then
+  redis.call('HSET', best_state, 'probe_until', now + probe)
 end
 return {1, best, now}
