@@ -46,7 +46,7 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
             for i in range(rows):
                 fh.write(json.dumps({"index": str(i), "instruction": "Say hi", "input": f"row {i}"}) + "\n")
         config = {"api_keys": [k.key for k in keys], "api_base": server.base_url,
-                  "limits": {"requests": [f"{rpm}/{window:g}s"]}, "safety_margin": margin,
+                  "limits": {"requests": [f"{rpm}/{window:g}s"]}, "header_period": window, "safety_margin": margin,
                   "concurrency": concurrency, "backoff_base": 0.2, "backoff_max": 2, "log_level": "WARNING"}
         (d / "config.json").write_text(json.dumps(config))
         os.chmod(d / "config.json", 0o600)

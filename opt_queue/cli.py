@@ -266,7 +266,7 @@ def status(config_path: str | None, job_name: str | None, output: str | None, as
                           f"\"broker_url\" nor OPT_QUEUE_BROKER_URL is set")
     client = connect(_broker(cfg) if url is None else url, check=True)
     job = job_name or (job_id_for(output) if output else None)
-    snap = snapshot(client, job)
+    snap = snapshot(client, job, cfg.learned_limits_ttl)
     if as_json:
         click.echo(json.dumps(snap, indent=2, ensure_ascii=False))
         return

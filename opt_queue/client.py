@@ -31,6 +31,7 @@ class Kind(enum.Enum):
     """What a failed call means for the row and the key (see the README's error table)."""
 
     RATE_LIMITED = "rate_limited"        # cool the key, try another, no attempt used
+    SLOW_DOWN = "slow_down"              # 503 slow_down: lower the rate, ramp back, no attempt used
     KEY_DEAD = "key_dead"                # retire the key for the job, try another
     TOO_LARGE = "request_too_large"      # larger than the key's whole TPM window: never passes
     TRANSIENT = "transient"              # back off and retry, up to max_retries
@@ -138,14 +139,34 @@ def classify_status(status: int, body: Any, headers: Any, text: str = "") -> Fai
     code, message = _error_fields(body)
     message = message or (text or "").strip()[:300] or f"HTTP {status}"
     lowered = message.lower()
+    failure = _classify(status, code, message, lowered, headers)
+    failure.server_limits = server_limits(headers)  # the API's own errors carry its limits too
+    if failure.kind is Kind.RATE_LIMITED and not failure.server_limits:
+        failure.server_limits = limits_in_message(message)
+    return failure
+
+
+_LIMIT_IN_MESSAGE = re.compile(r"on (requests|tokens) per min\b.*?limit:? (\d+)", re.IGNORECASE)
+
+
+def limits_in_message(message: str) -> dict[str, int]:
+    """A per-minute limit an OpenAI-style 429 states ("... on requests per min (RPM): Limit 3,
+    Used 3, Requested 1."), for proxies that pass the message on but not the headers."""
+    m = _LIMIT_IN_MESSAGE.search(message or "")
+    return {m.group(1).lower(): int(m.group(2))} if m and int(m.group(2)) > 0 else {}
+
+
+def _classify(status: int, code: str | None, message: str, lowered: str, headers: Any) -> Failure:
+    if status == 503 and (code == "slow_down" or "slow down" in lowered):
+        return Failure(Kind.SLOW_DOWN, message, status, "slow_down",
+                       retry_after=retry_after_seconds(headers, rate_limited=False))
     if status == 429:
         if code == "insufficient_quota" or "exceeded your current quota" in lowered:
             return Failure(Kind.KEY_DEAD, message, status, "insufficient_quota")
         if "request too large" in lowered:
             return Failure(Kind.TOO_LARGE, message, status, code or "request_too_large")
         return Failure(Kind.RATE_LIMITED, message, status, code or "rate_limit_exceeded",
-                       retry_after=retry_after_seconds(headers, message),
-                       server_limits=server_limits(headers))
+                       retry_after=retry_after_seconds(headers, message))
     if status in (401, 403):
         return Failure(Kind.KEY_DEAD, message, status, code or ("invalid_api_key" if status == 401 else "forbidden"))
     if status == 400 and (code == "context_length_exceeded" or "maximum context length" in lowered):

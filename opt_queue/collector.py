@@ -297,7 +297,8 @@ class Collector:
         """Per-key usage for live displays, read at most once a second."""
         now = time.monotonic()
         if now - status.keys_read >= 1.0:
-            status.keys = key_status(self.client, self.job.retired_keys())
+            status.keys = key_status(self.client, self.job.retired_keys(),
+                                     (self.config or Config()).learned_limits_ttl)
             status.keys_read = now
 
     def _write(self, entries: list[tuple[bytes, dict[Any, Any]]], state: Any, inputs: IndexSet,

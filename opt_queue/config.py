@@ -129,7 +129,7 @@ class Limits(BaseModel):
         """Return these limits with ``other``'s windows replacing those of the same period."""
         def merge(base: tuple[Window, ...], top: tuple[Window, ...]) -> tuple[Window, ...]:
             periods = {w.period for w in top}
-            return tuple(w for w in base if w.period not in periods) + top
+            return tuple(sorted((*(w for w in base if w.period not in periods), *top), key=lambda w: w.period))
         return Limits(requests=merge(self.requests, other.requests),
                       tokens=merge(self.tokens, other.tokens))
 
@@ -147,6 +147,37 @@ def _window(value: Any) -> Window:
 
 
 SEED_LIMITS = Limits(rpm=3, tpm=40000, rpd=200)
+"""The limits of a new account of 2023 (the original toolkit's era); no longer a default: limits
+nobody configured are discovered from the server's headers."""
+
+
+def _model_limits(value: Any) -> Any:
+    """``{"model": {limits}}`` -> ``{"model": Limits}``, with the model named in errors."""
+    if value is None:
+        return value
+    if not isinstance(value, dict):
+        raise ValueError('must map model names to limits, such as {"gpt-4o-mini": {"rpm": 500}}')
+    return {str(m): (v if isinstance(v, Limits) else Limits.model_validate(v or {})) for m, v in value.items()}
+
+
+class GroupConfig(BaseModel):
+    """Keys that share one budget (one organization or project), with the budget's own limits."""
+
+    model_config = ConfigDict(extra="forbid")
+    keys: list[str] = Field(default_factory=list)  # key strings or fingerprints of keys in api_keys
+    limits: Limits | None = None
+    models: dict[str, Limits] | None = None
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    rpd: int | None = Field(default=None, ge=1)
+
+    _models = field_validator("models", mode="before")(classmethod(lambda cls, v: _model_limits(v)))
+
+    def own_limits(self) -> Limits:
+        """The group's windows (its ``limits`` then its shorthands), without any default."""
+        limits = self.limits or Limits()
+        short = {k: v for k, v in (("rpm", self.rpm), ("tpm", self.tpm), ("rpd", self.rpd)) if v}
+        return limits.override(Limits(**short)) if short else limits
 
 
 class KeyConfig(BaseModel):
@@ -156,11 +187,26 @@ class KeyConfig(BaseModel):
     key: SecretStr
     api_base: str | None = None
     group: str | None = None
-    models: list[str] | None = None
+    models: list[str] | dict[str, Limits] | None = None  # served models; a mapping also gives limits
     limits: Limits | None = None
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     rpd: int | None = Field(default=None, ge=1)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, v: Any) -> Any:
+        return v if v is None or isinstance(v, list) else _model_limits(v)
+
+    def own_limits(self) -> Limits:
+        """The key's windows (its ``limits`` then its shorthands), without any default."""
+        limits = self.limits or Limits()
+        short = {k: v for k, v in (("rpm", self.rpm), ("tpm", self.tpm), ("rpd", self.rpd)) if v}
+        return limits.override(Limits(**short)) if short else limits
+
+    @property
+    def has_limits(self) -> bool:
+        return bool(self.limits or self.rpm or self.tpm or self.rpd or isinstance(self.models, dict))
 
     @field_validator("key")
     @classmethod
@@ -195,6 +241,14 @@ class ApiKey(BaseModel):
     limits: Limits
     models: tuple[str, ...] | None = None
     group: str | None = None
+    model_limits: tuple[tuple[str, Limits], ...] = ()  # per model: windows replacing ``limits``'
+
+    def limits_for(self, model: str) -> Limits:
+        """The configured windows for ``model``: the key's (or group's) and the model's own on top."""
+        for name, limits in self.model_limits:
+            if name == model:
+                return self.limits.override(limits)
+        return self.limits
 
     @property
     def bucket(self) -> str:
@@ -211,7 +265,12 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
     api_keys: list[SecretStr | KeyConfig] = Field(default_factory=list)
     api_base: str | None = None
-    limits: Limits = SEED_LIMITS
+    limits: Limits = Field(default_factory=Limits)
+    models: dict[str, Limits] | None = None
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)
+    default_limits: Limits = Field(default_factory=Limits)
+    header_period: float = Field(default=60.0, gt=0)
+    learned_limits_ttl: float = Field(default=600.0, gt=0)
     model: ModelConfig = Field(default_factory=ModelConfig)
     max_retries: int = Field(default=5, ge=0)
     request_timeout: float = Field(default=60.0, gt=0)
@@ -223,6 +282,7 @@ class Config(BaseModel):
     lease_seconds: float = Field(default=30.0, ge=2)
     state_ttl: float = Field(default=7 * 86400.0, ge=0)
     safety_margin: float = Field(default=0.25, ge=0)
+    safety_fraction: float = Field(default=0.01, ge=0, le=0.5)
     backoff_base: float = Field(default=1.0, ge=0)
     backoff_max: float = Field(default=60.0, ge=0)
     log_level: str = "INFO"
@@ -234,28 +294,66 @@ class Config(BaseModel):
 
     _url = field_validator("api_base")(classmethod(lambda cls, v: _api_base(v)))
 
-    @field_validator("state_ttl", mode="before")
+    @field_validator("state_ttl", "header_period", "learned_limits_ttl", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> Any:
         return parse_seconds(v)
 
+    _models = field_validator("models", mode="before")(classmethod(lambda cls, v: _model_limits(v)))
+
+    @model_validator(mode="after")
+    def _discovery_defaults(self) -> Config:
+        periods = {w.period for w in (*self.default_limits.requests, *self.default_limits.tokens)}
+        if periods - {self.header_period}:
+            raise ValueError(f"default_limits: give windows of the header period ({self.header_period:g}s) "
+                             f"only, such as {{\"rpm\": 600}}: they are where discovery starts")
+        self._entries()  # the groups' key references, checked here so that errors name the field
+        return self
+
+    def _entries(self) -> list[KeyConfig]:
+        """``api_keys`` as objects, with the group each key belongs to (its own ``group`` or the
+        group whose ``keys`` name it), and the keys that only a group names appended."""
+        entries = [e if isinstance(e, KeyConfig) else KeyConfig(key=e) for e in self.api_keys]
+        by_name = {}
+        for e in entries:
+            by_name[e.key.get_secret_value()] = by_name[fingerprint(e.key.get_secret_value())] = e
+        for name, group in self.groups.items():
+            for i, ref in enumerate(group.keys):
+                e = by_name.get(ref.strip())
+                if e is None:
+                    if ref.strip().startswith("key-"):
+                        raise ValueError(f"groups.{name}.keys[{i}]: no key in api_keys has fingerprint {ref}")
+                    e = KeyConfig(key=SecretStr(ref))
+                    entries.append(e)
+                    by_name[ref.strip()] = by_name[fingerprint(ref.strip())] = e
+                if e.group not in (None, name):
+                    raise ValueError(f"groups.{name}.keys[{i}]: the key is already in group {e.group!r}")
+                e.group = name
+        for i, e in enumerate(entries[:len(self.api_keys)]):
+            if e.group in self.groups and e.has_limits:
+                raise ValueError(f"api_keys[{i}]: a key of group {e.group!r} shares the group's budget; "
+                                 f"put its limits on groups.{e.group}")
+        return entries
+
     def keys(self) -> list[ApiKey]:
-        """Resolve every key against the defaults (api_base, limits)."""
+        """Resolve every key against the defaults: api_base, and the configured limits (the top
+        level's, then the model's, then the key's or its group's; what none of them sets for a
+        window of the header period is discovered from the server)."""
         base = (self.api_base or "").strip() or DEFAULT_API_BASE
         out: list[ApiKey] = []
-        for entry in self.api_keys:
-            kc = entry if isinstance(entry, KeyConfig) else KeyConfig(key=entry)
+        for kc in self._entries():
             secret = kc.key.get_secret_value()
-            limits = self.limits
-            if kc.limits is not None:
-                limits = limits.override(kc.limits)
-            short = {k: v for k, v in (("rpm", kc.rpm), ("tpm", kc.tpm), ("rpd", kc.rpd)) if v}
-            if short:
-                limits = limits.override(Limits(**short))
+            group = self.groups.get(kc.group) if kc.group else None
+            own = group if group is not None else kc
+            models = dict(self.models or {})
+            for name, limits in ((own.models if isinstance(own.models, dict) else None) or {}).items():
+                models[name] = models[name].override(limits) if name in models else limits
+            served = kc.models if isinstance(kc.models, list) else list(kc.models) if kc.models else None
             out.append(ApiKey(secret=SecretStr(secret), fingerprint=fingerprint(secret),
-                              api_base=(kc.api_base or base).rstrip("/"), limits=limits,
-                              models=tuple(kc.models) if kc.models is not None else None,
-                              group=kc.group))
+                              api_base=(kc.api_base or base).rstrip("/"),
+                              limits=self.limits.override(own.own_limits()),
+                              models=tuple(served) if served is not None else None,
+                              group=kc.group, model_limits=tuple(sorted(models.items()))))
         return out
 
 

@@ -39,15 +39,15 @@ def run_demo(directory: Path, rows: int, console: Console, out: Console) -> None
     with SimServer(sim) as server:
         config_path = directory / "config.json"
         config = {"api_keys": [k.key for k in keys], "api_base": server.base_url,
-                  "limits": {"requests": [f"{DEMO_RPM}/{DEMO_MINUTE:g}s"], "tokens": [f"60000/{DEMO_MINUTE:g}s"]},
+                  "header_period": DEMO_MINUTE,  # no limits typed: read from the API's headers
                   "model": {"name": "gpt-3.5-turbo-0613", "temperature": 0.1,
                             "fallback": "gpt-3.5-turbo-16k-0613"},
-                  "safety_margin": 0.2, "backoff_base": 0.2, "concurrency": 16, "log_level": "WARNING"}
+                  "backoff_base": 0.2, "concurrency": 16, "log_level": "WARNING"}
         config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
         os.chmod(config_path, 0o600)
         cfg = load_config(config_path)
         out.print(f"[bold]opt-queue demo[/]: {rows} rows, {DEMO_KEYS} keys at {DEMO_RPM} requests per "
-                  f"{DEMO_MINUTE:g}s (plus one spent key), simulated API at {server.base_url} with "
+                  f"{DEMO_MINUTE:g}s, discovered from its headers (plus one spent key), simulated API at {server.base_url} with "
                   f"latency and 3% server errors")
         started = time.monotonic()
         status = _run_and_report(str(data), str(output), cfg, str(config_path), None, 1, False)

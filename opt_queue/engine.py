@@ -6,7 +6,7 @@ One :class:`Engine` per worker process holds the config, the Redis connection an
 =============  ===========================================  =========================================
 class          examples                                     what happens
 =============  ===========================================  =========================================
-rate limited   429 rate_limit_exceeded                      cool the key, other key, no attempt used
+rate limited   429 rate_limit_exceeded, 503 slow_down         cool (slow) the key, other key, no attempt used
 key dead       401, 403, 429 insufficient_quota             retire the key for the job, other key
 transient      5xx, timeout, connection error, bad body     backoff with jitter, up to max_retries
 too long       400 context_length_exceeded                  once on the fallback model, else null
@@ -32,8 +32,9 @@ from opt_queue import client as api
 from opt_queue.broker import DONE, HELD, Leases
 from opt_queue.config import Config
 from opt_queue.jobs import STOPPED, AsyncJob, RowResult
-from opt_queue.limiter import AsyncKeyPool, Lease, Never, Wait, estimate_tokens, minute_limit
+from opt_queue.limiter import AsyncKeyPool, Lease, Never, Wait
 from opt_queue.scripts import run_pipeline
+from opt_queue.tokens import estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class Engine:
         self.config = config
         self.client = client
         self.keys = config.keys()
-        self.pool = AsyncKeyPool(client, self.keys, margin=config.safety_margin, probe=config.request_timeout)
+        self.pool = AsyncKeyPool.from_config(client, config, self.keys)
         self.leases = Leases(client, config.lease_seconds)
         self._secrets = [k.secret.get_secret_value() for k in self.keys]
         self._retired: dict[str, tuple[float, dict[str, str]]] = {}
@@ -272,9 +273,9 @@ class Engine:
             done = True  # another worker took the row over while this one stalled: it is theirs
         if plan is None:
             return status, done, None
-        admission = self.pool.granted(plan, replies[2])
+        admission = self.pool.granted(plan, replies[-1])
         self.pool.clock.observe(t0, time.monotonic(), admission.at_ms if not isinstance(admission, Never)
-                                else int(replies[2][2]))
+                                else int(replies[-1][2]))
         return status, done, admission
 
     async def _call(self, row: _Row, lease: Lease) -> RowResult | None:
@@ -300,6 +301,17 @@ class Engine:
             else:
                 await self.pool.cancel(lease)
             await self.pool.count_error(lease.key, failure.reason)
+            # What the server said about the limits goes first: a probe's answer lets other
+            # requests in, and they must find the limits it reported.
+            if failure.kind is api.Kind.RATE_LIMITED:
+                left = await self.pool.cool(lease, failure.retry_after or 1.0, failure.server_limits)
+                log.info("key %s rate limited by the server; cooling for %.1fs", lease.key.fingerprint, left)
+            elif failure.kind is api.Kind.SLOW_DOWN:
+                await self.pool.slow_down(lease)
+                log.info("key %s: the server asks to slow down; its per-minute limits are halved and "
+                         "ramp back", lease.key.fingerprint)
+            else:
+                await self.pool.learn(lease, failure.server_limits)
             if failure.kind is not api.Kind.KEY_DEAD:  # a dead key's probe stays out: no second call
                 await self.pool.answered(lease, alive=failure.kind is not api.Kind.TRANSIENT)
             return await self._on_failure(row, lease, failure)
@@ -308,7 +320,7 @@ class Engine:
                 await stamped
             else:  # not seen leaving (an HTTP stack without the hook): stamp late, the safe side
                 await self.pool.stamp(lease)
-            await self._learn(lease, answer.headers)
+            await self.pool.learn(lease, api.server_limits(answer.headers))
         except redis.RedisError as exc:
             log.warning("row %s: the limiter's bookkeeping failed after the call (%s); the answer "
                         "is kept", row.index, type(exc).__name__)
@@ -324,9 +336,9 @@ class Engine:
     async def _on_failure(self, row: _Row, lease: Lease, f: api.Failure) -> RowResult | None:
         fp = lease.key.fingerprint
         if f.kind is api.Kind.RATE_LIMITED:
-            seconds = f.retry_after if f.retry_after is not None else 1.0
-            left = await self.pool.cool(lease.key, seconds, f.server_limits)
-            log.info("key %s rate limited by the server; cooling for %.1fs", fp, left)
+            return None  # cooled in _call; the row goes round the loop to a slot
+        if f.kind is api.Kind.SLOW_DOWN:
+            await asyncio.sleep(f.retry_after or 0.0)
             return None
         if f.kind is api.Kind.TOO_LARGE:
             row.too_large_for.add(fp)  # this row can never pass on this key; others still can
@@ -367,14 +379,6 @@ class Engine:
     def _null(self, row: _Row, error_type: str, message: str) -> RowResult:
         return RowResult(index=row.index, answer=None, error_type=error_type,
                          error=message, attempts=row.attempts, key=row.last_key, model=row.body["model"])
-
-    async def _learn(self, lease: Lease, headers: dict[str, str]) -> None:
-        """Lower the bucket's minute windows when a success reports lower server limits."""
-        server = api.server_limits(headers)
-        lower = {dim: v for dim, v in server.items()
-                 if (mine := minute_limit(lease.limits, dim)) is not None and v < mine}
-        if lower:
-            await self.pool.cool(lease.key, 0, lower)
 
     # -- retired keys ---------------------------------------------------------------------------
     async def _retired_for(self, job: AsyncJob) -> set[str]:

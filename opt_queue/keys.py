@@ -87,7 +87,7 @@ def bucket_window(bucket: str, dim: str, period: float) -> str:
 
 
 def bucket_state(bucket: str) -> str:
-    """Hash: cooldown deadline, learned limits, counters of one bucket (key or key group)."""
+    """Hash: cooldown, learned limits, probe state, counters of one scope (a bucket for one model)."""
     return f"{PREFIX}:{LIMITS_TAG}:{bucket}:state"
 
 
@@ -98,6 +98,8 @@ def key_stats(fingerprint: str) -> str:
 
 KNOWN_KEYS = f"{PREFIX}:{LIMITS_TAG}:known"
 """Hash: fingerprint -> JSON description (limits, bucket, api_base host) for ``status``."""
+KNOWN_SCOPES = f"{PREFIX}:{LIMITS_TAG}:scopes"
+"""Hash: scope (``bucket/model``) -> JSON of its bucket, model and windows, for ``status``."""
 
 
 def job_keys(job: str) -> list[str]:

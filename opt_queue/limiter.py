@@ -17,81 +17,55 @@ first request of a job on, and a key with 3 RPM gets exactly 3 requests in every
 one sorted-set entry per admission per window (bounded by the limit), and token windows keep a
 running sum so that a check is O(log n) plus the entries it expires.
 
+**Scopes.** Limits belong to an organization and a model: the unit of pacing is a *scope*, one
+bucket (a key, or a ``group`` of keys sharing one budget) for one model, with its own windows and
+state.
+
+**Where a limit comes from** (:func:`window_plan`, pure): a window the config gives is a ceiling
+the user chose; the window of the *header period* (a minute, the unit of the server's
+``x-ratelimit-limit-requests`` / ``-tokens``) that the config does not give is *discovered*: it
+takes the last value the headers said, up or down (``lua/learn.lua``), which expires after
+``learned_limits_ttl`` and is read again from the next response, so an upgrade is seen during a
+long job. Before anything is learned, a discovered window has the configured default
+(``default_limits``; none by default) and the scope is probed (below). A server that sends no
+headers teaches by its 429s: the limit an OpenAI-style message states, else half of what the window
+held when it refused.
+
+**Large limits are paced within the minute**: OpenAI may enforce 60,000 RPM as 1,000 a second, so a
+request limit of :data:`PACE_ABOVE` or more per header period also holds over every 1/60 of it
+(limit/60, rounded up). A 503 ``slow_down`` halves every per-minute limit of the scope, which then
+ramps back linearly over two header periods.
+
 An admission is first **reserved** (it counts, and cannot expire) and then **stamped** with the
 moment its request was sent, on Redis' clock (``lua/stamp.lua``; the worker reads that moment
 locally with :class:`RedisClock` right before the request body is written): the server counts a
 request when it arrives, and under load a request can wait a long time for the event loop or a
-connection between admission and sending. The **safety margin** (config ``safety_margin``,
-seconds) lengthens every window to cover what is left: the short, jittery delay between the send
-and the server's own count.
+connection between admission and sending. The **safety margin** lengthens every window to cover the
+short, jittery delay between the send and the server's own count: ``safety_fraction`` of the
+window (1%) but at most ``safety_margin`` seconds (0.25 s), so it never gives away more than 1% of
+a window, short or long.
 
 An admission looks at every bucket that serves the model up to ``ACQUIRE_SAMPLE``, else at a
 random sample of that many, so that its cost does not grow with the number of keys.
 
-Keys of one ``group`` share one bucket (one set of windows), since limits belong to organizations.
-A 429 cools the bucket (``lua/cool.lua``) and lowers its minute windows to the server's
-``x-ratelimit-limit-*``. After a response, a real usage above the admission's estimate raises
-it (``lua/settle.lua``); a smaller one gives nothing back, as on the server.
+After a response, a real usage above the admission's estimate raises it (``lua/settle.lua``); a
+smaller one gives nothing back, as on the server.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import itertools
 import json
 import math
-import os
 import random
-import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-
 from opt_queue import keys as rkeys
-from opt_queue.config import ApiKey, Limits, Window
+from opt_queue.config import ApiKey, Config, Limits
 from opt_queue.scripts import queue, run_pipeline, scripts_for
-
-CHARS_PER_TOKEN = 3.0
-"""Character-based estimate, used unless tiktoken's encoding is on this machine: OpenAI's
-tokenizers give about 4 characters per token in English, so dividing by 3 overestimates, which is
-the safe side (the estimate is replaced by the real usage after the response)."""
-TOKENS_PER_MESSAGE = 4
-DEFAULT_COMPLETION_ESTIMATE = 256
-TIKTOKEN_ENCODING = "cl100k_base"
-_TIKTOKEN_URL = f"https://openaipublic.blob.core.windows.net/encodings/{TIKTOKEN_ENCODING}.tiktoken"
-
-
-@functools.cache
-def _tokenizer() -> Callable[[str], int] | None:
-    """tiktoken's encoder when tiktoken is installed and its encoding file is already cached here
-    (never downloaded: workers may have no internet); else None (character estimate)."""
-    if os.environ.get("OPT_QUEUE_TOKENIZER", "auto") == "chars":
-        return None
-    try:
-        import tiktoken  # optional
-    except ImportError:
-        return None
-    cache_dir = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-                 or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
-    if not os.path.exists(os.path.join(cache_dir, hashlib.sha1(_TIKTOKEN_URL.encode()).hexdigest())):
-        return None
-    try:
-        encoding = tiktoken.get_encoding(TIKTOKEN_ENCODING)
-    except Exception:  # a corrupt cache or an incompatible version: fall back, never fail a row
-        return None
-    return lambda text: len(encoding.encode(text, disallowed_special=()))
-
-
-def count_prompt_tokens(text: str) -> int:
-    """Tokens of ``text``: tiktoken's count when available, else the character estimate."""
-    tokenize = _tokenizer()
-    return tokenize(text) if tokenize else math.ceil(len(text) / CHARS_PER_TOKEN)
-
 
 ACQUIRE_SAMPLE = 32
 """Buckets one admission looks at: all of them up to this many, else a random sample of this many.
@@ -103,45 +77,84 @@ engine spreads such waits so that thousands of waiting rows do not poll Redis in
 RESERVE_MS = 120_000
 """How long an admission that was never sent (its worker died) holds its place before expiring."""
 ANSWERED_MS = 600_000
-"""A bucket that answered (anything but a dead key's error) within this long takes any number of
+"""A scope that answered (anything but a dead key's error) within this long takes any number of
 requests at once; otherwise it is probed: one request in flight until one answers, so a revoked or
 spent key costs one call, not a burst, whatever the number of workers."""
+PACE_ABOVE = 600
+"""A request limit of this many or more per header period (10 a second for a minute) is also
+enforced over every 1/:data:`PACE_DIVISOR` of the period, so that a large budget is not sent in
+one burst."""
+PACE_DIVISOR = 60
+LEARN_REFRESH_SHARE = 4
+"""A worker writes a limit the headers repeat once per ``learned_limits_ttl / 4`` (a changed one at
+once), so that a learned limit stays fresh while responses keep coming, at little cost."""
+
+FIXED, CEILING, DISCOVER, PACE = 0, 1, 2, 3
+"""Window modes: a configured window; the configured window of the header period (a learned limit
+may lower it); a discovered window (the learned limit, else the default); a pacing window."""
+MODE_NAMES = {FIXED: "configured", CEILING: "configured", DISCOVER: "discovered", PACE: "paced"}
 
 
-def estimate_tokens(body: dict[str, Any], completion_default: int = DEFAULT_COMPLETION_ESTIMATE) -> int:
-    """Estimate the tokens a request counts against TPM: prompt plus the completion's maximum."""
-    texts = []
-    messages = body.get("messages") or []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-        elif content is not None:
-            texts.append(json.dumps(content, ensure_ascii=False))
-    prompt = count_prompt_tokens("\n".join(texts)) + TOKENS_PER_MESSAGE * len(messages) + 3
-    completion = body.get("max_completion_tokens") or body.get("max_tokens") or completion_default
-    return prompt + int(completion) * int(body.get("n") or 1)
+@dataclass(frozen=True)
+class WindowSpec:
+    """One window of a scope: ``limit`` (the configured one, or a discovered window's default, 0
+    for none) units of ``dim`` (``req`` or ``tok``) in any ``period`` seconds."""
+
+    dim: str
+    period: float
+    limit: int
+    mode: int
+
+    @property
+    def period_ms(self) -> int:
+        return int(self.period * 1000)
 
 
-def learn_flags(windows: tuple[Window, ...]) -> list[bool]:
-    """Mark the window a server's ``x-ratelimit-limit-*`` value describes: the per-minute one.
+def window_plan(limits: Limits, header_period: float, default: Limits | None = None) -> tuple[WindowSpec, ...]:
+    """The windows of a scope whose configured limits are ``limits`` (pure). Request windows come
+    first (the stamp, cancel and settle scripts rely on that order)."""
+    default = default or Limits()
+    out: list[WindowSpec] = []
+    for dim, configured, defaults in (("req", limits.requests, default.requests),
+                                      ("tok", limits.tokens, default.tokens)):
+        periods = {w.period for w in configured}
+        for w in sorted(configured, key=lambda w: w.period):
+            out.append(WindowSpec(dim, w.period, w.limit, CEILING if w.period == header_period else FIXED))
+        if header_period not in periods:
+            start = next((w.limit for w in defaults if w.period == header_period), 0)
+            out.append(WindowSpec(dim, header_period, start, DISCOVER))
+        if dim == "req" and header_period / PACE_DIVISOR not in periods:
+            out.append(WindowSpec(dim, header_period / PACE_DIVISOR, 0, PACE))
+    return tuple(out)
 
-    That is the longest window of at most 60 s, or the shortest window when all are longer.
-    """
-    if not windows:
-        return []
-    short = [w.period for w in windows if w.period <= 60]
-    target = max(short) if short else min(w.period for w in windows)
-    return [w.period == target for w in windows]
+
+def window_source(dim: str, period: float, limit: int, mode: int, state: dict[str, str], now_ms: int,
+                  refresh_ms: int) -> dict[str, Any]:
+    """For ``status`` (pure): a window's limit as ``acquire.lua`` applies it without the slow-down
+    factor, where it came from and how long ago it was read (None for a pacing window, which
+    follows its header window, or a discovered one with no limit yet)."""
+    learned = int(state.get(f"learned:{dim}", 0))
+    at = int(state.get(f"learned_at:{dim}", 0))
+    fresh = learned > 0 and at + refresh_ms > now_ms
+    read = round((now_ms - at) / 1000, 1) if fresh else None
+    source = "learned from " + ("429s" if state.get(f"source:{dim}") == "429" else "headers")
+    if mode == CEILING and fresh and learned < limit:
+        got = {"limit": learned, "source": source + " (below the configured %d)" % limit, "read_s_ago": read}
+    elif mode in (FIXED, CEILING):
+        got = {"limit": limit, "source": "configured", "read_s_ago": None}
+    elif mode == DISCOVER and fresh:
+        got = {"limit": learned, "source": source, "read_s_ago": read}
+    elif mode == DISCOVER:
+        got = {"limit": limit or None, "source": "default" if limit else "not known yet", "read_s_ago": None}
+    else:
+        got = {"limit": None, "source": f"paced at 1/{PACE_DIVISOR} of the minute limit from {PACE_ABOVE}",
+               "read_s_ago": None}
+    return {"dim": dim, "period": period, "mode": MODE_NAMES[mode], **got}
 
 
-def minute_limit(limits: Limits, dim: str) -> int | None:
-    """The configured limit of the window that ``learn_flags`` marks, for ``requests`` or ``tokens``."""
-    windows = limits.requests if dim == "requests" else limits.tokens
-    for w, learn in zip(windows, learn_flags(windows)):
-        if learn:
-            return w.limit
-    return None
+def margin_ms(period: float, fraction: float, cap: float) -> int:
+    """The safety margin of a window (pure): ``fraction`` of it, at most ``cap`` seconds."""
+    return int(min(cap, period * fraction) * 1000)
 
 
 @dataclass(frozen=True)
@@ -151,9 +164,13 @@ class Lease:
     key: ApiKey
     uid: str
     tokens: int
-    bucket: str
-    limits: Limits
+    scope: str
+    windows: tuple[WindowSpec, ...]
     at_ms: int = 0
+
+    @property
+    def nreq(self) -> int:
+        return sum(1 for w in self.windows if w.dim == "req")
 
 
 @dataclass(frozen=True)
@@ -182,38 +199,71 @@ class _AcquirePlan:
     keys: list[str]
     args: list[Any]
     tokens: int
+    model: str
+    new_scopes: tuple[str, ...] = ()
 
 
-class _PoolBase:
-    """What the sync and asyncio key pools share: the keys, and every script call's arguments.
+def scope_name(bucket: str, model: str) -> str:
+    """The pacing unit: a bucket (key or group) for one model."""
+    return f"{bucket}/{model}"
 
-    The two pools differ only in how they talk to Redis (``redis.Redis`` in the producer's and
-    tests' processes, ``redis.asyncio.Redis`` in the worker's event loop).
-    """
 
-    def __init__(self, client: Any, keys: list[ApiKey], margin: float = 0.25, probe: float = 0.0) -> None:
+class AsyncKeyPool:
+    """The keys a worker process may use, paced by the shared state in Redis (``redis.asyncio``).
+
+    ``probe`` (seconds, usually the request timeout): how long a scope's probe may stay out before
+    another request may probe it (see :data:`ANSWERED_MS`); 0 turns probing off. ``now_ms``, when
+    set, replaces Redis' clock in every script (tests control time with it)."""
+
+    def __init__(self, client: Any, keys: list[ApiKey], *, margin: float = 0.25, fraction: float = 0.01,
+                 probe: float = 0.0, header_period: float = 60.0, default: Limits | None = None,
+                 refresh: float = 600.0) -> None:
         self.client = client
         self.keys = list(keys)
-        self.margin_ms = int(margin * 1000)
+        self.margin = margin
+        self.fraction = fraction
         self.probe_ms = int(probe * 1000)
+        self.header_period = header_period
+        self.default = default or Limits()
+        self.refresh_ms = int(refresh * 1000)
+        self.now_ms: int | None = None
+        self.clock = RedisClock()
         self._scripts = scripts_for(client)
         self._rr = itertools.count()
         self.buckets: dict[str, list[ApiKey]] = {}
         for k in self.keys:
             self.buckets.setdefault(k.bucket, []).append(k)
         self._candidates: dict[tuple[str, frozenset[str]], dict[str, list[ApiKey]]] = {}
+        self._plans: dict[tuple[str, str], tuple[WindowSpec, ...]] = {}
+        self._learned: dict[str, tuple[dict[str, int], float]] = {}
+
+    @classmethod
+    def from_config(cls, client: Any, config: Config, keys: list[ApiKey] | None = None) -> AsyncKeyPool:
+        return cls(client, config.keys() if keys is None else keys, margin=config.safety_margin,
+                   fraction=config.safety_fraction, probe=config.request_timeout,
+                   header_period=config.header_period, default=config.default_limits,
+                   refresh=config.learned_limits_ttl)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {len(self.keys)} keys in {len(self.buckets)} buckets>"
 
-    def _describe(self, pipe: Any) -> None:
-        """Describe the keys in Redis for ``status`` (fingerprints and limits, never secrets)."""
+    async def describe(self) -> None:
+        """Describe the keys in Redis for ``status`` (fingerprints, never secrets); call once."""
+        pipe = self.client.pipeline()
         for k in self.keys:
-            windows = [["req", w.period] for w in k.limits.requests] + [
-                ["tok", w.period] for w in k.limits.tokens]
-            desc = {"bucket": k.bucket, "limits": str(k.limits), "windows": windows,
-                    "models": list(k.models or []), "api_base": k.api_base}
+            desc = {"bucket": k.bucket, "limits": str(k.limits), "models": list(k.models or []),
+                    "api_base": k.api_base}
             pipe.hset(rkeys.KNOWN_KEYS, k.fingerprint, json.dumps(desc))
+        await pipe.execute()
+
+    # -- admission ------------------------------------------------------------------------------
+    def windows(self, bucket: str, model: str) -> tuple[WindowSpec, ...]:
+        """The windows of ``bucket`` for ``model`` (cached)."""
+        got = self._plans.get((bucket, model))
+        if got is None:
+            got = self._plans[(bucket, model)] = window_plan(
+                self.buckets[bucket][0].limits_for(model), self.header_period, self.default)
+        return got
 
     def candidates(self, model: str, exclude: set[str]) -> dict[str, list[ApiKey]]:
         """Buckets with at least one usable key that serves ``model`` (cached: the answer only
@@ -231,125 +281,163 @@ class _PoolBase:
             self._candidates[ident] = out
         return out
 
-    def _plan_acquire(self, model: str, tokens: int, exclude: set[str] | None) -> _AcquirePlan | None:
+    def plan(self, model: str, tokens: int, exclude: set[str] | None = None) -> _AcquirePlan | None:
+        """What an admission needs (None when no usable key serves ``model`` at all): queue it with
+        :meth:`queue_acquire` and read its reply with :meth:`granted`."""
         cands = self.candidates(model, exclude or set())
         if not cands:
             return None
         # Ties in headroom go to a random bucket, not always the first; beyond ACQUIRE_SAMPLE
         # buckets a random sample keeps the script's cost flat in the number of keys.
         order = random.sample(list(cands), min(len(cands), ACQUIRE_SAMPLE))
+        new = tuple(scope_name(b, model) for b in order if (b, model) not in self._plans)
         ks: list[str] = []
-        argv: list[Any] = [tokens, self.margin_ms, uuid.uuid4().hex[:16], len(order), RESERVE_MS, self.probe_ms]
+        argv: list[Any] = [tokens, uuid.uuid4().hex[:16], len(order), RESERVE_MS, self.probe_ms,
+                           self.now_ms or 0, self.refresh_ms, PACE_ABOVE, int(self.header_period * 1000)]
         for bucket in order:
-            limits = cands[bucket][0].limits
-            ks.append(rkeys.bucket_state(bucket))
-            argv += [len(limits.requests), len(limits.tokens)]
-            for dim, windows in (("req", limits.requests), ("tok", limits.tokens)):
-                for w, learn in zip(windows, learn_flags(windows)):
-                    ks.append(rkeys.bucket_window(bucket, dim, w.period))
-                    argv += [w.limit, int(w.period * 1000), int(learn)]
-        return _AcquirePlan(order, cands, ks, argv, tokens)
+            scope = scope_name(bucket, model)
+            specs = self.windows(bucket, model)
+            ks.append(rkeys.bucket_state(scope))
+            argv.append(len(specs))
+            for w in specs:
+                ks.append(rkeys.bucket_window(scope, w.dim, w.period))
+                argv += [int(w.dim == "tok"), w.limit, w.period_ms, w.mode,
+                         margin_ms(w.period, self.fraction, self.margin)]
+        return _AcquirePlan(order, cands, ks, argv, tokens, model, new)
 
-    def _granted(self, plan: _AcquirePlan, res: list[Any]) -> Lease | Wait | Never:
-        status = int(res[0])
-        if status == -1 and (len(plan.order) == len(plan.cands) or not any(
-                all(w.limit >= plan.tokens for w in members[0].limits.tokens)
-                for members in plan.cands.values())):
+    def queue_acquire(self, plan: _AcquirePlan, pipe: Any) -> None:
+        """Queue the admission on ``pipe`` (see ``scripts.run_pipeline``)."""
+        for scope in plan.new_scopes:  # for status: which scopes exist, and their windows
+            bucket, model = scope.split("/", 1)
+            pipe.hset(rkeys.KNOWN_SCOPES, scope, json.dumps(
+                {"bucket": bucket, "model": model,
+                 "windows": [[w.dim, w.period, w.limit, w.mode] for w in self.windows(bucket, model)]}))
+        queue(pipe, self._scripts.acquire, plan.keys, plan.args)
+
+    def granted(self, plan: _AcquirePlan, reply: Any) -> Lease | Wait | Never:
+        """Read the admission's reply."""
+        status = int(reply[0])
+        if status == -1 and len(plan.order) == len(plan.cands):
             return Never(plan.tokens)
         if status <= 0:
-            seconds = int(res[1]) / 1000.0 if status == 0 else SAMPLE_POLL
+            seconds = int(reply[1]) / 1000.0 if status == 0 else SAMPLE_POLL
             if len(plan.order) < len(plan.cands):  # buckets outside the sample may be free now
-                return Wait(min(seconds, SAMPLE_POLL), int(res[2]), exact=False)
-            return Wait(seconds, int(res[2]))
-        bucket = plan.order[int(res[1]) - 1]
+                return Wait(min(seconds, SAMPLE_POLL), int(reply[2]), exact=False)
+            return Wait(seconds, int(reply[2]))
+        bucket = plan.order[int(reply[1]) - 1]
         members = plan.cands[bucket]
         key = members[next(self._rr) % len(members)]  # itertools.count is atomic under the GIL
-        return Lease(key=key, uid=plan.args[2], tokens=plan.tokens, bucket=bucket, limits=key.limits,
-                     at_ms=int(res[2]))
+        return Lease(key=key, uid=plan.args[1], tokens=plan.tokens, scope=scope_name(bucket, plan.model),
+                     windows=self.windows(bucket, plan.model), at_ms=int(reply[2]))
 
+    async def acquire(self, model: str, tokens: int, exclude: set[str] | None = None) -> Lease | Wait | Never | None:
+        """Try to admit one request in its own round trip (the engine batches it with the row's
+        state instead); ``None`` when no usable key serves ``model`` at all."""
+        plan = self.plan(model, tokens, exclude)
+        if plan is None:
+            return None
+        t0 = time.monotonic()
+        reply = (await run_pipeline(self.client, lambda pipe: self.queue_acquire(plan, pipe)))[-1]
+        self.clock.observe(t0, time.monotonic(), int(reply[2]))
+        return self.granted(plan, reply)
+
+    # -- after the admission --------------------------------------------------------------------
     @staticmethod
     def _window_keys(lease: Lease) -> list[str]:
         """The lease's window sorted sets: request windows first, then token windows."""
-        return [rkeys.bucket_window(lease.bucket, "req", w.period) for w in lease.limits.requests] + [
-            rkeys.bucket_window(lease.bucket, "tok", w.period) for w in lease.limits.tokens]
+        return [rkeys.bucket_window(lease.scope, w.dim, w.period) for w in lease.windows]
 
-    def _stamp_call(self, lease: Lease, sent_ms: int | None = None) -> dict[str, Any] | None:
-        ks = self._window_keys(lease)
-        if not ks:
-            return None
-        args: list[Any] = [lease.uid, lease.tokens, len(lease.limits.requests)]
+    async def stamp(self, lease: Lease, sent_ms: int | None = None) -> int:
+        """Start the lease's windows at ``sent_ms`` (when its request was sent, on Redis' clock:
+        see :class:`RedisClock`), else now; return the stamp (ms)."""
+        args: list[Any] = [lease.uid, lease.tokens, lease.nreq]
+        sent_ms = self.now_ms if self.now_ms is not None else sent_ms
         if sent_ms is not None:
-            args += [sent_ms, lease.at_ms]
-        return {"keys": ks, "args": args}
+            args += [sent_ms, lease.at_ms, int(self.now_ms is not None)]
+        return int(await self._scripts.stamp(keys=self._window_keys(lease), args=args))
 
-    def _cancel_call(self, lease: Lease) -> dict[str, Any]:
-        limits = lease.limits
-        return {"keys": [rkeys.bucket_state(lease.bucket), *self._window_keys(lease)],
-                "args": [lease.uid, lease.tokens, len(limits.requests),
-                         *[int(w.period * 1000) for w in limits.tokens]]}
+    async def cancel(self, lease: Lease) -> None:
+        """Give back a lease whose request was never sent."""
+        await self._scripts.cancel(keys=[rkeys.bucket_state(lease.scope), *self._window_keys(lease)],
+                                   args=[lease.uid, lease.tokens, lease.nreq,
+                                         *[w.period_ms for w in lease.windows if w.dim == "tok"]])
 
-    @staticmethod
-    def _settle_call(lease: Lease, used_tokens: int) -> dict[str, Any] | None:
-        """The settle script's call when the real usage exceeds what the admission counted, else
-        None: the server counts a request's prompt and ``max_tokens`` when it arrives and gives
-        nothing back for a smaller usage, so settling down would let the next request in early."""
-        windows = lease.limits.tokens
-        if not windows or used_tokens <= lease.tokens:
-            return None
-        return {"keys": [rkeys.bucket_state(lease.bucket)] + [
-                    rkeys.bucket_window(lease.bucket, "tok", w.period) for w in windows],
-                "args": [lease.uid, lease.tokens, used_tokens, *[int(w.period * 1000) for w in windows]]}
-
-    @staticmethod
-    def _count(lease: Lease, used_tokens: int, pipe: Any) -> None:
+    def queue_settle(self, lease: Lease, used_tokens: int, pipe: Any) -> None:
+        """Queue the settlement on ``pipe`` (sent with the row's result, in one round trip): a real
+        usage above what the admission counted raises it; a smaller one gives nothing back (the
+        server counts a request's prompt and ``max_tokens`` on arrival), so that the next request
+        does not go in early. The request is counted in the key's statistics."""
+        toks = [w for w in lease.windows if w.dim == "tok"]
+        if toks and used_tokens > lease.tokens:
+            queue(pipe, self._scripts.settle,
+                  [rkeys.bucket_state(lease.scope)] + [rkeys.bucket_window(lease.scope, "tok", w.period) for w in toks],
+                  [lease.uid, lease.tokens, used_tokens, *[w.period_ms for w in toks]])
         stats = rkeys.key_stats(lease.key.fingerprint)
         pipe.hincrby(stats, "requests", 1)
         pipe.hincrby(stats, "tokens", max(used_tokens, 0))
 
-    @staticmethod
-    def _cool_call(key: ApiKey, seconds: float, learned: dict[str, int] | None) -> dict[str, Any]:
-        learned = learned or {}
-        return {"keys": [rkeys.bucket_state(key.bucket)],
-                "args": [int(seconds * 1000), learned.get("requests", 0), learned.get("tokens", 0)]}
+    async def settle(self, lease: Lease, used_tokens: int) -> None:
+        """Settle the lease's tokens to the real usage (never down) and count the request."""
+        await run_pipeline(self.client, lambda pipe: self.queue_settle(lease, used_tokens, pipe))
 
+    def _now(self) -> int | None:
+        return self.now_ms if self.now_ms is not None else self.clock.now_ms()
 
-class KeyPool(_PoolBase):
-    """The keys a process may use, paced by the shared state in Redis (blocking client)."""
+    def queue_answered(self, lease: Lease, pipe: Any) -> None:
+        """The scope answered: no probing for a while (the time is Redis', read locally)."""
+        now = self._now()
+        if self.probe_ms and now is not None:
+            pipe.hset(rkeys.bucket_state(lease.scope), mapping={"answered_until": now + ANSWERED_MS,
+                                                                 "probe_until": 0})
 
-    def __init__(self, client: redis.Redis, keys: list[ApiKey], margin: float = 0.25) -> None:
-        super().__init__(client, keys, margin)
-        pipe = self.client.pipeline()
-        self._describe(pipe)
-        pipe.execute()
+    async def answered(self, lease: Lease, alive: bool) -> None:
+        """After a failed call: an answer from a live key ends probing like a success; a
+        transient failure says nothing about the key, so it only lets another probe go."""
+        if not self.probe_ms:
+            return
+        if alive:
+            await run_pipeline(self.client, lambda pipe: self.queue_answered(lease, pipe))
+        else:
+            await self.client.hset(rkeys.bucket_state(lease.scope), "probe_until", 0)
 
-    def acquire(self, model: str, tokens: int, exclude: set[str] | None = None) -> Lease | Wait | Never | None:
-        """Try to admit one request; ``None`` when no usable key serves ``model`` at all."""
-        plan = self._plan_acquire(model, tokens, exclude)
-        if plan is None:
-            return None
-        return self._granted(plan, self._scripts.acquire(keys=plan.keys, args=plan.args))
+    async def count_error(self, key: ApiKey, reason: str) -> None:
+        await self.client.hincrby(rkeys.key_stats(key.fingerprint), f"error:{reason}", 1)
 
-    def stamp(self, lease: Lease) -> int:
-        """Start the lease's windows now, as its request is being sent; return the stamp (ms)."""
-        call = self._stamp_call(lease)
-        return lease.at_ms if call is None else int(self._scripts.stamp(**call))
+    # -- what the server says -------------------------------------------------------------------
+    async def _tell(self, lease: Lease, kind: str, cooldown: float = 0.0,
+                    server: dict[str, int] | None = None) -> int:
+        server = server or {}
+        header = rkeys.bucket_window(lease.scope, "req", self.header_period)
+        return int(await self._scripts.learn(
+            keys=[rkeys.bucket_state(lease.scope), header],
+            args=[kind, int(cooldown * 1000), server.get("requests", 0), server.get("tokens", 0),
+                  self.now_ms or 0, int(self.header_period * 1000)]))
 
-    def cancel(self, lease: Lease) -> None:
-        """Give back a lease whose request was never sent."""
-        self._scripts.cancel(**self._cancel_call(lease))
+    async def learn(self, lease: Lease, server: dict[str, int]) -> bool:
+        """Note the limits a response's ``x-ratelimit-limit-*`` headers give (up or down); written
+        when they change, and refreshed a few times per ``learned_limits_ttl`` while they do not.
+        Return whether Redis was written."""
+        if not server:
+            return False
+        last = self._learned.get(lease.scope)
+        now = time.monotonic()
+        if last is not None and last[0] == server and now - last[1] < self.refresh_ms / 1000 / LEARN_REFRESH_SHARE:
+            return False
+        await self._tell(lease, "ok", 0.0, server)
+        self._learned[lease.scope] = (dict(server), now)
+        return True
 
-    def settle(self, lease: Lease, used_tokens: int) -> None:
-        """Replace the lease's token estimate by the real usage and count the request."""
-        call = self._settle_call(lease, used_tokens)
-        if call is not None:
-            self._scripts.settle(**call)
-        pipe = self.client.pipeline()
-        self._count(lease, used_tokens, pipe)
-        pipe.execute()
+    async def cool(self, lease: Lease, seconds: float, server: dict[str, int] | None = None) -> float:
+        """A 429: cool the scope for ``seconds`` and learn the limits the headers (or the message)
+        give, or, when there are none, half of what the window held when the server refused.
+        Return the cooldown."""
+        self._learned.pop(lease.scope, None)
+        return await self._tell(lease, "429", seconds, server) / 1000.0
 
-    def cool(self, key: ApiKey, seconds: float, learned: dict[str, int] | None = None) -> float:
-        """Cool ``key``'s bucket for ``seconds`` and learn lower server limits; return the cooldown."""
-        return int(self._scripts.cool(**self._cool_call(key, seconds, learned))) / 1000.0
+    async def slow_down(self, lease: Lease) -> None:
+        """A 503 ``slow_down``: halve the scope's per-minute limits; they ramp back over two header
+        periods."""
+        await self._tell(lease, "slow")
 
 
 class RedisClock:
@@ -383,78 +471,3 @@ class RedisClock:
         if self._offset_ms is None:
             return None
         return int(time.monotonic() * 1000 + self._offset_ms)
-
-
-class AsyncKeyPool(_PoolBase):
-    """:class:`KeyPool` on a ``redis.asyncio`` client, for the worker's event loop.
-
-    ``probe`` (seconds, usually the request timeout): how long a bucket's probe may stay out
-    before another request may probe it (see :data:`ANSWERED_MS`); 0 turns probing off."""
-
-    def __init__(self, client: Any, keys: list[ApiKey], margin: float = 0.25, probe: float = 0.0) -> None:
-        super().__init__(client, keys, margin, probe)
-        self.clock = RedisClock()
-
-    async def describe(self) -> None:
-        """Describe the keys in Redis for ``status``; call once after construction."""
-        pipe = self.client.pipeline()
-        self._describe(pipe)
-        await pipe.execute()
-
-    def plan(self, model: str, tokens: int, exclude: set[str] | None = None) -> _AcquirePlan | None:
-        """What an admission needs (None when no usable key serves ``model`` at all): queue it with
-        :meth:`queue_acquire` and read its reply with :meth:`granted`."""
-        return self._plan_acquire(model, tokens, exclude)
-
-    def queue_acquire(self, plan: _AcquirePlan, pipe: Any) -> None:
-        """Queue the admission on ``pipe`` (see ``scripts.run_pipeline``)."""
-        queue(pipe, self._scripts.acquire, plan.keys, plan.args)
-
-    def granted(self, plan: _AcquirePlan, reply: Any) -> Lease | Wait | Never:
-        """Read the admission's reply."""
-        return self._granted(plan, reply)
-
-    async def stamp(self, lease: Lease, sent_ms: int | None = None) -> int:
-        """Start the lease's windows at ``sent_ms`` (when its request was sent, on Redis' clock:
-        see :class:`RedisClock`), else now; return the stamp (ms)."""
-        call = self._stamp_call(lease, sent_ms)
-        return lease.at_ms if call is None else int(await self._scripts.stamp(**call))
-
-    async def cancel(self, lease: Lease) -> None:
-        """Give back a lease whose request was never sent."""
-        await self._scripts.cancel(**self._cancel_call(lease))
-
-    def queue_settle(self, lease: Lease, used_tokens: int, pipe: Any) -> None:
-        """Queue the settlement on ``pipe`` (sent with the row's result, in one round trip)."""
-        call = self._settle_call(lease, used_tokens)
-        if call is not None:
-            queue(pipe, self._scripts.settle, **call)
-        self._count(lease, used_tokens, pipe)
-
-    async def settle(self, lease: Lease, used_tokens: int) -> None:
-        """Replace the lease's token estimate by the real usage and count the request."""
-        await run_pipeline(self.client, lambda pipe: self.queue_settle(lease, used_tokens, pipe))
-
-    def queue_answered(self, lease: Lease, pipe: Any) -> None:
-        """The bucket answered: no probing for a while (the time is Redis', read locally)."""
-        now = self.clock.now_ms()
-        if self.probe_ms and now is not None:
-            pipe.hset(rkeys.bucket_state(lease.bucket), mapping={"answered_until": now + ANSWERED_MS,
-                                                                  "probe_until": 0})
-
-    async def answered(self, lease: Lease, alive: bool) -> None:
-        """After a failed call: an answer from a live key ends probing like a success; a
-        transient failure says nothing about the key, so it only lets another probe go."""
-        if not self.probe_ms:
-            return
-        if alive:
-            await run_pipeline(self.client, lambda pipe: self.queue_answered(lease, pipe))
-        else:
-            await self.client.hset(rkeys.bucket_state(lease.bucket), "probe_until", 0)
-
-    async def count_error(self, key: ApiKey, reason: str) -> None:
-        await self.client.hincrby(rkeys.key_stats(key.fingerprint), f"error:{reason}", 1)
-
-    async def cool(self, key: ApiKey, seconds: float, learned: dict[str, int] | None = None) -> float:
-        """Cool ``key``'s bucket for ``seconds`` and learn lower server limits; return the cooldown."""
-        return int(await self._scripts.cool(**self._cool_call(key, seconds, learned))) / 1000.0

@@ -13,7 +13,7 @@ from redis.exceptions import NoScriptError
 
 _ROW_SCRIPTS = ("claim", "publish", "release", "collected", "lease", "orphans")
 """Scripts on a job's row state: ``lua/_rows.lua`` (its helpers) is put in front of each."""
-_NAMES = (*_ROW_SCRIPTS, "renew", "acquire", "stamp", "cancel", "settle", "cool")
+_NAMES = (*_ROW_SCRIPTS, "renew", "acquire", "stamp", "cancel", "settle", "learn")
 
 
 def _read(name: str) -> str:
@@ -44,7 +44,7 @@ class Scripts:
     stamp: Script
     cancel: Script
     settle: Script
-    cool: Script
+    learn: Script
 
 
 _by_client: dict[int, Scripts] = {}

@@ -61,6 +61,15 @@ class SimKey:
     rpd: int | None = None
     org: str | None = None
     dead: str | None = None  # "invalid" (401), "quota" (429 insufficient_quota), "forbidden" (403)
+    models: dict[str, dict[str, int]] | None = None  # per model: {"rpm", "tpm", "rpd"} replacing the key's
+
+    def limits(self, model: str) -> SimKey:
+        """This key's limits for ``model`` (limits are per organization and model, as on the API)."""
+        own = (self.models or {}).get(model)
+        if not own:
+            return self
+        return SimKey(self.key, own.get("rpm", self.rpm), own.get("tpm", self.tpm), own.get("rpd", self.rpd),
+                      self.org, self.dead)
 
 
 @dataclass
@@ -80,6 +89,8 @@ class SimConfig:
     empty_choices_rate: float = 0.0
     hang_seconds: float = 30.0
     send_headers: bool = True
+    burst_divisor: int = 0  # > 0: a key's RPM also holds over every minute/divisor, at rpm/divisor
+    slow_down_above: float = 0.0  # > 0: 503 slow_down when an organization's model gets more per second
     seed: int = 0
 
 
@@ -97,6 +108,11 @@ class _Windows:
             self.day.popleft()
         if k.rpm is not None and len(self.log) + 1 > k.rpm:
             return "requests per min (RPM)", self.log[len(self.log) - k.rpm][0] + cfg.minute - now
+        if k.rpm is not None and cfg.burst_divisor > 0:
+            short, cap = cfg.minute / cfg.burst_divisor, math.ceil(k.rpm / cfg.burst_divisor)
+            recent = [ts for ts, _ in self.log if ts > now - short]
+            if len(recent) + 1 > cap:
+                return "requests per min (RPM)", recent[len(recent) - cap] + short - now
         if k.tpm is not None:
             used = sum(t for _, t in self.log)
             if used + tokens > k.tpm:
@@ -122,7 +138,7 @@ class SimAPI:
     def __init__(self, config: SimConfig | None = None) -> None:
         self.config = config or SimConfig()
         self.rng = random.Random(self.config.seed)
-        self.windows: dict[str, _Windows] = {}
+        self.windows: dict[tuple[str, str], _Windows] = {}
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -230,8 +246,11 @@ class SimAPI:
         counted = prompt_tokens + (max_tokens * int(body.get("n") or 1) if max_tokens else completion_tokens)
         tokens = prompt_tokens + completion_tokens
         now = time.monotonic()
-        org = k.org or k.key
-        win = self.windows.setdefault(org, _Windows())
+        win = self.windows.setdefault((k.org or k.key, model), _Windows())
+        k = k.limits(model)
+        if cfg.slow_down_above > 0 and sum(1 for ts, _ in win.log if ts > now - 1.0) + 1 > cfg.slow_down_above:
+            self.faults["slow_down"] += 1
+            return _error(503, "Please slow down: your traffic rose too quickly.", "server_error", "slow_down")
         refused = win.check(now, counted, k, cfg)
         if refused:
             self.rate_limited += 1

@@ -9,6 +9,7 @@ import redis
 
 from opt_queue import keys
 from opt_queue.jobs import Job, list_jobs
+from opt_queue.limiter import window_source
 
 
 def _now_ms(client: redis.Redis) -> int:
@@ -32,46 +33,69 @@ def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
-def key_status(client: redis.Redis, retired: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Every key workers have registered: limits, current window usage, cooldown, counters.
+def key_status(client: redis.Redis, retired: dict[str, str] | None = None,
+               refresh: float = 600.0) -> list[dict[str, Any]]:
+    """Every key workers have registered, with each model it paces (its *scopes*): each window's
+    limit and where it came from (configured, learned from the headers or from 429s, default),
+    when it was last read, the current usage, cooldown and counters.
 
     Three round trips whatever the number of keys (live displays call this every second)."""
     now = _now_ms(client)
     known = [(fp.decode(), json.loads(desc)) for fp, desc in sorted(client.hgetall(keys.KNOWN_KEYS).items())]
+    scopes: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for scope, desc in sorted(client.hgetall(keys.KNOWN_SCOPES).items()):
+        d = json.loads(desc)
+        scopes.setdefault(d["bucket"], []).append((scope.decode(), d))
     pipe = client.pipeline(transaction=False)
-    for fp, desc in known:
-        pipe.hgetall(keys.bucket_state(desc["bucket"]))
+    buckets = sorted({desc["bucket"] for _, desc in known})
+    for bucket in buckets:
+        for scope, d in scopes.get(bucket, []):
+            pipe.hgetall(keys.bucket_state(scope))
+            for dim, period, _limit, _mode in d["windows"]:
+                if dim == "req":
+                    pipe.zcount(keys.bucket_window(scope, dim, period), now - int(period * 1000), "+inf")
+    for fp, _ in known:
         pipe.hgetall(keys.key_stats(fp))
-        for dim, period in desc.get("windows", []):
-            if dim == "req":
-                pipe.zcount(keys.bucket_window(desc["bucket"], dim, period), now - int(period * 1000), "+inf")
     replies = iter(pipe.execute())
+    per_bucket: dict[str, list[dict[str, Any]]] = {}
+    for bucket in buckets:
+        for scope, d in scopes.get(bucket, []):
+            state = _decode(next(replies))
+            windows = []
+            for dim, period, limit, mode in d["windows"]:
+                used = next(replies) if dim == "req" else int(state.get(f"tsum:{int(period * 1000)}", 0))
+                windows.append(dict(window_source(dim, period, limit, mode, state, now, int(refresh * 1000)),
+                                    used=used))
+            cool = int(state.get("cool_until", 0)) - now
+            per_bucket.setdefault(bucket, []).append(
+                {"model": d["model"], "windows": windows, "cooldown_s": round(cool / 1000, 2) if cool > 0 else 0,
+                 "rate_limited": int(state.get("rate_limited", 0)),
+                 "slowed_down": int(state.get("slowed_down", 0))})
     out = []
     for fp, desc in known:
-        state, stats = _decode(next(replies)), _decode(next(replies))
-        usage = {}
-        for dim, period in desc.get("windows", []):
-            if dim == "req":
-                usage[f"requests/{period:g}s"] = next(replies)
-            else:
-                usage[f"tokens/{period:g}s"] = int(state.get(f"tsum:{int(period * 1000)}", 0))
-        cool = int(state.get("cool_until", 0)) - now
+        stats = _decode(next(replies))
+        models = per_bucket.get(desc["bucket"], [])
+        usage: dict[str, int] = {}
+        for m in models:
+            for w in m["windows"]:
+                if w["mode"] != "paced":
+                    name = f"{'requests' if w['dim'] == 'req' else 'tokens'}/{w['period']:g}s"
+                    usage[name] = usage.get(name, 0) + w["used"]
         out.append({"key": fp, "bucket": desc["bucket"], "limits": desc["limits"], "api_base": desc["api_base"],
-                    "usage": usage, "cooldown_s": round(cool / 1000, 2) if cool > 0 else 0,
-                    "learned_requests": int(state.get("learn_requests", 0)) or None,
-                    "learned_tokens": int(state.get("learn_tokens", 0)) or None,
-                    "rate_limited": int(state.get("rate_limited", 0)),
+                    "models": models, "usage": usage,
+                    "cooldown_s": max((m["cooldown_s"] for m in models), default=0),
+                    "rate_limited": sum(m["rate_limited"] for m in models),
                     "requests": int(stats.get("requests", 0)), "tokens": int(stats.get("tokens", 0)),
                     "errors": {k.split(":", 1)[1]: int(v) for k, v in stats.items() if k.startswith("error:")},
                     "retired": (retired or {}).get(fp)})
     return out
 
 
-def snapshot(client: redis.Redis, job_id: str | None = None) -> dict[str, Any]:
+def snapshot(client: redis.Redis, job_id: str | None = None, refresh: float = 600.0) -> dict[str, Any]:
     """Everything ``status`` shows, as plain data (``status --json``)."""
     jobs = [job_id] if job_id else list_jobs(client)
     job_rows = [job_status(client, j) for j in jobs]
     retired: dict[str, str] = {}
     for j in job_rows:
         retired.update(j["retired_keys"])
-    return {"jobs": job_rows, "keys": key_status(client, retired)}
+    return {"jobs": job_rows, "keys": key_status(client, retired, refresh)}

@@ -124,10 +124,24 @@ def status_tables(snap: dict[str, Any]) -> list[Table]:
         jobs.add_row(j["job"], j["status"], str(j["total"]), str(j["finished"]), str(j["nulls"]),
                      str(j["in_flight_or_queued"]), str(j["prompt_tokens"] + j["completion_tokens"]), note)
     ks = Table(title="keys")
-    for col in ("key", "limits", "in current windows", "cooldown", "requests", "tokens", "429s", "retired"):
+    for col in ("key", "model", "limits (source, last read)", "in current windows", "cooldown", "requests",
+                "tokens", "429s", "retired"):
         ks.add_column(col, no_wrap=col == "key")
     for k in snap["keys"]:
-        usage = ", ".join(f"{v} {n}" for n, v in k["usage"].items())
-        ks.add_row(k["key"], k["limits"], usage, f"{k['cooldown_s']}s" if k["cooldown_s"] else "",
-                   str(k["requests"]), str(k["tokens"]), str(k["rate_limited"]), k["retired"] or "")
+        counters = (str(k["requests"]), str(k["tokens"]), str(k["rate_limited"]), k["retired"] or "")
+        if not k["models"]:
+            ks.add_row(k["key"], "", k["limits"] + " (no request yet)", "", "", *counters)
+        for i, m in enumerate(k["models"]):
+            shown = [w for w in m["windows"] if w["mode"] != "paced" or w["limit"]]
+            limits = "; ".join(_limit_cell(w) for w in shown)
+            usage = ", ".join(f"{w['used']} {'req' if w['dim'] == 'req' else 'tok'}/{w['period']:g}s" for w in shown)
+            ks.add_row(k["key"] if i == 0 else "", m["model"], limits, usage,
+                       f"{m['cooldown_s']}s" if m["cooldown_s"] else "", *(counters if i == 0 else ("",) * 4))
     return [jobs, ks]
+
+
+def _limit_cell(w: dict[str, Any]) -> str:
+    unit = "req" if w["dim"] == "req" else "tok"
+    limit = f"{w['limit']}/{w['period']:g}s {unit}" if w["limit"] else f"? {unit}/{w['period']:g}s"
+    read = f", {w['read_s_ago']:g}s ago" if w["read_s_ago"] is not None else ""
+    return f"{limit} ({w['source']}{read})"

@@ -54,8 +54,10 @@ def sim() -> Iterator[SimServer]:
 
 
 def write_config(path: Path, sim: SimServer, **fields: Any) -> Path:
-    """Write a config.json for the simulated API (mode 600, as a careful user would)."""
+    """Write a config.json for the simulated API (mode 600, as a careful user would). Its headers
+    give limits per its shortened minute: the config says so (``header_period``)."""
     data: dict[str, Any] = {"api_keys": [TEST_KEY], "api_base": sim.base_url, "limits": {},
+                            "header_period": sim.api.config.minute,
                             "backoff_base": 0.05, "backoff_max": 0.5, "safety_margin": 0.1,
                             "log_level": "INFO"}
     data.update(fields)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from opt_queue.client import Kind, classify_status, parse_duration, redact, retry_after_seconds
-from opt_queue.limiter import estimate_tokens, learn_flags
-from opt_queue.config import Window
+from opt_queue.tokens import char_estimate, estimate_tokens
 
 
 @pytest.mark.parametrize("text, seconds", [("12ms", 0.012), ("1.5s", 1.5), ("6m0s", 360.0),
@@ -79,7 +78,30 @@ def test_token_estimate_covers_prompt_and_completion_budget() -> None:
     assert estimate_tokens({"messages": [{"role": "user", "content": ""}]}) >= 256
 
 
-def test_learned_server_limit_applies_to_the_minute_window() -> None:
-    w = (Window.parse("3/min"), Window.parse("200/day"), Window.parse("1/s"))
-    assert learn_flags(w) == [True, False, False]
-    assert learn_flags((Window.parse("200/day"), Window.parse("5/h"))) == [False, True]
+def test_the_character_estimate_never_undercounts() -> None:
+    """An upper bound of what tokenizers give: English, digits, CJK (the original toolkit's users
+    write Chinese), emoji. tiktoken's cl100k_base counts, where this machine has its encoding."""
+    samples = {"The quick brown fox jumps over the lazy dog. " * 20: 200,
+               "1234567890" * 30: 100,
+               "请把下面的句子翻译成英文：今天天气很好，我们去公园散步吧。" * 10: 330,
+               "😀🎉🚀" * 20: 180}
+    for text, real in samples.items():
+        assert char_estimate(text) >= real, text[:20]
+    try:
+        import tiktoken
+        enc = tiktoken.get_encoding("cl100k_base")
+    except Exception:
+        return
+    for text in samples:
+        assert char_estimate(text) >= len(enc.encode(text))
+
+
+def test_a_429_without_headers_still_says_its_per_minute_limit_in_the_message() -> None:
+    f = classify_status(429, err("rate_limit_exceeded", "Rate limit reached for gpt-4 in organization org-x on "
+                                 "requests per min (RPM): Limit 3, Used 3, Requested 1."), {})
+    assert f.server_limits == {"requests": 3}
+    day = classify_status(429, err("rate_limit_exceeded", "Rate limit reached on requests per day (RPD): "
+                                   "Limit 200, Used 200, Requested 1."), {})
+    assert day.server_limits == {}  # a day's limit is not the minute's
+    slow = classify_status(503, err("slow_down", "Please slow down"), {"x-ratelimit-limit-requests": "500"})
+    assert slow.kind is Kind.SLOW_DOWN and slow.server_limits == {"requests": 500}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from opt_queue.config import SEED_LIMITS, Limits, Window, fingerprint, load_config
+from opt_queue.config import Limits, Window, fingerprint, load_config
 from opt_queue.errors import ConfigError
 
 SECRET = "sk-abcdefghijklmnopqrstuvwxyz0123456789"
@@ -22,11 +22,11 @@ def write(tmp_path: Path, data: object, mode: int = 0o600) -> Path:
     return p
 
 
-def test_original_seed_form_loads_with_seed_limits(tmp_path: Path) -> None:
+def test_original_seed_form_loads_and_leaves_the_limits_to_discovery(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, {"api_keys": [SECRET, "sk-2"], "api_base": ""}), env={})
     keys = cfg.keys()
     assert [k.api_base for k in keys] == ["https://api.openai.com/v1"] * 2
-    assert keys[0].limits == SEED_LIMITS
+    assert keys[0].limits == Limits() and cfg.header_period == 60.0  # nothing typed: read from headers
     assert cfg.model.name == "gpt-3.5-turbo-0613" and cfg.max_retries == 5
 
 
@@ -115,3 +115,32 @@ def test_world_readable_config_with_keys_warns(tmp_path: Path, caplog: pytest.Lo
     with caplog.at_level(logging.WARNING):
         load_config(write(tmp_path, {"api_keys": [SECRET]}, mode=0o644), env={})
     assert "chmod 600" in caplog.text and SECRET not in caplog.text
+
+
+def test_limits_per_model_and_per_group(tmp_path: Path) -> None:
+    data = {"api_keys": ["sk-a", {"key": "sk-b", "models": {"gpt-4o": {"rpm": 50}}}, {"key": "sk-c", "group": "org"}],
+            "limits": {"rpd": 1000}, "models": {"gpt-4o": {"rpm": 500, "tpm": 30000}, "gpt-4o-mini": {"rpm": 5000}},
+            "groups": {"org": {"rpm": 20, "models": {"gpt-4o-mini": {"rpm": 900}}, "keys": ["sk-d"]}}}
+    a, b, c, d = load_config(write(tmp_path, data), env={}).keys()
+    assert str(a.limits_for("gpt-4o")) == "500/min req, 1000/day req, 30000/min tok"
+    assert str(a.limits_for("other")) == "1000/day req"
+    assert str(b.limits_for("gpt-4o")) == "50/min req, 1000/day req, 30000/min tok"  # the key's own
+    assert b.serves("gpt-4o") and not b.serves("gpt-4o-mini")  # a mapping of models also restricts
+    assert c.bucket == d.bucket == "group-org"  # named by the group, or naming it
+    assert str(c.limits_for("gpt-4o-mini")) == "900/min req, 1000/day req"
+    assert str(d.limits_for("x")) == "20/min req, 1000/day req"
+
+
+@pytest.mark.parametrize(("data", "needle"), [
+    ({"api_keys": [{"key": "sk-a", "group": "org", "rpm": 5}], "groups": {"org": {"rpm": 9}}},
+     "api_keys[0]: a key of group 'org' shares the group's budget; put its limits on groups.org"),
+    ({"api_keys": ["sk-a"], "groups": {"org": {"keys": ["key-00000000"]}}},
+     "groups.org.keys[0]: no key in api_keys has fingerprint key-00000000"),
+    ({"api_keys": ["sk-a"], "models": {"gpt-4o": {"rpn": 5}}}, "models"),
+    ({"api_keys": ["sk-a"], "default_limits": {"rpd": 5}}, "default_limits: give windows of the header period"),
+    ({"api_keys": ["sk-a"], "header_period": "soon"}, "header_period: 'soon' is not a duration"),
+])
+def test_bad_limit_settings_name_the_field_and_the_fix(tmp_path: Path, data: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, data), env={})
+    assert needle in str(err.value) and "\n" not in str(err.value)

@@ -1,154 +1,310 @@
-"""The Lua limiter on a real Redis: exact windows, atomicity under races, tokens, cooldowns, groups."""
+"""The Lua limiter on a real Redis, driven through the worker's asyncio pool with the time under the
+test's control: exact windows, atomicity, tokens, groups, scopes per model, limits discovered from
+the server (up, down, expiry, 429s, slow_down), pacing of large limits, probes."""
 
 from __future__ import annotations
 
-import threading
-import time
+import asyncio
+import random
 from collections import Counter
+from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from opt_queue.config import ApiKey, Limits, fingerprint
-from opt_queue.limiter import KeyPool, Lease, Never, Wait
+from opt_queue.config import ApiKey, Config, Limits, fingerprint
+from opt_queue.limiter import (
+    CEILING,
+    DISCOVER,
+    FIXED,
+    PACE,
+    AsyncKeyPool,
+    Lease,
+    Never,
+    Wait,
+    WindowSpec,
+    margin_ms,
+    window_plan,
+)
+
+T0 = 1_700_000_000_000
 
 
-def key(secret: str, limits: dict, group: str | None = None, models: tuple[str, ...] | None = None) -> ApiKey:
+def key(secret: str, limits: dict, group: str | None = None, models: tuple[str, ...] | None = None,
+        model_limits: dict[str, dict] | None = None) -> ApiKey:
     return ApiKey(secret=SecretStr(secret), fingerprint=fingerprint(secret), api_base="http://x/v1",
-                  limits=Limits.model_validate(limits), group=group, models=models)
+                  limits=Limits.model_validate(limits), group=group, models=models,
+                  model_limits=tuple((m, Limits.model_validate(v)) for m, v in (model_limits or {}).items()))
 
 
-def sent(pool: KeyPool, got: object) -> object:
-    """Acquire's result, stamped as sent at once when it is a lease (as the engine does)."""
-    if isinstance(got, Lease):
-        pool.stamp(got)
-    return got
+class Pool:
+    """The asyncio pool on its own loop, with the clock at ``now`` (ms) until the test moves it."""
+
+    def __init__(self, redis_url: str, keys: list[ApiKey], **kw: Any) -> None:
+        self.loop = asyncio.new_event_loop()
+        kw.setdefault("margin", 0.0)
+        self.pool = AsyncKeyPool(redis.asyncio.Redis.from_url(redis_url), keys, **kw)
+        self.pool.now_ms = T0
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def advance(self, ms: int) -> None:
+        self.pool.now_ms += ms  # type: ignore[operator]
+
+    def acquire(self, model: str = "m", tokens: int = 1, exclude: set[str] | None = None, send: bool = True) -> Any:
+        got = self.run(self.pool.acquire(model, tokens, exclude))
+        if send and isinstance(got, Lease):
+            self.run(self.pool.stamp(got))  # sent at once, as the engine does
+        return got
+
+    def close(self) -> None:
+        self.run(self.pool.client.aclose())
+        self.loop.close()
 
 
-def test_a_3_per_window_key_gets_exactly_3_then_waits_for_the_oldest(rclient: redis.Redis) -> None:
-    pool = KeyPool(rclient, [key("sk-a", {"requests": ["3/2s"]})], margin=0.0)
-    got = [sent(pool, pool.acquire("m", 1)) for _ in range(4)]
+@pytest.fixture()
+def make(redis_url: str, rclient: redis.Redis):
+    made: list[Pool] = []
+
+    def build(keys: list[ApiKey], **kw: Any) -> Pool:
+        made.append(Pool(redis_url, keys, **kw))
+        return made[-1]
+
+    yield build
+    for p in made:
+        p.close()
+
+
+# -- pure window arithmetic ---------------------------------------------------------------------
+def test_window_plan_says_which_limits_are_configured_discovered_or_paced() -> None:
+    plan = window_plan(Limits(rpm=500, rpd=10000), 60.0)
+    assert plan == (WindowSpec("req", 60.0, 500, CEILING), WindowSpec("req", 86400.0, 10000, FIXED),
+                    WindowSpec("req", 1.0, 0, PACE), WindowSpec("tok", 60.0, 0, DISCOVER))
+    bare = window_plan(Limits(), 6.0, Limits(requests=["100/6s"]))
+    assert bare == (WindowSpec("req", 6.0, 100, DISCOVER), WindowSpec("req", 0.1, 0, PACE),
+                    WindowSpec("tok", 6.0, 0, DISCOVER))
+    assert [w.dim for w in plan] == sorted(w.dim for w in plan)  # request windows first
+
+
+def test_the_margin_is_a_share_of_the_window_with_a_cap() -> None:
+    assert margin_ms(60.0, 0.01, 0.25) == 250
+    assert margin_ms(6.0, 0.01, 0.25) == 60
+    assert margin_ms(1.0, 0.01, 0.25) == 10
+
+
+# -- exact windows ------------------------------------------------------------------------------
+def test_a_3_per_window_key_gets_exactly_3_then_waits_for_the_oldest(make) -> None:
+    p = make([key("sk-a", {"requests": ["3/2s"]})])
+    got = [p.acquire() for _ in range(4)]
     assert [type(g) for g in got] == [Lease, Lease, Lease, Wait]
-    wait = got[3]
-    assert isinstance(wait, Wait) and 1.9 <= wait.seconds <= 2.01
-    time.sleep(wait.seconds)
-    assert isinstance(pool.acquire("m", 1), Lease)
+    assert got[3].seconds == pytest.approx(2.001, abs=0.001)
+    p.advance(1999)
+    assert isinstance(p.acquire(), Wait)
+    p.advance(2)
+    assert isinstance(p.acquire(), Lease)
 
 
-def test_an_admission_not_yet_sent_holds_its_place_until_stamped(rclient: redis.Redis) -> None:
-    """A request that waits for a thread after admission must not let its window run early."""
-    pool = KeyPool(rclient, [key("sk-slow", {"requests": ["1/0.3s"]})], margin=0.0)
-    lease = pool.acquire("m", 1)
+def test_the_margin_lengthens_each_window_by_its_share(make) -> None:
+    p = make([key("sk-mg", {"requests": ["2/10s"]})], margin=0.25, fraction=0.01)
+    p.acquire(), p.acquire()
+    assert p.acquire().seconds == pytest.approx(10.101, abs=0.001)  # 1% of 10 s, under the 0.25 s cap
+
+
+def test_an_admission_not_yet_sent_holds_its_place_until_stamped(make) -> None:
+    """A request that waits for the event loop after admission must not let its window run early."""
+    p = make([key("sk-slow", {"requests": ["1/0.3s"]})])
+    lease = p.acquire(send=False)
     assert isinstance(lease, Lease)
-    time.sleep(0.4)  # longer than the window, still not sent
-    assert isinstance(pool.acquire("m", 1), Wait)
-    stamp = pool.stamp(lease)
-    assert stamp >= lease.at_ms + 400
-    wait = pool.acquire("m", 1)
-    assert isinstance(wait, Wait) and 0.25 <= wait.seconds <= 0.31
+    p.advance(400)  # longer than the window, still not sent
+    assert isinstance(p.acquire(), Wait)
+    assert p.run(p.pool.stamp(lease)) == T0 + 400
+    p.advance(299)
+    assert isinstance(p.acquire(), Wait)
+    p.advance(2)
+    assert isinstance(p.acquire(), Lease)
 
 
-def test_a_cancelled_admission_gives_its_place_back(rclient: redis.Redis) -> None:
-    pool = KeyPool(rclient, [key("sk-cancel", {"requests": ["1/min"], "tokens": ["100/min"]})], margin=0.0)
-    lease = pool.acquire("m", 80)
-    assert isinstance(lease, Lease) and isinstance(pool.acquire("m", 80), Wait)
-    pool.cancel(lease)  # never sent
-    assert isinstance(pool.acquire("m", 80), Lease)
+def test_a_cancelled_admission_gives_its_place_back(make) -> None:
+    p = make([key("sk-cancel", {"requests": ["1/min"], "tokens": ["100/min"]})])
+    lease = p.acquire(tokens=80, send=False)
+    assert isinstance(lease, Lease) and isinstance(p.acquire(tokens=80), Wait)
+    p.run(p.pool.cancel(lease))  # never sent
+    assert isinstance(p.acquire(tokens=80), Lease)
 
 
 def test_concurrent_acquires_admit_exactly_the_limit(redis_url: str) -> None:
-    """50 threads, each with its own connection, race for one key allowing 10 per minute."""
+    """150 admissions in flight at once on 30 connections race for a key allowing 10 per minute."""
     k = key("sk-race", {"requests": ["10/min"]})
-    results: list[object] = []
-    barrier = threading.Barrier(50)
 
-    def worker() -> None:
-        pool = KeyPool(redis.Redis.from_url(redis_url), [k], margin=0.0)
-        barrier.wait()
-        for _ in range(3):
-            results.append(pool.acquire("m", 1))
+    async def race() -> Counter:
+        pools = [AsyncKeyPool(redis.asyncio.Redis.from_url(redis_url), [k]) for _ in range(30)]
+        got = await asyncio.gather(*(pools[i % 30].acquire("m", 1) for i in range(150)))
+        for p in pools:
+            await p.client.aclose()
+        return Counter(type(r).__name__ for r in got)
 
-    threads = [threading.Thread(target=worker) for _ in range(50)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert Counter(type(r).__name__ for r in results) == {"Lease": 10, "Wait": 140}
+    assert asyncio.run(race()) == {"Lease": 10, "Wait": 140}
 
 
-def test_most_headroom_wins_and_keys_are_shared_fairly(rclient: redis.Redis) -> None:
+def test_most_headroom_wins_and_keys_are_shared_fairly(make) -> None:
     keys = [key(f"sk-{i}", {"requests": ["4/min"]}) for i in range(3)]
-    pool = KeyPool(rclient, keys, margin=0.0)
-    leases = [pool.acquire("m", 1) for _ in range(12)]
+    p = make(keys)
+    leases = [p.acquire() for _ in range(12)]
     assert all(isinstance(lease, Lease) for lease in leases)
-    assert Counter(lease.key.fingerprint for lease in leases) == {k.fingerprint: 4 for k in keys}  # type: ignore[union-attr]
-    assert isinstance(pool.acquire("m", 1), Wait)
+    assert Counter(lease.key.fingerprint for lease in leases) == {k.fingerprint: 4 for k in keys}
+    assert isinstance(p.acquire(), Wait)
 
 
-def test_token_window_counts_estimates_and_only_settles_upwards(rclient: redis.Redis) -> None:
+def test_token_window_counts_estimates_and_only_settles_upwards(make) -> None:
     """As on the server: a request counts its estimate (prompt + max_tokens) when admitted; a
     smaller usage gives nothing back, a larger one is added."""
-    pool = KeyPool(rclient, [key("sk-t", {"tokens": ["1000/min"]})], margin=0.0)
-    a = sent(pool, pool.acquire("m", 600))
+    p = make([key("sk-t", {"tokens": ["1000/min"]})])
+    a = p.acquire(tokens=600)
     assert isinstance(a, Lease)
-    assert isinstance(pool.acquire("m", 600), Wait)  # 1200 > 1000
-    pool.settle(a, 100)  # the call used less: the window keeps 600
-    assert isinstance(pool.acquire("m", 500), Wait)
-    pool.settle(a, 800)  # the call used more than estimated: the window holds 800
-    assert isinstance(pool.acquire("m", 201), Wait)
-    assert isinstance(pool.acquire("m", 200), Lease)  # 1000 <= 1000
-    assert isinstance(pool.acquire("m", 5000), Never)  # larger than the whole window
+    assert isinstance(p.acquire(tokens=600), Wait)  # 1200 > 1000
+    p.run(p.pool.settle(a, 100))  # the call used less: the window keeps 600
+    assert isinstance(p.acquire(tokens=500), Wait)
+    p.run(p.pool.settle(a, 800))  # the call used more than estimated: the window holds 800
+    assert isinstance(p.acquire(tokens=201), Wait)
+    assert isinstance(p.acquire(tokens=200), Lease)  # 1000 <= 1000
+    assert isinstance(p.acquire(tokens=5000), Never)  # larger than the whole window
+    p.advance(60_001)
+    assert isinstance(p.acquire(tokens=1000), Lease)  # the window emptied and gave its tokens back
 
 
-def test_group_keys_share_one_budget(rclient: redis.Redis) -> None:
-    keys = [key("sk-g1", {"requests": ["2/min"]}, group="org"), key("sk-g2", {"requests": ["2/min"]}, group="org")]
-    pool = KeyPool(rclient, keys, margin=0.0)
-    leases = [pool.acquire("m", 1) for _ in range(3)]
-    assert [type(x) for x in leases] == [Lease, Lease, Wait]
-    assert {x.key.fingerprint for x in leases[:2]} == {k.fingerprint for k in keys}  # type: ignore[union-attr]
+def test_group_keys_share_one_budget(make) -> None:
+    cfg = Config.model_validate({"api_keys": ["sk-g1", "sk-g2", "sk-solo"], "groups": {"org": {
+        "keys": ["sk-g1", fingerprint("sk-g2")], "rpm": 2}}, "limits": {"rpm": 5}})
+    keys = cfg.keys()
+    assert [k.group for k in keys] == ["org", "org", None]
+    p = make(keys[:2])
+    leases = [p.acquire() for _ in range(3)]
+    assert [type(x) for x in leases] == [Lease, Lease, Wait]  # the group's 2, not 2 x 5
+    assert {x.key.fingerprint for x in leases[:2]} == {k.fingerprint for k in keys[:2]}
 
 
-def test_cooldown_and_learned_lower_limit(rclient: redis.Redis) -> None:
-    k = key("sk-c", {"requests": ["5/min", "100/day"]})
-    pool = KeyPool(rclient, [k], margin=0.0)
-    assert pool.cool(k, 0.3, {"requests": 2}) == pytest.approx(0.3, abs=0.05)
-    w = pool.acquire("m", 1)
-    assert isinstance(w, Wait) and w.seconds <= 0.31
-    time.sleep(w.seconds)
-    assert [type(sent(pool, pool.acquire("m", 1))) for _ in range(3)] == [Lease, Lease, Wait]  # learned 2 < 5
+def test_each_model_is_its_own_scope_with_its_own_limits(make) -> None:
+    k = key("sk-pm", {"rpm": 1}, model_limits={"big": {"rpm": 3}})
+    p = make([k])
+    assert [type(p.acquire("small")) for _ in range(2)] == [Lease, Wait]
+    assert [type(p.acquire("big")) for _ in range(4)] == [Lease, Lease, Lease, Wait]
 
 
-def test_models_and_exclusions_filter_candidates(rclient: redis.Redis) -> None:
+def test_models_and_exclusions_filter_candidates(make) -> None:
     a, b = key("sk-m1", {}, models=("gpt-4o-mini",)), key("sk-m2", {})
-    pool = KeyPool(rclient, [a, b], margin=0.0)
-    assert all(pool.acquire("gpt-4o", 1).key == b for _ in range(5))  # type: ignore[union-attr]
-    assert pool.acquire("gpt-4o", 1, exclude={b.fingerprint}) is None
+    p = make([a, b])
+    assert all(p.acquire("gpt-4o").key == b for _ in range(5))
+    assert p.acquire("gpt-4o", exclude={b.fingerprint}) is None
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(limit=st.integers(1, 4), period_ms=st.integers(60, 200), tok_limit=st.integers(50, 200),
-       ops=st.lists(st.tuples(st.integers(1, 80), st.integers(0, 40)), min_size=1, max_size=14))
-def test_limiter_matches_the_sliding_log_model(rclient: redis.Redis, limit: int, period_ms: int,
-                                               tok_limit: int, ops: list[tuple[int, int]]) -> None:
-    """Against a model of the windows, on the timestamps Redis itself used: every admission keeps
-    each window within its limit, and every refusal happened when a window really was full."""
+# -- limits from the server ---------------------------------------------------------------------
+def test_a_discovered_limit_follows_the_headers_up_and_down_and_expires(make) -> None:
+    p = make([key("sk-d", {})], refresh=600.0)
+    first = [p.acquire() for _ in range(50)]
+    assert all(isinstance(x, Lease) for x in first)  # nothing known, no default: no limit yet
+    p.run(p.pool.learn(first[0], {"requests": 3}))
+    assert isinstance(p.acquire(), Wait)  # 50 in the window, the server says 3
+    p.advance(60_001)
+    assert [type(p.acquire()) for _ in range(4)] == [Lease, Lease, Lease, Wait]
+    p.run(p.pool.learn(first[0], {"requests": 600}))  # an upgrade: at once, up
+    assert all(isinstance(p.acquire(), Lease) for _ in range(6))
+    p.run(p.pool.learn(first[0], {"requests": 5}))
+    p.advance(600_001)  # not read again for the whole ttl: the learned limit is dropped
+    assert all(isinstance(p.acquire(), Lease) for _ in range(20))
+
+
+def test_a_configured_limit_is_a_ceiling_that_the_server_may_lower(make) -> None:
+    p = make([key("sk-ceil", {"rpm": 4})])
+    a = p.acquire()
+    p.run(p.pool.learn(a, {"requests": 1000}))
+    assert [type(p.acquire()) for _ in range(4)] == [Lease, Lease, Lease, Wait]  # 4, not 1000
+    p.advance(60_001)
+    p.run(p.pool.learn(a, {"requests": 2}))
+    assert [type(p.acquire()) for _ in range(3)] == [Lease, Lease, Wait]
+
+
+def test_a_429_without_headers_teaches_half_of_what_the_window_held(make) -> None:
+    p = make([key("sk-nh", {})])
+    leases = [p.acquire() for _ in range(20)]
+    assert p.run(p.pool.cool(leases[-1], 1.0)) == pytest.approx(1.0)
+    p.advance(1000)
+    assert isinstance(p.acquire(), Wait)  # 20 held, 10 taught
+    p.run(p.pool.cool(leases[-1], 0.0))  # the burst's other 429s do not lower it further
+    p.advance(60_001)
+    assert [type(p.acquire()) for _ in range(12)].count(Lease) == 10
+
+
+def test_a_429_with_headers_cools_and_learns(make) -> None:
+    p = make([key("sk-429", {})])
+    a = p.acquire()
+    p.run(p.pool.cool(a, 2.0, {"requests": 2}))
+    w = p.acquire()
+    assert isinstance(w, Wait) and w.seconds == pytest.approx(2.0, abs=0.01)
+    p.advance(2000)
+    assert [type(p.acquire()) for _ in range(2)] == [Lease, Wait]  # 2 per minute, 1 already used
+
+
+def test_slow_down_halves_the_minute_limit_and_ramps_back(make) -> None:
+    p = make([key("sk-slow", {"rpm": 100})], header_period=60.0)
+    a = p.acquire()
+    p.run(p.pool.slow_down(a))
+    assert sum(isinstance(p.acquire(), Lease) for _ in range(60)) == 49  # 50 in all
+    p.advance(120_001)  # two header periods: back to 100
+    assert sum(isinstance(p.acquire(), Lease) for _ in range(120)) == 100
+
+
+def test_large_limits_are_paced_within_the_minute(make) -> None:
+    p = make([key("sk-big", {"rpm": 6000})])  # 6000/min: at most 100 in any second
+    assert sum(isinstance(p.acquire(), Lease) for _ in range(150)) == 100
+    p.advance(1001)
+    assert sum(isinstance(p.acquire(), Lease) for _ in range(150)) == 100
+    small = make([key("sk-small", {"rpm": 300})])  # below the threshold: a burst is fine
+    assert sum(isinstance(small.acquire(), Lease) for _ in range(400)) == 300
+
+
+def test_a_scope_that_never_answered_takes_one_request_at_a_time(make) -> None:
+    p = make([key("sk-probe", {})], probe=60.0)
+    probe = p.acquire()
+    assert isinstance(probe, Lease) and isinstance(p.acquire(), Wait)
+    p.run(p.pool.answered(probe, alive=True))
+    assert all(isinstance(p.acquire(), Lease) for _ in range(10))
+
+
+# -- against a model of the windows -------------------------------------------------------------
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(limit=st.integers(1, 4), period_ms=st.integers(60, 2000), tok_limit=st.integers(50, 200),
+       ops=st.lists(st.tuples(st.integers(1, 80), st.integers(0, 800), st.booleans()), min_size=1, max_size=25))
+def test_limiter_matches_the_sliding_log_model(redis_url: str, rclient: redis.Redis, limit: int, period_ms: int,
+                                               tok_limit: int, ops: list[tuple[int, int, bool]]) -> None:
+    """Against a model of the windows: every admission keeps each window within its limit, and
+    every refusal happened when a window really was full (time moves only when the test says)."""
     rclient.flushall()
-    period = period_ms / 1000
-    pool = KeyPool(rclient, [key("sk-prop", {"requests": [f"{limit}/{period}s"], "tokens": [f"{tok_limit}/{period}s"]})],
-                   margin=0.0)
-    admitted: list[tuple[int, int]] = []
-    for tokens, sleep_ms in ops:
-        got = pool.acquire("m", tokens)
-        if isinstance(got, Never):
-            assert tokens > tok_limit
-            continue
-        now = got.at_ms  # the instant the script decided, on Redis' clock
-        live = [(t, w) for t, w in admitted if t > now - period_ms]
-        fits = len(live) + 1 <= limit and sum(w for _, w in live) + tokens <= tok_limit
-        assert isinstance(got, Lease) == fits, (got, live, now)
-        if isinstance(got, Lease):
-            admitted.append((pool.stamp(got), tokens))  # sent at once; its windows run from the stamp
-        time.sleep(sleep_ms / 1000)
+    p = Pool(redis_url, [key(f"sk-prop{random.random()}", {"requests": [f"{limit}/{period_ms / 1000}s"],
+                                                            "tokens": [f"{tok_limit}/{period_ms / 1000}s"]})])
+    try:
+        admitted: list[tuple[int, int]] = []
+        for tokens, step_ms, send_later in ops:
+            got = p.acquire(tokens=tokens, send=False)
+            now = p.pool.now_ms
+            live = [(t, w) for t, w in admitted if t > now - period_ms]
+            if isinstance(got, Never):
+                assert tokens > tok_limit
+                continue
+            fits = len(live) + 1 <= limit and sum(w for _, w in live) + tokens <= tok_limit
+            assert isinstance(got, Lease) == fits, (got, live, now)
+            if isinstance(got, Wait):
+                assert got.seconds > 0
+            p.advance(step_ms)
+            if isinstance(got, Lease):
+                # sent now, or after the step: its windows run from the send either way
+                if not send_later:
+                    p.pool.now_ms -= step_ms  # type: ignore[operator]
+                admitted.append((p.run(p.pool.stamp(got)), tokens))
+                p.pool.now_ms = now + step_ms
+    finally:
+        p.close()

@@ -93,7 +93,7 @@ def test_server_limits_lower_than_configured_are_learned(tmp_path: Path, sim: Si
     sim.configure(keys=keys, minute=1.0)
     data = write_jsonl(tmp_path / "data.jsonl", seed_rows(24))
     config = write_config(tmp_path / "config.json", sim, api_keys=[k.key for k in keys], broker_url=redis_url,
-                          limits={"requests": ["20/1s"]}, safety_margin=0.1)
+                          limits={"requests": ["20/1s"]}, header_period="1s", safety_margin=0.1)
     out = tmp_path / "output.jsonl"
 
     result = cli("run", str(data), "-c", str(config), "-o", str(out), timeout=120)
@@ -101,8 +101,10 @@ def test_server_limits_lower_than_configured_are_learned(tmp_path: Path, sim: Si
     assert result.returncode == 0, result.stderr
     assert all(v for line in read_jsonl(out) for v in line.values())
     snap = json.loads(cli("status", "-c", str(config), "--json").stdout)
-    assert {k["learned_requests"] for k in snap["keys"]} == {3}
-    assert sim.stats()["rate_limited"] <= 20  # a few 429s teach the limit, then none
+    minutes = [w for k in snap["keys"] for m in k["models"] for w in m["windows"]
+               if w["period"] == 1.0 and w["dim"] == "req"]
+    assert {(w["limit"], w["source"]) for w in minutes} == {(3, "learned from headers (below the configured 20)")}
+    assert sim.stats()["rate_limited"] == 0  # the probe's answer taught the limit before any burst
 
 
 def test_model_not_found_stops_the_job_early_with_the_api_message(tmp_path: Path, sim: SimServer) -> None:

@@ -1,29 +1,38 @@
--- Admit one request on the bucket (key or key group) with the most headroom, or say how long to wait.
--- Sliding log per window: a sorted set of admissions scored by Redis' own clock (TIME, in ms).
+-- Admit one request on the scope (a key or key group, for one model) with the most headroom, or say
+-- how long to wait. Sliding log per window: a sorted set of admissions scored by Redis' clock (ms).
 -- A new admission is *reserved*: scored in the future (now + reserve) so that it counts, and never
 -- expires, until lua/stamp.lua scores it with the moment its request is sent.
--- Token windows keep their running sum in the bucket's state hash (field "tsum:<period>"); members
+-- Token windows keep their running sum in the scope's state hash (field "tsum:<period>"); members
 -- are "<uid>:<tokens>" so that expired entries give their tokens back.
--- KEYS    for each bucket: its state hash, then one sorted set per window (request windows first)
--- ARGV[1] tokens this request is estimated to use   ARGV[2] safety margin in ms
--- ARGV[3] unique id of this admission                ARGV[4] number of buckets n
--- ARGV[5] reserve in ms (how long an unsent admission holds its place)
--- ARGV[6] probe in ms: a bucket that has not answered lately ("answered_until" in its state, set by
+-- KEYS    for each scope: its state hash, then one sorted set per window (request windows first)
+-- ARGV[1] tokens this request is estimated to use    ARGV[2] unique id of this admission
+-- ARGV[3] number of scopes n                         ARGV[4] reserve in ms (an unsent admission's hold)
+-- ARGV[5] probe in ms: a scope that has not answered lately ("answered_until" in its state, set by
 --         the workers) admits one request at a time, which holds "probe_until" this long at most
 --         (0: no probes)
--- ARGV[7..] for each bucket: nreq, ntok, then per window: limit, period_ms, learn (1: the limit
---           learned from the server's x-ratelimit-limit-* header caps this window)
--- Returns {1, b, now_ms} admitted on bucket b (1-based)
---         {0, wait_ms, now_ms}   no bucket can admit now; the earliest may in wait_ms
---         {-1, 0, now_ms}        no bucket can ever admit a request this large
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- ARGV[6] the time in ms (0: Redis' TIME; tests control time with it)
+-- ARGV[7] how long a learned limit holds, ms      ARGV[8] request limit per header period from
+--         which a pacing window applies            ARGV[9] the header period, ms
+-- ARGV[10..] for each scope: the number of windows, then per window: is_tokens (0/1), limit,
+--           period_ms, mode, margin_ms. Modes (limiter.py): 0 configured; 1 configured, of the header
+--           period (a learned limit lowers it); 2 discovered (the learned limit, else `limit`, 0 for
+--           none); 3 pacing (limit/60 of the header window of its dimension, when that is large)
+-- Returns {1, b, now_ms} admitted on scope b (1-based)
+--         {0, wait_ms, now_ms}   no scope can admit now; the earliest may in wait_ms
+--         {-1, 0, now_ms}        no scope can ever admit a request this large
+local now = tonumber(ARGV[6])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local need_tokens = tonumber(ARGV[1])
-local margin = tonumber(ARGV[2])
-local uid = ARGV[3]
-local n = tonumber(ARGV[4])
-local reserve = tonumber(ARGV[5])
-local probe = tonumber(ARGV[6])
+local uid = ARGV[2]
+local n = tonumber(ARGV[3])
+local reserve = tonumber(ARGV[4])
+local probe = tonumber(ARGV[5])
+local refresh = tonumber(ARGV[7])
+local pace_above = tonumber(ARGV[8])
+local header_period = tonumber(ARGV[9])
 
 local function weight(member)
   return tonumber(string.match(member, ':(%d+)$')) or 0
@@ -43,7 +52,7 @@ local function token_sum(state, key, field, horizon)
 end
 
 -- Milliseconds until enough of the oldest token entries expire to fit `need` under `limit`.
-local function token_wait(key, sum, need, limit, period)
+local function token_wait(key, sum, need, limit, period, margin)
   local excess = sum + need - limit
   local start = 0
   while true do
@@ -58,56 +67,79 @@ local function token_wait(key, sum, need, limit, period)
   end
 end
 
+-- The slow-down factor after a 503 slow_down: halved, then back to 1 over two header periods.
+local function slow_factor(f0, at)
+  if f0 >= 1 then return 1 end
+  return math.min(1, f0 + (1 - f0) * (now - at) / (2 * header_period))
+end
+
 local best, best_room, best_windows, best_state, best_probing = nil, -1, nil, nil, false
 local min_wait, never = nil, 0
-local k, a = 1, 7
+local k, a = 1, 10
 for b = 1, n do
   local state = KEYS[k]
   k = k + 1
-  local nreq, ntok = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  a = a + 2
-  local st = redis.call('HMGET', state, 'cool_until', 'learn_requests', 'learn_tokens', 'answered_until',
-                       'probe_until')
+  local nwin = tonumber(ARGV[a])
+  a = a + 1
+  local st = redis.call('HMGET', state, 'cool_until', 'answered_until', 'probe_until', 'learned:req',
+                       'learned_at:req', 'learned:tok', 'learned_at:tok', 'slow_factor', 'slow_at')
   local cool = tonumber(st[1] or '0')
-  local learned = {tonumber(st[2] or '0'), tonumber(st[3] or '0')}
+  local learned = {}
+  for i, dim in ipairs({'req', 'tok'}) do
+    local v, at = tonumber(st[2 + 2 * i] or '0'), tonumber(st[3 + 2 * i] or '0')
+    if v > 0 and at + refresh > now then learned[dim] = v end
+  end
+  local factor = slow_factor(tonumber(st[8] or '1'), tonumber(st[9] or '0'))
+  local header_limit = {}
   local room, wait, too_large = 1.0, 0, false
   local windows = {}
-  for w = 1, nreq + ntok do
+  for w = 1, nwin do
     local key = KEYS[k]
-    local limit, period = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-    local is_tok = w > nreq
-    if ARGV[a + 2] == '1' then
-      local l = learned[is_tok and 2 or 1]
-      if l > 0 and l < limit then limit = l end
+    local is_tok = ARGV[a] == '1'
+    local dim = is_tok and 'tok' or 'req'
+    local limit, period, mode, margin = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
+                                        tonumber(ARGV[a + 4])
+    k, a = k + 1, a + 5
+    if mode == 1 then
+      if learned[dim] and learned[dim] < limit then limit = learned[dim] end
+    elseif mode == 2 then
+      limit = learned[dim] or limit
+    elseif mode == 3 then
+      local h = header_limit[dim]
+      limit = 0
+      if h and h >= pace_above then limit = math.ceil(h * period / header_period) end
     end
-    k, a = k + 1, a + 3
+    if limit > 0 and mode > 0 and factor < 1 then limit = math.max(1, math.floor(limit * factor)) end
+    if mode == 1 or mode == 2 then header_limit[dim] = limit end
     local horizon = now - period - margin
-    local used, need
+    local need = is_tok and need_tokens or 1
+    local used
     if is_tok then
-      need = need_tokens
       used = token_sum(state, key, 'tsum:' .. period, horizon)
-      if need > limit then
-        too_large = true
-      elseif used + need > limit then
-        wait = math.max(wait, token_wait(key, used, need, limit, period))
-      end
     else
-      need = 1
       redis.call('ZREMRANGEBYSCORE', key, '-inf', horizon)
       used = redis.call('ZCARD', key)
-      if used + 1 > limit then
-        local oldest = redis.call('ZRANGE', key, used - limit, used - limit, 'WITHSCORES')
-        wait = math.max(wait, math.min(tonumber(oldest[2]), now) + period + margin - now + 1)
-      end
     end
-    room = math.min(room, (limit - used - need) / limit)
+    if limit > 0 then
+      if need > limit and not (mode == 3 and used == 0) then
+        too_large = true
+      elseif used + need > limit and not (mode == 3 and used == 0) then
+        if is_tok then
+          wait = math.max(wait, token_wait(key, used, need, limit, period, margin))
+        else
+          local oldest = redis.call('ZRANGE', key, used - limit, used - limit, 'WITHSCORES')
+          wait = math.max(wait, math.min(tonumber(oldest[2]), now) + period + margin - now + 1)
+        end
+      end
+      room = math.min(room, (limit - used - need) / limit)
+    end
     windows[#windows + 1] = {key, is_tok, period}
   end
   if cool > now then wait = math.max(wait, cool - now) end
-  local probing = probe > 0 and tonumber(st[4] or '0') <= now
-  if probing and tonumber(st[5] or '0') > now then
-    -- its probe is still out: look again soon (its answer, or its expiry, frees the bucket)
-    wait = math.max(wait, math.min(tonumber(st[5]) - now, 250))
+  local probing = probe > 0 and tonumber(st[2] or '0') <= now
+  if probing and tonumber(st[3] or '0') > now then
+    -- its probe is still out: look again soon (its answer, or its expiry, frees the scope)
+    wait = math.max(wait, math.min(tonumber(st[3]) - now, 250))
   end
   if too_large then
     never = never + 1

@@ -5,13 +5,16 @@
 -- ARGV[1] admission uid   ARGV[2] tokens reserved   ARGV[3] number of request windows
 -- ARGV[4] (optional) when the request was sent, ms on Redis' clock as the worker reads it
 -- ARGV[5] (optional) when it was admitted (ms): the stamp is never earlier
+-- ARGV[6] (optional) 1: ARGV[4] is the time itself (tests control time), taken as is
 -- Without ARGV[4] the stamp is now (TIME). A sent time is kept between the admission and now.
 -- Returns the stamp (ms).
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local stamp = now
 local sent = tonumber(ARGV[4])
-if sent ~= nil and sent < now then
+if ARGV[6] == '1' then
+  stamp = sent
+elseif sent ~= nil and sent < now then
   stamp = math.max(sent, tonumber(ARGV[5]) or sent)
 end
 local nreq = tonumber(ARGV[3])

@@ -1,0 +1,88 @@
+"""Token estimates, as the server counts a request against its tokens-per-minute window.
+
+The server counts a request when it arrives: an estimate of its prompt plus its completion's
+maximum (``max_tokens`` / ``max_completion_tokens``, times ``n``), and a smaller usage afterwards
+gives nothing back. Pure functions; the limiter and ``estimate`` use them.
+
+Two estimators, and :func:`estimator` says which one is in use:
+
+* **tiktoken** (``cl100k_base``) when tiktoken is installed and its encoding file is already in
+  its cache on this machine (never downloaded: workers may have no internet);
+* the **character estimate** otherwise, an upper bound: one token per 3 characters (OpenAI's
+  tokenizers give about 4 in English, digits come in groups of 3), plus one per UTF-8 byte beyond
+  a character's first (an accented letter 1 more, a CJK character 2, an emoji 3; tokenizers give a
+  CJK character 1 to 1.5 tokens). ``OPT_QUEUE_TOKENIZER=chars``
+  forces it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+CHARS_PER_TOKEN = 3.0
+TOKENS_PER_MESSAGE = 4
+DEFAULT_COMPLETION_ESTIMATE = 256
+"""Completion tokens counted for a request that sets no ``max_tokens`` (the server then counts
+what the answer really used, which the limiter adds when the usage comes back)."""
+TIKTOKEN_ENCODING = "cl100k_base"
+_TIKTOKEN_URL = f"https://openaipublic.blob.core.windows.net/encodings/{TIKTOKEN_ENCODING}.tiktoken"
+
+
+@functools.cache
+def _tokenizer() -> Callable[[str], int] | None:
+    if os.environ.get("OPT_QUEUE_TOKENIZER", "auto") == "chars":
+        return None
+    try:
+        import tiktoken  # optional
+    except ImportError:
+        return None
+    cache_dir = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+                 or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
+    if not os.path.exists(os.path.join(cache_dir, hashlib.sha1(_TIKTOKEN_URL.encode()).hexdigest())):
+        return None
+    try:
+        encoding = tiktoken.get_encoding(TIKTOKEN_ENCODING)
+    except Exception:  # a corrupt cache or an incompatible version: fall back, never fail a row
+        return None
+    return lambda text: len(encoding.encode(text, disallowed_special=()))
+
+
+def estimator() -> str:
+    """Which estimate is in use, for logs, ``status`` and ``estimate``."""
+    if _tokenizer() is not None:
+        return f"tiktoken {TIKTOKEN_ENCODING}"
+    return "character estimate (an upper bound; install tiktoken's encoding for exact counts)"
+
+
+def char_estimate(text: str) -> int:
+    """The character estimate of ``text`` (see the module docstring): never below the server's."""
+    extra = 0 if text.isascii() else len(text.encode("utf-8")) - len(text)
+    return math.ceil(len(text) / CHARS_PER_TOKEN) + extra
+
+
+def count_prompt_tokens(text: str) -> int:
+    """Tokens of ``text``: tiktoken's count when available, else the character estimate."""
+    tokenize = _tokenizer()
+    return tokenize(text) if tokenize else char_estimate(text)
+
+
+def estimate_tokens(body: dict[str, Any], completion_default: int = DEFAULT_COMPLETION_ESTIMATE) -> int:
+    """The tokens a request counts against TPM on arrival: its prompt plus its completion's maximum."""
+    texts = []
+    messages = body.get("messages") or []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif content is not None:
+            texts.append(json.dumps(content, ensure_ascii=False))
+    prompt = count_prompt_tokens("\n".join(texts)) + TOKENS_PER_MESSAGE * len(messages) + 3
+    completion = body.get("max_completion_tokens") or body.get("max_tokens") or completion_default
+    return prompt + int(completion) * int(body.get("n") or 1)
