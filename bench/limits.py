@@ -14,9 +14,14 @@ We report
     end-to-end ratio = (ideal + latency) / wall time of `opt-queue run` (start-up, submit, collect)
 
 and the number of 429s. The safety margin m lengthens each window, so the active ratio tends to
-W / (W + m): 0.984 for W = 15 s and m = 0.25 s here, 0.996 for a real minute.
+W / (W + m): 0.990 for W = 15 s and m = 1% of it (0.15 s) here, 0.996 for a real minute (0.25 s cap).
 
-Run:  python bench/limits.py [--keys 5 20 100 1000] [--rpm 2] [--window 15]
+``--limits configured`` writes each key's limit in the config; ``discovered`` writes none (the
+original toolkit's config plus ``header_period``): every key is probed, then runs at the limit its
+headers give. ``--tokens`` makes the rows token-bound instead: each key allows R rows' worth of
+tokens per window (prompt + max_tokens, as the server counts them) and no request limit.
+
+Run:  python bench/limits.py [--keys 5 20 100 1000] [--rpm 2] [--window 15] [--limits both] [--tokens]
 """
 
 from __future__ import annotations
@@ -32,22 +37,41 @@ import tempfile
 import time
 from pathlib import Path
 
-from opt_queue.simapi import SimConfig, SimKey, SimServer
+from opt_queue.simapi import SimConfig, SimKey, SimServer, count_tokens
+
+
+PROMPT_CHARS = 3000
+MAX_TOKENS = 100
+
+
+def row_tokens(tokenizer: str) -> int:
+    """What the simulated API counts for one token-bound row on arrival: prompt + max_tokens."""
+    return count_tokens("x" * PROMPT_CHARS, tokenizer) + 3 + MAX_TOKENS
 
 
 def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, errors: float,
-          margin: float, workers: int, concurrency: int) -> dict:
-    keys = [SimKey(f"sk-bench-{i:04d}-xxxxxxxxxxxxxxxx", rpm=rpm) for i in range(n_keys)]
+          margin: float, fraction: float, workers: int, concurrency: int, limits: str,
+          tokens: str | None) -> dict:
+    per_row = row_tokens(tokens) if tokens else 0
+    keys = [SimKey(f"sk-bench-{i:04d}-xxxxxxxxxxxxxxxx", **({"tpm": rpm * per_row} if tokens else {"rpm": rpm}))
+            for i in range(n_keys)]
     rows = n_keys * rpm * windows
-    sim = SimConfig(keys=keys, minute=window, latency=latency, transient_rate=errors, seed=1)
+    sim = SimConfig(keys=keys, minute=window, latency=latency, transient_rate=errors, seed=1,
+                    tokenizer=tokens or "chars4")
     with SimServer(sim) as server, tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         with open(d / "data.jsonl", "w") as fh:
             for i in range(rows):
-                fh.write(json.dumps({"index": str(i), "instruction": "Say hi", "input": f"row {i}"}) + "\n")
-        config = {"api_keys": [k.key for k in keys], "api_base": server.base_url,
-                  "limits": {"requests": [f"{rpm}/{window:g}s"]}, "header_period": window, "safety_margin": margin,
-                  "concurrency": concurrency, "backoff_base": 0.2, "backoff_max": 2, "log_level": "WARNING"}
+                row = ({"index": str(i), "max_tokens": MAX_TOKENS, "messages": [
+                        {"role": "user", "content": f"{i:06d}" + "x" * (PROMPT_CHARS - 6)}]} if tokens else
+                       {"index": str(i), "instruction": "Say hi", "input": f"row {i}"})
+                fh.write(json.dumps(row) + "\n")
+        limit = ({"tokens": [f"{rpm * per_row}/{window:g}s"]} if tokens else {"requests": [f"{rpm}/{window:g}s"]})
+        config = {"api_keys": [k.key for k in keys], "api_base": server.base_url, "header_period": window,
+                  "safety_margin": margin, "safety_fraction": fraction, "concurrency": concurrency,
+                  "backoff_base": 0.2, "backoff_max": 2, "log_level": "WARNING"}
+        if limits == "configured":
+            config["limits"] = limit
         (d / "config.json").write_text(json.dumps(config))
         os.chmod(d / "config.json", 0o600)
         started = time.monotonic()
@@ -62,7 +86,8 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
     calls = stats["calls"]
     ideal = window * (math.ceil(calls / (n_keys * rpm)) - 1)
     active = stats["last_call"] - stats["first_call"]
-    return {"keys": n_keys, "limit": f"{rpm}/{window:g}s", "rows": rows, "answered": answered, "calls": calls,
+    return {"keys": n_keys, "limits": limits,
+            "limit": f"{rpm * per_row} tok/{window:g}s" if tokens else f"{rpm}/{window:g}s", "rows": rows, "answered": answered, "calls": calls,
             "ideal_s": round(ideal, 2), "active_s": round(active, 2), "wall_s": round(wall, 2),
             "calls_per_s_active": round((calls - 1) / active, 1),
             "combined_limit_per_s": round(n_keys * rpm / window, 1),
@@ -78,21 +103,29 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=3, help="dataset size in windows' worth of rows")
     ap.add_argument("--latency", type=float, default=0.3)
     ap.add_argument("--errors", type=float, default=0.01)
-    ap.add_argument("--margin", type=float, default=0.25)
+    ap.add_argument("--margin", type=float, default=0.25, help="safety_margin: the margin's cap, seconds")
+    ap.add_argument("--fraction", type=float, default=0.01, help="safety_fraction: the margin's share of a window")
+    ap.add_argument("--limits", choices=["configured", "discovered", "both"], default="both")
+    ap.add_argument("--tokens", choices=["chars4", "estimate"], default=None,
+                    help="token-bound rows; the simulated API counts 4 characters a token (chars4) or "
+                         "exactly as opt-queue's character estimate does (estimate: an exact estimator)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=500, help="rows in flight per worker process")
     args = ap.parse_args()
     print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"# latency {args.latency}s, {args.errors:.0%} transient errors, margin {args.margin}s, "
+    print(f"# latency {args.latency}s, {args.errors:.0%} transient errors, margin {args.fraction:.0%} "
+          f"of a window up to {args.margin}s, tokens: {args.tokens or 'no (request-bound)'}, "
           f"{args.workers} worker processes x {args.concurrency} rows in flight")
-    cols = ["keys", "limit", "rows", "answered", "calls", "ideal_s", "active_s", "wall_s", "calls_per_s_active",
+    cols = ["keys", "limits", "limit", "rows", "answered", "calls", "ideal_s", "active_s", "wall_s", "calls_per_s_active",
             "combined_limit_per_s", "active_ratio", "end_to_end_ratio", "http_429", "injected_errors"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
+    modes = ["configured", "discovered"] if args.limits == "both" else [args.limits]
     for n in args.keys:
-        r = bench(n, args.rpm, args.window, args.windows, args.latency, args.errors, args.margin,
-                  args.workers, args.concurrency)
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |", flush=True)
+        for mode in modes:
+            r = bench(n, args.rpm, args.window, args.windows, args.latency, args.errors, args.margin,
+                      args.fraction, args.workers, args.concurrency, mode, args.tokens)
+            print("| " + " | ".join(str(r[c]) for c in cols) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from opt_queue.config import Config
 from opt_queue.jobs import STOPPED, AsyncJob, RowResult
 from opt_queue.limiter import AsyncKeyPool, Lease, Never, Wait
 from opt_queue.scripts import run_pipeline
-from opt_queue.tokens import estimate_tokens
+from opt_queue.tokens import estimate_tokens, estimator
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class Engine:
         """Build the engine on the running loop: describe the keys in Redis, open the HTTP session."""
         engine = cls(config, client)
         await engine.pool.describe()
+        log.info("token estimate: %s", estimator())
         api.warm_up()
         engine.leases.start()
         return engine

@@ -46,8 +46,13 @@ def prompt_key(messages: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def count_tokens(text: str) -> int:
-    """The simulated tokenizer: four characters a token."""
+def count_tokens(text: str, tokenizer: str = "chars4") -> int:
+    """The simulated tokenizer: four characters a token (``chars4``), or exactly opt-queue's own
+    character estimate (``estimate``: a server whose count the client knows, as with tiktoken)."""
+    if tokenizer == "estimate":
+        from opt_queue.tokens import char_estimate
+
+        return char_estimate(text)
     return math.ceil(len(text) / 4)
 
 
@@ -91,6 +96,7 @@ class SimConfig:
     send_headers: bool = True
     burst_divisor: int = 0  # > 0: a key's RPM also holds over every minute/divisor, at rpm/divisor
     slow_down_above: float = 0.0  # > 0: 503 slow_down when an organization's model gets more per second
+    tokenizer: str = "chars4"  # or "estimate" (see count_tokens)
     seed: int = 0
 
 
@@ -229,7 +235,7 @@ class SimAPI:
                           "invalid_request_error", "model_not_found")
         if not isinstance(messages, list) or not messages:
             return _error(400, "'messages' is a required property", "invalid_request_error", None)
-        prompt_tokens = sum(count_tokens(str(m.get("content") or "")) + 3 for m in messages)
+        prompt_tokens = sum(count_tokens(str(m.get("content") or ""), cfg.tokenizer) + 3 for m in messages)
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
         if prompt_tokens + max_tokens > cfg.models[model]:
             return _error(400, f"This model's maximum context length is {cfg.models[model]} tokens. "

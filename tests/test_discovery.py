@@ -99,19 +99,19 @@ def test_dead_keys_cost_one_call_each_whatever_the_number_of_workers(tmp_path: P
 def test_a_server_without_headers_teaches_its_limit_by_429s(tmp_path: Path, sim: SimServer) -> None:
     """vLLM or a proxy: no x-ratelimit headers. Every row is answered; the 429s that teach the
     limit are few, and the limit the status shows came from them."""
-    sim.configure(keys=[SimKey(FAST, rpm=10)], minute=2.0, send_headers=False)
-    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(60))
+    sim.configure(keys=[SimKey(FAST, rpm=10)], minute=1.0, send_headers=False)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(40))
     config = seed_config(tmp_path / "config.json", sim, [FAST], concurrency=32)
     out = tmp_path / "output.jsonl"
     result = cli("run", str(data), "-c", str(config), "-o", str(out), "--workers", "1", timeout=180)
     assert result.returncode == 0, result.stderr
-    assert all(v for line in read_jsonl(out) for v in line.values()) and len(read_jsonl(out)) == 60
+    assert all(v for line in read_jsonl(out) for v in line.values()) and len(read_jsonl(out)) == 40
     assert sim.stats()["rate_limited"] <= 40, sim.stats()  # 32 in flight at most when it first refused
 
 
 def test_slow_down_lowers_the_rate_and_every_row_is_answered(tmp_path: Path, sim: SimServer) -> None:
-    sim.configure(keys=[SimKey(FAST, rpm=6000)], minute=6.0, slow_down_above=20)
-    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(150))
+    sim.configure(keys=[SimKey(FAST, rpm=6000)], minute=6.0, slow_down_above=30)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(80))
     config = seed_config(tmp_path / "config.json", sim, [FAST], concurrency=64, max_retries=0)
     out = tmp_path / "output.jsonl"
     result = cli("run", str(data), "-c", str(config), "-o", str(out), "--workers", "1", timeout=180)

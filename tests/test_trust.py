@@ -206,6 +206,7 @@ def test_a_batch_with_a_redis_error_and_a_handed_back_row_finishes_both(
     its task's hold (handed back), "x" meets a Redis error (its model's only key has limiter state
     of the wrong type) until the test mends it. Both "1" and "x" must finish, each paid once."""
     from opt_queue.config import fingerprint
+    from opt_queue.limiter import scope_name
     from opt_queue.simapi import SimKey
 
     slow, other = "sk-test-slow-0123456789abcdefghij", "sk-test-other-0123456789abcdefgh"
@@ -218,7 +219,7 @@ def test_a_batch_with_a_redis_error_and_a_handed_back_row_finishes_both(
                           visibility_timeout=6, model={"name": MODEL},
                           api_keys=[{"key": slow, "models": [MODEL], "limits": {"requests": ["1/8s"]}},
                                     {"key": other, "models": ["gpt-4o-mini"]}])
-    broken = keys.bucket_state(fingerprint(other))
+    broken = keys.bucket_state(scope_name(fingerprint(other), "gpt-4o-mini"))
     rclient.set(broken, "not a hash")  # every admission of row x now fails with WRONGTYPE
     workers(config, concurrency=4)
     assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
