@@ -251,7 +251,8 @@ class AsyncKeyPool:
         """Describe the keys in Redis for ``status`` (fingerprints, never secrets); call once."""
         pipe = self.client.pipeline()
         for k in self.keys:
-            desc = {"bucket": k.bucket, "limits": str(k.limits), "models": list(k.models or []),
+            configured = str(k.limits) if k.limits.requests or k.limits.tokens else "none configured"
+            desc = {"bucket": k.bucket, "limits": configured, "models": list(k.models or []),
                     "api_base": k.api_base}
             pipe.hset(rkeys.KNOWN_KEYS, k.fingerprint, json.dumps(desc))
         await pipe.execute()
