@@ -111,29 +111,34 @@ for b = 1, n do
     end
     if limit > 0 and mode > 0 and factor < 1 then limit = math.max(1, math.floor(limit * factor)) end
     if mode == 1 or mode == 2 then header_limit[dim] = limit end
-    local horizon = now - period - margin
-    local need = is_tok and need_tokens or 1
-    local used
-    if is_tok then
-      used = token_sum(state, key, 'tsum:' .. period, horizon)
-    else
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', horizon)
-      used = redis.call('ZCARD', key)
-    end
-    if limit > 0 then
-      if need > limit and not (mode == 3 and used == 0) then
-        too_large = true
-      elseif used + need > limit and not (mode == 3 and used == 0) then
-        if is_tok then
-          wait = math.max(wait, token_wait(key, used, need, limit, period, margin))
-        else
-          local oldest = redis.call('ZRANGE', key, used - limit, used - limit, 'WITHSCORES')
-          wait = math.max(wait, math.min(tonumber(oldest[2]), now) + period + margin - now + 1)
-        end
+    -- A window with no limit is not kept, except the request window a 429 without headers learns
+    -- from (how many it held): a pacing window of a small limit, or a token limit nobody knows,
+    -- costs nothing. (It starts empty when a limit appears: the first sub-window may burst.)
+    if limit > 0 or (mode == 2 and not is_tok) then
+      local horizon = now - period - margin
+      local need = is_tok and need_tokens or 1
+      local used
+      if is_tok then
+        used = token_sum(state, key, 'tsum:' .. period, horizon)
+      else
+        redis.call('ZREMRANGEBYSCORE', key, '-inf', horizon)
+        used = redis.call('ZCARD', key)
       end
-      room = math.min(room, (limit - used - need) / limit)
+      if limit > 0 then
+        if need > limit and not (mode == 3 and used == 0) then
+          too_large = true
+        elseif used + need > limit and not (mode == 3 and used == 0) then
+          if is_tok then
+            wait = math.max(wait, token_wait(key, used, need, limit, period, margin))
+          else
+            local oldest = redis.call('ZRANGE', key, used - limit, used - limit, 'WITHSCORES')
+            wait = math.max(wait, math.min(tonumber(oldest[2]), now) + period + margin - now + 1)
+          end
+        end
+        room = math.min(room, (limit - used - need) / limit)
+      end
+      windows[#windows + 1] = {key, is_tok, period}
     end
-    windows[#windows + 1] = {key, is_tok, period}
   end
   if cool > now then wait = math.max(wait, cool - now) end
   local probing = probe > 0 and tonumber(st[2] or '0') <= now
