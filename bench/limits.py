@@ -38,15 +38,27 @@ import time
 from pathlib import Path
 
 from opt_queue.simapi import SimConfig, SimKey, SimServer, count_tokens
+from opt_queue.tokens import estimate_tokens
 
 
 PROMPT_CHARS = 3000
 MAX_TOKENS = 100
 
 
+def token_row(i: int) -> dict:
+    return {"index": str(i), "max_tokens": MAX_TOKENS,
+            "messages": [{"role": "user", "content": f"{i:06d}" + "x" * (PROMPT_CHARS - 6)}]}
+
+
 def row_tokens(tokenizer: str) -> int:
-    """What the simulated API counts for one token-bound row on arrival: prompt + max_tokens."""
-    return count_tokens("x" * PROMPT_CHARS, tokenizer) + 3 + MAX_TOKENS
+    """A token-bound row's tokens as the key's limit counts them. ``chars4``: as the simulated API
+    counts them (4 characters a token + 3 per message + max_tokens), while opt-queue's character
+    estimate counts a third more: the figure is the estimator's cost. ``estimate``: as opt-queue
+    estimates them (the server counts a little less, so R rows always fit): the figure is the
+    pacing's fidelity, as with an exact tokenizer."""
+    if tokenizer == "estimate":
+        return estimate_tokens(token_row(0))
+    return count_tokens("x" * PROMPT_CHARS) + 3 + MAX_TOKENS
 
 
 def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, errors: float,
@@ -56,15 +68,12 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
     keys = [SimKey(f"sk-bench-{i:04d}-xxxxxxxxxxxxxxxx", **({"tpm": rpm * per_row} if tokens else {"rpm": rpm}))
             for i in range(n_keys)]
     rows = n_keys * rpm * windows
-    sim = SimConfig(keys=keys, minute=window, latency=latency, transient_rate=errors, seed=1,
-                    tokenizer=tokens or "chars4")
+    sim = SimConfig(keys=keys, minute=window, latency=latency, transient_rate=errors, seed=1)
     with SimServer(sim) as server, tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         with open(d / "data.jsonl", "w") as fh:
             for i in range(rows):
-                row = ({"index": str(i), "max_tokens": MAX_TOKENS, "messages": [
-                        {"role": "user", "content": f"{i:06d}" + "x" * (PROMPT_CHARS - 6)}]} if tokens else
-                       {"index": str(i), "instruction": "Say hi", "input": f"row {i}"})
+                row = token_row(i) if tokens else {"index": str(i), "instruction": "Say hi", "input": f"row {i}"}
                 fh.write(json.dumps(row) + "\n")
         limit = ({"tokens": [f"{rpm * per_row}/{window:g}s"]} if tokens else {"requests": [f"{rpm}/{window:g}s"]})
         config = {"api_keys": [k.key for k in keys], "api_base": server.base_url, "header_period": window,
@@ -107,8 +116,8 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.01, help="safety_fraction: the margin's share of a window")
     ap.add_argument("--limits", choices=["configured", "discovered", "both"], default="both")
     ap.add_argument("--tokens", choices=["chars4", "estimate"], default=None,
-                    help="token-bound rows; the simulated API counts 4 characters a token (chars4) or "
-                         "exactly as opt-queue's character estimate does (estimate: an exact estimator)")
+                    help="token-bound rows; each key allows R rows' worth of tokens as the simulated API "
+                         "counts them (chars4) or as opt-queue estimates them (estimate)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=500, help="rows in flight per worker process")
     args = ap.parse_args()

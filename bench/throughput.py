@@ -95,10 +95,14 @@ def bench_resume(d: Path) -> dict:
     return {"resume_set_s": round(time.monotonic() - started, 2), "resume_lines": len(state.answered)}
 
 
+EXTRA: dict = {}
+"""Config fields added to the engine and latency runs (``--set``), to compare settings."""
+
+
 def bench_engine(d: Path, rows: int) -> dict:
     with SimServer(SimConfig(keys=[SimKey(KEY)])) as sim:
         write_input(d / "engine.jsonl", rows)
-        wall = timed_cli(d, {"api_base": sim.base_url, "limits": {}}, "run", str(d / "engine.jsonl"),
+        wall = timed_cli(d, {"api_base": sim.base_url, "limits": {}, **EXTRA}, "run", str(d / "engine.jsonl"),
                          "-o", str(d / "engine.out.jsonl"))
         assert sim.stats()["calls"] == rows
     return {"engine_rows_per_s": round(rows / wall, 1), "engine_wall_s": round(wall, 1)}
@@ -109,7 +113,7 @@ def bench_latency(d: Path, rows: int, latency: float, concurrency: int) -> dict:
     with SimServer(SimConfig(keys=[SimKey(KEY)], latency=latency)) as sim:
         write_input(d / "latency.jsonl", rows)
         wall = timed_cli(d, {"api_base": sim.base_url, "limits": {}, "concurrency": concurrency,
-                             "request_timeout": 30}, "run", str(d / "latency.jsonl"),
+                             "request_timeout": 30, **EXTRA}, "run", str(d / "latency.jsonl"),
                          "-o", str(d / "latency.out.jsonl"))
         stats = sim.stats()
     active = stats["last_call"] - stats["first_call"] + latency
@@ -128,7 +132,12 @@ def main() -> None:
     ap.add_argument("--latency-concurrency", type=int, default=1500,
                     help="rows in flight per worker process for the latency figure")
     ap.add_argument("--only", choices=["submit", "engine", "latency"], help="run one part only")
+    ap.add_argument("--set", default="{}", help='config fields for the engine and latency runs, as JSON: '
+                                                 '\'{"api_client": "aiohttp", "rows_per_task": 16}\'')
     args = ap.parse_args()
+    EXTRA.update(json.loads(args.set))
+    if EXTRA:
+        print(f"# settings: {EXTRA}")
     print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

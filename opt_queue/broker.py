@@ -64,6 +64,14 @@ def args_repr(job_id: str, rows: Iterable[TaskRow] | Iterable[list[Any]]) -> str
     return repr((job_id, [row[0] for row in rows]))
 
 
+def task_name(job_id: str, rows: list[TaskRow]) -> str:
+    """The name Flower and the logs show for a task: the job and its row's index (its first and
+    last rows' for a task of several), never the request or a key."""
+    if len(rows) == 1:
+        return f"row {job_id}:{rows[0][0]}"
+    return f"rows {job_id}:{rows[0][0]}..{rows[-1][0]} ({len(rows)})"
+
+
 def envelope(job_id: str, rows: list[TaskRow], options: dict[str, Any]) -> str:
     """The queue entry for one task of ``rows``, as kombu's Redis transport stores it (JSON text)."""
     from kombu.serialization import dumps
@@ -71,7 +79,8 @@ def envelope(job_id: str, rows: list[TaskRow], options: dict[str, Any]) -> str:
     task_id = str(uuid.uuid4())
     argsrepr = args_repr(job_id, rows)
     message = app.amqp.create_task_message(task_id, ROWS_TASK, (job_id, rows, options), {},
-                                           argsrepr=argsrepr, kwargsrepr="{}", ignore_result=True)
+                                           argsrepr=argsrepr, kwargsrepr="{}", ignore_result=True,
+                                           shadow=task_name(job_id, rows))
     content_type, content_encoding, data = dumps(message.body, serializer="json")
     properties = dict(message.properties)
     properties.update(reply_to=app.thread_oid, argsrepr=argsrepr, kwargsrepr="{}", delivery_mode=2,

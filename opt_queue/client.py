@@ -1,10 +1,15 @@
-"""One chat-completion call over aiohttp, and what its failure means.
+"""One chat-completion call, and what its failure means.
 
-Why not the ``openai`` SDK: this is the hot path of every row, and the SDK's request building
-(option models, URL parsing, header merging) costs three to four times the CPU of the HTTP
-exchange itself (0.93 ms against 0.25 ms per call, docs/benchmarks.md); at a thousand rows a
-second that is a whole core. The wire format is the documented chat-completions API (as OpenAI's
-own parallel request processor sends it): a JSON body, a bearer token, JSON back.
+Calls go through the official ``openai`` SDK (``api_client: "openai"``, the default):
+``AsyncOpenAI`` on the SDK's aiohttp transport, one client per key and base URL, kept open, all
+sharing the loop's connection pool; ``max_retries=0`` (the engine's error policy is the only retry
+loop) and raw responses, so that the ``x-ratelimit-*`` headers reach the limiter. Errors are
+classified from the SDK's exception types and their bodies.
+
+``api_client: "aiohttp"`` sends the same documented wire format (a JSON body, a bearer token, JSON
+back) over aiohttp directly: the SDK's request building costs more CPU than the HTTP exchange
+itself (docs/benchmarks.md), which matters only to a worker process pushing hundreds of rows a
+second on a small machine.
 
 :func:`classify` turns any exception of a call into a :class:`Failure` with a :class:`Kind` that
 the error policy acts on; :func:`parse_duration` and :func:`retry_after_seconds` read the
@@ -16,12 +21,15 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import logging
 import re
+import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import openai
 
 from opt_queue import __version__
 from opt_queue.config import ApiKey
@@ -204,6 +212,17 @@ def classify(exc: BaseException) -> Failure:
     """Classify an exception raised by :func:`call`."""
     if isinstance(exc, CallFailed):
         return exc.failure
+    if isinstance(exc, openai.APIStatusError):
+        try:
+            body = exc.response.json()
+        except ValueError:
+            body = None
+        return classify_status(exc.status_code, body, exc.response.headers, exc.response.text)
+    if isinstance(exc, openai.APITimeoutError):
+        return Failure(Kind.TRANSIENT, "the request timed out", code="timeout")
+    if isinstance(exc, openai.APIConnectionError):
+        return Failure(Kind.TRANSIENT, f"connection error: {type(exc.__cause__ or exc).__name__}",
+                       code="connection_error")
     if isinstance(exc, asyncio.TimeoutError):
         return Failure(Kind.TRANSIENT, "the request timed out", code="timeout")
     if isinstance(exc, (aiohttp.ClientError, OSError)):
@@ -218,18 +237,24 @@ def classify(exc: BaseException) -> Failure:
 
 
 _sessions: dict[int, aiohttp.ClientSession] = {}
+_http: dict[int, Any] = {}
+_clients: dict[tuple[int, str, str], openai.AsyncOpenAI] = {}
+_on_send: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("opt_queue_on_send", default=None)
 USER_AGENT = f"opt-queue/{__version__}"
+for _name in ("httpx", "httpx2", "openai"):  # one INFO line per request would drown the worker log
+    logging.getLogger(_name).setLevel(max(logging.getLogger(_name).level, logging.WARNING))
+KEEPALIVE = 60.0
+"""Idle connections are kept a minute: a burst after a quiet limit window reuses them instead of
+opening hundreds at once (slow, and it delays requests past their stamp)."""
 
 
 def _session() -> aiohttp.ClientSession:
-    """The running loop's HTTP session: one connection pool for every key (the engine bounds
-    the requests in flight, so the pool itself is unbounded)."""
+    """The running loop's aiohttp session (``api_client: "aiohttp"``): one connection pool for
+    every key (the engine bounds the requests in flight, so the pool itself is unbounded)."""
     loop = asyncio.get_running_loop()
     session = _sessions.get(id(loop))
     if session is None or session.closed:
-        # Idle connections are kept a minute: a burst after a quiet limit window reuses them
-        # instead of opening hundreds at once (slow, and it delays requests past their stamp).
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=KEEPALIVE)
         trace = aiohttp.TraceConfig()
         trace.on_request_chunk_sent.append(_body_sending)
         session = _sessions[id(loop)] = aiohttp.ClientSession(
@@ -246,30 +271,97 @@ async def _body_sending(session: Any, context: Any, params: Any) -> None:
         callback()
 
 
-def warm_up() -> None:
-    """Create the running loop's session now, not between an admission and its request."""
-    _session()
+async def _request_leaving(request: Any) -> None:
+    """The SDK's HTTP client's request hook: the last step before its transport writes the request
+    (in the same step of the event loop, on a kept-alive connection). Runs the row's ``on_send``
+    once; the row's task set it in a context variable."""
+    callback = _on_send.get()
+    if callback is not None:
+        _on_send.set(None)
+        callback()
+
+
+def _sdk_client(key: ApiKey, timeout: float) -> openai.AsyncOpenAI:
+    """The ``AsyncOpenAI`` client of ``key`` on the running loop (one per key and base URL, kept
+    open; all of them share the loop's HTTP client, so one connection pool)."""
+    loop = id(asyncio.get_running_loop())
+    ident = (loop, key.fingerprint, key.api_base)
+    client = _clients.get(ident)
+    if client is None:
+        http = _http.get(loop)
+        if http is None:
+            http = _http[loop] = openai.DefaultAioHttpClient(
+                # the engine bounds the requests in flight: the pool must not (aiohttp's default
+                # of 100 connections would hold sends back after their stamps)
+                limits=type(openai.DEFAULT_CONNECTION_LIMITS)(
+                    max_connections=1_000_000, max_keepalive_connections=None, keepalive_expiry=KEEPALIVE),
+                event_hooks={"request": [_request_leaving]})
+        common: dict[str, Any] = {"api_key": key.secret.get_secret_value(), "max_retries": 0, "timeout": timeout,
+                                  "http_client": http, "default_headers": {"User-Agent": USER_AGENT, **dict(key.headers)}}
+        if key.azure is not None:
+            client = openai.AsyncAzureOpenAI(azure_endpoint=key.azure.endpoint, api_version=key.azure.api_version,
+                                             azure_deployment=key.azure.deployment, **common)
+        else:
+            client = openai.AsyncOpenAI(base_url=key.api_base, **common)
+        _clients[ident] = client
+    return client
+
+
+def warm_up(api_client: str = "openai") -> None:
+    """Create the running loop's connection pool now, not between an admission and its request."""
+    if api_client == "aiohttp":
+        _session()
 
 
 async def close_clients() -> None:
-    """Close the running loop's HTTP session (its connection pool)."""
-    session = _sessions.pop(id(asyncio.get_running_loop()), None)
+    """Close the running loop's HTTP clients (their connection pools)."""
+    loop = id(asyncio.get_running_loop())
+    session = _sessions.pop(loop, None)
     if session is not None:
         await session.close()
+    for ident in [i for i in _clients if i[0] == loop]:
+        del _clients[ident]
+    http = _http.pop(loop, None)
+    if http is not None:
+        await http.aclose()
 
 
 async def call(key: ApiKey, body: dict[str, Any], timeout: float,
-               on_send: Callable[[], None] | None = None) -> Answer:
+               on_send: Callable[[], None] | None = None, api_client: str = "openai") -> Answer:
     """Send one chat completion with ``key``; return the first choice's content, stripped.
 
-    ``on_send`` is called (once, synchronously) right before the request's body is written: the
-    limiter reads the send time then. Nothing is retried here: the engine's policy decides. Errors raise
-    :class:`CallFailed`, :class:`BadResponse`, :class:`ContentFiltered`, a timeout or an
-    ``aiohttp.ClientError``; :func:`classify` says what each means.
+    ``on_send`` is called (once, synchronously) right before the request leaves: the limiter reads
+    the send time then. Nothing is retried here: the engine's policy decides. Errors raise the
+    SDK's exceptions (or, with ``api_client: "aiohttp"``, :class:`CallFailed`, a timeout or an
+    ``aiohttp.ClientError``), :class:`BadResponse`, :class:`ContentFiltered` or :class:`Refused`;
+    :func:`classify` says what each means.
     """
+    if api_client == "aiohttp":
+        return await _call_aiohttp(key, body, timeout, on_send)
+    client = _sdk_client(key, timeout)
+    params = dict(body)
+    model, messages = params.pop("model"), params.pop("messages")
+    token = _on_send.set(on_send)
+    try:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=model, messages=messages, extra_body=params or None, timeout=timeout)
+    finally:
+        _on_send.reset(token)
+    kept = {k.lower(): v for k, v in raw.headers.items() if k.lower().startswith(("x-ratelimit", "retry"))}
+    try:
+        data = json.loads(raw.http_response.text)
+    except ValueError:
+        raise BadResponse("the server answered 200 with a body that is not JSON") from None
+    return _answer(data, kept)
+
+
+async def _call_aiohttp(key: ApiKey, body: dict[str, Any], timeout: float,
+                        on_send: Callable[[], None] | None) -> Answer:
+    if key.azure is not None:
+        raise ValueError("Azure keys need api_client \"openai\"")
     payload = json.dumps(body, ensure_ascii=False).encode()
     url = key.api_base.rstrip("/") + "/chat/completions"
-    headers = {"Authorization": "Bearer " + key.secret.get_secret_value()}
+    headers = {**dict(key.headers), "Authorization": "Bearer " + key.secret.get_secret_value()}
     session = _session()
     async with session.post(url, data=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout),
                             trace_request_ctx={"on_send": on_send}) as response:

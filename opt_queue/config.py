@@ -18,7 +18,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -180,12 +180,26 @@ class GroupConfig(BaseModel):
         return limits.override(Limits(**short)) if short else limits
 
 
+class AzureConfig(BaseModel):
+    """An Azure OpenAI resource: requests go to ``{endpoint}/openai/deployments/{deployment}/...``
+    with ``api-version`` and the key in an ``api-key`` header (the SDK's ``AsyncAzureOpenAI``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    endpoint: str
+    api_version: str
+    deployment: str | None = None  # else the row's model names the deployment
+
+    _url = field_validator("endpoint")(classmethod(lambda cls, v: _api_base(v)))
+
+
 class KeyConfig(BaseModel):
     """One API key as written in ``api_keys``: a string, or an object with overrides."""
 
     model_config = ConfigDict(extra="forbid")
     key: SecretStr
     api_base: str | None = None
+    azure: AzureConfig | None = None
+    headers: dict[str, str] | None = None  # sent with every request of this key
     group: str | None = None
     models: list[str] | dict[str, Limits] | None = None  # served models; a mapping also gives limits
     limits: Limits | None = None
@@ -242,6 +256,8 @@ class ApiKey(BaseModel):
     models: tuple[str, ...] | None = None
     group: str | None = None
     model_limits: tuple[tuple[str, Limits], ...] = ()  # per model: windows replacing ``limits``'
+    azure: AzureConfig | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
     def limits_for(self, model: str) -> Limits:
         """The configured windows for ``model``: the key's (or group's) and the model's own on top."""
@@ -273,10 +289,11 @@ class Config(BaseModel):
     learned_limits_ttl: float = Field(default=600.0, gt=0)
     model: ModelConfig = Field(default_factory=ModelConfig)
     max_retries: int = Field(default=5, ge=0)
+    api_client: Literal["openai", "aiohttp"] = "openai"
     request_timeout: float = Field(default=60.0, gt=0)
     broker_url: str | None = Field(default=None, repr=False)  # may hold a password
     concurrency: int = Field(default=256, ge=1, le=16384)
-    rows_per_task: int = Field(default=16, ge=1, le=1000)
+    rows_per_task: int = Field(default=1, ge=1, le=1000)
     max_queued: int = Field(default=50_000, ge=0)
     visibility_timeout: int = Field(default=3600, ge=1)
     lease_seconds: float = Field(default=30.0, ge=2)
@@ -308,6 +325,11 @@ class Config(BaseModel):
             raise ValueError(f"default_limits: give windows of the header period ({self.header_period:g}s) "
                              f"only, such as {{\"rpm\": 600}}: they are where discovery starts")
         self._entries()  # the groups' key references, checked here so that errors name the field
+        if self.api_client == "aiohttp":
+            for i, e in enumerate(self.api_keys):
+                if isinstance(e, KeyConfig) and e.azure is not None:
+                    raise ValueError(f"api_keys[{i}].azure: Azure keys are called through the openai SDK; "
+                                     f"remove \"api_client\": \"aiohttp\"")
         return self
 
     def _entries(self) -> list[KeyConfig]:
@@ -350,7 +372,8 @@ class Config(BaseModel):
                 models[name] = models[name].override(limits) if name in models else limits
             served = kc.models if isinstance(kc.models, list) else list(kc.models) if kc.models else None
             out.append(ApiKey(secret=SecretStr(secret), fingerprint=fingerprint(secret),
-                              api_base=(kc.api_base or base).rstrip("/"),
+                              api_base=(kc.azure.endpoint if kc.azure else kc.api_base or base).rstrip("/"),
+                              azure=kc.azure, headers=tuple(sorted((kc.headers or {}).items())),
                               limits=self.limits.override(own.own_limits()),
                               models=tuple(served) if served is not None else None,
                               group=kc.group, model_limits=tuple(sorted(models.items()))))

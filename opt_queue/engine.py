@@ -46,6 +46,9 @@ DUPLICATE, RELEASED, DROPPED, PUBLISHED = "duplicate", "released", "dropped", "p
 """Other outcomes: another copy of the row finished it (or works on it now); the job stopped and
 the row stays unanswered; the job is unknown (reset or expired); the row's result is out."""
 RETIRED_CACHE_SECONDS = 1.0
+TOO_LARGE_SAMPLES = 5
+"""With more keys than one admission samples, a request that every key of this many samples found
+larger than its token window is taken as too large for all of them."""
 LEASE_POLL = 1.0
 """How often a copy of a row whose lease another worker holds looks again."""
 PUBLISH_PATIENCE = 600.0
@@ -65,6 +68,8 @@ class _Row:
     hold_until: float = float("inf")  # monotonic time after which a waiting row is handed back
     to_settle: tuple[Lease, int] | None = None  # sent with the result, in one round trip
     tokens: int = 0  # TPM estimate, computed once: waits and the fallback model do not change it
+    too_large_samples: int = 0  # admissions whose whole sample of keys found the request too large
+    server_limits: dict[str, int] = field(default_factory=dict)  # what the answer's headers said
 
     def __post_init__(self) -> None:
         self.tokens = estimate_tokens(self.body)
@@ -94,7 +99,7 @@ class Engine:
         engine = cls(config, client)
         await engine.pool.describe()
         log.info("token estimate: %s", estimator())
-        api.warm_up()
+        api.warm_up(config.api_client)
         engine.leases.start()
         return engine
 
@@ -196,6 +201,8 @@ class Engine:
         def settle_and_publish(pipe: Any) -> None:
             if row.to_settle is not None:
                 self.pool.queue_settle(*row.to_settle, pipe)
+                # the limits first: other rows waiting for this probe's answer must find them
+                self.pool.queue_learn(row.to_settle[0], row.server_limits, pipe)
                 self.pool.queue_answered(row.to_settle[0], pipe)
             row.job.queue_publish(result, pipe)
 
@@ -234,6 +241,10 @@ class Engine:
             if lease is None:
                 await self._stop_no_keys(row.job, model)
                 return None
+            if isinstance(lease, Wait) and lease.too_large:
+                row.too_large_samples += 1
+                if row.too_large_samples >= TOO_LARGE_SAMPLES:  # more keys than a sample: unlikely all
+                    lease = Never(row.tokens)                   # 5 samples missed one that fits
             if isinstance(lease, Wait):
                 # Waiting for a slot is not an attempt. A row wakes when its slot frees, give or
                 # take WAKE_SPREAD, so that the rows waiting for a new window do not all send in
@@ -292,7 +303,8 @@ class Engine:
             stamped = asyncio.ensure_future(self.pool.stamp(lease, self.pool.clock.now_ms()))
 
         try:
-            answer = await api.call(lease.key, row.body, self.config.request_timeout, on_send=on_send)
+            answer = await api.call(lease.key, row.body, self.config.request_timeout, on_send=on_send,
+                                    api_client=self.config.api_client)
         except Exception as exc:  # every failure is classified; none escapes as a crash
             failure = api.classify(exc)
             failure.message = api.redact(failure.message, self._secrets)
@@ -321,11 +333,11 @@ class Engine:
                 await stamped
             else:  # not seen leaving (an HTTP stack without the hook): stamp late, the safe side
                 await self.pool.stamp(lease)
-            await self.pool.learn(lease, api.server_limits(answer.headers))
         except redis.RedisError as exc:
             log.warning("row %s: the limiter's bookkeeping failed after the call (%s); the answer "
                         "is kept", row.index, type(exc).__name__)
         row.to_settle = (lease, answer.prompt_tokens + answer.completion_tokens)
+        row.server_limits = api.server_limits(answer.headers)
         warning = None
         if answer.finish_reason == "length":
             warning = "the answer was cut at the token limit (finish_reason: length); raise max_tokens"

@@ -181,6 +181,7 @@ class Wait:
     seconds: float
     at_ms: int = 0
     exact: bool = True
+    too_large: bool = False  # every sampled scope refused the request as larger than its window
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,7 @@ class AsyncKeyPool:
             self.buckets.setdefault(k.bucket, []).append(k)
         self._candidates: dict[tuple[str, frozenset[str]], dict[str, list[ApiKey]]] = {}
         self._plans: dict[tuple[str, str], tuple[WindowSpec, ...]] = {}
+        self._fragments: dict[tuple[str, str], tuple[list[str], list[Any]]] = {}
         self._learned: dict[str, tuple[dict[str, int], float]] = {}
 
     @classmethod
@@ -264,6 +266,22 @@ class AsyncKeyPool:
         if got is None:
             got = self._plans[(bucket, model)] = window_plan(
                 self.buckets[bucket][0].limits_for(model), self.header_period, self.default)
+        return got
+
+    def _fragment(self, bucket: str, model: str) -> tuple[list[str], list[Any]]:
+        """A scope's part of an admission's keys and arguments (cached: with a thousand keys an
+        admission samples 32 scopes, and formatting their keys anew each time cost the event loop
+        enough lag to delay sends)."""
+        got = self._fragments.get((bucket, model))
+        if got is None:
+            scope = scope_name(bucket, model)
+            specs = self.windows(bucket, model)
+            ks = [rkeys.bucket_state(scope)] + [rkeys.bucket_window(scope, w.dim, w.period) for w in specs]
+            args: list[Any] = [len(specs)]
+            for w in specs:
+                args += [int(w.dim == "tok"), w.limit, w.period_ms, w.mode,
+                         margin_ms(w.period, self.fraction, self.margin)]
+            got = self._fragments[(bucket, model)] = (ks, args)
         return got
 
     def candidates(self, model: str, exclude: set[str]) -> dict[str, list[ApiKey]]:
@@ -296,14 +314,9 @@ class AsyncKeyPool:
         argv: list[Any] = [tokens, uuid.uuid4().hex[:16], len(order), RESERVE_MS, self.probe_ms,
                            self.now_ms or 0, self.refresh_ms, PACE_ABOVE, int(self.header_period * 1000)]
         for bucket in order:
-            scope = scope_name(bucket, model)
-            specs = self.windows(bucket, model)
-            ks.append(rkeys.bucket_state(scope))
-            argv.append(len(specs))
-            for w in specs:
-                ks.append(rkeys.bucket_window(scope, w.dim, w.period))
-                argv += [int(w.dim == "tok"), w.limit, w.period_ms, w.mode,
-                         margin_ms(w.period, self.fraction, self.margin)]
+            scope_keys, scope_args = self._fragment(bucket, model)
+            ks += scope_keys
+            argv += scope_args
         return _AcquirePlan(order, cands, ks, argv, tokens, model, new)
 
     def queue_acquire(self, plan: _AcquirePlan, pipe: Any) -> None:
@@ -323,7 +336,7 @@ class AsyncKeyPool:
         if status <= 0:
             seconds = int(reply[1]) / 1000.0 if status == 0 else SAMPLE_POLL
             if len(plan.order) < len(plan.cands):  # buckets outside the sample may be free now
-                return Wait(min(seconds, SAMPLE_POLL), int(reply[2]), exact=False)
+                return Wait(min(seconds, SAMPLE_POLL), int(reply[2]), exact=False, too_large=status == -1)
             return Wait(seconds, int(reply[2]))
         bucket = plan.order[int(reply[1]) - 1]
         members = plan.cands[bucket]
@@ -405,28 +418,37 @@ class AsyncKeyPool:
         await self.client.hincrby(rkeys.key_stats(key.fingerprint), f"error:{reason}", 1)
 
     # -- what the server says -------------------------------------------------------------------
-    async def _tell(self, lease: Lease, kind: str, cooldown: float = 0.0,
-                    server: dict[str, int] | None = None) -> int:
+    def _tell_call(self, lease: Lease, kind: str, cooldown: float = 0.0,
+                   server: dict[str, int] | None = None) -> tuple[list[str], list[Any]]:
         server = server or {}
         header = rkeys.bucket_window(lease.scope, "req", self.header_period)
-        return int(await self._scripts.learn(
-            keys=[rkeys.bucket_state(lease.scope), header],
-            args=[kind, int(cooldown * 1000), server.get("requests", 0), server.get("tokens", 0),
-                  self.now_ms or 0, int(self.header_period * 1000)]))
+        return ([rkeys.bucket_state(lease.scope), header],
+                [kind, int(cooldown * 1000), server.get("requests", 0), server.get("tokens", 0),
+                 self.now_ms or 0, int(self.header_period * 1000)])
 
-    async def learn(self, lease: Lease, server: dict[str, int]) -> bool:
-        """Note the limits a response's ``x-ratelimit-limit-*`` headers give (up or down); written
-        when they change, and refreshed a few times per ``learned_limits_ttl`` while they do not.
-        Return whether Redis was written."""
+    async def _tell(self, lease: Lease, kind: str, cooldown: float = 0.0,
+                    server: dict[str, int] | None = None) -> int:
+        ks, args = self._tell_call(lease, kind, cooldown, server)
+        return int(await self._scripts.learn(keys=ks, args=args))
+
+    def queue_learn(self, lease: Lease, server: dict[str, int], pipe: Any) -> bool:
+        """Queue on ``pipe`` the limits a response's ``x-ratelimit-limit-*`` headers give (up or
+        down), when they changed, or a few times per ``learned_limits_ttl`` while they do not
+        (the engine sends it with the row's result, before the scope is marked answered). Return
+        whether anything was queued."""
         if not server:
             return False
         last = self._learned.get(lease.scope)
         now = time.monotonic()
         if last is not None and last[0] == server and now - last[1] < self.refresh_ms / 1000 / LEARN_REFRESH_SHARE:
             return False
-        await self._tell(lease, "ok", 0.0, server)
+        queue(pipe, self._scripts.learn, *self._tell_call(lease, "ok", 0.0, server))
         self._learned[lease.scope] = (dict(server), now)
         return True
+
+    async def learn(self, lease: Lease, server: dict[str, int]) -> None:
+        """:meth:`queue_learn` in its own round trip."""
+        await run_pipeline(self.client, lambda pipe: self.queue_learn(lease, server, pipe))
 
     async def cool(self, lease: Lease, seconds: float, server: dict[str, int] | None = None) -> float:
         """A 429: cool the scope for ``seconds`` and learn the limits the headers (or the message)

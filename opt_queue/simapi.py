@@ -46,13 +46,8 @@ def prompt_key(messages: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def count_tokens(text: str, tokenizer: str = "chars4") -> int:
-    """The simulated tokenizer: four characters a token (``chars4``), or exactly opt-queue's own
-    character estimate (``estimate``: a server whose count the client knows, as with tiktoken)."""
-    if tokenizer == "estimate":
-        from opt_queue.tokens import char_estimate
-
-        return char_estimate(text)
+def count_tokens(text: str) -> int:
+    """The simulated tokenizer: four characters a token."""
     return math.ceil(len(text) / 4)
 
 
@@ -96,7 +91,6 @@ class SimConfig:
     send_headers: bool = True
     burst_divisor: int = 0  # > 0: a key's RPM also holds over every minute/divisor, at rpm/divisor
     slow_down_above: float = 0.0  # > 0: 503 slow_down when an organization's model gets more per second
-    tokenizer: str = "chars4"  # or "estimate" (see count_tokens)
     seed: int = 0
 
 
@@ -181,6 +175,7 @@ class SimAPI:
         application = web.Application(client_max_size=64 * 1024 * 1024)
         application.router.add_post("/v1/chat/completions", self.chat)
         application.router.add_post("/chat/completions", self.chat)
+        application.router.add_post("/openai/deployments/{deployment}/chat/completions", self.chat)  # Azure
         application.router.add_get("/_sim/stats", self._stats)
         application.router.add_post("/_sim/config", self._configure)
         return application
@@ -209,7 +204,11 @@ class SimAPI:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         cfg = self.config
-        secret = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        secret = (request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+                  or request.headers.get("api-key", "").strip())  # Azure's header
+        deployment = request.match_info.get("deployment")
+        if deployment is not None and not request.query.get("api-version"):
+            return _error(404, "Resource not found", "invalid_request_error", "404")
         self.calls_per_key[fingerprint(secret)] += 1
         k = self.key(secret)
         if k is None or k.dead == "invalid":
@@ -228,14 +227,21 @@ class SimAPI:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
         if len(self.requests) < 10000:
-            self.requests.append({k2: v for k2, v in body.items() if k2 != "messages"})
+            seen = {k2: v for k2, v in body.items() if k2 != "messages"}
+            extra = {h.lower(): v for h, v in request.headers.items()
+                     if h.lower().startswith("x-") and not h.lower().startswith("x-stainless")}
+            if extra:  # headers a config added (the SDK's own x-stainless-* left out)
+                seen["_headers"] = extra
+            if deployment is not None:
+                seen["_azure"] = {"deployment": deployment, "api_version": request.query["api-version"]}
+            self.requests.append(seen)
         model, messages = body.get("model"), body.get("messages")
         if model not in cfg.models:
             return _error(404, f"The model `{model}` does not exist or you do not have access to it.",
                           "invalid_request_error", "model_not_found")
         if not isinstance(messages, list) or not messages:
             return _error(400, "'messages' is a required property", "invalid_request_error", None)
-        prompt_tokens = sum(count_tokens(str(m.get("content") or ""), cfg.tokenizer) + 3 for m in messages)
+        prompt_tokens = sum(count_tokens(str(m.get("content") or "")) + 3 for m in messages)
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
         if prompt_tokens + max_tokens > cfg.models[model]:
             return _error(400, f"This model's maximum context length is {cfg.models[model]} tokens. "

@@ -39,8 +39,9 @@ class _Runtime:
         self.thread = threading.Thread(target=self.loop.run_forever, name="opt-queue-rows", daemon=True)
         self.thread.start()
         config = load_config()
-        # Each row in flight holds at most one connection at a time; the rest is for the engine.
-        client = connect_async(app.conf.broker_url, max_connections=config.concurrency + 16)
+        # A row in flight holds at most two connections at a time (its send-time stamp runs beside
+        # its call); the rest is for the engine.
+        client = connect_async(app.conf.broker_url, max_connections=2 * config.concurrency + 16)
         self.engine: Engine = self.run(Engine.start(config, client))
         self._stop = threading.Event()
         self.recovery = threading.Thread(target=self._recover, args=(config.lease_seconds,),

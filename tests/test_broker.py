@@ -38,7 +38,8 @@ def test_envelope_matches_what_apply_async_writes(redis_url: str, rclient: redis
     batch = [("7", {"model": "m", "messages": [{"role": "user", "content": "é 字"}]}),
              ("row-8", {"model": "m", "messages": [{"role": "user", "content": "b"}], "temperature": 0})]
     args = ("job-1", batch, {"fallback": "f"})
-    rows.apply_async(args=args, argsrepr=repr(("job-1", ["7", "row-8"])), kwargsrepr="{}")
+    rows.apply_async(args=args, argsrepr=repr(("job-1", ["7", "row-8"])), kwargsrepr="{}",
+                     shadow="rows job-1:7..row-8 (2)")
     ordinary = json.loads(rclient.rpop(keys.QUEUE))
     bulk = json.loads(envelope(*args))
     assert shape(bulk) == shape(ordinary)

@@ -8,7 +8,6 @@ import json
 import time
 from pathlib import Path
 
-import pytest
 from conftest import cli, read_jsonl, seed_rows, start_cli, write_config, write_jsonl
 
 from opt_queue.config import fingerprint
@@ -76,10 +75,8 @@ def test_a_limit_raised_mid_job_is_used_at_once(tmp_path: Path, sim: SimServer, 
     assert len(read_jsonl(out)) == 150 and sim.stats()["rate_limited"] == 0
 
 
-@pytest.mark.parametrize("processes", [1, 3])
 def test_dead_keys_cost_one_call_each_whatever_the_number_of_workers(tmp_path: Path, sim: SimServer,
-                                                                     redis_url: str, workers,
-                                                                     processes: int) -> None:
+                                                                     redis_url: str, workers) -> None:
     good = [SimKey(f"sk-good-{i}-xxxxxxxxxxxxxxxxxxx", rpm=100) for i in range(4)]
     dead = [SimKey("sk-revoked-xxxxxxxxxxxxxxxxxxx", dead="invalid"), SimKey("sk-spent-xxxxxxxxxxxxxxxxxxxxx", dead="quota")]
     sim.configure(keys=good + dead, minute=2.0)
@@ -87,7 +84,7 @@ def test_dead_keys_cost_one_call_each_whatever_the_number_of_workers(tmp_path: P
     config = seed_config(tmp_path / "config.json", sim, [k.key for k in dead + good], broker_url=redis_url,
                          rows_per_task=1)
     out = tmp_path / "output.jsonl"
-    workers(config, processes=processes, concurrency=32)
+    workers(config, processes=3, concurrency=32)  # probes race from three processes
     result = cli("run", str(data), "-c", str(config), "-o", str(out), "--workers", "0", timeout=180)
     assert result.returncode == 0, result.stderr
     assert all(v for line in read_jsonl(out) for v in line.values())
@@ -110,8 +107,8 @@ def test_a_server_without_headers_teaches_its_limit_by_429s(tmp_path: Path, sim:
 
 
 def test_slow_down_lowers_the_rate_and_every_row_is_answered(tmp_path: Path, sim: SimServer) -> None:
-    sim.configure(keys=[SimKey(FAST, rpm=6000)], minute=6.0, slow_down_above=30)
-    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(80))
+    sim.configure(keys=[SimKey(FAST, rpm=6000)], minute=6.0, slow_down_above=40)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(60))
     config = seed_config(tmp_path / "config.json", sim, [FAST], concurrency=64, max_retries=0)
     out = tmp_path / "output.jsonl"
     result = cli("run", str(data), "-c", str(config), "-o", str(out), "--workers", "1", timeout=180)

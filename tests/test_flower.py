@@ -45,7 +45,7 @@ def test_flower_lists_workers_and_tasks_without_keys_and_refuses_anonymous(
     try:
         wait_for(lambda: get(f"{base}/healthcheck", None)[0] == 200, timeout=30, what="flower up")
         sim.configure(latency=0.05)
-        config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, rows_per_task=5)
+        config = write_config(tmp_path / "config.json", sim, broker_url=redis_url)  # one task per row
         workers(config, concurrency=4)
         data = write_jsonl(tmp_path / "data.jsonl", seed_rows(20))
         out = tmp_path / "output.jsonl"
@@ -56,13 +56,15 @@ def test_flower_lists_workers_and_tasks_without_keys_and_refuses_anonymous(
             status, body = get(f"{base}/api/tasks")
             return json.loads(body) if status == 200 else {}
 
-        wait_for(lambda: len([t for t in tasks().values() if t.get("state") == "SUCCESS"]) == 4,
-                 timeout=30, what="flower to see 4 finished tasks of 5 rows")
+        wait_for(lambda: len([t for t in tasks().values() if t.get("state") == "SUCCESS"]) == 20,
+                 timeout=30, what="flower to see 20 finished tasks, one per row")
         seen = tasks()
-        assert {t["name"] for t in seen.values()} == {"opt_queue.rows"}
+        job = next(iter(seen.values()))["args"].split("'")[1]
+        assert job.startswith("output-")
+        assert sorted(t["name"] for t in seen.values()) == sorted(f"row {job}:{i}" for i in range(20))
         shown = json.dumps(seen)
-        assert TEST_KEY not in shown
-        assert any("'19'" in t["args"] and "output-" in t["args"] for t in seen.values())
+        assert TEST_KEY not in shown and "Translate" not in shown  # neither the key nor the request
+        assert all(t["args"] == repr((job, [t["name"].split(":")[-1]])) for t in seen.values())
 
         status, body = get(f"{base}/api/workers?refresh=1")
         assert status == 200 and len(json.loads(body)) >= 1

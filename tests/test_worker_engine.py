@@ -152,3 +152,32 @@ def test_rows_waiting_longer_than_a_task_may_be_held_go_back_to_the_queue_and_ar
     assert stats["rate_limited"] == 0
     assert sorted(stats["per_prompt"].values()) == [1] * 12, stats["per_prompt"]
     assert "were enqueued again" in (tmp_path / "worker.log").read_text()
+
+
+def test_azure_keys_and_extra_headers_go_through_the_sdk(sim: SimServer) -> None:
+    """An Azure-style key: the deployment URL, api-version and the api-key header, as the SDK's
+    AsyncAzureOpenAI sends them; a plain key's extra headers reach the server."""
+    from opt_queue import client as api
+    from opt_queue.config import Config
+
+    azure_key, plain_key = "sk-azure-0123456789abcdefghijkl", "sk-plain-0123456789abcdefghijkl"
+    sim.configure(keys=[SimKey(azure_key), SimKey(plain_key)])
+    root = sim.base_url.removesuffix("/v1")
+    cfg = Config.model_validate({"api_base": sim.base_url, "api_keys": [
+        {"key": azure_key, "azure": {"endpoint": root, "api_version": "2024-10-21", "deployment": "gpt-4o-mini"}},
+        {"key": plain_key, "headers": {"X-Project": "p-1"}}]})
+    azure, plain = cfg.keys()
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2}
+
+    async def go() -> list[api.Answer]:
+        try:
+            return [await api.call(azure, body, 5.0), await api.call(plain, body, 5.0)]
+        finally:
+            await api.close_clients()
+
+    answers = asyncio.run(go())
+    assert all(a.text for a in answers)
+    first, second = sim.received()
+    assert first["_azure"] == {"deployment": "gpt-4o-mini", "api_version": "2024-10-21"}
+    assert first["temperature"] == 0.2 and "_azure" not in second
+    assert second["_headers"]["x-project"] == "p-1"

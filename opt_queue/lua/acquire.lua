@@ -90,6 +90,7 @@ for b = 1, n do
     if v > 0 and at + refresh > now then learned[dim] = v end
   end
   local factor = slow_factor(tonumber(st[8] or '1'), tonumber(st[9] or '0'))
+  local probing = probe > 0 and tonumber(st[2] or '0') <= now
   local header_limit = {}
   local room, wait, too_large = 1.0, 0, false
   local windows = {}
@@ -111,10 +112,12 @@ for b = 1, n do
     end
     if limit > 0 and mode > 0 and factor < 1 then limit = math.max(1, math.floor(limit * factor)) end
     if mode == 1 or mode == 2 then header_limit[dim] = limit end
-    -- A window with no limit is not kept, except the request window a 429 without headers learns
-    -- from (how many it held): a pacing window of a small limit, or a token limit nobody knows,
-    -- costs nothing. (It starts empty when a limit appears: the first sub-window may burst.)
-    if limit > 0 or (mode == 2 and not is_tok) then
+    -- A pacing window of a small limit is not kept (it costs nothing; it starts empty when the
+    -- limit grows past the threshold, so its first sub-window may burst). A discovered request
+    -- window is kept before its limit is known (a 429 without headers learns from how many it
+    -- held); a discovered token window only while the scope is probed, so that the probe counts
+    -- once the first answer tells the limit (a server that never tells one costs nothing).
+    if limit > 0 or (mode == 2 and (not is_tok or probing)) then
       local horizon = now - period - margin
       local need = is_tok and need_tokens or 1
       local used
@@ -141,7 +144,6 @@ for b = 1, n do
     end
   end
   if cool > now then wait = math.max(wait, cool - now) end
-  local probing = probe > 0 and tonumber(st[2] or '0') <= now
   if probing and tonumber(st[3] or '0') > now then
     -- its probe is still out: look again soon (its answer, or its expiry, frees the scope)
     wait = math.max(wait, math.min(tonumber(st[3]) - now, 250))
