@@ -264,21 +264,42 @@ def _session() -> aiohttp.ClientSession:
 
 
 async def _body_sending(session: Any, context: Any, params: Any) -> None:
-    """aiohttp trace hook, awaited right before a chunk of the request body is written."""
+    """aiohttp trace hook, awaited right before a chunk of the request body is written (after the
+    connection is made: a new connection in a burst can take long). Runs the row's ``on_send``
+    once: passed with the request (``api_client: "aiohttp"``) or, through the SDK, which does not
+    pass it on, in a context variable the row's task set."""
     hooks = context.trace_request_ctx
-    callback = hooks.pop("on_send", None) if isinstance(hooks, dict) else None
+    if isinstance(hooks, dict):
+        callback = hooks.pop("on_send", None)
+    else:
+        callback = _on_send.get()
+        _on_send.set(None)
     if callback is not None:
         callback()
 
 
 async def _request_leaving(request: Any) -> None:
-    """The SDK's HTTP client's request hook: the last step before its transport writes the request
-    (in the same step of the event loop, on a kept-alive connection). Runs the row's ``on_send``
-    once; the row's task set it in a context variable."""
+    """Fallback when the SDK's aiohttp transport cannot take our session: httpx's request hook,
+    the last step before the transport (a new connection is made after it)."""
     callback = _on_send.get()
     if callback is not None:
         _on_send.set(None)
         callback()
+
+
+def _sdk_http_client() -> Any:
+    """The SDK's aiohttp-based HTTP client on the loop's aiohttp session, whose trace hook reads
+    the send time right before the body is written; the request hook when that is not possible."""
+    try:
+        from openai._vendor.httpx_aiohttp import AiohttpTransport  # the SDK's own aiohttp transport
+    except ImportError:
+        return openai.DefaultAioHttpClient(
+            # the engine bounds the requests in flight: the pool must not (aiohttp's default of 100
+            # connections would hold sends back after their stamps)
+            limits=type(openai.DEFAULT_CONNECTION_LIMITS)(
+                max_connections=1_000_000, max_keepalive_connections=None, keepalive_expiry=KEEPALIVE),
+            event_hooks={"request": [_request_leaving]})
+    return openai.DefaultAioHttpClient(transport=AiohttpTransport(client=_session()))
 
 
 def _sdk_client(key: ApiKey, timeout: float) -> openai.AsyncOpenAI:
@@ -290,12 +311,7 @@ def _sdk_client(key: ApiKey, timeout: float) -> openai.AsyncOpenAI:
     if client is None:
         http = _http.get(loop)
         if http is None:
-            http = _http[loop] = openai.DefaultAioHttpClient(
-                # the engine bounds the requests in flight: the pool must not (aiohttp's default
-                # of 100 connections would hold sends back after their stamps)
-                limits=type(openai.DEFAULT_CONNECTION_LIMITS)(
-                    max_connections=1_000_000, max_keepalive_connections=None, keepalive_expiry=KEEPALIVE),
-                event_hooks={"request": [_request_leaving]})
+            http = _http[loop] = _sdk_http_client()
         common: dict[str, Any] = {"api_key": key.secret.get_secret_value(), "max_retries": 0, "timeout": timeout,
                                   "http_client": http, "default_headers": {"User-Agent": USER_AGENT, **dict(key.headers)}}
         if key.azure is not None:
@@ -309,8 +325,7 @@ def _sdk_client(key: ApiKey, timeout: float) -> openai.AsyncOpenAI:
 
 def warm_up(api_client: str = "openai") -> None:
     """Create the running loop's connection pool now, not between an admission and its request."""
-    if api_client == "aiohttp":
-        _session()
+    _session()
 
 
 async def close_clients() -> None:
