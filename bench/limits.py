@@ -41,6 +41,8 @@ from opt_queue.simapi import SimConfig, SimKey, SimServer, count_tokens
 from opt_queue.tokens import estimate_tokens
 
 
+EXTRA: dict = {}
+"""Config fields added to every run (``--set``)."""
 PROMPT_CHARS = 3000
 MAX_TOKENS = 100
 
@@ -81,6 +83,7 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
                   "backoff_base": 0.2, "backoff_max": 2, "log_level": "WARNING"}
         if limits == "configured":
             config["limits"] = limit
+        config.update(EXTRA)
         (d / "config.json").write_text(json.dumps(config))
         os.chmod(d / "config.json", 0o600)
         started = time.monotonic()
@@ -115,16 +118,18 @@ def main() -> None:
     ap.add_argument("--margin", type=float, default=0.25, help="safety_margin: the margin's cap, seconds")
     ap.add_argument("--fraction", type=float, default=0.01, help="safety_fraction: the margin's share of a window")
     ap.add_argument("--limits", choices=["configured", "discovered", "both"], default="both")
+    ap.add_argument("--set", default="{}", help='more config fields, as JSON: \'{"rows_per_task": 16}\'')
     ap.add_argument("--tokens", choices=["chars4", "estimate"], default=None,
                     help="token-bound rows; each key allows R rows' worth of tokens as the simulated API "
                          "counts them (chars4) or as opt-queue estimates them (estimate)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=500, help="rows in flight per worker process")
     args = ap.parse_args()
+    EXTRA.update(json.loads(args.set))
     print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"# latency {args.latency}s, {args.errors:.0%} transient errors, margin {args.fraction:.0%} "
           f"of a window up to {args.margin}s, tokens: {args.tokens or 'no (request-bound)'}, "
-          f"{args.workers} worker processes x {args.concurrency} rows in flight")
+          f"{args.workers} worker processes x {args.concurrency} rows in flight, settings {EXTRA or 'default'}")
     cols = ["keys", "limits", "limit", "rows", "answered", "calls", "ideal_s", "active_s", "wall_s", "calls_per_s_active",
             "combined_limit_per_s", "active_ratio", "end_to_end_ratio", "http_429", "injected_errors"]
     print("| " + " | ".join(cols) + " |")
