@@ -74,8 +74,11 @@ def test_redis_restart_mid_run_loses_nothing(tmp_path: Path, sim: SimServer) -> 
     try:
         data = write_jsonl(tmp_path / "data.jsonl", seed_rows(300))
         out = tmp_path / "output.jsonl"
+        # tasks of 16 rows: with a 3 s visibility timeout, a task of one row may wait for a slot only
+        # 1 s before it goes back to the queue, and 300 of them churn for minutes on 4 slots (one
+        # task per row is covered by test_trust's kill test)
         config = write_config(tmp_path / "config.json", sim, broker_url=server.url, visibility_timeout=3,
-                              model={"name": MODEL})
+                              model={"name": MODEL}, rows_per_task=16)
         c = ("-c", str(config))
         assert cli("submit", str(data), *c, "-o", str(out)).returncode == 0
         worker = start_cli("worker", *c, "--concurrency", "4", log=tmp_path / "worker.log")

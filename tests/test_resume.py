@@ -21,8 +21,9 @@ def test_killed_worker_and_collector_resume_on_a_shared_broker(tmp_path: Path, s
     sim.configure(latency=0.05)
     data = write_jsonl(tmp_path / "data.jsonl", seed_rows(300))
     out = tmp_path / "output.jsonl"
+    # tasks of 16 rows: see test_faults.test_redis_restart_mid_run_loses_nothing
     config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, visibility_timeout=3,
-                          model={"name": MODEL})
+                          model={"name": MODEL}, rows_per_task=16)
     c = ("-c", str(config))
     first = cli("submit", str(data), *c, "-o", str(out))
     assert first.returncode == 0 and "enqueued 300 rows" in first.stdout, first.stderr
