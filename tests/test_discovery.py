@@ -107,7 +107,7 @@ def test_a_server_without_headers_teaches_its_limit_by_429s(tmp_path: Path, sim:
 
 
 def test_slow_down_lowers_the_rate_and_every_row_is_answered(tmp_path: Path, sim: SimServer) -> None:
-    sim.configure(keys=[SimKey(FAST, rpm=6000)], minute=6.0, slow_down_above=40)
+    sim.configure(keys=[SimKey(FAST, rpm=6000)], minute=6.0, slow_down_above=15)
     data = write_jsonl(tmp_path / "data.jsonl", seed_rows(40))
     config = seed_config(tmp_path / "config.json", sim, [FAST], concurrency=64, max_retries=0)
     out = tmp_path / "output.jsonl"

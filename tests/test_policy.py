@@ -23,7 +23,7 @@ def sim_keys(n: int, prefix: str = "sk-fleet", **limits: int | str | None) -> li
 def test_fleet_of_three_workers_never_exceeds_any_key_limit(tmp_path: Path, sim: SimServer, redis_url: str) -> None:
     keys = sim_keys(10, rpm=6, tpm=2500)
     sim.configure(keys=keys, minute=2.0, latency=0.05, latency_jitter=0.1)
-    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(300))
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(180))
     config = write_config(tmp_path / "config.json", sim, api_keys=[k.key for k in keys], broker_url=redis_url,
                           limits={"requests": ["6/2s"], "tokens": ["2500/2s"]}, safety_margin=0.2,
                           concurrency=8)
@@ -33,10 +33,10 @@ def test_fleet_of_three_workers_never_exceeds_any_key_limit(tmp_path: Path, sim:
 
     assert result.returncode == 0, result.stderr
     lines = read_jsonl(out)
-    assert len(lines) == 300 and all(v for line in lines for v in line.values())
+    assert len(lines) == 180 and all(v for line in lines for v in line.values())
     stats = sim.stats()
     assert stats["rate_limited"] == 0, f"our own traffic must never meet a 429: {stats['refusals']}"
-    assert stats["answered"] == 300 and len(stats["per_key"]) == 10
+    assert stats["answered"] == 180 and len(stats["per_key"]) == 10
 
 
 def test_dead_keys_are_retired_and_the_job_finishes_on_the_others(tmp_path: Path, sim: SimServer,
@@ -165,11 +165,11 @@ def test_token_bound_rows_with_max_tokens_meet_no_429(tmp_path: Path, sim: SimSe
     # ~1,000 prompt tokens, max_tokens 1,000, answers of ~12 tokens: the server counts ~2,000 per
     # row (3 to a window); settled down to usage (~1,000) the window would seem to have room for 5
     rows = [{"index": str(i), "max_tokens": 1000,
-             "messages": [{"role": "user", "content": f"{i} " + "word " * 800}]} for i in range(10)]
+             "messages": [{"role": "user", "content": f"{i} " + "word " * 800}]} for i in range(7)]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     out = tmp_path / "output.jsonl"
     config = write_config(tmp_path / "config.json", sim, limits={"tokens": ["8000/4s"]}, concurrency=16)
     result = cli("run", str(data), "-c", str(config), "-o", str(out), "--workers", "1", timeout=120)
     assert result.returncode == 0, result.stderr
     assert all(v for line in read_jsonl(out) for v in line.values())
-    assert sim.stats()["rate_limited"] == 0 and sim.stats()["calls"] == 10
+    assert sim.stats()["rate_limited"] == 0 and sim.stats()["calls"] == 7
