@@ -70,15 +70,13 @@ def bench_collect(d: Path, server: EmbeddedRedis, rows: int) -> dict:
     client.flushall()
     job = Job(client, "bench-collect")
     job.begin_submit(total=rows, input=str(d / "data.jsonl"))
-    job.claim((i, False) for i in range(rows))
+    job.claim(str(i) for i in range(rows))
     pipe_every = 5000
     for start in range(0, rows, pipe_every):
         pipe = client.pipeline(transaction=False)
         for i in range(start, min(rows, start + pipe_every)):
-            r = RowResult(seq=i, index=str(i), answer=f"answer to row {i}", attempts=1, key="key-bench")
-            job._scripts.publish(keys=[keys.job_done(job.id), keys.job_answered(job.id), job.meta_key,
-                                       keys.job_results(job.id)],
-                                 args=[i, 1, 10, 5, *r.to_fields().popitem()], client=pipe)
+            r = RowResult(index=str(i), answer=f"answer to row {i}", attempts=1, key="key-bench")
+            job._scripts.publish(client=pipe, **job._publish_call(r))
         pipe.execute()
     job.end_submit()
     out = d / "collected.jsonl"
