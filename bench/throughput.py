@@ -27,7 +27,6 @@ from pathlib import Path
 
 import redis
 
-from opt_queue import keys
 from opt_queue.collector import Collector
 from opt_queue.dataset import read_output
 from opt_queue.jobs import Job, RowResult
