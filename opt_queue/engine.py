@@ -6,7 +6,7 @@ One :class:`Engine` per worker process holds the config, the Redis connection an
 =============  ===========================================  =========================================
 class          examples                                     what happens
 =============  ===========================================  =========================================
-rate limited   429 rate_limit_exceeded, 503 slow_down         cool (slow) the key, other key, no attempt used
+rate limited   429 rate_limit_exceeded, 503 slow_down       cool (slow) the key, other key, no attempt used
 key dead       401, 403, 429 insufficient_quota             retire the key for the job, other key
 transient      5xx, timeout, connection error, bad body     backoff with jitter, up to max_retries
 too long       400 context_length_exceeded                  once on the fallback model, else null
