@@ -276,7 +276,7 @@ def test_a_scope_that_never_answered_takes_one_request_at_a_time(make) -> None:
 
 
 # -- against a model of the windows -------------------------------------------------------------
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(limit=st.integers(1, 4), period_ms=st.integers(60, 2000), tok_limit=st.integers(50, 200),
        ops=st.lists(st.tuples(st.integers(1, 80), st.integers(0, 800), st.booleans()), min_size=1, max_size=25))
 def test_limiter_matches_the_sliding_log_model(redis_url: str, rclient: redis.Redis, limit: int, period_ms: int,
