@@ -57,7 +57,9 @@ def test_worker_cut_off_from_redis_mid_run_has_its_rows_redelivered(tmp_path: Pa
     try:
         data = write_jsonl(tmp_path / "data.jsonl", seed_rows(200))
         out = tmp_path / "output.jsonl"
-        common = {"visibility_timeout": 3, "model": {"name": MODEL}}
+        # leases of 10 s: the cut-off worker's rows come back after one lease (the default 30 s is
+        # test_trust's kill test); what this test proves does not depend on the length
+        common = {"visibility_timeout": 3, "model": {"name": MODEL}, "lease_seconds": 10}
         config_here = write_config(tmp_path / "here.json", sim, broker_url=server.url_for("127.0.0.1"), **common)
         config_there = write_config(tmp_path / "there.json", sim, broker_url=server.url_for(here), **common)
         config_there.write_text(config_there.read_text().replace(sim.base_url_for("127.0.0.1"), sim.base_url_for(here)))

@@ -23,7 +23,7 @@ def test_killed_worker_and_collector_resume_on_a_shared_broker(tmp_path: Path, s
     out = tmp_path / "output.jsonl"
     # tasks of 16 rows: see test_faults.test_redis_restart_mid_run_loses_nothing
     config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, visibility_timeout=3,
-                          model={"name": MODEL}, rows_per_task=16)
+                          model={"name": MODEL}, rows_per_task=16, lease_seconds=10)
     c = ("-c", str(config))
     first = cli("submit", str(data), *c, "-o", str(out))
     assert first.returncode == 0 and "enqueued 300 rows" in first.stdout, first.stderr
