@@ -36,7 +36,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -44,11 +44,13 @@ import redis
 from opt_queue import keys
 from opt_queue.app import app
 from opt_queue.jobs import Job, _JobBase
+from opt_queue.request import CHAT_URL
 
 log = logging.getLogger(__name__)
 
 ROWS_TASK = "opt_queue.rows"
-TaskRow = tuple[str, dict[str, Any]]
+TaskRow = Sequence[Any]
+"""``[index, request]`` or ``[index, request, url]`` (see :func:`split_row`)."""
 """One row as a task carries it: ``(index, request body)``; the key never travels."""
 
 LEASE_SECONDS = 30.0
@@ -59,6 +61,14 @@ TAKEN, HELD, DONE = 1, 0, 2
 
 
 # -- messages ------------------------------------------------------------------------------------
+def split_row(row: Sequence[Any]) -> tuple[str, dict[str, Any], str]:
+    """``(index, request, endpoint url)`` of a task's row: ``[index, request]`` (a chat completion),
+    ``[index, request, url]``, or 0.1's ``[seq, index, request]``."""
+    if isinstance(row[-1], dict):
+        return str(row[-2]), row[-1], CHAT_URL
+    return str(row[0]), row[1], str(row[2])
+
+
 def args_repr(job_id: str, rows: Iterable[TaskRow] | Iterable[list[Any]]) -> str:
     """What Flower and the logs show of a task's arguments: the job and the rows' indices only."""
     return repr((job_id, [row[0] for row in rows]))
@@ -119,7 +129,7 @@ def _rows_of(message: dict[str, Any]) -> tuple[str, list[str]] | None:
         return None
     try:
         args = json.loads(base64.b64decode(message["body"]))[0]
-        return str(args[0]), [str(row[0]) for row in args[1]]
+        return str(args[0]), [split_row(row)[0] for row in args[1]]
     except (KeyError, IndexError, TypeError, ValueError):
         return None
 

@@ -1,4 +1,4 @@
-"""One chat-completion call, and what its failure means.
+"""One API call of any endpoint, and what its failure means.
 
 Calls go through the official ``openai`` SDK (``api_client: "openai"``, the default):
 ``AsyncOpenAI`` on the SDK's aiohttp transport, one client per key and base URL, kept open, all
@@ -31,8 +31,9 @@ from typing import Any
 import aiohttp
 import openai
 
-from opt_queue import __version__
+from opt_queue import __version__, answers
 from opt_queue.config import ApiKey
+from opt_queue.request import CHAT_URL, ENDPOINTS
 
 
 class Kind(enum.Enum):
@@ -63,17 +64,6 @@ class Failure:
     def reason(self) -> str:
         """Short machine-readable reason: the API's code, else the kind."""
         return self.code or self.kind.value
-
-
-@dataclass
-class Answer:
-    """A successful call."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str | None
-    headers: dict[str, str]
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
@@ -196,18 +186,6 @@ class CallFailed(Exception):
         self.failure = failure
 
 
-class BadResponse(Exception):
-    """A 200 response that holds no usable answer (malformed JSON, empty choices)."""
-
-
-class ContentFiltered(Exception):
-    """The model withheld the answer (``finish_reason: content_filter``)."""
-
-
-class Refused(Exception):
-    """The model refused (``message.refusal``, under structured outputs): final, never retried."""
-
-
 def classify(exc: BaseException) -> Failure:
     """Classify an exception raised by :func:`call`."""
     if isinstance(exc, CallFailed):
@@ -227,18 +205,15 @@ def classify(exc: BaseException) -> Failure:
         return Failure(Kind.TRANSIENT, "the request timed out", code="timeout")
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return Failure(Kind.TRANSIENT, f"connection error: {type(exc).__name__}", code="connection_error")
-    if isinstance(exc, ContentFiltered):
+    if isinstance(exc, answers.ContentFiltered):
         return Failure(Kind.BAD_ROW, str(exc), code="content_filter")
-    if isinstance(exc, Refused):
+    if isinstance(exc, answers.Refused):
         return Failure(Kind.BAD_ROW, str(exc), code="refusal")
-    if isinstance(exc, BadResponse):
+    if isinstance(exc, answers.BadResponse):
         return Failure(Kind.TRANSIENT, str(exc), code="bad_response")
     return Failure(Kind.TRANSIENT, f"unexpected {type(exc).__name__}: {exc}", code="unexpected_error")
 
 
-_sessions: dict[int, aiohttp.ClientSession] = {}
-_http: dict[int, Any] = {}
-_clients: dict[tuple[int, str, str], openai.AsyncOpenAI] = {}
 _on_send: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("opt_queue_on_send", default=None)
 USER_AGENT = f"opt-queue/{__version__}"
 for _name in ("httpx", "httpx2", "openai"):  # one INFO line per request would drown the worker log
@@ -246,21 +221,7 @@ for _name in ("httpx", "httpx2", "openai"):  # one INFO line per request would d
 KEEPALIVE = 60.0
 """Idle connections are kept a minute: a burst after a quiet limit window reuses them instead of
 opening hundreds at once (slow, and it delays requests past their stamp)."""
-
-
-def _session() -> aiohttp.ClientSession:
-    """The running loop's aiohttp session (``api_client: "aiohttp"``): one connection pool for
-    every key (the engine bounds the requests in flight, so the pool itself is unbounded)."""
-    loop = asyncio.get_running_loop()
-    session = _sessions.get(id(loop))
-    if session is None or session.closed:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=KEEPALIVE)
-        trace = aiohttp.TraceConfig()
-        trace.on_request_chunk_sent.append(_body_sending)
-        session = _sessions[id(loop)] = aiohttp.ClientSession(
-            connector=connector, trace_configs=[trace],
-            headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"})
-    return session
+KEPT_HEADERS = ("x-ratelimit", "retry", "x-request-id")
 
 
 async def _body_sending(session: Any, context: Any, params: Any) -> None:
@@ -287,140 +248,174 @@ async def _request_leaving(request: Any) -> None:
         callback()
 
 
-def _sdk_http_client() -> Any:
-    """The SDK's aiohttp-based HTTP client on the loop's aiohttp session, whose trace hook reads
-    the send time right before the body is written; the request hook when that is not possible."""
+@dataclass
+class Answer:
+    """A successful call: what the endpoint answered, and the response's headers the engine needs
+    (limits, retry hints, the request id)."""
+
+    reply: answers.Reply
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+    @property
+    def request_id(self) -> str | None:
+        return self.headers.get("x-request-id")
+
+
+def _kept(headers: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(KEPT_HEADERS)}
+
+
+def _json(text: str) -> Any:
     try:
-        from openai._vendor.httpx_aiohttp import AiohttpTransport  # the SDK's own aiohttp transport
-    except ImportError:
-        return openai.DefaultAioHttpClient(
-            # the engine bounds the requests in flight: the pool must not (aiohttp's default of 100
-            # connections would hold sends back after their stamps)
-            limits=type(openai.DEFAULT_CONNECTION_LIMITS)(
-                max_connections=1_000_000, max_keepalive_connections=None, keepalive_expiry=KEEPALIVE),
-            event_hooks={"request": [_request_leaving]})
-    return openai.DefaultAioHttpClient(transport=AiohttpTransport(client=_session()))
-
-
-def _sdk_client(key: ApiKey, timeout: float) -> openai.AsyncOpenAI:
-    """The ``AsyncOpenAI`` client of ``key`` on the running loop (one per key and base URL, kept
-    open; all of them share the loop's HTTP client, so one connection pool)."""
-    loop = id(asyncio.get_running_loop())
-    ident = (loop, key.fingerprint, key.api_base)
-    client = _clients.get(ident)
-    if client is None:
-        http = _http.get(loop)
-        if http is None:
-            http = _http[loop] = _sdk_http_client()
-        common: dict[str, Any] = {"api_key": key.secret.get_secret_value(), "max_retries": 0, "timeout": timeout,
-                                  "http_client": http, "default_headers": {"User-Agent": USER_AGENT, **dict(key.headers)}}
-        if key.azure is not None:
-            client = openai.AsyncAzureOpenAI(azure_endpoint=key.azure.endpoint, api_version=key.azure.api_version,
-                                             azure_deployment=key.azure.deployment, **common)
-        else:
-            client = openai.AsyncOpenAI(base_url=key.api_base, **common)
-        _clients[ident] = client
-    return client
-
-
-def warm_up(api_client: str = "openai") -> None:
-    """Create the running loop's connection pool now, not between an admission and its request."""
-    _session()
-
-
-async def close_clients() -> None:
-    """Close the running loop's HTTP clients (their connection pools)."""
-    loop = id(asyncio.get_running_loop())
-    session = _sessions.pop(loop, None)
-    if session is not None:
-        await session.close()
-    for ident in [i for i in _clients if i[0] == loop]:
-        del _clients[ident]
-    http = _http.pop(loop, None)
-    if http is not None:
-        await http.aclose()
-
-
-async def call(key: ApiKey, body: dict[str, Any], timeout: float,
-               on_send: Callable[[], None] | None = None, api_client: str = "openai") -> Answer:
-    """Send one chat completion with ``key``; return the first choice's content, stripped.
-
-    ``on_send`` is called (once, synchronously) right before the request leaves: the limiter reads
-    the send time then. Nothing is retried here: the engine's policy decides. Errors raise the
-    SDK's exceptions (or, with ``api_client: "aiohttp"``, :class:`CallFailed`, a timeout or an
-    ``aiohttp.ClientError``), :class:`BadResponse`, :class:`ContentFiltered` or :class:`Refused`;
-    :func:`classify` says what each means.
-    """
-    if api_client == "aiohttp":
-        return await _call_aiohttp(key, body, timeout, on_send)
-    client = _sdk_client(key, timeout)
-    params = dict(body)
-    model, messages = params.pop("model"), params.pop("messages")
-    token = _on_send.set(on_send)
-    try:
-        raw = await client.chat.completions.with_raw_response.create(
-            model=model, messages=messages, extra_body=params or None, timeout=timeout)
-    finally:
-        _on_send.reset(token)
-    kept = {k.lower(): v for k, v in raw.headers.items() if k.lower().startswith(("x-ratelimit", "retry"))}
-    try:
-        data = json.loads(raw.http_response.text)
+        return json.loads(text)
     except ValueError:
-        raise BadResponse("the server answered 200 with a body that is not JSON") from None
-    return _answer(data, kept)
+        raise answers.BadResponse("the server answered 200 with a body that is not JSON") from None
 
 
-async def _call_aiohttp(key: ApiKey, body: dict[str, Any], timeout: float,
-                        on_send: Callable[[], None] | None) -> Answer:
-    if key.azure is not None:
-        raise ValueError("Azure keys need api_client \"openai\"")
-    payload = json.dumps(body, ensure_ascii=False).encode()
-    url = key.api_base.rstrip("/") + "/chat/completions"
-    headers = {**dict(key.headers), "Authorization": "Bearer " + key.secret.get_secret_value()}
-    session = _session()
-    async with session.post(url, data=payload, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout),
-                            trace_request_ctx={"on_send": on_send}) as response:
-        raw = await response.read()
-        status, got = response.status, response.headers
-    text = raw.decode("utf-8", errors="replace")
-    if status >= 400:
+class ApiClients:
+    """The API side of one event loop, which the engine is given: one client per key and base
+    URL, kept open, all on one connection pool. :meth:`call` sends one request of any endpoint.
+
+    ``api_client: "openai"`` (the default) goes through the official SDK (``AsyncOpenAI`` or
+    ``AsyncAzureOpenAI`` on the SDK's aiohttp transport); ``"aiohttp"`` sends the same documented
+    wire format over aiohttp directly. Another object with the same ``call``/``warm_up``/``close``
+    may stand in (a test double, another lane)."""
+
+    def __init__(self, api_client: str = "openai") -> None:
+        self.kind = api_client
+        self._session: aiohttp.ClientSession | None = None
+        self._http: Any = None
+        self._clients: dict[tuple[str, str], openai.AsyncOpenAI] = {}
+
+    def __repr__(self) -> str:
+        return f"<ApiClients {self.kind} clients={len(self._clients)}>"
+
+    def session(self) -> aiohttp.ClientSession:
+        """The loop's aiohttp session: one connection pool for every key (the engine bounds the
+        requests in flight, so the pool itself is unbounded)."""
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=KEEPALIVE)
+            trace = aiohttp.TraceConfig()
+            trace.on_request_chunk_sent.append(_body_sending)
+            self._session = aiohttp.ClientSession(
+                connector=connector, trace_configs=[trace],
+                headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"})
+        return self._session
+
+    def warm_up(self) -> None:
+        """Create the connection pool now, not between an admission and its request."""
+        self.session()
+
+    def _sdk_http_client(self) -> Any:
+        """The SDK's aiohttp-based HTTP client on our session, whose trace hook reads the send time
+        right before the body is written; the request hook when that is not possible."""
         try:
-            error_body = json.loads(text)
-        except ValueError:
-            error_body = None
-        raise CallFailed(classify_status(status, error_body, got, text))
-    kept = {k.lower(): v for k, v in got.items() if k.lower().startswith(("x-ratelimit", "retry"))}
-    try:
-        data = json.loads(text)
-    except ValueError:
-        raise BadResponse("the server answered 200 with a body that is not JSON") from None
-    return _answer(data, kept)
+            from openai._vendor.httpx_aiohttp import AiohttpTransport  # the SDK's own aiohttp transport
+        except ImportError:
+            return openai.DefaultAioHttpClient(
+                # the engine bounds the requests in flight: the pool must not (aiohttp's default of
+                # 100 connections would hold sends back after their stamps)
+                limits=type(openai.DEFAULT_CONNECTION_LIMITS)(
+                    max_connections=1_000_000, max_keepalive_connections=None, keepalive_expiry=KEEPALIVE),
+                event_hooks={"request": [_request_leaving]})
+        return openai.DefaultAioHttpClient(transport=AiohttpTransport(client=self.session()))
 
+    def client(self, key: ApiKey, timeout: float) -> openai.AsyncOpenAI:
+        """The SDK client of ``key`` (one per key and base URL, kept open)."""
+        ident = (key.fingerprint, key.api_base)
+        found = self._clients.get(ident)
+        if found is None:
+            if self._http is None:
+                self._http = self._sdk_http_client()
+            common: dict[str, Any] = {"api_key": key.secret.get_secret_value(), "max_retries": 0,
+                                      "timeout": timeout, "http_client": self._http,
+                                      "default_headers": {"User-Agent": USER_AGENT, **dict(key.headers)}}
+            if key.azure is not None:
+                found = openai.AsyncAzureOpenAI(azure_endpoint=key.azure.endpoint, api_version=key.azure.api_version,
+                                                azure_deployment=key.azure.deployment, **common)
+            else:
+                found = openai.AsyncOpenAI(base_url=key.api_base, **common)
+            self._clients[ident] = found
+        return found
 
-def _answer(data: Any, headers: dict[str, str]) -> Answer:
-    """The answer of a 200 response: the first choice's text, stripped; or, when the model called
-    tools instead of writing text, its ``tool_calls`` as a JSON array. A refusal raises
-    :class:`Refused`, a withheld answer :class:`ContentFiltered`, no usable choice :class:`BadResponse`."""
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not choices or not isinstance(choices[0], dict):
-        raise BadResponse("the server answered 200 with no choices")
-    choice = choices[0]
-    message = choice.get("message") or {}
-    content = message.get("content")
-    finish = choice.get("finish_reason")
-    if message.get("refusal"):
-        raise Refused(f"the model refused: {message['refusal']}")
-    if content is None or (not str(content).strip() and message.get("tool_calls")):
-        if message.get("tool_calls"):
-            content = json.dumps(message["tool_calls"], ensure_ascii=False)
-        elif finish == "content_filter":
-            raise ContentFiltered("the answer was withheld by the content filter")
+    async def close(self) -> None:
+        """Close the connection pools."""
+        self._clients.clear()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def call(self, key: ApiKey, url: str, body: dict[str, Any], timeout: float,
+                   on_send: Callable[[], None] | None = None) -> Answer:
+        """Send one request of endpoint ``url`` with ``key``; return its :class:`Answer`.
+
+        ``on_send`` is called (once, synchronously) right before the request leaves: the limiter
+        reads the send time then. Nothing is retried here: the engine's policy decides. Errors
+        raise the SDK's exceptions (or, with ``api_client: "aiohttp"``, :class:`CallFailed`, a
+        timeout or an ``aiohttp.ClientError``), or ``answers``' BadResponse, ContentFiltered or
+        Refused; :func:`classify` says what each means.
+        """
+        if self.kind == "aiohttp":
+            data, headers = await self._call_aiohttp(key, url, body, timeout, on_send)
         else:
-            raise BadResponse(f"the server answered with no content (finish_reason {finish!r})")
-    usage = data.get("usage") or {}
-    return Answer(text=str(content).strip(), prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                  completion_tokens=int(usage.get("completion_tokens") or 0),
-                  finish_reason=finish, headers=headers)
+            token = _on_send.set(on_send)
+            try:
+                raw = await _sdk_create(self.client(key, timeout), url, body, timeout)
+            finally:
+                _on_send.reset(token)
+            data, headers = _json(raw.http_response.text), _kept(raw.headers)
+        return Answer(answers.read(url, data), data, headers)
+
+    async def _call_aiohttp(self, key: ApiKey, url: str, body: dict[str, Any], timeout: float,
+                            on_send: Callable[[], None] | None) -> tuple[Any, dict[str, str]]:
+        if key.azure is not None:
+            raise ValueError("Azure keys need api_client \"openai\"")
+        payload = json.dumps(body, ensure_ascii=False).encode()
+        target = key.api_base.rstrip("/") + "/" + ENDPOINTS[url].path
+        headers = {**dict(key.headers), "Authorization": "Bearer " + key.secret.get_secret_value()}
+        async with self.session().post(target, data=payload, headers=headers,
+                                       timeout=aiohttp.ClientTimeout(total=timeout),
+                                       trace_request_ctx={"on_send": on_send}) as response:
+            raw = await response.read()
+            status, got = response.status, response.headers
+        text = raw.decode("utf-8", errors="replace")
+        if status >= 400:
+            try:
+                error_body = json.loads(text)
+            except ValueError:
+                error_body = None
+            raise CallFailed(classify_status(status, error_body, got, text))
+        return _json(text), _kept(got)
+
+
+async def _sdk_create(client: openai.AsyncOpenAI, url: str, body: dict[str, Any], timeout: float) -> Any:
+    """One request through the SDK's own method for the endpoint, as a raw response (its headers
+    reach the limiter; no typed object is built). Parameters the method does not name travel in
+    ``extra_body``, as the SDK documents."""
+    p = dict(body)
+    model = p.pop("model", None)
+    if url == CHAT_URL:
+        messages = p.pop("messages")
+        return await client.chat.completions.with_raw_response.create(
+            model=model, messages=messages, extra_body=p or None, timeout=timeout)
+    if url == "/v1/responses":
+        return await client.responses.with_raw_response.create(model=model, extra_body=p or None, timeout=timeout)
+    if url == "/v1/embeddings":
+        # the SDK asks for base64 unless told, and decodes it only when it builds the typed object
+        encoding = p.pop("encoding_format", "float")
+        return await client.embeddings.with_raw_response.create(
+            model=model, input=p.pop("input"), encoding_format=encoding, extra_body=p or None, timeout=timeout)
+    if url == "/v1/completions":
+        return await client.completions.with_raw_response.create(
+            model=model, prompt=p.pop("prompt"), extra_body=p or None, timeout=timeout)
+    if url == "/v1/moderations":
+        return await client.moderations.with_raw_response.create(
+            input=p.pop("input"), model=model, extra_body=p or None, timeout=timeout)
+    raise ValueError(f"no endpoint {url}")
 
 
 def redact(text: str, secrets: list[str]) -> str:

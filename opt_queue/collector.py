@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import redis
 
-from opt_queue import keys
+from opt_queue import formats, keys
 from opt_queue.broker import LEASE_SECONDS, LostRows, recover_stale
 from opt_queue.config import Config
 from opt_queue.dataset import (
@@ -32,7 +32,6 @@ from opt_queue.dataset import (
     atomic_write,
     beside,
     iter_indices,
-    output_line,
     read_output,
     repair_tail,
     rewrite_output,
@@ -47,15 +46,6 @@ CONSUMER = "collector"
 READ_COUNT = 2000
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 BLOCK_MS = 500
-
-
-def error_line(r: RowResult) -> str:
-    """The errors file's line for a null row (why it is null) or a kept answer with a warning."""
-    entry: dict[str, Any] = {"index": r.index, "error_type": r.error_type, "message": r.error,
-                             "attempts": r.attempts, "key": r.key, "model": r.model}
-    if r.answer is not None:
-        entry.update(error_type="finish_reason_length", message=r.warning, warning=True)
-    return json.dumps(entry, ensure_ascii=False) + "\n"
 
 
 def errors_path(output: str | os.PathLike[str]) -> Path:
@@ -217,6 +207,7 @@ class Collector:
         self.output = Path(output)
         self.errors = errors_path(self.output)
         self._input = input_path
+        self.format = formats.SEED
 
     def __repr__(self) -> str:
         return f"<Collector {self.job.id} -> {self.output}>"
@@ -244,6 +235,7 @@ class Collector:
     def _run(self, follow: bool, on_progress: Callable[[CollectStatus], None],
              should_stop: Callable[[], bool]) -> CollectStatus:
         input_path = self._input_path(follow)
+        self.format = self.job.meta().get("output_format") or formats.SEED
         try:
             order = list(iter_indices(input_path))
         except InputError as exc:
@@ -311,10 +303,10 @@ class Collector:
             new = state.record(r.index, r.answer)
             if (r.answer is None and (new or was_null)) or (r.warning and new):
                 # also when the null line made it to disk before a crash but its reason did not
-                err.write(error_line(r))
+                err.write(formats.error_line(self.format, r) or "")
             if not new:
                 continue
-            out.write(output_line(r.index, r.answer))
+            out.write(formats.line(self.format, r))
             status.written += 1
             if r.index not in inputs:
                 continue
@@ -336,8 +328,10 @@ class Collector:
             with open(self.errors, encoding="utf-8") as fh:
                 for line in fh:
                     try:
-                        index = json.loads(line)["index"]
-                    except (ValueError, KeyError, TypeError):
+                        index = formats.error_index(json.loads(line))
+                    except ValueError:
+                        index = None
+                    if index is None:
                         continue  # a torn line from a crash; the entry was re-read and rewritten
                     warning = '"warning": true' in line
                     if (index in state.nulls and not warning) or (index in state.answered and warning):
@@ -346,7 +340,7 @@ class Collector:
         for line in last_error.values():
             entry = json.loads(line)
             counter = status.warnings if entry.get("warning") else status.null_reasons
-            counter[entry.get("error_type") or "unknown"] += 1
+            counter[entry.get("error_type") or (entry.get("error") or {}).get("code") or "unknown"] += 1
         status.answered = len(state.answered)
         status.nulls = len(state.nulls)
         status.complete = True

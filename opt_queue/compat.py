@@ -27,12 +27,13 @@ from rich.console import Console
 from opt_queue.app import configure
 from opt_queue.collector import errors_path, gather
 from opt_queue.config import Config, ModelConfig, load_config
-from opt_queue.dataset import SEED, Row, merge, row_request
+from opt_queue.dataset import Row, merge
 from opt_queue.jobs import Job
 from opt_queue.local import EmbeddedRedis, LocalWorkers
 from opt_queue.broker import push
 from opt_queue.producer import enqueue, envelopes
 from opt_queue.redis_conn import connect
+from opt_queue.request import seed_messages
 from opt_queue.ui import Display, print_summary
 
 log = logging.getLogger(__name__)
@@ -115,7 +116,7 @@ class ParallelToolkit:
         rows = []
         for seq, (index, original) in enumerate(ids.items()):
             prompt = data[original]
-            _, body = row_request({"index": index, "instruction": prompt.instruction, "input": prompt.input}, SEED)
+            body = {"messages": seed_messages(prompt.instruction, prompt.input)}
             rows.append(Row(seq=seq, line=seq + 1, index=index, body=body, raw={}))
         engine = self._ensure_engine()
         job_id = "api-" + uuid.uuid4().hex[:12]

@@ -294,6 +294,8 @@ class Config(BaseModel):
     broker_url: str | None = Field(default=None, repr=False)  # may hold a password
     concurrency: int = Field(default=256, ge=1, le=16384)
     rows_per_task: int = Field(default=1, ge=1, le=1000)
+    output_format: Literal["auto", "seed", "full", "batch"] = "auto"
+    schema_retries: int = Field(default=2, ge=0, le=10)
     max_queued: int = Field(default=50_000, ge=0)
     visibility_timeout: int = Field(default=3600, ge=1)
     lease_seconds: float = Field(default=30.0, ge=2)

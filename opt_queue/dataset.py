@@ -1,12 +1,7 @@
 """JSONL in and out, with no Redis and no network: input rows, output state, atomic rewrites.
 
-Input formats, detected per file from its first row:
-
-* seed:  ``{"index": "0", "instruction": "...", "input": "..."}``
-* chat:  ``{"index": "7", "messages": [...], ...request params}``
-* batch: ``{"custom_id": "...", "method": "POST", "url": "/v1/chat/completions", "body": {...}}``
-
-Output lines are ``{"<index>": "answer"}`` or ``{"<index>": null}``.
+The input formats and what a row asks for are ``request``'s; the shapes of output lines are
+``formats``' (reading here is format-blind: an answer, or null).
 """
 
 from __future__ import annotations
@@ -20,89 +15,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from opt_queue import formats
 from opt_queue.errors import InputError, OutputError
+from opt_queue.request import CHAT_URL, SEED, BadLine, detect, row_request
 
-SEED, CHAT, BATCH = "seed", "chat", "batch"
 MAX_PROBLEMS_SHOWN = 20
-_BATCH_URLS = {"/v1/chat/completions", "/chat/completions"}
 
 
 @dataclass(frozen=True)
 class Row:
-    """One valid input row: its position, its index, and the chat request it asks for."""
+    """One valid input row: its position, its index, and the request it asks for."""
 
     seq: int
     line: int
     index: str
     body: dict[str, Any]
     raw: dict[str, Any]
-
-
-class BadLine(ValueError):
-    """One input line that cannot become a row."""
-
-
-def _detect(obj: dict[str, Any]) -> str:
-    if "custom_id" in obj:
-        return BATCH
-    if "messages" in obj:
-        return CHAT
-    return SEED
-
-
-def _index(value: Any, field_name: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise BadLine(f'"{field_name}" must be a string (or an integer), not {type(value).__name__}')
-    text = str(value)
-    if not text.strip():
-        raise BadLine(f'"{field_name}" is empty')
-    return text
-
-
-def _messages(value: Any) -> list[dict[str, Any]]:
-    if not isinstance(value, list) or not value:
-        raise BadLine('"messages" must be a non-empty list')
-    for m in value:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-            raise BadLine('every message needs a "role" string and a "content"')
-    return value
-
-
-def row_request(obj: dict[str, Any], fmt: str) -> tuple[str, dict[str, Any]]:
-    """Return ``(index, request body)`` of one parsed line, or raise :class:`BadLine`.
-
-    The body holds ``messages`` and any request parameters the row sets; the job's model and
-    parameters are added by the producer.
-    """
-    if fmt == SEED:
-        if "index" not in obj:
-            raise BadLine('missing "index"')
-        index = _index(obj["index"], "index")
-        for name in ("instruction", "input"):
-            if not isinstance(obj.get(name, ""), str):
-                raise BadLine(f'"{name}" must be a string')
-        if "instruction" not in obj and "input" not in obj:
-            raise BadLine('a seed row needs "instruction" and/or "input" (or use "messages")')
-        instruction, text = obj.get("instruction", ""), obj.get("input", "")
-        messages = [{"role": "system", "content": instruction}] if instruction else []
-        messages.append({"role": "user", "content": text})
-        return index, {"messages": messages}
-    if fmt == CHAT:
-        if "index" not in obj:
-            raise BadLine('missing "index"')
-        index = _index(obj["index"], "index")
-        body = {k: v for k, v in obj.items() if k != "index"}
-        body["messages"] = _messages(obj.get("messages"))
-        return index, body
-    index = _index(obj.get("custom_id"), "custom_id")
-    if obj.get("method", "POST") != "POST" or obj.get("url") not in _BATCH_URLS:
-        raise BadLine('a batch row must have "method": "POST" and "url": "/v1/chat/completions"')
-    body = obj.get("body")
-    if not isinstance(body, dict):
-        raise BadLine('a batch row needs a "body" object')
-    body = dict(body)
-    body["messages"] = _messages(body.get("messages"))
-    return index, body
+    url: str = CHAT_URL
+    """The endpoint (``/v1/chat/completions`` unless a Batch-format row names another)."""
 
 
 def _decode_lines(fh: BinaryIO, digest: Any = None) -> Iterator[tuple[int, str | None, str | None]]:
@@ -147,8 +77,8 @@ def iter_input(path: str | os.PathLike[str], *, skip_bad: bool = False,
                     raise BadLine(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
                 if not isinstance(obj, dict):
                     raise BadLine(f"must be a JSON object, not {type(obj).__name__}")
-                fmt = fmt or _detect(obj)
-                index, body = row_request(obj, fmt)
+                fmt = fmt or detect(obj)
+                index, url, body = row_request(obj, fmt)
                 if index in seen:
                     raise BadLine(f"index {index!r} appears more than once")
             except BadLine as exc:
@@ -158,7 +88,7 @@ def iter_input(path: str | os.PathLike[str], *, skip_bad: bool = False,
                     bad.append((number, str(exc)))
                 continue
             seen.add(index)
-            yield Row(seq=seq, line=number, index=index, body=body, raw=obj)
+            yield Row(seq=seq, line=number, index=index, body=body, raw=obj, url=url)
             seq += 1
 
 
@@ -170,13 +100,17 @@ class InputSummary:
     bad: list[tuple[int, str]] = field(default_factory=list)
     sha256: str = ""
     """Fingerprint of the file's bytes: the job records which input it was submitted from."""
+    format: str = SEED
+    """The input format (``request.SEED``, ``CHAT`` or ``BATCH``), from the first row."""
 
 
 def validate_input(path: str | os.PathLike[str], *, skip_bad: bool = False) -> InputSummary:
     """Read the whole file once; raise :class:`InputError` listing bad lines unless ``skip_bad``."""
     summary = InputSummary()
     digest = hashlib.sha256()
-    for _ in iter_input(path, skip_bad=True, bad=summary.bad, digest=digest):
+    for row in iter_input(path, skip_bad=True, bad=summary.bad, digest=digest):
+        if summary.rows == 0:
+            summary.format = detect(row.raw)
         summary.rows += 1
     summary.sha256 = digest.hexdigest()
     if summary.bad and not skip_bad:
@@ -226,26 +160,34 @@ def check_writable(output: str | os.PathLike[str]) -> None:
             raise OutputError(f"cannot write {p} ({exc.strerror}); fix its permissions (chmod u+w {p})") from None
 
 
-def output_line(index: str, answer: str | None) -> str:
-    """Return the output line (with newline) for one row."""
-    return json.dumps({index: answer}, ensure_ascii=False) + "\n"
-
-
 _DECODE = json.JSONDecoder().decode
 
 
-def _parse_output_line(path: Path, number: int, raw: bytes) -> tuple[str, str | None]:
+def _parse_output_line(path: Path, number: int, raw: bytes) -> tuple[str, Any]:
     try:
         obj = _DECODE(raw.decode("utf-8-sig"))  # json.loads(bytes) spends a third again guessing
     except (ValueError, UnicodeDecodeError):
         obj = None
-    if not isinstance(obj, dict) or len(obj) != 1:
+    parsed = formats.parse(obj)
+    if parsed is None:
         raise OutputError(f"{path}:{number}: this line is not an opt-queue output line "
-                          f'({{"<index>": "answer"}}); is {path} the right output file?')
-    ((index, answer),) = obj.items()
-    if answer is not None and not isinstance(answer, str):
-        raise OutputError(f"{path}:{number}: the answer must be a string or null")
-    return index, answer
+                          f'({{"<index>": "answer"}} or a Batch-format line); is {path} the right output file?')
+    return parsed
+
+
+def output_format(path: str | os.PathLike[str]) -> str | None:
+    """The format of an existing output file's first line (``formats``), None when it has none."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    with open(p, "rb") as fh:
+        for raw in fh:
+            if raw.strip():
+                try:
+                    return formats.format_of(_DECODE(raw.decode("utf-8-sig")))
+                except (ValueError, UnicodeDecodeError):
+                    return None
+    return None
 
 
 def repair_tail(path: str | os.PathLike[str]) -> int:
@@ -374,7 +316,7 @@ class OutputState:
     def has(self, index: str) -> bool:
         return index in self.answered or index in self.nulls
 
-    def record(self, index: str, answer: str | None, offset: int = -1, length: int = 0) -> bool:
+    def record(self, index: str, answer: Any, offset: int = -1, length: int = 0) -> bool:
         """Note one line; return False when it adds nothing (the index is already answered)."""
         if answer is None:
             if index in self.answered or not self.nulls.add(index):
@@ -469,7 +411,7 @@ def rewrite_output(output: str | os.PathLike[str], order: Iterator[str]) -> tupl
 def merge(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
           merged_path: str | os.PathLike[str]) -> int:
     """Write the input rows, each with its ``"output"``, as one JSON array (indent 4)."""
-    answers: dict[str, str | None] = {}
+    answers: dict[str, Any] = {}
     p = Path(output_path)
     if p.exists():
         with open(p, "rb") as fh:

@@ -28,11 +28,13 @@ from typing import Any
 import redis
 import redis.asyncio
 
+from opt_queue import answers, formats
 from opt_queue import client as api
-from opt_queue.broker import DONE, HELD, Leases
+from opt_queue.broker import DONE, HELD, Leases, split_row
 from opt_queue.config import Config
 from opt_queue.jobs import STOPPED, AsyncJob, RowResult
 from opt_queue.limiter import AsyncKeyPool, Lease, Never, Wait
+from opt_queue.request import CHAT_URL, ask_again
 from opt_queue.scripts import run_pipeline
 from opt_queue.tokens import estimate_tokens, estimator
 
@@ -61,7 +63,10 @@ class _Row:
     index: str
     body: dict[str, Any]
     fallback: str | None
+    url: str = CHAT_URL
+    output: str = formats.SEED  # the job's output format: what the result must carry
     attempts: int = 0
+    asked_again: int = 0  # answers that did not match the request's JSON schema
     fallback_used: bool = False
     last_key: str | None = None
     too_large_for: set[str] = field(default_factory=set)
@@ -72,7 +77,7 @@ class _Row:
     server_limits: dict[str, int] = field(default_factory=dict)  # what the answer's headers said
 
     def __post_init__(self) -> None:
-        self.tokens = estimate_tokens(self.body)
+        self.tokens = estimate_tokens(self.body, self.url)
 
 
 class Engine:
@@ -83,9 +88,10 @@ class Engine:
     inside the loop it will run on.
     """
 
-    def __init__(self, config: Config, client: redis.asyncio.Redis) -> None:
+    def __init__(self, config: Config, client: redis.asyncio.Redis, api_clients: Any = None) -> None:
         self.config = config
         self.client = client
+        self.api = api_clients or api.ApiClients(config.api_client)
         self.keys = config.keys()
         self.pool = AsyncKeyPool.from_config(client, config, self.keys)
         self.leases = Leases(client, config.lease_seconds)
@@ -94,19 +100,20 @@ class Engine:
         self._slots = asyncio.Semaphore(config.concurrency)
 
     @classmethod
-    async def start(cls, config: Config, client: redis.asyncio.Redis) -> Engine:
-        """Build the engine on the running loop: describe the keys in Redis, open the HTTP session."""
-        engine = cls(config, client)
+    async def start(cls, config: Config, client: redis.asyncio.Redis, api_clients: Any = None) -> Engine:
+        """Build the engine on the running loop: describe the keys in Redis, open the HTTP session.
+        ``api_clients`` stands in for the API (``client.ApiClients`` of the config's kind when None)."""
+        engine = cls(config, client, api_clients)
         await engine.pool.describe()
         log.info("token estimate: %s", estimator())
-        api.warm_up(config.api_client)
+        engine.api.warm_up()
         engine.leases.start()
         return engine
 
     async def close(self) -> None:
         """Stop renewing leases; close the HTTP session and the Redis connections of this loop."""
         await self.leases.stop()
-        await api.close_clients()
+        await self.api.close()
         await self.client.aclose()
 
     def __repr__(self) -> str:
@@ -115,7 +122,7 @@ class Engine:
     # -- entry points ---------------------------------------------------------------------------
     async def process_rows(self, job_id: str, rows: Sequence[Sequence[Any]],
                            options: dict[str, Any] | None = None) -> list[str | BaseException]:
-        """Run ``[index, body]`` rows concurrently; return each one's outcome or the Redis error
+        """Run ``[index, body(, url)]`` rows concurrently; return each one's outcome or the Redis error
         that kept it from finishing (such a row is neither done nor lost: run it again).
 
         First the rows' leases are taken, in one round trip: a row whose lease another worker
@@ -127,17 +134,17 @@ class Engine:
         (behind the rows already queued) once :meth:`give_back` has ended its lease.
         """
         hold_until = time.monotonic() + self.config.visibility_timeout / 3
-        rows = [(str(r[-2]), r[-1]) for r in rows]  # [index, body]; 0.1 messages had [seq, index, body]
+        parts = [split_row(r) for r in rows]
         job = AsyncJob(self.client, job_id)
         try:
-            status, codes = await self.leases.take(job, [index for index, _ in rows])
+            status, codes = await self.leases.take(job, [index for index, _, _ in parts])
         except redis.RedisError as exc:
             return [exc] * len(rows)
         if status == "unknown":
             log.warning("job %s is unknown (reset, or its state expired): %d rows dropped", job_id, len(rows))
             return [DROPPED] * len(rows)
-        return await asyncio.gather(*(self.process(job, index, body, options, hold_until, codes.get(index))
-                                      for index, body in rows), return_exceptions=True)
+        return await asyncio.gather(*(self.process(job, index, body, options, hold_until, codes.get(index), url)
+                                      for index, body, url in parts), return_exceptions=True)
 
     async def give_back(self, job_id: str, indices: list[str]) -> None:
         """End the leases of rows that are handed back or retried, so their next copy may run."""
@@ -145,7 +152,7 @@ class Engine:
 
     async def process(self, job: AsyncJob, index: str, body: dict[str, Any],
                       options: dict[str, Any] | None = None, hold_until: float = float("inf"),
-                      lease: int | None = None) -> str:
+                      lease: int | None = None, url: str = CHAT_URL) -> str:
         """Run one row to its final result; return what happened (for logs and tests).
         ``lease`` is what taking the row's lease said (None: the job is stopped)."""
         if lease == DONE:
@@ -154,7 +161,9 @@ class Engine:
             lease = await self._wait_for_lease(job, index, hold_until)
             if isinstance(lease, str):
                 return lease
-        row = _Row(job, index, dict(body), (options or {}).get("fallback"), hold_until=hold_until)
+        options = options or {}
+        row = _Row(job, index, dict(body), options.get("fallback"), url=url,
+                   output=options.get("output", formats.SEED), hold_until=hold_until)
         async with self._slots:
             outcome = await self._finish(row)  # a Redis error keeps the lease: the task gives it up
         if outcome != HANDED_BACK:  # else the task gives it up before it enqueues the row again
@@ -303,8 +312,7 @@ class Engine:
             stamped = asyncio.ensure_future(self.pool.stamp(lease, self.pool.clock.now_ms()))
 
         try:
-            answer = await api.call(lease.key, row.body, self.config.request_timeout, on_send=on_send,
-                                    api_client=self.config.api_client)
+            answer = await self.api.call(lease.key, row.url, row.body, self.config.request_timeout, on_send=on_send)
         except Exception as exc:  # every failure is classified; none escapes as a crash
             failure = api.classify(exc)
             failure.message = api.redact(failure.message, self._secrets)
@@ -336,15 +344,51 @@ class Engine:
         except redis.RedisError as exc:
             log.warning("row %s: the limiter's bookkeeping failed after the call (%s); the answer "
                         "is kept", row.index, type(exc).__name__)
-        row.to_settle = (lease, answer.prompt_tokens + answer.completion_tokens)
+        reply = answer.reply
+        used = reply.prompt_tokens + reply.completion_tokens
+        row.to_settle = (lease, used)
         row.server_limits = api.server_limits(answer.headers)
+        parsed, problem, final = self._structured(row, reply)
+        if problem is not None and not final and row.asked_again < self.config.schema_retries:
+            # Ask again with what was wrong; this call is paid and settled now, not with the result.
+            await self.pool.settle(lease, used)
+            await self.pool.learn(lease, row.server_limits)
+            await self.pool.answered(lease)
+            row.to_settle = None
+            row.asked_again += 1
+            log.info("row %s: the answer does not match the JSON schema (%s); asking again (%d/%d)",
+                     row.index, problem, row.asked_again, self.config.schema_retries)
+            row.body = ask_again(row.url, row.body, reply.text, problem)
+            row.tokens = estimate_tokens(row.body, row.url)
+            return None
+        common = {"index": row.index, "key": lease.key.fingerprint, "model": row.body["model"],
+                  "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
+        if problem is not None:
+            return RowResult(answer=None, error_type="schema_invalid", error=problem,
+                             attempts=row.attempts + row.asked_again + 1, **common)
         warning = None
-        if answer.finish_reason == "length":
+        if reply.finish_reason == "length":
             warning = "the answer was cut at the token limit (finish_reason: length); raise max_tokens"
-        return RowResult(index=row.index, answer=answer.text, attempts=row.attempts + 1,
-                         key=lease.key.fingerprint, model=row.body["model"],
-                         prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
-                         warning=warning)
+        detail = None
+        if row.output == formats.FULL:
+            detail = reply.full(parsed)
+        elif row.output == formats.BATCH:
+            detail = {"status_code": 200, "request_id": answer.request_id, "body": answer.body}
+        return RowResult(answer=reply.value, attempts=row.attempts + row.asked_again + 1, warning=warning,
+                         detail=detail, **common)
+
+    @staticmethod
+    def _structured(row: _Row, reply: answers.Reply) -> tuple[Any, str | None, bool]:
+        """``(parsed JSON, problem, final)`` when the request asks for JSON (a schema or a JSON
+        object), else ``(None, None, False)``. An answer that is a tool call is not checked;
+        ``final``: the schema itself is broken, so asking again cannot help."""
+        wanted = answers.schema_of(row.url, row.body)
+        if wanted is None or reply.text is None or reply.tool_calls:
+            return None, None, False
+        try:
+            return (*answers.check(reply.text, *wanted), False)
+        except ValueError as exc:
+            return None, str(exc), True
 
     async def _on_failure(self, row: _Row, lease: Lease, f: api.Failure) -> RowResult | None:
         fp = lease.key.fingerprint

@@ -40,10 +40,12 @@ def job_id_for(output_path: str | os.PathLike[str], name: str | None = None) -> 
 class RowResult:
     """The final outcome of one row, as published to the job's results stream.
 
+    ``answer`` is the ``seed`` format's value (text, vector or object; None for a failure);
+    ``detail`` what the job's output format needs beyond it (``formats``), None for ``seed``.
     ``warning`` marks an answer that is kept but deserves a look (``finish_reason: length``)."""
 
     index: str
-    answer: str | None
+    answer: Any
     error_type: str | None = None
     error: str | None = None
     attempts: int = 0
@@ -52,14 +54,20 @@ class RowResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     warning: str | None = None
+    detail: dict[str, Any] | None = None
 
     def to_fields(self) -> dict[str, str]:
-        return {"r": json.dumps(asdict(self), ensure_ascii=False)}
+        fields = asdict(self)
+        if self.detail is None:
+            del fields["detail"]  # seed results stay as small as before
+        return {"r": json.dumps(fields, ensure_ascii=False)}
 
     @classmethod
     def from_fields(cls, fields: dict[Any, Any]) -> RowResult:
         raw = json.loads(fields.get(b"r", fields.get("r")))
         raw.pop("seq", None)  # published by 0.1 workers
+        if raw.get("detail") is None:
+            raw.pop("detail", None)
         return cls(**raw)
 
 

@@ -13,11 +13,13 @@ from typing import Any
 
 import redis
 
+from opt_queue import formats
 from opt_queue.broker import declare_queue, envelope, push
 from opt_queue.config import Config
-from opt_queue.dataset import InputSummary, Row, iter_input, read_output, validate_input
-from opt_queue.errors import JobStopped
+from opt_queue.dataset import InputSummary, Row, iter_input, output_format, read_output, validate_input
+from opt_queue.errors import JobStopped, OutputError
 from opt_queue.jobs import STOPPED, Job
+from opt_queue.request import CHAT_URL, request_body
 
 log = logging.getLogger(__name__)
 BATCH = 1000
@@ -59,24 +61,38 @@ class SubmitReport:
         return text
 
 
-def request_body(row: Row, config: Config) -> dict[str, Any]:
-    """The full request for a row: the job's model and parameters, overridden by the row's own."""
-    body: dict[str, Any] = {"model": config.model.name, **config.model.params}
-    body.update(row.body)
-    return body
+def task_row(row: Row, config: Config) -> list[Any]:
+    """A row as a task carries it: ``[index, request]``, or ``[index, request, url]`` for an
+    endpoint other than chat completions."""
+    body = request_body(row.url, row.body, config.model.name, config.model.params)
+    return [row.index, body] if row.url == CHAT_URL else [row.index, body, row.url]
 
 
-def task_options(config: Config) -> dict[str, Any]:
-    """Job-wide options that travel with every task (the fallback model)."""
-    return {"fallback": config.model.fallback} if config.model.fallback else {}
+def task_options(config: Config, output: str = formats.SEED) -> dict[str, Any]:
+    """Job-wide options that travel with every task: the fallback model, the output format."""
+    options: dict[str, Any] = {"fallback": config.model.fallback} if config.model.fallback else {}
+    if output != formats.SEED:
+        options["output"] = output
+    return options
 
 
-def envelopes(job_id: str, rows: list[Row], config: Config) -> list[str]:
+def envelopes(job_id: str, rows: list[Row], config: Config, output: str = formats.SEED) -> list[str]:
     """Task messages for ``rows``: ``config.rows_per_task`` rows to a task, in input order."""
-    options = task_options(config)
+    options = task_options(config, output)
     size = config.rows_per_task
-    return [envelope(job_id, [(r.index, request_body(r, config)) for r in rows[i:i + size]], options)
+    return [envelope(job_id, [task_row(r, config) for r in rows[i:i + size]], options)
             for i in range(0, len(rows), size)]
+
+
+def job_output_format(config: Config, summary: InputSummary, output_path: str | os.PathLike[str]) -> str:
+    """The job's output format (``config.output_format``, else the input's default), checked
+    against the lines ``output_path`` already holds: one file, one format."""
+    wanted = formats.resolve(config.output_format, summary.format)
+    found = output_format(output_path)
+    if found is not None and found != wanted:
+        raise OutputError(f"{output_path} holds {found}-format lines and this run would write {wanted}; "
+                          f"use --output-format {found} to go on with it, or write to another -o")
+    return wanted
 
 
 def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
@@ -103,13 +119,14 @@ def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
     again at any time.
     """
     summary = validated or validate_input(input_path, skip_bad=skip_bad)
+    output = job_output_format(config, summary, output_path)
     state = read_output(output_path, offsets=False)
     before = Job(client, job_id).meta().get("input_sha256")
     meta = {"input": str(Path(input_path).resolve()), "output": str(Path(output_path).resolve()),
             "input_sha256": summary.sha256}
     report = enqueue(client, job_id, iter_input(input_path, skip_bad=skip_bad), summary.rows, config,
                      answered=state.answered, nulls=state.nulls, on_progress=on_progress,
-                     bad_lines=len(summary.bad), on_wait=on_wait, **meta)
+                     bad_lines=len(summary.bad), on_wait=on_wait, output_format=output, **meta)
     report.input_changed = before is not None and before != summary.sha256
     return report
 
@@ -118,7 +135,8 @@ def requeue(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str]
             indices: set[str]) -> int:
     """Enqueue ``indices`` again from the input file (their task messages were lost)."""
     rows = [r for r in iter_input(input_path, skip_bad=True) if r.index in indices]
-    push(client, envelopes(job_id, rows, config))
+    output = Job(client, job_id).meta().get("output_format") or formats.SEED
+    push(client, envelopes(job_id, rows, config, output))
     return len(rows)
 
 
@@ -146,7 +164,8 @@ def _wait_for_room(job: Job, max_queued: int, wanted: int, on_wait: Callable[[in
 def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, config: Config, *,
             answered: Container[str] | None = None, nulls: Container[str] | None = None,
             on_progress: Callable[[int, int], None] | None = None, bad_lines: int = 0,
-            on_wait: Callable[[int], None] | None = None, **meta: str) -> SubmitReport:
+            on_wait: Callable[[int], None] | None = None, output_format: str = formats.SEED,
+            **meta: str) -> SubmitReport:
     """Claim and enqueue ``rows`` (skipping ``answered``; ``nulls`` are retried) for job ``job_id``.
 
     At most ``config.max_queued`` rows of the job sit in Redis at once: the rest wait here until
@@ -156,7 +175,7 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
     max_queued = config.max_queued
     answered, nulls = answered or set(), nulls or set()
     job = Job(client, job_id)
-    job.begin_submit(total=total, model=config.model.name, **meta)
+    job.begin_submit(total=total, model=config.model.name, output_format=output_format, **meta)
     report = SubmitReport(job=job_id, total=total, bad_lines=bad_lines)
     done = 0
     declare_queue()
@@ -176,7 +195,7 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
             report.retried_nulls += sum(r.index in nulls for r in fresh)
             report.resent += sum(r.index in claim.redone and r.index not in nulls for r in fresh)
             try:
-                push(client, envelopes(job_id, fresh, config))
+                push(client, envelopes(job_id, fresh, config, output_format))
                 report.enqueued += len(fresh)
             except BaseException:  # Ctrl-C or Redis gone between claim and push: give the rows back
                 _release_quietly(job, [r.index for r in fresh])

@@ -1,4 +1,11 @@
-"""A simulated OpenAI-compatible chat API: a real HTTP server on loopback for the demo and tests.
+"""A simulated OpenAI-compatible API: a real HTTP server on loopback for the demo and tests.
+
+It serves every endpoint of the Batch file format (chat completions, responses, embeddings,
+completions, moderations), with usage as the API reports it (cached prompt tokens for a prompt
+seen before from ``cache_min_tokens``; reasoning tokens for o-series models), ``n`` choices,
+structured outputs (JSON built from the request's schema; a prompt with ``BADJSON`` gets an
+answer that does not match until asked again, ``ALWAYSBAD`` never matches) and an
+``x-request-id`` header.
 
 It behaves like the real API where opt-queue cares (see OPENAI_API_FACTS.md): per-key (or per
 organization) RPM, TPM and RPD sliding windows with OpenAI-shaped 429s and ``x-ratelimit-*``
@@ -29,9 +36,15 @@ from typing import Any
 from aiohttp import web
 
 from opt_queue.config import fingerprint
+from opt_queue.request import CHAT_URL, ENDPOINTS
 
 DEFAULT_MODELS = {"gpt-3.5-turbo-0613": 4096, "gpt-3.5-turbo": 4096, "gpt-3.5-turbo-16k-0613": 16384,
-                  "gpt-4o-mini": 128000}
+                  "gpt-4o-mini": 128000, "o3-mini": 200000, "gpt-3.5-turbo-instruct": 4096,
+                  "text-embedding-3-small": 8192, "omni-moderation-latest": 32768}
+_ROUTES = {**{u: u for u in ENDPOINTS}, **{u.removeprefix("/v1"): u for u in ENDPOINTS},
+           **{"/openai/deployments/{deployment}" + u.removeprefix("/v1"): u for u in ENDPOINTS}}
+REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+"""Models that think before they answer: their usage reports reasoning tokens (billed as output)."""
 
 
 def sim_answer(model: str, messages: list[dict[str, Any]]) -> str:
@@ -91,6 +104,7 @@ class SimConfig:
     send_headers: bool = True
     burst_divisor: int = 0  # > 0: a key's RPM also holds over every minute/divisor, at rpm/divisor
     slow_down_above: float = 0.0  # > 0: 503 slow_down when an organization's model gets more per second
+    cache_min_tokens: int = 1024  # a prompt seen before reports cached tokens from this length (the API's)
     seed: int = 0
 
 
@@ -130,6 +144,208 @@ class _Windows:
     def admit(self, now: float, tokens: int) -> None:
         self.log.append((now, tokens))
         self.day.append(now)
+
+
+def _schema_instance(schema: Any, text: str) -> Any:
+    """A value that matches ``schema`` (the common keywords), for structured outputs."""
+    if not isinstance(schema, dict):
+        return text
+    if "enum" in schema:
+        return schema["enum"][0]
+    if "const" in schema:
+        return schema["const"]
+    kind = schema.get("type")
+    kind = kind[0] if isinstance(kind, list) else kind
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties") or {}
+        return {name: _schema_instance(sub, text) for name, sub in props.items()}
+    if kind == "array":
+        return [_schema_instance(schema.get("items"), text) for _ in range(int(schema.get("minItems") or 1))]
+    return {"string": text, "integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, text)
+
+
+def _texts(value: Any) -> list[str]:
+    """The strings of a prompt field (a string, a list of strings, messages or input items)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return _texts(value.get("content", value.get("text")))
+    if isinstance(value, list):
+        return [t for v in value for t in _texts(v)]
+    return []
+
+
+ASKED_AGAIN = "does not match the required JSON schema"
+
+
+@dataclass
+class _Request:
+    """One request the simulated API serves: its prompt, its token counts and its response."""
+
+    url: str
+    body: dict[str, Any]
+    model: str
+    prompt: list[Any]
+    prompt_tokens: int
+    max_tokens: int
+    n: int = 1
+    completion_tokens: int = 0
+    built: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, url: str, body: dict[str, Any], model: str) -> _Request:
+        """Read and check a request body (ValueError: a 400 with its message)."""
+        n = int(body.get("n") or 1)
+        if url == CHAT_URL:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise ValueError("'messages' is a required property")
+            tokens = sum(count_tokens(str(m.get("content") or "")) + 3 for m in messages)
+            cap = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
+            req = cls(url, body, model, messages, tokens, cap, n)
+        elif url == "/v1/responses":
+            given = body.get("input")
+            if given in (None, "", []):
+                raise ValueError("'input' is a required property")
+            items = [{"role": "user", "content": given}] if isinstance(given, str) else list(given)
+            if body.get("instructions"):
+                items.insert(0, {"role": "system", "content": body["instructions"]})
+            tokens = sum(count_tokens(t) + 3 for t in _texts(items))
+            req = cls(url, body, model, items, tokens, int(body.get("max_output_tokens") or 0))
+        elif url == "/v1/completions":
+            prompts = body.get("prompt")
+            prompts = [prompts] if isinstance(prompts, str) else prompts
+            if not isinstance(prompts, list) or not prompts:
+                raise ValueError("'prompt' is a required property")
+            tokens = sum(count_tokens(str(p)) for p in prompts)
+            req = cls(url, body, model, prompts, tokens, int(body.get("max_tokens") or 16), n)
+        else:  # embeddings, moderations
+            inputs = body.get("input")
+            inputs = [inputs] if isinstance(inputs, str) else inputs
+            if not isinstance(inputs, list) or not inputs or inputs == [""]:
+                raise ValueError("'input' is a required property")
+            tokens = sum(len(i) if isinstance(i, list) else count_tokens(str(i)) for i in inputs)
+            req = cls(url, body, model, inputs, tokens, 0)
+        req.built = req._build()
+        return req
+
+    def _text(self, messages: list[Any], cap: int) -> tuple[str, str]:
+        """The answer to ``messages`` and its finish reason (structured outputs: JSON)."""
+        spec = self.body.get("response_format") if self.url == CHAT_URL else (self.body.get("text") or {}).get("format")
+        answer = sim_answer(self.model, messages)
+        if isinstance(spec, dict) and spec.get("type") in ("json_schema", "json_object"):
+            last = " ".join(_texts(messages[-1:]))
+            asked_again = any(ASKED_AGAIN in t for t in _texts(messages))
+            if "ALWAYSBAD" in last or ("BADJSON" in " ".join(_texts(messages)) and not asked_again):
+                return json.dumps({"unexpected": answer}), "stop"
+            schema = (spec.get("json_schema") or {}).get("schema") if self.url == CHAT_URL else spec.get("schema")
+            return json.dumps(_schema_instance(schema, answer) if schema else {"answer": answer},
+                              ensure_ascii=False), "stop"
+        if cap and count_tokens(answer) > cap:
+            return answer[: 4 * cap], "length"
+        return answer, "stop"
+
+    def _tool_call(self) -> dict[str, Any] | None:
+        tools = self.body.get("tools")
+        if not isinstance(tools, list) or not tools or not isinstance(tools[0], dict):
+            return None
+        name = (tools[0].get("function") or {}).get("name") or tools[0].get("name") or "tool"
+        last = " ".join(_texts(self.prompt[-1:]))
+        return {"id": "call_" + prompt_key(self.prompt)[:12], "name": name,
+                "arguments": json.dumps({"text": last[:40]}, ensure_ascii=False)}
+
+    def _build(self) -> dict[str, Any]:
+        last = " ".join(_texts(self.prompt[-1:]))
+        if self.url == "/v1/embeddings":
+            dims = int(self.body.get("dimensions") or 16)
+            return {"object": "list", "model": self.model,
+                    "data": [{"object": "embedding", "index": i, "embedding": _vector(self.model, p, dims)}
+                             for i, p in enumerate(self.prompt)]}
+        if self.url == "/v1/moderations":
+            results = []
+            for text in self.prompt:
+                flagged = "FLAG" in str(text)
+                results.append({"flagged": flagged, "categories": {"harassment": flagged, "violence": False},
+                                "category_scores": {"harassment": 0.91 if flagged else 0.01, "violence": 0.0}})
+            return {"id": "modr-sim", "model": self.model, "results": results}
+        if self.url == "/v1/completions":
+            choices = []
+            for i, p in enumerate(self.prompt * self.n):
+                text, finish = self._text([{"role": "user", "content": str(p)}], self.max_tokens)
+                self.completion_tokens += count_tokens(text)
+                choices.append({"index": i, "text": " " + text, "finish_reason": finish, "logprobs": None})
+            return {"object": "text_completion", "model": self.model, "choices": choices}
+        call = self._tool_call()
+        if self.url == "/v1/responses":
+            if "REFUSE" in last:
+                content: list[Any] = [{"type": "refusal", "refusal": "I'm sorry, I cannot help with that request."}]
+                output: list[Any] = [{"type": "message", "role": "assistant", "status": "completed", "content": content}]
+                self.completion_tokens = 10
+            elif call:
+                output = [{"type": "function_call", "call_id": call["id"], "name": call["name"],
+                           "arguments": call["arguments"], "status": "completed"}]
+                self.completion_tokens = count_tokens(call["arguments"])
+            else:
+                text, finish = self._text(self.prompt, self.max_tokens)
+                self.completion_tokens = count_tokens(text)
+                output = [{"type": "message", "id": "msg_sim", "role": "assistant", "status": "completed",
+                           "content": [{"type": "output_text", "text": text, "annotations": []}]}]
+                if finish == "length":
+                    return {"object": "response", "model": self.model, "status": "incomplete",
+                            "incomplete_details": {"reason": "max_output_tokens"}, "output": output}
+            return {"object": "response", "model": self.model, "status": "completed", "output": output}
+        choices = []
+        for i in range(self.n):
+            if "REFUSE" in last:
+                message: dict[str, Any] = {"role": "assistant", "content": None,
+                                           "refusal": "I'm sorry, I cannot help with that request."}
+                finish = "stop"
+            elif call:
+                message = {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": call["id"], "type": "function",
+                     "function": {"name": call["name"], "arguments": call["arguments"]}}]}
+                finish = "tool_calls"
+            else:
+                text, finish = self._text(self.prompt, self.max_tokens)
+                message = {"role": "assistant", "content": f"\n {text} \n" if finish == "stop" else text}
+            said = message.get("content") or json.dumps(message.get("tool_calls") or message.get("refusal"))
+            self.completion_tokens += min(count_tokens(said.strip()), self.max_tokens or 1 << 30)
+            choices.append({"index": i, "finish_reason": finish, "message": message, "logprobs": None})
+        return {"object": "chat.completion", "model": self.model, "choices": choices}
+
+    def response(self, number: int, cached: int) -> dict[str, Any]:
+        """The response body, with its usage (cached prompt tokens, reasoning tokens)."""
+        data = dict(self.built)
+        reasoning = 2 * self.completion_tokens if self.model.startswith(REASONING_PREFIXES) else 0
+        output = self.completion_tokens + reasoning
+        if self.url == "/v1/responses":
+            data["id"] = f"resp_sim{number}"
+            data["usage"] = {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": cached},
+                             "output_tokens": output, "output_tokens_details": {"reasoning_tokens": reasoning},
+                             "total_tokens": self.prompt_tokens + output}
+        elif self.url in ("/v1/embeddings", "/v1/moderations"):
+            if self.url == "/v1/embeddings":
+                data["usage"] = {"prompt_tokens": self.prompt_tokens, "total_tokens": self.prompt_tokens}
+        else:
+            data["id"] = f"{'chatcmpl' if self.url == CHAT_URL else 'cmpl'}-sim{number}"
+            data["created"] = int(time.time())
+            data["usage"] = {"prompt_tokens": self.prompt_tokens, "completion_tokens": output,
+                             "total_tokens": self.prompt_tokens + output,
+                             "prompt_tokens_details": {"cached_tokens": cached},
+                             "completion_tokens_details": {"reasoning_tokens": reasoning}}
+        return data
+
+
+def _vector(model: str, text: Any, dims: int) -> list[float]:
+    """A deterministic unit vector for ``text``."""
+    raw = b""
+    seed = json.dumps([model, text], ensure_ascii=False).encode()
+    while len(raw) < dims:
+        seed = hashlib.sha256(seed).digest()
+        raw += seed
+    values = [b / 127.5 - 1.0 for b in raw[:dims]]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [round(v / norm, 6) for v in values]
 
 
 class SimAPI:
@@ -173,9 +389,11 @@ class SimAPI:
 
     def app(self) -> web.Application:
         application = web.Application(client_max_size=64 * 1024 * 1024)
-        application.router.add_post("/v1/chat/completions", self.chat)
-        application.router.add_post("/chat/completions", self.chat)
-        application.router.add_post("/openai/deployments/{deployment}/chat/completions", self.chat)  # Azure
+        for url in ENDPOINTS:
+            application.router.add_post(url, self.chat)
+            application.router.add_post(url.removeprefix("/v1"), self.chat)
+            application.router.add_post("/openai/deployments/{deployment}" + url.removeprefix("/v1"),
+                                        self.chat)  # Azure
         application.router.add_get("/_sim/stats", self._stats)
         application.router.add_post("/_sim/config", self._configure)
         return application
@@ -204,6 +422,8 @@ class SimAPI:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         cfg = self.config
+        resource = request.match_info.route.resource
+        url = _ROUTES.get(resource.canonical if resource is not None else "", CHAT_URL)
         secret = (request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
                   or request.headers.get("api-key", "").strip())  # Azure's header
         deployment = request.match_info.get("deployment")
@@ -226,6 +446,8 @@ class SimAPI:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
+        if not isinstance(body, dict):
+            return _error(400, "The body must be a JSON object.", "invalid_request_error", None)
         if len(self.requests) < 10000:
             seen = {k2: v for k2, v in body.items() if k2 != "messages"}
             extra = {h.lower(): v for h, v in request.headers.items()
@@ -234,29 +456,25 @@ class SimAPI:
                 seen["_headers"] = extra
             if deployment is not None:
                 seen["_azure"] = {"deployment": deployment, "api_version": request.query["api-version"]}
+            if url != CHAT_URL:
+                seen["_url"] = url
             self.requests.append(seen)
-        model, messages = body.get("model"), body.get("messages")
+        model = body.get("model") or ("omni-moderation-latest" if url == "/v1/moderations" else None)
         if model not in cfg.models:
             return _error(404, f"The model `{model}` does not exist or you do not have access to it.",
                           "invalid_request_error", "model_not_found")
-        if not isinstance(messages, list) or not messages:
-            return _error(400, "'messages' is a required property", "invalid_request_error", None)
-        prompt_tokens = sum(count_tokens(str(m.get("content") or "")) + 3 for m in messages)
-        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
-        if prompt_tokens + max_tokens > cfg.models[model]:
+        try:
+            req = _Request.of(url, body, model)
+        except ValueError as exc:
+            return _error(400, str(exc), "invalid_request_error", None)
+        if req.prompt_tokens + req.max_tokens > cfg.models[model]:
             return _error(400, f"This model's maximum context length is {cfg.models[model]} tokens. "
-                               f"However, your messages resulted in {prompt_tokens} tokens. Please "
+                               f"However, your messages resulted in {req.prompt_tokens} tokens. Please "
                                f"reduce the length of the messages.", "invalid_request_error",
                           "context_length_exceeded", param="messages")
-        message, finish = self._message(body, model, messages, max_tokens)
-        said = message.get("content") or json.dumps(message.get("tool_calls") or message.get("refusal"))
-        completion_tokens = count_tokens(said.strip())
-        if max_tokens and completion_tokens > max_tokens:
-            completion_tokens = max_tokens
         # The window counts a request as it arrives: its prompt plus its max_tokens (the real API's
         # rule), and a smaller usage afterwards gives nothing back. Without max_tokens, the answer.
-        counted = prompt_tokens + (max_tokens * int(body.get("n") or 1) if max_tokens else completion_tokens)
-        tokens = prompt_tokens + completion_tokens
+        counted = req.prompt_tokens + (req.max_tokens * req.n if req.max_tokens else req.completion_tokens)
         now = time.monotonic()
         win = self.windows.setdefault((k.org or k.key, model), _Windows())
         k = k.limits(model)
@@ -288,34 +506,15 @@ class SimAPI:
             await asyncio.sleep(delay)
         self.answered += 1
         self.last_answer = time.monotonic()
-        self.per_prompt[prompt_key(messages)] += 1
+        prompt_id = prompt_key(req.prompt)
+        cached = (req.prompt_tokens // 128 * 128 if self.per_prompt[prompt_id]
+                  and req.prompt_tokens >= cfg.cache_min_tokens else 0)
+        self.per_prompt[prompt_id] += 1
         self.per_key[fingerprint(k.key)] += 1
-        data = {"id": f"chatcmpl-sim{self.calls}", "object": "chat.completion", "created": int(time.time()),
-                "model": model, "choices": [{"index": 0, "finish_reason": finish, "message": message}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": tokens}}
-        resp = web.json_response(data, dumps=lambda o: json.dumps(o, ensure_ascii=False))
+        resp = web.json_response(req.response(self.calls, cached), dumps=lambda o: json.dumps(o, ensure_ascii=False))
+        resp.headers["x-request-id"] = f"req_sim{self.calls}"
         self._limit_headers(resp, k, win)
         return resp
-
-    @staticmethod
-    def _message(body: dict[str, Any], model: str, messages: list[Any],
-                 max_tokens: int) -> tuple[dict[str, Any], str]:
-        """The assistant message and finish reason for a request (see the module docstring)."""
-        last = str(messages[-1].get("content") or "") if isinstance(messages[-1], dict) else ""
-        if "REFUSE" in last:
-            return {"role": "assistant", "content": None,
-                    "refusal": "I'm sorry, I cannot help with that request."}, "stop"
-        tools = body.get("tools")
-        if isinstance(tools, list) and tools:
-            name = (tools[0].get("function") or {}).get("name", "tool") if isinstance(tools[0], dict) else "tool"
-            call = {"id": "call_" + prompt_key(messages)[:12], "type": "function",
-                    "function": {"name": name, "arguments": json.dumps({"text": last[:40]}, ensure_ascii=False)}}
-            return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
-        answer = sim_answer(model, messages)
-        if max_tokens and count_tokens(answer) > max_tokens:
-            return {"role": "assistant", "content": answer[: 4 * max_tokens]}, "length"
-        return {"role": "assistant", "content": f"\n {answer} \n"}, "stop"
 
     async def _fault(self, request: web.Request) -> web.StreamResponse | None:
         cfg, roll = self.config, self.rng.random()

@@ -22,7 +22,7 @@ from celery import Task
 from celery.signals import worker_shutdown
 
 from opt_queue.app import app
-from opt_queue.broker import ROWS_TASK, args_repr, hand_back, recover_stale
+from opt_queue.broker import ROWS_TASK, args_repr, hand_back, recover_stale, split_row
 from opt_queue.config import load_config
 from opt_queue.engine import HANDED_BACK, Engine
 from opt_queue.redis_conn import connect, connect_async
@@ -93,14 +93,14 @@ def _close_runtime(**_: Any) -> None:
 @app.task(name=ROWS_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
           max_retries=None)
 def rows(self: Task, job_id: str, rows: list[list[Any]], options: dict[str, Any] | None = None) -> dict[str, int]:
-    """Answer a batch of one job's ``[index, request]`` rows; return how each one ended."""
+    """Answer a batch of one job's ``[index, request(, url)]`` rows; return how each one ended."""
     rt = runtime()
     outcomes = rt.run(rt.engine.process_rows(job_id, rows, options))
     back = [row for row, out in zip(rows, outcomes) if out == HANDED_BACK]
     unfinished = [row for row, out in zip(rows, outcomes) if isinstance(out, BaseException)]
     if back or unfinished:
         try:  # so that their next copy may take them at once; else their leases expire
-            rt.run(rt.engine.give_back(job_id, [str(row[-2]) for row in back + unfinished]))
+            rt.run(rt.engine.give_back(job_id, [split_row(row)[0] for row in back + unfinished]))
         except redis.RedisError:
             pass
     if back:

@@ -26,11 +26,10 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from opt_queue.request import CHAT_URL, ENDPOINTS
+
 CHARS_PER_TOKEN = 3.0
 TOKENS_PER_MESSAGE = 4
-DEFAULT_COMPLETION_ESTIMATE = 256
-"""Completion tokens counted for a request that sets no ``max_tokens`` (the server then counts
-what the answer really used, which the limiter adds when the usage comes back)."""
 TIKTOKEN_ENCODING = "cl100k_base"
 _TIKTOKEN_URL = f"https://openaipublic.blob.core.windows.net/encodings/{TIKTOKEN_ENCODING}.tiktoken"
 
@@ -73,16 +72,38 @@ def count_prompt_tokens(text: str) -> int:
     return tokenize(text) if tokenize else char_estimate(text)
 
 
-def estimate_tokens(body: dict[str, Any], completion_default: int = DEFAULT_COMPLETION_ESTIMATE) -> int:
-    """The tokens a request counts against TPM on arrival: its prompt plus its completion's maximum."""
-    texts = []
-    messages = body.get("messages") or []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-        elif content is not None:
-            texts.append(json.dumps(content, ensure_ascii=False))
-    prompt = count_prompt_tokens("\n".join(texts)) + TOKENS_PER_MESSAGE * len(messages) + 3
-    completion = body.get("max_completion_tokens") or body.get("max_tokens") or completion_default
-    return prompt + int(completion) * int(body.get("n") or 1)
+def _texts(value: Any, out: list[str]) -> int:
+    """Gather the strings of a prompt field into ``out``; return the tokens given as token ids
+    (an embedding's or completion's input may be token arrays) and the messages met."""
+    if isinstance(value, str):
+        out.append(value)
+        return 0
+    if isinstance(value, int):
+        return 1
+    if isinstance(value, dict):  # a message or an input item: its content, at a message's cost
+        content = value.get("content", value.get("text"))
+        if isinstance(content, (str, list)):
+            return TOKENS_PER_MESSAGE + _texts(content, out)
+        out.append(json.dumps(value, ensure_ascii=False))
+        return TOKENS_PER_MESSAGE
+    if isinstance(value, list):
+        return sum(_texts(v, out) for v in value)
+    if value is not None:
+        out.append(json.dumps(value, ensure_ascii=False))
+    return 0
+
+
+def estimate_tokens(body: dict[str, Any], url: str = CHAT_URL,
+                    completion_default: int | None = None) -> int:
+    """The tokens a request counts against TPM on arrival: its prompt plus its completion's
+    maximum (the endpoint's cap field, times ``n``; the endpoint's default when none is set)."""
+    endpoint = ENDPOINTS.get(url, ENDPOINTS[CHAT_URL])
+    texts: list[str] = []
+    extra = sum(_texts(body.get(name), texts) for name in endpoint.prompt)
+    prompt = count_prompt_tokens("\n".join(texts)) + extra + (3 if texts or extra else 0)
+    if not endpoint.completion_default:
+        return prompt
+    cap = next((body[name] for name in endpoint.completion if body.get(name)), None)
+    if cap is None:
+        cap = endpoint.completion_default if completion_default is None else completion_default
+    return prompt + int(cap) * int(body.get("n") or 1)

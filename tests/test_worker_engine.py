@@ -16,6 +16,7 @@ from opt_queue.config import Config
 from opt_queue.engine import Engine
 from opt_queue.jobs import Job
 from opt_queue.redis_conn import connect_async
+from opt_queue.request import CHAT_URL
 from opt_queue.simapi import SimKey, SimServer
 
 MODEL = "gpt-3.5-turbo-0613"
@@ -108,15 +109,17 @@ def test_the_send_hook_fires_once_just_before_the_request_leaves(sim: SimServer)
     seen: list[float] = []
 
     async def go() -> api.Answer:
+        clients = api.ApiClients()
         try:
-            return await api.call(key, _rows(1)[0][1], 5.0, on_send=lambda: seen.append(time.monotonic()))
+            return await clients.call(key, CHAT_URL, _rows(1)[0][1], 5.0,
+                                      on_send=lambda: seen.append(time.monotonic()))
         finally:
-            await api.close_clients()
+            await clients.close()
 
     started = time.monotonic()
     answer = asyncio.run(go())
     answered = time.monotonic()
-    assert answer.text and len(seen) == 1
+    assert answer.reply.text and len(seen) == 1
     # well before the 1 s the server takes to answer (the SDK client and the connection are made
     # first), not after it
     assert seen[0] - started < 0.6 and answered - seen[0] >= 0.95
@@ -173,13 +176,14 @@ def test_azure_keys_and_extra_headers_go_through_the_sdk(sim: SimServer) -> None
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2}
 
     async def go() -> list[api.Answer]:
+        clients = api.ApiClients()
         try:
-            return [await api.call(azure, body, 5.0), await api.call(plain, body, 5.0)]
+            return [await clients.call(azure, CHAT_URL, body, 5.0), await clients.call(plain, CHAT_URL, body, 5.0)]
         finally:
-            await api.close_clients()
+            await clients.close()
 
     answers = asyncio.run(go())
-    assert all(a.text for a in answers)
+    assert all(a.reply.text for a in answers)
     first, second = sim.received()
     assert first["_azure"] == {"deployment": "gpt-4o-mini", "api_version": "2024-10-21"}
     assert first["temperature"] == 0.2 and "_azure" not in second
