@@ -88,6 +88,15 @@ def _broker(cfg: Config) -> str:
 
 config_option = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
                              help="config.json (default: ./config.json, else the environment).")
+format_option = click.option(
+    "--output-format", type=click.Choice(["seed", "full", "batch"]), default=None,
+    help="Output lines: seed {index: answer}, full {index: {text, finish_reason, usage, tool_calls, "
+         "parsed}}, batch (the Batch API's output line). Default: the config's output_format, else "
+         "batch for Batch-format input and seed for the rest.")
+
+
+def _with_format(cfg: Config, output_format: str | None) -> Config:
+    return cfg.model_copy(update={"output_format": output_format}) if output_format else cfg
 
 
 @click.group()
@@ -102,20 +111,23 @@ def main() -> None:
 @click.option("-o", "--output", default="output.jsonl", show_default=True, help="Output JSONL file.")
 @click.option("--job", "job_name", help="Job name (default: derived from the output path).")
 @click.option("--skip-bad-lines", is_flag=True, help="Enqueue the valid rows and list the bad ones.")
+@format_option
 @friendly
 def submit(input_path: str, config_path: str | None, output: str, job_name: str | None,
-           skip_bad_lines: bool) -> None:
+           skip_bad_lines: bool, output_format: str | None) -> None:
     """Enqueue the rows that output.jsonl does not answer yet (rows_per_task rows to a task)."""
     from opt_queue.app import configure
     from opt_queue.dataset import check_writable, validate_input
+    from opt_queue.producer import job_output_format
     from opt_queue.producer import submit as do_submit
 
-    cfg = _config(config_path, require_keys=False)
+    cfg = _with_format(_config(config_path, require_keys=False), output_format)
     url = _broker(cfg)
     # Everything that can be checked is checked before a row is enqueued (and paid for); the
     # output file itself is read by submit before it touches the job's state.
     check_writable(output)
     validated = validate_input(input_path, skip_bad=skip_bad_lines)
+    job_output_format(cfg, validated, output)
     client = connect(url, check=True)
     configure(url, cfg.visibility_timeout)
     job = job_id_for(output, job_name)
@@ -205,12 +217,13 @@ def collect(config_path: str | None, output: str, job_name: str | None, input_pa
 @click.option("--workers", type=int, default=None,
               help="Local worker processes (default: one per CPU core, at most 4; 0: use the fleet).")
 @click.option("--skip-bad-lines", is_flag=True, help="Process the valid rows and list the bad ones.")
+@format_option
 @friendly
 def run(input_path: str, config_path: str | None, output: str, job_name: str | None, workers: int,
-        skip_bad_lines: bool) -> None:
+        skip_bad_lines: bool, output_format: str | None) -> None:
     """Submit, work and collect a whole job on this machine (private Redis unless broker_url is set)."""
     config_path = _config_path(config_path)
-    cfg = _config(config_path)
+    cfg = _with_format(_config(config_path), output_format)
     if workers is None:
         workers = max(1, min(4, os.cpu_count() or 1))
     if workers == 0 and not cfg.broker_url:
@@ -319,6 +332,44 @@ def demo(directory: str, rows: int) -> None:
     from opt_queue.demo import run_demo
 
     run_demo(Path(directory), rows, console, out)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, help="Port to listen on (0: any free one).")
+@click.option("--key", "keys", multiple=True, help="A key it accepts (repeat; default: sk-sim-key).")
+@click.option("--rpm", type=int, help="Requests per minute of every key.")
+@click.option("--tpm", type=int, help="Tokens per minute of every key.")
+@click.option("--rpd", type=int, help="Requests per day of every key.")
+@click.option("--minute", default=60.0, show_default=True, help="Seconds in the simulated minute.")
+@click.option("--latency", default=0.0, show_default=True, help="Seconds before each answer.")
+@click.option("--errors", "error_rate", default=0.0, show_default=True,
+              help="Share of requests answered with a 5xx (0 to 1).")
+@click.option("--no-headers", is_flag=True, help="Send no x-ratelimit-* headers (like vLLM or a proxy).")
+@friendly
+def sim(host: str, port: int, keys: tuple[str, ...], rpm: int | None, tpm: int | None, rpd: int | None,
+        minute: float, latency: float, error_rate: float, no_headers: bool) -> None:
+    """Serve the simulated OpenAI-compatible API (every Batch endpoint) until Ctrl-C, to try
+    opt-queue without paying: set api_base to the URL it prints."""
+    import time
+
+    from opt_queue.simapi import SimConfig, SimKey, SimServer
+
+    secrets = keys or ("sk-sim-key",)
+    config = SimConfig(keys=[SimKey(k, rpm=rpm, tpm=tpm, rpd=rpd) for k in secrets], minute=minute,
+                       latency=latency, transient_rate=error_rate, send_headers=not no_headers)
+    try:
+        server = SimServer(config, port=port, hosts=(host,)).start()
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+    out.print(f"simulated API at [bold]{server.base_url}[/] ({len(secrets)} key(s); Ctrl-C stops it)\n"
+              f'config: {{"api_base": "{server.base_url}", "api_keys": {json.dumps(list(secrets))}}}',
+              highlight=False)
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -353,7 +353,7 @@ class Engine:
             # Ask again with what was wrong; this call is paid and settled now, not with the result.
             await self.pool.settle(lease, used)
             await self.pool.learn(lease, row.server_limits)
-            await self.pool.answered(lease)
+            await self.pool.answered(lease, alive=True)
             row.to_settle = None
             row.asked_again += 1
             log.info("row %s: the answer does not match the JSON schema (%s); asking again (%d/%d)",

@@ -234,9 +234,8 @@ class _Request:
         spec = self.body.get("response_format") if self.url == CHAT_URL else (self.body.get("text") or {}).get("format")
         answer = sim_answer(self.model, messages)
         if isinstance(spec, dict) and spec.get("type") in ("json_schema", "json_object"):
-            last = " ".join(_texts(messages[-1:]))
-            asked_again = any(ASKED_AGAIN in t for t in _texts(messages))
-            if "ALWAYSBAD" in last or ("BADJSON" in " ".join(_texts(messages)) and not asked_again):
+            said = " ".join(_texts(messages))
+            if "ALWAYSBAD" in said or ("BADJSON" in said and ASKED_AGAIN not in said):
                 return json.dumps({"unexpected": answer}), "stop"
             schema = (spec.get("json_schema") or {}).get("schema") if self.url == CHAT_URL else spec.get("schema")
             return json.dumps(_schema_instance(schema, answer) if schema else {"answer": answer},
@@ -604,16 +603,26 @@ class SimServer:
                 self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             ready.set()
 
+        failed: list[BaseException] = []
+
         def serve() -> None:
             assert self._loop is not None
             asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(boot())
+            try:
+                self._loop.run_until_complete(boot())
+            except BaseException as exc:  # a port in use: the caller raises it
+                failed.append(exc)
+                ready.set()
+                return
             self._loop.run_forever()
 
         self._thread = threading.Thread(target=serve, name="sim-api", daemon=True)
         self._thread.start()
         if not ready.wait(10):
             raise RuntimeError("the simulated API did not start")
+        if failed:
+            self._loop = None
+            raise failed[0]
         return self
 
     def stop(self) -> None:
