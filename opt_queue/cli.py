@@ -99,10 +99,28 @@ def _with_format(cfg: Config, output_format: str | None) -> Config:
     return cfg.model_copy(update={"output_format": output_format}) if output_format else cfg
 
 
+ENV_FILE = "OPT_QUEUE_ENV_FILE"
+
+
+def _load_env_file() -> None:
+    """Read ``./.env`` (or ``$OPT_QUEUE_ENV_FILE``; empty: none) into the environment, without
+    overriding what is set already: the same file docker compose reads, so that host commands
+    find the compose fleet's Redis (``OPT_QUEUE_BROKER_URL``) with nothing more typed."""
+    from dotenv import load_dotenv
+
+    name = os.environ.get(ENV_FILE, ".env")
+    if name and Path(name).is_file():
+        load_dotenv(name, override=False)
+
+
 @click.group()
 @click.version_option(__version__, prog_name="opt-queue")
 def main() -> None:
-    """Push JSONL datasets of prompts through OpenAI-compatible chat APIs, in parallel, safely."""
+    """Push JSONL datasets of prompts through OpenAI-compatible APIs, in parallel, safely.
+
+    Settings come from config.json (-c) and the OPT_QUEUE_* environment, which a .env file in the
+    current directory may hold (OPT_QUEUE_ENV_FILE names another; empty: none)."""
+    _load_env_file()
 
 
 @main.command()
