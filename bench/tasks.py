@@ -71,6 +71,7 @@ def bench_noop(d: Path, url: str, rows: int, threads: int) -> float:
     env = dict(os.environ, OPT_QUEUE_BROKER_URL=url, PYTHONPATH=f"{d}:{os.environ.get('PYTHONPATH', '')}")
     client = redis.Redis.from_url(url)
     client.flushall()
+    os.environ["OPT_QUEUE_BROKER_URL"] = url
     sys.path.insert(0, str(d))
     import noop_app  # type: ignore[import-not-found]
 
