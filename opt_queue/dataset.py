@@ -175,18 +175,23 @@ def _parse_output_line(path: Path, number: int, raw: bytes) -> tuple[str, Any]:
     return parsed
 
 
-def output_format(path: str | os.PathLike[str]) -> str | None:
-    """The format of an existing output file's first line (``formats``), None when it has none."""
+def output_format(path: str | os.PathLike[str], lines: int = 1000) -> str | None:
+    """The format of an existing output file (``formats``), from its first line that shows it (a
+    null of the seed and full formats does not), among its first ``lines``; None when none does."""
     p = Path(path)
     if not p.exists():
         return None
     with open(p, "rb") as fh:
-        for raw in fh:
+        for number, raw in enumerate(fh):
+            if number >= lines:
+                break
             if raw.strip():
                 try:
-                    return formats.format_of(_DECODE(raw.decode("utf-8-sig")))
+                    found = formats.format_of(_DECODE(raw.decode("utf-8-sig")))
                 except (ValueError, UnicodeDecodeError):
                     return None
+                if found is not None:
+                    return found
     return None
 
 

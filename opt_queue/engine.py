@@ -416,7 +416,7 @@ class Engine:
             return None
         if f.kind is api.Kind.TOO_LONG:
             row.attempts += 1
-            if row.fallback and not row.fallback_used:
+            if row.fallback and not row.fallback_used and row.url == CHAT_URL:  # the job's chat fallback
                 log.info("row %s too long for %s; trying %s", row.index, row.body["model"], row.fallback)
                 row.body["model"], row.fallback_used = row.fallback, True
                 return None
