@@ -95,6 +95,11 @@ format_option = click.option(
          "batch for Batch-format input and seed for the rest.")
 
 
+output_tokens_option = click.option("--output-tokens", type=click.IntRange(min=0), default=None,
+                                    help="Average output tokens per answer to assume (default: every "
+                                         "answer at its cap, max_tokens or the endpoint's default).")
+
+
 def _with_format(cfg: Config, output_format: str | None) -> Config:
     return cfg.model_copy(update={"output_format": output_format}) if output_format else cfg
 
@@ -236,12 +241,17 @@ def collect(config_path: str | None, output: str, job_name: str | None, input_pa
               help="Local worker processes (default: one per CPU core, at most 4; 0: use the fleet).")
 @click.option("--skip-bad-lines", is_flag=True, help="Process the valid rows and list the bad ones.")
 @format_option
+@click.option("--dry-run", is_flag=True, help="Print the estimate (rows, tokens, cost, ETA) and stop: no API call.")
+@output_tokens_option
 @friendly
 def run(input_path: str, config_path: str | None, output: str, job_name: str | None, workers: int,
-        skip_bad_lines: bool, output_format: str | None) -> None:
+        skip_bad_lines: bool, output_format: str | None, dry_run: bool, output_tokens: int | None) -> None:
     """Submit, work and collect a whole job on this machine (private Redis unless broker_url is set)."""
     config_path = _config_path(config_path)
     cfg = _with_format(_config(config_path), output_format)
+    if dry_run:
+        _print_estimate(input_path, output, cfg, output_tokens, False)
+        return
     if workers is None:
         workers = max(1, min(4, os.cpu_count() or 1))
     if workers == 0 and not cfg.broker_url:
@@ -262,6 +272,33 @@ def _run_and_report(input_path: str, output: str, cfg: Config, config_path: str 
                          on_progress=display.collected)
     print_summary(out, result.collected, output, errors_path(output), result.worker_log)
     return result.collected
+
+
+def _print_estimate(input_path: str, output: str, cfg: Config, output_tokens: int | None, as_json: bool) -> None:
+    from opt_queue.dataset import validate_input
+    from opt_queue.estimate import describe, estimate
+
+    validate_input(input_path)  # a bad line is reported as by submit, before anything is counted
+    est = estimate(input_path, output, cfg, output_tokens)
+    if as_json:
+        out.print_json(json.dumps(est.as_dict()))
+    else:
+        for line in describe(est):
+            out.print(line, highlight=False)
+
+
+@main.command()
+@click.argument("input_path", type=click.Path(dir_okay=False))
+@config_option
+@click.option("-o", "--output", default="output.jsonl", show_default=True,
+              help="Output JSONL file (rows it answers are not counted: a re-run sends only the rest).")
+@output_tokens_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@friendly
+def estimate(input_path: str, config_path: str | None, output: str, output_tokens: int | None,
+             as_json: bool) -> None:
+    """Rows, tokens, cost range and ETA of a run, without calling the API."""
+    _print_estimate(input_path, output, _config(config_path), output_tokens, as_json)
 
 
 @main.command()

@@ -180,6 +180,15 @@ class GroupConfig(BaseModel):
         return limits.override(Limits(**short)) if short else limits
 
 
+class PriceConfig(BaseModel):
+    """A model's price in dollars per million tokens (``prices`` in the config)."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: float = Field(ge=0)
+    output: float = Field(default=0.0, ge=0)
+    cached_input: float | None = Field(default=None, ge=0)
+
+
 class AzureConfig(BaseModel):
     """An Azure OpenAI resource: requests go to ``{endpoint}/openai/deployments/{deployment}/...``
     with ``api-version`` and the key in an ``api-key`` header (the SDK's ``AsyncAzureOpenAI``)."""
@@ -296,6 +305,9 @@ class Config(BaseModel):
     rows_per_task: int = Field(default=1, ge=1, le=1000)
     output_format: Literal["auto", "seed", "full", "batch"] = "auto"
     schema_retries: int = Field(default=2, ge=0, le=10)
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)
+    max_cost: float | None = Field(default=None, gt=0)
+    max_tokens_total: int | None = Field(default=None, gt=0)
     max_queued: int = Field(default=50_000, ge=0)
     visibility_timeout: int = Field(default=3600, ge=1)
     lease_seconds: float = Field(default=30.0, ge=2)
@@ -327,6 +339,15 @@ class Config(BaseModel):
             raise ValueError(f"default_limits: give windows of the header period ({self.header_period:g}s) "
                              f"only, such as {{\"rpm\": 600}}: they are where discovery starts")
         self._entries()  # the groups' key references, checked here so that errors name the field
+        if self.max_cost is not None:
+            from opt_queue.prices import Prices
+
+            prices = Prices({name: p.model_dump() for name, p in self.prices.items()})
+            for name in filter(None, (self.model.name, self.model.fallback)):
+                if prices.price(name) is None:
+                    raise ValueError(f"max_cost: the price of model {name} is unknown; give it in "
+                                     f"\"prices\": {{\"{name}\": {{\"input\": ..., \"output\": ...}}}} "
+                                     f"(dollars per million tokens)")
         if self.api_client == "aiohttp":
             for i, e in enumerate(self.api_keys):
                 if isinstance(e, KeyConfig) and e.azure is not None:

@@ -33,10 +33,11 @@ from opt_queue import client as api
 from opt_queue.broker import DONE, HELD, Leases, split_row
 from opt_queue.config import Config
 from opt_queue.jobs import STOPPED, AsyncJob, RowResult
-from opt_queue.limiter import AsyncKeyPool, Lease, Never, Wait
+from opt_queue.limiter import AsyncKeyPool, Budget, BudgetReached, Lease, Never, Wait
+from opt_queue.prices import Prices, Usage, dollars, money, nano
 from opt_queue.request import CHAT_URL, ask_again
 from opt_queue.scripts import run_pipeline
-from opt_queue.tokens import estimate_tokens, estimator
+from opt_queue.tokens import estimate_parts, estimator
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,18 @@ class _Row:
     last_key: str | None = None
     too_large_for: set[str] = field(default_factory=set)
     hold_until: float = float("inf")  # monotonic time after which a waiting row is handed back
-    to_settle: tuple[Lease, int] | None = None  # sent with the result, in one round trip
-    tokens: int = 0  # TPM estimate, computed once: waits and the fallback model do not change it
+    to_settle: tuple[Lease, int, Usage] | None = None  # sent with the result, in one round trip
+    tokens: int = 0  # TPM estimate: the prompt's and the completion's cap (the fallback model keeps it)
+    prompt_tokens: int = 0
     too_large_samples: int = 0  # admissions whose whole sample of keys found the request too large
     server_limits: dict[str, int] = field(default_factory=dict)  # what the answer's headers said
 
     def __post_init__(self) -> None:
-        self.tokens = estimate_tokens(self.body, self.url)
+        self.estimate()
+
+    def estimate(self) -> None:
+        self.prompt_tokens, cap = estimate_parts(self.body, self.url)
+        self.tokens = self.prompt_tokens + cap
 
 
 class Engine:
@@ -92,6 +98,7 @@ class Engine:
         self.config = config
         self.client = client
         self.api = api_clients or api.ApiClients(config.api_client)
+        self.prices = Prices({name: p.model_dump() for name, p in config.prices.items()})
         self.keys = config.keys()
         self.pool = AsyncKeyPool.from_config(client, config, self.keys)
         self.leases = Leases(client, config.lease_seconds)
@@ -209,7 +216,8 @@ class Engine:
         paid answer: a Redis error retries the publication, never the call."""
         def settle_and_publish(pipe: Any) -> None:
             if row.to_settle is not None:
-                self.pool.queue_settle(*row.to_settle, pipe)
+                self.pool.queue_settle(*row.to_settle[:2], pipe)
+                self.pool.queue_spend(row.to_settle[0], row.to_settle[2], pipe)
                 # the limits first: other rows waiting for this probe's answer must find them
                 self.pool.queue_learn(row.to_settle[0], row.server_limits, pipe)
                 self.pool.queue_answered(row.to_settle[0], pipe)
@@ -243,6 +251,9 @@ class Engine:
                 if status is None:
                     return DROPPED
                 return None if status == STOPPED else DUPLICATE
+            if isinstance(lease, BudgetReached):
+                await self._stop_budget(row.job)
+                return None
             if lease is None and row.too_large_for:
                 return self._null(row, "request_too_large",
                                   f"every usable key serving {model} refused the request as too large "
@@ -277,10 +288,16 @@ class Engine:
             if outcome is not None:
                 return outcome
 
+    def _budget(self, row: _Row, model: str) -> Budget:
+        """The row's share of its job's budget: its worst case (the prompt's estimate and the
+        completion's cap at the model's prices; 0 dollars when the price is unknown)."""
+        worst = self.prices.cost(model, row.url, row.body, row.prompt_tokens, row.tokens - row.prompt_tokens)
+        return Budget(row.job.meta_key, nano(worst), row.tokens)
+
     async def _admit(self, row: _Row, model: str,
-                     exclude: set[str]) -> tuple[str | None, bool, Lease | Wait | Never | None]:
+                     exclude: set[str]) -> tuple[str | None, bool, Lease | Wait | Never | BudgetReached | None]:
         """``(job status, row done, admission)`` in one round trip."""
-        plan = self.pool.plan(model, row.tokens, exclude)
+        plan = self.pool.plan(model, row.tokens, exclude, self._budget(row, model))
 
         def state_and_acquire(pipe: Any) -> None:
             row.job.queue_state(row.index, pipe)
@@ -295,8 +312,7 @@ class Engine:
         if plan is None:
             return status, done, None
         admission = self.pool.granted(plan, replies[-1])
-        self.pool.clock.observe(t0, time.monotonic(), admission.at_ms if not isinstance(admission, Never)
-                                else int(replies[-1][2]))
+        self.pool.clock.observe(t0, time.monotonic(), int(replies[-1][2]))
         return status, done, admission
 
     async def _call(self, row: _Row, lease: Lease) -> RowResult | None:
@@ -318,7 +334,7 @@ class Engine:
             failure.message = api.redact(failure.message, self._secrets)
             if stamped is not None:
                 await stamped
-                await self.pool.settle(lease, 0)
+                await self.pool.settle(lease, 0, None)  # an error is not billed
             else:
                 await self.pool.cancel(lease)
             await self.pool.count_error(lease.key, failure.reason)
@@ -346,12 +362,15 @@ class Engine:
                         "is kept", row.index, type(exc).__name__)
         reply = answer.reply
         used = reply.prompt_tokens + reply.completion_tokens
-        row.to_settle = (lease, used)
+        usage = Usage(reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens, reply.reasoning_tokens,
+                      self.prices.cost(row.body["model"], row.url, row.body, reply.prompt_tokens,
+                                       reply.completion_tokens, reply.cached_tokens))
+        row.to_settle = (lease, used, usage)
         row.server_limits = api.server_limits(answer.headers)
         parsed, problem, final = self._structured(row, reply)
         if problem is not None and not final and row.asked_again < self.config.schema_retries:
             # Ask again with what was wrong; this call is paid and settled now, not with the result.
-            await self.pool.settle(lease, used)
+            await self.pool.settle(lease, used, usage)
             await self.pool.learn(lease, row.server_limits)
             await self.pool.answered(lease, alive=True)
             row.to_settle = None
@@ -359,10 +378,12 @@ class Engine:
             log.info("row %s: the answer does not match the JSON schema (%s); asking again (%d/%d)",
                      row.index, problem, row.asked_again, self.config.schema_retries)
             row.body = ask_again(row.url, row.body, reply.text, problem)
-            row.tokens = estimate_tokens(row.body, row.url)
+            row.estimate()
             return None
         common = {"index": row.index, "key": lease.key.fingerprint, "model": row.body["model"],
-                  "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens}
+                  "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+                  "cached_tokens": reply.cached_tokens, "reasoning_tokens": reply.reasoning_tokens,
+                  "cost": usage.cost}
         if problem is not None:
             return RowResult(answer=None, error_type="schema_invalid", error=problem,
                              attempts=row.attempts + row.asked_again + 1, **common)
@@ -445,6 +466,19 @@ class Engine:
         if cached is None or now - cached[0] >= RETIRED_CACHE_SECONDS:
             cached = self._retired[job.id] = (now, await job.retired_keys())
         return set(cached[1])
+
+    async def _stop_budget(self, job: AsyncJob) -> None:
+        """The next request would cross the job's budget with none in flight: stop the job. Its
+        unanswered rows stay unanswered; a submit with a higher budget resumes it."""
+        meta = await job.meta_fields("max_cost_nano", "spent_nano", "max_tokens_total", "spent_tokens")
+        max_cost, spent, max_tokens, spent_tokens = (int(v or 0) for v in meta)
+        if max_cost and (not max_tokens or spent / max_cost >= spent_tokens / max_tokens):
+            reason = f"budget reached: {money(dollars(spent))} of {money(dollars(max_cost))} (max_cost)"
+        else:
+            reason = f"budget reached: {spent_tokens} of {max_tokens} tokens (max_tokens_total)"
+        reason += "; the unanswered rows stay unanswered: raise the budget and run the same command again"
+        if await job.stop(reason):
+            log.warning("job %s stopped: %s", job.id, reason)
 
     async def _stop_no_keys(self, job: AsyncJob, model: str) -> None:
         retired = await job.retired_keys()

@@ -21,6 +21,7 @@ from typing import Any
 import redis
 
 from opt_queue import keys
+from opt_queue.prices import dollars
 from opt_queue.scripts import queue, scripts_for
 
 RUNNING, STOPPED, COMPLETE = "running", "stopped", "complete"
@@ -55,6 +56,10 @@ class RowResult:
     completion_tokens: int = 0
     warning: str | None = None
     detail: dict[str, Any] | None = None
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: float | None = 0.0
+    """Dollars of the call that answered (None: the model's price is unknown)."""
 
     def to_fields(self) -> dict[str, str]:
         fields = asdict(self)
@@ -92,6 +97,23 @@ class Progress:
     def outstanding(self) -> int:
         """Rows enqueued whose result has not been published yet."""
         return max(0, self.claimed - self.reported - self.released)
+
+    def count(self, name: str) -> int:
+        return int(self.meta.get(name) or 0)
+
+    @property
+    def spend(self) -> dict[str, Any]:
+        """What every paid call of the job used and cost so far (all runs of it), its budget, and
+        the projected total: the spend per finished row times the rows of the job."""
+        spent = dollars(self.count("spent_nano"))
+        per_row = spent / self.reported if self.reported else None
+        return {"cost": spent, "calls": self.count("calls"), "unpriced_calls": self.count("unpriced_calls"),
+                "input_tokens": self.count("input_tokens"), "cached_tokens": self.count("cached_tokens"),
+                "output_tokens": self.count("output_tokens"), "reasoning_tokens": self.count("reasoning_tokens"),
+                "max_cost": dollars(self.count("max_cost_nano")) or None,
+                "max_tokens_total": self.count("max_tokens_total") or None,
+                "spent_tokens": self.count("spent_tokens"),
+                "projected_cost": per_row * self.total if per_row is not None and self.total else None}
 
 
 @dataclass
@@ -165,6 +187,10 @@ class Job(_JobBase):
         for key in keys.job_keys(self.id):
             pipe.persist(key)
         pipe.execute()
+
+    def clear_reservations(self) -> None:
+        """Forget the budget shares held by requests in flight (call only when none is)."""
+        self.client.hset(self.meta_key, mapping={"reserved_nano": 0, "reserved_tokens": 0})
 
     def end_submit(self) -> None:
         self.client.hset(self.meta_key, mapping={"submitting": "0", "updated": str(time.time())})
@@ -335,6 +361,9 @@ class AsyncJob(_JobBase):
         pipe.hset(self.meta_key, mapping={"status": STOPPED, "reason": reason})
         before, _ = await pipe.execute()
         return before != STOPPED.encode()
+
+    async def meta_fields(self, *names: str) -> list[str | None]:
+        return [v.decode() if v is not None else None for v in await self.client.hmget(self.meta_key, names)]
 
     async def retire_key(self, fingerprint: str, reason: str) -> bool:
         """Retire a key for this job; return True the first time."""

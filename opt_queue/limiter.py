@@ -65,6 +65,7 @@ from typing import Any
 
 from opt_queue import keys as rkeys
 from opt_queue.config import ApiKey, Config, Limits
+from opt_queue.prices import Usage
 from opt_queue.scripts import queue, run_pipeline, scripts_for
 
 ACQUIRE_SAMPLE = 32
@@ -167,6 +168,8 @@ class Lease:
     scope: str
     windows: tuple[WindowSpec, ...]
     at_ms: int = 0
+    budget: Budget | None = None
+    """The job budget's reservation this admission holds (settled by :meth:`AsyncKeyPool.queue_spend`)."""
 
     @property
     def nreq(self) -> int:
@@ -182,6 +185,22 @@ class Wait:
     at_ms: int = 0
     exact: bool = True
     too_large: bool = False  # every sampled scope refused the request as larger than its window
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A request's share of its job's budget: reserved at admission in the same script that admits
+    it (``acquire.lua``), settled to the real cost after the call."""
+
+    key: str
+    """The job's meta hash (``max_cost_nano``, ``spent_nano``, ``reserved_nano``, ...)."""
+    cost_nano: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class BudgetReached:
+    """The job's budget has no room for this request, and no request of the job is in flight."""
 
 
 @dataclass(frozen=True)
@@ -202,6 +221,7 @@ class _AcquirePlan:
     tokens: int
     model: str
     new_scopes: tuple[str, ...] = ()
+    budget: Budget | None = None
 
 
 def scope_name(bucket: str, model: str) -> str:
@@ -300,9 +320,11 @@ class AsyncKeyPool:
             self._candidates[ident] = out
         return out
 
-    def plan(self, model: str, tokens: int, exclude: set[str] | None = None) -> _AcquirePlan | None:
+    def plan(self, model: str, tokens: int, exclude: set[str] | None = None,
+             budget: Budget | None = None) -> _AcquirePlan | None:
         """What an admission needs (None when no usable key serves ``model`` at all): queue it with
-        :meth:`queue_acquire` and read its reply with :meth:`granted`."""
+        :meth:`queue_acquire` and read its reply with :meth:`granted`. With ``budget``, the job's
+        budget must hold the request too, and the admission reserves its share."""
         cands = self.candidates(model, exclude or set())
         if not cands:
             return None
@@ -312,12 +334,15 @@ class AsyncKeyPool:
         new = tuple(scope_name(b, model) for b in order if (b, model) not in self._plans)
         ks: list[str] = []
         argv: list[Any] = [tokens, uuid.uuid4().hex[:16], len(order), RESERVE_MS, self.probe_ms,
-                           self.now_ms or 0, self.refresh_ms, PACE_ABOVE, int(self.header_period * 1000)]
+                           self.now_ms or 0, self.refresh_ms, PACE_ABOVE, int(self.header_period * 1000),
+                           budget.cost_nano if budget else -1, budget.tokens if budget else 0]
         for bucket in order:
             scope_keys, scope_args = self._fragment(bucket, model)
             ks += scope_keys
             argv += scope_args
-        return _AcquirePlan(order, cands, ks, argv, tokens, model, new)
+        if budget is not None:
+            ks.append(budget.key)
+        return _AcquirePlan(order, cands, ks, argv, tokens, model, new, budget)
 
     def queue_acquire(self, plan: _AcquirePlan, pipe: Any) -> None:
         """Queue the admission on ``pipe`` (see ``scripts.run_pipeline``)."""
@@ -328,9 +353,13 @@ class AsyncKeyPool:
                  "windows": [[w.dim, w.period, w.limit, w.mode] for w in self.windows(bucket, model)]}))
         queue(pipe, self._scripts.acquire, plan.keys, plan.args)
 
-    def granted(self, plan: _AcquirePlan, reply: Any) -> Lease | Wait | Never:
+    def granted(self, plan: _AcquirePlan, reply: Any) -> Lease | Wait | Never | BudgetReached:
         """Read the admission's reply."""
         status = int(reply[0])
+        if status == -3:
+            return BudgetReached()
+        if status == -2:  # the budget waits for requests in flight to settle
+            return Wait(int(reply[1]) / 1000.0, int(reply[2]), exact=False)
         if status == -1 and len(plan.order) == len(plan.cands):
             return Never(plan.tokens)
         if status <= 0:
@@ -342,12 +371,13 @@ class AsyncKeyPool:
         members = plan.cands[bucket]
         key = members[next(self._rr) % len(members)]  # itertools.count is atomic under the GIL
         return Lease(key=key, uid=plan.args[1], tokens=plan.tokens, scope=scope_name(bucket, plan.model),
-                     windows=self.windows(bucket, plan.model), at_ms=int(reply[2]))
+                     windows=self.windows(bucket, plan.model), at_ms=int(reply[2]), budget=plan.budget)
 
-    async def acquire(self, model: str, tokens: int, exclude: set[str] | None = None) -> Lease | Wait | Never | None:
+    async def acquire(self, model: str, tokens: int, exclude: set[str] | None = None,
+                      budget: Budget | None = None) -> Lease | Wait | Never | BudgetReached | None:
         """Try to admit one request in its own round trip (the engine batches it with the row's
         state instead); ``None`` when no usable key serves ``model`` at all."""
-        plan = self.plan(model, tokens, exclude)
+        plan = self.plan(model, tokens, exclude, budget)
         if plan is None:
             return None
         t0 = time.monotonic()
@@ -371,10 +401,26 @@ class AsyncKeyPool:
         return int(await self._scripts.stamp(keys=self._window_keys(lease), args=args))
 
     async def cancel(self, lease: Lease) -> None:
-        """Give back a lease whose request was never sent."""
+        """Give back a lease whose request was never sent (and its share of the job's budget)."""
         await self._scripts.cancel(keys=[rkeys.bucket_state(lease.scope), *self._window_keys(lease)],
                                    args=[lease.uid, lease.tokens, lease.nreq,
                                          *[w.period_ms for w in lease.windows if w.dim == "tok"]])
+        if lease.budget is not None:
+            await run_pipeline(self.client, lambda pipe: self.queue_spend(lease, None, pipe))
+
+    def queue_spend(self, lease: Lease, usage: Usage | None, pipe: Any) -> None:
+        """Queue on ``pipe`` what a call cost (``usage``; None: nothing billed, e.g. an error): the
+        key's and the job's spend and tokens grow by it, then the job budget's reservation is
+        given back (in that order: a concurrent admission never sees the budget freer than it is)."""
+        if usage is not None:
+            stats = rkeys.key_stats(lease.key.fingerprint)
+            for target in (stats, *([lease.budget.key] if lease.budget else [])):
+                for name, value in usage.counters().items():
+                    if value:
+                        pipe.hincrby(target, name, value)
+        if lease.budget is not None:
+            pipe.hincrby(lease.budget.key, "reserved_nano", -lease.budget.cost_nano)
+            pipe.hincrby(lease.budget.key, "reserved_tokens", -lease.budget.tokens)
 
     def queue_settle(self, lease: Lease, used_tokens: int, pipe: Any) -> None:
         """Queue the settlement on ``pipe`` (sent with the row's result, in one round trip): a real
@@ -390,9 +436,14 @@ class AsyncKeyPool:
         pipe.hincrby(stats, "requests", 1)
         pipe.hincrby(stats, "tokens", max(used_tokens, 0))
 
-    async def settle(self, lease: Lease, used_tokens: int) -> None:
-        """Settle the lease's tokens to the real usage (never down) and count the request."""
-        await run_pipeline(self.client, lambda pipe: self.queue_settle(lease, used_tokens, pipe))
+    async def settle(self, lease: Lease, used_tokens: int, usage: Usage | None = None) -> None:
+        """Settle the lease's tokens to the real usage (never down), count the request and what it
+        cost (``usage``; None: nothing billed), and give back its share of the job's budget."""
+        def fill(pipe: Any) -> None:
+            self.queue_settle(lease, used_tokens, pipe)
+            self.queue_spend(lease, usage, pipe)
+
+        await run_pipeline(self.client, fill)
 
     def _now(self) -> int | None:
         return self.now_ms if self.now_ms is not None else self.clock.now_ms()

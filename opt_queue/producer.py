@@ -19,6 +19,7 @@ from opt_queue.config import Config
 from opt_queue.dataset import InputSummary, Row, iter_input, output_format, read_output, validate_input
 from opt_queue.errors import JobStopped, OutputError
 from opt_queue.jobs import STOPPED, Job
+from opt_queue.prices import nano
 from opt_queue.request import CHAT_URL, request_body
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,10 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
     max_queued = config.max_queued
     answered, nulls = answered or set(), nulls or set()
     job = Job(client, job_id)
-    job.begin_submit(total=total, model=config.model.name, output_format=output_format, **meta)
+    if job.exists() and job.progress().outstanding == 0:
+        job.clear_reservations()  # budget shares of workers that died holding them
+    job.begin_submit(total=total, model=config.model.name, output_format=output_format,
+                     max_cost_nano=nano(config.max_cost), max_tokens_total=config.max_tokens_total or 0, **meta)
     report = SubmitReport(job=job_id, total=total, bad_lines=bad_lines)
     done = 0
     declare_queue()

@@ -10,6 +10,7 @@ import redis
 from opt_queue import keys
 from opt_queue.jobs import Job, list_jobs
 from opt_queue.limiter import window_source
+from opt_queue.prices import dollars
 
 
 def _now_ms(client: redis.Redis) -> int:
@@ -24,7 +25,7 @@ def job_status(client: redis.Redis, job_id: str) -> dict[str, Any]:
     return {"job": job_id, "status": p.status, "reason": p.reason, "total": p.total,
             "enqueued": p.claimed, "finished": p.reported, "nulls": p.nulls, "released": p.released,
             "in_flight_or_queued": p.outstanding, "submitting": p.submitting,
-            "prompt_tokens": p.prompt_tokens, "completion_tokens": p.completion_tokens,
+            "prompt_tokens": p.prompt_tokens, "completion_tokens": p.completion_tokens, "spend": p.spend,
             "input": p.meta.get("input"), "output": p.meta.get("output"),
             "model": p.meta.get("model"), "retired_keys": job.retired_keys()}
 
@@ -86,6 +87,9 @@ def key_status(client: redis.Redis, retired: dict[str, str] | None = None,
                     "cooldown_s": max((m["cooldown_s"] for m in models), default=0),
                     "rate_limited": sum(m["rate_limited"] for m in models),
                     "requests": int(stats.get("requests", 0)), "tokens": int(stats.get("tokens", 0)),
+                    "spend": {"cost": dollars(stats.get("spent_nano")), "unpriced_calls": int(stats.get("unpriced_calls", 0)),
+                              **{name: int(stats.get(name, 0)) for name in
+                                 ("input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")}},
                     "errors": {k.split(":", 1)[1]: int(v) for k, v in stats.items() if k.startswith("error:")},
                     "retired": (retired or {}).get(fp)})
     return out

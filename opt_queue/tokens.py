@@ -93,17 +93,23 @@ def _texts(value: Any, out: list[str]) -> int:
     return 0
 
 
-def estimate_tokens(body: dict[str, Any], url: str = CHAT_URL,
-                    completion_default: int | None = None) -> int:
-    """The tokens a request counts against TPM on arrival: its prompt plus its completion's
-    maximum (the endpoint's cap field, times ``n``; the endpoint's default when none is set)."""
+def estimate_parts(body: dict[str, Any], url: str = CHAT_URL,
+                   completion_default: int | None = None) -> tuple[int, int]:
+    """``(prompt tokens, completion cap)`` of a request: the prompt's estimate, and the
+    completion's maximum (the endpoint's cap field, times ``n``; the endpoint's default when none
+    is set, ``completion_default`` when given)."""
     endpoint = ENDPOINTS.get(url, ENDPOINTS[CHAT_URL])
     texts: list[str] = []
     extra = sum(_texts(body.get(name), texts) for name in endpoint.prompt)
     prompt = count_prompt_tokens("\n".join(texts)) + extra + (3 if texts or extra else 0)
     if not endpoint.completion_default:
-        return prompt
+        return prompt, 0
     cap = next((body[name] for name in endpoint.completion if body.get(name)), None)
     if cap is None:
         cap = endpoint.completion_default if completion_default is None else completion_default
-    return prompt + int(cap) * int(body.get("n") or 1)
+    return prompt, int(cap) * int(body.get("n") or 1)
+
+
+def estimate_tokens(body: dict[str, Any], url: str = CHAT_URL, completion_default: int | None = None) -> int:
+    """The tokens a request counts against TPM on arrival: its prompt plus its completion's maximum."""
+    return sum(estimate_parts(body, url, completion_default))

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from opt_queue.collector import CollectStatus
+from opt_queue.prices import money
 
 
 class _Progress(Progress):
@@ -74,8 +75,26 @@ class Display:
         flight = f" · in flight {p.outstanding}" if p else ""
         self.progress.lines["rows"] = (f"  rows: {status.answered} answered · {status.nulls} null · "
                                        f"{status.remaining} remaining · {status.rate:.1f} rows/s{flight}")
+        if p is not None and p.count("calls"):
+            self.progress.lines["spend"] = "  spend: " + spend_summary(p.spend)
         if status.keys:
             self.progress.lines["keys"] = "  keys: " + keys_summary(status.keys)
+
+
+def spend_summary(spend: dict[str, Any]) -> str:
+    """``$0.42 spent, projected $1.10 · budget $5.00 · tokens 12000 in (3000 cached) + 4000 out (1000
+    reasoning)``."""
+    text = f"{money(spend['cost'])} spent"
+    if spend["projected_cost"] is not None:
+        text += f", projected {money(spend['projected_cost'])}"
+    if spend["unpriced_calls"]:
+        text += f" ({spend['unpriced_calls']} calls of models without a price: not counted)"
+    if spend["max_cost"]:
+        text += f" · budget {money(spend['max_cost'])}"
+    if spend["max_tokens_total"]:
+        text += f" · budget {spend['max_tokens_total']} tokens"
+    return (text + f" · tokens {spend['input_tokens']} in ({spend['cached_tokens']} cached) + "
+            f"{spend['output_tokens']} out ({spend['reasoning_tokens']} reasoning)")
 
 
 def keys_summary(keys: list[dict[str, Any]]) -> str:
@@ -110,6 +129,8 @@ def print_summary(console: Console, status: CollectStatus, output: str | Path, e
         console.print(f"{status.warnings.total()} answers were cut at the token limit (finish_reason "
                       f"length): listed in {errors} with \"warning\": true; raise max_tokens and null them "
                       f"to ask again.")
+    if p is not None and p.count("calls"):
+        console.print(f"spend: {spend_summary(p.spend)}.")
     if worker_log is not None and Path(worker_log).exists():
         console.print(f"worker log: {worker_log}")
 
@@ -117,18 +138,24 @@ def print_summary(console: Console, status: CollectStatus, output: str | Path, e
 def status_tables(snap: dict[str, Any]) -> list[Table]:
     """Render ``status.snapshot()`` as a jobs table and a keys table."""
     jobs = Table(title="jobs")
-    for col in ("job", "status", "total", "finished", "null", "queued/in flight", "tokens", "note"):
+    for col in ("job", "status", "total", "finished", "null", "queued/in flight", "tokens in/cached/out/reasoning",
+                "cost (projected, budget)", "note"):
         jobs.add_column(col, no_wrap=col == "job")
     for j in snap["jobs"]:
         note = j["reason"] or ("submitting" if j["submitting"] else "")
+        s = j["spend"]
+        notes = [f"projected {money(s['projected_cost'])}" if s["projected_cost"] is not None else "",
+                 f"budget {money(s['max_cost'])}" if s["max_cost"] else ""]
+        cost = money(s["cost"]) + (f" ({', '.join(n for n in notes if n)})" if any(notes) else "")
         jobs.add_row(j["job"], j["status"], str(j["total"]), str(j["finished"]), str(j["nulls"]),
-                     str(j["in_flight_or_queued"]), str(j["prompt_tokens"] + j["completion_tokens"]), note)
+                     str(j["in_flight_or_queued"]), _tokens_cell(s), cost, note)
     ks = Table(title="keys")
     for col in ("key", "model", "limits (source, last read)", "in current windows", "cooldown", "requests",
-                "tokens", "429s", "retired"):
+                "tokens in/cached/out/reasoning", "cost", "429s", "retired"):
         ks.add_column(col, no_wrap=col == "key")
     for k in snap["keys"]:
-        counters = (str(k["requests"]), str(k["tokens"]), str(k["rate_limited"]), k["retired"] or "")
+        counters = (str(k["requests"]), _tokens_cell(k["spend"]), money(k["spend"]["cost"]), str(k["rate_limited"]),
+                    k["retired"] or "")
         if not k["models"]:
             ks.add_row(k["key"], "", k["limits"] + " (no request yet)", "", "", *counters)
         for i, m in enumerate(k["models"]):
@@ -136,8 +163,13 @@ def status_tables(snap: dict[str, Any]) -> list[Table]:
             limits = "; ".join(_limit_cell(w) for w in shown)
             usage = ", ".join(f"{w['used']} {'req' if w['dim'] == 'req' else 'tok'}/{w['period']:g}s" for w in shown)
             ks.add_row(k["key"] if i == 0 else "", m["model"], limits, usage,
-                       f"{m['cooldown_s']}s" if m["cooldown_s"] else "", *(counters if i == 0 else ("",) * 4))
+                       f"{m['cooldown_s']}s" if m["cooldown_s"] else "", *(counters if i == 0 else ("",) * 5))
     return [jobs, ks]
+
+
+def _tokens_cell(spend: dict[str, Any]) -> str:
+    return (f"{spend['input_tokens']}/{spend['cached_tokens']}/{spend['output_tokens']}/"
+            f"{spend['reasoning_tokens']}")
 
 
 def _limit_cell(w: dict[str, Any]) -> str:

@@ -13,13 +13,20 @@
 -- ARGV[6] the time in ms (0: Redis' TIME; tests control time with it)
 -- ARGV[7] how long a learned limit holds, ms      ARGV[8] request limit per header period from
 --         which a pacing window applies            ARGV[9] the header period, ms
--- ARGV[10..] for each scope: the number of windows, then per window: is_tokens (0/1), limit,
+-- ARGV[10] the job budget's share of this request in nano-dollars (-1: no budget check); when 0 or
+--         more, the last KEY is the job's meta hash, whose max_cost_nano / max_tokens_total (absent
+--         or 0: no limit) must hold spent + reserved + this request, which is then reserved
+-- ARGV[11] the request's tokens for max_tokens_total
+-- ARGV[12..] for each scope: the number of windows, then per window: is_tokens (0/1), limit,
 --           period_ms, mode, margin_ms. Modes (limiter.py): 0 configured; 1 configured, of the header
 --           period (a learned limit lowers it); 2 discovered (the learned limit, else `limit`, 0 for
 --           none); 3 pacing (limit/60 of the header window of its dimension, when that is large)
 -- Returns {1, b, now_ms} admitted on scope b (1-based)
 --         {0, wait_ms, now_ms}   no scope can admit now; the earliest may in wait_ms
 --         {-1, 0, now_ms}        no scope can ever admit a request this large
+--         {-2, wait_ms, now_ms}  the job's budget has no room while requests are in flight (their
+--                                real cost may leave some)
+--         {-3, 0, now_ms}        the job's budget has no room for this request, none in flight
 local now = tonumber(ARGV[6])
 if now == 0 then
   local t = redis.call('TIME')
@@ -33,6 +40,20 @@ local probe = tonumber(ARGV[5])
 local refresh = tonumber(ARGV[7])
 local pace_above = tonumber(ARGV[8])
 local header_period = tonumber(ARGV[9])
+local budget_cost, budget_tokens = tonumber(ARGV[10]), tonumber(ARGV[11])
+local budget = nil
+if budget_cost >= 0 then
+  budget = KEYS[#KEYS]
+  local b = redis.call('HMGET', budget, 'max_cost_nano', 'spent_nano', 'reserved_nano',
+                       'max_tokens_total', 'spent_tokens', 'reserved_tokens')
+  local max_cost, max_tokens = tonumber(b[1] or '0'), tonumber(b[4] or '0')
+  local reserved_cost, reserved_tokens = tonumber(b[3] or '0'), tonumber(b[6] or '0')
+  if (max_cost > 0 and tonumber(b[2] or '0') + reserved_cost + budget_cost > max_cost)
+      or (max_tokens > 0 and tonumber(b[5] or '0') + reserved_tokens + budget_tokens > max_tokens) then
+    if reserved_cost > 0 or reserved_tokens > 0 then return {-2, 250, now} end
+    return {-3, 0, now}
+  end
+end
 
 local function weight(member)
   return tonumber(string.match(member, ':(%d+)$')) or 0
@@ -75,7 +96,7 @@ end
 
 local best, best_room, best_windows, best_state, best_probing = nil, -1, nil, nil, false
 local min_wait, never = nil, 0
-local k, a = 1, 10
+local k, a = 1, 12
 for b = 1, n do
   local state = KEYS[k]
   k = k + 1
@@ -171,5 +192,9 @@ for _, w in ipairs(best_windows) do
 end
 if best_probing then
   redis.call('HSET', best_state, 'probe_until', now + probe)
+end
+if budget then
+  redis.call('HINCRBY', budget, 'reserved_nano', budget_cost)
+  redis.call('HINCRBY', budget, 'reserved_tokens', budget_tokens)
 end
 return {1, best, now}

@@ -1,0 +1,191 @@
+"""``opt-queue estimate`` (and ``run --dry-run``): what a run will send, cost and take, before it
+starts and without calling the API.
+
+For the rows a run would send (the input's rows that the output lacks or holds as null), it counts
+the prompt tokens (``tokens``: tiktoken when its encoding is on the machine, else the character
+estimate, which is an upper bound), the output tokens (each request's cap: ``max_tokens`` and the
+like, or the endpoint's default; or the average the user states with ``--output-tokens``), prices
+them per model (``prices``) and gives the cost as a range: the prompts alone, at least, and every
+answer at its cap, at most. The ETA comes from the keys' configured limits, per model, naming the
+limit that binds (requests or tokens per minute, requests per day) and what more keys would do.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from opt_queue.config import Config
+from opt_queue.dataset import iter_input, read_output
+from opt_queue.prices import Prices, money
+from opt_queue.request import request_body
+from opt_queue.tokens import estimate_parts, estimator
+
+
+@dataclass
+class ModelEstimate:
+    """One model's share of the rows to send."""
+
+    rows: int = 0
+    prompt_tokens: int = 0
+    cap_tokens: int = 0
+    assumed_tokens: int = 0
+    cost_low: float | None = 0.0
+    cost_expected: float | None = 0.0
+    cost_high: float | None = 0.0
+    eta_s: float | None = None
+    binding: str | None = None
+    keys: int = 0
+    limits_known: bool = False
+
+
+@dataclass
+class Estimate:
+    """What ``estimate`` prints (``--json`` gives it as is)."""
+
+    rows_in_input: int = 0
+    rows_to_send: int = 0
+    already_answered: int = 0
+    nulls_to_retry: int = 0
+    estimator: str = ""
+    output_assumption: str = ""
+    models: dict[str, ModelEstimate] = field(default_factory=dict)
+
+    def total(self, name: str) -> Any:
+        values = [getattr(m, name) for m in self.models.values()]
+        if any(v is None for v in values):
+            return None
+        return sum(values)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Models are paced by separate limits, so they run side by side: the slowest sets the ETA."""
+        etas = [m.eta_s for m in self.models.values() if m.rows]
+        return None if not etas or any(e is None for e in etas) else max(etas)  # type: ignore[type-var]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows_in_input": self.rows_in_input, "rows_to_send": self.rows_to_send,
+                "already_answered": self.already_answered, "nulls_to_retry": self.nulls_to_retry,
+                "estimator": self.estimator, "output_assumption": self.output_assumption,
+                "prompt_tokens": self.total("prompt_tokens"), "output_tokens_cap": self.total("cap_tokens"),
+                "output_tokens_assumed": self.total("assumed_tokens"),
+                "cost_low": self.total("cost_low"), "cost_expected": self.total("cost_expected"),
+                "cost_high": self.total("cost_high"), "eta_s": self.eta_s,
+                "models": {name: vars(m) for name, m in self.models.items()}}
+
+
+def _rates(config: Config, model: str) -> tuple[int, dict[str, float]]:
+    """Keys serving ``model`` and their summed rates per second by limit name (a group counts
+    once: its keys share it); a dimension missing from any bucket is not known."""
+    buckets: dict[str, dict[str, float]] = {}
+    for key in config.keys():
+        if not key.serves(model) or key.bucket in buckets:
+            continue
+        limits = key.limits_for(model)
+        rates: dict[str, float] = {}
+        for dim, windows in (("requests", limits.requests), ("tokens", limits.tokens)):
+            for w in windows:
+                name = _limit_name(dim, w.period)
+                rates[name] = min(rates.get(name, float("inf")), w.limit / w.period)
+        buckets[key.bucket] = rates
+    names = set().union(*buckets.values()) if buckets else set()
+    summed = {n: sum(b[n] for b in buckets.values()) for n in names if all(n in b for b in buckets.values())}
+    return len(buckets), summed
+
+
+def _limit_name(dim: str, period: float) -> str:
+    unit = {60.0: "min", 86400.0: "day", 1.0: "s", 3600.0: "h"}.get(period, f"{period:g}s")
+    return ("RP" if dim == "requests" else "TP") + ({"min": "M", "day": "D", "s": "S", "h": "H"}.get(unit, f"/{unit}"))
+
+
+def _eta(m: ModelEstimate, keys: int, rates: dict[str, float]) -> None:
+    m.keys = keys
+    need = {"R": m.rows, "T": m.prompt_tokens + m.cap_tokens}
+    times = {name: need[name[0]] / rate for name, rate in rates.items() if rate > 0}
+    m.limits_known = bool(times)
+    if times:
+        m.binding, m.eta_s = max(times.items(), key=lambda item: item[1])
+
+
+def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], config: Config,
+             output_tokens: int | None = None) -> Estimate:
+    """Estimate a run of ``input_path`` into ``output_path`` (resume counted) without calling the API."""
+    state = read_output(output_path, offsets=False)
+    prices = Prices({name: p.model_dump() for name, p in config.prices.items()})
+    est = Estimate(estimator=estimator(),
+                   output_assumption=(f"{output_tokens} tokens per answer on average (--output-tokens)"
+                                      if output_tokens is not None else
+                                      "every answer at its cap (max_tokens, else the endpoint's default); "
+                                      "--output-tokens N states an average"))
+    found: dict[str, Any] = {}
+    for row in _rows(input_path, state, est):
+        body = request_body(row.url, row.body, config.model.name, config.model.params)
+        model = body.get("model") or config.model.name
+        prompt, cap = estimate_parts(body, row.url)
+        assumed = cap if output_tokens is None or not cap else min(cap, output_tokens * int(body.get("n") or 1))
+        m = est.models.get(model)
+        if m is None:
+            m = est.models[model] = ModelEstimate()
+            found[model] = prices.price(model)
+        m.rows += 1
+        m.prompt_tokens += prompt
+        m.cap_tokens += cap
+        m.assumed_tokens += assumed
+        for name, completion in (("cost_low", 0), ("cost_expected", assumed), ("cost_high", cap)):
+            cost = prices.cost(model, row.url, body, prompt, completion)
+            setattr(m, name, None if cost is None or getattr(m, name) is None else getattr(m, name) + cost)
+    for model, m in est.models.items():
+        _eta(m, *_rates(config, model))
+    return est
+
+
+def _rows(input_path: str | os.PathLike[str], state: Any, est: Estimate) -> Iterator[Any]:
+    for row in iter_input(input_path, skip_bad=True):
+        est.rows_in_input += 1
+        if row.index in state.answered:
+            est.already_answered += 1
+            continue
+        est.nulls_to_retry += row.index in state.nulls
+        est.rows_to_send += 1
+        yield row
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def describe(est: Estimate) -> list[str]:
+    """The lines ``estimate`` prints."""
+    lines = [f"rows to send: {est.rows_to_send} of {est.rows_in_input} (already answered: "
+             f"{est.already_answered}; nulls to retry: {est.nulls_to_retry})",
+             f"token estimate: {est.estimator}",
+             f"output tokens: {est.output_assumption}"]
+    for model, m in sorted(est.models.items()):
+        cost = (f"{money(m.cost_low)} (prompts alone) to {money(m.cost_high)} (every answer at its cap)"
+                if m.cost_high is not None else f"cost unknown for model {model}: give its price in \"prices\"")
+        if m.cost_expected is not None and m.cost_expected not in (m.cost_low, m.cost_high):
+            cost += f", about {money(m.cost_expected)} as assumed"
+        lines.append(f"{model}: {m.rows} rows, {m.prompt_tokens} prompt tokens + up to {m.cap_tokens} output "
+                     f"tokens ({m.assumed_tokens} assumed); cost {cost}")
+        if not m.keys:
+            lines.append(f"  no configured key serves {model}")
+        elif not m.limits_known:
+            lines.append(f"  ETA unknown: the {m.keys} key(s) serving {model} have no configured limits (they "
+                         f"are read from the API's headers once the job runs); give rpm/tpm to estimate it")
+        else:
+            more = (f"one more key like these: {_duration(m.eta_s * m.keys / (m.keys + 1))}; twice the keys: "
+                    f"{_duration(m.eta_s / 2)}") if m.eta_s else ""
+            lines.append(f"  ETA {_duration(m.eta_s or 0)} on {m.keys} key(s), bound by {m.binding}; {more}")
+    high, low = est.total("cost_high"), est.total("cost_low")
+    if len(est.models) > 1:
+        lines.append(f"total: {money(low)} to {money(high)}" + (f", ETA {_duration(est.eta_s)}"
+                                                              if est.eta_s is not None else ""))
+    return lines
