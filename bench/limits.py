@@ -60,7 +60,7 @@ def row_tokens(tokenizer: str) -> int:
     pacing's fidelity, as with an exact tokenizer."""
     if tokenizer == "estimate":
         return estimate_tokens(token_row(0))
-    return count_tokens("x" * PROMPT_CHARS) + 3 + MAX_TOKENS
+    return count_tokens("x" * PROMPT_CHARS) + 6 + MAX_TOKENS  # the message's 3, the reply's 3
 
 
 def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, errors: float,

@@ -2,8 +2,8 @@
 starts and without calling the API.
 
 For the rows a run would send (the input's rows that the output lacks or holds as null), it counts
-the prompt tokens (``tokens``: tiktoken when its encoding is on the machine, else the character
-estimate, which is an upper bound), the output tokens (each request's cap: ``max_tokens`` and the
+the prompt tokens (``tokens``: tiktoken when its encoding is on the machine, else the typical
+character estimate: about 4 ASCII characters a token, one per other character), the output tokens (each request's cap: ``max_tokens`` and the
 like, or the endpoint's default; or the average the user states with ``--output-tokens``), prices
 them per model (``prices``) and gives the cost as a range: the prompts alone, at least, and every
 answer at its cap, at most. The ETA comes from the keys' configured limits, per model, naming the
@@ -21,7 +21,7 @@ from opt_queue.config import Config
 from opt_queue.dataset import iter_input, read_output
 from opt_queue.prices import Prices, money
 from opt_queue.request import request_body
-from opt_queue.tokens import estimate_parts, estimator
+from opt_queue.tokens import estimate_parts, typical_estimator
 
 
 @dataclass
@@ -114,7 +114,7 @@ def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[
     """Estimate a run of ``input_path`` into ``output_path`` (resume counted) without calling the API."""
     state = read_output(output_path, offsets=False)
     prices = Prices({name: p.model_dump() for name, p in config.prices.items()})
-    est = Estimate(estimator=estimator(),
+    est = Estimate(estimator=typical_estimator(),
                    output_assumption=(f"{output_tokens} tokens per answer on average (--output-tokens)"
                                       if output_tokens is not None else
                                       "every answer at its cap (max_tokens, else the endpoint's default); "
@@ -123,7 +123,7 @@ def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[
     for row in _rows(input_path, state, est):
         body = request_body(row.url, row.body, config.model.name, config.model.params)
         model = body.get("model") or config.model.name
-        prompt, cap = estimate_parts(body, row.url)
+        prompt, cap = estimate_parts(body, row.url, typical=True)
         assumed = cap if output_tokens is None or not cap else min(cap, output_tokens * int(body.get("n") or 1))
         m = est.models.get(model)
         if m is None:

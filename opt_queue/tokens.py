@@ -30,6 +30,8 @@ from opt_queue.request import CHAT_URL, ENDPOINTS
 
 CHARS_PER_TOKEN = 3.0
 TOKENS_PER_MESSAGE = 4
+TYPICAL_TOKENS_PER_MESSAGE = 3
+"""OpenAI's count: 3 tokens around each message, and 3 that prime the reply."""
 TIKTOKEN_ENCODING = "cl100k_base"
 _TIKTOKEN_URL = f"https://openaipublic.blob.core.windows.net/encodings/{TIKTOKEN_ENCODING}.tiktoken"
 
@@ -60,10 +62,34 @@ def estimator() -> str:
     return "character estimate (an upper bound; install tiktoken's encoding for exact counts)"
 
 
+def typical_estimator() -> str:
+    """Which estimate ``estimate`` uses for costs."""
+    if _tokenizer() is not None:
+        return f"tiktoken {TIKTOKEN_ENCODING}"
+    return ("typical character estimate (4 ASCII characters a token, one per other character; "
+            "install tiktoken's encoding for exact counts)")
+
+
 def char_estimate(text: str) -> int:
     """The character estimate of ``text`` (see the module docstring): never below the server's."""
     extra = 0 if text.isascii() else len(text.encode("utf-8")) - len(text)
     return math.ceil(len(text) / CHARS_PER_TOKEN) + extra
+
+
+def typical_estimate(text: str) -> int:
+    """A central estimate of ``text``'s tokens, for what a run will cost (``estimate``): about 4
+    ASCII characters a token (OpenAI's tokenizers on English), one token per other character
+    (CJK: 1 to 1.5). Not an upper bound: the limiter uses :func:`char_estimate`."""
+    if text.isascii():
+        return math.ceil(len(text) / 4)
+    ascii_chars = sum(1 for c in text if c < "\x80")
+    return math.ceil(ascii_chars / 4) + len(text) - ascii_chars
+
+
+def count_typical_tokens(text: str) -> int:
+    """Tokens of ``text`` for cost estimates: tiktoken's count when available, else the typical estimate."""
+    tokenize = _tokenizer()
+    return tokenize(text) if tokenize else typical_estimate(text)
 
 
 def count_prompt_tokens(text: str) -> int:
@@ -72,7 +98,7 @@ def count_prompt_tokens(text: str) -> int:
     return tokenize(text) if tokenize else char_estimate(text)
 
 
-def _texts(value: Any, out: list[str]) -> int:
+def _texts(value: Any, out: list[str], per_message: int = TOKENS_PER_MESSAGE) -> int:
     """Gather the strings of a prompt field into ``out``; return the tokens given as token ids
     (an embedding's or completion's input may be token arrays) and the messages met."""
     if isinstance(value, str):
@@ -83,25 +109,28 @@ def _texts(value: Any, out: list[str]) -> int:
     if isinstance(value, dict):  # a message or an input item: its content, at a message's cost
         content = value.get("content", value.get("text"))
         if isinstance(content, (str, list)):
-            return TOKENS_PER_MESSAGE + _texts(content, out)
+            return per_message + _texts(content, out, per_message)
         out.append(json.dumps(value, ensure_ascii=False))
-        return TOKENS_PER_MESSAGE
+        return per_message
     if isinstance(value, list):
-        return sum(_texts(v, out) for v in value)
+        return sum(_texts(v, out, per_message) for v in value)
     if value is not None:
         out.append(json.dumps(value, ensure_ascii=False))
     return 0
 
 
-def estimate_parts(body: dict[str, Any], url: str = CHAT_URL,
-                   completion_default: int | None = None) -> tuple[int, int]:
-    """``(prompt tokens, completion cap)`` of a request: the prompt's estimate, and the
-    completion's maximum (the endpoint's cap field, times ``n``; the endpoint's default when none
-    is set, ``completion_default`` when given)."""
+def estimate_parts(body: dict[str, Any], url: str = CHAT_URL, completion_default: int | None = None,
+                   typical: bool = False) -> tuple[int, int]:
+    """``(prompt tokens, completion cap)`` of a request: the prompt's estimate (the limiter's upper
+    bound, or with ``typical`` the central estimate of :func:`count_typical_tokens` and OpenAI's 3
+    tokens a message), and the completion's maximum (the endpoint's cap field, times ``n``; the
+    endpoint's default when none is set, ``completion_default`` when given)."""
     endpoint = ENDPOINTS.get(url, ENDPOINTS[CHAT_URL])
     texts: list[str] = []
-    extra = sum(_texts(body.get(name), texts) for name in endpoint.prompt)
-    prompt = count_prompt_tokens("\n".join(texts)) + extra + (3 if texts or extra else 0)
+    count = count_typical_tokens if typical else count_prompt_tokens
+    per_message = TYPICAL_TOKENS_PER_MESSAGE if typical else TOKENS_PER_MESSAGE
+    extra = sum(_texts(body.get(name), texts, per_message) for name in endpoint.prompt)
+    prompt = count("\n".join(texts)) + extra + (3 if texts or extra else 0)
     if not endpoint.completion_default:
         return prompt, 0
     cap = next((body[name] for name in endpoint.completion if body.get(name)), None)

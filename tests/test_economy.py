@@ -1,0 +1,163 @@
+"""Money: prices, what a run will cost (``estimate``), what it costs while it runs, and a budget
+the whole fleet obeys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+from conftest import cli, read_jsonl, write_config, write_jsonl
+
+from opt_queue.config import Config
+from opt_queue.estimate import estimate
+from opt_queue.jobs import Job, job_id_for
+from opt_queue.prices import Price, Prices, Usage, dollars, nano
+from opt_queue.simapi import SimServer
+
+# one token = one hundredth of a cent in, two hundredths out: costs are easy to read
+PRICES = {"gpt-4o-mini": {"input": 100.0, "cached_input": 50.0, "output": 200.0}}
+
+
+def english_rows(n: int, start: int = 0) -> list[dict]:  # type: ignore[type-arg]
+    return [{"index": str(i), "instruction": "Translate to French",
+             "input": f"Row {i}: the committee will publish its findings next spring, after the review."}
+            for i in range(start, start + n)]
+
+
+def test_prices_come_from_the_table_unless_the_config_says_otherwise() -> None:
+    prices = Prices({"my-model": {"input": 1.0, "output": 2.0}})
+    table = prices.price("gpt-4o-mini")
+    assert table is not None and (table.input, table.output, table.cached_input) == (0.15, 0.6, 0.075)
+    assert prices.price("my-model") == Price(1.0, 2.0, None, source="config")
+    assert prices.price("no-such-model-anywhere") is None
+    assert Prices({"gpt-4o-mini": {"input": 9.0, "output": 9.0}}).price("gpt-4o-mini").input == 9.0  # type: ignore[union-attr]
+    # cached input at its price, reasoning inside the output tokens, flex at half price, moderations free
+    assert prices.cost("my-model", "/v1/chat/completions", {}, 1000, 500, cached=400) == pytest.approx(
+        (600 * 1.0 + 400 * 1.0 + 500 * 2.0) / 1e6)
+    assert table.cost(1_000_000, 1_000_000, cached=1_000_000) == pytest.approx(0.075 + 0.6)
+    assert prices.cost("my-model", "/v1/chat/completions", {"service_tier": "flex"}, 1000, 0) == pytest.approx(0.0005)
+    assert prices.cost("omni-moderation-latest", "/v1/moderations", {}, 1000, 0) == 0.0
+    assert prices.cost("unknown-model", "/v1/chat/completions", {}, 10, 10) is None
+    assert nano(1e-9 / 3) == 1 and dollars(nano(1.25)) == 1.25  # rounded up, never down
+    assert Usage(10, 4, 5, 2, None).counters()["unpriced_calls"] == 1
+
+
+def test_estimate_counts_only_what_a_rerun_sends_and_names_the_binding_limit(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", english_rows(100))
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps({str(i): "done" if i % 2 else None}) + "\n" for i in range(20)))
+    cfg = Config.model_validate({"api_keys": ["sk-a" * 6, "sk-b" * 6], "prices": PRICES,
+                                 "model": {"name": "gpt-4o-mini", "max_tokens": 40},
+                                 "limits": {"rpm": 60, "tpm": 1_000_000}})
+    est = estimate(data, out, cfg)
+    assert (est.rows_in_input, est.already_answered, est.rows_to_send, est.nulls_to_retry) == (100, 10, 90, 10)
+    m = est.models["gpt-4o-mini"]
+    assert m.cap_tokens == 90 * 40 and m.assumed_tokens == m.cap_tokens
+    assert m.cost_low == pytest.approx(m.prompt_tokens * 100 / 1e6)
+    assert m.cost_high == pytest.approx((m.prompt_tokens * 100 + 90 * 40 * 200) / 1e6)
+    assert (m.binding, m.keys) == ("RPM", 2) and m.eta_s == pytest.approx(90 / 2)  # 90 rows at 2 x 60/min
+    tokens_bound = estimate(data, out, cfg.model_copy(update={"limits": Config.model_validate(
+        {"limits": {"rpm": 10_000, "tpm": 1000}}).limits}), output_tokens=10)
+    m = tokens_bound.models["gpt-4o-mini"]
+    assert m.binding == "TPM" and m.assumed_tokens == 90 * 10
+    assert m.cost_low < m.cost_expected < m.cost_high  # type: ignore[operator]
+
+
+@pytest.mark.slow
+def test_estimate_calls_nothing_and_counts_what_the_api_counts_and_bills(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    rows = english_rows(30) + [{"index": f"zh{i}", "instruction": "翻译成英文", "input": f"第 {i} 行：委员会将在明年春天公布调查结果。"}
+                               for i in range(10)]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, prices=PRICES,
+                          model={"name": "gpt-4o-mini", "max_tokens": 30})
+    done = cli("estimate", str(data), "-c", str(config), "-o", str(out), "--json")
+    assert done.returncode == 0, done.stderr
+    est = json.loads(done.stdout)
+    assert sim.stats()["calls"] == 0 and est["rows_to_send"] == 40
+    assert "no call" not in done.stderr
+
+    workers(config, concurrency=8)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--output-format", "full").returncode == 0
+    assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
+    usages = [v["usage"] for line in read_jsonl(out) for v in line.values()]
+    real_prompt = sum(u["prompt_tokens"] for u in usages)
+    assert abs(est["prompt_tokens"] - real_prompt) / real_prompt <= 0.10, (est["prompt_tokens"], real_prompt)
+    real_output = sum(u["completion_tokens"] for u in usages)
+    assert est["cost_low"] <= (real_prompt * 100 + real_output * 200) / 1e6 * 1.1 <= est["cost_high"] * 1.1
+
+    # What the run cost, as status says it: every call's usage at the table's prices.
+    snap = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)
+    spend = snap["jobs"][0]["spend"]
+    assert (spend["input_tokens"], spend["output_tokens"], spend["calls"]) == (real_prompt, real_output, 40)
+    assert spend["cost"] == pytest.approx((real_prompt * 100 + real_output * 200) / 1e6, abs=1e-8)
+    assert sum(k["spend"]["cost"] for k in snap["keys"]) == pytest.approx(spend["cost"], abs=1e-8)
+
+
+@pytest.mark.slow
+def test_cached_and_reasoning_tokens_are_counted_as_billed(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    sim.configure(cache_min_tokens=1)  # a prompt seen before reports cached tokens, however short
+    prices = {"o3-mini": {"input": 100.0, "cached_input": 25.0, "output": 400.0}}
+    long_text = "Summarise the quarterly report. " * 40
+    rows = [{"index": str(i), "messages": [{"role": "user", "content": long_text}]} for i in range(4)]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, prices=prices,
+                          model={"name": "o3-mini", "max_tokens": 200}, concurrency=1)
+    workers(config, concurrency=1)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--output-format", "full").returncode == 0
+    assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
+    usages = [v["usage"] for line in read_jsonl(out) for v in line.values()]
+    cached = sum(u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+    reasoning = sum(u["completion_tokens_details"]["reasoning_tokens"] for u in usages)
+    assert cached > 0 and reasoning > 0  # the simulated API reports both
+    expected = sum(((u["prompt_tokens"] - u["prompt_tokens_details"]["cached_tokens"]) * 100
+                    + u["prompt_tokens_details"]["cached_tokens"] * 25 + u["completion_tokens"] * 400) / 1e6
+                   for u in usages)
+    snap = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)
+    spend = snap["jobs"][0]["spend"]
+    assert (spend["cached_tokens"], spend["reasoning_tokens"]) == (cached, reasoning)
+    assert spend["cost"] == pytest.approx(expected, abs=1e-8)
+
+
+@pytest.mark.slow
+def test_a_budget_pauses_the_fleet_and_a_higher_one_finishes_the_job(
+        tmp_path: Path, sim: SimServer, redis_url: str, rclient: redis.Redis, workers) -> None:  # type: ignore[no-untyped-def]
+    sim.configure(latency=0.05)
+    rows = english_rows(60)
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "output.jsonl"
+    base = {"broker_url": redis_url, "prices": PRICES, "model": {"name": "gpt-4o-mini", "max_tokens": 30}}
+    worst = max(estimate(data, tmp_path / "none.jsonl", Config.model_validate(
+        {"api_keys": ["sk-x" * 6], **base})).models["gpt-4o-mini"].cost_high / 60, 1e-9)  # type: ignore[operator]
+    budget = round(worst * 30, 4)  # about half the rows at their worst case
+    config = write_config(tmp_path / "config.json", sim, max_cost=budget, **base)
+    workers(config, processes=3, concurrency=4)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    stopped = cli("collect", "-c", str(config), "-o", str(out), timeout=120)
+    assert stopped.returncode == 4 and "budget reached: $" in stopped.stderr and f"of ${budget:.2f}" in stopped.stderr
+    job = Job(rclient, job_id_for(out))
+    meta = job.meta()
+    spent = dollars(meta["spent_nano"])
+    # Every admission reserved its worst case (prompt estimate + max_tokens), which the real cost
+    # never exceeds here: the spend stays within the budget, in-flight bound 0.
+    assert 0 < spent <= budget and int(meta["reserved_nano"]) == 0
+    answered = {k for line in read_jsonl(out) for k, v in line.items() if v is not None}
+    assert all(v is not None for line in read_jsonl(out) for v in line.values())  # no nulls: unanswered
+    assert 20 <= len(answered) < 60, len(answered)
+    assert sim.stats()["answered"] == len(answered) and sim.stats()["calls"] == len(answered)
+    status = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)["jobs"][0]
+    assert status["status"] == "stopped" and status["reason"].startswith("budget reached")
+
+    # A higher budget resumes: the rest is sent, every row once.
+    config = write_config(tmp_path / "config.json", sim, max_cost=budget * 4, **base)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    assert cli("collect", "-c", str(config), "-o", str(out), timeout=120).returncode == 0
+    lines = read_jsonl(out)
+    assert [next(iter(line)) for line in lines] == [r["index"] for r in rows]
+    assert all(v is not None for line in lines for v in line.values())
+    assert sorted(sim.stats()["per_prompt"].values()) == [1] * 60
