@@ -17,15 +17,21 @@ from typing import Any
 from opt_queue.request import CHAT_URL
 
 
-class BadResponse(Exception):
+class AnswerError(Exception):
+    """A 200 response without a usable answer; ``usage`` is what it reports (it is billed)."""
+
+    usage: dict[str, Any] | None = None
+
+
+class BadResponse(AnswerError):
     """A 200 response that holds no usable answer (malformed JSON, empty choices)."""
 
 
-class ContentFiltered(Exception):
+class ContentFiltered(AnswerError):
     """The model withheld the answer (``finish_reason: content_filter``)."""
 
 
-class Refused(Exception):
+class Refused(AnswerError):
     """The model refused (``message.refusal``, under structured outputs): final, never retried."""
 
 
@@ -75,8 +81,11 @@ def read(url: str, data: Any) -> Reply:
     if not isinstance(data, dict):
         raise BadResponse("the server answered 200 with a body that is not a JSON object")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
-    reader = _READERS.get(url, _chat)
-    reply = reader(data)
+    try:
+        reply = _READERS.get(url, _chat)(data)
+    except AnswerError as exc:
+        exc.usage = usage or None
+        raise
     reply.usage = usage
     return reply
 

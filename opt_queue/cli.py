@@ -88,6 +88,26 @@ def _broker(cfg: Config) -> str:
 
 config_option = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
                              help="config.json (default: ./config.json, else the environment).")
+metrics_port_option = click.option("--metrics-port", type=int, default=None, envvar="OPT_QUEUE_METRICS_PORT",
+                                   help="Serve Prometheus metrics on this port (/metrics). Env: OPT_QUEUE_METRICS_PORT.")
+metrics_addr_option = click.option("--metrics-addr", default="127.0.0.1", show_default=True,
+                                   envvar="OPT_QUEUE_METRICS_ADDR",
+                                   help="Address of the metrics endpoint (0.0.0.0 for a Prometheus elsewhere). "
+                                        "Env: OPT_QUEUE_METRICS_ADDR.")
+
+
+def _serve_metrics(port: int | None, addr: str) -> None:
+    if port is None:
+        return
+    from opt_queue.metrics import serve
+
+    try:
+        serve(port, addr)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {addr}:{port} ({exc.strerror}); choose another "
+                          f"--metrics-port") from None
+
+
 format_option = click.option(
     "--output-format", type=click.Choice(["seed", "full", "batch"]), default=None,
     help="Output lines: seed {index: answer}, full {index: {text, finish_reason, usage, tool_calls, "
@@ -169,7 +189,7 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
 @main.command()
 @config_option
 @click.option("--concurrency", type=int, envvar="OPT_QUEUE_CONCURRENCY",
-              help="Rows in flight per worker (default: config concurrency, 32). Env: OPT_QUEUE_CONCURRENCY.")
+              help="Rows in flight per worker (default: config concurrency, 256). Env: OPT_QUEUE_CONCURRENCY.")
 @click.option("--pool", type=click.Choice(["threads", "prefork", "solo"]), default="threads",
               show_default=True, envvar="OPT_QUEUE_POOL", help="Celery execution pool. Env: OPT_QUEUE_POOL.")
 @click.option("--loglevel", default=None, envvar="OPT_QUEUE_LOG_LEVEL",
@@ -177,9 +197,11 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
 @click.option("--hostname", default=None, help="Celery worker name (default: celery@host).")
 @click.option("--events/--no-events", default=True, envvar="OPT_QUEUE_EVENTS", show_default=True,
               help="Send task events (Flower needs them; off saves CPU per row). Env: OPT_QUEUE_EVENTS.")
+@metrics_port_option
+@metrics_addr_option
 @friendly
 def worker(config_path: str | None, concurrency: int | None, pool: str, loglevel: str | None,
-           hostname: str | None, events: bool) -> None:
+           hostname: str | None, events: bool, metrics_port: int | None, metrics_addr: str) -> None:
     """Run a worker that answers rows from the broker's queue."""
     from opt_queue import keys
     from opt_queue.app import app, configure, task_slots
@@ -196,6 +218,10 @@ def worker(config_path: str | None, concurrency: int | None, pool: str, loglevel
     configure(url, cfg.visibility_timeout)
     level = (loglevel or cfg.log_level).upper()
     _setup_logging(level)
+    if metrics_port is not None and pool == "prefork":
+        raise ConfigError("--metrics-port counts what this process does: use --pool threads (the default) "
+                          "or solo with it, or run one worker per core")
+    _serve_metrics(metrics_port, metrics_addr)
     rows_in_flight = concurrency or cfg.concurrency
     logging.getLogger(__name__).info("worker for %s with %d keys, up to %d rows in flight",
                                      redact_url(url), len(cfg.api_keys), rows_in_flight)
@@ -214,9 +240,11 @@ def worker(config_path: str | None, concurrency: int | None, pool: str, loglevel
 @click.option("--job", "job_name", help="Job name (default: derived from the output path).")
 @click.option("--input", "input_path", help="The job's input file (default: the path submit recorded).")
 @click.option("--follow", is_flag=True, help="Keep collecting while rows are still being submitted.")
+@metrics_port_option
+@metrics_addr_option
 @friendly
 def collect(config_path: str | None, output: str, job_name: str | None, input_path: str | None,
-            follow: bool) -> None:
+            follow: bool, metrics_port: int | None, metrics_addr: str) -> None:
     """Stream finished rows into output.jsonl; rewrite it in input order when the job is complete."""
     from opt_queue.dataset import check_writable
 
@@ -224,9 +252,17 @@ def collect(config_path: str | None, output: str, job_name: str | None, input_pa
     check_writable(output)
     client = connect(_broker(cfg), check=True, patient=True)
     job = job_id_for(output, job_name)
+    _serve_metrics(metrics_port, metrics_addr)
     with Display(console) as display:
-        status = Collector(client, job, output, input_path, config=cfg).run(follow=follow,
-                                                                             on_progress=display.collected)
+        def progress(status: CollectStatus) -> None:
+            display.collected(status)
+            if metrics_port is not None and status.progress is not None:
+                from opt_queue.metrics import observe_job
+
+                observe_job(job, status.answered, status.nulls, status.remaining, status.progress.spend,
+                            status.keys)
+
+        status = Collector(client, job, output, input_path, config=cfg).run(follow=follow, on_progress=progress)
     print_summary(out, status, output, errors_path(output))
     if not status.complete:
         sys.exit(1)

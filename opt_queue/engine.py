@@ -28,7 +28,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from opt_queue import answers, formats
+from opt_queue import answers, formats, metrics
 from opt_queue import client as api
 from opt_queue.broker import DONE, HELD, Leases, split_row
 from opt_queue.config import Config
@@ -77,6 +77,7 @@ class _Row:
     prompt_tokens: int = 0
     too_large_samples: int = 0  # admissions whose whole sample of keys found the request too large
     server_limits: dict[str, int] = field(default_factory=dict)  # what the answer's headers said
+    last_usage: Usage | None = None  # what the last call was billed, when it gave no answer
 
     def __post_init__(self) -> None:
         self.estimate()
@@ -175,6 +176,8 @@ class Engine:
             outcome = await self._finish(row)  # a Redis error keeps the lease: the task gives it up
         if outcome != HANDED_BACK:  # else the task gives it up before it enqueues the row again
             self.leases.forget(job.id, index)  # published or given back: Redis ended the lease
+        if outcome != PUBLISHED:  # a published row is counted as answered or null by _finish
+            metrics.ROWS.labels(outcome).inc()
         return outcome
 
     async def _wait_for_lease(self, job: AsyncJob, index: str, hold_until: float) -> int | str | None:
@@ -206,6 +209,8 @@ class Engine:
         if result is None:
             return RELEASED if await job.release(row.index) else DUPLICATE
         published = await self._publish(row, result)
+        if published:
+            metrics.ROWS.labels("null" if result.answer is None else "answered").inc()
         if result.answer is None and published:
             log.warning("row %s of job %s failed for good: %s (%s)", row.index, job.id,
                         result.error_type, result.error)
@@ -278,7 +283,10 @@ class Engine:
                     # waits longer than a hold (a per-day limit) would go round the queue non-stop.
                     await asyncio.sleep(max(0.0, row.hold_until - time.monotonic()))
                     return HANDED_BACK
-                await asyncio.sleep(delay + random.uniform(0, WAKE_SPREAD))
+                delay += random.uniform(0, WAKE_SPREAD)
+                metrics.WAITS.labels(model).inc()
+                metrics.WAIT_SECONDS.labels(model).inc(delay)
+                await asyncio.sleep(delay)
                 continue
             if isinstance(lease, Never):
                 return self._null(row, "request_too_large",
@@ -332,12 +340,18 @@ class Engine:
         except Exception as exc:  # every failure is classified; none escapes as a crash
             failure = api.classify(exc)
             failure.message = api.redact(failure.message, self._secrets)
+            # An error status is not billed; a 200 without a usable answer (a refusal) is.
+            paid = getattr(exc, "usage", None)
+            row.last_usage = self._usage(row, answers.Reply(value=None, usage=paid)) if paid else None
             if stamped is not None:
                 await stamped
-                await self.pool.settle(lease, 0, None)  # an error is not billed
+                used = row.last_usage.input_tokens + row.last_usage.output_tokens if row.last_usage else 0
+                await self.pool.settle(lease, used, row.last_usage)
             else:
                 await self.pool.cancel(lease)
             await self.pool.count_error(lease.key, failure.reason)
+            metrics.observe_call(lease.key.fingerprint, row.body["model"], str(failure.status or failure.reason),
+                                 row.last_usage)
             # What the server said about the limits goes first: a probe's answer lets other
             # requests in, and they must find the limits it reported.
             if failure.kind is api.Kind.RATE_LIMITED:
@@ -362,10 +376,9 @@ class Engine:
                         "is kept", row.index, type(exc).__name__)
         reply = answer.reply
         used = reply.prompt_tokens + reply.completion_tokens
-        usage = Usage(reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens, reply.reasoning_tokens,
-                      self.prices.cost(row.body["model"], row.url, row.body, reply.prompt_tokens,
-                                       reply.completion_tokens, reply.cached_tokens))
+        usage = self._usage(row, reply)
         row.to_settle = (lease, used, usage)
+        metrics.observe_call(lease.key.fingerprint, row.body["model"], "200", usage)
         row.server_limits = api.server_limits(answer.headers)
         parsed, problem, final = self._structured(row, reply)
         if problem is not None and not final and row.asked_again < self.config.schema_retries:
@@ -397,6 +410,12 @@ class Engine:
             detail = {"status_code": 200, "request_id": answer.request_id, "body": answer.body}
         return RowResult(answer=reply.value, attempts=row.attempts + row.asked_again + 1, warning=warning,
                          detail=detail, **common)
+
+    def _usage(self, row: _Row, reply: answers.Reply) -> Usage:
+        """What a call used and cost, from its response's usage."""
+        return Usage(reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens, reply.reasoning_tokens,
+                     self.prices.cost(row.body["model"], row.url, row.body, reply.prompt_tokens,
+                                      reply.completion_tokens, reply.cached_tokens))
 
     @staticmethod
     def _structured(row: _Row, reply: answers.Reply) -> tuple[Any, str | None, bool]:
@@ -455,8 +474,12 @@ class Engine:
         return max(hint or 0.0, random.uniform(cap / 2, cap))
 
     def _null(self, row: _Row, error_type: str, message: str) -> RowResult:
+        spent = row.last_usage
         return RowResult(index=row.index, answer=None, error_type=error_type,
-                         error=message, attempts=row.attempts, key=row.last_key, model=row.body["model"])
+                         error=message, attempts=row.attempts, key=row.last_key, model=row.body["model"],
+                         **({"prompt_tokens": spent.input_tokens, "completion_tokens": spent.output_tokens,
+                             "cached_tokens": spent.cached_tokens, "reasoning_tokens": spent.reasoning_tokens,
+                             "cost": spent.cost} if spent else {}))
 
     # -- retired keys ---------------------------------------------------------------------------
     async def _retired_for(self, job: AsyncJob) -> set[str]:

@@ -66,14 +66,19 @@ def error_line(fmt: str, r: RowResult) -> str | None:
             return None
         return _dumps({"id": batch_id(r.index), "custom_id": r.index, "response": None,
                        "error": {"code": r.error_type, "message": r.error},
-                       "attempts": r.attempts, "key": r.key, "model": r.model})
+                       "attempts": r.attempts, "key": r.key, "model": r.model, **_spent(r)})
     entry: dict[str, Any] = {"index": r.index, "error_type": r.error_type, "message": r.error,
-                             "attempts": r.attempts, "key": r.key, "model": r.model}
+                             "attempts": r.attempts, "key": r.key, "model": r.model, **_spent(r)}
     if r.answer is not None:
         if not r.warning:
             return None
         entry.update(error_type="finish_reason_length", message=r.warning, warning=True)
     return _dumps(entry)
+
+
+def _spent(r: RowResult) -> dict[str, Any]:
+    """What the row's last call used and cost (a null after a paid answer: schema_invalid, refusal)."""
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "cost": r.cost}
 
 
 def error_index(entry: Any) -> str | None:

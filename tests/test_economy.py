@@ -161,3 +161,69 @@ def test_a_budget_pauses_the_fleet_and_a_higher_one_finishes_the_job(
     assert [next(iter(line)) for line in lines] == [r["index"] for r in rows]
     assert all(v is not None for line in lines for v in line.values())
     assert sorted(sim.stats()["per_prompt"].values()) == [1] * 60
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Read a /metrics endpoint with prometheus-client's own parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(samples: dict, name: str, **labels: str) -> float:  # type: ignore[type-arg]
+    return sum(v for (n, ls), v in samples.items() if n == name and all((k, v2) in ls for k, v2 in labels.items()))
+
+
+@pytest.mark.slow
+def test_workers_and_collect_serve_prometheus_metrics(
+        tmp_path: Path, sim: SimServer, redis_url: str) -> None:
+    from conftest import kill_group, start_cli, wait_for
+
+    from opt_queue.local import free_port
+
+    sim.configure(latency=0.3)
+    rows = english_rows(24)
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, prices=PRICES, max_cost=100.0,
+                          model={"name": "gpt-4o-mini", "max_tokens": 20})
+    worker_port, collect_port = free_port(), free_port()
+    worker = start_cli("worker", "-c", str(config), "--concurrency", "4", "--metrics-port", str(worker_port),
+                       log=tmp_path / "worker.log")
+    try:
+        wait_for(lambda: _up(worker_port), timeout=30, what="the worker's metrics endpoint")
+        assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+        collector = start_cli("collect", "-c", str(config), "-o", str(out), "--metrics-port", str(collect_port),
+                              log=tmp_path / "collect.log")
+        seen: dict = {}
+
+        def collect_reports_progress() -> bool:
+            if _up(collect_port):
+                seen.update(scrape(collect_port))
+            return total(seen, "optq_job_rows", state="answered") >= 1
+        wait_for(collect_reports_progress, timeout=60, what="collect's metrics to show answered rows")
+        assert total(seen, "optq_job_budget_left_dollars") <= 100.0 and total(seen, "optq_job_cost_dollars") > 0
+        assert collector.wait(60) == 0
+        samples = scrape(worker_port)
+        assert total(samples, "optq_rows_total", outcome="answered") == 24
+        assert total(samples, "optq_api_calls_total", status="200") == 24
+        key = next(ls for (n, ls) in samples if n == "optq_tokens_total")
+        assert dict(key)["key"].startswith("key-") and dict(key)["model"] == "gpt-4o-mini"
+        spent = Job(redis.Redis.from_url(redis_url), job_id_for(out)).progress().spend
+        assert total(samples, "optq_tokens_total", kind="input") == spent["input_tokens"]
+        assert total(samples, "optq_cost_dollars_total") == pytest.approx(spent["cost"], abs=1e-6)
+        assert "sk-" not in json.dumps([list(k) for k in samples])
+    finally:
+        kill_group(worker)
+
+
+def _up(port: int) -> bool:
+    try:
+        scrape(port)
+        return True
+    except OSError:
+        return False
