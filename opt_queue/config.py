@@ -308,6 +308,7 @@ class Config(BaseModel):
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
     max_cost: float | None = Field(default=None, gt=0)
     max_tokens_total: int | None = Field(default=None, gt=0)
+    dedupe: bool = True
     max_queued: int = Field(default=50_000, ge=0)
     visibility_timeout: int = Field(default=3600, ge=1)
     lease_seconds: float = Field(default=30.0, ge=2)

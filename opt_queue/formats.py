@@ -54,7 +54,8 @@ def line(fmt: str, r: RowResult) -> str:
                            "error": {"code": r.error_type, "message": r.error}})
         return _dumps({"id": batch_id(r.index), "custom_id": r.index, "response": r.detail, "error": None})
     if fmt == FULL:
-        return _dumps({r.index: None if r.answer is None else r.detail})
+        detail = r.detail if r.copy_of is None or r.detail is None else {**r.detail, "copy_of": r.copy_of}
+        return _dumps({r.index: None if r.answer is None else detail})
     return _dumps({r.index: r.answer})
 
 
@@ -77,7 +78,10 @@ def error_line(fmt: str, r: RowResult) -> str | None:
 
 
 def _spent(r: RowResult) -> dict[str, Any]:
-    """What the row's last call used and cost (a null after a paid answer: schema_invalid, refusal)."""
+    """What the row's last call used and cost (a null after a paid answer: schema_invalid, refusal);
+    for a copy of another row's request, which row it copies."""
+    if r.copy_of is not None:
+        return {"copy_of": r.copy_of}
     return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "cost": r.cost}
 
 

@@ -60,6 +60,8 @@ class RowResult:
     reasoning_tokens: int = 0
     cost: float | None = 0.0
     """Dollars of the call that answered (None: the model's price is unknown)."""
+    copy_of: str | None = None
+    """The row whose identical request answered this one (it cost nothing)."""
 
     def to_fields(self) -> dict[str, str]:
         fields = asdict(self)
@@ -73,6 +75,10 @@ class RowResult:
         raw.pop("seq", None)  # published by 0.1 workers
         if raw.get("detail") is None:
             raw.pop("detail", None)
+        copy = fields.get(b"copy", fields.get("copy"))
+        if copy is not None:  # the result of the row's primary (lua/publish.lua)
+            copy = copy.decode() if isinstance(copy, bytes) else copy
+            raw.update(copy_of=raw["index"], index=copy, cost=0.0)
         return cls(**raw)
 
 
@@ -160,12 +166,14 @@ class _JobBase:
         flat: list[str] = []
         for k, v in result.to_fields().items():
             flat += [k, v]
-        return {"keys": [*self.rows, self.meta_key, keys.job_results(self.id), *self.leases],
+        return {"keys": [*self.rows, self.meta_key, keys.job_results(self.id), *self.leases,
+                         keys.job_copies(self.id)],
                 "args": [keys.slot(result.index), result.index, 0 if result.answer is None else 1,
                          result.prompt_tokens, result.completion_tokens, *flat]}
 
     def _release_call(self, index: str) -> dict[str, Any]:
-        return {"keys": [*self.rows, self.meta_key, *self.leases], "args": [keys.slot(index), index]}
+        return {"keys": [*self.rows, self.meta_key, *self.leases, keys.job_copies(self.id)],
+                "args": [keys.slot(index), index]}
 
 
 class Job(_JobBase):
@@ -259,6 +267,25 @@ class Job(_JobBase):
             flush()
         return out
 
+    def dedupe(self, rows: Iterable[tuple[str, str]]) -> set[str]:
+        """Register ``(index, request hash)`` of rows just claimed; return the indices that are
+        copies of a pending row with the identical request (not to be enqueued: they get its result)."""
+        args: list[str] = []
+        for index, digest in rows:
+            args += [digest, keys.slot(index), index]
+        if not args:
+            return set()
+        found = self._scripts.dedupe(keys=[*self.rows, keys.job_requests(self.id), keys.job_copies(self.id)],
+                                     args=args)
+        return {i.decode() if isinstance(i, bytes) else i for i in found}
+
+    def copies(self) -> set[str]:
+        """Rows waiting for the result of their primary (no task of their own)."""
+        out: set[str] = set()
+        for raw in self.client.hvals(keys.job_copies(self.id)):
+            out.update(entry.split("\n", 1)[1] for entry in json.loads(raw))
+        return out
+
     def publish(self, result: RowResult) -> bool:
         """Publish a row's final result; False when it was already published (another copy)."""
         return bool(self._scripts.publish(**self._publish_call(result)))
@@ -275,7 +302,7 @@ class Job(_JobBase):
         mask = bytes(c & ~d & 0xFF for c, d in zip(claimed.ljust(size, b"\0"), done.ljust(size, b"\0")))
         out = {str(n) for n in _bits(mask)}
         out.update(k.decode() for k, v in others.items() if int(v) == 1)
-        return out
+        return out - self.copies()
 
     def release(self, index: str) -> bool:
         """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""
@@ -306,7 +333,7 @@ class Job(_JobBase):
             if int(flags) == 1:
                 pipe.hdel(rows, index)
         pipe.hset(self.meta_key, "claimed", int(reported or 0) + int(released or 0))
-        pipe.delete(*self.leases)
+        pipe.delete(*self.leases, keys.job_copies(self.id))
         pipe.execute()
 
     def delete(self) -> None:

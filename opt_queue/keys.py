@@ -78,6 +78,16 @@ def job_lease_owners(job: str) -> str:
     return f"{PREFIX}:{{{job}}}:lease-owners"
 
 
+def job_requests(job: str) -> str:
+    """Hash: a request's hash -> "slot\\nindex" of the job's first row with it (``lua/dedupe.lua``)."""
+    return f"{PREFIX}:{{{job}}}:requests"
+
+
+def job_copies(job: str) -> str:
+    """Hash: a pending row's index -> JSON list of its copies ("slot\\nindex"), rows with the same request."""
+    return f"{PREFIX}:{{{job}}}:copies"
+
+
 LIMITS_TAG = "{limits}"
 
 
@@ -105,4 +115,4 @@ KNOWN_SCOPES = f"{PREFIX}:{LIMITS_TAG}:scopes"
 def job_keys(job: str) -> list[str]:
     """Every key of one job."""
     return [job_meta(job), *row_state(job), job_results(job), job_retired(job), job_leases(job),
-            job_lease_owners(job)]
+            job_lease_owners(job), job_requests(job), job_copies(job)]

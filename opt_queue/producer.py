@@ -20,7 +20,7 @@ from opt_queue.dataset import InputSummary, Row, iter_input, output_format, read
 from opt_queue.errors import JobStopped, OutputError
 from opt_queue.jobs import STOPPED, Job
 from opt_queue.prices import nano
-from opt_queue.request import CHAT_URL, request_body
+from opt_queue.request import CHAT_URL, request_body, request_hash
 
 log = logging.getLogger(__name__)
 BATCH = 1000
@@ -39,6 +39,8 @@ class SubmitReport:
     uncollected: int = 0
     """Rows finished but not written to the output yet: ``collect`` writes them."""
     retried_nulls: int = 0
+    copies: int = 0
+    """Rows whose request is identical to a row being sent: they get its answer, unpaid."""
     resent: int = 0
     """Rows collected before whose line output.jsonl no longer has."""
     bad_lines: int = 0
@@ -59,6 +61,8 @@ class SubmitReport:
             text += f", {self.retried_nulls} nulls retried"
         if self.resent:
             text += f", {self.resent} sent again because output.jsonl no longer has them"
+        if self.copies:
+            text += f"; {self.copies} rows repeat another row's request and get its answer, unpaid"
         return text
 
 
@@ -198,6 +202,12 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
             fresh = [r for r in batch if r.index in claimed]
             report.retried_nulls += sum(r.index in nulls for r in fresh)
             report.resent += sum(r.index in claim.redone and r.index not in nulls for r in fresh)
+            if config.dedupe and fresh:
+                copies = job.dedupe((r.index, request_hash(r.url, request_body(r.url, r.body, config.model.name,
+                                                                                 config.model.params)))
+                                    for r in fresh)
+                report.copies += len(copies)
+                fresh = [r for r in fresh if r.index not in copies]
             try:
                 push(client, envelopes(job_id, fresh, config, output_format))
                 report.enqueued += len(fresh)

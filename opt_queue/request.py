@@ -14,6 +14,8 @@ network.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,3 +167,10 @@ def ask_again(url: str, body: dict[str, Any], answer: str, problem: str) -> dict
         body["messages"] = [*body["messages"], {"role": "assistant", "content": answer},
                             {"role": "user", "content": fix}]
     return body
+
+
+def request_hash(url: str, body: dict[str, Any]) -> str:
+    """The identity of a request (its endpoint and canonical JSON body): rows of a job with the
+    same one are paid once (``dedupe``)."""
+    canonical = json.dumps([url, body], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]

@@ -11,7 +11,7 @@ import redis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
-_ROW_SCRIPTS = ("claim", "publish", "release", "collected", "lease", "orphans")
+_ROW_SCRIPTS = ("claim", "publish", "release", "collected", "lease", "orphans", "dedupe")
 """Scripts on a job's row state: ``lua/_rows.lua`` (its helpers) is put in front of each."""
 _NAMES = (*_ROW_SCRIPTS, "renew", "acquire", "stamp", "cancel", "settle", "learn")
 
@@ -39,6 +39,7 @@ class Scripts:
     collected: Script
     lease: Script
     orphans: Script
+    dedupe: Script
     renew: Script
     acquire: Script
     stamp: Script

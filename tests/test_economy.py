@@ -227,3 +227,49 @@ def _up(port: int) -> bool:
         return True
     except OSError:
         return False
+
+
+@pytest.mark.slow
+def test_identical_requests_are_paid_once_and_every_copy_gets_the_answer(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    from opt_queue.simapi import sim_answer
+
+    rows = english_rows(95)
+    rows += [dict(rows[i * 7], index=f"again-{i}") for i in range(4)]  # 5% repeat an earlier row
+    rows.append({"index": "refused-again", "instruction": "", "input": "REFUSE this"})
+    rows.insert(10, {"index": "refused", "instruction": "", "input": "REFUSE this"})
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, prices=PRICES,
+                          model={"name": "gpt-4o-mini", "max_tokens": 30})
+    workers(config, processes=2, concurrency=8)
+    submitted = cli("submit", str(data), "-c", str(config), "-o", str(out), "--output-format", "full")
+    assert submitted.returncode == 0 and "5 rows repeat another row's request" in submitted.stdout
+    assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
+    assert set(sim.stats()["per_prompt"].values()) == {1}  # every distinct request paid once
+    assert sim.stats()["calls"] == 96
+    got = {k: v for line in read_jsonl(out) for k, v in line.items()}
+    assert list(got) == [r["index"] for r in rows]
+    for r in rows:
+        if "REFUSE" in r["input"]:
+            continue
+        messages = [{"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]}]
+        assert got[r["index"]]["text"] == sim_answer("gpt-4o-mini", messages)
+    assert {i: got[f"again-{i}"]["copy_of"] for i in range(4)} == {i: str(i * 7) for i in range(4)}
+    assert "copy_of" not in got["0"] and got["refused"] is None and got["refused-again"] is None
+    errors = {e["index"]: e for e in read_jsonl(tmp_path / "output.errors.jsonl")}
+    assert errors["refused-again"]["copy_of"] == "refused" and errors["refused-again"]["error_type"] == "refusal"
+    spend = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)["jobs"][0]["spend"]
+    assert spend["calls"] == 96  # the copies cost nothing
+
+
+@pytest.mark.slow
+def test_dedupe_off_pays_for_every_row(tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    rows = english_rows(6) + [dict(english_rows(1)[0], index="again")]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, dedupe=False)
+    workers(config, concurrency=4)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
+    assert sim.stats()["calls"] == 7 and sorted(sim.stats()["per_prompt"].values()) == [1] * 5 + [2]
