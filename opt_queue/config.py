@@ -189,6 +189,15 @@ class PriceConfig(BaseModel):
     cached_input: float | None = Field(default=None, ge=0)
 
 
+class CacheConfig(BaseModel):
+    """The response cache across jobs (``cache`` in the config): answers kept in Redis for ``ttl``."""
+
+    model_config = ConfigDict(extra="forbid")
+    ttl: float = Field(default=7 * 86400.0, gt=0)
+
+    _ttl = field_validator("ttl", mode="before")(classmethod(lambda cls, v: parse_seconds(v)))
+
+
 class AzureConfig(BaseModel):
     """An Azure OpenAI resource: requests go to ``{endpoint}/openai/deployments/{deployment}/...``
     with ``api-version`` and the key in an ``api-key`` header (the SDK's ``AsyncAzureOpenAI``)."""
@@ -309,6 +318,7 @@ class Config(BaseModel):
     max_cost: float | None = Field(default=None, gt=0)
     max_tokens_total: int | None = Field(default=None, gt=0)
     dedupe: bool = True
+    cache: CacheConfig | None = None
     max_queued: int = Field(default=50_000, ge=0)
     visibility_timeout: int = Field(default=3600, ge=1)
     lease_seconds: float = Field(default=30.0, ge=2)

@@ -18,6 +18,7 @@ other 4xx      invalid request for this row                 null with the reason
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -29,13 +30,14 @@ import redis
 import redis.asyncio
 
 from opt_queue import answers, formats, metrics
+from opt_queue import keys as rkeys
 from opt_queue import client as api
 from opt_queue.broker import DONE, HELD, Leases, split_row
 from opt_queue.config import Config
 from opt_queue.jobs import STOPPED, AsyncJob, RowResult
 from opt_queue.limiter import AsyncKeyPool, Budget, BudgetReached, Lease, Never, Wait
 from opt_queue.prices import Prices, Usage, dollars, money, nano
-from opt_queue.request import CHAT_URL, ask_again
+from opt_queue.request import CHAT_URL, ask_again, request_hash
 from opt_queue.scripts import run_pipeline
 from opt_queue.tokens import estimate_parts, estimator
 
@@ -78,6 +80,10 @@ class _Row:
     too_large_samples: int = 0  # admissions whose whole sample of keys found the request too large
     server_limits: dict[str, int] = field(default_factory=dict)  # what the answer's headers said
     last_usage: Usage | None = None  # what the last call was billed, when it gave no answer
+    cache_key: str | None = None  # the response cache's key of the row's request (cache on)
+    cache_entry: str | None = None  # what the cache keeps of the answer, stored with the result
+    from_cache: bool = False  # answered by the response cache: no call
+    saved: float = 0.0  # what the cached answer had cost
 
     def __post_init__(self) -> None:
         self.estimate()
@@ -226,6 +232,11 @@ class Engine:
                 # the limits first: other rows waiting for this probe's answer must find them
                 self.pool.queue_learn(row.to_settle[0], row.server_limits, pipe)
                 self.pool.queue_answered(row.to_settle[0], pipe)
+            if row.cache_entry is not None and self.config.cache is not None:
+                pipe.set(row.cache_key, row.cache_entry, ex=int(self.config.cache.ttl))
+            if row.from_cache:
+                pipe.hincrby(row.job.meta_key, "cache_hits", 1)
+                pipe.hincrby(row.job.meta_key, "cache_saved_nano", nano(row.saved))
             row.job.queue_publish(result, pipe)
 
         deadline = time.monotonic() + PUBLISH_PATIENCE
@@ -246,6 +257,11 @@ class Engine:
         """Return the row's final result, None when the job stopped (the row stays unanswered),
         or an outcome: :data:`DUPLICATE` (another copy of the row finished it or took it over),
         :data:`DROPPED` (the job is gone) or :data:`HANDED_BACK`."""
+        if self.config.cache is not None:
+            row.cache_key = rkeys.cached_answer(request_hash(row.url, row.body))
+            kept = await self.client.get(row.cache_key)
+            if kept is not None:
+                return self._from_cache(row, json.loads(kept))
         while True:
             model = row.body["model"]
             exclude = await self._retired_for(row.job) | row.too_large_for
@@ -403,13 +419,34 @@ class Engine:
         warning = None
         if reply.finish_reason == "length":
             warning = "the answer was cut at the token limit (finish_reason: length); raise max_tokens"
-        detail = None
-        if row.output == formats.FULL:
-            detail = reply.full(parsed)
-        elif row.output == formats.BATCH:
-            detail = {"status_code": 200, "request_id": answer.request_id, "body": answer.body}
+        if row.cache_key is not None:
+            row.cache_entry = json.dumps({"body": answer.body, "request_id": answer.request_id, "cost": usage.cost,
+                                          "model": row.body["model"]}, ensure_ascii=False)
         return RowResult(answer=reply.value, attempts=row.attempts + row.asked_again + 1, warning=warning,
-                         detail=detail, **common)
+                         detail=self._detail(row, reply, parsed, answer.request_id, answer.body), **common)
+
+    @staticmethod
+    def _detail(row: _Row, reply: answers.Reply, parsed: Any, request_id: str | None,
+                body: dict[str, Any]) -> dict[str, Any] | None:
+        """What the job's output format needs beyond the answer."""
+        if row.output == formats.FULL:
+            return reply.full(parsed)
+        if row.output == formats.BATCH:
+            return {"status_code": 200, "request_id": request_id, "body": body}
+        return None
+
+    def _from_cache(self, row: _Row, kept: dict[str, Any]) -> RowResult:
+        """The row's result from the response cache: the answer a job got to the same request."""
+        reply = answers.read(row.url, kept["body"])
+        parsed, _problem, _final = self._structured(row, reply)
+        row.from_cache, row.saved = True, kept.get("cost") or 0.0
+        detail = self._detail(row, reply, parsed, kept.get("request_id"), kept["body"])
+        if detail is not None and row.output == formats.FULL:
+            detail["from_cache"] = True
+        warning = ("the answer was cut at the token limit (finish_reason: length); raise max_tokens"
+                   if reply.finish_reason == "length" else None)
+        return RowResult(index=row.index, answer=reply.value, model=kept.get("model"), warning=warning,
+                         detail=detail, cost=0.0)
 
     def _usage(self, row: _Row, reply: answers.Reply) -> Usage:
         """What a call used and cost, from its response's usage."""

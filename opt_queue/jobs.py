@@ -119,7 +119,8 @@ class Progress:
                 "max_cost": dollars(self.count("max_cost_nano")) or None,
                 "max_tokens_total": self.count("max_tokens_total") or None,
                 "spent_tokens": self.count("spent_tokens"),
-                "projected_cost": per_row * self.total if per_row is not None and self.total else None}
+                "projected_cost": per_row * self.total if per_row is not None and self.total else None,
+                "cache_hits": self.count("cache_hits"), "cache_saved": dollars(self.count("cache_saved_nano"))}
 
 
 @dataclass

@@ -88,6 +88,11 @@ def job_copies(job: str) -> str:
     return f"{PREFIX}:{{{job}}}:copies"
 
 
+def cached_answer(request_hash: str) -> str:
+    """String: a request's answer, kept ``cache.ttl`` for any job that sends the same request."""
+    return f"{PREFIX}:cache:{request_hash}"
+
+
 LIMITS_TAG = "{limits}"
 
 

@@ -131,6 +131,9 @@ def print_summary(console: Console, status: CollectStatus, output: str | Path, e
                       f"to ask again.")
     if p is not None and p.count("calls"):
         console.print(f"spend: {spend_summary(p.spend)}.")
+    if p is not None and p.count("cache_hits"):
+        console.print(f"the response cache answered {p.count('cache_hits')} rows without a call, saving "
+                      f"{money(p.spend['cache_saved'])}.")
     if worker_log is not None and Path(worker_log).exists():
         console.print(f"worker log: {worker_log}")
 

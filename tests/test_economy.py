@@ -107,7 +107,8 @@ def test_cached_and_reasoning_tokens_are_counted_as_billed(
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     out = tmp_path / "output.jsonl"
     config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, prices=prices,
-                          model={"name": "o3-mini", "max_tokens": 200}, concurrency=1)
+                          model={"name": "o3-mini", "max_tokens": 200}, concurrency=1,
+                          dedupe=False)  # the same prompt four times: the API sees it cached
     workers(config, concurrency=1)
     assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--output-format", "full").returncode == 0
     assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
@@ -273,3 +274,26 @@ def test_dedupe_off_pays_for_every_row(tmp_path: Path, sim: SimServer, redis_url
     assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
     assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
     assert sim.stats()["calls"] == 7 and sorted(sim.stats()["per_prompt"].values()) == [1] * 5 + [2]
+
+
+@pytest.mark.slow
+def test_the_response_cache_answers_a_second_job_without_calls(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    rows = english_rows(12)
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, prices=PRICES,
+                          cache={"ttl": "1h"}, model={"name": "gpt-4o-mini", "max_tokens": 30})
+    workers(config, concurrency=8)
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    assert cli("submit", str(data), "-c", str(config), "-o", str(first)).returncode == 0
+    assert cli("collect", "-c", str(config), "-o", str(first)).returncode == 0
+    assert sim.stats()["calls"] == 12
+    assert cli("submit", str(data), "-c", str(config), "-o", str(second), "--output-format", "full").returncode == 0
+    done = cli("collect", "-c", str(config), "-o", str(second))
+    assert done.returncode == 0 and "the response cache answered 12 rows" in done.stdout
+    assert sim.stats()["calls"] == 12  # no call for the second job
+    answers = {k: v for line in read_jsonl(first) for k, v in line.items()}
+    again = {k: v for line in read_jsonl(second) for k, v in line.items()}
+    assert {k: v["text"] for k, v in again.items()} == answers and all(v["from_cache"] for v in again.values())
+    spend = json.loads(cli("status", "-c", str(config), "-o", str(second), "--json").stdout)["jobs"][0]["spend"]
+    assert spend["calls"] == 0 and spend["cost"] == 0 and spend["cache_hits"] == 12 and spend["cache_saved"] > 0
