@@ -308,3 +308,44 @@ def test_limiter_matches_the_sliding_log_model(redis_url: str, rclient: redis.Re
                 p.pool.now_ms = now + step_ms
     finally:
         p.close()
+
+
+# -- the job's budget, reserved and settled with the admission ----------------------------------
+def test_a_budget_reserves_worst_cases_waits_for_settlements_then_says_it_is_reached(
+        make, rclient: redis.Redis) -> None:  # type: ignore[no-untyped-def]
+    from opt_queue.limiter import Budget, BudgetReached
+    from opt_queue.prices import Usage
+
+    meta = "oq:{budget-test}:meta"
+    rclient.delete(meta)
+    rclient.hset(meta, mapping={"max_tokens_total": 100, "max_cost_nano": 1000})
+    p = make([key("sk-budget-a", {"rpm": 1000})])
+
+    def admit(tokens: int, cost: int) -> Any:
+        return p.run(p.pool.acquire("m", tokens, budget=Budget(meta, cost, tokens)))
+
+    def settle(lease: Lease, tokens: int, cost: float) -> None:
+        p.run(p.pool.settle(lease, tokens, Usage(input_tokens=tokens, cost=cost)))
+
+    first, second = admit(40, 100), admit(40, 100)
+    assert isinstance(first, Lease) and isinstance(second, Lease)
+    assert rclient.hmget(meta, "reserved_tokens", "reserved_nano") == [b"80", b"200"]
+    third = admit(40, 100)  # 80 reserved + 40 > 100 tokens: it waits for what is in flight
+    assert isinstance(third, Wait) and not third.exact
+    settle(first, 30, 30e-9)  # the real usage: 30 tokens, 30 nano-dollars
+    assert isinstance(admit(40, 100), Wait)  # 30 spent + 40 reserved + 40 > 100
+    settle(second, 30, 30e-9)
+    third = admit(40, 100)  # 60 spent + 40 = 100: fits exactly
+    assert isinstance(third, Lease)
+    assert isinstance(admit(1, 1), Wait)
+    settle(third, 40, 40e-9)
+    assert isinstance(admit(1, 1), BudgetReached)  # 100 of 100 spent, nothing in flight
+    assert rclient.hmget(meta, "spent_tokens", "spent_nano", "reserved_tokens", "reserved_nano") == \
+        [b"100", b"100", b"0", b"0"]
+    # the cost side of the budget: a cancelled admission gives its share back
+    rclient.hset(meta, mapping={"max_tokens_total": 0, "max_cost_nano": 400})
+    lease = admit(5, 250)
+    assert isinstance(lease, Lease) and isinstance(admit(5, 100), Wait)
+    p.run(p.pool.cancel(lease))
+    assert isinstance(admit(5, 300), Lease)
+    assert isinstance(admit(5, 1), Wait)
