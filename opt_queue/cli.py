@@ -334,7 +334,7 @@ def _print_estimate(input_path: str, output: str, cfg: Config, output_tokens: in
 def estimate(input_path: str, config_path: str | None, output: str, output_tokens: int | None,
              as_json: bool) -> None:
     """Rows, tokens, cost range and ETA of a run, without calling the API."""
-    _print_estimate(input_path, output, _config(config_path), output_tokens, as_json)
+    _print_estimate(input_path, output, _config(config_path, require_keys=False), output_tokens, as_json)
 
 
 @main.command()

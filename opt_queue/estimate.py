@@ -169,12 +169,12 @@ def describe(est: Estimate) -> list[str]:
              f"token estimate: {est.estimator}",
              f"output tokens: {est.output_assumption}"]
     for model, m in sorted(est.models.items()):
-        cost = (f"{money(m.cost_low)} (prompts alone) to {money(m.cost_high)} (every answer at its cap)"
+        cost = (f"cost {money(m.cost_low)} (prompts alone) to {money(m.cost_high)} (every answer at its cap)"
                 if m.cost_high is not None else f"cost unknown for model {model}: give its price in \"prices\"")
         if m.cost_expected is not None and m.cost_expected not in (m.cost_low, m.cost_high):
             cost += f", about {money(m.cost_expected)} as assumed"
         lines.append(f"{model}: {m.rows} rows, {m.prompt_tokens} prompt tokens + up to {m.cap_tokens} output "
-                     f"tokens ({m.assumed_tokens} assumed); cost {cost}")
+                     f"tokens ({m.assumed_tokens} assumed); {cost}")
         if not m.keys:
             lines.append(f"  no configured key serves {model}")
         elif not m.limits_known:
