@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 import redis
 from conftest import TEST_KEY, cli, read_jsonl, seed_rows, start_cli, wait_for, write_config, write_jsonl
 
@@ -139,3 +140,14 @@ def test_collect_follow_waits_for_a_job_not_yet_submitted(tmp_path: Path, sim: S
     assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
     assert collector.wait(timeout=60) == 0
     assert [next(iter(x)) for x in read_jsonl(out)] == [str(i) for i in range(20)]
+
+
+@pytest.mark.slow
+def test_the_demo_runs_offline_and_answers_every_row(tmp_path: Path) -> None:
+    done = cli("demo", "-d", str(tmp_path / "demo"), "--rows", "40", timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "40 rows: 40 answered, 0 null" in done.stdout and "0 answered 429" in done.stdout
+    lines = read_jsonl(tmp_path / "demo" / "output.jsonl")
+    assert [next(iter(line)) for line in lines] == [str(i) for i in range(40)]
+    assert all(v for line in lines for v in line.values())
+    assert "sk-demo" not in (tmp_path / "demo" / "output.worker.log").read_text()
