@@ -120,8 +120,15 @@ output_tokens_option = click.option("--output-tokens", type=click.IntRange(min=0
                                          "answer at its cap, max_tokens or the endpoint's default).")
 
 
-def _with_format(cfg: Config, output_format: str | None) -> Config:
-    return cfg.model_copy(update={"output_format": output_format}) if output_format else cfg
+lane_option = click.option(
+    "--lane", type=click.Choice(["sync", "flex"]), default=None,
+    help="sync: standard synchronous calls; flex: service_tier flex (half price, slower; a row Flex cannot "
+         "take now goes at the standard tier unless flex_fallback is false). Default: the config's lane.")
+
+
+def _with_format(cfg: Config, output_format: str | None, lane: str | None = None) -> Config:
+    update = {name: value for name, value in (("output_format", output_format), ("lane", lane)) if value}
+    return cfg.model_copy(update=update) if update else cfg
 
 
 ENV_FILE = "OPT_QUEUE_ENV_FILE"
@@ -155,16 +162,17 @@ def main() -> None:
 @click.option("--job", "job_name", help="Job name (default: derived from the output path).")
 @click.option("--skip-bad-lines", is_flag=True, help="Enqueue the valid rows and list the bad ones.")
 @format_option
+@lane_option
 @friendly
 def submit(input_path: str, config_path: str | None, output: str, job_name: str | None,
-           skip_bad_lines: bool, output_format: str | None) -> None:
+           skip_bad_lines: bool, output_format: str | None, lane: str | None) -> None:
     """Enqueue the rows that output.jsonl does not answer yet (rows_per_task rows to a task)."""
     from opt_queue.app import configure
     from opt_queue.dataset import check_writable, validate_input
     from opt_queue.producer import job_output_format
     from opt_queue.producer import submit as do_submit
 
-    cfg = _with_format(_config(config_path, require_keys=False), output_format)
+    cfg = _with_format(_config(config_path, require_keys=False), output_format, lane)
     url = _broker(cfg)
     # Everything that can be checked is checked before a row is enqueued (and paid for); the
     # output file itself is read by submit before it touches the job's state.
@@ -277,14 +285,16 @@ def collect(config_path: str | None, output: str, job_name: str | None, input_pa
               help="Local worker processes (default: one per CPU core, at most 4; 0: use the fleet).")
 @click.option("--skip-bad-lines", is_flag=True, help="Process the valid rows and list the bad ones.")
 @format_option
+@lane_option
 @click.option("--dry-run", is_flag=True, help="Print the estimate (rows, tokens, cost, ETA) and stop: no API call.")
 @output_tokens_option
 @friendly
 def run(input_path: str, config_path: str | None, output: str, job_name: str | None, workers: int,
-        skip_bad_lines: bool, output_format: str | None, dry_run: bool, output_tokens: int | None) -> None:
+        skip_bad_lines: bool, output_format: str | None, lane: str | None, dry_run: bool,
+        output_tokens: int | None) -> None:
     """Submit, work and collect a whole job on this machine (private Redis unless broker_url is set)."""
     config_path = _config_path(config_path)
-    cfg = _with_format(_config(config_path), output_format)
+    cfg = _with_format(_config(config_path), output_format, lane)
     if dry_run:
         _print_estimate(input_path, output, cfg, output_tokens, False)
         return
@@ -329,12 +339,14 @@ def _print_estimate(input_path: str, output: str, cfg: Config, output_tokens: in
 @click.option("-o", "--output", default="output.jsonl", show_default=True,
               help="Output JSONL file (rows it answers are not counted: a re-run sends only the rest).")
 @output_tokens_option
+@lane_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @friendly
 def estimate(input_path: str, config_path: str | None, output: str, output_tokens: int | None,
-             as_json: bool) -> None:
+             lane: str | None, as_json: bool) -> None:
     """Rows, tokens, cost range and ETA of a run, without calling the API."""
-    _print_estimate(input_path, output, _config(config_path, require_keys=False), output_tokens, as_json)
+    cfg = _with_format(_config(config_path, require_keys=False), None, lane)
+    _print_estimate(input_path, output, cfg, output_tokens, as_json)
 
 
 @main.command()

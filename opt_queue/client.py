@@ -46,6 +46,7 @@ class Kind(enum.Enum):
 
     RATE_LIMITED = "rate_limited"        # cool the key, try another, no attempt used
     SLOW_DOWN = "slow_down"              # 503 slow_down: lower the rate, ramp back, no attempt used
+    FLEX_UNAVAILABLE = "resource_unavailable"  # 429 on a Flex request: standard tier (or later), no attempt used
     KEY_DEAD = "key_dead"                # retire the key for the job, try another
     TOO_LARGE = "request_too_large"      # larger than the key's whole TPM window: never passes
     TRANSIENT = "transient"              # back off and retry, up to max_retries
@@ -168,6 +169,9 @@ def _classify(status: int, code: str | None, message: str, lowered: str, headers
             return Failure(Kind.KEY_DEAD, message, status, "insufficient_quota")
         if "request too large" in lowered:
             return Failure(Kind.TOO_LARGE, message, status, code or "request_too_large")
+        if code == "resource_unavailable" or "resource unavailable" in lowered:
+            return Failure(Kind.FLEX_UNAVAILABLE, message, status, "resource_unavailable",
+                           retry_after=retry_after_seconds(headers, rate_limited=False))
         return Failure(Kind.RATE_LIMITED, message, status, code or "rate_limit_exceeded",
                        retry_after=retry_after_seconds(headers, message))
     if status in (401, 403):

@@ -318,6 +318,9 @@ class Config(BaseModel):
     max_cost: float | None = Field(default=None, gt=0)
     max_tokens_total: int | None = Field(default=None, gt=0)
     dedupe: bool = True
+    lane: Literal["sync", "flex"] = "sync"
+    flex_fallback: bool = True
+    flex_timeout: float = Field(default=900.0, gt=0)
     cache: CacheConfig | None = None
     max_queued: int = Field(default=50_000, ge=0)
     visibility_timeout: int = Field(default=3600, ge=1)

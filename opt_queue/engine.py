@@ -83,6 +83,7 @@ class _Row:
     cache_key: str | None = None  # the response cache's key of the row's request (cache on)
     cache_entry: str | None = None  # what the cache keeps of the answer, stored with the result
     from_cache: bool = False  # answered by the response cache: no call
+    flex_waits: int = 0  # Flex refusals met (flex_fallback false)
     saved: float = 0.0  # what the cached answer had cost
 
     def __post_init__(self) -> None:
@@ -352,7 +353,9 @@ class Engine:
             stamped = asyncio.ensure_future(self.pool.stamp(lease, self.pool.clock.now_ms()))
 
         try:
-            answer = await self.api.call(lease.key, row.url, row.body, self.config.request_timeout, on_send=on_send)
+            timeout = (self.config.flex_timeout if row.body.get("service_tier") == "flex"
+                       else self.config.request_timeout)  # Flex answers slowly: allow for it
+            answer = await self.api.call(lease.key, row.url, row.body, timeout, on_send=on_send)
         except Exception as exc:  # every failure is classified; none escapes as a crash
             failure = api.classify(exc)
             failure.message = api.redact(failure.message, self._secrets)
@@ -473,6 +476,15 @@ class Engine:
             return None  # cooled in _call; the row goes round the loop to a slot
         if f.kind is api.Kind.SLOW_DOWN:
             await asyncio.sleep(f.retry_after or 0.0)
+            return None
+        if f.kind is api.Kind.FLEX_UNAVAILABLE:
+            if self.config.flex_fallback and row.body.get("service_tier") == "flex":
+                # Flex capacity is short now: this row goes at the standard tier (and price)
+                log.info("row %s: Flex capacity unavailable; sending it at the standard tier", row.index)
+                row.body = {k: v for k, v in row.body.items() if k != "service_tier"}
+                return None
+            row.flex_waits += 1  # Flex only (flex_fallback false): wait and ask again, no attempt used
+            await asyncio.sleep(self._backoff(min(row.flex_waits, 8), f.retry_after))
             return None
         if f.kind is api.Kind.TOO_LARGE:
             row.too_large_for.add(fp)  # this row can never pass on this key; others still can

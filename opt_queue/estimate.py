@@ -35,6 +35,9 @@ class ModelEstimate:
     cost_low: float | None = 0.0
     cost_expected: float | None = 0.0
     cost_high: float | None = 0.0
+    flex_low: float | None = 0.0
+    flex_high: float | None = 0.0
+    """The same rows in the Flex lane (``service_tier: "flex"`` where the endpoint takes it)."""
     eta_s: float | None = None
     binding: str | None = None
     keys: int = 0
@@ -51,6 +54,7 @@ class Estimate:
     nulls_to_retry: int = 0
     estimator: str = ""
     output_assumption: str = ""
+    lane: str = "sync"
     models: dict[str, ModelEstimate] = field(default_factory=dict)
 
     def total(self, name: str) -> Any:
@@ -68,11 +72,12 @@ class Estimate:
     def as_dict(self) -> dict[str, Any]:
         return {"rows_in_input": self.rows_in_input, "rows_to_send": self.rows_to_send,
                 "already_answered": self.already_answered, "nulls_to_retry": self.nulls_to_retry,
-                "estimator": self.estimator, "output_assumption": self.output_assumption,
+                "estimator": self.estimator, "output_assumption": self.output_assumption, "lane": self.lane,
                 "prompt_tokens": self.total("prompt_tokens"), "output_tokens_cap": self.total("cap_tokens"),
                 "output_tokens_assumed": self.total("assumed_tokens"),
                 "cost_low": self.total("cost_low"), "cost_expected": self.total("cost_expected"),
-                "cost_high": self.total("cost_high"), "eta_s": self.eta_s,
+                "cost_high": self.total("cost_high"), "flex_cost_low": self.total("flex_low"),
+                "flex_cost_high": self.total("flex_high"), "eta_s": self.eta_s,
                 "models": {name: vars(m) for name, m in self.models.items()}}
 
 
@@ -114,14 +119,15 @@ def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[
     """Estimate a run of ``input_path`` into ``output_path`` (resume counted) without calling the API."""
     state = read_output(output_path, offsets=False)
     prices = Prices({name: p.model_dump() for name, p in config.prices.items()})
-    est = Estimate(estimator=typical_estimator(),
+    est = Estimate(estimator=typical_estimator(), lane=config.lane,
                    output_assumption=(f"{output_tokens} tokens per answer on average (--output-tokens)"
                                       if output_tokens is not None else
                                       "every answer at its cap (max_tokens, else the endpoint's default); "
                                       "--output-tokens N states an average"))
     found: dict[str, Any] = {}
     for row in _rows(input_path, state, est):
-        body = request_body(row.url, row.body, config.model.name, config.model.params)
+        body = request_body(row.url, row.body, config.model.name, config.model.params, config.lane)
+        flex = request_body(row.url, row.body, config.model.name, config.model.params, "flex")
         model = body.get("model") or config.model.name
         prompt, cap = estimate_parts(body, row.url, typical=True)
         assumed = cap if output_tokens is None or not cap else min(cap, output_tokens * int(body.get("n") or 1))
@@ -133,8 +139,9 @@ def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[
         m.prompt_tokens += prompt
         m.cap_tokens += cap
         m.assumed_tokens += assumed
-        for name, completion in (("cost_low", 0), ("cost_expected", assumed), ("cost_high", cap)):
-            cost = prices.cost(model, row.url, body, prompt, completion)
+        for name, completion, sent in (("cost_low", 0, body), ("cost_expected", assumed, body),
+                                       ("cost_high", cap, body), ("flex_low", 0, flex), ("flex_high", cap, flex)):
+            cost = prices.cost(model, row.url, sent, prompt, completion)
             setattr(m, name, None if cost is None or getattr(m, name) is None else getattr(m, name) + cost)
     for model, m in est.models.items():
         _eta(m, *_rates(config, model))
@@ -188,4 +195,9 @@ def describe(est: Estimate) -> list[str]:
     if len(est.models) > 1:
         lines.append(f"total: {money(low)} to {money(high)}" + (f", ETA {_duration(est.eta_s)}"
                                                               if est.eta_s is not None else ""))
+    if high is not None:
+        eta = f"ETA {_duration(est.eta_s)}" if est.eta_s is not None else "ETA as above"
+        lines.append(f"lanes side by side: this run ({est.lane}) {money(low)} to {money(high)}, {eta}; "
+                     f"flex {money(est.total('flex_low'))} to {money(est.total('flex_high'))}, the same limits "
+                     f"with slower answers (--lane flex; a row Flex cannot take now goes at the standard tier)")
     return lines

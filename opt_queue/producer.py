@@ -69,7 +69,7 @@ class SubmitReport:
 def task_row(row: Row, config: Config) -> list[Any]:
     """A row as a task carries it: ``[index, request]``, or ``[index, request, url]`` for an
     endpoint other than chat completions."""
-    body = request_body(row.url, row.body, config.model.name, config.model.params)
+    body = request_body(row.url, row.body, config.model.name, config.model.params, config.lane)
     return [row.index, body] if row.url == CHAT_URL else [row.index, body, row.url]
 
 
@@ -203,9 +203,8 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
             report.retried_nulls += sum(r.index in nulls for r in fresh)
             report.resent += sum(r.index in claim.redone and r.index not in nulls for r in fresh)
             if config.dedupe and fresh:
-                copies = job.dedupe((r.index, request_hash(r.url, request_body(r.url, r.body, config.model.name,
-                                                                                 config.model.params)))
-                                    for r in fresh)
+                copies = job.dedupe((r.index, request_hash(r.url, request_body(
+                    r.url, r.body, config.model.name, config.model.params, config.lane))) for r in fresh)
                 report.copies += len(copies)
                 fresh = [r for r in fresh if r.index not in copies]
             try:

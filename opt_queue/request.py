@@ -143,14 +143,24 @@ def row_request(obj: dict[str, Any], fmt: str) -> tuple[str, str, dict[str, Any]
     return index, target.url, body
 
 
-def request_body(url: str, body: dict[str, Any], model: str, params: dict[str, Any]) -> dict[str, Any]:
+FLEX_URLS = frozenset({CHAT_URL, "/v1/responses"})
+"""Endpoints that take ``service_tier: "flex"`` (the Flex lane)."""
+
+
+def request_body(url: str, body: dict[str, Any], model: str, params: dict[str, Any],
+                 lane: str = "sync") -> dict[str, Any]:
     """The full request of a row: for a chat completion, the job's ``model`` and ``params``
     overridden by the row's own; for another endpoint, the row's body (and the endpoint's
-    default model when it names none)."""
+    default model when it names none). In the Flex lane, ``service_tier: "flex"`` unless the row
+    names a tier."""
     if url == CHAT_URL:
-        return {"model": model, **params, **body}
-    default = ENDPOINTS[url].default_model
-    return {"model": default, **body} if default and "model" not in body else dict(body)
+        full = {"model": model, **params, **body}
+    else:
+        default = ENDPOINTS[url].default_model
+        full = {"model": default, **body} if default and "model" not in body else dict(body)
+    if lane == "flex" and url in FLEX_URLS and "service_tier" not in full:
+        full["service_tier"] = "flex"
+    return full
 
 
 def ask_again(url: str, body: dict[str, Any], answer: str, problem: str) -> dict[str, Any]:

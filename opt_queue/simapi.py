@@ -4,8 +4,9 @@ It serves every endpoint of the Batch file format (chat completions, responses, 
 completions, moderations), with usage as the API reports it (cached prompt tokens for a prompt
 seen before from ``cache_min_tokens``; reasoning tokens for o-series models), ``n`` choices,
 structured outputs (JSON built from the request's schema; a prompt with ``BADJSON`` gets an
-answer that does not match until asked again, ``ALWAYSBAD`` never matches) and an
-``x-request-id`` header.
+answer that does not match until asked again, ``ALWAYSBAD`` never matches), the Flex tier
+(``service_tier: "flex"``: slower by ``flex_latency``, 429 "resource unavailable" at
+``flex_unavailable_rate``) and an ``x-request-id`` header.
 
 It behaves like the real API where opt-queue cares (see OPENAI_API_FACTS.md): per-key (or per
 organization) RPM, TPM and RPD sliding windows with OpenAI-shaped 429s and ``x-ratelimit-*``
@@ -109,6 +110,12 @@ class SimConfig:
     burst_divisor: int = 0  # > 0: a key's RPM also holds over every minute/divisor, at rpm/divisor
     slow_down_above: float = 0.0  # > 0: 503 slow_down when an organization's model gets more per second
     cache_min_tokens: int = 1024  # a prompt seen before reports cached tokens from this length (the API's)
+    flex_unavailable_rate: float = 0.0  # a Flex request (service_tier "flex") answered 429 resource unavailable
+    flex_latency: float = 0.0  # more seconds before a Flex answer
+    batch_delay: float = 2.0  # seconds from a batch's creation to its completion (rows finish in file order)
+    batch_expire_after: float = 0.0  # > 0: a batch not completed this long after its creation expires
+    batch_enqueued_tokens: int = 0  # > 0: an organization's enqueued-token limit per model (prompt tokens)
+    batch_max_lines: int = 50_000
     seed: int = 0
 
 
@@ -319,6 +326,8 @@ class _Request:
     def response(self, number: int, cached: int) -> dict[str, Any]:
         """The response body, with its usage (cached prompt tokens, reasoning tokens)."""
         data = dict(self.built)
+        if self.url in (CHAT_URL, "/v1/responses"):
+            data["service_tier"] = "flex" if self.body.get("service_tier") == "flex" else "default"
         reasoning = 2 * self.completion_tokens if self.model.startswith(REASONING_PREFIXES) else 0
         output = self.completion_tokens + reasoning
         if self.url == "/v1/responses":
@@ -358,6 +367,9 @@ class SimAPI:
         self.config = config or SimConfig()
         self.rng = random.Random(self.config.seed)
         self.windows: dict[tuple[str, str], _Windows] = {}
+        from opt_queue.simbatch import SimBatches  # the Files and Batches API, a room of its own
+
+        self.batches = SimBatches(self)
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -382,13 +394,29 @@ class SimAPI:
                 "per_prompt": dict(self.per_prompt), "per_key": dict(self.per_key),
                 "calls_per_key": dict(self.calls_per_key),
                 "max_in_flight": self.max_in_flight, "first_call": self.first_call,
-                "last_call": self.last_call, "last_answer": self.last_answer}
+                "last_call": self.last_call, "last_answer": self.last_answer, "batch": self.batches.stats()}
 
     def key(self, secret: str) -> SimKey | None:
         for k in self.config.keys:
             if k.key == secret:
                 return k
         return None
+
+    def authorize(self, secret: str) -> tuple[SimKey | None, web.Response | None]:
+        """The key a request's secret names, or the error the API answers for it."""
+        k = self.key(secret)
+        if k is None or k.dead == "invalid":
+            masked = (secret[:3] + "***" + secret[-4:]) if len(secret) > 8 else "***"
+            return None, _error(401, f"Incorrect API key provided: {masked}. You can find your API key "
+                                     f"at https://platform.openai.com/account/api-keys.",
+                                "invalid_request_error", "invalid_api_key")
+        if k.dead == "forbidden":
+            return None, _error(403, "You are not allowed to sample from this model", "invalid_request_error",
+                                "forbidden")
+        if k.dead == "quota":
+            return None, _error(429, "You exceeded your current quota, please check your plan and billing "
+                                     "details.", "insufficient_quota", "insufficient_quota")
+        return k, None
 
     def app(self) -> web.Application:
         application = web.Application(client_max_size=64 * 1024 * 1024)
@@ -397,6 +425,7 @@ class SimAPI:
             application.router.add_post(url.removeprefix("/v1"), self.chat)
             application.router.add_post("/openai/deployments/{deployment}" + url.removeprefix("/v1"),
                                         self.chat)  # Azure
+        self.batches.routes(application)
         application.router.add_get("/_sim/stats", self._stats)
         application.router.add_post("/_sim/config", self._configure)
         return application
@@ -433,18 +462,10 @@ class SimAPI:
         if deployment is not None and not request.query.get("api-version"):
             return _error(404, "Resource not found", "invalid_request_error", "404")
         self.calls_per_key[fingerprint(secret)] += 1
-        k = self.key(secret)
-        if k is None or k.dead == "invalid":
-            masked = (secret[:3] + "***" + secret[-4:]) if len(secret) > 8 else "***"
-            return _error(401, f"Incorrect API key provided: {masked}. You can find your API key "
-                               f"at https://platform.openai.com/account/api-keys.",
-                          "invalid_request_error", "invalid_api_key")
-        if k.dead == "forbidden":
-            return _error(403, "You are not allowed to sample from this model", "invalid_request_error",
-                          "forbidden")
-        if k.dead == "quota":
-            return _error(429, "You exceeded your current quota, please check your plan and billing "
-                               "details.", "insufficient_quota", "insufficient_quota")
+        k, refused = self.authorize(secret)
+        if refused is not None:
+            return refused
+        assert k is not None
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -470,6 +491,12 @@ class SimAPI:
             req = _Request.of(url, body, model)
         except ValueError as exc:
             return _error(400, str(exc), "invalid_request_error", None)
+        flex = body.get("service_tier") == "flex"
+        if flex and self.rng.random() < cfg.flex_unavailable_rate:
+            self.faults["flex_unavailable"] += 1
+            return _error(429, "Resource unavailable: Flex processing has no capacity for this request now; "
+                               "try again later or use the default service tier.", "resource_unavailable",
+                          "resource_unavailable")
         if req.prompt_tokens + req.max_tokens > cfg.models[model]:
             return _error(400, f"This model's maximum context length is {cfg.models[model]} tokens. "
                                f"However, your messages resulted in {req.prompt_tokens} tokens. Please "
@@ -505,6 +532,7 @@ class SimAPI:
                 self._limit_headers(fault, k, win)  # the API's own errors carry them, a proxy's do not
             return fault
         delay = cfg.latency + (self.rng.uniform(0, cfg.latency_jitter) if cfg.latency_jitter else 0.0)
+        delay += cfg.flex_latency if flex else 0.0
         if delay > 0:
             await asyncio.sleep(delay)
         self.answered += 1
