@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
 
 from opt_queue import __version__
@@ -120,15 +121,36 @@ output_tokens_option = click.option("--output-tokens", type=click.IntRange(min=0
                                          "answer at its cap, max_tokens or the endpoint's default).")
 
 
-lane_option = click.option(
-    "--lane", type=click.Choice(["sync", "flex"]), default=None,
-    help="sync: standard synchronous calls; flex: service_tier flex (half price, slower; a row Flex cannot "
-         "take now goes at the standard tier unless flex_fallback is false). Default: the config's lane.")
+def lane_option(fn: Any) -> Any:
+    """``--lane`` and ``--deadline``."""
+    fn = click.option(
+        "--deadline", default=None, metavar="DURATION",
+        help="Finish by then (6h, 90min, 2d): the batch lane first, and at three quarters of the time "
+             "the rows not answered yet go through the synchronous lane. Implies --lane batch.")(fn)
+    return click.option(
+        "--lane", type=click.Choice(["sync", "flex", "batch"]), default=None,
+        help="sync: standard synchronous calls; flex: service_tier flex (half price, slower; a row Flex "
+             "cannot take now goes at the standard tier unless flex_fallback is false); batch: the "
+             "provider's Batch API (half price, within 24 h). Default: the config's lane.")(fn)
 
 
-def _with_format(cfg: Config, output_format: str | None, lane: str | None = None) -> Config:
-    update = {name: value for name, value in (("output_format", output_format), ("lane", lane)) if value}
-    return cfg.model_copy(update=update) if update else cfg
+def _with_format(cfg: Config, output_format: str | None, lane: str | None = None,
+                 deadline: str | None = None) -> Config:
+    """The config with the command line's choices over it (validated as the file is)."""
+    update: dict[str, Any] = {name: value for name, value in (("output_format", output_format), ("lane", lane))
+                              if value}
+    if deadline:
+        update["deadline"] = deadline
+        if lane is None and "lane" not in cfg.model_fields_set:
+            update["lane"] = "batch"
+    if not update:
+        return cfg
+    try:
+        return Config.model_validate({**cfg.model_dump(exclude_unset=True, exclude={"api_keys"}),
+                                      "api_keys": cfg.api_keys, **update})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise ConfigError(f"--{'.'.join(str(p) for p in error['loc'])}: {error['msg']}") from None
 
 
 ENV_FILE = "OPT_QUEUE_ENV_FILE"
@@ -165,14 +187,14 @@ def main() -> None:
 @lane_option
 @friendly
 def submit(input_path: str, config_path: str | None, output: str, job_name: str | None,
-           skip_bad_lines: bool, output_format: str | None, lane: str | None) -> None:
+           skip_bad_lines: bool, output_format: str | None, lane: str | None, deadline: str | None) -> None:
     """Enqueue the rows that output.jsonl does not answer yet (rows_per_task rows to a task)."""
     from opt_queue.app import configure
     from opt_queue.dataset import check_writable, validate_input
     from opt_queue.producer import job_output_format
     from opt_queue.producer import submit as do_submit
 
-    cfg = _with_format(_config(config_path, require_keys=False), output_format, lane)
+    cfg = _with_format(_config(config_path, require_keys=False), output_format, lane, deadline)
     url = _broker(cfg)
     # Everything that can be checked is checked before a row is enqueued (and paid for); the
     # output file itself is read by submit before it touches the job's state.
@@ -290,11 +312,11 @@ def collect(config_path: str | None, output: str, job_name: str | None, input_pa
 @output_tokens_option
 @friendly
 def run(input_path: str, config_path: str | None, output: str, job_name: str | None, workers: int,
-        skip_bad_lines: bool, output_format: str | None, lane: str | None, dry_run: bool,
+        skip_bad_lines: bool, output_format: str | None, lane: str | None, deadline: str | None, dry_run: bool,
         output_tokens: int | None) -> None:
     """Submit, work and collect a whole job on this machine (private Redis unless broker_url is set)."""
     config_path = _config_path(config_path)
-    cfg = _with_format(_config(config_path), output_format, lane)
+    cfg = _with_format(_config(config_path), output_format, lane, deadline)
     if dry_run:
         _print_estimate(input_path, output, cfg, output_tokens, False)
         return
@@ -343,9 +365,9 @@ def _print_estimate(input_path: str, output: str, cfg: Config, output_tokens: in
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @friendly
 def estimate(input_path: str, config_path: str | None, output: str, output_tokens: int | None,
-             lane: str | None, as_json: bool) -> None:
+             lane: str | None, deadline: str | None, as_json: bool) -> None:
     """Rows, tokens, cost range and ETA of a run, without calling the API."""
-    cfg = _with_format(_config(config_path, require_keys=False), None, lane)
+    cfg = _with_format(_config(config_path, require_keys=False), None, lane, deadline)
     _print_estimate(input_path, output, cfg, output_tokens, as_json)
 
 
@@ -423,6 +445,30 @@ def reset(config_path: str | None, job_name: str | None, output: str | None, yes
         click.confirm("reset this job?", abort=True)
     job.delete()
     out.print(f"job {job.id} reset")
+
+
+@main.command()
+@config_option
+@click.option("--job", "job_name", help="The job's id or name.")
+@click.option("-o", "--output", help="The job of this output file.")
+@friendly
+def cancel(config_path: str | None, job_name: str | None, output: str | None) -> None:
+    """Stop a job everywhere: no new calls, the provider's batches cancelled (what they answered is kept)."""
+    from opt_queue.batchlane import cancel_batches
+    from opt_queue.jobs import Job
+
+    if not (job_name or output):
+        raise ConfigError("say which job to cancel: -o OUTPUT or --job ID")
+    cfg = _config(config_path, require_keys=False)
+    client = connect(_broker(cfg), check=True)
+    job = Job(client, job_name or job_id_for(output))  # type: ignore[arg-type]
+    if not job.exists():
+        raise ConfigError(f"job {job.id} has no state in Redis; nothing to cancel")
+    job.stop("cancelled by the user; the unanswered rows stay unanswered: run the same command again to resume")
+    batches = cancel_batches(client, job.id)
+    out.print(f"job [bold]{job.id}[/] cancelled: workers send nothing more"
+              + (f"; {batches} batches are being cancelled at the provider (rows they answered are kept: "
+                 f"`opt-queue collect` writes them)" if batches else ""))
 
 
 @main.command()

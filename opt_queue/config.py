@@ -318,9 +318,15 @@ class Config(BaseModel):
     max_cost: float | None = Field(default=None, gt=0)
     max_tokens_total: int | None = Field(default=None, gt=0)
     dedupe: bool = True
-    lane: Literal["sync", "flex"] = "sync"
+    lane: Literal["sync", "flex", "batch"] = "sync"
     flex_fallback: bool = True
     flex_timeout: float = Field(default=900.0, gt=0)
+    deadline: float | None = Field(default=None, gt=0)
+    batch_max_lines: int = Field(default=50_000, ge=1, le=50_000)
+    batch_max_bytes: int = Field(default=200 * 1024 * 1024, ge=1024, le=200 * 1024 * 1024)
+    batch_token_limit: int | None = Field(default=None, gt=0)
+    batch_poll: float = Field(default=30.0, ge=0.2)
+    batch_attempts: int = Field(default=3, ge=1)
     cache: CacheConfig | None = None
     max_queued: int = Field(default=50_000, ge=0)
     visibility_timeout: int = Field(default=3600, ge=1)
@@ -332,6 +338,15 @@ class Config(BaseModel):
     backoff_max: float = Field(default=60.0, ge=0)
     log_level: str = "INFO"
 
+    @model_validator(mode="after")
+    def _deadline_lane(self) -> Config:
+        if self.deadline is not None and self.lane != "batch":
+            if "lane" in self.model_fields_set:
+                raise ValueError(f"deadline: a deadline is for the batch lane (its leftovers go synchronously "
+                                 f"at the cut-over); remove it or set lane \"batch\", not {self.lane!r}")
+            self.lane = "batch"
+        return self
+
     @field_validator("model", mode="before")
     @classmethod
     def _model_name(cls, v: Any) -> Any:
@@ -339,7 +354,7 @@ class Config(BaseModel):
 
     _url = field_validator("api_base")(classmethod(lambda cls, v: _api_base(v)))
 
-    @field_validator("state_ttl", "header_period", "learned_limits_ttl", mode="before")
+    @field_validator("state_ttl", "header_period", "learned_limits_ttl", "deadline", "batch_poll", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> Any:
         return parse_seconds(v)

@@ -303,7 +303,11 @@ class Job(_JobBase):
         mask = bytes(c & ~d & 0xFF for c, d in zip(claimed.ljust(size, b"\0"), done.ljust(size, b"\0")))
         out = {str(n) for n in _bits(mask)}
         out.update(k.decode() for k, v in others.items() if int(v) == 1)
-        return out - self.copies()
+        return out - self.copies() - self.in_batch()
+
+    def in_batch(self) -> set[str]:
+        """Rows in a batch-lane chunk now: no task message holds them (see ``batchlane``)."""
+        return {i.decode() for i in self.client.smembers(keys.job_in_batch(self.id))}
 
     def release(self, index: str) -> bool:
         """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""
@@ -329,11 +333,16 @@ class Job(_JobBase):
         pipe.hget(self.meta_key, "reported")
         pipe.hget(self.meta_key, "released")
         _, others, reported, released = pipe.execute()
+        batched = self.in_batch()  # in a provider's batch: still claimed, not in the queue
         pipe = self.client.pipeline()
         for index, flags in others.items():
-            if int(flags) == 1:
+            if int(flags) == 1 and index.decode() not in batched:
                 pipe.hdel(rows, index)
-        pipe.hset(self.meta_key, "claimed", int(reported or 0) + int(released or 0))
+        for index in batched:
+            n = keys.index_number(index)
+            if n is not None:
+                pipe.setbit(claimed, n, 1)
+        pipe.hset(self.meta_key, "claimed", int(reported or 0) + int(released or 0) + len(batched))
         pipe.delete(*self.leases, keys.job_copies(self.id))
         pipe.execute()
 

@@ -88,6 +88,31 @@ def job_copies(job: str) -> str:
     return f"{PREFIX}:{{{job}}}:copies"
 
 
+def job_batches(job: str) -> str:
+    """Hash: chunk id -> JSON state of one batch-lane chunk (its rows' file, its provider batch)."""
+    return f"{PREFIX}:{{{job}}}:batches"
+
+
+def job_chunk(job: str, chunk: str) -> str:
+    """String: the Batch API input file (JSONL) of one chunk, until its batch is finished."""
+    return f"{PREFIX}:{{{job}}}:chunk:{chunk}"
+
+
+def job_in_batch(job: str) -> str:
+    """Set: indices of rows that are in a batch-lane chunk now (no task message holds them)."""
+    return f"{PREFIX}:{{{job}}}:in-batch"
+
+
+BATCH_DUE = f"{PREFIX}:batch-due"
+"""Sorted set: ``job\nchunk`` -> when (ms, Redis' clock) the chunk's next step is due; a worker
+that takes a step pushes it a lease length ahead while it works (``lua/due.lua``)."""
+
+
+def batch_enqueued(fingerprint: str, model: str) -> str:
+    """Hash of one key and model in the Batch API: ``tokens`` enqueued now, ``limit`` learned."""
+    return f"{PREFIX}:batch-key:{fingerprint}:{model}"
+
+
 def cached_answer(request_hash: str) -> str:
     """String: a request's answer, kept ``cache.ttl`` for any job that sends the same request."""
     return f"{PREFIX}:cache:{request_hash}"
@@ -120,4 +145,4 @@ KNOWN_SCOPES = f"{PREFIX}:{LIMITS_TAG}:scopes"
 def job_keys(job: str) -> list[str]:
     """Every key of one job."""
     return [job_meta(job), *row_state(job), job_results(job), job_retired(job), job_leases(job),
-            job_lease_owners(job), job_requests(job), job_copies(job)]
+            job_lease_owners(job), job_requests(job), job_copies(job), job_batches(job), job_in_batch(job)]

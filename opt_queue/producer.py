@@ -14,6 +14,7 @@ from typing import Any
 import redis
 
 from opt_queue import formats
+from opt_queue.batchlane import ChunkWriter, cutover_at
 from opt_queue.broker import declare_queue, envelope, push
 from opt_queue.config import Config
 from opt_queue.dataset import InputSummary, Row, iter_input, output_format, read_output, validate_input
@@ -45,6 +46,8 @@ class SubmitReport:
     """Rows collected before whose line output.jsonl no longer has."""
     bad_lines: int = 0
     input_changed: bool = False
+    chunks: int = 0
+    """Batch lane: the Batch API input files the rows were written into."""
 
     @property
     def skipped(self) -> int:
@@ -52,7 +55,7 @@ class SubmitReport:
 
     def describe(self) -> str:
         """One line for the user."""
-        text = (f"enqueued {self.enqueued} rows, skipped {self.skipped} ({self.answered} already "
+        text = (f"enqueued {self.enqueued} rows{f' in {self.chunks} batch files' if self.chunks else ''}, skipped {self.skipped} ({self.answered} already "
                 f"answered, {self.queued} already queued")
         if self.uncollected:
             text += f", {self.uncollected} finished and waiting for collect"
@@ -66,11 +69,11 @@ class SubmitReport:
         return text
 
 
-def task_row(row: Row, config: Config) -> list[Any]:
+def task_row(row: Row, config: Config, url: bool = False) -> list[Any]:
     """A row as a task carries it: ``[index, request]``, or ``[index, request, url]`` for an
-    endpoint other than chat completions."""
+    endpoint other than chat completions (or always, with ``url``)."""
     body = request_body(row.url, row.body, config.model.name, config.model.params, config.lane)
-    return [row.index, body] if row.url == CHAT_URL else [row.index, body, row.url]
+    return [row.index, body] if row.url == CHAT_URL and not url else [row.index, body, row.url]
 
 
 def task_options(config: Config, output: str = formats.SEED) -> dict[str, Any]:
@@ -177,14 +180,21 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
     rows finish, so Redis memory stays flat however large the input. Raises :class:`JobStopped`
     when the job is stopped meanwhile (every key retired, a wrong model): nothing more is sent.
     """
-    max_queued = config.max_queued
+    # The batch lane's rows wait in chunks for the provider's batches, hours perhaps: they are not
+    # held back by max_queued (their files are in Redis until their batch is sent).
+    max_queued = config.max_queued if config.lane != "batch" else 0
     answered, nulls = answered or set(), nulls or set()
     job = Job(client, job_id)
     if job.exists() and job.progress().outstanding == 0:
         job.clear_reservations()  # budget shares of workers that died holding them
+    now = time.time()
     job.begin_submit(total=total, model=config.model.name, output_format=output_format,
-                     max_cost_nano=nano(config.max_cost), max_tokens_total=config.max_tokens_total or 0, **meta)
+                     max_cost_nano=nano(config.max_cost), max_tokens_total=config.max_tokens_total or 0,
+                     lane=config.lane, deadline_at=now + config.deadline if config.deadline else "",
+                     cutover_at=cutover_at(config.deadline, now) if config.deadline else "", **meta)
     report = SubmitReport(job=job_id, total=total, bad_lines=bad_lines)
+    writer = (ChunkWriter(client, job_id, config, task_options(config, output_format))
+              if config.lane == "batch" else None)
     done = 0
     declare_queue()
     try:
@@ -208,14 +218,25 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
                 report.copies += len(copies)
                 fresh = [r for r in fresh if r.index not in copies]
             try:
-                push(client, envelopes(job_id, fresh, config, output_format))
+                if writer is not None:
+                    for r in fresh:
+                        writer.add(*task_row(r, config, url=True))
+                else:
+                    push(client, envelopes(job_id, fresh, config, output_format))
                 report.enqueued += len(fresh)
             except BaseException:  # Ctrl-C or Redis gone between claim and push: give the rows back
-                _release_quietly(job, [r.index for r in fresh])
+                _release_quietly(job, [r.index for r in fresh] + (writer.held() if writer else []))
                 raise
             done += len(batch)
             if on_progress:
                 on_progress(done, total)
+        if writer is not None:
+            try:
+                writer.flush()
+            except BaseException:
+                _release_quietly(job, writer.held())
+                raise
+            report.chunks = writer.chunks
     finally:
         job.end_submit()
     log.info("job %s: %d rows enqueued, %d already answered, %d already queued, %d awaiting collection",

@@ -16,6 +16,7 @@ rate limits do not apply (the Batch API has its own pool). Time is read when a b
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -240,7 +241,7 @@ class SimBatches:
         from opt_queue.simapi import _Request, prompt_key
 
         delay = self.api.config.batch_delay
-        finished = len(batch.lines) if not delay else min(len(batch.lines), int(len(batch.lines) * worked / delay))
+        finished = len(batch.lines) if not delay else min(len(batch.lines), math.ceil(len(batch.lines) * worked / delay))
         out, err = [], []
         for number, line in enumerate(batch.lines):
             custom_id = line.get("custom_id")

@@ -5,7 +5,7 @@ on it. A Celery pool thread that receives a task only blocks on the batch's futu
 themselves run on the loop, so thousands of rows in flight cost no threads and no GIL contention.
 Everything a row does lives in ``engine``; leases, hand-back and recovery live in ``broker``. Each
 worker process also runs the recovery of dead workers' messages (``broker.recover_stale``) in a
-background thread.
+background thread, and the batch lane's due steps (``batchlane``) on its loop.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 
 import redis
 from celery import Task
-from celery.signals import worker_shutdown
+from celery.signals import worker_ready, worker_shutdown
 
 from opt_queue.app import app
+from opt_queue.batchlane import BatchLane
 from opt_queue.broker import ROWS_TASK, args_repr, hand_back, recover_stale, split_row
 from opt_queue.config import load_config
 from opt_queue.engine import HANDED_BACK, Engine
@@ -43,6 +44,10 @@ class _Runtime:
         # its call); the rest is for the engine.
         client = connect_async(app.conf.broker_url, max_connections=2 * config.concurrency + 16)
         self.engine: Engine = self.run(Engine.start(config, client))
+        # The batch lane's steps (upload, poll, publish) run on the same loop, with the engine's
+        # connections and keys; any worker process takes the steps that are due.
+        self.lane = BatchLane(config, client, self.engine.api, self.engine.keys, self.engine.prices)
+        self.loop.call_soon_threadsafe(self.lane.start)
         self._stop = threading.Event()
         self.recovery = threading.Thread(target=self._recover, args=(config.lease_seconds,),
                                          name="opt-queue-recovery", daemon=True)
@@ -65,6 +70,7 @@ class _Runtime:
         """Close the engine's connections and stop the loop (the worker is shutting down)."""
         self._stop.set()
         try:
+            self.run(self.lane.stop(), timeout=5)
             self.run(self.engine.close(), timeout=5)
         except Exception as exc:  # best effort: the process is exiting anyway
             log.debug("closing the worker's connections: %r", exc)
@@ -82,6 +88,16 @@ def runtime() -> _Runtime:
         if _runtime is None:
             _runtime = _Runtime()
         return _runtime
+
+
+@worker_ready.connect
+def _start_runtime(**_: Any) -> None:
+    """Start the runtime with the worker, not with its first rows task: the batch lane's steps
+    need it in a worker that never receives a row."""
+    try:
+        runtime()
+    except Exception as exc:  # the first task builds it again, and says why it cannot
+        log.warning("the worker's runtime did not start yet: %r", exc)
 
 
 @worker_shutdown.connect

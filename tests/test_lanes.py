@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
-from conftest import cli, read_jsonl, write_config, write_jsonl
+from conftest import cli, kill_group, read_jsonl, wait_for, write_config, write_jsonl
 
 from opt_queue.simapi import SimServer
 
@@ -60,3 +61,117 @@ def test_flex_only_waits_for_capacity_instead_of_falling_back(
     assert all(v is not None for line in read_jsonl(out) for v in line.values())  # no attempt was used up
     assert sim.stats()["faults"]["flex_unavailable"] > 0
     assert all(r.get("service_tier") == "flex" for r in sim.received())
+
+
+# -- the batch lane ---------------------------------------------------------------------------------
+def batch_config(tmp_path: Path, sim: SimServer, redis_url: str, **fields) -> Path:  # type: ignore[no-untyped-def]
+    return write_config(tmp_path / "config.json", sim, broker_url=redis_url, prices=PRICES, batch_poll=0.5,
+                        lease_seconds=6, model={"name": "gpt-4o-mini", "max_tokens": 20}, **fields)
+
+
+def batch_stats(sim: SimServer) -> dict:  # type: ignore[type-arg]
+    return sim.stats()["batch"]
+
+
+def paid_once(sim: SimServer, n: int) -> None:
+    """Every one of the ``n`` distinct prompts was answered exactly once (in a batch or not)."""
+    counts = sim.stats()["per_prompt"]
+    assert len(counts) == n and set(counts.values()) == {1}, counts
+
+
+@pytest.mark.slow
+def test_the_batch_lane_answers_every_row_once_at_half_price_over_several_batches(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    sim.configure(batch_delay=1.0)
+    data = write_jsonl(tmp_path / "data.jsonl", rows(2000))
+    out = tmp_path / "output.jsonl"
+    config = batch_config(tmp_path, sim, redis_url, batch_max_lines=600)
+    workers(config, processes=2)
+    submitted = cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "batch",
+                    "--output-format", "full")
+    assert submitted.returncode == 0, submitted.stderr
+    assert "in 4 batch files" in submitted.stdout
+    assert cli("collect", "-c", str(config), "-o", str(out), timeout=180).returncode == 0
+    lines = read_jsonl(out)
+    assert [next(iter(line)) for line in lines] == [str(i) for i in range(2000)]
+    assert all(v is not None and v["text"] for line in lines for v in line.values())
+    stats = batch_stats(sim)
+    assert stats["batches"] == 4 and stats["files"] == 4 and stats["lines"] == 2000  # uploads
+    assert sim.stats()["calls"] == 0  # not one synchronous call
+    paid_once(sim, 2000)
+    expected = sum((v["usage"]["prompt_tokens"] * 100 + v["usage"]["completion_tokens"] * 200) / 1e6 * 0.5
+                   for line in lines for v in line.values())
+    spend = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)["jobs"][0]["spend"]
+    assert spend["cost"] == pytest.approx(expected, rel=1e-6) and spend["calls"] == 2000
+
+
+@pytest.mark.slow
+def test_a_killed_worker_mid_batch_uploads_nothing_twice(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    sim.configure(batch_delay=6.0)
+    data = write_jsonl(tmp_path / "data.jsonl", rows(300))
+    out = tmp_path / "output.jsonl"
+    config = batch_config(tmp_path, sim, redis_url, batch_max_lines=100)
+    first = workers(config)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "batch").returncode == 0
+    wait_for(lambda: batch_stats(sim).get("batches", 0) == 3, timeout=30, what="three batches created")
+    for proc in first.procs:
+        kill_group(proc)  # SIGKILL while its batches are in flight
+    workers(config)
+    assert cli("collect", "-c", str(config), "-o", str(out), timeout=180).returncode == 0
+    assert all(v is not None for line in read_jsonl(out) for v in line.values())
+    assert batch_stats(sim)["batches"] == 3 and batch_stats(sim)["lines"] == 300
+    paid_once(sim, 300)
+
+
+@pytest.mark.slow
+def test_an_expired_batch_keeps_its_answers_and_sends_the_rest_again(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    sim.configure(batch_delay=2.0, batch_expire_after=1.0)  # a batch does half its rows, then expires
+    data = write_jsonl(tmp_path / "data.jsonl", rows(64))
+    out = tmp_path / "output.jsonl"
+    config = batch_config(tmp_path, sim, redis_url, batch_attempts=10)
+    workers(config)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "batch").returncode == 0
+    assert cli("collect", "-c", str(config), "-o", str(out), timeout=180).returncode == 0
+    assert all(v is not None for line in read_jsonl(out) for v in line.values())
+    stats = batch_stats(sim)
+    assert stats["batches"] >= 3  # 64 -> 32 left -> 16 left ... each batch answers half
+    paid_once(sim, 64)
+
+
+@pytest.mark.slow
+def test_batches_wait_their_turn_under_the_enqueued_token_limit(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    # each row is ~14 prompt tokens to the simulated API; 4 chunks of 25 rows, room for 2 at a time
+    sim.configure(batch_delay=1.5, batch_enqueued_tokens=800)
+    data = write_jsonl(tmp_path / "data.jsonl", rows(100))
+    out = tmp_path / "output.jsonl"
+    config = batch_config(tmp_path, sim, redis_url, batch_max_lines=25)
+    workers(config)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "batch").returncode == 0
+    assert cli("collect", "-c", str(config), "-o", str(out), timeout=180).returncode == 0
+    assert all(v is not None for line in read_jsonl(out) for v in line.values())
+    assert batch_stats(sim).get("failed", 0) >= 1  # the limit was met, and waited out
+    assert not (tmp_path / "output.errors.jsonl").exists() or not read_jsonl(tmp_path / "output.errors.jsonl")
+    paid_once(sim, 100)
+
+
+@pytest.mark.slow
+def test_a_deadline_sends_the_leftovers_synchronously_in_time(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    sim.configure(batch_delay=60.0)  # the batch would take a minute
+    data = write_jsonl(tmp_path / "data.jsonl", rows(40))
+    out = tmp_path / "output.jsonl"
+    config = batch_config(tmp_path, sim, redis_url)
+    workers(config)
+    started = time.monotonic()
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--deadline", "12s").returncode == 0
+    assert cli("collect", "-c", str(config), "-o", str(out), timeout=180).returncode == 0
+    took = time.monotonic() - started
+    assert took < 12 + 3, took  # within the deadline (wide slack for a loaded machine)
+    assert all(v is not None for line in read_jsonl(out) for v in line.values())
+    stats = batch_stats(sim)
+    assert stats["batches"] == 1 and stats.get("cancelled") == 1
+    paid_once(sim, 40)  # the cancelled batch's answered rows kept, the rest sent synchronously
+    assert sim.stats()["calls"] == 40 - stats.get("lines", 0)
