@@ -1,0 +1,91 @@
+"""The batch lane's pieces: how rows are cut into Batch API files, and the step that must never
+create a second batch for the same rows after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import openai
+import redis
+from conftest import TEST_KEY, write_config, write_jsonl
+
+from opt_queue import keys
+from opt_queue.batchlane import BatchLane, Chunk, ChunkWriter, chunk_states
+from opt_queue.client import ApiClients
+from opt_queue.config import load_config
+from opt_queue.jobs import Job
+from opt_queue.prices import Prices
+from opt_queue.producer import submit
+from opt_queue.redis_conn import connect_async
+from opt_queue.simapi import SimServer
+
+
+def chat(i: int, text: str = "hello", model: str = "gpt-4o-mini") -> dict:  # type: ignore[type-arg]
+    return {"model": model, "messages": [{"role": "user", "content": f"{text} {i}"}]}
+
+
+def test_rows_are_cut_into_files_by_lines_bytes_tokens_and_model(tmp_path: Path, sim: SimServer,
+                                                                 rclient: redis.Redis) -> None:
+    config = load_config(write_config(tmp_path / "c.json", sim, batch_max_lines=3, batch_max_bytes=2000,
+                                      batch_token_limit=60))
+    writer = ChunkWriter(rclient, "job-a", config, {})
+    for i in range(7):
+        writer.add(str(i), chat(i), "/v1/chat/completions")  # 3 + 3 + 1 by lines
+    writer.add("e1", {"model": "text-embedding-3-small", "input": "x"}, "/v1/embeddings")  # its own file
+    writer.add("long", chat(0, "word " * 60), "/v1/chat/completions")  # tokens: a file of its own
+    writer.flush()
+    states = chunk_states(rclient, "job-a")
+    sizes = sorted((c.url, c.model, c.rows) for c in states.values())
+    assert sizes == [("/v1/chat/completions", "gpt-4o-mini", 1), ("/v1/chat/completions", "gpt-4o-mini", 1),
+                     ("/v1/chat/completions", "gpt-4o-mini", 3), ("/v1/chat/completions", "gpt-4o-mini", 3),
+                     ("/v1/embeddings", "text-embedding-3-small", 1)]
+    for chunk_id, chunk in states.items():
+        data = rclient.get(keys.job_chunk("job-a", chunk_id)).decode()
+        lines = [json.loads(line) for line in data.splitlines()]
+        assert len(lines) == chunk.rows and len(data.encode()) <= 2000
+        assert all(line["url"] == chunk.url and line["method"] == "POST" for line in lines)
+    assert rclient.scard(keys.job_in_batch("job-a")) == 9
+    assert rclient.zcard(keys.BATCH_DUE) == 5
+
+
+def test_a_crash_between_creating_a_batch_and_recording_it_creates_no_second_batch(
+        tmp_path: Path, sim: SimServer, rclient: redis.Redis, redis_url: str) -> None:
+    config = load_config(write_config(tmp_path / "c.json", sim, broker_url=redis_url, lane="batch",
+                                      model={"name": "gpt-4o-mini", "max_tokens": 10}))
+    data = write_jsonl(tmp_path / "data.jsonl", [{"index": str(i), "messages": [{"role": "user", "content": f"q{i}"}]}
+                                                 for i in range(5)])
+    submit(rclient, "job-b", data, tmp_path / "out.jsonl", config)
+    [(chunk_id, chunk)] = chunk_states(rclient, "job-b").items()
+    # What a worker does before it dies: the state says "creating", then the batch is created at
+    # the provider with the attempt's tag, and the worker is gone before it records the batch.
+    chunk.state, chunk.key, chunk.tag = "creating", config.keys()[0].fingerprint, "tag123"
+    rclient.hset(keys.job_batches("job-b"), chunk_id, chunk.dumps())
+    provider = openai.OpenAI(api_key=TEST_KEY, base_url=sim.base_url, max_retries=0)
+    uploaded = provider.files.create(file=("f.jsonl", rclient.get(keys.job_chunk("job-b", chunk_id))),
+                                     purpose="batch")
+    created = provider.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h",
+                                      metadata={"opt_queue_job": "job-b", "opt_queue_chunk": chunk_id,
+                                                "opt_queue_tag": "tag123"})
+
+    async def next_step() -> float | None:
+        client = connect_async(redis_url, max_connections=8)
+        api = ApiClients()
+        lane = BatchLane(config, client, api, config.keys(), Prices())
+        try:
+            return await lane.step("job-b", chunk_id)
+        finally:
+            await api.close()
+            await client.aclose()
+
+    assert asyncio.run(next_step()) is not None
+    after = chunk_states(rclient, "job-b")[chunk_id]
+    assert after.state == "submitted" and after.batch_id == created.id  # adopted, not created again
+    assert sim.stats()["batch"]["batches"] == 1
+    sim.configure(batch_delay=0.0)
+    assert asyncio.run(next_step()) is None  # done: every row published once
+    assert Job(rclient, "job-b").progress().reported == 5
+    assert rclient.scard(keys.job_in_batch("job-b")) == 0
+    assert isinstance(Chunk.loads(rclient.hget(keys.job_batches("job-b"), chunk_id)), Chunk)
