@@ -475,12 +475,14 @@ def cancel(config_path: str | None, job_name: str | None, output: str | None) ->
 @click.option("-d", "--directory", default="opt-queue-demo", show_default=True,
               help="Where the demo writes its data, config and output.")
 @click.option("--rows", default=120, show_default=True, help="Rows of the demo dataset to process.")
+@click.option("--lane", type=click.Choice(["sync", "flex", "batch"]), default="sync", show_default=True,
+              help="The lane the demo's rows take (batch: the simulated Batch API).")
 @friendly
-def demo(directory: str, rows: int) -> None:
+def demo(directory: str, rows: int, lane: str) -> None:
     """Run the whole system against a built-in simulated API, offline, in under a minute."""
     from opt_queue.demo import run_demo
 
-    run_demo(Path(directory), rows, console, out)
+    run_demo(Path(directory), rows, console, out, lane)
 
 
 @main.command()

@@ -23,7 +23,7 @@ def demo_rows(limit: int) -> list[str]:
     return text.splitlines(keepends=True)[:limit]
 
 
-def run_demo(directory: Path, rows: int, console: Console, out: Console) -> None:
+def run_demo(directory: Path, rows: int, console: Console, out: Console, lane: str = "sync") -> None:
     """Serve the simulated API, write a dataset and a config, run the job, show the result."""
     from opt_queue.cli import _run_and_report
 
@@ -35,14 +35,16 @@ def run_demo(directory: Path, rows: int, console: Console, out: Console) -> None
         stale.unlink(missing_ok=True)
     keys = [SimKey(f"sk-demo-{i:02d}-not-a-real-key", rpm=DEMO_RPM, tpm=60000) for i in range(DEMO_KEYS)]
     keys.append(SimKey("sk-demo-spent-not-a-real-key", dead="quota"))  # shows a key being retired
-    sim = SimConfig(keys=keys, minute=DEMO_MINUTE, latency=0.2, latency_jitter=0.3, transient_rate=0.03)
+    sim = SimConfig(keys=keys, minute=DEMO_MINUTE, latency=0.2, latency_jitter=0.3, transient_rate=0.03,
+                    batch_delay=3.0)
     with SimServer(sim) as server:
         config_path = directory / "config.json"
         config = {"api_keys": [k.key for k in keys], "api_base": server.base_url,
                   "header_period": DEMO_MINUTE,  # no limits typed: read from the API's headers
                   "model": {"name": "gpt-3.5-turbo-0613", "temperature": 0.1,
                             "fallback": "gpt-3.5-turbo-16k-0613"},
-                  "backoff_base": 0.2, "concurrency": 16, "log_level": "WARNING"}
+                  "backoff_base": 0.2, "concurrency": 16, "log_level": "WARNING",
+                  "lane": lane, "batch_poll": 1, "prices": {"gpt-3.5-turbo-0613": {"input": 1.5, "output": 2.0}}}
         config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
         os.chmod(config_path, 0o600)
         cfg = load_config(config_path)
@@ -55,6 +57,8 @@ def run_demo(directory: Path, rows: int, console: Console, out: Console) -> None
         stats = server.stats()
     out.print(f"wall time {wall:.1f}s, {status.total / wall:.1f} rows/s end to end; the API saw "
               f"{stats['calls']} calls, {stats['rate_limited']} answered 429 (rate limit), "
-              f"{sum(stats['faults'].values())} injected server errors")
+              f"{sum(stats['faults'].values())} injected server errors"
+              + (f"; {stats['batch'].get('batches', 0)} batches of {stats['batch'].get('lines', 0)} rows "
+                 f"through its Batch API" if stats["batch"].get("batches") else ""))
     out.print(f"output: {output}\nerrors: {directory / 'output.errors.jsonl'}\n"
               f"try: opt-queue merge {data} {output} {directory / 'merged.json'}")

@@ -35,9 +35,14 @@ class ModelEstimate:
     cost_low: float | None = 0.0
     cost_expected: float | None = 0.0
     cost_high: float | None = 0.0
+    sync_low: float | None = 0.0
+    sync_high: float | None = 0.0
     flex_low: float | None = 0.0
     flex_high: float | None = 0.0
     """The same rows in the Flex lane (``service_tier: "flex"`` where the endpoint takes it)."""
+    batch_low: float | None = 0.0
+    batch_high: float | None = 0.0
+    """The same rows in the batch lane (the provider's Batch API, half price)."""
     eta_s: float | None = None
     binding: str | None = None
     keys: int = 0
@@ -76,8 +81,10 @@ class Estimate:
                 "prompt_tokens": self.total("prompt_tokens"), "output_tokens_cap": self.total("cap_tokens"),
                 "output_tokens_assumed": self.total("assumed_tokens"),
                 "cost_low": self.total("cost_low"), "cost_expected": self.total("cost_expected"),
-                "cost_high": self.total("cost_high"), "flex_cost_low": self.total("flex_low"),
-                "flex_cost_high": self.total("flex_high"), "eta_s": self.eta_s,
+                "cost_high": self.total("cost_high"), "sync_cost_low": self.total("sync_low"),
+                "sync_cost_high": self.total("sync_high"), "flex_cost_low": self.total("flex_low"),
+                "flex_cost_high": self.total("flex_high"), "batch_cost_low": self.total("batch_low"),
+                "batch_cost_high": self.total("batch_high"), "eta_s": self.eta_s,
                 "models": {name: vars(m) for name, m in self.models.items()}}
 
 
@@ -126,8 +133,10 @@ def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[
                                       "--output-tokens N states an average"))
     found: dict[str, Any] = {}
     for row in _rows(input_path, state, est):
-        body = request_body(row.url, row.body, config.model.name, config.model.params, config.lane)
+        sync = request_body(row.url, row.body, config.model.name, config.model.params)
         flex = request_body(row.url, row.body, config.model.name, config.model.params, "flex")
+        batch = {**sync, "service_tier": "batch"}  # priced as the Batch API bills it
+        body = {"flex": flex, "batch": batch}.get(config.lane, sync)
         model = body.get("model") or config.model.name
         prompt, cap = estimate_parts(body, row.url, typical=True)
         assumed = cap if output_tokens is None or not cap else min(cap, output_tokens * int(body.get("n") or 1))
@@ -140,7 +149,9 @@ def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[
         m.cap_tokens += cap
         m.assumed_tokens += assumed
         for name, completion, sent in (("cost_low", 0, body), ("cost_expected", assumed, body),
-                                       ("cost_high", cap, body), ("flex_low", 0, flex), ("flex_high", cap, flex)):
+                                       ("cost_high", cap, body), ("sync_low", 0, sync), ("sync_high", cap, sync),
+                                       ("flex_low", 0, flex), ("flex_high", cap, flex),
+                                       ("batch_low", 0, batch), ("batch_high", cap, batch)):
             cost = prices.cost(model, row.url, sent, prompt, completion)
             setattr(m, name, None if cost is None or getattr(m, name) is None else getattr(m, name) + cost)
     for model, m in est.models.items():
@@ -197,7 +208,11 @@ def describe(est: Estimate) -> list[str]:
                                                               if est.eta_s is not None else ""))
     if high is not None:
         eta = f"ETA {_duration(est.eta_s)}" if est.eta_s is not None else "ETA as above"
-        lines.append(f"lanes side by side: this run ({est.lane}) {money(low)} to {money(high)}, {eta}; "
-                     f"flex {money(est.total('flex_low'))} to {money(est.total('flex_high'))}, the same limits "
-                     f"with slower answers (--lane flex; a row Flex cannot take now goes at the standard tier)")
+        lines.append(f"lanes side by side (this run: {est.lane}):")
+        lines.append(f"  sync   {money(est.total('sync_low'))} to {money(est.total('sync_high'))}, {eta}")
+        lines.append(f"  flex   {money(est.total('flex_low'))} to {money(est.total('flex_high'))}, the same "
+                     f"limits with slower answers; a row Flex cannot take now goes at the standard tier")
+        lines.append(f"  batch  {money(est.total('batch_low'))} to {money(est.total('batch_high'))}, within the "
+                     f"provider's 24 h window (often much sooner), its own rate-limit pool; --deadline "
+                     f"sends what is not back in time synchronously")
     return lines

@@ -27,7 +27,18 @@ def job_status(client: redis.Redis, job_id: str) -> dict[str, Any]:
             "in_flight_or_queued": p.outstanding, "submitting": p.submitting,
             "prompt_tokens": p.prompt_tokens, "completion_tokens": p.completion_tokens, "spend": p.spend,
             "input": p.meta.get("input"), "output": p.meta.get("output"),
-            "model": p.meta.get("model"), "retired_keys": job.retired_keys()}
+            "model": p.meta.get("model"), "retired_keys": job.retired_keys(),
+            "lane": p.meta.get("lane") or "sync", "deadline_at": float(p.meta["deadline_at"])
+            if p.meta.get("deadline_at") else None, "batches": _batches(client, job_id)}
+
+
+def _batches(client: redis.Redis, job_id: str) -> list[dict[str, Any]]:
+    """The batch lane's chunks of a job: rows, the provider's batch and its status, the key."""
+    from opt_queue.batchlane import chunk_states
+
+    return [{"chunk": c, "rows": st.rows, "state": st.state, "batch": st.batch_id, "status": st.status,
+             "key": st.key, "attempt": st.attempt, "answered": st.answered, "nulls": st.nulls,
+             "moved_on": st.moved} for c, st in sorted(chunk_states(client, job_id).items(), key=lambda kv: int(kv[0]))]
 
 
 def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:

@@ -167,7 +167,18 @@ def status_tables(snap: dict[str, Any]) -> list[Table]:
             usage = ", ".join(f"{w['used']} {'req' if w['dim'] == 'req' else 'tok'}/{w['period']:g}s" for w in shown)
             ks.add_row(k["key"] if i == 0 else "", m["model"], limits, usage,
                        f"{m['cooldown_s']}s" if m["cooldown_s"] else "", *(counters if i == 0 else ("",) * 5))
-    return [jobs, ks]
+    tables = [jobs, ks]
+    chunks = [(j["job"], b) for j in snap["jobs"] for b in j.get("batches") or []]
+    if chunks:
+        bt = Table(title="batches (batch lane)")
+        for col in ("job", "chunk", "rows", "state", "provider batch", "status", "key", "answered", "null",
+                    "sent on"):
+            bt.add_column(col, no_wrap=col in ("job", "provider batch"))
+        for job, b in chunks:
+            bt.add_row(job, b["chunk"], str(b["rows"]), b["state"], b["batch"] or "", b["status"] or "",
+                       b["key"] or "", str(b["answered"]), str(b["nulls"]), str(b["moved_on"] or ""))
+        tables.append(bt)
+    return tables
 
 
 def _tokens_cell(spend: dict[str, Any]) -> str:

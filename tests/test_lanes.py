@@ -30,6 +30,10 @@ def test_the_flex_lane_pays_half_and_falls_back_to_the_standard_tier(
     workers(config, concurrency=8)
     estimate = json.loads(cli("estimate", str(data), "-c", str(config), "-o", str(out), "--json").stdout)
     assert estimate["flex_cost_high"] == pytest.approx(estimate["cost_high"] / 2)
+    assert estimate["batch_cost_high"] == pytest.approx(estimate["cost_high"] / 2)
+    in_batch = json.loads(cli("estimate", str(data), "-c", str(config), "-o", str(out), "--lane", "batch",
+                              "--json").stdout)
+    assert in_batch["lane"] == "batch" and in_batch["cost_high"] == pytest.approx(estimate["cost_high"] / 2)
     assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "flex",
                "--output-format", "batch").returncode == 0
     assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
@@ -101,8 +105,10 @@ def test_the_batch_lane_answers_every_row_once_at_half_price_over_several_batche
     paid_once(sim, 2000)
     expected = sum((v["usage"]["prompt_tokens"] * 100 + v["usage"]["completion_tokens"] * 200) / 1e6 * 0.5
                    for line in lines for v in line.values())
-    spend = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)["jobs"][0]["spend"]
-    assert spend["cost"] == pytest.approx(expected, rel=1e-6) and spend["calls"] == 2000
+    job = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)["jobs"][0]
+    assert job["spend"]["cost"] == pytest.approx(expected, rel=1e-6) and job["spend"]["calls"] == 2000
+    assert job["lane"] == "batch" and [b["state"] for b in job["batches"]] == ["done"] * 4
+    assert sum(b["answered"] for b in job["batches"]) == 2000
 
 
 @pytest.mark.slow
