@@ -181,3 +181,27 @@ def test_a_deadline_sends_the_leftovers_synchronously_in_time(
     assert stats["batches"] == 1 and stats.get("cancelled") == 1
     paid_once(sim, 40)  # the cancelled batch's answered rows kept, the rest sent synchronously
     assert sim.stats()["calls"] == 40 - stats.get("lines", 0)
+
+
+@pytest.mark.slow
+def test_cancel_cancels_the_batches_keeps_their_answers_and_a_rerun_finishes(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    sim.configure(batch_delay=8.0)
+    data = write_jsonl(tmp_path / "data.jsonl", rows(40))
+    out = tmp_path / "output.jsonl"
+    config = batch_config(tmp_path, sim, redis_url)
+    workers(config)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "batch").returncode == 0
+    wait_for(lambda: batch_stats(sim).get("batches", 0) == 1, timeout=30, what="the batch")
+    time.sleep(2)  # the batch answers a share of its rows meanwhile
+    cancelled = cli("cancel", "-c", str(config), "-o", str(out))
+    assert cancelled.returncode == 0 and "1 batches are being cancelled" in cancelled.stdout
+    assert cli("collect", "-c", str(config), "-o", str(out)).returncode != 0  # incomplete: rows unanswered
+    kept = read_jsonl(out) if out.exists() else []
+    assert batch_stats(sim)["cancelled"] == 1 and 0 < len(kept) < 40
+    assert all(v is not None for line in kept for v in line.values())  # unanswered, not null
+    sim.configure(batch_delay=0.5)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "batch").returncode == 0
+    assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
+    assert len(read_jsonl(out)) == 40 and all(v is not None for line in read_jsonl(out) for v in line.values())
+    paid_once(sim, 40)
