@@ -150,7 +150,8 @@ def _with_format(cfg: Config, output_format: str | None, lane: str | None = None
                                       "api_keys": cfg.api_keys, **update})
     except ValidationError as exc:
         error = exc.errors()[0]
-        raise ConfigError(f"--{'.'.join(str(p) for p in error['loc'])}: {error['msg']}") from None
+        where = ".".join(str(p) for p in error["loc"]) or next(iter(update))
+        raise ConfigError(f"--{where.replace('_', '-')}: {error['msg'].removeprefix('Value error, ')}") from None
 
 
 ENV_FILE = "OPT_QUEUE_ENV_FILE"
