@@ -144,3 +144,14 @@ def test_bad_limit_settings_name_the_field_and_the_fix(tmp_path: Path, data: dic
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, data), env={})
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_deadline_means_the_batch_lane_and_conflicts_are_refused_with_the_fix(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, {"api_keys": [SECRET], "deadline": "6h"}), env={})
+    assert cfg.lane == "batch" and cfg.deadline == 6 * 3600
+    with pytest.raises(ConfigError, match="a deadline is for the batch lane"):
+        load_config(write(tmp_path, {"api_keys": [SECRET], "deadline": "6h", "lane": "flex"}), env={})
+    with pytest.raises(ConfigError, match="the batch lane does not reserve budgets"):
+        load_config(write(tmp_path, {"api_keys": [SECRET], "lane": "batch", "max_cost": 5}), env={})
+    with pytest.raises(ConfigError, match="batch_max_lines"):
+        load_config(write(tmp_path, {"api_keys": [SECRET], "batch_max_lines": 60000}), env={})
