@@ -84,6 +84,12 @@ class Chunk:
     answered: int = 0
     nulls: int = 0
     moved: int = 0
+    polls: int = 0
+
+    def next_poll(self, most: float) -> float:
+        """Seconds to the next look at the batch: 1 s, growing by half each time, up to ``most``."""
+        self.polls += 1
+        return min(most, 1.5 ** (self.polls - 1))
 
     def dumps(self) -> str:
         return json.dumps(asdict(self))
@@ -164,12 +170,13 @@ def chunk_states(client: redis.Redis, job_id: str) -> dict[str, Chunk]:
     return {k.decode(): Chunk.loads(v) for k, v in client.hgetall(rkeys.job_batches(job_id)).items()}
 
 
-def cancel_batches(client: redis.Redis, job_id: str) -> int:
-    """Make every unfinished chunk of a (stopped) job due now: its worker cancels its batch, keeps
-    what it answered and leaves the rest unanswered. Return how many."""
+def wake(client: redis.Redis, job_id: str, now: bool = True) -> int:
+    """Make every unfinished chunk of a job due: now (``cancel``: its worker then cancels the batch
+    of a stopped job, keeps what it answered and leaves the rest unanswered), or, with ``now``
+    False, only those whose next step Redis lost (``submit`` does this). Return how many."""
     live = [c for c, st in chunk_states(client, job_id).items() if st.state != "done"]
     if live:
-        client.zadd(rkeys.BATCH_DUE, {f"{job_id}\n{c}": 0 for c in live})
+        client.zadd(rkeys.BATCH_DUE, {f"{job_id}\n{c}": 0 for c in live}, nx=not now)
     return len(live)
 
 
@@ -383,8 +390,9 @@ class BatchLane:
                 log.info("job %s: cancelling batch %s (%s)", job.id, batch.id,
                          "the deadline's cut-over" if late else "the job stopped")
                 await sdk.batches.cancel(batch.id)
+            delay = min(self.config.batch_poll, 2.0) if cancel else chunk.next_poll(self.config.batch_poll)
             await self._save(job.id, chunk_id, chunk)
-            return min(self.config.batch_poll, 2.0) if cancel else self.config.batch_poll
+            return delay
         found: list[dict[str, Any]] = []
         for file_id in (batch.output_file_id, batch.error_file_id):
             if file_id:

@@ -413,6 +413,16 @@ def status(config_path: str | None, job_name: str | None, output: str | None, as
         out.print(table)
 
 
+def _job(config_path: str | None, job_name: str | None, output: str | None, verb: str) -> tuple[Any, Any]:
+    """The broker and the job that ``--job`` or ``-o`` names (for reset and cancel)."""
+    from opt_queue.jobs import Job
+
+    if not (job_name or output):
+        raise ConfigError(f"say which job to {verb}: -o OUTPUT or --job ID")
+    client = connect(_broker(_config(config_path, require_keys=False)), check=True)
+    return client, Job(client, job_name or job_id_for(output))  # type: ignore[arg-type]
+
+
 @main.command()
 @config_option
 @click.option("--job", "job_name", help="The job's id or name.")
@@ -422,18 +432,18 @@ def status(config_path: str | None, job_name: str | None, output: str | None, as
 def reset(config_path: str | None, job_name: str | None, output: str | None, yes: bool) -> None:
     """Forget a job's state in Redis (done rows, claims, uncollected results); files stay as they are."""
     from opt_queue import keys
-    from opt_queue.jobs import Job
+    from opt_queue.batchlane import chunk_states
 
-    if not (job_name or output):
-        raise ConfigError("say which job to reset: -o OUTPUT or --job ID")
-    cfg = _config(config_path, require_keys=False)
-    client = connect(_broker(cfg), check=True)
-    job = Job(client, job_name or job_id_for(output))  # type: ignore[arg-type]
+    client, job = _job(config_path, job_name, output, "reset")
     if not job.exists():
         out.print(f"job {job.id} has no state in Redis; nothing to reset")
         return
     p = job.progress()
     uncollected = client.xlen(keys.job_results(job.id))
+    live = [c for c, st in chunk_states(client, job.id).items() if st.state not in ("done", "pending")]
+    if live:
+        out.print(f"{len(live)} batches of this job are at the provider: reset would leave them running (and "
+                  f"paid); run `opt-queue cancel` first and `collect` what they answered.")
     out.print(f"job [bold]{job.id}[/] ({p.status}): {p.total} rows, {p.reported} finished, "
               f"{p.outstanding} queued or in flight, {uncollected} finished but not collected.")
     out.print("reset drops its Redis state: the next submit sends every row the output file lacks or "
@@ -455,18 +465,13 @@ def reset(config_path: str | None, job_name: str | None, output: str | None, yes
 @friendly
 def cancel(config_path: str | None, job_name: str | None, output: str | None) -> None:
     """Stop a job everywhere: no new calls, the provider's batches cancelled (what they answered is kept)."""
-    from opt_queue.batchlane import cancel_batches
-    from opt_queue.jobs import Job
+    from opt_queue.batchlane import wake
 
-    if not (job_name or output):
-        raise ConfigError("say which job to cancel: -o OUTPUT or --job ID")
-    cfg = _config(config_path, require_keys=False)
-    client = connect(_broker(cfg), check=True)
-    job = Job(client, job_name or job_id_for(output))  # type: ignore[arg-type]
+    client, job = _job(config_path, job_name, output, "cancel")
     if not job.exists():
         raise ConfigError(f"job {job.id} has no state in Redis; nothing to cancel")
     job.stop("cancelled by the user; the unanswered rows stay unanswered: run the same command again to resume")
-    batches = cancel_batches(client, job.id)
+    batches = wake(client, job.id)
     out.print(f"job [bold]{job.id}[/] cancelled: workers send nothing more"
               + (f"; {batches} batches are being cancelled at the provider (rows they answered are kept: "
                  f"`opt-queue collect` writes them)" if batches else ""))

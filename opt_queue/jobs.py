@@ -350,7 +350,8 @@ class Job(_JobBase):
         """Forget the job entirely (``reset``, and in-memory jobs once their answers are returned).
 
         Task messages of the job still in the broker find no job and are dropped by the workers."""
-        self.client.delete(*keys.job_keys(self.id))
+        chunks = [keys.job_chunk(self.id, c.decode()) for c in self.client.hkeys(keys.job_batches(self.id))]
+        self.client.delete(*keys.job_keys(self.id), *chunks)
         self.client.srem(keys.JOBS, self.id)
 
     # -- keys -----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 import redis
 
 from opt_queue import formats
-from opt_queue.batchlane import ChunkWriter, cutover_at
+from opt_queue.batchlane import ChunkWriter, cutover_at, wake
 from opt_queue.broker import declare_queue, envelope, push
 from opt_queue.config import Config
 from opt_queue.dataset import InputSummary, Row, iter_input, output_format, read_output, validate_input
@@ -195,6 +195,7 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
     report = SubmitReport(job=job_id, total=total, bad_lines=bad_lines)
     writer = (ChunkWriter(client, job_id, config, task_options(config, output_format))
               if config.lane == "batch" else None)
+    wake(client, job_id, now=False)  # chunks of an earlier submit whose next step Redis lost
     done = 0
     declare_queue()
     try:

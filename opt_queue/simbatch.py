@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from opt_queue.config import fingerprint
 from opt_queue.request import ENDPOINTS
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ class SimBatches:
     def _org(self, request: web.Request) -> tuple[str | None, web.Response | None]:
         secret = (request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
                   or request.headers.get("api-key", "").strip())
+        self.api.calls_per_key[fingerprint(secret)] += 1
         k, refused = self.api.authorize(secret)
         return (None, refused) if k is None else (k.org or k.key, None)
 
@@ -198,7 +200,8 @@ class SimBatches:
         return web.json_response({"object": "list", "data": [b.public() for b in page],
                                   "has_more": len(mine) > limit, "last_id": page[-1].id if page else None})
 
-    async def retrieve(self, request: web.Request) -> web.Response:
+    def _batch(self, request: web.Request) -> _Batch | web.Response:
+        """The batch the request names, brought up to date, or the error the API answers."""
         org, refused = self._org(request)
         if refused is not None:
             return refused
@@ -206,16 +209,16 @@ class SimBatches:
         if batch is None or batch.org != org:
             return _error(404, f"No batch found with id '{request.match_info['id']}'.", 404)
         self._advance(batch)
-        return web.json_response(batch.public())
+        return batch
+
+    async def retrieve(self, request: web.Request) -> web.Response:
+        batch = self._batch(request)
+        return batch if isinstance(batch, web.Response) else web.json_response(batch.public())
 
     async def cancel(self, request: web.Request) -> web.Response:
-        org, refused = self._org(request)
-        if refused is not None:
-            return refused
-        batch = self.batches.get(request.match_info["id"])
-        if batch is None or batch.org != org:
-            return _error(404, f"No batch found with id '{request.match_info['id']}'.", 404)
-        self._advance(batch)
+        batch = self._batch(request)
+        if isinstance(batch, web.Response):
+            return batch
         if batch.status == "in_progress":
             batch.status, batch.cancelled_at = "cancelling", time.monotonic()
             self.counts["cancelled"] += 1

@@ -58,10 +58,11 @@ def write_config(path: Path, sim: SimServer, **fields: Any) -> Path:
     give limits per its shortened minute: the config says so (``header_period``)."""
     data: dict[str, Any] = {"api_keys": [TEST_KEY], "api_base": sim.base_url, "limits": {},
                             "header_period": sim.api.config.minute,
-                            "backoff_base": 0.05, "backoff_max": 0.5, "safety_margin": 0.1,
+                            "backoff_base": 0.05, "backoff_max": 0.5, "safety_margin": 0.3,
                             # the tests' windows are 1-4 s: 1% of them (the default share) is less
-                            # than a loaded CI machine's send jitter; the cap applies instead
-                            "safety_fraction": 0.1,
+                            # than the send jitter of a CI machine running two tests at once (the
+                            # suite runs on two processes); a 0.3 s cap applies instead
+                            "safety_fraction": 0.3,
                             "log_level": "INFO"}
     data.update(fields)
     path.write_text(json.dumps(data), encoding="utf-8")

@@ -12,6 +12,7 @@ import redis
 from conftest import TEST_KEY, write_config, write_jsonl
 
 from opt_queue import keys
+from opt_queue.app import configure
 from opt_queue.batchlane import BatchLane, Chunk, ChunkWriter, chunk_states
 from opt_queue.client import ApiClients
 from opt_queue.config import load_config
@@ -56,6 +57,7 @@ def test_a_crash_between_creating_a_batch_and_recording_it_creates_no_second_bat
                                       model={"name": "gpt-4o-mini", "max_tokens": 10}))
     data = write_jsonl(tmp_path / "data.jsonl", [{"index": str(i), "messages": [{"role": "user", "content": f"q{i}"}]}
                                                  for i in range(5)])
+    configure(redis_url)
     submit(rclient, "job-b", data, tmp_path / "out.jsonl", config)
     [(chunk_id, chunk)] = chunk_states(rclient, "job-b").items()
     # What a worker does before it dies: the state says "creating", then the batch is created at

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,7 +11,8 @@ from pathlib import Path
 import redis
 from conftest import cli, read_jsonl, seed_rows, write_config, write_jsonl
 
-from opt_queue.broker import messages
+from opt_queue import keys
+from opt_queue.broker import _rows_of
 from opt_queue.simapi import SimServer
 
 
@@ -24,12 +26,15 @@ def peak_rows(redis_url: str) -> Iterator[dict[str, int]]:
     def watch() -> None:
         probe = redis.Redis.from_url(redis_url)
         while not done.is_set():
-            queued = unacked = 0
-            for tag, _job, rows in messages(probe):
-                if tag is None:
-                    queued += len(rows)
-                else:
-                    unacked += len(rows)
+            # one atomic read of both: a message moving from the queue to "unacked" between two
+            # reads would be counted twice
+            pipe = probe.pipeline(transaction=True)
+            pipe.lrange(keys.QUEUE, 0, -1)
+            pipe.hgetall(keys.UNACKED)
+            waiting, delivered = pipe.execute()
+            queued = sum(len(found[1]) for found in map(_rows_of, map(json.loads, waiting)) if found)
+            unacked = sum(len(found[1]) for found in (_rows_of(json.loads(raw)[0]) for raw in delivered.values())
+                          if found)
             peak["queued"] = max(peak["queued"], queued)
             peak["in_redis"] = max(peak["in_redis"], queued + unacked)
             done.wait(0.005)

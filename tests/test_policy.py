@@ -25,7 +25,7 @@ def test_fleet_of_three_workers_never_exceeds_any_key_limit(tmp_path: Path, sim:
     sim.configure(keys=keys, minute=2.0, latency=0.05, latency_jitter=0.1)
     data = write_jsonl(tmp_path / "data.jsonl", seed_rows(180))
     config = write_config(tmp_path / "config.json", sim, api_keys=[k.key for k in keys], broker_url=redis_url,
-                          limits={"requests": ["6/2s"], "tokens": ["2500/2s"]}, safety_margin=0.2,
+                          limits={"requests": ["6/2s"], "tokens": ["2500/2s"]},
                           concurrency=8)
     out = tmp_path / "output.jsonl"
 
@@ -93,7 +93,7 @@ def test_server_limits_lower_than_configured_are_learned(tmp_path: Path, sim: Si
     sim.configure(keys=keys, minute=1.0)
     data = write_jsonl(tmp_path / "data.jsonl", seed_rows(24))
     config = write_config(tmp_path / "config.json", sim, api_keys=[k.key for k in keys], broker_url=redis_url,
-                          limits={"requests": ["20/1s"]}, header_period="1s", safety_margin=0.1)
+                          limits={"requests": ["20/1s"]}, header_period="1s")
     out = tmp_path / "output.jsonl"
 
     result = cli("run", str(data), "-c", str(config), "-o", str(out), timeout=120)

@@ -83,3 +83,32 @@ def test_known_keys_never_leave_the_config(tmp_path: Path, sim: SimServer, redis
     revoked = fingerprint(REVOKED)  # the dead key is named, by its fingerprint, in both places
     assert f"key {revoked} retired" in worker_log.read_text()
     assert revoked in json.loads(status.stdout)["jobs"][0]["retired_keys"]
+
+
+def test_the_batch_lane_keeps_keys_out_of_redis_files_metadata_and_logs(
+        tmp_path: Path, sim: SimServer, redis_url: str, rclient: redis.Redis) -> None:
+    sim.configure(keys=[SimKey(GOOD), SimKey(REVOKED, dead="invalid")], batch_delay=0.5)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(30))
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, api_keys=[REVOKED, GOOD], broker_url=redis_url,
+                          log_level="DEBUG", lane="batch", batch_max_lines=10, batch_poll=0.5)
+    submitted = cli("submit", str(data), "-c", str(config), "-o", str(out))
+    assert submitted.returncode == 0
+    chunks = dump_redis(rclient)  # the batch files waiting in Redis
+    assert "Translate to English" in chunks
+    worker_log = tmp_path / "worker.log"
+    workers = LocalWorkers(redis_url, str(config), concurrency=4, loglevel="DEBUG", log_file=worker_log).start()
+    try:
+        collected = cli("collect", "-c", str(config), "-o", str(out))
+    finally:
+        workers.stop()
+    assert collected.returncode == 0, collected.stderr
+    uploaded = b"".join(sim.api.batches.files.values()).decode()
+    metadata = repr([b.metadata for b in sim.api.batches.batches.values()])
+    everything = "\n".join([submitted.stdout, submitted.stderr, chunks, collected.stdout, collected.stderr,
+                            worker_log.read_text(errors="replace"), dump_redis(rclient), uploaded, metadata,
+                            cli("status", "-c", str(config), "--json").stdout, out.read_text(encoding="utf-8")])
+    for secret in (GOOD, REVOKED):
+        assert secret not in everything and secret[8:24] not in everything
+    # found dead by its first upload (uploads are free), then retired: at most one try per file
+    assert 1 <= sim.stats()["calls_per_key"].get(fingerprint(REVOKED), 0) <= 3
