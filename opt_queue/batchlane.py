@@ -293,7 +293,8 @@ class BatchLane:
         return next((k for k in self.keys if k.fingerprint == fingerprint), None)
 
     def _sdk(self, key: ApiKey) -> openai.AsyncOpenAI:
-        return self.api.client(key, max(self.config.request_timeout, UPLOAD_TIMEOUT))
+        """The key's client (the engine's, kept open); uploads and downloads pass a longer timeout."""
+        return self.api.client(key, self.config.request_timeout)
 
     async def _pick(self, job: AsyncJob, chunk: Chunk) -> ApiKey | None | bool:
         """The key with the most room for the chunk; None while every key is full; False when no
@@ -330,7 +331,8 @@ class BatchLane:
         data = await self.client.get(rkeys.job_chunk(job.id, chunk_id))
         sdk = self._sdk(key)
         try:
-            uploaded = await sdk.files.create(file=(f"{job.id}-{chunk_id}.jsonl", data or b""), purpose="batch")
+            uploaded = await sdk.files.create(file=(f"{job.id}-{chunk_id}.jsonl", data or b""), purpose="batch",
+                                              timeout=UPLOAD_TIMEOUT)
             created = await sdk.batches.create(
                 input_file_id=uploaded.id, endpoint=chunk.url, completion_window="24h",  # type: ignore[arg-type]
                 metadata={"opt_queue_job": job.id, "opt_queue_chunk": chunk_id, "opt_queue_tag": chunk.tag})
@@ -396,7 +398,7 @@ class BatchLane:
         found: list[dict[str, Any]] = []
         for file_id in (batch.output_file_id, batch.error_file_id):
             if file_id:
-                content = await sdk.files.content(file_id)
+                content = await sdk.files.content(file_id, timeout=UPLOAD_TIMEOUT)
                 found += [json.loads(line) for line in content.text.splitlines() if line.strip()]
         await self._finish(job, chunk_id, chunk, found, await self._lines(job.id, chunk_id), late=late)
         return None
@@ -483,7 +485,8 @@ class BatchLane:
         chunk.nulls += sum(1 for r in results if r.answer is None)
         finished = {r.index for r in results}
         left = [index for index in lines if index not in finished]
-        if left and not late and chunk.attempt + 1 >= self.config.batch_attempts:
+        status = (await job.meta_fields("status"))[0]
+        if left and not late and status != STOPPED and chunk.attempt + 1 >= self.config.batch_attempts:
             # the rows met batch_attempts batches that ended without them: null, with the last reason
             reasons = {str(e.get("custom_id")): e.get("error") or {} for e in found}
             given_up = [RowResult(index=i, answer=None, key=chunk.key, model=chunk.model, attempts=chunk.attempt + 1,
@@ -494,7 +497,6 @@ class BatchLane:
             await self._publish(job, chunk, given_up, {})
             chunk.nulls += len(given_up)
             left = []
-        status = (await job.meta_fields("status"))[0]
         pipe = self.client.pipeline(transaction=True)
         if lines:
             pipe.srem(rkeys.job_in_batch(job.id), *lines)

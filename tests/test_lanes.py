@@ -194,7 +194,7 @@ def test_cancel_cancels_the_batches_keeps_their_answers_and_a_rerun_finishes(
     sim.configure(batch_delay=8.0)
     data = write_jsonl(tmp_path / "data.jsonl", rows(40))
     out = tmp_path / "output.jsonl"
-    config = batch_config(tmp_path, sim, redis_url)
+    config = batch_config(tmp_path, sim, redis_url, batch_attempts=1)  # a cancel is not a failed attempt
     workers(config)
     assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "batch").returncode == 0
     wait_for(lambda: batch_stats(sim).get("batches", 0) == 1, timeout=30, what="the batch")
