@@ -503,9 +503,14 @@ def demo(directory: str, rows: int, lane: str) -> None:
 @click.option("--errors", "error_rate", default=0.0, show_default=True,
               help="Share of requests answered with a 5xx (0 to 1).")
 @click.option("--no-headers", is_flag=True, help="Send no x-ratelimit-* headers (like vLLM or a proxy).")
+@click.option("--batch-delay", default=10.0, show_default=True,
+              help="Seconds a Batch API batch takes from its creation to its completion.")
+@click.option("--batch-enqueued-tokens", type=int, default=0, show_default=True,
+              help="Enqueued-token limit per organization and model of the Batch API (0: none).")
 @friendly
 def sim(host: str, port: int, keys: tuple[str, ...], rpm: int | None, tpm: int | None, rpd: int | None,
-        minute: float, latency: float, error_rate: float, no_headers: bool) -> None:
+        minute: float, latency: float, error_rate: float, no_headers: bool, batch_delay: float,
+        batch_enqueued_tokens: int) -> None:
     """Serve the simulated OpenAI-compatible API (every Batch endpoint) until Ctrl-C, to try
     opt-queue without paying: set api_base to the URL it prints."""
     import time
@@ -514,7 +519,8 @@ def sim(host: str, port: int, keys: tuple[str, ...], rpm: int | None, tpm: int |
 
     secrets = keys or ("sk-sim-key",)
     config = SimConfig(keys=[SimKey(k, rpm=rpm, tpm=tpm, rpd=rpd) for k in secrets], minute=minute,
-                       latency=latency, transient_rate=error_rate, send_headers=not no_headers)
+                       latency=latency, transient_rate=error_rate, send_headers=not no_headers,
+                       batch_delay=batch_delay, batch_enqueued_tokens=batch_enqueued_tokens)
     try:
         server = SimServer(config, port=port, hosts=(host,)).start()
     except OSError as exc:
