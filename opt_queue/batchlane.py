@@ -48,7 +48,7 @@ from opt_queue import keys as rkeys
 from opt_queue.broker import envelope
 from opt_queue.config import ApiKey, Config
 from opt_queue.jobs import STOPPED, AsyncJob, RowResult
-from opt_queue.prices import Prices, Usage
+from opt_queue.prices import Prices, Usage, nano
 from opt_queue.request import CHAT_URL
 from opt_queue.scripts import queue, run_pipeline, scripts_for
 from opt_queue.tokens import estimate_parts
@@ -62,6 +62,8 @@ STEPS_AT_ONCE = 8
 PUBLISH_GROUP = 500
 ENQUEUED_LIMIT = re.compile(r"Limit:\s*([\d,]+)\s*enqueued tokens", re.I)
 UPLOAD_TIMEOUT = 600.0
+SPLIT = -1.0
+"""What :meth:`BatchLane._reserve` says of a chunk it split into smaller ones."""
 
 
 @dataclass
@@ -85,6 +87,9 @@ class Chunk:
     nulls: int = 0
     moved: int = 0
     polls: int = 0
+    reserved_nano: int = 0
+    reserved_tokens: int = 0
+    """The job budget's share this chunk's batch holds while it runs (its worst case)."""
 
     def next_poll(self, most: float) -> float:
         """Seconds to the next look at the batch: 1 s, growing by half each time, up to ``most``."""
@@ -326,9 +331,12 @@ class BatchLane:
             log.info("job %s: chunk %s waits for room under the enqueued-token limits", job.id, chunk_id)
             return self.config.batch_poll
         assert isinstance(key, ApiKey)
+        data = await self.client.get(rkeys.job_chunk(job.id, chunk_id))
+        room = await self._reserve(job, chunk_id, chunk, data or b"")
+        if room is not None:
+            return None if room == SPLIT else room
         chunk.state, chunk.key, chunk.tag = "creating", key.fingerprint, uuid.uuid4().hex[:12]
         await self._save(job.id, chunk_id, chunk)  # before the call: a crash after it is found again
-        data = await self.client.get(rkeys.job_chunk(job.id, chunk_id))
         sdk = self._sdk(key)
         try:
             uploaded = await sdk.files.create(file=(f"{job.id}-{chunk_id}.jsonl", data or b""), purpose="batch",
@@ -339,7 +347,10 @@ class BatchLane:
         except Exception as exc:
             failure = api.classify(exc)
             chunk.state = "pending"
-            await self._save(job.id, chunk_id, chunk)
+            pipe = self.client.pipeline(transaction=True)
+            self._unreserve(pipe, job, chunk)
+            pipe.hset(rkeys.job_batches(job.id), chunk_id, chunk.dumps())
+            await pipe.execute()
             if failure.kind is api.Kind.KEY_DEAD:
                 await job.retire_key(key.fingerprint, f"{failure.status} {failure.reason}: "
                                                       f"{api.redact(failure.message, self._secrets)}")
@@ -351,6 +362,44 @@ class BatchLane:
         log.info("job %s: chunk %s (%d rows, ~%d prompt tokens) is batch %s on key %s", job.id, chunk_id,
                  chunk.rows, chunk.tokens, created.id, key.fingerprint)
         return await self._submitted(job, chunk_id, chunk, created.id, uploaded.id, created.status)
+
+    async def _reserve(self, job: AsyncJob, chunk_id: str, chunk: Chunk, data: bytes) -> float | None:
+        """Hold the batch's worst case (every prompt's estimate and every answer at its cap, at
+        the batch price) in the job's budget, in one atomic step (``lua/reserve.lua``), the way
+        the synchronous lane's admission does. None when it is held (or there is no budget); else
+        the seconds until the chunk's next step: it waits while other calls hold the budget, a
+        chunk too large for what is left is halved (:data:`SPLIT`: this chunk is done), and a
+        single row that cannot fit with nothing else in flight stops the job (budget reached)."""
+        if chunk.reserved_nano or chunk.reserved_tokens:
+            return None  # held already (a step that failed after it)
+        budget = await job.meta_fields("max_cost_nano", "max_tokens_total")
+        if not any(int(v or 0) for v in budget):
+            return None
+        cost, tokens = 0.0, 0
+        for line in data.decode().splitlines():
+            if line.strip():
+                body = json.loads(line)["body"]
+                prompt, cap = estimate_parts(body, chunk.url)
+                cost += self.prices.cost(chunk.model, chunk.url, {**body, "service_tier": "batch"}, prompt, cap) or 0.0
+                tokens += prompt + cap
+        got = int(await self._scripts.reserve(keys=[job.meta_key], args=[nano(cost), tokens]))
+        if got == 1:
+            chunk.reserved_nano, chunk.reserved_tokens = nano(cost), tokens
+            return None
+        if got == 0:
+            return self.config.batch_poll
+        if chunk.rows > 1:
+            await self._split(job, chunk_id, chunk, parts=2)
+            return SPLIT
+        await job.stop_for_budget()
+        return 0.0
+
+    def _unreserve(self, pipe: Any, job: AsyncJob, chunk: Chunk) -> None:
+        """Queue on ``pipe`` the end of the chunk's budget reservation (its real cost is counted)."""
+        if chunk.reserved_nano or chunk.reserved_tokens:
+            pipe.hincrby(job.meta_key, "reserved_nano", -chunk.reserved_nano)
+            pipe.hincrby(job.meta_key, "reserved_tokens", -chunk.reserved_tokens)
+            chunk.reserved_nano = chunk.reserved_tokens = 0
 
     async def _submitted(self, job: AsyncJob, chunk_id: str, chunk: Chunk, batch_id: str, file_id: str,
                          status: str | None = None) -> float:
@@ -407,7 +456,12 @@ class BatchLane:
         errors = list(getattr(batch.errors, "data", None) or [])
         code = getattr(errors[0], "code", None) if errors else None
         message = getattr(errors[0], "message", None) if errors else "the batch failed"
-        await self.client.hincrby(rkeys.batch_enqueued(chunk.key or "", chunk.model), "tokens", -chunk.tokens)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hincrby(rkeys.batch_enqueued(chunk.key or "", chunk.model), "tokens", -chunk.tokens)
+        self._unreserve(pipe, job, chunk)  # nothing was billed; the next try reserves again
+        pipe.hset(rkeys.job_batches(job.id), chunk_id, chunk.dumps())
+        await pipe.execute()
+        chunk.state = "failed"  # its enqueued tokens are given back: _finish must not do it again
         if code == "token_limit_exceeded":
             match = ENQUEUED_LIMIT.search(message or "")
             if match:
@@ -433,21 +487,27 @@ class BatchLane:
         await self._save(job.id, chunk_id, chunk)
         return self.config.batch_poll
 
-    async def _split(self, job: AsyncJob, chunk_id: str, chunk: Chunk, limit: int) -> None:
-        """A chunk above its key's enqueued-token limit: new chunks of at most 90% of it each."""
+    async def _split(self, job: AsyncJob, chunk_id: str, chunk: Chunk, limit: int = 0, parts: int = 0) -> None:
+        """A chunk above its key's enqueued-token ``limit`` (new chunks of at most 90% of it each),
+        or too large for what is left of the budget (``parts`` equal new chunks)."""
         lines = await self._lines(job.id, chunk_id)
-        parts: list[list[tuple[str, dict[str, Any]]]] = [[]]
-        used = 0
-        for index, line in lines.items():
-            tokens = estimate_parts(line["body"], chunk.url)[0]
-            if parts[-1] and used + tokens > limit * 0.9:
-                parts.append([])
-                used = 0
-            parts[-1].append((index, line))
-            used += tokens
+        if parts:
+            size = -(-len(lines) // parts)
+            items = list(lines.items())
+            pieces = [items[i:i + size] for i in range(0, len(items), size)]
+        else:
+            pieces = [[]]
+            used = 0
+            for index, line in lines.items():
+                tokens = estimate_parts(line["body"], chunk.url)[0]
+                if pieces[-1] and used + tokens > limit * 0.9:
+                    pieces.append([])
+                    used = 0
+                pieces[-1].append((index, line))
+                used += tokens
         pipe = self.client.pipeline(transaction=True)
         pipe.srem(rkeys.job_in_batch(job.id), *lines)
-        for part in parts:
+        for part in pieces:
             new_id = str(await self.client.hincrby(job.meta_key, "chunks", 1))
             tokens = sum(estimate_parts(line["body"], chunk.url)[0] for _i, line in part)
             store_chunk(pipe, job.id, new_id, Chunk(chunk.url, chunk.model, len(part), tokens, chunk.options,
@@ -455,8 +515,9 @@ class BatchLane:
                         [json.dumps(line, ensure_ascii=False) for _i, line in part], [i for i, _l in part])
         self._done(pipe, job.id, chunk_id, chunk)
         await pipe.execute()
-        log.info("job %s: chunk %s was above the enqueued-token limit %d: split into %d", job.id, chunk_id,
-                 limit, len(parts))
+        log.info("job %s: chunk %s was %s: split into %d", job.id, chunk_id,
+                 f"above the enqueued-token limit {limit}" if limit else "too large for the budget left",
+                 len(pieces))
 
     def _done(self, pipe: Any, job_id: str, chunk_id: str, chunk: Chunk) -> None:
         chunk.state = "done"
@@ -502,6 +563,7 @@ class BatchLane:
             pipe.srem(rkeys.job_in_batch(job.id), *lines)
         if chunk.state == "submitted":
             pipe.hincrby(rkeys.batch_enqueued(chunk.key or "", chunk.model), "tokens", -chunk.tokens)
+        self._unreserve(pipe, job, chunk)  # the real cost was added by _publish
         if left and status == STOPPED:
             for index in left:
                 queue(pipe, self._scripts.release, **job._release_call(index))

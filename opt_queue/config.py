@@ -345,10 +345,6 @@ class Config(BaseModel):
                 raise ValueError(f"deadline: a deadline is for the batch lane (its leftovers go synchronously "
                                  f"at the cut-over); remove it or set lane \"batch\", not {self.lane!r}")
             self.lane = "batch"
-        if self.lane == "batch" and (self.max_cost is not None or self.max_tokens_total is not None):
-            raise ValueError("max_cost: the batch lane does not reserve budgets yet (a batch is billed as a "
-                             "whole, after the fact); remove max_cost/max_tokens_total, or use the sync or "
-                             "flex lane, whose budgets the whole fleet obeys")
         return self
 
     @field_validator("model", mode="before")

@@ -36,7 +36,7 @@ from opt_queue.broker import DONE, HELD, Leases, split_row
 from opt_queue.config import Config
 from opt_queue.jobs import STOPPED, AsyncJob, RowResult
 from opt_queue.limiter import AsyncKeyPool, Budget, BudgetReached, Lease, Never, Wait
-from opt_queue.prices import Prices, Usage, dollars, money, nano
+from opt_queue.prices import Prices, Usage, nano
 from opt_queue.request import CHAT_URL, ask_again, request_hash
 from opt_queue.scripts import run_pipeline
 from opt_queue.tokens import estimate_parts, estimator
@@ -274,7 +274,7 @@ class Engine:
                     return DROPPED
                 return None if status == STOPPED else DUPLICATE
             if isinstance(lease, BudgetReached):
-                await self._stop_budget(row.job)
+                await row.job.stop_for_budget()
                 return None
             if lease is None and row.too_large_for:
                 return self._null(row, "request_too_large",
@@ -538,19 +538,6 @@ class Engine:
         if cached is None or now - cached[0] >= RETIRED_CACHE_SECONDS:
             cached = self._retired[job.id] = (now, await job.retired_keys())
         return set(cached[1])
-
-    async def _stop_budget(self, job: AsyncJob) -> None:
-        """The next request would cross the job's budget with none in flight: stop the job. Its
-        unanswered rows stay unanswered; a submit with a higher budget resumes it."""
-        meta = await job.meta_fields("max_cost_nano", "spent_nano", "max_tokens_total", "spent_tokens")
-        max_cost, spent, max_tokens, spent_tokens = (int(v or 0) for v in meta)
-        if max_cost and (not max_tokens or spent / max_cost >= spent_tokens / max_tokens):
-            reason = f"budget reached: {money(dollars(spent))} of {money(dollars(max_cost))} (max_cost)"
-        else:
-            reason = f"budget reached: {spent_tokens} of {max_tokens} tokens (max_tokens_total)"
-        reason += "; the unanswered rows stay unanswered: raise the budget and run the same command again"
-        if await job.stop(reason):
-            log.warning("job %s stopped: %s", job.id, reason)
 
     async def _stop_no_keys(self, job: AsyncJob, model: str) -> None:
         retired = await job.retired_keys()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -21,9 +22,10 @@ from typing import Any
 import redis
 
 from opt_queue import keys
-from opt_queue.prices import dollars
+from opt_queue.prices import dollars, money
 from opt_queue.scripts import queue, scripts_for
 
+log = logging.getLogger(__name__)
 RUNNING, STOPPED, COMPLETE = "running", "stopped", "complete"
 
 
@@ -399,6 +401,19 @@ class AsyncJob(_JobBase):
         pipe.hset(self.meta_key, mapping={"status": STOPPED, "reason": reason})
         before, _ = await pipe.execute()
         return before != STOPPED.encode()
+
+    async def stop_for_budget(self) -> None:
+        """The next request (or batch) would cross the job's budget with nothing in flight: stop
+        the job. Its unanswered rows stay unanswered; a submit with a higher budget resumes it."""
+        meta = await self.meta_fields("max_cost_nano", "spent_nano", "max_tokens_total", "spent_tokens")
+        max_cost, spent, max_tokens, spent_tokens = (int(v or 0) for v in meta)
+        if max_cost and (not max_tokens or spent / max_cost >= spent_tokens / max_tokens):
+            reason = f"budget reached: {money(dollars(spent))} of {money(dollars(max_cost))} (max_cost)"
+        else:
+            reason = f"budget reached: {spent_tokens} of {max_tokens} tokens (max_tokens_total)"
+        reason += "; the unanswered rows stay unanswered: raise the budget and run the same command again"
+        if await self.stop(reason):
+            log.warning("job %s stopped: %s", self.id, reason)
 
     async def meta_fields(self, *names: str) -> list[str | None]:
         return [v.decode() if v is not None else None for v in await self.client.hmget(self.meta_key, names)]

@@ -13,7 +13,7 @@ from redis.exceptions import NoScriptError
 
 _ROW_SCRIPTS = ("claim", "publish", "release", "collected", "lease", "orphans", "dedupe")
 """Scripts on a job's row state: ``lua/_rows.lua`` (its helpers) is put in front of each."""
-_NAMES = (*_ROW_SCRIPTS, "renew", "acquire", "stamp", "cancel", "settle", "learn", "due")
+_NAMES = (*_ROW_SCRIPTS, "renew", "acquire", "stamp", "cancel", "settle", "learn", "due", "reserve")
 
 
 def _read(name: str) -> str:
@@ -47,6 +47,7 @@ class Scripts:
     settle: Script
     learn: Script
     due: Script
+    reserve: Script
 
 
 _by_client: dict[int, Scripts] = {}

@@ -151,7 +151,5 @@ def test_a_deadline_means_the_batch_lane_and_conflicts_are_refused_with_the_fix(
     assert cfg.lane == "batch" and cfg.deadline == 6 * 3600
     with pytest.raises(ConfigError, match="a deadline is for the batch lane"):
         load_config(write(tmp_path, {"api_keys": [SECRET], "deadline": "6h", "lane": "flex"}), env={})
-    with pytest.raises(ConfigError, match="the batch lane does not reserve budgets"):
-        load_config(write(tmp_path, {"api_keys": [SECRET], "lane": "batch", "max_cost": 5}), env={})
     with pytest.raises(ConfigError, match="batch_max_lines"):
         load_config(write(tmp_path, {"api_keys": [SECRET], "batch_max_lines": 60000}), env={})

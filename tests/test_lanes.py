@@ -210,3 +210,31 @@ def test_cancel_cancels_the_batches_keeps_their_answers_and_a_rerun_finishes(
     assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
     assert len(read_jsonl(out)) == 40 and all(v is not None for line in read_jsonl(out) for v in line.values())
     paid_once(sim, 40)
+
+
+@pytest.mark.slow
+def test_a_budget_holds_in_the_batch_lane_and_a_higher_one_finishes(
+        tmp_path: Path, sim: SimServer, redis_url: str, rclient, workers) -> None:  # type: ignore[no-untyped-def]
+    from opt_queue.jobs import Job, job_id_for
+    from opt_queue.prices import dollars
+
+    sim.configure(batch_delay=0.5)
+    data = write_jsonl(tmp_path / "data.jsonl", rows(24))
+    out = tmp_path / "output.jsonl"
+    estimate = json.loads(cli("estimate", str(data), "-c", str(batch_config(tmp_path, sim, redis_url)), "-o",
+                              str(out), "--lane", "batch", "--json").stdout)
+    budget = round(estimate["batch_cost_high"] / 2, 6)  # half the job at its worst case
+    config = batch_config(tmp_path, sim, redis_url, lane="batch", max_cost=budget)
+    workers(config)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    stopped = cli("collect", "-c", str(config), "-o", str(out))
+    assert stopped.returncode == 4 and "budget reached: $" in stopped.stderr, stopped.stderr
+    meta = Job(rclient, job_id_for(out)).meta()
+    assert 0 < dollars(meta["spent_nano"]) <= budget and int(meta["reserved_nano"]) == 0
+    kept = read_jsonl(out)
+    assert 12 <= len(kept) < 24 and all(v is not None for line in kept for v in line.values())  # unanswered, not null
+    config = batch_config(tmp_path, sim, redis_url, lane="batch", max_cost=budget * 4)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
+    assert len(read_jsonl(out)) == 24 and all(v is not None for line in read_jsonl(out) for v in line.values())
+    paid_once(sim, 24)
