@@ -83,6 +83,17 @@ def paid_once(sim: SimServer, n: int) -> None:
     assert len(counts) == n and set(counts.values()) == {1}, counts
 
 
+def submit_and_collect(data: Path, config: Path, out: Path, *submit_args: str) -> list:  # type: ignore[type-arg]
+    """Submit, collect to the end, and return the output's lines, every one of them an answer."""
+    submitted = cli("submit", str(data), "-c", str(config), "-o", str(out), *submit_args)
+    assert submitted.returncode == 0, submitted.stderr
+    collected = cli("collect", "-c", str(config), "-o", str(out), timeout=180)
+    assert collected.returncode == 0, collected.stderr
+    lines = read_jsonl(out)
+    assert all(v is not None for line in lines for v in line.values())
+    return lines
+
+
 @pytest.mark.slow
 def test_the_batch_lane_answers_every_row_once_at_half_price_over_several_batches(
         tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
@@ -138,9 +149,7 @@ def test_an_expired_batch_keeps_its_answers_and_sends_the_rest_again(
     out = tmp_path / "output.jsonl"
     config = batch_config(tmp_path, sim, redis_url, batch_attempts=10)
     workers(config)
-    assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "batch").returncode == 0
-    assert cli("collect", "-c", str(config), "-o", str(out), timeout=180).returncode == 0
-    assert all(v is not None for line in read_jsonl(out) for v in line.values())
+    submit_and_collect(data, config, out, "--lane", "batch")
     stats = batch_stats(sim)
     assert stats["batches"] == 5 and stats["lines"] == 16  # 16 -> 8 left -> 4 -> 2 -> 1: each answers half
     paid_once(sim, 16)
@@ -158,9 +167,7 @@ def test_batches_wait_their_turn_under_the_enqueued_token_limit(
     out = tmp_path / "output.jsonl"
     config = batch_config(tmp_path, sim, redis_url, batch_max_lines=25, api_keys=[TEST_KEY, other])
     workers(config)
-    assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "batch").returncode == 0
-    assert cli("collect", "-c", str(config), "-o", str(out), timeout=180).returncode == 0
-    assert all(v is not None for line in read_jsonl(out) for v in line.values())
+    submit_and_collect(data, config, out, "--lane", "batch")
     assert batch_stats(sim).get("failed", 0) >= 1  # the limit was met, and waited out
     job = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)["jobs"][0]
     assert len({b["key"] for b in job["batches"] if b["answered"]}) == 2  # spread over both keys
@@ -206,9 +213,7 @@ def test_cancel_cancels_the_batches_keeps_their_answers_and_a_rerun_finishes(
     assert batch_stats(sim)["cancelled"] == 1 and 0 < len(kept) < 40
     assert all(v is not None for line in kept for v in line.values())  # unanswered, not null
     sim.configure(batch_delay=0.5)
-    assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "batch").returncode == 0
-    assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
-    assert len(read_jsonl(out)) == 40 and all(v is not None for line in read_jsonl(out) for v in line.values())
+    assert len(submit_and_collect(data, config, out, "--lane", "batch")) == 40
     paid_once(sim, 40)
 
 
@@ -234,7 +239,5 @@ def test_a_budget_holds_in_the_batch_lane_and_a_higher_one_finishes(
     kept = read_jsonl(out)
     assert 12 <= len(kept) < 24 and all(v is not None for line in kept for v in line.values())  # unanswered, not null
     config = batch_config(tmp_path, sim, redis_url, lane="batch", max_cost=budget * 4)
-    assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
-    assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
-    assert len(read_jsonl(out)) == 24 and all(v is not None for line in read_jsonl(out) for v in line.values())
+    assert len(submit_and_collect(data, config, out)) == 24
     paid_once(sim, 24)
