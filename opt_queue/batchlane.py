@@ -308,10 +308,11 @@ class BatchLane:
         usable = [k for k in self.keys if k.serves(chunk.model) and k.fingerprint not in retired]
         if not usable:
             return False
-        best, room = None, None
+        pipe = self.client.pipeline(transaction=False)  # one round trip, whatever the number of keys
         for key in usable:
-            enqueued, learned = await self.client.hmget(rkeys.batch_enqueued(key.fingerprint, chunk.model),
-                                                        ["tokens", "limit"])
+            pipe.hmget(rkeys.batch_enqueued(key.fingerprint, chunk.model), ["tokens", "limit"])
+        best, room = None, None
+        for key, (enqueued, learned) in zip(usable, await pipe.execute()):
             enqueued = int(enqueued or 0)
             limit = self.config.batch_token_limit or (int(learned) if learned else None)
             left = float("inf") if limit is None else limit - enqueued
@@ -404,11 +405,12 @@ class BatchLane:
     async def _submitted(self, job: AsyncJob, chunk_id: str, chunk: Chunk, batch_id: str, file_id: str,
                          status: str | None = None) -> float:
         chunk.state, chunk.batch_id, chunk.file_id, chunk.status = "submitted", batch_id, file_id, status
+        delay = chunk.next_poll(self.config.batch_poll)
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(rkeys.job_batches(job.id), chunk_id, chunk.dumps())
         pipe.hincrby(rkeys.batch_enqueued(chunk.key or "", chunk.model), "tokens", chunk.tokens)
         await pipe.execute()
-        return self.config.batch_poll
+        return delay
 
     async def _find(self, chunk: Chunk, job_id: str, chunk_id: str) -> Any:
         """The provider's batch created for this attempt of the chunk, if the create call went
