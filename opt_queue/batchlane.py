@@ -164,10 +164,13 @@ class ChunkWriter:
         self.chunks += 1
 
 
-def cutover_at(deadline: float, now: float, reserve: float = 0.25) -> float:
+def cutover_at(deadline: float, now: float, sync_seconds: float | None = None, reserve: float = 0.25) -> float:
     """When the batch lane hands its leftovers to the synchronous lane: with the last ``reserve``
-    of the time to the deadline left for them."""
-    return now + deadline * (1.0 - reserve)
+    of the time to the deadline left for them, or more when the keys' known limits say that
+    sending every row synchronously takes longer (``sync_seconds``, with a quarter more for
+    safety); never before ``now`` (then every row goes synchronously at once)."""
+    left = max(deadline * reserve, 1.25 * sync_seconds if sync_seconds else 0.0)
+    return max(now, now + deadline - left)
 
 
 def chunk_states(client: redis.Redis, job_id: str) -> dict[str, Chunk]:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ from opt_queue import __version__
 from opt_queue.collector import Collector, CollectStatus, errors_path
 from opt_queue.config import ENV_OVERRIDES, Config, load_config
 from opt_queue.errors import ConfigError, OptQueueError
-from opt_queue.jobs import job_id_for
+from opt_queue.jobs import Job, job_id_for
 from opt_queue.redis_conn import connect, redact_url
 from opt_queue.ui import Display, print_summary
 
@@ -125,8 +126,9 @@ def lane_option(fn: Any) -> Any:
     """``--lane`` and ``--deadline``."""
     fn = click.option(
         "--deadline", default=None, metavar="DURATION",
-        help="Finish by then (6h, 90min, 2d): the batch lane first, and at three quarters of the time "
-             "the rows not answered yet go through the synchronous lane. Implies --lane batch.")(fn)
+        help="Finish by then (6h, 90min, 2d): the batch lane first, and at the cut-over (the last quarter "
+             "of the time, or what the keys' configured limits need) the rows not answered yet go through "
+             "the synchronous lane. Implies --lane batch.")(fn)
     return click.option(
         "--lane", type=click.Choice(["sync", "flex", "batch"]), default=None,
         help="sync: standard synchronous calls; flex: service_tier flex (half price, slower; a row Flex "
@@ -209,6 +211,12 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
         report = do_submit(client, job, input_path, output, cfg, skip_bad=skip_bad_lines,
                            on_progress=display.submitted, on_wait=display.waiting, validated=validated)
     out.print(f"job [bold]{job}[/]: {report.describe()}")
+    if cfg.deadline:
+        cut = float(Job(client, job).meta().get("cutover_at") or 0)
+        sync = (f"; sending them synchronously takes about {report.sync_seconds:.0f}s at the keys' configured "
+                f"limits" if report.sync_seconds else "")
+        out.print(f"deadline in {cfg.deadline:.0f}s: the batch lane until {time.strftime('%H:%M:%S', time.localtime(cut))}, "
+                  f"then the rows not answered yet go synchronously{sync}")
     if report.input_changed:
         console.print(f"{input_path} changed since the job's last submit; rows are matched by index")
     if report.uncollected:
@@ -415,8 +423,6 @@ def status(config_path: str | None, job_name: str | None, output: str | None, as
 
 def _job(config_path: str | None, job_name: str | None, output: str | None, verb: str) -> tuple[Any, Any]:
     """The broker and the job that ``--job`` or ``-o`` names (for reset and cancel)."""
-    from opt_queue.jobs import Job
-
     if not (job_name or output):
         raise ConfigError(f"say which job to {verb}: -o OUTPUT or --job ID")
     client = connect(_broker(_config(config_path, require_keys=False)), check=True)

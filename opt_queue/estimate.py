@@ -107,6 +107,14 @@ def _rates(config: Config, model: str) -> tuple[int, dict[str, float]]:
     return len(buckets), summed
 
 
+def sync_seconds(config: Config, model: str, rows: int, tokens: int) -> float | None:
+    """How long ``rows`` requests of ``tokens`` in all take at the configured limits of the keys
+    serving ``model`` (the binding limit's time); None when no key says its limits."""
+    m = ModelEstimate(rows=rows, prompt_tokens=tokens)
+    _eta(m, *_rates(config, model))
+    return m.eta_s
+
+
 def _limit_name(dim: str, period: float) -> str:
     unit = {60.0: "min", 86400.0: "day", 1.0: "s", 3600.0: "h"}.get(period, f"{period:g}s")
     return ("RP" if dim == "requests" else "TP") + ({"min": "M", "day": "D", "s": "S", "h": "H"}.get(unit, f"/{unit}"))

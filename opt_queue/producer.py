@@ -21,7 +21,9 @@ from opt_queue.dataset import InputSummary, Row, iter_input, output_format, read
 from opt_queue.errors import JobStopped, OutputError
 from opt_queue.jobs import STOPPED, Job
 from opt_queue.prices import nano
+from opt_queue.estimate import sync_seconds
 from opt_queue.request import CHAT_URL, request_body, request_hash
+from opt_queue.tokens import estimate_tokens
 
 log = logging.getLogger(__name__)
 BATCH = 1000
@@ -48,6 +50,8 @@ class SubmitReport:
     input_changed: bool = False
     chunks: int = 0
     """Batch lane: the Batch API input files the rows were written into."""
+    sync_seconds: float | None = None
+    """Deadline: how long the rows would take synchronously at the keys' configured limits."""
 
     @property
     def skipped(self) -> int:
@@ -192,6 +196,7 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
                      max_cost_nano=nano(config.max_cost), max_tokens_total=config.max_tokens_total or 0,
                      lane=config.lane, deadline_at=now + config.deadline if config.deadline else "",
                      cutover_at=cutover_at(config.deadline, now) if config.deadline else "", **meta)
+    needed = [0, 0]  # deadline: rows and tokens the batch lane takes, to size the synchronous reserve
     report = SubmitReport(job=job_id, total=total, bad_lines=bad_lines)
     writer = (ChunkWriter(client, job_id, config, task_options(config, output_format))
               if config.lane == "batch" else None)
@@ -221,7 +226,11 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
             try:
                 if writer is not None:
                     for r in fresh:
-                        writer.add(*task_row(r, config, url=True))
+                        index, body, url = task_row(r, config, url=True)
+                        writer.add(index, body, url)
+                        if config.deadline:
+                            needed[0] += 1
+                            needed[1] += estimate_tokens(body, url)
                 else:
                     push(client, envelopes(job_id, fresh, config, output_format))
                 report.enqueued += len(fresh)
@@ -238,6 +247,9 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
                 _release_quietly(job, writer.held())
                 raise
             report.chunks = writer.chunks
+        if config.deadline:
+            report.sync_seconds = sync_seconds(config, config.model.name, *needed)
+            job.client.hset(job.meta_key, "cutover_at", cutover_at(config.deadline, now, report.sync_seconds))
     finally:
         job.end_submit()
     log.info("job %s: %d rows enqueued, %d already answered, %d already queued, %d awaiting collection",
