@@ -209,7 +209,8 @@ def describe(est: Estimate) -> list[str]:
         else:
             more = (f"one more key like these: {_duration(m.eta_s * m.keys / (m.keys + 1))}; twice the keys: "
                     f"{_duration(m.eta_s / 2)}") if m.eta_s else ""
-            lines.append(f"  ETA {_duration(m.eta_s or 0)} on {m.keys} key(s), bound by {m.binding}; {more}")
+            what = "synchronous ETA (the batch lane's is the provider's)" if est.lane == "batch" else "ETA"
+            lines.append(f"  {what} {_duration(m.eta_s or 0)} on {m.keys} key(s), bound by {m.binding}; {more}")
     high, low = est.total("cost_high"), est.total("cost_low")
     if len(est.models) > 1:
         lines.append(f"total: {money(low)} to {money(high)}" + (f", ETA {_duration(est.eta_s)}"
