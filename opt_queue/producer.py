@@ -19,9 +19,9 @@ from opt_queue.broker import declare_queue, envelope, push
 from opt_queue.config import Config
 from opt_queue.dataset import InputSummary, Row, iter_input, output_format, read_output, validate_input
 from opt_queue.errors import JobStopped, OutputError
+from opt_queue.estimate import sync_seconds
 from opt_queue.jobs import STOPPED, Job
 from opt_queue.prices import nano
-from opt_queue.estimate import sync_seconds
 from opt_queue.request import CHAT_URL, request_body, request_hash
 from opt_queue.tokens import estimate_tokens
 
@@ -59,7 +59,8 @@ class SubmitReport:
 
     def describe(self) -> str:
         """One line for the user."""
-        text = (f"enqueued {self.enqueued} rows{f' in {self.chunks} batch files' if self.chunks else ''}, skipped {self.skipped} ({self.answered} already "
+        files = f" in {self.chunks} batch files" if self.chunks else ""
+        text = (f"enqueued {self.enqueued} rows{files}, skipped {self.skipped} ({self.answered} already "
                 f"answered, {self.queued} already queued")
         if self.uncollected:
             text += f", {self.uncollected} finished and waiting for collect"
@@ -235,7 +236,7 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
                     push(client, envelopes(job_id, fresh, config, output_format))
                 report.enqueued += len(fresh)
             except BaseException:  # Ctrl-C or Redis gone between claim and push: give the rows back
-                _release_quietly(job, [r.index for r in fresh] + (writer.held() if writer else []))
+                _release_quietly(job, sorted({r.index for r in fresh} | set(writer.held() if writer else ())))
                 raise
             done += len(batch)
             if on_progress:
