@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -135,18 +138,47 @@ def wait_for(predicate: Any, timeout: float = 60, interval: float = 0.1, what: s
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # a process killed with SIGABRT prints its threads' stacks
+WORKER_READY_SECONDS = 45.0
+
+
+def _watch_start(w: LocalWorkers, log: Path, stop: threading.Event, started: list[LocalWorkers]) -> None:
+    """Once seen in a full suite run: a worker process that printed its first line and never
+    reached Celery's start. If a worker is not ready in WORKER_READY_SECONDS, its threads' stacks go
+    to its log (SIGABRT with faulthandler on), a warning says so, and a new worker takes its place,
+    so that the record stays and the test goes on."""
+    if stop.wait(WORKER_READY_SECONDS):
+        return
+    text = log.read_text(errors="replace") if log.exists() else ""
+    ready = {int(n) for n in re.findall(r"local(\d+)-\d+@\S+ ready\.", text)}
+    stuck = [p for i, p in enumerate(w.procs) if i not in ready and p.poll() is None]
+    if not stuck or stop.is_set():
+        return
+    for p in stuck:
+        os.kill(p.pid, signal.SIGABRT)
+    time.sleep(1)
+    warnings.warn(f"{len(stuck)} worker(s) not ready after {WORKER_READY_SECONDS:.0f}s; their stacks, from {log}:\n"
+                  + log.read_text(errors="replace")[-6000:])
+    started.append(LocalWorkers(w.broker_url, w.config_path, processes=len(stuck), concurrency=w.concurrency,
+                                loglevel=w.loglevel, log_file=log.with_suffix(".again.log")).start())
+
+
 @pytest.fixture
 def workers(redis_url: str, tmp_path: Path) -> Iterator[Any]:
     """Factory: start real worker processes against the test Redis; all are stopped at the end."""
     started: list[LocalWorkers] = []
+    stop = threading.Event()
 
     def start(config_path: Path, processes: int = 1, concurrency: int = 8) -> LocalWorkers:
+        log = tmp_path / f"worker{len(started)}.log"
         w = LocalWorkers(redis_url, str(config_path), processes=processes, concurrency=concurrency,
-                         loglevel="INFO", log_file=tmp_path / "worker.log").start()
+                         loglevel="INFO", log_file=log).start()
         started.append(w)
+        threading.Thread(target=_watch_start, args=(w, log, stop, started), daemon=True).start()
         return w
 
     yield start
+    stop.set()
     for w in started:
         w.stop(timeout=5)
 
