@@ -142,14 +142,15 @@ os.environ.setdefault("PYTHONFAULTHANDLER", "1")  # a process killed with SIGABR
 WORKER_READY_SECONDS = 45.0
 
 
-def _watch_start(w: LocalWorkers, log: Path, stop: threading.Event, started: list[LocalWorkers]) -> None:
+def _watch_start(w: LocalWorkers, log: Path, offset: int, stop: threading.Event,
+                 started: list[LocalWorkers]) -> None:
     """Once seen in a full suite run: a worker process that printed its first line and never
     reached Celery's start. If a worker is not ready in WORKER_READY_SECONDS, its threads' stacks go
     to its log (SIGABRT with faulthandler on), a warning says so, and a new worker takes its place,
     so that the record stays and the test goes on."""
     if stop.wait(WORKER_READY_SECONDS):
         return
-    text = log.read_text(errors="replace") if log.exists() else ""
+    text = log.read_bytes()[offset:].decode(errors="replace") if log.exists() else ""
     ready = {int(n) for n in re.findall(r"local(\d+)-\d+@\S+ ready\.", text)}
     stuck = [p for i, p in enumerate(w.procs) if i not in ready and p.poll() is None]
     if not stuck or stop.is_set():
@@ -170,11 +171,12 @@ def workers(redis_url: str, tmp_path: Path) -> Iterator[Any]:
     stop = threading.Event()
 
     def start(config_path: Path, processes: int = 1, concurrency: int = 8) -> LocalWorkers:
-        log = tmp_path / f"worker{len(started)}.log"
+        log = tmp_path / "worker.log"
+        offset = log.stat().st_size if log.exists() else 0  # what this start writes comes after
         w = LocalWorkers(redis_url, str(config_path), processes=processes, concurrency=concurrency,
                          loglevel="INFO", log_file=log).start()
         started.append(w)
-        threading.Thread(target=_watch_start, args=(w, log, stop, started), daemon=True).start()
+        threading.Thread(target=_watch_start, args=(w, log, offset, stop, started), daemon=True).start()
         return w
 
     yield start
