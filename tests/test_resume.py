@@ -77,5 +77,8 @@ def test_killed_run_resumes_from_its_private_redis(tmp_path: Path, sim: SimServe
     per_prompt = sim.stats()["per_prompt"]
     rows = {r.index: prompt_key(r.body["messages"]) for r in iter_input(data)}
     assert all(per_prompt[rows[i]] == 1 for i in on_disk)
-    assert sum(n - 1 for n in per_prompt.values()) <= 4  # the rows in flight at the kill (concurrency)
+    twice = sorted((i for i, key in rows.items() if per_prompt[key] > 1), key=int)
+    # the rows in flight at the kill (concurrency); the message names them for the record (5 were
+    # seen once in a parallel suite run, not reproduced in six runs under a CPU burner)
+    assert sum(n - 1 for n in per_prompt.values()) <= 4, f"paid twice: {twice}; {len(on_disk)} rows were on disk"
     assert Counter(per_prompt.values()).keys() <= {1, 2}
