@@ -208,6 +208,28 @@ def schema_of(url: str, body: dict[str, Any]) -> tuple[str, dict[str, Any] | Non
     return None
 
 
+LENGTH_WARNING = "the answer was cut at the token limit (finish_reason: length); raise max_tokens"
+"""The warning kept with an answer whose ``finish_reason`` is ``length``."""
+
+
+def warning(reply: Reply) -> str | None:
+    """What deserves a look in an answer that is kept (see :data:`LENGTH_WARNING`)."""
+    return LENGTH_WARNING if reply.finish_reason == "length" else None
+
+
+def structured(url: str, body: dict[str, Any], reply: Reply) -> tuple[Any, str | None, bool]:
+    """``(parsed JSON, problem, final)`` when the request ``body`` asks for JSON (a schema or a
+    JSON object), else ``(None, None, False)``. An answer that is a tool call is not checked;
+    ``final``: the schema itself is broken, so asking again cannot help."""
+    wanted = schema_of(url, body)
+    if wanted is None or reply.text is None or reply.tool_calls:
+        return None, None, False
+    try:
+        return (*check(reply.text, *wanted), False)
+    except ValueError as exc:
+        return None, str(exc), True
+
+
 def check(text: str, kind: str, schema: dict[str, Any] | None) -> tuple[Any, str | None]:
     """``(parsed JSON, None)`` when ``text`` is JSON matching ``schema``, else ``(None, why not)``.
     Raises ValueError when the schema itself is not valid (asking again cannot help)."""

@@ -627,22 +627,12 @@ class BatchLane:
         usage = Usage(reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens, reply.reasoning_tokens, cost)
         spent = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                  "cached_tokens": reply.cached_tokens, "reasoning_tokens": reply.reasoning_tokens, "cost": cost}
-        parsed, problem = None, None
-        wanted = answers.schema_of(chunk.url, request)
-        if wanted is not None and reply.text is not None and not reply.tool_calls:
-            try:
-                parsed, problem = answers.check(reply.text, *wanted)
-            except ValueError as exc:
-                problem = str(exc)
-        if problem is not None:
+        parsed, problem, _final = answers.structured(chunk.url, request, reply)
+        if problem is not None:  # a batch cannot ask again: the row is null with the reason
             return RowResult(answer=None, error_type="schema_invalid", error=problem, **common, **spent), usage
-        output = chunk.options.get("output", formats.SEED)
-        detail = (reply.full(parsed) if output == formats.FULL else
-                  {"status_code": 200, "request_id": response.get("request_id"), "body": body}
-                  if output == formats.BATCH else None)
-        warning = ("the answer was cut at the token limit (finish_reason: length); raise max_tokens"
-                   if reply.finish_reason == "length" else None)
-        return RowResult(answer=reply.value, warning=warning, detail=detail, **common, **spent), usage
+        detail = formats.detail(chunk.options.get("output", formats.SEED), reply, parsed,
+                                response.get("request_id"), body)
+        return RowResult(answer=reply.value, warning=answers.warning(reply), detail=detail, **common, **spent), usage
 
     async def _publish(self, job: AsyncJob, chunk: Chunk, results: list[RowResult],
                        usages: dict[str, Usage]) -> int:

@@ -399,7 +399,7 @@ class Engine:
         row.to_settle = (lease, used, usage)
         metrics.observe_call(lease.key.fingerprint, row.body["model"], "200", usage)
         row.server_limits = api.server_limits(answer.headers)
-        parsed, problem, final = self._structured(row, reply)
+        parsed, problem, final = answers.structured(row.url, row.body, reply)
         if problem is not None and not final and row.asked_again < self.config.schema_retries:
             # Ask again with what was wrong; this call is paid and settled now, not with the result.
             await self.pool.settle(lease, used, usage)
@@ -419,56 +419,29 @@ class Engine:
         if problem is not None:
             return RowResult(answer=None, error_type="schema_invalid", error=problem,
                              attempts=row.attempts + row.asked_again + 1, **common)
-        warning = None
-        if reply.finish_reason == "length":
-            warning = "the answer was cut at the token limit (finish_reason: length); raise max_tokens"
         if row.cache_key is not None:
             row.cache_entry = json.dumps({"body": answer.body, "request_id": answer.request_id, "cost": usage.cost,
                                           "model": row.body["model"]}, ensure_ascii=False)
-        return RowResult(answer=reply.value, attempts=row.attempts + row.asked_again + 1, warning=warning,
-                         detail=self._detail(row, reply, parsed, answer.request_id, answer.body), **common)
-
-    @staticmethod
-    def _detail(row: _Row, reply: answers.Reply, parsed: Any, request_id: str | None,
-                body: dict[str, Any]) -> dict[str, Any] | None:
-        """What the job's output format needs beyond the answer."""
-        if row.output == formats.FULL:
-            return reply.full(parsed)
-        if row.output == formats.BATCH:
-            return {"status_code": 200, "request_id": request_id, "body": body}
-        return None
+        return RowResult(answer=reply.value, attempts=row.attempts + row.asked_again + 1,
+                         warning=answers.warning(reply),
+                         detail=formats.detail(row.output, reply, parsed, answer.request_id, answer.body), **common)
 
     def _from_cache(self, row: _Row, kept: dict[str, Any]) -> RowResult:
         """The row's result from the response cache: the answer a job got to the same request."""
         reply = answers.read(row.url, kept["body"])
-        parsed, _problem, _final = self._structured(row, reply)
+        parsed, _problem, _final = answers.structured(row.url, row.body, reply)
         row.from_cache, row.saved = True, kept.get("cost") or 0.0
-        detail = self._detail(row, reply, parsed, kept.get("request_id"), kept["body"])
+        detail = formats.detail(row.output, reply, parsed, kept.get("request_id"), kept["body"])
         if detail is not None and row.output == formats.FULL:
             detail["from_cache"] = True
-        warning = ("the answer was cut at the token limit (finish_reason: length); raise max_tokens"
-                   if reply.finish_reason == "length" else None)
-        return RowResult(index=row.index, answer=reply.value, model=kept.get("model"), warning=warning,
-                         detail=detail, cost=0.0)
+        return RowResult(index=row.index, answer=reply.value, model=kept.get("model"),
+                         warning=answers.warning(reply), detail=detail, cost=0.0)
 
     def _usage(self, row: _Row, reply: answers.Reply) -> Usage:
         """What a call used and cost, from its response's usage."""
         return Usage(reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens, reply.reasoning_tokens,
                      self.prices.cost(row.body["model"], row.url, row.body, reply.prompt_tokens,
                                       reply.completion_tokens, reply.cached_tokens))
-
-    @staticmethod
-    def _structured(row: _Row, reply: answers.Reply) -> tuple[Any, str | None, bool]:
-        """``(parsed JSON, problem, final)`` when the request asks for JSON (a schema or a JSON
-        object), else ``(None, None, False)``. An answer that is a tool call is not checked;
-        ``final``: the schema itself is broken, so asking again cannot help."""
-        wanted = answers.schema_of(row.url, row.body)
-        if wanted is None or reply.text is None or reply.tool_calls:
-            return None, None, False
-        try:
-            return (*answers.check(reply.text, *wanted), False)
-        except ValueError as exc:
-            return None, str(exc), True
 
     async def _on_failure(self, row: _Row, lease: Lease, f: api.Failure) -> RowResult | None:
         fp = lease.key.fingerprint

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from opt_queue.request import BATCH as BATCH_INPUT
 
 if TYPE_CHECKING:
+    from opt_queue.answers import Reply
     from opt_queue.jobs import RowResult
 
 SEED, FULL, BATCH, AUTO = "seed", "full", "batch", "auto"
@@ -35,6 +36,16 @@ def resolve(requested: str | None, input_format: str) -> str:
     if requested and requested != AUTO:
         return requested
     return BATCH if input_format == BATCH_INPUT else SEED
+
+
+def detail(fmt: str, reply: Reply, parsed: Any, request_id: str | None, body: dict[str, Any]) -> dict[str, Any] | None:
+    """What a row's result carries beyond its answer for output format ``fmt``: the ``full``
+    object, the Batch API's ``response`` (status, request id, the whole body), nothing for ``seed``."""
+    if fmt == FULL:
+        return reply.full(parsed)
+    if fmt == BATCH:
+        return {"status_code": 200, "request_id": request_id, "body": body}
+    return None
 
 
 def batch_id(index: str) -> str:
