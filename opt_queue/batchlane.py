@@ -622,9 +622,8 @@ class BatchLane:
         except answers.AnswerError as exc:
             failure = api.classify(exc)
             return RowResult(answer=None, error_type=failure.reason, error=failure.message, **common), None
-        cost = self.prices.cost(model, chunk.url, {**request, "service_tier": "batch"}, reply.prompt_tokens,
-                                reply.completion_tokens, reply.cached_tokens)
-        usage = Usage(reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens, reply.reasoning_tokens, cost)
+        usage = self.prices.usage(model, chunk.url, {**request, "service_tier": "batch"}, reply)
+        cost = usage.cost
         spent = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                  "cached_tokens": reply.cached_tokens, "reasoning_tokens": reply.reasoning_tokens, "cost": cost}
         parsed, problem, _final = answers.structured(chunk.url, request, reply)

@@ -439,9 +439,7 @@ class Engine:
 
     def _usage(self, row: _Row, reply: answers.Reply) -> Usage:
         """What a call used and cost, from its response's usage."""
-        return Usage(reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens, reply.reasoning_tokens,
-                     self.prices.cost(row.body["model"], row.url, row.body, reply.prompt_tokens,
-                                      reply.completion_tokens, reply.cached_tokens))
+        return self.prices.usage(row.body["model"], row.url, row.body, reply)
 
     async def _on_failure(self, row: _Row, lease: Lease, f: api.Failure) -> RowResult | None:
         fp = lease.key.fingerprint

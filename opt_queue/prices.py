@@ -103,6 +103,13 @@ class Prices:
         return price.cost(prompt, completion, cached, DISCOUNTED_TIERS.get(str(body.get("service_tier")), 1.0))
 
 
+    def usage(self, model: str, url: str, body: dict[str, Any], reply: Any) -> Usage:
+        """What one answered call used and cost, from the usage its response reports (``reply``:
+        an ``answers.Reply``); ``body`` names its tier (``service_tier``)."""
+        return Usage(reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens, reply.reasoning_tokens,
+                     self.cost(model, url, body, reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens))
+
+
 def nano(dollars: float | None) -> int:
     """Dollars as integer nano-dollars (rounded up: a budget errs on the safe side)."""
     if not dollars:
