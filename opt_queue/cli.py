@@ -211,12 +211,12 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
         report = do_submit(client, job, input_path, output, cfg, skip_bad=skip_bad_lines,
                            on_progress=display.submitted, on_wait=display.waiting, validated=validated)
     out.print(f"job [bold]{job}[/]: {report.describe()}")
-    if cfg.deadline:
-        cut = float(Job(client, job).meta().get("cutover_at") or 0)
+    if report.cutover_at is not None:
+        cut = time.strftime("%H:%M:%S", time.localtime(report.cutover_at))
         sync = (f"; sending them synchronously takes about {report.sync_seconds:.0f}s at the keys' configured "
                 f"limits" if report.sync_seconds else "")
-        out.print(f"deadline in {cfg.deadline:.0f}s: the batch lane until {time.strftime('%H:%M:%S', time.localtime(cut))}, "
-                  f"then the rows not answered yet go synchronously{sync}")
+        out.print(f"deadline in {cfg.deadline:.0f}s: the batch lane until {cut}, then the rows not answered "
+                  f"yet go synchronously{sync}")
     if report.input_changed:
         console.print(f"{input_path} changed since the job's last submit; rows are matched by index")
     if report.uncollected:

@@ -52,6 +52,8 @@ class SubmitReport:
     """Batch lane: the Batch API input files the rows were written into."""
     sync_seconds: float | None = None
     """Deadline: how long the rows would take synchronously at the keys' configured limits."""
+    cutover_at: float | None = None
+    """Deadline: when the batch lane hands what is not back to the synchronous lane (epoch s)."""
 
     @property
     def skipped(self) -> int:
@@ -250,7 +252,8 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
             report.chunks = writer.chunks
         if config.deadline:
             report.sync_seconds = sync_seconds(config, config.model.name, *needed)
-            job.client.hset(job.meta_key, "cutover_at", cutover_at(config.deadline, now, report.sync_seconds))
+            report.cutover_at = cutover_at(config.deadline, now, report.sync_seconds)
+            job.client.hset(job.meta_key, "cutover_at", report.cutover_at)
     finally:
         job.end_submit()
     log.info("job %s: %d rows enqueued, %d already answered, %d already queued, %d awaiting collection",
