@@ -7,10 +7,13 @@ while the work runs, from the first task (or API request) to the last, so start-
   rows       opt-queue, one task per row (the default), through the openai SDK
   rows16     opt-queue, 16 rows per task, through the SDK
   aiohttp16  opt-queue, 16 rows per task, direct aiohttp calls
+  sdk_call   the API call alone as the engine makes it through the SDK, 64 in flight on one
+             event loop (no Celery, no Redis): what the SDK costs the worker per row
+  aiohttp_call  the same call over aiohttp directly
 The simulated API answers at once with no limit, in this process (it takes CPU too: the noop
 figure does not pay for it, so the ratio is a lower bound of what the engine keeps).
 
-Run:  python bench/tasks.py [--rows 5000] [--only noop,rows,rows16,aiohttp16] [--set JSON]
+Each figure also gives the worker process's CPU time per task (user + system, between the same\ntwo moments): on a shared machine it moves less than the rates do.\n\nRun:  python bench/tasks.py [--rows 5000] [--only noop,rows,rows16,aiohttp16] [--repeat 3] [--set JSON]
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,22 +55,31 @@ def noop(job, rows, options=None):
 '''
 
 
-def wait_drained(client: redis.Redis, queue: str, total: int, timeout: float = 900) -> tuple[float, float]:
-    """Poll until ``queue`` and kombu's unacked hash are empty; return (first taken, all done)."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_drained(client: redis.Redis, queue: str, total: int, pid: int,
+                 timeout: float = 900) -> tuple[float, float, float]:
+    """Poll until ``queue`` and kombu's unacked hash are empty; return (first taken, all done,
+    the worker process's CPU seconds in between)."""
     first = None
+    cpu0 = 0.0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         left, unacked = client.llen(queue), client.hlen(keys.UNACKED)
         now = time.monotonic()
         if first is None and left < total:
-            first = now
+            first, cpu0 = now, cpu_seconds(pid)
         if first is not None and left == 0 and unacked == 0:
-            return first, now
+            return first, now, cpu_seconds(pid) - cpu0
         time.sleep(0.005)
     raise SystemExit(f"{queue} did not drain in {timeout}s")
 
 
-def bench_noop(d: Path, url: str, rows: int, threads: int) -> float:
+def bench_noop(d: Path, url: str, rows: int, threads: int) -> tuple[float, float]:
     (d / "noop_app.py").write_text(NOOP_APP)
     env = dict(os.environ, OPT_QUEUE_BROKER_URL=url, PYTHONPATH=f"{d}:{os.environ.get('PYTHONPATH', '')}")
     client = redis.Redis.from_url(url)
@@ -83,14 +96,14 @@ def bench_noop(d: Path, url: str, rows: int, threads: int) -> float:
                                "--without-mingle", "--without-gossip"], env=env, cwd=d,
                               stdout=subprocess.DEVNULL, stderr=open(d / "noop.log", "wb"))
     try:
-        first, last = wait_drained(client, "noop", rows)
+        first, last, cpu = wait_drained(client, "noop", rows, worker.pid)
     finally:
         worker.terminate()
         worker.wait(30)
-    return rows / (last - first)
+    return rows / (last - first), cpu * 1000 / rows
 
 
-def bench_rows(d: Path, url: str, rows: int, settings: dict) -> float:
+def bench_rows(d: Path, url: str, rows: int, settings: dict) -> tuple[float, float]:
     client = redis.Redis.from_url(url)
     client.flushall()
     with SimServer(SimConfig(keys=[SimKey(KEY)])) as sim:
@@ -108,42 +121,91 @@ def bench_rows(d: Path, url: str, rows: int, settings: dict) -> float:
         worker = subprocess.Popen([sys.executable, "-m", "opt_queue", "worker", "-c", str(config), "--no-events"],
                                   stdout=subprocess.DEVNULL, stderr=open(d / "worker.log", "ab"))
         try:
-            wait_drained(client, keys.QUEUE, rows)
+            _first, _last, cpu = wait_drained(client, keys.QUEUE, rows, worker.pid)
         finally:
             worker.terminate()
             worker.wait(60)
         stats = sim.stats()
         assert stats["answered"] == rows, stats
-    return rows / (stats["last_answer"] - stats["first_call"])
+    return rows / (stats["last_answer"] - stats["first_call"]), cpu * 1000 / rows
+
+
+def bench_calls(kind: str, calls: int, in_flight: int = 64) -> tuple[float, float]:
+    """The API call alone, as the engine makes it (``client.ApiClients.call``, ``kind`` "openai":
+    through the SDK; "aiohttp": direct): (calls/s, CPU ms per call of the thread that runs the
+    event loop). The simulated API runs in another thread, so its CPU is not counted."""
+    import asyncio
+
+    from opt_queue.client import ApiClients
+    from opt_queue.config import load_config
+
+    with SimServer(SimConfig(keys=[SimKey(KEY)])) as sim:
+        with tempfile.NamedTemporaryFile("w", suffix=".json") as fh:
+            json.dump({"api_keys": [KEY], "api_base": sim.base_url}, fh)
+            fh.flush()
+            key = load_config(fh.name).keys()[0]
+
+        async def run() -> tuple[float, float]:
+            api = ApiClients(kind)
+            api.warm_up()
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Translate: row"}]}
+            gate = asyncio.Semaphore(in_flight)
+
+            async def one() -> None:
+                async with gate:
+                    await api.call(key, "/v1/chat/completions", body, 30.0)
+
+            await asyncio.gather(*(one() for _ in range(200)))  # connections open, code warm
+            wall, cpu = time.perf_counter(), time.thread_time()
+            await asyncio.gather(*(one() for _ in range(calls)))
+            wall, cpu = time.perf_counter() - wall, time.thread_time() - cpu
+            await api.close()
+            return calls / wall, cpu * 1000 / calls
+
+        return asyncio.run(run())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=5000)
     ap.add_argument("--only", default="noop,rows,rows16,aiohttp16")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run the cases this many times, interleaved; report each case's median")
     ap.add_argument("--set", default="{}", help="config fields added to every opt-queue run, as JSON")
     args = ap.parse_args()
     extra = json.loads(args.set)
     print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}"
           + (f"; settings {extra}" if extra else ""))
     cases = {"rows": {}, "rows16": {"rows_per_task": 16}, "aiohttp16": {"rows_per_task": 16, "api_client": "aiohttp"}}
-    results: dict = {"rows": args.rows}
+    runs: dict[str, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         server = EmbeddedRedis(d / "redis", persist=False).start()
         try:
-            for part in args.only.split(","):
-                if part == "noop":
-                    # the pool opt-queue gives a worker of the default concurrency and one row a task
-                    results["noop_tasks_per_s"] = round(bench_noop(d, server.url, args.rows, 512), 1)
-                else:
-                    results[f"{part}_rows_per_s"] = round(bench_rows(d, server.url, args.rows,
-                                                                     {**cases[part], **extra}), 1)
-                print(json.dumps(results), flush=True)
+            for _ in range(args.repeat):
+                for part in args.only.split(","):
+                    if part in ("sdk_call", "aiohttp_call"):
+                        got = bench_calls("openai" if part == "sdk_call" else "aiohttp", args.rows)
+                    elif part == "noop":
+                        # the pool opt-queue gives a worker of the default concurrency and one row a task
+                        got = bench_noop(d, server.url, args.rows, 512)
+                    else:
+                        got = bench_rows(d, server.url, args.rows, {**cases[part], **extra})
+                    runs.setdefault(part, []).append(got)
+                    print(json.dumps({part: {"per_s": round(got[0], 1), "cpu_ms_per_task": round(got[1], 3)}}),
+                          flush=True)
         finally:
             server.stop()
-    if "noop_tasks_per_s" in results and "rows_rows_per_s" in results:
-        results["ratio_rows_to_noop"] = round(results["rows_rows_per_s"] / results["noop_tasks_per_s"], 3)
+    results: dict = {"rows": args.rows, "repeat": args.repeat}
+    for part, got in runs.items():
+        results[part] = {"per_s": round(statistics.median(g[0] for g in got), 1),
+                         "cpu_ms_per_task": round(statistics.median(g[1] for g in got), 3)}
+    if "noop" in results and "rows" in results:
+        # the rates' ratio (what the target names), and the same from the worker's CPU per task,
+        # which a shared machine's neighbours disturb less
+        results["ratio_rows_to_noop"] = round(results["rows"]["per_s"] / results["noop"]["per_s"], 3)
+        results["cpu_ratio_rows_to_noop"] = round(results["noop"]["cpu_ms_per_task"]
+                                                  / results["rows"]["cpu_ms_per_task"], 3)
     print(json.dumps(results, indent=2))
 
 

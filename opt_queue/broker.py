@@ -45,6 +45,7 @@ from opt_queue import keys
 from opt_queue.app import app
 from opt_queue.jobs import Job, _JobBase
 from opt_queue.request import CHAT_URL
+from opt_queue.scripts import run_script
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +208,8 @@ class Leases:
     async def take(self, job: _JobBase, indices: list[str]) -> tuple[str, dict[str, int]]:
         """Take the leases of ``indices`` of ``job``: ``(status, code per index)``; status
         ``unknown`` (the job was reset or expired) or ``stopped`` come with no codes."""
-        reply = await job._scripts.lease(keys=[*job.rows, job.meta_key, *job.leases],
-                                         args=[self.owner, self.ms, *_index_slots(indices)])
+        reply = await run_script(self.client, job._scripts.lease, [*job.rows, job.meta_key, *job.leases],
+                                 [self.owner, self.ms, *_index_slots(indices)])
         status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         codes = dict(zip(indices, (int(c) for c in reply[1:])))
         held = self.held.setdefault(job.id, set())
@@ -231,7 +232,7 @@ class Leases:
         """End leases in Redis without a result (hand-back, a retry after a Redis error)."""
         mine = [i for i in indices if i in self.held.get(job.id, ())]
         if mine:
-            await job._scripts.renew(keys=job.leases, args=[self.owner, 0, *mine])
+            await run_script(self.client, job._scripts.renew, job.leases, [self.owner, 0, *mine])
         for index in mine:
             self.forget(job.id, index)
 

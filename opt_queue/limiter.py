@@ -66,7 +66,7 @@ from typing import Any
 from opt_queue import keys as rkeys
 from opt_queue.config import ApiKey, Config, Limits
 from opt_queue.prices import Usage
-from opt_queue.scripts import queue, run_pipeline, scripts_for
+from opt_queue.scripts import queue, run_pipeline, run_script, scripts_for
 
 ACQUIRE_SAMPLE = 32
 """Buckets one admission looks at: all of them up to this many, else a random sample of this many.
@@ -398,15 +398,16 @@ class AsyncKeyPool:
         sent_ms = self.now_ms if self.now_ms is not None else sent_ms
         if sent_ms is not None:
             args += [sent_ms, lease.at_ms, int(self.now_ms is not None)]
-        return int(await self._scripts.stamp(keys=self._window_keys(lease), args=args))
+        return int(await run_script(self.client, self._scripts.stamp, self._window_keys(lease), args))
 
     async def cancel(self, lease: Lease) -> None:
         """Give back a lease whose request was never sent (and its share of the job's budget)."""
-        await self._scripts.cancel(keys=[rkeys.bucket_state(lease.scope), *self._window_keys(lease)],
-                                   args=[lease.uid, lease.tokens, lease.nreq,
-                                         *[w.period_ms for w in lease.windows if w.dim == "tok"]])
-        if lease.budget is not None:
-            await run_pipeline(self.client, lambda pipe: self.queue_spend(lease, None, pipe))
+        def fill(pipe: Any) -> None:
+            queue(pipe, self._scripts.cancel, [rkeys.bucket_state(lease.scope), *self._window_keys(lease)],
+                  [lease.uid, lease.tokens, lease.nreq, *[w.period_ms for w in lease.windows if w.dim == "tok"]])
+            self.queue_spend(lease, None, pipe)
+
+        await run_pipeline(self.client, fill)
 
     def queue_spend(self, lease: Lease, usage: Usage | None, pipe: Any) -> None:
         """Queue on ``pipe`` what a call cost (``usage``; None: nothing billed, e.g. an error): the
@@ -480,7 +481,7 @@ class AsyncKeyPool:
     async def _tell(self, lease: Lease, kind: str, cooldown: float = 0.0,
                     server: dict[str, int] | None = None) -> int:
         ks, args = self._tell_call(lease, kind, cooldown, server)
-        return int(await self._scripts.learn(keys=ks, args=args))
+        return int(await run_script(self.client, self._scripts.learn, ks, args))
 
     def queue_learn(self, lease: Lease, server: dict[str, int], pipe: Any) -> bool:
         """Queue on ``pipe`` the limits a response's ``x-ratelimit-limit-*`` headers give (up or

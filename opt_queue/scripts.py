@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Callable
 from functools import cache
 from importlib import resources
@@ -71,20 +73,111 @@ def queue(pipe: Any, script: Script, keys: list[str], args: list[Any]) -> None:
 
 
 async def run_pipeline(client: Any, fill: Callable[[Any], None]) -> list[Any]:
-    """Fill a fresh non-transactional pipeline of the asyncio ``client`` and run it.
+    """Run what ``fill`` queues on a pipeline of the asyncio ``client``; return its replies.
 
-    When Redis no longer knows a script (it restarted), load them all and run the pipeline once
-    more: a script that met ``NOSCRIPT`` did nothing, and the pipelines built this way hold only
-    reads, scripts and counters (a counter may then count twice; nothing else can).
+    The fills of all coroutines that ask in the same turn of the event loop go out as one
+    non-transactional pipeline (see :class:`Coalescer`): one round trip and one connection for
+    all of them, each fill's commands in its own order. A fill's own error (a script's error,
+    a Python error while filling) is raised to its caller only; a connection error to every
+    caller of that round trip.
+
+    When Redis no longer knows a script (it restarted), the scripts are loaded and the fills that
+    met ``NOSCRIPT`` run once more: a script that met ``NOSCRIPT`` did nothing, and the fills
+    built this way hold only reads, scripts and counters (a counter may then count twice;
+    nothing else can).
     """
-    for attempt in (1, 2):
-        pipe = client.pipeline(transaction=False)
-        fill(pipe)
-        try:
-            return await pipe.execute()
-        except NoScriptError:
-            if attempt == 2:
+    coalescer = _coalescers.get(client)
+    if coalescer is None:
+        coalescer = _coalescers[client] = Coalescer(client)
+    return await coalescer.run(fill)
+
+
+async def run_script(client: Any, script: Script, keys: list[str], args: list[Any]) -> Any:
+    """Run ``script`` on the asyncio ``client`` by way of :func:`run_pipeline`; return its reply."""
+    return (await run_pipeline(client, lambda pipe: queue(pipe, script, keys, args)))[0]
+
+
+class Coalescer:
+    """Gathers the pipelines that one event loop's coroutines ask for into one round trip.
+
+    A worker has hundreds of rows in flight, and each row asks Redis something several times
+    (its lease, its admission, its send-time stamp, its result). Each round trip through
+    redis-py's asyncio client costs far more CPU than the commands it carries (a connection
+    taken from the pool and given back, a timeout, the reply's parsing set up), so the rows'
+    requests are sent together: the first fill of a turn of the loop schedules a flush for the
+    next turn, and every fill queued until then goes out in that flush. Round trips may overlap
+    (a flush does not wait for the one before it), so this adds no latency beyond one turn.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._pending: list[tuple[Callable[[Any], None], asyncio.Future[list[Any]]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
+
+    async def run(self, fill: Callable[[Any], None]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Any]] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((fill, future))
+        return await future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._execute(batch))
+        self._flushes.add(task)  # a reference, so that the task is not collected while it runs
+        task.add_done_callback(self._flushes.discard)
+
+    async def _execute(self, batch: list[tuple[Callable[[Any], None], asyncio.Future[list[Any]]]]) -> None:
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            spans = []
+            for fill, future in batch:
+                start = len(pipe.command_stack)
+                try:
+                    fill(pipe)
+                except Exception as exc:  # this caller's bug, not the others'
+                    del pipe.command_stack[start:]
+                    _settle(future, exc)
+                    continue
+                spans.append((fill, future, start, len(pipe.command_stack)))
+            try:
+                replies = await pipe.execute(raise_on_error=False)
+            except Exception as exc:  # the round trip failed: for every caller in it
+                for _fill, future, _start, _end in spans:
+                    _settle(future, exc)
+                return
+            except BaseException:  # cancelled (the loop is closing): so are its callers
+                for _fill, future, _start, _end in spans:
+                    future.cancel()
                 raise
-            for name in _NAMES:
-                await client.script_load(source(name))
-    raise AssertionError("unreachable")
+            again = []
+            for fill, future, start, end in spans:
+                part = replies[start:end]
+                error = next((r for r in part if isinstance(r, Exception)), None)
+                if isinstance(error, NoScriptError) and attempt == 1:
+                    again.append((fill, future))
+                else:
+                    _settle(future, error if error is not None else part)
+            if not again:
+                return
+            batch = again
+            try:
+                for name in _NAMES:
+                    await self.client.script_load(source(name))
+            except Exception as exc:
+                for _fill, future in batch:
+                    _settle(future, exc)
+                return
+
+
+def _settle(future: asyncio.Future[list[Any]], outcome: Any) -> None:
+    if future.done():  # its caller was cancelled
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+_coalescers: weakref.WeakKeyDictionary[Any, Coalescer] = weakref.WeakKeyDictionary()
