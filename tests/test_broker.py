@@ -114,6 +114,12 @@ def test_a_lease_admits_one_owner_until_it_ends_or_expires(redis_url: str, rclie
         assert ("job-lease", "1") in a.lost  # a learns it lost the row
         await job._scripts.publish(**job._publish_call(RowResult(index="1", answer="x")))
         assert await a.take(job, ["1"]) == ("running", {"1": DONE})
+        # a row published while its owner's renewal was on its way: its lease ended, nobody
+        # else holds it, so the owner is not told it lost the row (nor warns of a stall)
+        assert await b.take(job, ["k"]) == ("running", {"k": TAKEN})
+        await job._scripts.publish(**job._publish_call(RowResult(index="k", answer="y")))
+        await b.renew()
+        assert ("job-lease", "k") not in b.lost
         await job.stop("test")
         assert await a.take(job, ["k"]) == ("stopped", {})
         assert await a.take(AsyncJob(client, "job-gone"), ["1"]) == ("unknown", {})
