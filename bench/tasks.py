@@ -4,6 +4,8 @@ Figures (each: N messages queued first, then one worker process started; the rat
 while the work runs, from the first task (or API request) to the last, so start-up is left out):
   noop       a no-op Celery task with opt-queue's settings (Redis transport, late acks,
              prefetch 1, threads pool of opt-queue's size): Celery's own ceiling here
+  handoff    the no-op task, but it waits for a do-nothing coroutine on an event loop thread
+             (opt-queue's hand-off from Celery's pool thread to the rows' loop and back)
   rows       opt-queue, one task per row (the default), through the openai SDK
   rows16     opt-queue, 16 rows per task, through the SDK
   aiohttp16  opt-queue, 16 rows per task, direct aiohttp calls
@@ -52,6 +54,22 @@ app.conf.task_default_queue = "noop"
 @app.task(name="noop", acks_late=True, ignore_result=True)
 def noop(job, rows, options=None):
     return None
+
+
+# what opt-queue's task does besides the row: hand a coroutine to the process's event loop thread
+# and wait for it (here a coroutine that does nothing)
+import asyncio, threading
+_loop = asyncio.new_event_loop()
+threading.Thread(target=_loop.run_forever, daemon=True).start()
+
+
+async def _nothing():
+    return None
+
+
+@app.task(name="handoff", acks_late=True, ignore_result=True)
+def handoff(job, rows, options=None):
+    return asyncio.run_coroutine_threadsafe(_nothing(), _loop).result()
 '''
 
 
@@ -79,7 +97,7 @@ def wait_drained(client: redis.Redis, queue: str, total: int, pid: int,
     raise SystemExit(f"{queue} did not drain in {timeout}s")
 
 
-def bench_noop(d: Path, url: str, rows: int, threads: int) -> tuple[float, float]:
+def bench_noop(d: Path, url: str, rows: int, threads: int, task: str = "noop") -> tuple[float, float]:
     (d / "noop_app.py").write_text(NOOP_APP)
     env = dict(os.environ, OPT_QUEUE_BROKER_URL=url, PYTHONPATH=f"{d}:{os.environ.get('PYTHONPATH', '')}")
     client = redis.Redis.from_url(url)
@@ -90,7 +108,7 @@ def bench_noop(d: Path, url: str, rows: int, threads: int) -> tuple[float, float
 
     with noop_app.app.producer_or_acquire() as producer:
         for i in range(rows):
-            noop_app.app.send_task("noop", args=("bench", [[str(i), {}]], {}), queue="noop", producer=producer)
+            noop_app.app.send_task(task, args=("bench", [[str(i), {}]], {}), queue="noop", producer=producer)
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "noop_app", "worker", "--pool", "threads",
                                "--concurrency", str(threads), "-Q", "noop", "--loglevel", "WARNING",
                                "--without-mingle", "--without-gossip"], env=env, cwd=d,
@@ -186,9 +204,9 @@ def main() -> None:
                 for part in args.only.split(","):
                     if part in ("sdk_call", "aiohttp_call"):
                         got = bench_calls("openai" if part == "sdk_call" else "aiohttp", args.rows)
-                    elif part == "noop":
+                    elif part in ("noop", "handoff"):
                         # the pool opt-queue gives a worker of the default concurrency and one row a task
-                        got = bench_noop(d, server.url, args.rows, 512)
+                        got = bench_noop(d, server.url, args.rows, 512, part)
                     else:
                         got = bench_rows(d, server.url, args.rows, {**cases[part], **extra})
                     runs.setdefault(part, []).append(got)
