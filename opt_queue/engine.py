@@ -120,6 +120,7 @@ class Engine:
         ``api_clients`` stands in for the API (``client.ApiClients`` of the config's kind when None)."""
         engine = cls(config, client, api_clients)
         await engine.pool.describe()
+        await engine.pool.clock.calibrate(client)
         log.info("token estimate: %s", estimator())
         engine.api.warm_up()
         engine.leases.start()

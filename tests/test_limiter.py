@@ -349,3 +349,32 @@ def test_a_budget_reserves_worst_cases_waits_for_settlements_then_says_it_is_rea
     p.run(p.pool.cancel(lease))
     assert isinstance(admit(5, 300), Lease)
     assert isinstance(admit(5, 1), Wait)
+
+
+def test_the_clock_is_calibrated_before_the_first_stamp(redis_url: str) -> None:
+    """A first reading taken behind a burst (a 400 ms round trip whose TIME was read late in it)
+    would put the first stamps hundreds of ms late; the calibration's quiet round trips replace it."""
+    import time
+
+    from opt_queue.limiter import RedisClock
+    from opt_queue.redis_conn import connect_async
+
+    async def go() -> tuple[int, int]:
+        client = connect_async(redis_url, max_connections=2)
+        seconds, micros = await client.time()
+        truth = int(seconds) * 1000 + int(micros) // 1000
+        clock = RedisClock()
+        t0 = time.monotonic()
+        clock.observe(t0 - 0.4, t0, truth + 150)  # 350 ms off: its TIME read late in a 400 ms round trip
+        before = clock.now_ms()
+        await clock.calibrate(client)
+        after = clock.now_ms()
+        seconds, micros = await client.time()
+        now = int(seconds) * 1000 + int(micros) // 1000
+        await client.aclose()
+        return (before or 0) - truth, (after or 0) - now
+
+    before, after = asyncio.run(go())
+    assert before > 100  # the burst's reading was off
+    assert abs(after) <= 20, after
+
