@@ -187,7 +187,9 @@ def test_a_deadline_sends_the_leftovers_synchronously_in_time(
     job = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)["jobs"][0]
     assert cli("collect", "-c", str(config), "-o", str(out), timeout=180).returncode == 0
     late = time.time() - job["deadline_at"]
-    assert late < 0.5, late  # collected before the deadline (half a second of slack for a loaded machine)
+    # collected by the deadline: the slack covers the collect command's own final rewrite and exit
+    # on a loaded 2-core machine (0.6 s was seen); without the cut-over the rows come ~50 s late
+    assert late < 2.0, late
     assert all(v is not None for line in read_jsonl(out) for v in line.values())
     stats = batch_stats(sim)
     assert stats["batches"] == 1 and stats.get("cancelled") == 1
