@@ -15,12 +15,17 @@ while the work runs, from the first task (or API request) to the last, so start-
 The simulated API answers at once with no limit, in this process (it takes CPU too: the noop
 figure does not pay for it, so the ratio is a lower bound of what the engine keeps).
 
-Each figure also gives the worker process's CPU time per task (user + system, between the same\ntwo moments): on a shared machine it moves less than the rates do.\n\nRun:  python bench/tasks.py [--rows 5000] [--only noop,rows,rows16,aiohttp16] [--repeat 3] [--set JSON]
+Each figure also gives the worker process's CPU time per task (user + system, between the same
+two moments): on a shared machine it moves less than the rates do.
+
+Run:  python bench/tasks.py [--rows 5000] [--only noop,rows,rows16,aiohttp16,handoff,sdk_call,aiohttp_call]
+      [--repeat 3] [--set JSON]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -34,6 +39,8 @@ from pathlib import Path
 import redis
 
 from opt_queue import keys
+from opt_queue.client import ApiClients
+from opt_queue.config import Config
 from opt_queue.local import EmbeddedRedis
 from opt_queue.simapi import SimConfig, SimKey, SimServer
 
@@ -152,16 +159,8 @@ def bench_calls(kind: str, calls: int, in_flight: int = 64) -> tuple[float, floa
     """The API call alone, as the engine makes it (``client.ApiClients.call``, ``kind`` "openai":
     through the SDK; "aiohttp": direct): (calls/s, CPU ms per call of the thread that runs the
     event loop). The simulated API runs in another thread, so its CPU is not counted."""
-    import asyncio
-
-    from opt_queue.client import ApiClients
-    from opt_queue.config import load_config
-
     with SimServer(SimConfig(keys=[SimKey(KEY)])) as sim:
-        with tempfile.NamedTemporaryFile("w", suffix=".json") as fh:
-            json.dump({"api_keys": [KEY], "api_base": sim.base_url}, fh)
-            fh.flush()
-            key = load_config(fh.name).keys()[0]
+        key = Config.model_validate({"api_keys": [KEY], "api_base": sim.base_url}).keys()[0]
 
         async def run() -> tuple[float, float]:
             api = ApiClients(kind)
