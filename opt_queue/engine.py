@@ -32,6 +32,7 @@ import redis.asyncio
 from opt_queue import answers, formats, metrics
 from opt_queue import keys as rkeys
 from opt_queue import client as api
+from opt_queue.admission import RETRY, Admissions
 from opt_queue.broker import DONE, HELD, Leases, split_row
 from opt_queue.config import Config
 from opt_queue.jobs import STOPPED, AsyncJob, RowResult
@@ -45,6 +46,8 @@ log = logging.getLogger(__name__)
 
 MAX_SLEEP = 5.0
 WAKE_SPREAD = 0.1
+STATE_POLL = 5.0
+"""How long a row waits in its admission queue before it looks at its job's state again."""
 HANDED_BACK = "handed_back"
 """Outcome of a row that waited for a slot until its task's hold ran out (see ``process_rows``)."""
 DUPLICATE, RELEASED, DROPPED, PUBLISHED = "duplicate", "released", "dropped", "published"
@@ -77,6 +80,8 @@ class _Row:
     to_settle: tuple[Lease, int, Usage] | None = None  # sent with the result, in one round trip
     tokens: int = 0  # TPM estimate: the prompt's and the completion's cap (the fallback model keeps it)
     prompt_tokens: int = 0
+    granted: Lease | None = None  # the admission its queue gave it, not yet looked at
+    ask_alone: bool = False  # its queue found it needs more than a slot: its next admission is its own
     too_large_samples: int = 0  # admissions whose whole sample of keys found the request too large
     server_limits: dict[str, int] = field(default_factory=dict)  # what the answer's headers said
     last_usage: Usage | None = None  # what the last call was billed, when it gave no answer
@@ -109,6 +114,7 @@ class Engine:
         self.prices = Prices({name: p.model_dump() for name, p in config.prices.items()})
         self.keys = config.keys()
         self.pool = AsyncKeyPool.from_config(client, config, self.keys)
+        self.admissions = Admissions(self.pool)
         self.leases = Leases(client, config.lease_seconds)
         self._secrets = [k.secret.get_secret_value() for k in self.keys]
         self._retired: dict[str, tuple[float, dict[str, str]]] = {}
@@ -288,17 +294,30 @@ class Engine:
                 row.too_large_samples += 1
                 if row.too_large_samples >= TOO_LARGE_SAMPLES:  # more keys than a sample: unlikely all
                     lease = Never(row.tokens)                   # 5 samples missed one that fits
+            if isinstance(lease, Wait) and not lease.for_budget and not lease.too_large:
+                # Waiting for a slot is not an attempt. The row queues with the worker's other
+                # waiting rows (admission.py), which are admitted in order as slots free; every
+                # STATE_POLL it leaves the queue to look at its job's state (stopped, or the row
+                # done by another copy), then queues again.
+                left = row.hold_until - time.monotonic()
+                if left <= 0:
+                    return HANDED_BACK
+                t0 = time.monotonic()
+                got = await self.admissions.wait(model, row.tokens, exclude, self._budget(row, model),
+                                                 min(left, STATE_POLL))
+                metrics.WAITS.labels(model).inc()
+                metrics.WAIT_SECONDS.labels(model).inc(time.monotonic() - t0)
+                if isinstance(got, Lease):
+                    row.granted = got
+                row.ask_alone = got == RETRY  # it needs more than a slot: its own admission says what
+                continue
             if isinstance(lease, Wait):
-                # Waiting for a slot is not an attempt. A row wakes when its slot frees, give or
-                # take WAKE_SPREAD, so that the rows waiting for a new window do not all send in
-                # the same instant (on a loaded machine that delays sends past their stamps);
-                # polls (capped or sampled waits) are spread more widely.
-                delay = min(lease.seconds, MAX_SLEEP)
-                if delay >= MAX_SLEEP or not lease.exact:
-                    delay *= random.uniform(0.8, 1.0)
+                # The job's budget waits for requests in flight, or a sample of the keys found the
+                # request too large: look again later, spread so that such rows do not ask in step.
+                delay = min(lease.seconds, MAX_SLEEP) * random.uniform(0.8, 1.0)
                 if time.monotonic() + delay > row.hold_until:
                     # Not before the hold is spent: handed back at once, every copy of a row that
-                    # waits longer than a hold (a per-day limit) would go round the queue non-stop.
+                    # waits longer than a hold would go round the queue non-stop.
                     await asyncio.sleep(max(0.0, row.hold_until - time.monotonic()))
                     return HANDED_BACK
                 delay += random.uniform(0, WAKE_SPREAD)
@@ -322,8 +341,17 @@ class Engine:
 
     async def _admit(self, row: _Row, model: str,
                      exclude: set[str]) -> tuple[str | None, bool, Lease | Wait | Never | BudgetReached | None]:
-        """``(job status, row done, admission)`` in one round trip."""
-        plan = self.pool.plan(model, row.tokens, exclude, self._budget(row, model))
+        """``(job status, row done, admission)`` in one round trip. The admission is the one the
+        row's queue gave it, if any; else, when rows of its kind are queued already, a
+        :class:`Wait` (it queues behind them); else it asks for itself."""
+        budget = self._budget(row, model)
+        granted, row.granted = row.granted, None
+        if granted is not None and granted.key.fingerprint in exclude:  # retired while it waited
+            await self.pool.cancel(granted)
+            granted = None
+        queued = granted is None and not row.ask_alone and self.admissions.waiting(model, exclude, budget)
+        row.ask_alone = False
+        plan = None if granted is not None or queued else self.pool.plan(model, row.tokens, exclude, budget)
 
         def state_and_acquire(pipe: Any) -> None:
             row.job.queue_state(row.index, pipe)
@@ -335,10 +363,14 @@ class Engine:
         status, done = row.job.read_state(row.index, replies[:2])
         if (row.job.id, row.index) in self.leases.lost:
             done = True  # another worker took the row over while this one stalled: it is theirs
+        if granted is not None:
+            return status, done, granted
+        if queued:
+            return status, done, Wait(0.0)
         if plan is None:
             return status, done, None
         admission = self.pool.granted(plan, replies[-1])
-        self.pool.clock.observe(t0, time.monotonic(), int(replies[-1][2]))
+        self.pool.clock.observe(t0, time.monotonic(), int(replies[-1][0]))
         return status, done, admission
 
     async def _call(self, row: _Row, lease: Lease) -> RowResult | None:

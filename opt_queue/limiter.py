@@ -60,6 +60,7 @@ import math
 import random
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,6 +186,7 @@ class Wait:
     at_ms: int = 0
     exact: bool = True
     too_large: bool = False  # every sampled scope refused the request as larger than its window
+    for_budget: bool = False  # the job's budget waits for requests in flight, not a key
 
 
 @dataclass(frozen=True)
@@ -218,10 +220,10 @@ class _AcquirePlan:
     cands: dict[str, list[ApiKey]]
     keys: list[str]
     args: list[Any]
-    tokens: int
     model: str
+    asks: tuple[tuple[int, str, Budget | None], ...]
+    """Each request's tokens, admission uid and share of the job's budget, in order."""
     new_scopes: tuple[str, ...] = ()
-    budget: Budget | None = None
 
 
 def scope_name(bucket: str, model: str) -> str:
@@ -322,27 +324,38 @@ class AsyncKeyPool:
 
     def plan(self, model: str, tokens: int, exclude: set[str] | None = None,
              budget: Budget | None = None) -> _AcquirePlan | None:
-        """What an admission needs (None when no usable key serves ``model`` at all): queue it with
-        :meth:`queue_acquire` and read its reply with :meth:`granted`. With ``budget``, the job's
-        budget must hold the request too, and the admission reserves its share."""
+        """What an admission of one request needs (None when no usable key serves ``model`` at
+        all): queue it with :meth:`queue_acquire` and read its reply with :meth:`granted`. With
+        ``budget``, the job's budget must hold the request too, and the admission reserves its
+        share."""
+        return self.plan_many(model, [(tokens, budget)], exclude)
+
+    def plan_many(self, model: str, asks: Sequence[tuple[int, Budget | None]], exclude: set[str] | None = None,
+                  sample: int = ACQUIRE_SAMPLE) -> _AcquirePlan | None:
+        """An admission of several requests of ``model`` in one script call, in order, each with
+        its tokens and its share of the job's budget (all of one job, or all None); it looks at
+        ``sample`` buckets."""
         cands = self.candidates(model, exclude or set())
         if not cands:
             return None
-        # Ties in headroom go to a random bucket, not always the first; beyond ACQUIRE_SAMPLE
-        # buckets a random sample keeps the script's cost flat in the number of keys.
-        order = random.sample(list(cands), min(len(cands), ACQUIRE_SAMPLE))
+        # Ties in headroom go to a random bucket, not always the first; beyond the sample a random
+        # sample keeps the script's cost flat in the number of keys.
+        order = random.sample(list(cands), min(len(cands), sample))
         new = tuple(scope_name(b, model) for b in order if (b, model) not in self._plans)
+        budget_key = next((b.key for _, b in asks if b is not None), None)
+        planned = tuple((tokens, uuid.uuid4().hex[:16], budget) for tokens, budget in asks)
         ks: list[str] = []
-        argv: list[Any] = [tokens, uuid.uuid4().hex[:16], len(order), RESERVE_MS, self.probe_ms,
-                           self.now_ms or 0, self.refresh_ms, PACE_ABOVE, int(self.header_period * 1000),
-                           budget.cost_nano if budget else -1, budget.tokens if budget else 0]
+        argv: list[Any] = [len(planned), len(order), RESERVE_MS, self.probe_ms, self.now_ms or 0,
+                           self.refresh_ms, PACE_ABOVE, int(self.header_period * 1000), int(budget_key is not None)]
+        for tokens, uid, budget in planned:
+            argv += [tokens, uid, budget.cost_nano if budget else 0, budget.tokens if budget else 0]
         for bucket in order:
             scope_keys, scope_args = self._fragment(bucket, model)
             ks += scope_keys
             argv += scope_args
-        if budget is not None:
-            ks.append(budget.key)
-        return _AcquirePlan(order, cands, ks, argv, tokens, model, new, budget)
+        if budget_key is not None:
+            ks.append(budget_key)
+        return _AcquirePlan(order, cands, ks, argv, model, planned, new)
 
     def queue_acquire(self, plan: _AcquirePlan, pipe: Any) -> None:
         """Queue the admission on ``pipe`` (see ``scripts.run_pipeline``)."""
@@ -354,24 +367,35 @@ class AsyncKeyPool:
         queue(pipe, self._scripts.acquire, plan.keys, plan.args)
 
     def granted(self, plan: _AcquirePlan, reply: Any) -> Lease | Wait | Never | BudgetReached:
-        """Read the admission's reply."""
-        status = int(reply[0])
-        if status == -3:
-            return BudgetReached()
-        if status == -2:  # the budget waits for requests in flight to settle
-            return Wait(int(reply[1]) / 1000.0, int(reply[2]), exact=False)
-        if status == -1 and len(plan.order) == len(plan.cands):
-            return Never(plan.tokens)
-        if status <= 0:
-            seconds = int(reply[1]) / 1000.0 if status == 0 else SAMPLE_POLL
-            if len(plan.order) < len(plan.cands):  # buckets outside the sample may be free now
-                return Wait(min(seconds, SAMPLE_POLL), int(reply[2]), exact=False, too_large=status == -1)
-            return Wait(seconds, int(reply[2]))
-        bucket = plan.order[int(reply[1]) - 1]
-        members = plan.cands[bucket]
-        key = members[next(self._rr) % len(members)]  # itertools.count is atomic under the GIL
-        return Lease(key=key, uid=plan.args[1], tokens=plan.tokens, scope=scope_name(bucket, plan.model),
-                     windows=self.windows(bucket, plan.model), at_ms=int(reply[2]), budget=plan.budget)
+        """Read the reply of a one-request admission."""
+        return self.granted_all(plan, reply)[0]
+
+    def granted_all(self, plan: _AcquirePlan, reply: Any) -> list[Lease | Wait | Never | BudgetReached]:
+        """Read an admission's reply: what each request got, in order, up to the first that waits
+        (the requests after it were not looked at, and wait too)."""
+        now_ms = int(reply[0])
+        sampled = len(plan.order) < len(plan.cands)  # buckets outside the sample may be free now
+        out: list[Lease | Wait | Never | BudgetReached] = []
+        for (tokens, uid, budget), status, value in zip(plan.asks, reply[1::2], reply[2::2]):
+            status, value = int(status), int(value)
+            if status == 1:
+                bucket = plan.order[value - 1]
+                members = plan.cands[bucket]
+                key = members[next(self._rr) % len(members)]  # itertools.count is atomic under the GIL
+                out.append(Lease(key=key, uid=uid, tokens=tokens, scope=scope_name(bucket, plan.model),
+                                 windows=self.windows(bucket, plan.model), at_ms=now_ms, budget=budget))
+            elif status == -3:
+                out.append(BudgetReached())
+            elif status == -2:  # the budget waits for requests in flight to settle
+                out.append(Wait(value / 1000.0, now_ms, exact=False, for_budget=True))
+            elif status == -1 and not sampled:
+                out.append(Never(tokens))
+            elif sampled:
+                seconds = value / 1000.0 if status == 0 else SAMPLE_POLL
+                out.append(Wait(min(seconds, SAMPLE_POLL), now_ms, exact=False, too_large=status == -1))
+            else:
+                out.append(Wait(value / 1000.0, now_ms))
+        return out
 
     async def acquire(self, model: str, tokens: int, exclude: set[str] | None = None,
                       budget: Budget | None = None) -> Lease | Wait | Never | BudgetReached | None:
@@ -380,10 +404,14 @@ class AsyncKeyPool:
         plan = self.plan(model, tokens, exclude, budget)
         if plan is None:
             return None
+        return (await self.run_acquire(plan))[0]
+
+    async def run_acquire(self, plan: _AcquirePlan) -> list[Lease | Wait | Never | BudgetReached]:
+        """Run an admission in its own round trip (coalesced with others of the same turn)."""
         t0 = time.monotonic()
         reply = (await run_pipeline(self.client, lambda pipe: self.queue_acquire(plan, pipe)))[-1]
-        self.clock.observe(t0, time.monotonic(), int(reply[2]))
-        return self.granted(plan, reply)
+        self.clock.observe(t0, time.monotonic(), int(reply[0]))
+        return self.granted_all(plan, reply)
 
     # -- after the admission --------------------------------------------------------------------
     @staticmethod

@@ -1,59 +1,52 @@
--- Admit one request on the scope (a key or key group, for one model) with the most headroom, or say
--- how long to wait. Sliding log per window: a sorted set of admissions scored by Redis' clock (ms).
+-- Admit requests, in order, each on the scope (a key or key group, for one model) with the most
+-- headroom, or say how long the first that does not fit must wait. One worker's waiting rows are
+-- admitted by one call (engine's admission queue); a row alone asks for itself (one request).
+-- Sliding log per window: a sorted set of admissions scored by Redis' clock (ms).
 -- A new admission is *reserved*: scored in the future (now + reserve) so that it counts, and never
 -- expires, until lua/stamp.lua scores it with the moment its request is sent.
 -- Token windows keep their running sum in the scope's state hash (field "tsum:<period>"); members
 -- are "<uid>:<tokens>" so that expired entries give their tokens back.
--- KEYS    for each scope: its state hash, then one sorted set per window (request windows first)
--- ARGV[1] tokens this request is estimated to use    ARGV[2] unique id of this admission
--- ARGV[3] number of scopes n                         ARGV[4] reserve in ms (an unsent admission's hold)
--- ARGV[5] probe in ms: a scope that has not answered lately ("answered_until" in its state, set by
+-- KEYS    for each scope: its state hash, then one sorted set per window (request windows first);
+--         then, when ARGV[9] is 1, the job's meta hash (its budget)
+-- ARGV[1] number of requests k                        ARGV[2] number of scopes n
+-- ARGV[3] reserve in ms (an unsent admission's hold)
+-- ARGV[4] probe in ms: a scope that has not answered lately ("answered_until" in its state, set by
 --         the workers) admits one request at a time, which holds "probe_until" this long at most
 --         (0: no probes)
--- ARGV[6] the time in ms (0: Redis' TIME; tests control time with it)
--- ARGV[7] how long a learned limit holds, ms      ARGV[8] request limit per header period from
---         which a pacing window applies            ARGV[9] the header period, ms
--- ARGV[10] the job budget's share of this request in nano-dollars (-1: no budget check); when 0 or
---         more, the last KEY is the job's meta hash, whose max_cost_nano / max_tokens_total (absent
---         or 0: no limit) must hold spent + reserved + this request, which is then reserved
--- ARGV[11] the request's tokens for max_tokens_total
--- ARGV[12..] for each scope: the number of windows, then per window: is_tokens (0/1), limit,
---           period_ms, mode, margin_ms. Modes (limiter.py): 0 configured; 1 configured, of the header
---           period (a learned limit lowers it); 2 discovered (the learned limit, else `limit`, 0 for
---           none); 3 pacing (limit/60 of the header window of its dimension, when that is large)
--- Returns {1, b, now_ms} admitted on scope b (1-based)
---         {0, wait_ms, now_ms}   no scope can admit now; the earliest may in wait_ms
---         {-1, 0, now_ms}        no scope can ever admit a request this large
---         {-2, wait_ms, now_ms}  the job's budget has no room while requests are in flight (their
---                                real cost may leave some)
---         {-3, 0, now_ms}        the job's budget has no room for this request, none in flight
-local now = tonumber(ARGV[6])
+-- ARGV[5] the time in ms (0: Redis' TIME; tests control time with it)
+-- ARGV[6] how long a learned limit holds, ms      ARGV[7] request limit per header period from
+--         which a pacing window applies            ARGV[8] the header period, ms
+-- ARGV[9] 1: the requests share the job budget in the last KEY, whose max_cost_nano /
+--         max_tokens_total (absent or 0: no limit) must hold spent + reserved + each request,
+--         which is then reserved
+-- ARGV[10..] for each request: tokens it is estimated to use, its unique id, its budget share in
+--         nano-dollars, its tokens for max_tokens_total
+-- then for each scope: the number of windows, then per window: is_tokens (0/1), limit, period_ms,
+--         mode, margin_ms. Modes (limiter.py): 0 configured; 1 configured, of the header period (a
+--         learned limit lowers it); 2 discovered (the learned limit, else `limit`, 0 for none);
+--         3 pacing (limit/60 of the header window of its dimension, when that is large)
+-- Returns {now_ms, s1, v1, s2, v2, ...}: a status and a value for each request in order, up to and
+-- including the first that has to wait (the ones after it are not looked at):
+--   1, b        admitted on scope b (1-based)
+--   0, wait_ms  no scope can admit it now; the earliest may in wait_ms
+--  -1, 0        no scope can ever admit a request this large (the next request is looked at)
+--  -2, wait_ms  the job's budget has no room while requests are in flight (their real cost may
+--               leave some)
+--  -3, 0        the job's budget has no room for this request, none in flight
+local now = tonumber(ARGV[5])
 if now == 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local need_tokens = tonumber(ARGV[1])
-local uid = ARGV[2]
-local n = tonumber(ARGV[3])
-local reserve = tonumber(ARGV[4])
-local probe = tonumber(ARGV[5])
-local refresh = tonumber(ARGV[7])
-local pace_above = tonumber(ARGV[8])
-local header_period = tonumber(ARGV[9])
-local budget_cost, budget_tokens = tonumber(ARGV[10]), tonumber(ARGV[11])
+local k = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local reserve = tonumber(ARGV[3])
+local probe = tonumber(ARGV[4])
+local refresh = tonumber(ARGV[6])
+local pace_above = tonumber(ARGV[7])
+local header_period = tonumber(ARGV[8])
 local budget = nil
-if budget_cost >= 0 then
-  budget = KEYS[#KEYS]
-  local b = redis.call('HMGET', budget, 'max_cost_nano', 'spent_nano', 'reserved_nano',
-                       'max_tokens_total', 'spent_tokens', 'reserved_tokens')
-  local max_cost, max_tokens = tonumber(b[1] or '0'), tonumber(b[4] or '0')
-  local reserved_cost, reserved_tokens = tonumber(b[3] or '0'), tonumber(b[6] or '0')
-  if (max_cost > 0 and tonumber(b[2] or '0') + reserved_cost + budget_cost > max_cost)
-      or (max_tokens > 0 and tonumber(b[5] or '0') + reserved_tokens + budget_tokens > max_tokens) then
-    if reserved_cost > 0 or reserved_tokens > 0 then return {-2, 250, now} end
-    return {-3, 0, now}
-  end
-end
+if ARGV[9] == '1' then budget = KEYS[#KEYS] end
 
 local function weight(member)
   return tonumber(string.match(member, ':(%d+)$')) or 0
@@ -94,17 +87,18 @@ local function slow_factor(f0, at)
   return math.min(1, f0 + (1 - f0) * (now - at) / (2 * header_period))
 end
 
-local best, best_room, best_windows, best_state, best_probing = nil, -1, nil, nil, false
-local min_wait, never = nil, 0
-local k, a = 1, 12
+-- Read every scope once: its state, and for each window that counts, its limit now and its use.
+-- Admissions made by this call keep `used` in step, so each request is judged without reading
+-- the scopes again.
+local scopes = {}
+local kk, a = 1, 10 + 4 * k
 for b = 1, n do
-  local state = KEYS[k]
-  k = k + 1
+  local state = KEYS[kk]
+  kk = kk + 1
   local nwin = tonumber(ARGV[a])
   a = a + 1
   local st = redis.call('HMGET', state, 'cool_until', 'answered_until', 'probe_until', 'learned:req',
                        'learned_at:req', 'learned:tok', 'learned_at:tok', 'slow_factor', 'slow_at')
-  local cool = tonumber(st[1] or '0')
   local learned = {}
   for i, dim in ipairs({'req', 'tok'}) do
     local v, at = tonumber(st[2 + 2 * i] or '0'), tonumber(st[3 + 2 * i] or '0')
@@ -113,15 +107,14 @@ for b = 1, n do
   local factor = slow_factor(tonumber(st[8] or '1'), tonumber(st[9] or '0'))
   local probing = probe > 0 and tonumber(st[2] or '0') <= now
   local header_limit = {}
-  local room, wait, too_large = 1.0, 0, false
   local windows = {}
   for w = 1, nwin do
-    local key = KEYS[k]
+    local key = KEYS[kk]
     local is_tok = ARGV[a] == '1'
     local dim = is_tok and 'tok' or 'req'
     local limit, period, mode, margin = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
                                         tonumber(ARGV[a + 4])
-    k, a = k + 1, a + 5
+    kk, a = kk + 1, a + 5
     if mode == 1 then
       if learned[dim] and learned[dim] < limit then limit = learned[dim] end
     elseif mode == 2 then
@@ -140,7 +133,6 @@ for b = 1, n do
     -- once the first answer tells the limit (a server that never tells one costs nothing).
     if limit > 0 or (mode == 2 and (not is_tok or probing)) then
       local horizon = now - period - margin
-      local need = is_tok and need_tokens or 1
       local used
       if is_tok then
         used = token_sum(state, key, 'tsum:' .. period, horizon)
@@ -148,53 +140,115 @@ for b = 1, n do
         redis.call('ZREMRANGEBYSCORE', key, '-inf', horizon)
         used = redis.call('ZCARD', key)
       end
-      if limit > 0 then
-        if need > limit and not (mode == 3 and used == 0) then
-          too_large = true
-        elseif used + need > limit and not (mode == 3 and used == 0) then
-          if is_tok then
-            wait = math.max(wait, token_wait(key, used, need, limit, period, margin))
-          else
-            local oldest = redis.call('ZRANGE', key, used - limit, used - limit, 'WITHSCORES')
-            wait = math.max(wait, math.min(tonumber(oldest[2]), now) + period + margin - now + 1)
-          end
-        end
-        room = math.min(room, (limit - used - need) / limit)
-      end
-      windows[#windows + 1] = {key, is_tok, period}
+      windows[#windows + 1] = {key = key, is_tok = is_tok, period = period, limit = limit, mode = mode,
+                               margin = margin, used = used}
     end
   end
-  if cool > now then wait = math.max(wait, cool - now) end
+  local busy = 0  -- until when the scope admits nothing (a cooldown, its probe still out)
+  local cool = tonumber(st[1] or '0')
+  if cool > now then busy = cool end
   if probing and tonumber(st[3] or '0') > now then
     -- its probe is still out: look again soon (its answer, or its expiry, frees the scope)
-    wait = math.max(wait, math.min(tonumber(st[3]) - now, 250))
+    busy = math.max(busy, now + math.min(tonumber(st[3]) - now, 250))
   end
-  if too_large then
-    never = never + 1
-  elseif wait > 0 then
-    if min_wait == nil or wait < min_wait then min_wait = wait end
-  elseif room > best_room then
-    best, best_room, best_windows, best_state, best_probing = b, room, windows, state, probing
+  scopes[b] = {state = state, windows = windows, probing = probing, busy = busy, judged = {}}
+end
+
+-- A request of `need_tokens` on scope s: 'never' (larger than a window), or its wait (ms, 0: it
+-- fits now) and the headroom it would leave. Kept per size until the scope admits a request.
+local function judge_now(s, need_tokens)
+  local room, wait = 1.0, 0
+  if s.busy > now then wait = s.busy - now end
+  for _, w in ipairs(s.windows) do
+    local limit, used = w.limit, w.used
+    if limit > 0 then
+      local need = w.is_tok and need_tokens or 1
+      local first = w.mode == 3 and used == 0  -- an empty pacing window takes any request
+      if need > limit and not first then return 'never' end
+      if used + need > limit and not first then
+        if w.is_tok then
+          wait = math.max(wait, token_wait(w.key, used, need, limit, w.period, w.margin))
+        else
+          local oldest = redis.call('ZRANGE', w.key, used - limit, used - limit, 'WITHSCORES')
+          wait = math.max(wait, math.min(tonumber(oldest[2]), now) + w.period + w.margin - now + 1)
+        end
+      end
+      room = math.min(room, (limit - used - need) / limit)
+    end
+  end
+  return wait, room
+end
+
+local function judge(s, need_tokens)
+  local got = s.judged[need_tokens]
+  if got == nil then
+    got = {judge_now(s, need_tokens)}
+    s.judged[need_tokens] = got
+  end
+  return got[1], got[2]
+end
+
+local function admit(s, uid, need_tokens)
+  s.judged = {}
+  for _, w in ipairs(s.windows) do
+    if w.is_tok then
+      redis.call('ZADD', w.key, now + reserve, uid .. ':' .. need_tokens)
+      redis.call('HINCRBY', s.state, 'tsum:' .. w.period, need_tokens)
+      w.used = w.used + need_tokens
+    else
+      redis.call('ZADD', w.key, now + reserve, uid)
+      w.used = w.used + 1
+    end
+  end
+  if s.probing then
+    redis.call('HSET', s.state, 'probe_until', now + probe)
+    s.busy = now + math.min(probe, 250)
   end
 end
 
-if best == nil then
-  if never == n then return {-1, 0, now} end
-  return {0, min_wait or 1000, now}
-end
-for _, w in ipairs(best_windows) do
-  if w[2] then
-    redis.call('ZADD', w[1], now + reserve, uid .. ':' .. need_tokens)
-    redis.call('HINCRBY', best_state, 'tsum:' .. w[3], need_tokens)
-  else
-    redis.call('ZADD', w[1], now + reserve, uid)
+local out = {now}
+for r = 1, k do
+  local base = 10 + 4 * (r - 1)
+  local need_tokens, uid = tonumber(ARGV[base]), ARGV[base + 1]
+  local budget_cost, budget_tokens = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+  local status, value = nil, 0
+  if budget then
+    local b = redis.call('HMGET', budget, 'max_cost_nano', 'spent_nano', 'reserved_nano',
+                         'max_tokens_total', 'spent_tokens', 'reserved_tokens')
+    local max_cost, max_tokens = tonumber(b[1] or '0'), tonumber(b[4] or '0')
+    local reserved_cost, reserved_tokens = tonumber(b[3] or '0'), tonumber(b[6] or '0')
+    if (max_cost > 0 and tonumber(b[2] or '0') + reserved_cost + budget_cost > max_cost)
+        or (max_tokens > 0 and tonumber(b[5] or '0') + reserved_tokens + budget_tokens > max_tokens) then
+      if reserved_cost > 0 or reserved_tokens > 0 then status, value = -2, 250 else status = -3 end
+    end
   end
+  if status == nil then
+    local best, best_room, min_wait, never = nil, -1, nil, 0
+    for b = 1, n do
+      local wait, room = judge(scopes[b], need_tokens)
+      if wait == 'never' then
+        never = never + 1
+      elseif wait > 0 then
+        if min_wait == nil or wait < min_wait then min_wait = wait end
+      elseif room > best_room then
+        best, best_room = b, room
+      end
+    end
+    if best ~= nil then
+      admit(scopes[best], uid, need_tokens)
+      if budget then
+        redis.call('HINCRBY', budget, 'reserved_nano', budget_cost)
+        redis.call('HINCRBY', budget, 'reserved_tokens', budget_tokens)
+      end
+      status, value = 1, best
+    elseif never == n then
+      status = -1
+    else
+      status, value = 0, min_wait or 1000
+    end
+  end
+  out[#out + 1] = status
+  out[#out + 1] = value
+  if status == 0 or status == -2 or status == -3 then break end
 end
-if best_probing then
-  redis.call('HSET', best_state, 'probe_until', now + probe)
-end
-if budget then
-  redis.call('HINCRBY', budget, 'reserved_nano', budget_cost)
-  redis.call('HINCRBY', budget, 'reserved_tokens', budget_tokens)
-end
-return {1, best, now}
+return out
