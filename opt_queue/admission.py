@@ -33,8 +33,8 @@ SAMPLED_POLL = 0.2
 MAX_SLEEP = 5.0
 """Longest sleep between two calls: a learned limit may rise meanwhile."""
 RETRY = "retry"
-"""What a waiting row gets when its request needs more than a slot (the job's budget waits, or the
-request is too large for some keys): it asks for itself again, which tells it what to do."""
+"""What a waiting row gets when its request needs more than a slot (the job's budget is spent, or
+the request is too large for some keys): it asks for itself again, which tells it what to do."""
 
 Group = tuple[str, frozenset[str], str | None]
 """A queue: the model, the keys its rows may not use, the job's budget hash."""
@@ -139,8 +139,8 @@ class Admissions:
                 continue
             wait: Wait | None = None
             for w, got in zip(batch, results):
-                if isinstance(got, Wait) and not got.for_budget and not got.too_large:
-                    wait = got  # this row and the ones behind it wait
+                if isinstance(got, Wait) and not got.too_large:
+                    wait = got  # this row and the ones behind it wait (for a slot, or the budget)
                     break
                 if isinstance(got, Lease) and w.future.done():
                     self._give_back(got)  # it stopped waiting meanwhile

@@ -44,7 +44,6 @@ from opt_queue.tokens import estimate_parts, estimator
 
 log = logging.getLogger(__name__)
 
-MAX_SLEEP = 5.0
 WAKE_SPREAD = 0.1
 STATE_POLL = 5.0
 """How long a row waits in its admission queue before it looks at its job's state again."""
@@ -294,11 +293,13 @@ class Engine:
                 row.too_large_samples += 1
                 if row.too_large_samples >= TOO_LARGE_SAMPLES:  # more keys than a sample: unlikely all
                     lease = Never(row.tokens)                   # 5 samples missed one that fits
-            if isinstance(lease, Wait) and not lease.for_budget and not lease.too_large:
-                # Waiting for a slot is not an attempt. The row queues with the worker's other
-                # waiting rows (admission.py), which are admitted in order as slots free; every
-                # STATE_POLL it leaves the queue to look at its job's state (stopped, or the row
-                # done by another copy), then queues again.
+            if isinstance(lease, Wait) and not lease.too_large:
+                # Waiting for a slot (or for the job's budget) is not an attempt. The row queues
+                # with the worker's other waiting rows (admission.py), admitted in order as slots
+                # free; every STATE_POLL it leaves the queue to look at its job's state (stopped,
+                # or the row done by another copy), then queues again. It is handed back when its
+                # task's hold is spent (a per-day limit), not before: else every copy of a row
+                # that waits longer than a hold would go round the queue non-stop.
                 left = row.hold_until - time.monotonic()
                 if left <= 0:
                     return HANDED_BACK
@@ -312,9 +313,9 @@ class Engine:
                 row.ask_alone = got == RETRY  # it needs more than a slot: its own admission says what
                 continue
             if isinstance(lease, Wait):
-                # The job's budget waits for requests in flight, or a sample of the keys found the
-                # request too large: look again later, spread so that such rows do not ask in step.
-                delay = min(lease.seconds, MAX_SLEEP) * random.uniform(0.8, 1.0)
+                # A sample of the keys found the request too large: look again later, spread so
+                # that such rows do not ask in step.
+                delay = lease.seconds * random.uniform(0.8, 1.0)  # at most SAMPLE_POLL
                 if time.monotonic() + delay > row.hold_until:
                     # Not before the hold is spent: handed back at once, every copy of a row that
                     # waits longer than a hold would go round the queue non-stop.

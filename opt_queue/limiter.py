@@ -45,8 +45,10 @@ short, jittery delay between the send and the server's own count: ``safety_fract
 window (1%) but at most ``safety_margin`` seconds (0.25 s), so it never gives away more than 1% of
 a window, short or long.
 
-An admission looks at every bucket that serves the model up to ``ACQUIRE_SAMPLE``, else at a
-random sample of that many, so that its cost does not grow with the number of keys.
+One script call admits one request or several in order (a worker's queue of waiting rows,
+``admission.py``), reading each scope once. It looks at every bucket that serves the model up to a
+sample size (``ACQUIRE_SAMPLE`` for a row alone), else at a random sample of that many, so that its
+cost does not grow with the number of keys.
 
 After a response, a real usage above the admission's estimate raises it (``lua/settle.lua``); a
 smaller one gives nothing back, as on the server.
@@ -186,7 +188,6 @@ class Wait:
     at_ms: int = 0
     exact: bool = True
     too_large: bool = False  # every sampled scope refused the request as larger than its window
-    for_budget: bool = False  # the job's budget waits for requests in flight, not a key
 
 
 @dataclass(frozen=True)
@@ -387,7 +388,7 @@ class AsyncKeyPool:
             elif status == -3:
                 out.append(BudgetReached())
             elif status == -2:  # the budget waits for requests in flight to settle
-                out.append(Wait(value / 1000.0, now_ms, exact=False, for_budget=True))
+                out.append(Wait(value / 1000.0, now_ms, exact=False))
             elif status == -1 and not sampled:
                 out.append(Never(tokens))
             elif sampled:

@@ -61,7 +61,7 @@ def test_the_job_budget_holds_each_request_of_a_call(redis_url: str, rclient: re
     share = Budget("job:meta", cost_nano=40, tokens=1)
     got = run(many(redis_url, [a], [(1, share)] * 4, {"max_cost_nano": 100}))
     assert [type(g) for g in got] == [Lease, Lease, Wait]
-    assert got[2].for_budget and not got[2].exact
+    assert not got[2].exact and got[2].seconds == 0.25  # requests in flight may leave room
     assert int(rclient.hget("job:meta", "reserved_nano")) == 80
 
 
