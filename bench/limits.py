@@ -16,12 +16,20 @@ We report
 and the number of 429s. The safety margin m lengthens each window, so the active ratio tends to
 W / (W + m): 0.990 for W = 15 s and m = 1% of it (0.15 s) here, 0.996 for a real minute (0.25 s cap).
 
+The ratio measures the limiter only while the machine can send faster than the keys allow. At
+1,000 keys x 2 a window the keys take 133 calls a second, about what two cores sustain for the
+workers, the simulated API and Redis together. ``--capacity`` first runs the same rows on the same
+number of keys without limits (the simulated API enforces none, the config states none), which
+gives what the machine sustains in calls a second (``calls_per_s_active`` of that line), and then
+reports ``ceiling`` = min(1, capacity / combined limit): the best active ratio this machine allows.
+
 ``--limits configured`` writes each key's limit in the config; ``discovered`` writes none (the
 original toolkit's config plus ``header_period``): every key is probed, then runs at the limit its
 headers give. ``--tokens`` makes the rows token-bound instead: each key allows R rows' worth of
 tokens per window (prompt + max_tokens, as the server counts them) and no request limit.
 
 Run:  python bench/limits.py [--keys 5 20 100 1000] [--rpm 2] [--window 15] [--limits both] [--tokens]
+                             [--capacity] [--set JSON]
 """
 
 from __future__ import annotations
@@ -67,8 +75,8 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
           margin: float, fraction: float, workers: int, concurrency: int, limits: str,
           tokens: str | None) -> dict:
     per_row = row_tokens(tokens) if tokens else 0
-    keys = [SimKey(f"sk-bench-{i:04d}-xxxxxxxxxxxxxxxx", **({"tpm": rpm * per_row} if tokens else {"rpm": rpm}))
-            for i in range(n_keys)]
+    own = {} if limits == "unlimited" else {"tpm": rpm * per_row} if tokens else {"rpm": rpm}
+    keys = [SimKey(f"sk-bench-{i:04d}-xxxxxxxxxxxxxxxx", **own) for i in range(n_keys)]
     rows = n_keys * rpm * windows
     sim = SimConfig(keys=keys, minute=window, latency=latency, transient_rate=errors, seed=1)
     with SimServer(sim) as server, tempfile.TemporaryDirectory() as tmp:
@@ -98,13 +106,20 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
     calls = stats["calls"]
     ideal = window * (math.ceil(calls / (n_keys * rpm)) - 1)
     active = stats["last_call"] - stats["first_call"]
+    if limits == "unlimited":  # what the machine sustains: no ratio to a limit
+        return {"keys": n_keys, "limits": "none (capacity)", "limit": "-", "rows": rows, "answered": answered,
+                "calls": calls, "ideal_s": "-", "active_s": round(active, 2), "wall_s": round(wall, 2),
+                "calls_per_s_active": round((calls - 1) / active, 1),
+                "combined_limit_per_s": round(n_keys * rpm / window, 1), "active_ratio": "-",
+                "end_to_end_ratio": "-", "http_429": stats["rate_limited"],
+                "injected_errors": sum(stats["faults"].values()), "ceiling": "-"}
     return {"keys": n_keys, "limits": limits,
             "limit": f"{rpm * per_row} tok/{window:g}s" if tokens else f"{rpm}/{window:g}s", "rows": rows, "answered": answered, "calls": calls,
             "ideal_s": round(ideal, 2), "active_s": round(active, 2), "wall_s": round(wall, 2),
             "calls_per_s_active": round((calls - 1) / active, 1),
             "combined_limit_per_s": round(n_keys * rpm / window, 1),
             "active_ratio": round(ideal / active, 3), "end_to_end_ratio": round((ideal + latency) / wall, 3),
-            "http_429": stats["rate_limited"], "injected_errors": sum(stats["faults"].values())}
+            "http_429": stats["rate_limited"], "injected_errors": sum(stats["faults"].values()), "ceiling": "-"}
 
 
 def main() -> None:
@@ -118,6 +133,9 @@ def main() -> None:
     ap.add_argument("--margin", type=float, default=0.25, help="safety_margin: the margin's cap, seconds")
     ap.add_argument("--fraction", type=float, default=0.01, help="safety_fraction: the margin's share of a window")
     ap.add_argument("--limits", choices=["configured", "discovered", "both"], default="both")
+    ap.add_argument("--capacity", action="store_true",
+                    help="first run the same rows on keys without limits: what the machine sustains; "
+                         "the `ceiling` column is then the best active ratio this machine allows")
     ap.add_argument("--set", default="{}", help='more config fields, as JSON: \'{"rows_per_task": 16}\'')
     ap.add_argument("--tokens", choices=["chars4", "estimate"], default=None,
                     help="token-bound rows; each key allows R rows' worth of tokens as the simulated API "
@@ -131,14 +149,19 @@ def main() -> None:
           f"of a window up to {args.margin}s, tokens: {args.tokens or 'no (request-bound)'}, "
           f"{args.workers} worker processes x {args.concurrency} rows in flight, settings {EXTRA or 'default'}")
     cols = ["keys", "limits", "limit", "rows", "answered", "calls", "ideal_s", "active_s", "wall_s", "calls_per_s_active",
-            "combined_limit_per_s", "active_ratio", "end_to_end_ratio", "http_429", "injected_errors"]
+            "combined_limit_per_s", "active_ratio", "ceiling", "end_to_end_ratio", "http_429", "injected_errors"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     modes = ["configured", "discovered"] if args.limits == "both" else [args.limits]
     for n in args.keys:
-        for mode in modes:
+        capacity = None
+        for mode in (["unlimited"] if args.capacity else []) + modes:
             r = bench(n, args.rpm, args.window, args.windows, args.latency, args.errors, args.margin,
                       args.fraction, args.workers, args.concurrency, mode, args.tokens)
+            if mode == "unlimited":
+                capacity = r["calls_per_s_active"]
+            elif capacity is not None:
+                r["ceiling"] = round(min(1.0, capacity / r["combined_limit_per_s"]), 3)
             print("| " + " | ".join(str(r[c]) for c in cols) + " |", flush=True)
 
 
