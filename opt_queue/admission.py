@@ -18,6 +18,7 @@ import asyncio
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+
 import redis
 
 from opt_queue.limiter import AsyncKeyPool, Budget, Lease, Wait
@@ -30,6 +31,7 @@ FULL_SCAN = 256
 """A queue's call looks at every bucket serving the model up to this many, else at a random sample
 of this many (its wait is then a hint: it looks again after at most :data:`SAMPLED_POLL`)."""
 SAMPLED_POLL = 0.2
+"""Longest sleep after a sampled call found no room."""
 MAX_SLEEP = 5.0
 """Longest sleep between two calls: a learned limit may rise meanwhile."""
 RETRY = "retry"
@@ -59,6 +61,7 @@ class Admissions:
     def __init__(self, pool: AsyncKeyPool) -> None:
         self.pool = pool
         self._queues: dict[Group, _Queue] = {}
+        self._giving_back: set[asyncio.Task[None]] = set()  # held until done (the loop keeps weak refs)
         self.calls = 0  # script calls made (for tests and benchmarks)
 
     def waiting(self, model: str, exclude: set[str], budget: Budget | None) -> bool:
@@ -102,7 +105,9 @@ class Admissions:
                 await self.pool.cancel(lease)
             except redis.RedisError as exc:  # it expires with its reservation instead
                 log.warning("an unused admission could not be given back (%s)", type(exc).__name__)
-        asyncio.ensure_future(cancel())
+        task = asyncio.ensure_future(cancel())
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     async def _serve(self, group: Group, q: _Queue) -> None:
         try:
