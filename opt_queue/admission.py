@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import redis
@@ -34,6 +35,9 @@ SAMPLED_POLL = 0.2
 """Longest sleep after a sampled call found no room."""
 MAX_SLEEP = 5.0
 """Longest sleep between two calls: a learned limit may rise meanwhile."""
+CHECK_EVERY = 1.0
+"""How often a waiting row asks whether it is still wanted (its job stopped, its row answered by
+another copy, a key retired for its job): the engine's answer reads Redis, cached for a second."""
 RETRY = "retry"
 """What a waiting row gets when its request needs more than a slot (the job's budget is spent, or
 the request is too large for some keys): it asks for itself again, which tells it what to do."""
@@ -74,20 +78,31 @@ class Admissions:
         return model, frozenset(exclude), budget.key if budget else None
 
     async def wait(self, model: str, tokens: int, exclude: set[str], budget: Budget | None,
-                   timeout: float) -> Lease | str | None:
+                   timeout: float, still_wanted: Callable[[], Awaitable[bool]] | None = None,
+                   every: float = CHECK_EVERY) -> Lease | str | None:
         """Queue a request until it is admitted (its :class:`Lease`), :data:`RETRY`, or ``timeout``
-        seconds pass (None; the request is no longer queued). A Redis error reaches the caller."""
+        seconds pass (None; the request is no longer queued). Every ``every`` seconds
+        ``still_wanted`` is awaited, the request keeping its place meanwhile; when it says no, the
+        request leaves (None). A Redis error reaches the caller."""
         group = self._group(model, exclude, budget)
         q = self._queues.get(group)
         if q is None:
             q = self._queues[group] = _Queue()
-        future: asyncio.Future[Lease | str] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Lease | str] = loop.create_future()
         q.waiters.append(_Waiter(tokens, budget, future))
         if q.task is None or q.task.done():
             q.task = asyncio.create_task(self._serve(group, q))
+        deadline = loop.time() + timeout
         try:
-            await asyncio.wait({future}, timeout=None if timeout == float("inf") else max(0.0, timeout))
-        except asyncio.CancelledError:
+            while not future.done():
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                await asyncio.wait({future}, timeout=min(left, every))
+                if not future.done() and left > every and still_wanted is not None and not await still_wanted():
+                    break
+        except BaseException:  # cancelled, or still_wanted failed: the row is gone from the queue
             if future.done() and not future.cancelled() and future.exception() is None:
                 got = future.result()
                 if isinstance(got, Lease):
@@ -95,7 +110,7 @@ class Admissions:
             future.cancel()
             raise
         if not future.done():
-            future.cancel()  # timed out: the queue skips it
+            future.cancel()  # timed out, or no longer wanted: the queue skips it
             return None
         return future.result()
 

@@ -45,8 +45,6 @@ from opt_queue.tokens import estimate_parts, estimator
 log = logging.getLogger(__name__)
 
 WAKE_SPREAD = 0.1
-STATE_POLL = 5.0
-"""How long a row waits in its admission queue before it looks at its job's state again."""
 HANDED_BACK = "handed_back"
 """Outcome of a row that waited for a slot until its task's hold ran out (see ``process_rows``)."""
 DUPLICATE, RELEASED, DROPPED, PUBLISHED = "duplicate", "released", "dropped", "published"
@@ -296,16 +294,26 @@ class Engine:
             if isinstance(lease, Wait) and not lease.too_large:
                 # Waiting for a slot (or for the job's budget) is not an attempt. The row queues
                 # with the worker's other waiting rows (admission.py), admitted in order as slots
-                # free; every STATE_POLL it leaves the queue to look at its job's state (stopped,
-                # or the row done by another copy), then queues again. It is handed back when its
-                # task's hold is spent (a per-day limit), not before: else every copy of a row
-                # that waits longer than a hold would go round the queue non-stop.
+                # free; every second it looks at its job's state (stopped, or the row done by
+                # another copy) and retired keys, and leaves the queue when they changed. It is
+                # handed back when its task's hold is spent (a per-day limit), not before: else
+                # every copy of a row that waits longer than a hold would go round the queue
+                # non-stop.
                 left = row.hold_until - time.monotonic()
                 if left <= 0:
                     return HANDED_BACK
+
+                async def still_wanted() -> bool:
+                    if await self._retired_for(row.job) | row.too_large_for != exclude:
+                        return False
+                    replies = await run_pipeline(self.client, lambda pipe: row.job.queue_state(row.index, pipe))
+                    status, done = row.job.read_state(row.index, replies)
+                    lost = (row.job.id, row.index) in self.leases.lost
+                    return status == "running" and not done and not lost
+
                 t0 = time.monotonic()
-                got = await self.admissions.wait(model, row.tokens, exclude, self._budget(row, model),
-                                                 min(left, STATE_POLL))
+                got = await self.admissions.wait(model, row.tokens, exclude, self._budget(row, model), left,
+                                                 still_wanted)
                 metrics.WAITS.labels(model).inc()
                 metrics.WAIT_SECONDS.labels(model).inc(time.monotonic() - t0)
                 if isinstance(got, Lease):

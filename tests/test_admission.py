@@ -152,3 +152,46 @@ async def redis_down_run(url: str) -> Any:
 def test_a_redis_error_reaches_every_waiting_row() -> None:
     got = run(redis_down_run(f"redis://127.0.0.1:{free_port()}/0"))
     assert all(isinstance(g, redis.ConnectionError) for g in got), got
+
+
+async def wanted_run(redis_url: str) -> tuple[Any, float, list[int]]:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        pool = AsyncKeyPool(client, [key("sk-w1", {"requests": ["1/1s"]})])
+        queue = Admissions(pool)
+        first = await queue.wait("m", 1, set(), None, 5)
+        await pool.stamp(first)  # sent
+        t0 = time.monotonic()
+        stopped_at = t0 + 0.3
+        order: list[int] = []
+
+        async def still() -> bool:
+            return True
+
+        async def stop_soon() -> bool:
+            return time.monotonic() < stopped_at
+
+        async def row(i: int, wanted: Any) -> Any:
+            got = await queue.wait("m", 1, set(), None, 5, wanted, every=0.1)
+            if isinstance(got, Lease):
+                order.append(i)
+                await pool.stamp(got)
+            return got
+
+        left = asyncio.create_task(row(0, stop_soon))
+        await asyncio.sleep(0)
+        kept = asyncio.create_task(row(1, still))  # checked ten times a second, never unwanted
+        await asyncio.sleep(0)
+        later = asyncio.create_task(row(2, still))
+        gone = await left
+        gone_after = time.monotonic() - t0
+        await asyncio.gather(kept, later)
+        return gone, gone_after, order
+    finally:
+        await client.aclose()
+
+
+def test_a_row_leaves_when_no_longer_wanted_and_keeps_its_place_while_it_is(redis_url: str) -> None:
+    gone, gone_after, order = run(wanted_run(redis_url))
+    assert gone is None and gone_after < 0.9  # left at its first check after 0.3 s, before its slot
+    assert order == [1, 2]  # the checks did not send row 1 behind row 2; row 0 took no slot
