@@ -6,7 +6,9 @@ import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +21,7 @@ from rich.console import Console
 from opt_queue import __version__
 from opt_queue.collector import Collector, CollectStatus, errors_path
 from opt_queue.config import ENV_OVERRIDES, Config, load_config
-from opt_queue.errors import ConfigError, OptQueueError
+from opt_queue.errors import ConfigError, Interrupted, OptQueueError
 from opt_queue.jobs import Job, job_id_for
 from opt_queue.redis_conn import connect, redact_url
 from opt_queue.ui import Display, print_summary
@@ -29,12 +31,22 @@ out = Console(soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def friendly(fn: F) -> F:
-    """Turn our errors into one red line and an exit code; Ctrl-C into a clean message."""
+    """Turn our errors into one red line and an exit code; Ctrl-C and SIGTERM into a clean stop
+    (exit 130) that keeps what was answered."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: ``worker`` installs Celery's own
         try:
             return fn(*args, **kwargs)
+        except Interrupted as exc:
+            console.print(f"[yellow]{exc}[/]", highlight=False, markup=True, soft_wrap=True)
+            sys.exit(exc.exit_code)
         except OptQueueError as exc:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
             sys.exit(exc.exit_code)

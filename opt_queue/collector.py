@@ -230,15 +230,16 @@ class Collector:
             time.sleep(1)
 
     def run(self, *, follow: bool = False, on_progress: Callable[[CollectStatus], None] | None = None,
-            should_stop: Callable[[], bool] = lambda: False) -> CollectStatus:
+            should_stop: Callable[[], bool] = lambda: False, drain: bool = False) -> CollectStatus:
         """Collect until the job is complete (exit normally), stopped (raise :class:`JobStopped`),
-        or, without ``follow``, until nothing more can arrive."""
+        or, without ``follow``, until nothing more can arrive. With ``drain``, write what Redis
+        holds now and return (after an interrupted ``run``: its workers are stopped)."""
         self.output.parent.mkdir(parents=True, exist_ok=True)
         with _locked(self.output):
-            return self._run(follow, on_progress or (lambda s: None), should_stop)
+            return self._run(follow, on_progress or (lambda s: None), should_stop, drain)
 
     def _run(self, follow: bool, on_progress: Callable[[CollectStatus], None],
-             should_stop: Callable[[], bool]) -> CollectStatus:
+             should_stop: Callable[[], bool], drain: bool = False) -> CollectStatus:
         input_path = self._input_path(follow)
         self.format = self.job.meta().get("output_format") or formats.SEED
         try:
@@ -274,6 +275,10 @@ class Collector:
                     quiet = p.outstanding == 0 and not p.submitting and stream.empty()
                 except _REDIS_DOWN:
                     continue  # entries() waits for Redis; unacknowledged entries come back, deduplicated
+                if drain:
+                    if quiet and status.remaining == 0:
+                        break
+                    return status
                 if p.status == STOPPED and quiet:
                     raise JobStopped(f"job {self.job.id} stopped: {p.reason}")
                 if quiet and status.remaining == 0:

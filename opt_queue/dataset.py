@@ -317,6 +317,10 @@ class OutputState:
     answered: IndexSet = field(default_factory=IndexSet)
     nulls: IndexSet = field(default_factory=IndexSet)
     offsets: dict[str, tuple[int, int]] | None = field(default_factory=dict)
+    end: int = 0
+    """Bytes of the file read so far (up to its last complete line)."""
+    inode: int | None = None
+    """The file read: a rewrite (temp file + rename) is another file, read again from its start."""
 
     def has(self, index: str) -> bool:
         return index in self.answered or index in self.nulls
@@ -348,14 +352,42 @@ def read_output(path: str | os.PathLike[str], *, repair: bool = True, offsets: b
         return state
     if repair:
         repair_tail(p)
-    offset = 0
+    _read_lines(p, state, whole=True)
+    return state
+
+
+def _read_lines(p: Path, state: OutputState, whole: bool = False) -> None:
+    """Record the lines of ``p`` from ``state.end`` on. Unless ``whole``, a last line with no
+    newline yet (a collector is writing it) is left for the next read."""
     with open(p, "rb") as fh:
+        state.inode = os.fstat(fh.fileno()).st_ino
+        fh.seek(state.end)
+        offset = state.end
         for number, raw in enumerate(fh, 1):
+            if not whole and not raw.endswith(b"\n"):
+                break
             length = len(raw)
             if raw.strip():
                 index, answer = _parse_output_line(p, number, raw)
                 state.record(index, answer, offset, length)
             offset += length
+        state.end = offset
+
+
+def catch_up(path: str | os.PathLike[str], state: OutputState) -> OutputState:
+    """Bring ``state`` (from :func:`read_output`) up to date with the lines a collector appended
+    to ``path`` since; a file rewritten meanwhile is read again whole. Returns the state."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return state
+    if st.st_ino != state.inode or st.st_size < state.end:
+        fresh = OutputState(offsets={} if state.offsets is not None else None)
+        _read_lines(p, fresh)
+        return fresh
+    if st.st_size > state.end:
+        _read_lines(p, state)
     return state
 
 

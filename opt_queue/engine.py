@@ -58,6 +58,9 @@ LEASE_POLL = 1.0
 """How often a copy of a row whose lease another worker holds looks again."""
 PUBLISH_PATIENCE = 600.0
 """How long a paid answer waits for Redis to take it before the row is given up to a retry."""
+DRAIN_SECONDS = 5.0
+"""After :meth:`Engine.drain`, how long the calls on the wire may take to answer before they are
+abandoned (their rows go back to the queue; such a call may have been paid)."""
 
 
 @dataclass
@@ -116,6 +119,9 @@ class Engine:
         self._secrets = [k.secret.get_secret_value() for k in self.keys]
         self._retired: dict[str, tuple[float, dict[str, str]]] = {}
         self._slots = asyncio.Semaphore(config.concurrency)
+        self._draining = asyncio.Event()
+        self._on_wire: set[asyncio.Task[Any]] = set()  # rows whose API call is under way
+        self._abandon = False
 
     @classmethod
     async def start(cls, config: Config, client: redis.asyncio.Redis, api_clients: Any = None) -> Engine:
@@ -134,6 +140,38 @@ class Engine:
         await self.leases.stop()
         await self.api.close()
         await self.client.aclose()
+
+    def drain(self, seconds: float = DRAIN_SECONDS) -> None:
+        """The worker is shutting down: no call starts from now on. Rows not on the wire end as
+        :data:`HANDED_BACK` (the task enqueues them again); the calls on the wire have ``seconds``
+        to answer, and their answers are published; then they are abandoned."""
+        if self._draining.is_set():
+            return
+        self._draining.set()
+        log.warning("shutting down: no new API call starts; %d calls on the wire get %.0fs to answer",
+                    len(self._on_wire), seconds)
+        asyncio.get_running_loop().call_later(seconds, self._abandon_calls)
+
+    def _abandon_calls(self) -> None:
+        self._abandon = True
+        if self._on_wire:
+            log.warning("abandoning %d API calls that did not answer in time; their rows go back to the "
+                        "queue (a call the server finished anyway may be paid twice)", len(self._on_wire))
+        for task in list(self._on_wire):
+            task.cancel()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, cut short when the worker starts shutting down."""
+        if seconds <= 0 or self._draining.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._draining.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
     def __repr__(self) -> str:
         return f"<Engine {self.pool!r} concurrency={self.config.concurrency} max_retries={self.config.max_retries}>"
@@ -195,9 +233,11 @@ class Engine:
         """Another worker holds the row's lease: wait until it publishes (:data:`DUPLICATE`), or
         its lease expires (the lease is ours then), or this task's hold runs out."""
         while True:
-            if time.monotonic() + LEASE_POLL > hold_until:
+            if time.monotonic() + LEASE_POLL > hold_until or self.draining:
                 return HANDED_BACK
-            await asyncio.sleep(LEASE_POLL * random.uniform(0.8, 1.2))
+            await self._pause(LEASE_POLL * random.uniform(0.8, 1.2))
+            if self.draining:
+                return HANDED_BACK
             status, codes = await self.leases.take(job, [index])
             if status == "unknown":
                 return DROPPED
@@ -268,9 +308,17 @@ class Engine:
             if kept is not None:
                 return self._from_cache(row, json.loads(kept))
         while True:
+            if self.draining:  # the worker is shutting down: no call starts; the row goes back
+                if row.granted is not None:
+                    await self.pool.cancel(row.granted)
+                    row.granted = None
+                return HANDED_BACK
             model = row.body["model"]
             exclude = await self._retired_for(row.job) | row.too_large_for
             status, done, lease = await self._admit(row, model, exclude)  # again after every wait
+            if self.draining and isinstance(lease, Lease):
+                await self.pool.cancel(lease)
+                return HANDED_BACK
             if status != "running" or done:
                 if isinstance(lease, Lease):
                     await self.pool.cancel(lease)
@@ -304,6 +352,8 @@ class Engine:
                     return HANDED_BACK
 
                 async def still_wanted() -> bool:
+                    if self.draining:
+                        return False
                     if await self._retired_for(row.job) | row.too_large_for != exclude:
                         return False
                     replies = await run_pipeline(self.client, lambda pipe: row.job.queue_state(row.index, pipe))
@@ -327,12 +377,12 @@ class Engine:
                 if time.monotonic() + delay > row.hold_until:
                     # Not before the hold is spent: handed back at once, every copy of a row that
                     # waits longer than a hold would go round the queue non-stop.
-                    await asyncio.sleep(max(0.0, row.hold_until - time.monotonic()))
+                    await self._pause(max(0.0, row.hold_until - time.monotonic()))
                     return HANDED_BACK
                 delay += random.uniform(0, WAKE_SPREAD)
                 metrics.WAITS.labels(model).inc()
                 metrics.WAIT_SECONDS.labels(model).inc(delay)
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 continue
             if isinstance(lease, Never):
                 return self._null(row, "request_too_large",
@@ -382,8 +432,9 @@ class Engine:
         self.pool.clock.observe(t0, time.monotonic(), int(replies[-1][0]))
         return status, done, admission
 
-    async def _call(self, row: _Row, lease: Lease) -> RowResult | None:
-        """One API call; return the final result, or None to go round the loop again."""
+    async def _call(self, row: _Row, lease: Lease) -> RowResult | str | None:
+        """One API call; return the final result, None to go round the loop again, or
+        :data:`HANDED_BACK` when a shutdown abandoned the call."""
         row.last_key = lease.key.fingerprint
         stamped: asyncio.Future[int] | None = None
 
@@ -397,7 +448,24 @@ class Engine:
         try:
             timeout = (self.config.flex_timeout if row.body.get("service_tier") == "flex"
                        else self.config.request_timeout)  # Flex answers slowly: allow for it
-            answer = await self.api.call(lease.key, row.url, row.body, timeout, on_send=on_send)
+            task = asyncio.current_task()
+            if task is not None:
+                self._on_wire.add(task)
+            try:
+                answer = await self.api.call(lease.key, row.url, row.body, timeout, on_send=on_send)
+            finally:
+                if task is not None:
+                    self._on_wire.discard(task)
+        except asyncio.CancelledError:
+            if not self._abandon:
+                raise
+            # Abandoned by a shutdown (see drain): the row goes back; the call may have been paid.
+            if stamped is not None:
+                await stamped
+                await self.pool.settle(lease, row.tokens)
+            else:
+                await self.pool.cancel(lease)
+            return HANDED_BACK
         except Exception as exc:  # every failure is classified; none escapes as a crash
             failure = api.classify(exc)
             failure.message = api.redact(failure.message, self._secrets)
@@ -488,7 +556,7 @@ class Engine:
         if f.kind is api.Kind.RATE_LIMITED:
             return None  # cooled in _call; the row goes round the loop to a slot
         if f.kind is api.Kind.SLOW_DOWN:
-            await asyncio.sleep(f.retry_after or 0.0)
+            await self._pause(f.retry_after or 0.0)
             return None
         if f.kind is api.Kind.FLEX_UNAVAILABLE:
             if self.config.flex_fallback and row.body.get("service_tier") == "flex":
@@ -497,7 +565,7 @@ class Engine:
                 row.body = {k: v for k, v in row.body.items() if k != "service_tier"}
                 return None
             row.flex_waits += 1  # Flex only (flex_fallback false): wait and ask again, no attempt used
-            await asyncio.sleep(self._backoff(min(row.flex_waits, 8), f.retry_after))
+            await self._pause(self._backoff(min(row.flex_waits, 8), f.retry_after))
             return None
         if f.kind is api.Kind.TOO_LARGE:
             row.too_large_for.add(fp)  # this row can never pass on this key; others still can
@@ -514,7 +582,7 @@ class Engine:
             delay = self._backoff(row.attempts, f.retry_after)
             log.info("row %s: %s, retry %d/%d in %.2fs", row.index, f.reason, row.attempts,
                      self.config.max_retries, delay)
-            await asyncio.sleep(delay)
+            await self._pause(delay)
             return None
         if f.kind is api.Kind.TOO_LONG:
             row.attempts += 1

@@ -8,6 +8,7 @@ The tree::
     +-- OutputError                  output.jsonl is not an opt-queue output file (exit 2)
     +-- BrokerError                  Redis cannot be reached or is not usable (exit 3)
     +-- JobStopped                   the job was stopped for good, e.g. every key is retired (exit 4)
+    +-- Interrupted                  the user stopped the command (Ctrl-C, SIGTERM): exit 130
 
 A failed API call is not an exception here: ``client.classify`` turns it into a ``Failure`` whose
 ``Kind`` (rate limited, key dead, transient, too long, job config, bad row) the error policy in
@@ -64,3 +65,9 @@ class JobStopped(OptQueueError):
 
     exit_code = 4
 
+
+
+class Interrupted(OptQueueError):
+    """The user stopped the command (Ctrl-C or SIGTERM); what was answered is kept."""
+
+    exit_code = 130

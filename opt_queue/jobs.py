@@ -199,6 +199,11 @@ class Job(_JobBase):
             pipe.persist(key)
         pipe.execute()
 
+    def begin_collect(self, output_format: str) -> None:
+        """Mark the job as being submitted, with its output format, before a collector starts
+        beside the submit (``run``): the collector then never guesses either."""
+        self.client.hset(self.meta_key, mapping={"submitting": "1", "output_format": output_format})
+
     def clear_reservations(self) -> None:
         """Forget the budget shares held by requests in flight (call only when none is)."""
         self.client.hset(self.meta_key, mapping={"reserved_nano": 0, "reserved_tokens": 0})
@@ -269,6 +274,12 @@ class Job(_JobBase):
         if batch:
             flush()
         return out
+
+    def unclaim(self, indices: Iterable[str]) -> int:
+        """Give rows claimed a moment ago, and not enqueued, back to the collected state: their
+        lines reached output.jsonl after the submit read it (see ``lua/unclaim.lua``)."""
+        slots = [keys.slot(i) for i in indices]
+        return int(self._scripts.unclaim(keys=[*self.rows, self.meta_key], args=slots)) if slots else 0
 
     def dedupe(self, rows: Iterable[tuple[str, str]]) -> set[str]:
         """Register ``(index, request hash)`` of rows just claimed; return the indices that are

@@ -17,8 +17,16 @@ from opt_queue import formats
 from opt_queue.batchlane import ChunkWriter, cutover_at, wake
 from opt_queue.broker import declare_queue, envelope, push
 from opt_queue.config import Config
-from opt_queue.dataset import InputSummary, Row, iter_input, output_format, read_output, validate_input
-from opt_queue.errors import JobStopped, OutputError
+from opt_queue.dataset import (
+    InputSummary,
+    Row,
+    catch_up,
+    iter_input,
+    output_format,
+    read_output,
+    validate_input,
+)
+from opt_queue.errors import Interrupted, JobStopped, OutputError
 from opt_queue.estimate import sync_seconds
 from opt_queue.jobs import STOPPED, Job
 from opt_queue.prices import nano
@@ -125,23 +133,35 @@ def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
            output_path: str | os.PathLike[str], config: Config, *, skip_bad: bool = False,
            on_progress: Callable[[int, int], None] | None = None,
            validated: InputSummary | None = None,
-           on_wait: Callable[[int], None] | None = None) -> SubmitReport:
+           on_wait: Callable[[int], None] | None = None,
+           should_stop: Callable[[], bool] = lambda: False) -> SubmitReport:
     """Enqueue every row of ``input_path`` that ``output_path`` lacks or holds as null.
 
     Validates the whole input first (nothing is enqueued when a line is bad, unless ``skip_bad``).
     Rows are matched by index, so the input may have been edited since the last submit. Rows
     queued, in flight or finished but not yet collected are not enqueued twice. Safe to run
-    again at any time.
+    again at any time. ``should_stop`` is asked between batches: when it says so, the rows claimed
+    and not enqueued are given back and :class:`Interrupted` is raised.
     """
     summary = validated or validate_input(input_path, skip_bad=skip_bad)
     output = job_output_format(config, summary, output_path)
     state = read_output(output_path, offsets=False)
     before = Job(client, job_id).meta().get("input_sha256")
+
+    def on_disk(indices: set[str]) -> set[str]:
+        # A collector may be writing this output while we submit (``run`` starts one beside us; a
+        # fleet's ``collect --follow``): rows it acknowledged after our read look collected and
+        # missing to the claim. They are on disk now (a collector fsyncs before it acknowledges).
+        nonlocal state
+        state = catch_up(output_path, state)
+        return {i for i in indices if state.has(i)}
+
     meta = {"input": str(Path(input_path).resolve()), "output": str(Path(output_path).resolve()),
             "input_sha256": summary.sha256}
     report = enqueue(client, job_id, iter_input(input_path, skip_bad=skip_bad), summary.rows, config,
                      answered=state.answered, nulls=state.nulls, on_progress=on_progress,
-                     bad_lines=len(summary.bad), on_wait=on_wait, output_format=output, **meta)
+                     bad_lines=len(summary.bad), on_wait=on_wait, output_format=output, on_disk=on_disk,
+                     should_stop=should_stop, **meta)
     report.input_changed = before is not None and before != summary.sha256
     return report
 
@@ -165,11 +185,12 @@ def _release_quietly(job: Job, indices: list[str]) -> None:
                     "again once Redis is back", len(indices), job.id)
 
 
-def _wait_for_room(job: Job, max_queued: int, wanted: int, on_wait: Callable[[int], None] | None) -> None:
+def _wait_for_room(job: Job, max_queued: int, wanted: int, on_wait: Callable[[int], None] | None,
+                   should_stop: Callable[[], bool] = lambda: False) -> None:
     """Flow control: block while the job already has ``max_queued`` rows queued or in flight."""
     while True:
         outstanding = job.progress().outstanding
-        if outstanding + wanted <= max_queued:
+        if outstanding + wanted <= max_queued or should_stop():
             return
         if on_wait:
             on_wait(outstanding)
@@ -180,7 +201,8 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
             answered: Container[str] | None = None, nulls: Container[str] | None = None,
             on_progress: Callable[[int, int], None] | None = None, bad_lines: int = 0,
             on_wait: Callable[[int], None] | None = None, output_format: str = formats.SEED,
-            **meta: str) -> SubmitReport:
+            on_disk: Callable[[set[str]], set[str]] | None = None,
+            should_stop: Callable[[], bool] = lambda: False, **meta: str) -> SubmitReport:
     """Claim and enqueue ``rows`` (skipping ``answered``; ``nulls`` are retried) for job ``job_id``.
 
     At most ``config.max_queued`` rows of the job sit in Redis at once: the rest wait here until
@@ -211,13 +233,21 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
             wanted = [r.index for r in batch if r.index not in answered]
             report.answered += len(batch) - len(wanted)
             if max_queued:
-                _wait_for_room(job, max_queued, len(wanted), on_wait)
+                _wait_for_room(job, max_queued, len(wanted), on_wait, should_stop)
+            if should_stop():
+                raise Interrupted("submit interrupted")
             if job.status() == STOPPED:
                 raise JobStopped(f"job {job_id} stopped: {job.meta().get('reason', '')}")
             claim = job.claim(wanted)
             report.queued += claim.busy
             report.uncollected += claim.pending
             claimed = set(claim.claimed)
+            if claim.redone and on_disk is not None:
+                written = on_disk(claim.redone)  # collected meanwhile: on disk, not missing
+                job.unclaim(written)
+                claimed -= written
+                claim.redone -= written
+                report.answered += len(written)
             fresh = [r for r in batch if r.index in claimed]
             report.retried_nulls += sum(r.index in nulls for r in fresh)
             report.resent += sum(r.index in claim.redone and r.index not in nulls for r in fresh)

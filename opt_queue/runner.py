@@ -18,7 +18,8 @@ from opt_queue.config import Config
 from opt_queue.dataset import beside, check_writable, read_output, validate_input
 from opt_queue.jobs import Job, job_id_for
 from opt_queue.local import EmbeddedRedis, LocalWorkers, purge_queue
-from opt_queue.producer import SubmitReport, submit
+from opt_queue.errors import Interrupted
+from opt_queue.producer import SubmitReport, job_output_format, submit
 from opt_queue.redis_conn import connect
 
 log = logging.getLogger(__name__)
@@ -47,18 +48,24 @@ def worker_log(output: str | os.PathLike[str]) -> Path:
     return beside(output, ".worker.log")
 
 
+STOP_SECONDS = 8.0
+"""After Ctrl-C or SIGTERM: how long the local workers get to finish the calls on the wire (they
+abandon them after ``engine.DRAIN_SECONDS``) before they are killed."""
+
+
 class _Submitter(threading.Thread):
     """Submits in the background: with flow control it waits for rows to finish as it goes."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(name="opt-queue-submit", daemon=True)
+        self.stop = threading.Event()
         self.kwargs = kwargs
         self.report: SubmitReport | None = None
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
-            self.report = submit(**self.kwargs)
+            self.report = submit(**self.kwargs, should_stop=self.stop.is_set)
         except BaseException as exc:  # handed to the main thread
             self.error = exc
 
@@ -67,17 +74,37 @@ def _submit_and_collect(client: Any, job_id: str, input_path: Any, output_path: 
                         skip_bad: bool, validated: Any, on_submit: Any, on_progress: Any,
                         should_stop: Callable[[], bool]) -> tuple[SubmitReport, CollectStatus]:
     job = Job(client, job_id)
-    job.client.hset(job.meta_key, "submitting", "1")  # before the collector can look
+    # Before the collector can look: the job is being submitted, and its output format is fixed
+    # (else a collector that looks first would write another format's lines).
+    job.begin_collect(job_output_format(config, validated, output_path))
     submitter = _Submitter(client=client, job_id=job_id, input_path=input_path, output_path=output_path,
                            config=config, skip_bad=skip_bad, on_progress=on_submit, validated=validated)
     submitter.start()
-    status = Collector(client, job_id, output_path, input_path, config=config).run(
-        on_progress=on_progress, should_stop=lambda: submitter.error is not None or should_stop())
+    try:
+        status = Collector(client, job_id, output_path, input_path, config=config).run(
+            on_progress=on_progress, should_stop=lambda: submitter.error is not None or should_stop())
+    except BaseException:
+        submitter.stop.set()  # no more rows enqueued; those claimed and not pushed are given back
+        submitter.join(timeout=5)
+        raise
     submitter.join()
     if submitter.error is not None:
         raise submitter.error
     assert submitter.report is not None
     return submitter.report, status
+
+
+def _wind_down(client: Any, job_id: str, input_path: Any, output_path: Any, config: Config,
+               local: LocalWorkers) -> CollectStatus:
+    """After Ctrl-C or SIGTERM: the workers start no new call and get ``STOP_SECONDS`` for the calls on
+    the wire; then every answer that reached Redis is written to the output, so a re-run pays for
+    none of them. Further signals are ignored meanwhile (it takes seconds, not minutes)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    log.warning("interrupted: no new API call starts; finishing the calls on the wire (up to %.0fs)",
+                STOP_SECONDS)
+    local.stop(timeout=STOP_SECONDS)
+    return Collector(client, job_id, output_path, input_path, config=config).run(drain=True)
 
 
 @dataclass
@@ -129,6 +156,12 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
         try:
             report, status = _submit_and_collect(client, job_id, input_path, output_path, config, skip_bad,
                                                  validated, on_submit, on_progress, should_stop)
+        except KeyboardInterrupt:
+            kept = _wind_down(client, job_id, input_path, output_path, config, local)
+            raise Interrupted(
+                f"interrupted: {kept.answered} rows answered and {kept.nulls} null are in {output_path}, "
+                f"{kept.remaining} remain; run the same command again to resume (nothing answered is "
+                f"paid again)") from None
         finally:
             local.stop()
         client.close()

@@ -13,7 +13,7 @@ import redis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
-_ROW_SCRIPTS = ("claim", "publish", "release", "collected", "lease", "orphans", "dedupe")
+_ROW_SCRIPTS = ("claim", "unclaim", "publish", "release", "collected", "lease", "orphans", "dedupe")
 """Scripts on a job's row state: ``lua/_rows.lua`` (its helpers) is put in front of each."""
 _NAMES = (*_ROW_SCRIPTS, "renew", "acquire", "stamp", "cancel", "settle", "learn", "due", "reserve")
 
@@ -36,6 +36,7 @@ class Scripts:
             setattr(self, name, client.register_script(source(name)))
 
     claim: Script
+    unclaim: Script
     publish: Script
     release: Script
     collected: Script

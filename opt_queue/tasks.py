@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import redis
 from celery import Task
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from opt_queue.app import app
 from opt_queue.batchlane import BatchLane
@@ -98,6 +98,14 @@ def _start_runtime(**_: Any) -> None:
         runtime()
     except Exception as exc:  # the first task builds it again, and says why it cannot
         log.warning("the worker's runtime did not start yet: %r", exc)
+
+
+@worker_shutting_down.connect
+def _drain(**_: Any) -> None:
+    """The worker was asked to stop (SIGTERM, Ctrl-C): from now on no API call starts. Runs in the
+    signal handler: it only schedules the engine's drain on its loop."""
+    if _runtime is not None:
+        _runtime.loop.call_soon_threadsafe(_runtime.engine.drain)
 
 
 @worker_shutdown.connect
