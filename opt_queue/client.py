@@ -50,6 +50,7 @@ class Kind(enum.Enum):
     KEY_DEAD = "key_dead"                # retire the key for the job, try another
     TOO_LARGE = "request_too_large"      # larger than the key's whole TPM window: never passes
     TRANSIENT = "transient"              # back off and retry, up to max_retries
+    UNREACHABLE = "unreachable"          # connection refused, DNS, TLS: no request left; its base may be wrong
     TOO_LONG = "context_length_exceeded" # fallback model once, else null
     JOB_CONFIG = "job_config"            # wrong model or parameter for every row: stop the job
     BAD_ROW = "bad_request"              # this row cannot succeed: null
@@ -195,10 +196,34 @@ class CallFailed(Exception):
         self.failure = failure
 
 
+def _is_httpx_connect_error(exc: BaseException) -> bool:
+    """httpx's ConnectError (the SDK's own HTTP stack, ``httpx`` or its ``httpx2`` fork)."""
+    return any(t.__name__ == "ConnectError" and t.__module__.split(".")[0] in ("httpx", "httpx2")
+               for t in type(exc).__mro__)
+
+
+def _unreachable(exc: BaseException) -> BaseException | None:
+    """The error under ``exc`` that says no connection could be made (refused, DNS, TLS), if any.
+    The SDK's aiohttp transport reports such an error as a connect *timeout*, which it is not; a
+    server that accepted the connection and then did not answer in time is a timeout."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # the SDK wraps httpx's error, which wraps aiohttp's
+        if seen is None:
+            return None
+        if isinstance(seen, aiohttp.ClientConnectorError) or _is_httpx_connect_error(seen):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def classify(exc: BaseException) -> Failure:
     """Classify an exception raised by :func:`call`."""
     if isinstance(exc, CallFailed):
         return exc.failure
+    refused = _unreachable(exc)
+    if refused is not None:
+        detail = str(refused) or type(refused).__name__
+        return Failure(Kind.UNREACHABLE, f"cannot connect: {detail}", code="unreachable")
     if isinstance(exc, openai.APIStatusError):
         try:
             body = exc.response.json()

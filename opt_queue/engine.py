@@ -38,6 +38,7 @@ from opt_queue.config import Config
 from opt_queue.jobs import STOPPED, AsyncJob, RowResult
 from opt_queue.limiter import AsyncKeyPool, Budget, BudgetReached, Lease, Never, Wait
 from opt_queue.prices import Prices, Usage, nano
+from opt_queue.redis_conn import redact_url
 from opt_queue.request import CHAT_URL, ask_again, request_hash
 from opt_queue.scripts import run_pipeline
 from opt_queue.tokens import estimate_parts, estimator
@@ -45,6 +46,8 @@ from opt_queue.tokens import estimate_parts, estimator
 log = logging.getLogger(__name__)
 
 WAKE_SPREAD = 0.1
+UNREACHABLE_MARK = "unreachable:"
+"""How the reason of a key retired because its base URL cannot be reached begins."""
 HANDED_BACK = "handed_back"
 """Outcome of a row that waited for a slot until its task's hold ran out (see ``process_rows``)."""
 DUPLICATE, RELEASED, DROPPED, PUBLISHED = "duplicate", "released", "dropped", "published"
@@ -58,6 +61,12 @@ LEASE_POLL = 1.0
 """How often a copy of a row whose lease another worker holds looks again."""
 PUBLISH_PATIENCE = 600.0
 """How long a paid answer waits for Redis to take it before the row is given up to a retry."""
+UNREACHABLE_TRIES = 3
+"""A base URL that no connection of this worker has reached yet is given up after this many
+connection failures in a row (refused, DNS, TLS): a wrong ``api_base`` stops the job in seconds."""
+UNREACHABLE_SECONDS = 60.0
+"""A base URL that answered before is given up once every connection fails for this long (a
+server restarting is waited for)."""
 DRAIN_SECONDS = 5.0
 """After :meth:`Engine.drain`, how long the calls on the wire may take to answer before they are
 abandoned (their rows go back to the queue; such a call may have been paid)."""
@@ -89,6 +98,7 @@ class _Row:
     cache_entry: str | None = None  # what the cache keeps of the answer, stored with the result
     from_cache: bool = False  # answered by the response cache: no call
     flex_waits: int = 0  # Flex refusals met (flex_fallback false)
+    connect_failures: int = 0  # calls that could not connect (no attempt used)
     saved: float = 0.0  # what the cached answer had cost
 
     def __post_init__(self) -> None:
@@ -97,6 +107,32 @@ class _Row:
     def estimate(self) -> None:
         self.prompt_tokens, cap = estimate_parts(self.body, self.url)
         self.tokens = self.prompt_tokens + cap
+
+
+@dataclass
+class _Reach:
+    """Whether a base URL can be reached, as this worker's calls found it."""
+
+    answered: bool = False
+    failures: int = 0  # connection failures in a row
+    failing_since: float | None = None
+
+    def failed(self, now: float) -> bool:
+        """Note a connection failure; return True when the base is to be given up."""
+        self.failures += 1
+        if self.failing_since is None:
+            self.failing_since = now
+        if self.answered:
+            return now - self.failing_since >= UNREACHABLE_SECONDS
+        return self.failures >= UNREACHABLE_TRIES
+
+    def reached(self) -> None:
+        self.answered, self.failures, self.failing_since = True, 0, None
+
+
+def base_of(key: Any) -> str:
+    """The URL a key's calls go to (its Azure endpoint, else its ``api_base``)."""
+    return key.azure.endpoint if key.azure is not None else key.api_base
 
 
 class Engine:
@@ -119,6 +155,7 @@ class Engine:
         self._secrets = [k.secret.get_secret_value() for k in self.keys]
         self._retired: dict[str, tuple[float, dict[str, str]]] = {}
         self._slots = asyncio.Semaphore(config.concurrency)
+        self._reach: dict[str, _Reach] = {}  # per base URL: did it answer, since when it fails
         self._draining = asyncio.Event()
         self._on_wire: set[asyncio.Task[Any]] = set()  # rows whose API call is under way
         self._abandon = False
@@ -469,6 +506,8 @@ class Engine:
         except Exception as exc:  # every failure is classified; none escapes as a crash
             failure = api.classify(exc)
             failure.message = api.redact(failure.message, self._secrets)
+            if failure.kind is not api.Kind.UNREACHABLE and failure.status is not None:
+                self._reach.setdefault(base_of(lease.key), _Reach()).reached()
             # An error status is not billed; a 200 without a usable answer (a refusal) is.
             paid = getattr(exc, "usage", None)
             row.last_usage = self._usage(row, answers.Reply(value=None, usage=paid)) if paid else None
@@ -493,8 +532,12 @@ class Engine:
             else:
                 await self.pool.learn(lease, failure.server_limits)
             if failure.kind is not api.Kind.KEY_DEAD:  # a dead key's probe stays out: no second call
-                await self.pool.answered(lease, alive=failure.kind is not api.Kind.TRANSIENT)
+                await self.pool.answered(lease, alive=failure.kind not in (api.Kind.TRANSIENT,
+                                                                           api.Kind.UNREACHABLE))
             return await self._on_failure(row, lease, failure)
+        reach = self._reach.get(base_of(lease.key))
+        if reach is None or reach.failures or not reach.answered:
+            self._reach.setdefault(base_of(lease.key), _Reach()).reached()
         try:  # bookkeeping: a Redis error here must not throw the paid answer away
             if stamped is not None:
                 await stamped
@@ -575,6 +618,16 @@ class Engine:
                 log.warning("key %s retired for job %s: %s %s", fp, row.job.id, f.status, f.reason)
             self._retired.pop(row.job.id, None)
             return None
+        if f.kind is api.Kind.UNREACHABLE:
+            # Nothing reached the server, so nothing was paid and no attempt is used; the row tries
+            # again (another key, or this one after a pause) until the base is given up.
+            base = base_of(lease.key)
+            if self._reach.setdefault(base, _Reach()).failed(time.monotonic()):
+                await self._give_up_base(row.job, base, f.message)
+                return None
+            row.connect_failures += 1
+            await self._pause(self._backoff(min(row.connect_failures, 8), None))
+            return None
         if f.kind is api.Kind.TRANSIENT:
             row.attempts += 1
             if row.attempts > self.config.max_retries:
@@ -620,13 +673,27 @@ class Engine:
             cached = self._retired[job.id] = (now, await job.retired_keys())
         return set(cached[1])
 
+    async def _give_up_base(self, job: AsyncJob, base: str, message: str) -> None:
+        """Retire, for the job, every key whose calls go to ``base``: it cannot be reached."""
+        shown = redact_url(base)
+        for key in self.keys:
+            if base_of(key) == base and await job.retire_key(key.fingerprint, f"{UNREACHABLE_MARK} {shown}: {message}"):
+                log.error("key %s retired for job %s: %s cannot be reached (%s)", key.fingerprint, job.id,
+                          shown, message)
+        self._retired.pop(job.id, None)
+
     async def _stop_no_keys(self, job: AsyncJob, model: str) -> None:
         retired = await job.retired_keys()
-        if retired:
+        unreachable = sorted({why for why in retired.values() if why.startswith(UNREACHABLE_MARK)})
+        if retired and len(unreachable) == len(set(retired.values())):
+            reason = (f"no api_base serving {model} can be reached: " + "; ".join(
+                why[len(UNREACHABLE_MARK) + 1:] for why in unreachable) + ". Check api_base in the config "
+                "(and the network), then run the same command again; the unanswered rows stay unanswered.")
+        elif retired:
             detail = "; ".join(f"{fp}: {why}" for fp, why in sorted(retired.items()))
             reason = (f"every key serving {model} is retired ({detail}). The unanswered rows stay "
                       f"unanswered: add working keys and run the same command again.")
-        else:
+        if not retired:
             reason = (f"no configured key serves model {model}; add it to a key's \"models\" "
                       f"or remove the \"models\" restriction.")
         if await job.stop(reason):
