@@ -317,7 +317,7 @@ class Config(BaseModel):
     prices: dict[str, PriceConfig] = Field(default_factory=dict)
     max_cost: float | None = Field(default=None, gt=0)
     max_tokens_total: int | None = Field(default=None, gt=0)
-    dedupe: bool = True
+    dedupe: bool | None = None
     lane: Literal["sync", "flex", "batch"] = "sync"
     flex_fallback: bool = True
     flex_timeout: float = Field(default=900.0, gt=0)

@@ -20,7 +20,7 @@ from typing import Any
 from opt_queue.config import Config
 from opt_queue.dataset import iter_input, read_output
 from opt_queue.prices import Prices, money
-from opt_queue.request import request_body
+from opt_queue.request import paid_once, request_body, request_hash
 from opt_queue.tokens import estimate_parts, typical_estimator
 
 
@@ -57,6 +57,10 @@ class Estimate:
     rows_to_send: int = 0
     already_answered: int = 0
     nulls_to_retry: int = 0
+    repeats_paid_once: int = 0
+    """Rows whose request repeats another row's and that will get its answer unpaid."""
+    repeats_sent: int = 0
+    """Rows whose request repeats another row's and that are sent all the same (they sample)."""
     estimator: str = ""
     output_assumption: str = ""
     lane: str = "sync"
@@ -77,6 +81,7 @@ class Estimate:
     def as_dict(self) -> dict[str, Any]:
         return {"rows_in_input": self.rows_in_input, "rows_to_send": self.rows_to_send,
                 "already_answered": self.already_answered, "nulls_to_retry": self.nulls_to_retry,
+                "repeats_paid_once": self.repeats_paid_once, "repeats_sent": self.repeats_sent,
                 "estimator": self.estimator, "output_assumption": self.output_assumption, "lane": self.lane,
                 "prompt_tokens": self.total("prompt_tokens"), "output_tokens_cap": self.total("cap_tokens"),
                 "output_tokens_assumed": self.total("assumed_tokens"),
@@ -140,11 +145,19 @@ def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[
                                       "every answer at its cap (max_tokens, else the endpoint's default); "
                                       "--output-tokens N states an average"))
     found: dict[str, Any] = {}
+    seen: set[bytes] = set()
     for row in _rows(input_path, state, est):
         sync = request_body(row.url, row.body, config.model.name, config.model.params)
         flex = request_body(row.url, row.body, config.model.name, config.model.params, "flex")
         batch = {**sync, "service_tier": "batch"}  # priced as the Batch API bills it
         body = {"flex": flex, "batch": batch}.get(config.lane, sync)
+        digest = bytes.fromhex(request_hash(row.url, body)[:16])
+        if digest in seen:
+            if paid_once(config.dedupe, row.url, body):
+                est.repeats_paid_once += 1
+                continue  # it gets the answer of the row it repeats: nothing to pay
+            est.repeats_sent += 1
+        seen.add(digest)
         model = body.get("model") or config.model.name
         prompt, cap = estimate_parts(body, row.url, typical=True)
         assumed = cap if output_tokens is None or not cap else min(cap, output_tokens * int(body.get("n") or 1))
@@ -188,10 +201,23 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+def _repeats(est: Estimate) -> list[str]:
+    lines = []
+    if est.repeats_paid_once:
+        lines.append(f"repeated requests: {est.repeats_paid_once} rows repeat another row's request and get "
+                     f"its answer, unpaid (they do not sample; \"dedupe\": false sends each)")
+    if est.repeats_sent:
+        lines.append(f"repeated requests: {est.repeats_sent} rows repeat another row's request and are each "
+                     f"sent (they sample: temperature unset or above 0, or n > 1; \"dedupe\": true pays "
+                     f"them once)")
+    return lines
+
+
 def describe(est: Estimate) -> list[str]:
     """The lines ``estimate`` prints."""
     lines = [f"rows to send: {est.rows_to_send} of {est.rows_in_input} (already answered: "
              f"{est.already_answered}; nulls to retry: {est.nulls_to_retry})",
+             *_repeats(est),
              f"token estimate: {est.estimator}",
              f"output tokens: {est.output_assumption}"]
     for model, m in sorted(est.models.items()):

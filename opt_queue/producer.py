@@ -30,7 +30,7 @@ from opt_queue.errors import Interrupted, JobStopped, OutputError
 from opt_queue.estimate import sync_seconds
 from opt_queue.jobs import STOPPED, Job
 from opt_queue.prices import nano
-from opt_queue.request import CHAT_URL, request_body, request_hash
+from opt_queue.request import CHAT_URL, paid_once, request_body, request_hash
 from opt_queue.tokens import estimate_tokens
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ class SubmitReport:
     retried_nulls: int = 0
     copies: int = 0
     """Rows whose request is identical to a row being sent: they get its answer, unpaid."""
+    repeats_sent: int = 0
+    """Rows that repeat the request of another row of this submit and are sent all the same: they
+    sample (see ``request.samples``), so each is its own draw."""
     resent: int = 0
     """Rows collected before whose line output.jsonl no longer has."""
     bad_lines: int = 0
@@ -81,6 +84,9 @@ class SubmitReport:
             text += f", {self.resent} sent again because output.jsonl no longer has them"
         if self.copies:
             text += f"; {self.copies} rows repeat another row's request and get its answer, unpaid"
+        if self.repeats_sent:
+            text += (f"; {self.repeats_sent} rows repeat another row's request and are each sent (they "
+                     f"sample: temperature unset or above 0, or n > 1; \"dedupe\": true pays them once)")
         return text
 
 
@@ -185,6 +191,25 @@ def _release_quietly(job: Job, indices: list[str]) -> None:
                     "again once Redis is back", len(indices), job.id)
 
 
+def _dedupe(job: Job, rows: list[Row], config: Config, sampled: set[bytes], report: SubmitReport) -> set[str]:
+    """Register the rows whose identical requests are paid once (``request.paid_once``); return
+    those that became copies of a row being sent. Rows repeating a request that samples are counted
+    in ``report.repeats_sent`` (``sampled`` holds what this submit saw)."""
+    once: list[tuple[str, str]] = []
+    for r in rows:
+        body = request_body(r.url, r.body, config.model.name, config.model.params, config.lane)
+        digest = request_hash(r.url, body)
+        if paid_once(config.dedupe, r.url, body):
+            once.append((r.index, digest))
+        elif config.dedupe is None:
+            raw = bytes.fromhex(digest[:16])
+            report.repeats_sent += raw in sampled
+            sampled.add(raw)
+    copies = job.dedupe(once) if once else set()
+    report.copies += len(copies)
+    return copies
+
+
 def _wait_for_room(job: Job, max_queued: int, wanted: int, on_wait: Callable[[int], None] | None,
                    should_stop: Callable[[], bool] = lambda: False) -> None:
     """Flow control: block while the job already has ``max_queued`` rows queued or in flight."""
@@ -227,6 +252,7 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
               if config.lane == "batch" else None)
     wake(client, job_id, now=False)  # chunks of an earlier submit whose next step Redis lost
     done = 0
+    sampled: set[bytes] = set()  # digests of the requests sent each time they repeat (they sample)
     declare_queue()
     try:
         for batch in _batches(iter(rows), min(BATCH, max_queued) if max_queued else BATCH):
@@ -251,10 +277,8 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
             fresh = [r for r in batch if r.index in claimed]
             report.retried_nulls += sum(r.index in nulls for r in fresh)
             report.resent += sum(r.index in claim.redone and r.index not in nulls for r in fresh)
-            if config.dedupe and fresh:
-                copies = job.dedupe((r.index, request_hash(r.url, request_body(
-                    r.url, r.body, config.model.name, config.model.params, config.lane))) for r in fresh)
-                report.copies += len(copies)
+            if fresh:
+                copies = _dedupe(job, fresh, config, sampled, report)
                 fresh = [r for r in fresh if r.index not in copies]
             try:
                 if writer is not None:

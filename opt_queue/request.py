@@ -179,6 +179,28 @@ def ask_again(url: str, body: dict[str, Any], answer: str, problem: str) -> dict
     return body
 
 
+DETERMINISTIC_URLS = frozenset({"/v1/embeddings", "/v1/moderations"})
+"""Endpoints whose answer does not depend on chance: identical requests get identical answers."""
+
+
+def samples(url: str, body: dict[str, Any]) -> bool:
+    """Whether a request draws a sample, so that identical requests are not identical work: any
+    generation unless its ``temperature`` is 0 and it asks for one choice (``n``, and
+    ``best_of`` for completions, absent or 1). A temperature left unset is the API's default, 1."""
+    if url in DETERMINISTIC_URLS:
+        return False
+    temperature = body.get("temperature")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature != 0:
+        return True
+    return any(body.get(name) not in (None, 1) for name in ("n", "best_of"))
+
+
+def paid_once(dedupe: bool | None, url: str, body: dict[str, Any]) -> bool:
+    """Whether a request is paid once for all the rows of a job that repeat it: ``dedupe`` true
+    (always), false (never), or unset (when it does not sample, :func:`samples`)."""
+    return dedupe if dedupe is not None else not samples(url, body)
+
+
 def request_hash(url: str, body: dict[str, Any]) -> str:
     """The identity of a request (its endpoint and canonical JSON body): rows of a job with the
     same one are paid once (``dedupe``)."""

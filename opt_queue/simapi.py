@@ -692,6 +692,10 @@ class SimServer:
         """The API's counters (calls, answers, 429s, faults, calls per prompt, ...)."""
         return self._read(self.api.stats)
 
+    def reset_stats(self) -> None:
+        """Start the counters again from zero."""
+        self._read(self.api.reset_stats)
+
     def received(self) -> list[dict[str, Any]]:
         """The request bodies received so far (without their messages), oldest first."""
         return self._read(lambda: list(self.api.requests))

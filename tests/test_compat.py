@@ -95,6 +95,9 @@ def test_parallel_api_and_api_examples_keep_ids_and_pass_model_parameters(tmp_pa
     assert one == expected(MODEL, "flowers")
     assert custom == expected("gpt-3.5-turbo", "flowers")
     received = sim.received()
+    # ten identical prompts that sample (no temperature: the API's 1) are ten calls, as the
+    # original toolkit made them, not one answer copied ten times
+    assert len(received) == 12 and sim.stats()["calls"] == 12
     assert received[-1] == {"model": "gpt-3.5-turbo", "temperature": 0.1}
     assert all(r == {"model": MODEL} for r in received[:-1])
     assert not list(tmp_path.glob("*.jsonl")) and not list(tmp_path.glob("*.oq-redis"))  # no files needed

@@ -236,13 +236,14 @@ def test_identical_requests_are_paid_once_and_every_copy_gets_the_answer(
     from opt_queue.simapi import sim_answer
 
     rows = english_rows(95)
-    rows += [dict(rows[i * 7], index=f"again-{i}") for i in range(4)]  # 5% repeat an earlier row
+    # 5% repeat another row; the copies come first in the input, before the rows they repeat
+    rows = [dict(rows[i * 7], index=f"again-{i}") for i in range(4)] + rows
     rows.append({"index": "refused-again", "instruction": "", "input": "REFUSE this"})
     rows.insert(10, {"index": "refused", "instruction": "", "input": "REFUSE this"})
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     out = tmp_path / "output.jsonl"
     config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, prices=PRICES,
-                          model={"name": "gpt-4o-mini", "max_tokens": 30})
+                          model={"name": "gpt-4o-mini", "max_tokens": 30, "temperature": 0})
     workers(config, processes=2, concurrency=8)
     submitted = cli("submit", str(data), "-c", str(config), "-o", str(out), "--output-format", "full")
     assert submitted.returncode == 0 and "5 rows repeat another row's request" in submitted.stdout
@@ -256,8 +257,9 @@ def test_identical_requests_are_paid_once_and_every_copy_gets_the_answer(
             continue
         messages = [{"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]}]
         assert got[r["index"]]["text"] == sim_answer("gpt-4o-mini", messages)
-    assert {i: got[f"again-{i}"]["copy_of"] for i in range(4)} == {i: str(i * 7) for i in range(4)}
-    assert "copy_of" not in got["0"] and got["refused"] is None and got["refused-again"] is None
+    # the first row with a request is sent, the later ones are its copies, whatever their names
+    assert {str(i * 7): got[str(i * 7)]["copy_of"] for i in range(4)} == {str(i * 7): f"again-{i}" for i in range(4)}
+    assert "copy_of" not in got["again-0"] and got["refused"] is None and got["refused-again"] is None
     errors = {e["index"]: e for e in read_jsonl(tmp_path / "output.errors.jsonl")}
     assert errors["refused-again"]["copy_of"] == "refused" and errors["refused-again"]["error_type"] == "refusal"
     spend = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)["jobs"][0]["spend"]
@@ -274,6 +276,29 @@ def test_dedupe_off_pays_for_every_row(tmp_path: Path, sim: SimServer, redis_url
     assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
     assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
     assert sim.stats()["calls"] == 7 and sorted(sim.stats()["per_prompt"].values()) == [1] * 5 + [2]
+
+
+@pytest.mark.slow
+def test_repeated_requests_that_sample_are_each_sent_unless_dedupe_is_true(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    rows = [dict(english_rows(1)[0], index=f"again-{i}") for i in range(3)] + english_rows(4)
+    data = write_jsonl(tmp_path / "data.jsonl", rows)  # row 0's request four times, copies first
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url)  # temperature unset
+    workers(config, concurrency=4)
+    estimated = cli("estimate", str(data), "-c", str(config), "-o", str(tmp_path / "out.jsonl"))
+    assert "3 rows repeat another row's request and are each sent" in estimated.stdout, estimated.stdout
+    submitted = cli("submit", str(data), "-c", str(config), "-o", str(tmp_path / "out.jsonl"))
+    assert "3 rows repeat another row's request and are each sent" in submitted.stdout, submitted.stdout
+    assert cli("collect", "-c", str(config), "-o", str(tmp_path / "out.jsonl")).returncode == 0
+    assert sim.stats()["calls"] == 7 and sorted(sim.stats()["per_prompt"].values()) == [1, 1, 1, 4]
+
+    sim.reset_stats()
+    always = write_config(tmp_path / "always.json", sim, broker_url=redis_url, dedupe=True)
+    estimated = cli("estimate", str(data), "-c", str(always), "-o", str(tmp_path / "out2.jsonl"))
+    assert "3 rows repeat another row's request and get its answer, unpaid" in estimated.stdout
+    assert cli("submit", str(data), "-c", str(always), "-o", str(tmp_path / "out2.jsonl")).returncode == 0
+    assert cli("collect", "-c", str(always), "-o", str(tmp_path / "out2.jsonl")).returncode == 0
+    assert sim.stats()["calls"] == 4
 
 
 @pytest.mark.slow

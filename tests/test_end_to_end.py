@@ -30,7 +30,8 @@ def dataset(n: int) -> list[dict]:
 def test_run_answers_every_row_once_in_input_order_with_reasons_for_nulls(tmp_path: Path, sim: SimServer) -> None:
     sim.configure(models={MODEL: 400}, latency=0.01)
     data = write_jsonl(tmp_path / "data.jsonl", dataset(200))
-    config = write_config(tmp_path / "config.json", sim)
+    # temperature 0: the repeated prompts do not sample, so each distinct request is paid once
+    config = write_config(tmp_path / "config.json", sim, model={"name": MODEL, "temperature": 0})
     out = tmp_path / "output.jsonl"
 
     result = cli("run", str(data), "-c", str(config), "-o", str(out))
