@@ -49,7 +49,7 @@ from opt_queue.broker import envelope
 from opt_queue.config import ApiKey, Config
 from opt_queue.jobs import STOPPED, AsyncJob, RowResult
 from opt_queue.prices import Prices, Usage, nano
-from opt_queue.request import CHAT_URL
+from opt_queue.request import CHAT_URL, failure_key
 from opt_queue.scripts import queue, run_pipeline, scripts_for
 from opt_queue.tokens import estimate_parts
 
@@ -81,6 +81,8 @@ class Chunk:
     key: str | None = None
     tag: str | None = None
     file_id: str | None = None
+    file_key: str | None = None
+    """The key that uploaded ``file_id`` (a file belongs to its key's organization)."""
     batch_id: str | None = None
     status: str | None = None
     answered: int = 0
@@ -304,9 +306,10 @@ class BatchLane:
         """The key's client (the engine's, kept open); uploads and downloads pass a longer timeout."""
         return self.api.client(key, self.config.request_timeout)
 
-    async def _pick(self, job: AsyncJob, chunk: Chunk) -> ApiKey | None | bool:
+    async def _pick(self, job: AsyncJob, chunk: Chunk) -> ApiKey | None | bool | int:
         """The key with the most room for the chunk; None while every key is full; False when no
-        usable key serves the chunk's model."""
+        usable key serves the chunk's model; the largest limit (an int) when every usable key's
+        enqueued-token limit is known and smaller than the chunk."""
         retired = set(await job.retired_keys())
         usable = [k for k in self.keys if k.serves(chunk.model) and k.fingerprint not in retired]
         if not usable:
@@ -315,12 +318,16 @@ class BatchLane:
         for key in usable:
             pipe.hmget(rkeys.batch_enqueued(key.fingerprint, chunk.model), ["tokens", "limit"])
         best, room = None, None
+        limits: list[int | None] = []
         for key, (enqueued, learned) in zip(usable, await pipe.execute()):
             enqueued = int(enqueued or 0)
             limit = self.config.batch_token_limit or (int(learned) if learned else None)
+            limits.append(limit)
             left = float("inf") if limit is None else limit - enqueued
             if (enqueued == 0 or left >= chunk.tokens) and (room is None or left > room):
                 best, room = key, left
+        if None not in limits and chunk.tokens > max(limits):  # type: ignore[type-var]
+            return int(max(limits))  # type: ignore[type-var]
         return best
 
     async def _create(self, job: AsyncJob, chunk_id: str, chunk: Chunk) -> float | None:
@@ -334,19 +341,28 @@ class BatchLane:
         if key is None:
             log.info("job %s: chunk %s waits for room under the enqueued-token limits", job.id, chunk_id)
             return self.config.batch_poll
-        assert isinstance(key, ApiKey)
+        if not isinstance(key, ApiKey):  # larger than every key's limit: it would fail again
+            await self._too_large(job, chunk_id, chunk, int(key))
+            return None
         data = await self.client.get(rkeys.job_chunk(job.id, chunk_id))
         room = await self._reserve(job, chunk_id, chunk, data or b"")
         if room is not None:
             return None if room == SPLIT else room
+        # A chunk's content never changes: a file this key uploaded for it before (a batch that
+        # failed, or a create that did not go through) is used again instead of a second upload.
+        file_id = chunk.file_id if chunk.file_id and chunk.file_key == key.fingerprint else None
         chunk.state, chunk.key, chunk.tag = "creating", key.fingerprint, uuid.uuid4().hex[:12]
         await self._save(job.id, chunk_id, chunk)  # before the call: a crash after it is found again
         sdk = self._sdk(key)
         try:
-            uploaded = await sdk.files.create(file=(f"{job.id}-{chunk_id}.jsonl", data or b""), purpose="batch",
-                                              timeout=UPLOAD_TIMEOUT)
+            if file_id is None:
+                uploaded = await sdk.files.create(file=(f"{job.id}-{chunk_id}.jsonl", data or b""),
+                                                  purpose="batch", timeout=UPLOAD_TIMEOUT)
+                file_id = chunk.file_id = uploaded.id
+                chunk.file_key = key.fingerprint
+                await self._save(job.id, chunk_id, chunk)
             created = await sdk.batches.create(
-                input_file_id=uploaded.id, endpoint=chunk.url, completion_window="24h",  # type: ignore[arg-type]
+                input_file_id=file_id, endpoint=chunk.url, completion_window="24h",  # type: ignore[arg-type]
                 metadata={"opt_queue_job": job.id, "opt_queue_chunk": chunk_id, "opt_queue_tag": chunk.tag})
         except Exception as exc:
             failure = api.classify(exc)
@@ -365,7 +381,7 @@ class BatchLane:
             return max(failure.retry_after or 0.0, self.config.batch_poll)
         log.info("job %s: chunk %s (%d rows, ~%d prompt tokens) is batch %s on key %s", job.id, chunk_id,
                  chunk.rows, chunk.tokens, created.id, key.fingerprint)
-        return await self._submitted(job, chunk_id, chunk, created.id, uploaded.id, created.status)
+        return await self._submitted(job, chunk_id, chunk, created.id, file_id, created.status)
 
     async def _reserve(self, job: AsyncJob, chunk_id: str, chunk: Chunk, data: bytes) -> float | None:
         """Hold the batch's worst case (every prompt's estimate and every answer at its cap, at
@@ -408,6 +424,7 @@ class BatchLane:
     async def _submitted(self, job: AsyncJob, chunk_id: str, chunk: Chunk, batch_id: str, file_id: str,
                          status: str | None = None) -> float:
         chunk.state, chunk.batch_id, chunk.file_id, chunk.status = "submitted", batch_id, file_id, status
+        chunk.file_key = chunk.key
         delay = chunk.next_poll(self.config.batch_poll)
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(rkeys.job_batches(job.id), chunk_id, chunk.dumps())
@@ -472,8 +489,8 @@ class BatchLane:
             if match:
                 limit = int(match.group(1).replace(",", ""))
                 await self.client.hset(rkeys.batch_enqueued(chunk.key or "", chunk.model), "limit", limit)
-                if chunk.tokens > limit and chunk.rows > 1:
-                    await self._split(job, chunk_id, chunk, limit)
+                if chunk.tokens > limit:
+                    await self._too_large(job, chunk_id, chunk, limit)
                     return None
             log.info("job %s: chunk %s waits for room: %s", job.id, chunk_id, message)
             chunk.state = "pending"
@@ -505,11 +522,20 @@ class BatchLane:
             used = 0
             for index, line in lines.items():
                 tokens = estimate_parts(line["body"], chunk.url)[0]
+                if tokens > limit:
+                    continue  # alone above the limit: it never fits in a batch (see _too_large)
                 if pieces[-1] and used + tokens > limit * 0.9:
                     pieces.append([])
                     used = 0
                 pieces[-1].append((index, line))
                 used += tokens
+            pieces = [p for p in pieces if p]
+        kept = {i for part in pieces for i, _line in part}
+        alone = [i for i in lines if i not in kept]
+        if alone:
+            await self._to_sync(job.id, [self._task_row(chunk, i, lines[i]) for i in alone], chunk.options)
+            log.warning("job %s: %d rows of chunk %s are each larger than the Batch API's enqueued-token limit "
+                        "(%d): they go through the synchronous lane", job.id, len(alone), chunk_id, limit)
         pipe = self.client.pipeline(transaction=True)
         pipe.srem(rkeys.job_in_batch(job.id), *lines)
         for part in pieces:
@@ -524,6 +550,20 @@ class BatchLane:
                  f"above the enqueued-token limit {limit}" if limit else "too large for the budget left",
                  len(pieces))
 
+    async def _too_large(self, job: AsyncJob, chunk_id: str, chunk: Chunk, limit: int) -> None:
+        """A chunk above the largest enqueued-token ``limit`` a key has: split it, or, a single row,
+        send it through the synchronous lane (which answers it, or nulls it with its reason when it
+        is too large there too): it can never fit in a batch."""
+        if chunk.rows > 1:
+            await self._split(job, chunk_id, chunk, limit)
+            return
+        await self._finish(job, chunk_id, chunk, [], await self._lines(job.id, chunk_id), late=True,
+                           why=f"a row larger than the Batch API's enqueued-token limit, {limit}")
+
+    @staticmethod
+    def _task_row(chunk: Chunk, index: str, line: dict[str, Any]) -> list[Any]:
+        return [index, line["body"]] if chunk.url == CHAT_URL else [index, line["body"], chunk.url]
+
     def _done(self, pipe: Any, job_id: str, chunk_id: str, chunk: Chunk) -> None:
         chunk.state = "done"
         pipe.hset(rkeys.job_batches(job_id), chunk_id, chunk.dumps())
@@ -531,9 +571,11 @@ class BatchLane:
 
     # -- results ----------------------------------------------------------------------------------
     async def _finish(self, job: AsyncJob, chunk_id: str, chunk: Chunk, found: list[dict[str, Any]],
-                      lines: dict[str, dict[str, Any]], late: bool, final: bool = False) -> None:
+                      lines: dict[str, dict[str, Any]], late: bool, final: bool = False,
+                      why: str = "the deadline's cut-over") -> None:
         """Publish what the batch answered; move the other rows on (a new chunk, the synchronous
-        lane past the cut-over, or unanswered when the job stopped); end the chunk."""
+        lane past the cut-over, or unanswered when the job stopped); end the chunk. ``late``: the
+        other rows go to the synchronous lane (``why`` says why, in the log)."""
         results: list[RowResult] = []
         usages: dict[str, Usage] = {}
         for entry in found:
@@ -575,11 +617,10 @@ class BatchLane:
         elif left and late:
             # Row tasks first, then the chunk's end: a crash in between sends the tasks twice, and
             # the rows' leases keep the second copy from paying.
-            rows = [[i, lines[i]["body"]] if chunk.url == CHAT_URL else [i, lines[i]["body"], chunk.url] for i in left]
-            await self._to_sync(job.id, rows, chunk.options)
+            await self._to_sync(job.id, [self._task_row(chunk, i, lines[i]) for i in left], chunk.options)
             chunk.moved = len(left)
-            log.info("job %s: %d rows of chunk %s go through the synchronous lane (the deadline's cut-over)",
-                     job.id, len(left), chunk_id)
+            log.info("job %s: %d rows of chunk %s go through the synchronous lane (%s)",
+                     job.id, len(left), chunk_id, why)
         elif left:
             new_id = str(await self.client.hincrby(job.meta_key, "chunks", 1))
             tokens = sum(estimate_parts(lines[i]["body"], chunk.url)[0] for i in left)
@@ -616,19 +657,22 @@ class BatchLane:
             failure = api.classify_status(int(response.get("status_code") or 500), body, {}, json.dumps(body))
             if failure.kind in (api.Kind.TRANSIENT, api.Kind.RATE_LIMITED, api.Kind.SLOW_DOWN) and not final:
                 return None, None
-            return RowResult(answer=None, error_type=failure.reason, error=failure.message, **common), None
+            return RowResult(answer=None, error_type=failure.reason, error=failure.message, **common,
+                             **_final(failure, chunk, request)), None
         try:
             reply = answers.read(chunk.url, body)
         except answers.AnswerError as exc:
             failure = api.classify(exc)
-            return RowResult(answer=None, error_type=failure.reason, error=failure.message, **common), None
+            return RowResult(answer=None, error_type=failure.reason, error=failure.message, **common,
+                             **_final(failure, chunk, request)), None
         usage = self.prices.usage(model, chunk.url, {**request, "service_tier": "batch"}, reply)
         cost = usage.cost
         spent = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
                  "cached_tokens": reply.cached_tokens, "reasoning_tokens": reply.reasoning_tokens, "cost": cost}
         parsed, problem, _final = answers.structured(chunk.url, request, reply)
         if problem is not None:  # a batch cannot ask again: the row is null with the reason
-            return RowResult(answer=None, error_type="schema_invalid", error=problem, **common, **spent), usage
+            return RowResult(answer=None, error_type="schema_invalid", error=problem, **common, **spent,
+                             retryable=False, request=failure_key(chunk.url, request, chunk.options.get("fallback"))), usage
         detail = formats.detail(chunk.options.get("output", formats.SEED), reply, parsed,
                                 response.get("request_id"), body)
         return RowResult(answer=reply.value, warning=answers.warning(reply), detail=detail, **common, **spent), usage
@@ -662,3 +706,10 @@ class BatchLane:
                             pipe.hincrby(target, name, value)
             await pipe.execute()
         return new
+
+
+def _final(failure: api.Failure, chunk: Chunk, request: dict[str, Any]) -> dict[str, Any]:
+    """A null's ``retryable`` and ``request`` fields (``jobs.RowResult``) for ``failure``."""
+    if failure.kind not in api.FINAL_KINDS:
+        return {}
+    return {"retryable": False, "request": failure_key(chunk.url, request, chunk.options.get("fallback"))}

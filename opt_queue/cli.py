@@ -129,6 +129,14 @@ format_option = click.option(
          "batch for Batch-format input and seed for the rest.")
 
 
+retry_failed_option = click.option(
+    "--retry-failed", is_flag=True,
+    help="Send again the nulls that failed for a reason the same request meets again (context length, "
+         "too large for every key, a content filter or refusal, an answer that kept missing its JSON "
+         "schema). Without it a re-run retries only nulls whose reason was transient, or whose request "
+         "changed (model, fallback, parameters).")
+
+
 output_tokens_option = click.option("--output-tokens", type=click.IntRange(min=0), default=None,
                                     help="Average output tokens per answer to assume (default: every "
                                          "answer at its cap, max_tokens or the endpoint's default).")
@@ -149,10 +157,10 @@ def lane_option(fn: Any) -> Any:
 
 
 def _with_format(cfg: Config, output_format: str | None, lane: str | None = None,
-                 deadline: str | None = None) -> Config:
+                 deadline: str | None = None, retry_failed: bool = False) -> Config:
     """The config with the command line's choices over it (validated as the file is)."""
-    update: dict[str, Any] = {name: value for name, value in (("output_format", output_format), ("lane", lane))
-                              if value}
+    update: dict[str, Any] = {name: value for name, value in (("output_format", output_format), ("lane", lane),
+                                                              ("retry_failed", retry_failed)) if value}
     if deadline:
         update["deadline"] = deadline
         if lane is None and "lane" not in cfg.model_fields_set:
@@ -200,16 +208,18 @@ def main() -> None:
 @click.option("--skip-bad-lines", is_flag=True, help="Enqueue the valid rows and list the bad ones.")
 @format_option
 @lane_option
+@retry_failed_option
 @friendly
 def submit(input_path: str, config_path: str | None, output: str, job_name: str | None,
-           skip_bad_lines: bool, output_format: str | None, lane: str | None, deadline: str | None) -> None:
+           skip_bad_lines: bool, output_format: str | None, lane: str | None, deadline: str | None,
+           retry_failed: bool) -> None:
     """Enqueue the rows that output.jsonl does not answer yet (rows_per_task rows to a task)."""
     from opt_queue.app import configure
     from opt_queue.dataset import check_writable, validate_input
     from opt_queue.producer import job_output_format
     from opt_queue.producer import submit as do_submit
 
-    cfg = _with_format(_config(config_path, require_keys=False), output_format, lane, deadline)
+    cfg = _with_format(_config(config_path, require_keys=False), output_format, lane, deadline, retry_failed)
     url = _broker(cfg)
     # Everything that can be checked is checked before a row is enqueued (and paid for); the
     # output file itself is read by submit before it touches the job's state.
@@ -331,13 +341,14 @@ def collect(config_path: str | None, output: str, job_name: str | None, input_pa
 @lane_option
 @click.option("--dry-run", is_flag=True, help="Print the estimate (rows, tokens, cost, ETA) and stop: no API call.")
 @output_tokens_option
+@retry_failed_option
 @friendly
 def run(input_path: str, config_path: str | None, output: str, job_name: str | None, workers: int,
         skip_bad_lines: bool, output_format: str | None, lane: str | None, deadline: str | None, dry_run: bool,
-        output_tokens: int | None) -> None:
+        output_tokens: int | None, retry_failed: bool) -> None:
     """Submit, work and collect a whole job on this machine (private Redis unless broker_url is set)."""
     config_path = _config_path(config_path)
-    cfg = _with_format(_config(config_path), output_format, lane, deadline)
+    cfg = _with_format(_config(config_path), output_format, lane, deadline, retry_failed)
     if dry_run:
         _print_estimate(input_path, output, cfg, output_tokens, False)
         return
@@ -359,6 +370,9 @@ def _run_and_report(input_path: str, output: str, cfg: Config, config_path: str 
         result = run_job(input_path, output, cfg, config_path=config_path, job_name=job_name,
                          workers=workers, skip_bad=skip_bad, on_submit=display.submitted,
                          on_progress=display.collected)
+    report = result.submitted
+    if report.failed_kept or report.copies or report.repeats_sent:
+        out.print(f"submit: {report.describe()}", highlight=False)
     print_summary(out, result.collected, output, errors_path(output), result.worker_log)
     return result.collected
 
@@ -383,12 +397,13 @@ def _print_estimate(input_path: str, output: str, cfg: Config, output_tokens: in
               help="Output JSONL file (rows it answers are not counted: a re-run sends only the rest).")
 @output_tokens_option
 @lane_option
+@retry_failed_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @friendly
 def estimate(input_path: str, config_path: str | None, output: str, output_tokens: int | None,
-             lane: str | None, deadline: str | None, as_json: bool) -> None:
+             lane: str | None, deadline: str | None, retry_failed: bool, as_json: bool) -> None:
     """Rows, tokens, cost range and ETA of a run, without calling the API."""
-    cfg = _with_format(_config(config_path, require_keys=False), None, lane, deadline)
+    cfg = _with_format(_config(config_path, require_keys=False), None, lane, deadline, retry_failed)
     _print_estimate(input_path, output, cfg, output_tokens, as_json)
 
 

@@ -56,6 +56,11 @@ class Kind(enum.Enum):
     BAD_ROW = "bad_request"              # this row cannot succeed: null
 
 
+FINAL_KINDS = frozenset({Kind.TOO_LARGE, Kind.TOO_LONG, Kind.BAD_ROW})
+"""Failures that the same request meets again however often it is sent: a null of one of these is
+not sent again by a re-run unless the request changed (or ``--retry-failed``)."""
+
+
 @dataclass
 class Failure:
     """A classified failure of one call."""

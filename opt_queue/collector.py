@@ -30,7 +30,7 @@ from opt_queue.config import Config
 from opt_queue.dataset import (
     IndexSet,
     atomic_write,
-    beside,
+    errors_path,
     iter_indices,
     read_output,
     repair_tail,
@@ -50,11 +50,6 @@ KEYS_EVERY = 1.0
 """Seconds between two reads of the keys' state for the live display, at least..."""
 KEYS_SHARE = 20
 """...and at least this many times what the last read took (so at most 5% of the collector's time)."""
-
-
-def errors_path(output: str | os.PathLike[str]) -> Path:
-    """``output.errors.jsonl`` beside ``output.jsonl``."""
-    return beside(output, ".errors.jsonl")
 
 
 @dataclass

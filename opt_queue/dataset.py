@@ -135,6 +135,45 @@ def beside(output: str | os.PathLike[str], suffix: str) -> Path:
     return p.with_name(p.name[: -len(".jsonl")] + suffix if p.name.endswith(".jsonl") else p.name + suffix)
 
 
+def errors_path(output: str | os.PathLike[str]) -> Path:
+    """``output.errors.jsonl`` beside ``output.jsonl``: why each null is null."""
+    return beside(output, ".errors.jsonl")
+
+
+@dataclass
+class FinalFailure:
+    """A null that retrying the same request cannot help (``jobs.RowResult.retryable``)."""
+
+    reason: str
+    request: str | None
+
+
+def final_failures(output: str | os.PathLike[str], nulls: Any) -> dict[str, FinalFailure]:
+    """The nulls among ``nulls`` whose last reason in the errors file says that sending the same
+    request again cannot help (a context length, a content filter, a schema that the answers kept
+    missing), by index. A re-run leaves them null unless their request changed."""
+    path = errors_path(output)
+    found: dict[str, FinalFailure] = {}
+    if not nulls or not path.exists():
+        return found
+    with open(path, "rb") as fh:
+        for raw in fh:
+            try:
+                entry = _DECODE(raw.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                continue  # a torn last line
+            index = formats.error_index(entry)
+            if index is None or index not in nulls or entry.get("warning"):
+                continue
+            if entry.get("retryable") is False:
+                error = entry.get("error")
+                reason = entry.get("error_type") or (error.get("code") if isinstance(error, dict) else None)
+                found[index] = FinalFailure(str(reason or "unknown"), entry.get("request"))
+            else:
+                found.pop(index, None)  # a later line says it can be retried
+    return found
+
+
 def check_writable(output: str | os.PathLike[str]) -> None:
     """Raise :class:`OutputError` unless ``output`` (and the files beside it: errors, lock, state)
     can be written: checked before anything is enqueued or paid for."""

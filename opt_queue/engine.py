@@ -39,7 +39,7 @@ from opt_queue.jobs import STOPPED, AsyncJob, RowResult
 from opt_queue.limiter import AsyncKeyPool, Budget, BudgetReached, Lease, Never, Wait
 from opt_queue.prices import Prices, Usage, nano
 from opt_queue.redis_conn import redact_url
-from opt_queue.request import CHAT_URL, ask_again, request_hash
+from opt_queue.request import CHAT_URL, ask_again, failure_key, request_hash
 from opt_queue.scripts import run_pipeline
 from opt_queue.tokens import estimate_parts, estimator
 
@@ -80,6 +80,7 @@ class _Row:
     fallback: str | None
     url: str = CHAT_URL
     output: str = formats.SEED  # the job's output format: what the result must carry
+    sent: dict[str, Any] = field(default_factory=dict)  # the request as the task gave it (body changes)
     attempts: int = 0
     asked_again: int = 0  # answers that did not match the request's JSON schema
     fallback_used: bool = False
@@ -256,7 +257,7 @@ class Engine:
             if isinstance(lease, str):
                 return lease
         options = options or {}
-        row = _Row(job, index, dict(body), options.get("fallback"), url=url,
+        row = _Row(job, index, dict(body), options.get("fallback"), url=url, sent=body,
                    output=options.get("output", formats.SEED), hold_until=hold_until)
         async with self._slots:
             outcome = await self._finish(row)  # a Redis error keeps the lease: the task gives it up
@@ -296,6 +297,8 @@ class Engine:
             return result
         if result is None:
             return RELEASED if await job.release(row.index) else DUPLICATE
+        if result.answer is None and not result.retryable:
+            result.request = failure_key(row.url, row.sent, row.fallback)
         published = await self._publish(row, result)
         if published:
             metrics.ROWS.labels("null" if result.answer is None else "answered").inc()
@@ -368,7 +371,7 @@ class Engine:
             if lease is None and row.too_large_for:
                 return self._null(row, "request_too_large",
                                   f"every usable key serving {model} refused the request as too large "
-                                  f"for its tokens-per-minute limit")
+                                  f"for its tokens-per-minute limit", retryable=False)
             if lease is None:
                 await self._stop_no_keys(row.job, model)
                 return None
@@ -424,7 +427,7 @@ class Engine:
             if isinstance(lease, Never):
                 return self._null(row, "request_too_large",
                                   f"the request needs about {lease.tokens} tokens, more than the "
-                                  f"tokens-per-minute limit of every key serving {model}")
+                                  f"tokens-per-minute limit of every key serving {model}", retryable=False)
             outcome = await self._call(row, lease)
             if outcome is not None:
                 return outcome
@@ -570,7 +573,7 @@ class Engine:
                   "cached_tokens": reply.cached_tokens, "reasoning_tokens": reply.reasoning_tokens,
                   "cost": usage.cost}
         if problem is not None:
-            return RowResult(answer=None, error_type="schema_invalid", error=problem,
+            return RowResult(answer=None, error_type="schema_invalid", error=problem, retryable=False,
                              attempts=row.attempts + row.asked_again + 1, **common)
         if row.cache_key is not None:
             row.cache_entry = json.dumps({"body": answer.body, "request_id": answer.request_id, "cost": usage.cost,
@@ -643,22 +646,22 @@ class Engine:
                 log.info("row %s too long for %s; trying %s", row.index, row.body["model"], row.fallback)
                 row.body["model"], row.fallback_used = row.fallback, True
                 return None
-            return self._null(row, f.reason, f.message)
+            return self._null(row, f.reason, f.message, retryable=False)
         if f.kind is api.Kind.JOB_CONFIG:
             if await row.job.stop(f"the API refused the job's request: {f.status} {f.reason}: {f.message}"):
                 log.error("job %s stopped: %s %s: %s", row.job.id, f.status, f.reason, f.message)
             return None
         row.attempts += 1
-        return self._null(row, f.reason, f.message)
+        return self._null(row, f.reason, f.message, retryable=f.kind not in api.FINAL_KINDS)
 
     def _backoff(self, attempt: int, hint: float | None) -> float:
         """Full-jitter exponential backoff, never shorter than the server's hint."""
         cap = min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1))
         return max(hint or 0.0, random.uniform(cap / 2, cap))
 
-    def _null(self, row: _Row, error_type: str, message: str) -> RowResult:
+    def _null(self, row: _Row, error_type: str, message: str, retryable: bool = True) -> RowResult:
         spent = row.last_usage
-        return RowResult(index=row.index, answer=None, error_type=error_type,
+        return RowResult(index=row.index, answer=None, error_type=error_type, retryable=retryable,
                          error=message, attempts=row.attempts, key=row.last_key, model=row.body["model"],
                          **({"prompt_tokens": spent.input_tokens, "completion_tokens": spent.output_tokens,
                              "cached_tokens": spent.cached_tokens, "reasoning_tokens": spent.reasoning_tokens,

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opt_queue.config import Config
-from opt_queue.dataset import iter_input, read_output
+from opt_queue.dataset import final_failures, iter_input, read_output
 from opt_queue.prices import Prices, money
-from opt_queue.request import paid_once, request_body, request_hash
+from opt_queue.request import failure_key, paid_once, request_body, request_hash
 from opt_queue.tokens import estimate_parts, typical_estimator
 
 
@@ -57,6 +57,8 @@ class Estimate:
     rows_to_send: int = 0
     already_answered: int = 0
     nulls_to_retry: int = 0
+    failed_kept: int = 0
+    """Nulls not sent again: the same request would fail the same way (``--retry-failed``)."""
     repeats_paid_once: int = 0
     """Rows whose request repeats another row's and that will get its answer unpaid."""
     repeats_sent: int = 0
@@ -81,7 +83,7 @@ class Estimate:
     def as_dict(self) -> dict[str, Any]:
         return {"rows_in_input": self.rows_in_input, "rows_to_send": self.rows_to_send,
                 "already_answered": self.already_answered, "nulls_to_retry": self.nulls_to_retry,
-                "repeats_paid_once": self.repeats_paid_once, "repeats_sent": self.repeats_sent,
+                "failed_kept": self.failed_kept, "repeats_paid_once": self.repeats_paid_once, "repeats_sent": self.repeats_sent,
                 "estimator": self.estimator, "output_assumption": self.output_assumption, "lane": self.lane,
                 "prompt_tokens": self.total("prompt_tokens"), "output_tokens_cap": self.total("cap_tokens"),
                 "output_tokens_assumed": self.total("assumed_tokens"),
@@ -146,7 +148,15 @@ def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[
                                       "--output-tokens N states an average"))
     found: dict[str, Any] = {}
     seen: set[bytes] = set()
+    keep = {} if config.retry_failed else final_failures(output_path, state.nulls)
     for row in _rows(input_path, state, est):
+        failed = keep.get(row.index)
+        if failed is not None and failed.request in (None, failure_key(row.url, request_body(
+                row.url, row.body, config.model.name, config.model.params, config.lane), config.model.fallback)):
+            est.failed_kept += 1  # a null that the same request would meet again: not sent
+            est.nulls_to_retry -= 1
+            est.rows_to_send -= 1
+            continue
         sync = request_body(row.url, row.body, config.model.name, config.model.params)
         flex = request_body(row.url, row.body, config.model.name, config.model.params, "flex")
         batch = {**sync, "service_tier": "batch"}  # priced as the Batch API bills it
@@ -215,8 +225,10 @@ def _repeats(est: Estimate) -> list[str]:
 
 def describe(est: Estimate) -> list[str]:
     """The lines ``estimate`` prints."""
+    kept = (f"; nulls kept, as the same request would fail again: {est.failed_kept} (--retry-failed sends "
+            f"them)" if est.failed_kept else "")
     lines = [f"rows to send: {est.rows_to_send} of {est.rows_in_input} (already answered: "
-             f"{est.already_answered}; nulls to retry: {est.nulls_to_retry})",
+             f"{est.already_answered}; nulls to retry: {est.nulls_to_retry}{kept})",
              *_repeats(est),
              f"token estimate: {est.estimator}",
              f"output tokens: {est.output_assumption}"]

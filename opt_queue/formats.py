@@ -78,14 +78,23 @@ def error_line(fmt: str, r: RowResult) -> str | None:
             return None
         return _dumps({"id": batch_id(r.index), "custom_id": r.index, "response": None,
                        "error": {"code": r.error_type, "message": r.error},
-                       "attempts": r.attempts, "key": r.key, "model": r.model, **_spent(r)})
+                       "attempts": r.attempts, "key": r.key, "model": r.model, **_spent(r), **_retry(r)})
     entry: dict[str, Any] = {"index": r.index, "error_type": r.error_type, "message": r.error,
                              "attempts": r.attempts, "key": r.key, "model": r.model, **_spent(r)}
     if r.answer is not None:
         if not r.warning:
             return None
         entry.update(error_type="finish_reason_length", message=r.warning, warning=True)
+    else:
+        entry.update(_retry(r))
     return _dumps(entry)
+
+
+def _retry(r: RowResult) -> dict[str, Any]:
+    """For a null: whether a re-run sends it again by itself, and what it failed as."""
+    if r.retryable:
+        return {}
+    return {"retryable": False, "request": r.request}
 
 
 def _spent(r: RowResult) -> dict[str, Any]:

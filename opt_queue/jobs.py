@@ -64,6 +64,11 @@ class RowResult:
     """Dollars of the call that answered (None: the model's price is unknown)."""
     copy_of: str | None = None
     """The row whose identical request answered this one (it cost nothing)."""
+    retryable: bool = True
+    """A null only: whether sending the same request again can help (a timeout, a 5xx can; a context
+    length, a content filter cannot: a re-run keeps such a null unless the request changed)."""
+    request: str | None = None
+    """A null only: ``request.failure_key`` of what failed."""
 
     def to_fields(self) -> dict[str, str]:
         fields = asdict(self)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Container, Iterable, Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ from opt_queue.config import Config
 from opt_queue.dataset import (
     InputSummary,
     Row,
+    FinalFailure,
     catch_up,
+    final_failures,
     iter_input,
     output_format,
     read_output,
@@ -30,7 +33,7 @@ from opt_queue.errors import Interrupted, JobStopped, OutputError
 from opt_queue.estimate import sync_seconds
 from opt_queue.jobs import STOPPED, Job
 from opt_queue.prices import nano
-from opt_queue.request import CHAT_URL, paid_once, request_body, request_hash
+from opt_queue.request import CHAT_URL, failure_key, paid_once, request_body, request_hash
 from opt_queue.tokens import estimate_tokens
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,8 @@ class SubmitReport:
     sample (see ``request.samples``), so each is its own draw."""
     resent: int = 0
     """Rows collected before whose line output.jsonl no longer has."""
+    failed_kept: Counter[str] = field(default_factory=Counter)
+    """Nulls not sent again, by reason: the same request would fail the same way (``--retry-failed``)."""
     bad_lines: int = 0
     input_changed: bool = False
     chunks: int = 0
@@ -68,7 +73,7 @@ class SubmitReport:
 
     @property
     def skipped(self) -> int:
-        return self.answered + self.queued + self.uncollected
+        return self.answered + self.queued + self.uncollected + sum(self.failed_kept.values())
 
     def describe(self) -> str:
         """One line for the user."""
@@ -77,6 +82,10 @@ class SubmitReport:
                 f"answered, {self.queued} already queued")
         if self.uncollected:
             text += f", {self.uncollected} finished and waiting for collect"
+        if self.failed_kept:
+            reasons = ", ".join(f"{n} {why}" for why, n in self.failed_kept.most_common())
+            text += (f", {sum(self.failed_kept.values())} nulls kept ({reasons}): the same request would fail "
+                     f"again; --retry-failed sends them")
         text += ")"
         if self.retried_nulls:
             text += f", {self.retried_nulls} nulls retried"
@@ -154,18 +163,22 @@ def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
     state = read_output(output_path, offsets=False)
     before = Job(client, job_id).meta().get("input_sha256")
 
+    first_nulls = set(state.nulls)
+
     def on_disk(indices: set[str]) -> set[str]:
         # A collector may be writing this output while we submit (``run`` starts one beside us; a
         # fleet's ``collect --follow``): rows it acknowledged after our read look collected and
-        # missing to the claim. They are on disk now (a collector fsyncs before it acknowledges).
+        # missing to the claim. Their lines are on disk now (a collector fsyncs before it
+        # acknowledges): an answer, or a null where the file had none.
         nonlocal state
         state = catch_up(output_path, state)
-        return {i for i in indices if state.has(i)}
+        return {i for i in indices if i in state.answered or (i in state.nulls and i not in first_nulls)}
 
     meta = {"input": str(Path(input_path).resolve()), "output": str(Path(output_path).resolve()),
             "input_sha256": summary.sha256}
+    keep = {} if config.retry_failed else final_failures(output_path, state.nulls)
     report = enqueue(client, job_id, iter_input(input_path, skip_bad=skip_bad), summary.rows, config,
-                     answered=state.answered, nulls=state.nulls, on_progress=on_progress,
+                     answered=state.answered, nulls=state.nulls, keep=keep, on_progress=on_progress,
                      bad_lines=len(summary.bad), on_wait=on_wait, output_format=output, on_disk=on_disk,
                      should_stop=should_stop, **meta)
     report.input_changed = before is not None and before != summary.sha256
@@ -189,6 +202,22 @@ def _release_quietly(job: Job, indices: list[str]) -> None:
     except Exception:  # Redis is gone too: the collector finds such rows once the job stalls
         log.warning("could not give back %d claimed rows of job %s; the collector enqueues them "
                     "again once Redis is back", len(indices), job.id)
+
+
+def _unless_failed_for_good(batch: list[Row], wanted: list[str], keep: Mapping[str, FinalFailure],
+                            config: Config, report: SubmitReport) -> list[str]:
+    """``wanted`` without the rows whose last null is final and whose request is the same now."""
+    kept: set[str] = set()
+    for r in batch:
+        failed = keep.get(r.index)
+        if failed is None:
+            continue
+        now = failure_key(r.url, request_body(r.url, r.body, config.model.name, config.model.params, config.lane),
+                          config.model.fallback)
+        if failed.request is None or failed.request == now:
+            kept.add(r.index)
+            report.failed_kept[failed.reason] += 1
+    return [i for i in wanted if i not in kept] if kept else wanted
 
 
 def _dedupe(job: Job, rows: list[Row], config: Config, sampled: set[bytes], report: SubmitReport) -> set[str]:
@@ -227,12 +256,15 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
             on_progress: Callable[[int, int], None] | None = None, bad_lines: int = 0,
             on_wait: Callable[[int], None] | None = None, output_format: str = formats.SEED,
             on_disk: Callable[[set[str]], set[str]] | None = None,
-            should_stop: Callable[[], bool] = lambda: False, **meta: str) -> SubmitReport:
+            should_stop: Callable[[], bool] = lambda: False,
+            keep: Mapping[str, FinalFailure] | None = None, **meta: str) -> SubmitReport:
     """Claim and enqueue ``rows`` (skipping ``answered``; ``nulls`` are retried) for job ``job_id``.
 
     At most ``config.max_queued`` rows of the job sit in Redis at once: the rest wait here until
     rows finish, so Redis memory stays flat however large the input. Raises :class:`JobStopped`
     when the job is stopped meanwhile (every key retired, a wrong model): nothing more is sent.
+    ``keep``: nulls that retrying cannot help (``dataset.final_failures``); they are sent again only
+    when their request changed.
     """
     # The batch lane's rows wait in chunks for the provider's batches, hours perhaps: they are not
     # held back by max_queued (their files are in Redis until their batch is sent).
@@ -258,6 +290,8 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
         for batch in _batches(iter(rows), min(BATCH, max_queued) if max_queued else BATCH):
             wanted = [r.index for r in batch if r.index not in answered]
             report.answered += len(batch) - len(wanted)
+            if keep:
+                wanted = _unless_failed_for_good(batch, wanted, keep, config, report)
             if max_queued:
                 _wait_for_room(job, max_queued, len(wanted), on_wait, should_stop)
             if should_stop():

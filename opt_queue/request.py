@@ -201,6 +201,13 @@ def paid_once(dedupe: bool | None, url: str, body: dict[str, Any]) -> bool:
     return dedupe if dedupe is not None else not samples(url, body)
 
 
+def failure_key(url: str, body: dict[str, Any], fallback: str | None) -> str:
+    """What a null that retrying cannot help was the answer to: the request and the fallback model
+    it had. A re-run sends the row again only when this changed (another model, parameters,
+    ``max_tokens``, a fallback), or with ``--retry-failed``."""
+    return request_hash(url, body) if not fallback else request_hash(url, {"request": body, "fallback": fallback})
+
+
 def request_hash(url: str, body: dict[str, Any]) -> str:
     """The identity of a request (its endpoint and canonical JSON body): rows of a job with the
     same one are paid once (``dedupe``)."""

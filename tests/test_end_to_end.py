@@ -76,6 +76,46 @@ def test_rerun_sends_only_missing_and_null_rows(tmp_path: Path, sim: SimServer) 
     assert sim.stats()["answered"] == 10
 
 
+def test_a_null_that_cannot_change_is_not_paid_again_until_its_request_changes(tmp_path: Path,
+                                                                                 sim: SimServer) -> None:
+    """The original toolkit's second run with a 16k model: a context-length null is sent again only
+    once the request changed (here: a fallback model); the same re-run pays nothing for it."""
+    sim.configure(models={MODEL: 400, "gpt-3.5-turbo-16k-0613": 16000})
+    rows = [{"index": "short", "input": "hi"}, {"index": "long", "input": "长" * 2000}]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "output.jsonl"
+    plain = write_config(tmp_path / "plain.json", sim, model={"name": MODEL})
+    first = cli("run", str(data), "-c", str(plain), "-o", str(out))
+    assert first.returncode == 0 and "1 null" in first.stdout, first.stderr
+    assert sim.stats()["calls"] == 2
+
+    again = cli("run", str(data), "-c", str(plain), "-o", str(out))
+    assert again.returncode == 0, again.stderr
+    assert sim.stats()["calls"] == 2  # nothing paid: the same request would fail the same way
+    assert "1 nulls kept (1 context_length_exceeded)" in again.stdout and "--retry-failed" in again.stdout
+    estimated = cli("estimate", str(data), "-c", str(plain), "-o", str(out))
+    assert "rows to send: 0 of 2" in estimated.stdout and "nulls kept" in estimated.stdout, estimated.stdout
+
+    bigger = write_config(tmp_path / "bigger.json", sim, model={"name": MODEL, "fallback": "gpt-3.5-turbo-16k-0613"})
+    third = cli("run", str(data), "-c", str(bigger), "-o", str(out))
+    assert third.returncode == 0, third.stderr
+    got = {k: v for line in read_jsonl(out) for k, v in line.items()}
+    assert got["long"] == sim_answer("gpt-3.5-turbo-16k-0613", [{"role": "user", "content": "长" * 2000}])
+    assert not (tmp_path / "output.errors.jsonl").read_text(encoding="utf-8").strip()
+
+
+def test_retry_failed_sends_a_final_null_again(tmp_path: Path, sim: SimServer) -> None:
+    sim.configure(models={MODEL: 400})
+    data = write_jsonl(tmp_path / "data.jsonl", [{"index": "long", "input": "长" * 2000}])
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, model={"name": MODEL})
+    assert cli("run", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    errors = read_jsonl(tmp_path / "output.errors.jsonl")
+    assert errors[0]["retryable"] is False and errors[0]["request"]
+    assert cli("run", str(data), "-c", str(config), "-o", str(out), "--retry-failed").returncode == 0
+    assert sim.stats()["calls"] == 2
+
+
 def test_fallback_model_answers_rows_too_long_for_the_main_model(tmp_path: Path, sim: SimServer) -> None:
     sim.configure(models={MODEL: 400, "gpt-3.5-turbo-16k-0613": 16000})
     rows = [{"index": "short", "input": "hi"}, {"index": "long", "input": "长" * 2000}]

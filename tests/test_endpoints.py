@@ -161,9 +161,13 @@ def test_a_batch_file_mixing_endpoints_comes_back_in_the_batch_output_format(
                         "/v1/moderations"}
     assert next(r for r in sim.received() if r.get("_url") == "/v1/moderations")["model"] == "omni-moderation-latest"
 
-    # Resume: only the null row is sent again, and the file keeps one line per row.
+    # Resume: the refusal is kept (the same request would be refused again), unless asked for;
+    # then only the null row is sent again, and the file keeps one line per row.
     calls = sim.stats()["calls"]
-    assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+    again = cli("submit", str(data), "-c", str(config), "-o", str(out))
+    assert again.returncode == 0 and "1 nulls kept (1 refusal)" in again.stdout, again.stdout
+    assert sim.stats()["calls"] == calls
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--retry-failed").returncode == 0
     assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
     assert sim.stats()["calls"] == calls + 1
     assert [line["custom_id"] for line in read_jsonl(out)] == [r["custom_id"] for r in mixed_rows()]

@@ -119,30 +119,36 @@ def test_collector_killed_repeatedly_and_a_torn_line_are_repaired(tmp_path: Path
     report("collector SIGKILLed 3 times + torn last line", data, out, sim)
 
 
-def test_sigint_stops_run_cleanly_and_the_rerun_resumes(tmp_path: Path, sim: SimServer) -> None:
-    sim.configure(latency=0.1)
-    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(200))
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stopped_run_keeps_every_answer_and_the_rerun_pays_for_none_again(tmp_path: Path, sim: SimServer,
+                                                                              sig: int) -> None:
+    """Ctrl-C (SIGINT to the whole foreground group, as a terminal sends it) or SIGTERM: no call
+    starts after it, the calls on the wire finish, every answer is written, exit 130; the same
+    command then sends only the rest."""
+    sim.configure(latency=0.02)
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(800))
     out = tmp_path / "output.jsonl"
-    config = write_config(tmp_path / "config.json", sim, model={"name": MODEL}, concurrency=4)
+    config = write_config(tmp_path / "config.json", sim, model={"name": MODEL})
     run = subprocess.Popen([sys.executable, "-m", "opt_queue", "run", str(data), "-c", str(config),
-                            "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: lines_in(out) >= 40, what="40 rows")
-    run.send_signal(signal.SIGINT)
+                            "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    wait_for(lambda: lines_in(out) >= 200, what="200 rows")
+    os.killpg(run.pid, sig)
     _, err = run.communicate(timeout=60)
-    assert run.returncode == 130 and "run the same command again to resume" in err
+    assert run.returncode == 130 and "run the same command again to resume" in err, err[-2000:]
     assert "Traceback" not in err
     state = tmp_path / "output.jsonl.oq-redis"
     assert (state / "appendonlydir").exists() or (state / "appendonly.aof").exists()
     assert not (state / "redis.pid").exists() or not _alive(state / "redis.pid")
     on_disk = read_output(out).answered
+    # every answer the API gave is on disk: none is left for the re-run to pay again
+    assert len(on_disk) == sim.stats()["answered"] < 800
 
     again = cli("run", str(data), "-c", str(config), "-o", str(out), timeout=150)
     assert again.returncode == 0, again.stderr
     assert_complete(data, out)
-    report("Ctrl-C (SIGINT) during run, then run again", data, out, sim)
-    per_prompt = sim.stats()["per_prompt"]
-    prompts = {r.index: prompt_key(r.body["messages"]) for r in iter_input(data)}
-    assert all(per_prompt[prompts[i]] == 1 for i in on_disk)
+    report(f"{signal.Signals(sig).name} to run's process group, then run again", data, out, sim)
+    assert paid_twice(sim) == 0 and sim.stats()["answered"] == 800
 
 
 def _alive(pidfile: Path) -> bool:
