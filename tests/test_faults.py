@@ -125,30 +125,34 @@ def test_a_stopped_run_keeps_every_answer_and_the_rerun_pays_for_none_again(tmp_
     """Ctrl-C (SIGINT to the whole foreground group, as a terminal sends it) or SIGTERM: no call
     starts after it, the calls on the wire finish, every answer is written, exit 130; the same
     command then sends only the rest."""
-    sim.configure(latency=0.02)
-    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(800))
+    sim.configure(latency=0.5)  # calls still on the wire when the signal comes
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(300))
     out = tmp_path / "output.jsonl"
-    config = write_config(tmp_path / "config.json", sim, model={"name": MODEL})
+    # 25 requests a second: at the signal, most rows in flight wait for a slot (as they do when a
+    # key's limit binds); none of them may start a call after it
+    config = write_config(tmp_path / "config.json", sim, model={"name": MODEL}, limits={"requests": ["25/s"]})
     run = subprocess.Popen([sys.executable, "-m", "opt_queue", "run", str(data), "-c", str(config),
                             "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)
-    wait_for(lambda: lines_in(out) >= 200, what="200 rows")
+    wait_for(lambda: lines_in(out) >= 60, what="60 rows")
     os.killpg(run.pid, sig)
+    at_signal = sim.stats()["calls"]
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130 and "run the same command again to resume" in err, err[-2000:]
     assert "Traceback" not in err
+    assert sim.stats()["calls"] - at_signal <= 25  # the calls on the wire at most, not the waiting rows
     state = tmp_path / "output.jsonl.oq-redis"
     assert (state / "appendonlydir").exists() or (state / "appendonly.aof").exists()
     assert not (state / "redis.pid").exists() or not _alive(state / "redis.pid")
     on_disk = read_output(out).answered
     # every answer the API gave is on disk: none is left for the re-run to pay again
-    assert len(on_disk) == sim.stats()["answered"] < 800
+    assert len(on_disk) == sim.stats()["answered"] < 300
 
     again = cli("run", str(data), "-c", str(config), "-o", str(out), timeout=150)
     assert again.returncode == 0, again.stderr
     assert_complete(data, out)
     report(f"{signal.Signals(sig).name} to run's process group, then run again", data, out, sim)
-    assert paid_twice(sim) == 0 and sim.stats()["answered"] == 800
+    assert paid_twice(sim) == 0 and sim.stats()["answered"] == 300
 
 
 def _alive(pidfile: Path) -> bool:

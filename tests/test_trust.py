@@ -101,6 +101,39 @@ def test_the_output_file_is_the_truth_on_a_shared_broker(tmp_path: Path, sim: Si
 
 
 @pytest.mark.slow
+def test_rows_a_collector_writes_while_a_submit_runs_are_not_sent_again(tmp_path: Path, sim: SimServer,
+                                                                       redis_url: str, rclient: redis.Redis,
+                                                                       workers) -> None:  # type: ignore[no-untyped-def]
+    """A re-run's submit reads output.jsonl, then claims rows batch by batch; a collector beside it
+    (``run`` starts one) writes the answers an earlier run left in Redis meanwhile. Those rows are
+    on disk by the time the submit claims them: they must not be taken for lines gone missing."""
+    from opt_queue.jobs import Job, RowResult
+
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(40))
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, model={"name": MODEL},
+                          max_queued=20)  # the submit claims 20 rows, then waits for room
+    job = Job(rclient, job_id_for(out))
+    earlier = [str(i) for i in range(30, 35)]  # answered by an earlier run, never collected
+    job.claim(earlier)
+    for i in earlier:
+        job.publish(RowResult(index=i, answer=f"earlier answer {i}"))
+
+    submit = start_cli("submit", str(data), "-c", str(config), "-o", str(out), log=tmp_path / "submit.log")
+    wait_for(lambda: job.progress().claimed >= 25 and job.progress().submitting, what="the submit to wait")
+    collect = start_cli("collect", "-c", str(config), "-o", str(out), log=tmp_path / "collect.log")
+    wait_for(lambda: lines_in(out) >= 5, what="the earlier answers on disk")  # before the submit claims them
+    workers(config, concurrency=8)
+    assert submit.wait(timeout=120) == 0, (tmp_path / "submit.log").read_text()
+    assert collect.wait(timeout=120) == 0, (tmp_path / "collect.log").read_text()
+
+    got = {k: v for line in read_jsonl(out) for k, v in line.items()}
+    assert [got[i] for i in earlier] == [f"earlier answer {i}" for i in earlier]
+    assert sim.stats()["calls"] == 35  # the five rows already answered were not paid again
+    assert "enqueued 35 rows" in (tmp_path / "submit.log").read_text()
+
+
+@pytest.mark.slow
 def test_a_killed_workers_rows_are_answered_within_a_minute(tmp_path: Path, sim: SimServer,
                                                           redis_url: str) -> None:
     """Default visibility_timeout (an hour): the rows' leases bring them back, not kombu. The
