@@ -180,20 +180,20 @@ def test_batch_rows_that_can_never_fit_the_enqueued_token_limit_go_synchronously
         tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
     # ~14 prompt tokens a row, two rows of ~600 alone: above the 400 enqueued tokens a batch may hold
     sim.configure(batch_delay=1.0, batch_enqueued_tokens=400)
-    data_rows = rows(30)
-    for i in (5, 25):
+    data_rows = rows(40)  # four chunks: three fit two at a time, the fourth holds the large rows
+    for i in (35, 38):
         data_rows[i]["messages"][0]["content"] = f"Describe item {i}: " + "the long review of the committee " * 70
     data = write_jsonl(tmp_path / "data.jsonl", data_rows)
     out = tmp_path / "output.jsonl"
     config = batch_config(tmp_path, sim, redis_url, batch_max_lines=10)
     workers(config)
     submit_and_collect(data, config, out, "--lane", "batch")
-    paid_once(sim, 30)  # the two large rows answered synchronously, once; nothing loops
+    paid_once(sim, 40)  # the two large rows answered synchronously, once; nothing loops
     assert sim.stats()["calls"] == 2  # the synchronous lane's calls: just the two
     job = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)["jobs"][0]
     stats = batch_stats(sim)
     # a chunk that waited for room under the limit was created again with the file it had uploaded
-    assert stats["files"] <= len(job["batches"]), (stats, len(job["batches"]))
+    assert stats.get("failed", 0) >= 1 and stats["files"] <= len(job["batches"]), (stats, len(job["batches"]))
 
 
 @pytest.mark.slow
