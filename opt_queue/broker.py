@@ -298,12 +298,15 @@ def recover_stale(client: redis.Redis, lease_seconds: float = LEASE_SECONDS) -> 
         restored = 0
         for job_id, tasks in by_job.items():
             orphans = _orphans(client, job_id, [i for _tag, indices in tasks for i in indices])
+            back: list[str] = []
             for tag, indices in tasks:
                 mine = [i for i in indices if i in orphans]
                 if mine and restore(client, tag):
                     restored += 1
-                    log.warning("job %s: rows %s were held by a worker that stopped answering; "
-                                "their task is back in the queue", job_id, _few(mine))
+                    back += mine
+            if back:  # one line a pass and job, however many rows: a dead worker held hundreds
+                log.warning("job %s: %d rows were held by a worker that stopped answering (%s); their "
+                            "tasks are back in the queue", job_id, len(back), _few(back))
         return restored
     finally:
         client.delete(keys.RECOVERY_LOCK)

@@ -255,7 +255,8 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
               show_default=True, envvar="OPT_QUEUE_POOL", help="Celery execution pool. Env: OPT_QUEUE_POOL.")
 @click.option("--loglevel", default=None, envvar="OPT_QUEUE_LOG_LEVEL",
               help="Log level (default: config log_level). Env: OPT_QUEUE_LOG_LEVEL.")
-@click.option("--hostname", default=None, help="Celery worker name (default: celery@host).")
+@click.option("--hostname", default=None,
+              help="Celery worker name (default: opt-queue-PID@host, distinct for each worker process).")
 @click.option("--events/--no-events", default=True, envvar="OPT_QUEUE_EVENTS", show_default=True,
               help="Send task events (Flower needs them; off saves CPU per row). Env: OPT_QUEUE_EVENTS.")
 @metrics_port_option
@@ -290,8 +291,8 @@ def worker(config_path: str | None, concurrency: int | None, pool: str, loglevel
             "-Q", keys.QUEUE, "--loglevel", level, "--without-mingle", "--without-gossip"]
     if events:
         argv.append("--events")
-    if hostname:
-        argv += ["--hostname", hostname]
+    # Celery's default name is celery@HOST: two workers on one host would be one in Flower.
+    argv += ["--hostname", hostname or f"opt-queue-{os.getpid()}@%h"]
     app.worker_main(argv)
 
 
@@ -435,17 +436,41 @@ def status(config_path: str | None, job_name: str | None, output: str | None, as
 
     cfg = _config(config_path, require_keys=False)
     url = cfg.broker_url or (private_broker(output) if output else None)
-    if url is None and output:
-        raise ConfigError(f"no broker: no `opt-queue run` is working on {output} now, and neither "
-                          f"\"broker_url\" nor OPT_QUEUE_BROKER_URL is set")
-    client = connect(_broker(cfg) if url is None else url, check=True)
     job = job_name or (job_id_for(output) if output else None)
-    snap = snapshot(client, job, cfg.learned_limits_ttl)
+    if url is None and output:
+        snap = _stopped_run_snapshot(output, job, cfg)
+        if snap is None:
+            raise ConfigError(f"no broker: no `opt-queue run` is working on {output} now nor left its state "
+                              f"beside it, and neither \"broker_url\" nor OPT_QUEUE_BROKER_URL is set")
+    else:
+        client = connect(_broker(cfg) if url is None else url, check=True)
+        snap = snapshot(client, job, cfg.learned_limits_ttl)
     if as_json:
         click.echo(json.dumps(snap, indent=2, ensure_ascii=False))
         return
-    for table in status_tables(snap):
+    for table in status_tables(snap, out.width):
         out.print(table)
+    if snap.get("stopped_run"):
+        out.print(f"(an interrupted `opt-queue run`: its state is kept in {snap['stopped_run']}; run the same "
+                  f"command again to resume)")
+
+
+def _stopped_run_snapshot(output: str, job: str | None, cfg: Config) -> dict[str, Any] | None:
+    """The status of an interrupted ``run``'s job, read from the private Redis' files beside its
+    output (a Redis is started on them for the moment, then stopped)."""
+    from opt_queue.local import EmbeddedRedis
+    from opt_queue.runner import state_dir
+    from opt_queue.status import snapshot
+
+    directory = state_dir(output)
+    if not any((directory / name).exists() for name in ("appendonlydir", "appendonly.aof")):
+        return None
+    with EmbeddedRedis(directory) as private:
+        client = connect(private.url, check=True)
+        snap = snapshot(client, job, cfg.learned_limits_ttl)
+        client.close()
+    snap["stopped_run"] = str(directory)
+    return snap
 
 
 def _job(config_path: str | None, job_name: str | None, output: str | None, verb: str) -> tuple[Any, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -29,13 +30,39 @@ WAIT_SECONDS = Counter("optq_limiter_wait_seconds", "Seconds rows waited for rat
 
 JOB_ROWS = Gauge("optq_job_rows", "Rows of a job by state (answered, null, remaining)", ["job", "state"],
                  registry=REGISTRY)
-JOB_COST = Gauge("optq_job_cost_dollars", "What a job's calls cost so far", ["job"], registry=REGISTRY)
 JOB_PROJECTED = Gauge("optq_job_projected_cost_dollars", "A job's projected total cost", ["job"], registry=REGISTRY)
 JOB_BUDGET_LEFT = Gauge("optq_job_budget_left_dollars", "max_cost minus what the job spent", ["job"],
                         registry=REGISTRY)
-KEY_COST = Gauge("optq_key_cost_dollars", "What a key's calls cost, whole fleet", ["key"], registry=REGISTRY)
-KEY_TOKENS = Gauge("optq_key_tokens", "A key's tokens, whole fleet, by kind", ["key", "kind"], registry=REGISTRY)
-KEY_RATE_LIMITED = Gauge("optq_key_rate_limited", "429s a key met, whole fleet", ["key"], registry=REGISTRY)
+
+
+class _Totals:
+    """Counts that only grow, kept in Redis for the whole fleet and read by the collector: exported
+    as counters (``*_total``), set to the value last read (Prometheus' ``rate()`` works on them)."""
+
+    SERIES = {"optq_job_cost_dollars": ("What a job's calls cost so far", ["job"]),
+              "optq_key_cost_dollars": ("What a key's calls cost, whole fleet", ["key"]),
+              "optq_key_tokens": ("A key's tokens, whole fleet, by kind", ["key", "kind"]),
+              "optq_key_rate_limited": ("429s a key met, whole fleet", ["key"])}
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in self.SERIES}
+
+    def set(self, name: str, labels: tuple[str, ...], value: float) -> None:
+        self.values[name][labels] = value
+
+    def collect(self) -> Any:
+        for name, (doc, labels) in self.SERIES.items():
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for values, value in self.values[name].items():
+                family.add_metric(list(values), value)
+            yield family
+
+    def describe(self) -> Any:
+        return []
+
+
+TOTALS = _Totals()
+REGISTRY.register(TOTALS)
 
 TOKEN_KINDS = ("input", "cached", "output", "reasoning")
 
@@ -64,13 +91,13 @@ def observe_job(job: str, answered: int, nulls: int, remaining: int, spend: dict
     """The collector's view of its job and of the keys (read from Redis)."""
     for state, value in (("answered", answered), ("null", nulls), ("remaining", remaining)):
         JOB_ROWS.labels(job, state).set(value)
-    JOB_COST.labels(job).set(spend["cost"])
+    TOTALS.set("optq_job_cost_dollars", (job,), spend["cost"])
     if spend["projected_cost"] is not None:
         JOB_PROJECTED.labels(job).set(spend["projected_cost"])
     if spend["max_cost"]:
         JOB_BUDGET_LEFT.labels(job).set(max(0.0, spend["max_cost"] - spend["cost"]))
     for k in keys:
-        KEY_COST.labels(k["key"]).set(k["spend"]["cost"])
-        KEY_RATE_LIMITED.labels(k["key"]).set(k["rate_limited"])
+        TOTALS.set("optq_key_cost_dollars", (k["key"],), k["spend"]["cost"])
+        TOTALS.set("optq_key_rate_limited", (k["key"],), k["rate_limited"])
         for kind in TOKEN_KINDS:
-            KEY_TOKENS.labels(k["key"], kind).set(k["spend"][f"{kind}_tokens"])
+            TOTALS.set("optq_key_tokens", (k["key"], kind), k["spend"][f"{kind}_tokens"])

@@ -138,8 +138,15 @@ def print_summary(console: Console, status: CollectStatus, output: str | Path, e
         console.print(f"worker log: {worker_log}")
 
 
-def status_tables(snap: dict[str, Any]) -> list[Table]:
-    """Render ``status.snapshot()`` as a jobs table and a keys table."""
+WIDE = 140
+"""Terminal columns from which ``status`` shows its wide tables (every counter); below, compact ones."""
+
+
+def status_tables(snap: dict[str, Any], width: int = WIDE) -> list[Table]:
+    """Render ``status.snapshot()`` as a jobs table and a keys table: compact below :data:`WIDE`
+    columns (they fit 80), every counter from there on."""
+    if width < WIDE:
+        return _compact_tables(snap)
     jobs = Table(title="jobs")
     for col in ("job", "status", "total", "finished", "null", "queued/in flight", "tokens in/cached/out/reasoning",
                 "cost (projected, budget)", "note"):
@@ -178,6 +185,52 @@ def status_tables(snap: dict[str, Any]) -> list[Table]:
             bt.add_row(job, b["chunk"], str(b["rows"]), b["state"], b["batch"] or "", b["status"] or "",
                        b["key"] or "", str(b["answered"]), str(b["nulls"]), str(b["moved_on"] or ""))
         tables.append(bt)
+    return tables
+
+
+def _compact_tables(snap: dict[str, Any]) -> list[Table]:
+    """The tables of :func:`status_tables` in 80 columns: progress, cost and each key's state."""
+    jobs = Table(title="jobs", expand=False)
+    for col in ("job", "status", "done/total", "null", "queued", "cost"):
+        jobs.add_column(col, no_wrap=True, overflow="ellipsis", max_width=30 if col == "job" else None)
+    notes = []
+    for j in snap["jobs"]:
+        s = j["spend"]
+        jobs.add_row(j["job"], j["status"], f"{j['finished']}/{j['total']}", str(j["nulls"]),
+                     str(j["in_flight_or_queued"]), money(s["cost"]))
+        note = j["reason"] or ("submitting" if j["submitting"] else "")
+        if note:
+            notes.append(f"{j['job']}: {note}")
+    ks = Table(title="keys", expand=False)
+    for col in ("key", "model", "limits", "used now", "429s", "state"):
+        ks.add_column(col, no_wrap=col in ("key", "429s"), overflow="fold")
+    for k in snap["keys"]:
+        state = "retired" if k["retired"] else (f"cooling {k['cooldown_s']}s" if k["cooldown_s"] else "ready")
+        if not k["models"]:
+            ks.add_row(k["key"], "", k["limits"], "", str(k["rate_limited"]), state)
+        for i, m in enumerate(k["models"]):
+            shown = [w for w in m["windows"] if w["mode"] != "paced" or w["limit"]]
+            limits = ", ".join(f"{w['limit'] or '?'}/{w['period']:g}s {'req' if w['dim'] == 'req' else 'tok'}"
+                               for w in shown)
+            used = ", ".join(str(w["used"]) for w in shown)
+            ks.add_row(k["key"] if i == 0 else "", m["model"], limits, used,
+                       str(k["rate_limited"]) if i == 0 else "", state if i == 0 else "")
+    tables: list[Any] = [jobs, ks]
+    if notes:
+        tables.append(Text("\n".join(notes)))
+    retired = [f"{k['key']}: {k['retired']}" for k in snap["keys"] if k["retired"]]
+    if retired:
+        tables.append(Text("retired: " + "; ".join(retired)))
+    chunks = [(j["job"], b) for j in snap["jobs"] for b in j.get("batches") or []]
+    if chunks:
+        bt = Table(title="batches (batch lane)")
+        for col in ("chunk", "rows", "state", "status", "answered", "null"):
+            bt.add_column(col, no_wrap=True)
+        for _job, b in chunks:
+            bt.add_row(b["chunk"], str(b["rows"]), b["state"], b["status"] or "", str(b["answered"]),
+                       str(b["nulls"]))
+        tables.append(bt)
+    tables.append(Text("(a wider terminal shows every counter; --json gives them all)", style="dim"))
     return tables
 
 

@@ -74,3 +74,36 @@ def test_flower_lists_workers_and_tasks_without_keys_and_refuses_anonymous(
     finally:
         flower.terminate()
         flower.wait(10)
+
+
+def test_flower_comes_with_the_install() -> None:
+    """The README's Flower command needs the ``flower`` package: it is a dependency of opt-queue, not
+    an extra that the README's install would leave out."""
+    from importlib.metadata import requires
+
+    needed = [r for r in requires("opt-queue") or [] if r.split(">")[0].split("=")[0].strip() == "flower"]
+    assert needed and all("extra ==" not in r for r in needed), requires("opt-queue")
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_host_have_distinct_names(tmp_path: Path, sim: SimServer, redis_url: str) -> None:
+    """Started without --hostname, as a user starts them: Flower shows each worker by its name."""
+    from conftest import kill_group, start_cli
+
+    from opt_queue.app import app, configure
+
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url)
+    procs = [start_cli("worker", "-c", str(config), "--concurrency", "2", log=tmp_path / f"w{i}.log")
+             for i in range(2)]
+    try:
+        configure(redis_url, 3600)
+        names: set[str] = set()
+
+        def both_answer() -> bool:
+            names.update(name for reply in app.control.ping(timeout=1.0) for name in reply)
+            return len(names) >= 2
+        wait_for(both_answer, timeout=60, what="two workers answering a ping")
+    finally:
+        for p in procs:
+            kill_group(p)
+    assert len(names) == 2 and all(n.startswith("opt-queue-") for n in names), names
