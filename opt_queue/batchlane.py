@@ -166,12 +166,20 @@ class ChunkWriter:
         self.chunks += 1
 
 
+HANDOFF_SECONDS = 3.0
+"""What the hand-off itself takes at the cut-over: a look at each batch, its cancel, the download of
+what it answered, and the workers taking the rows (a dispatch tick)."""
+CANCEL_POLL = 0.5
+"""Seconds between two looks at a batch that is being cancelled."""
+
+
 def cutover_at(deadline: float, now: float, sync_seconds: float | None = None, reserve: float = 0.25) -> float:
     """When the batch lane hands its leftovers to the synchronous lane: with the last ``reserve``
     of the time to the deadline left for them, or more when the keys' known limits say that
     sending every row synchronously takes longer (``sync_seconds``, with a quarter more for
-    safety); never before ``now`` (then every row goes synchronously at once)."""
-    left = max(deadline * reserve, 1.25 * sync_seconds if sync_seconds else 0.0)
+    safety), plus the hand-off's own time (:data:`HANDOFF_SECONDS`); never before ``now`` (then
+    every row goes synchronously at once)."""
+    left = max(deadline * reserve, 1.25 * sync_seconds if sync_seconds else 0.0) + HANDOFF_SECONDS
     return max(now, now + deadline - left)
 
 
@@ -278,6 +286,13 @@ class BatchLane:
             return None
         stopped = status == STOPPED
         late = bool(cutover) and time.time() >= float(cutover or 0)
+        delay = await self._step(job, chunk_id, chunk, stopped, late)
+        if delay is not None and cutover and not late:
+            delay = min(delay, max(0.0, float(cutover) - time.time()))  # the next look is at the cut-over
+        return delay
+
+    async def _step(self, job: AsyncJob, chunk_id: str, chunk: Chunk, stopped: bool, late: bool) -> float | None:
+        job_id = job.id
         if chunk.state == "creating":
             found = await self._find(chunk, job_id, chunk_id)
             if found is not None:
@@ -458,12 +473,14 @@ class BatchLane:
         chunk.status = batch.status
         if batch.status == "failed":
             return await self._failed(job, chunk_id, chunk, batch)
+        if batch.status in IN_FLIGHT and cancel and batch.status != "cancelling":
+            log.info("job %s: cancelling batch %s (%s)", job.id, batch.id,
+                     "the deadline's cut-over" if late else "the job stopped")
+            await sdk.batches.cancel(batch.id)
+            batch = await sdk.batches.retrieve(batch.id)  # a cancel may be done at once: no tick lost
+            chunk.status = batch.status
         if batch.status in IN_FLIGHT:
-            if cancel and batch.status != "cancelling":
-                log.info("job %s: cancelling batch %s (%s)", job.id, batch.id,
-                         "the deadline's cut-over" if late else "the job stopped")
-                await sdk.batches.cancel(batch.id)
-            delay = min(self.config.batch_poll, 2.0) if cancel else chunk.next_poll(self.config.batch_poll)
+            delay = min(self.config.batch_poll, CANCEL_POLL) if cancel else chunk.next_poll(self.config.batch_poll)
             await self._save(job.id, chunk_id, chunk)
             return delay
         found: list[dict[str, Any]] = []

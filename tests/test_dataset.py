@@ -123,7 +123,7 @@ def test_merge_writes_the_seed_array_format(tmp_path: Path) -> None:
     assert "你好" in text and '\n    {\n        "index": "0",' in text
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(st.binary(max_size=60), st.text(max_size=60).map(str.encode),
                           st.builds(lambda i, s: json.dumps({"index": i, "input": s}).encode(),
                                     st.one_of(st.text(max_size=5), st.integers(), st.booleans()),

@@ -64,6 +64,36 @@ def test_dead_keys_are_retired_and_the_job_finishes_on_the_others(tmp_path: Path
     assert all(calls[fingerprint(k.key)] == 1 for k in keys[2:]), calls
 
 
+@pytest.mark.slow
+def test_an_unreachable_api_base_stops_the_job_before_it_pays(tmp_path: Path, sim: SimServer) -> None:
+    """Connection refused on every key's base URL: the job stops with exit 4 and one line naming
+    the api_base and the error; no row is null (they stay unanswered); a key on a reachable base
+    serves the job as usual. A timeout on a reachable server stays a transient error (see
+    test_transient_errors_are_retried_then_null_with_the_reason)."""
+    from opt_queue.local import free_port
+
+    dead_base = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(10))
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, api_base=dead_base)
+
+    stopped = cli("run", str(data), "-c", str(config), "-o", str(out))
+
+    assert stopped.returncode == 4, stopped.stderr
+    assert f"no api_base serving {MODEL} can be reached: {dead_base}" in stopped.stderr
+    assert "Connect call failed" in stopped.stderr and "Traceback" not in stopped.stderr
+    assert read_jsonl(out) == []  # unanswered, not null
+    assert sim.stats()["calls"] == 0
+
+    second = "sk-second-key-on-the-sim-xxxxxxx"
+    sim.configure(keys=[SimKey(TEST_KEY), SimKey(second)])
+    config = write_config(tmp_path / "config.json", sim, api_base=dead_base,
+                          api_keys=[TEST_KEY, {"key": second, "api_base": sim.base_url}])
+    again = cli("run", str(data), "-c", str(config), "-o", str(out))
+    assert again.returncode == 0, again.stderr  # the reachable key answers every row
+    assert all(v for line in read_jsonl(out) for v in line.values()) and sim.stats()["calls"] == 10
+
+
 def test_all_keys_dead_stops_the_job_and_a_rerun_with_a_good_key_finishes(tmp_path: Path, sim: SimServer) -> None:
     dead = [SimKey("sk-revoked-1-xxxxxxxxxxxxxx", dead="invalid"), SimKey("sk-spent-1-xxxxxxxxxxxxxxxx", dead="quota")]
     good = SimKey("sk-fresh-key-xxxxxxxxxxxxxxx")
