@@ -179,6 +179,26 @@ def test_a_batch_file_mixing_endpoints_comes_back_in_the_batch_output_format(
 
 
 @pytest.mark.slow
+def test_a_batch_format_job_is_written_in_the_batch_format_even_when_its_submit_is_slow(
+        tmp_path: Path, sim: SimServer) -> None:
+    """``run`` starts its collector beside its submit; a submit that is slow to start (here: it reads
+    an output of 30,000 lines first) must not leave the collector guessing the job's format."""
+    n = 30_000
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+    data = write_jsonl(tmp_path / "batch.jsonl", [batch_line(str(i), "/v1/chat/completions", body) for i in range(n)])
+    out = tmp_path / "output.jsonl"
+    done = {"status_code": 200, "request_id": "req_earlier", "body": {"choices": [{"message": {"content": "earlier"}}]}}
+    write_jsonl(out, [{"id": f"batch_req_{i}", "custom_id": str(i), "response": done, "error": None}
+                      for i in range(n - 10)])
+    config = write_config(tmp_path / "config.json", sim)
+    result = cli("run", str(data), "-c", str(config), "-o", str(out), "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    lines = read_jsonl(out)
+    assert len(lines) == n and all("custom_id" in line for line in lines), [l for l in lines if "custom_id" not in l][:3]
+    assert sim.stats()["calls"] == 10
+
+
+@pytest.mark.slow
 def test_structured_outputs_are_checked_asked_again_and_reported_in_the_full_format(
         tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
     response_format = {"type": "json_schema", "json_schema": {"name": "movie", "schema": SCHEMA, "strict": True}}
