@@ -490,7 +490,7 @@ def _job(config_path: str | None, job_name: str | None, output: str | None, verb
 def reset(config_path: str | None, job_name: str | None, output: str | None, yes: bool) -> None:
     """Forget a job's state in Redis (done rows, claims, uncollected results); files stay as they are."""
     from opt_queue import keys
-    from opt_queue.batchlane import chunk_states
+    from opt_queue.chunks import chunk_states
 
     client, job = _job(config_path, job_name, output, "reset")
     if not job.exists():
@@ -523,7 +523,7 @@ def reset(config_path: str | None, job_name: str | None, output: str | None, yes
 @friendly
 def cancel(config_path: str | None, job_name: str | None, output: str | None) -> None:
     """Stop a job everywhere: no new calls, the provider's batches cancelled (what they answered is kept)."""
-    from opt_queue.batchlane import wake
+    from opt_queue.chunks import wake
 
     client, job = _job(config_path, job_name, output, "cancel")
     if not job.exists():

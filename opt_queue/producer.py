@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 from opt_queue import formats
-from opt_queue.batchlane import ChunkWriter, cutover_at, wake
+from opt_queue.chunks import ChunkWriter, cutover_at, wake
 from opt_queue.broker import declare_queue, envelope, push
 from opt_queue.config import Config
 from opt_queue.dataset import (

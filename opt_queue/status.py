@@ -34,7 +34,7 @@ def job_status(client: redis.Redis, job_id: str) -> dict[str, Any]:
 
 def _batches(client: redis.Redis, job_id: str) -> list[dict[str, Any]]:
     """The batch lane's chunks of a job: rows, the provider's batch and its status, the key."""
-    from opt_queue.batchlane import chunk_states
+    from opt_queue.chunks import chunk_states
 
     return [{"chunk": c, "rows": st.rows, "state": st.state, "batch": st.batch_id, "status": st.status,
              "key": st.key, "attempt": st.attempt, "answered": st.answered, "nulls": st.nulls,

@@ -20,7 +20,7 @@ from opt_queue import keys
 from opt_queue.dataset import iter_input, read_output
 from opt_queue.jobs import Job, job_id_for
 from opt_queue.local import EmbeddedRedis
-from opt_queue.simapi import SimServer, prompt_key
+from opt_queue.simapi import SimServer
 
 MODEL = "gpt-3.5-turbo-0613"
 pytestmark = pytest.mark.slow

@@ -183,11 +183,17 @@ def test_batch_rows_that_can_never_fit_the_enqueued_token_limit_go_synchronously
     data_rows = rows(40)  # four chunks: three fit two at a time, the fourth holds the large rows
     for i in (35, 38):
         data_rows[i]["messages"][0]["content"] = f"Describe item {i}: " + "the long review of the committee " * 70
+    data_rows[3]["messages"][0]["content"] = "REFUSE this"  # a refusal in a batch: a null kept by a re-run
     data = write_jsonl(tmp_path / "data.jsonl", data_rows)
     out = tmp_path / "output.jsonl"
     config = batch_config(tmp_path, sim, redis_url, batch_max_lines=10)
     workers(config)
-    submit_and_collect(data, config, out, "--lane", "batch")
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "batch").returncode == 0
+    assert cli("collect", "-c", str(config), "-o", str(out), timeout=180).returncode == 0
+    got = {k: v for line in read_jsonl(out) for k, v in line.items()}
+    assert got["3"] is None and all(v is not None for k, v in got.items() if k != "3")
+    error = read_jsonl(tmp_path / "output.errors.jsonl")[0]
+    assert error["error_type"] == "refusal" and error["retryable"] is False
     paid_once(sim, 40)  # the two large rows answered synchronously, once; nothing loops
     assert sim.stats()["calls"] == 2  # the synchronous lane's calls: just the two
     job = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)["jobs"][0]
