@@ -148,7 +148,8 @@ def test_a_stopped_run_keeps_every_answer_and_the_rerun_pays_for_none_again(tmp_
     # every answer the API gave is on disk: none is left for the re-run to pay again
     assert len(on_disk) == sim.stats()["answered"] < 300
 
-    again = cli("run", str(data), "-c", str(config), "-o", str(out), timeout=150)
+    unlimited = write_config(tmp_path / "unlimited.json", sim, model={"name": MODEL})  # the re-run's pace is not tested
+    again = cli("run", str(data), "-c", str(unlimited), "-o", str(out), timeout=150)
     assert again.returncode == 0, again.stderr
     assert_complete(data, out)
     report(f"{signal.Signals(sig).name} to run's process group, then run again", data, out, sim)
