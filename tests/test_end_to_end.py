@@ -95,6 +95,10 @@ def test_a_null_that_cannot_change_is_not_paid_again_until_its_request_changes(t
     assert "1 nulls kept (1 context_length_exceeded)" in again.stdout and "--retry-failed" in again.stdout
     estimated = cli("estimate", str(data), "-c", str(plain), "-o", str(out))
     assert "rows to send: 0 of 2" in estimated.stdout and "nulls kept" in estimated.stdout, estimated.stdout
+    errors = read_jsonl(tmp_path / "output.errors.jsonl")
+    assert errors[0]["retryable"] is False and errors[0]["request"]
+    forced = cli("run", str(data), "-c", str(plain), "-o", str(out), "--retry-failed")
+    assert forced.returncode == 0 and sim.stats()["calls"] == 3  # asked for: sent again (and null again)
 
     bigger = write_config(tmp_path / "bigger.json", sim, model={"name": MODEL, "fallback": "gpt-3.5-turbo-16k-0613"})
     third = cli("run", str(data), "-c", str(bigger), "-o", str(out))
@@ -102,18 +106,6 @@ def test_a_null_that_cannot_change_is_not_paid_again_until_its_request_changes(t
     got = {k: v for line in read_jsonl(out) for k, v in line.items()}
     assert got["long"] == sim_answer("gpt-3.5-turbo-16k-0613", [{"role": "user", "content": "长" * 2000}])
     assert not (tmp_path / "output.errors.jsonl").read_text(encoding="utf-8").strip()
-
-
-def test_retry_failed_sends_a_final_null_again(tmp_path: Path, sim: SimServer) -> None:
-    sim.configure(models={MODEL: 400})
-    data = write_jsonl(tmp_path / "data.jsonl", [{"index": "long", "input": "长" * 2000}])
-    out = tmp_path / "output.jsonl"
-    config = write_config(tmp_path / "config.json", sim, model={"name": MODEL})
-    assert cli("run", str(data), "-c", str(config), "-o", str(out)).returncode == 0
-    errors = read_jsonl(tmp_path / "output.errors.jsonl")
-    assert errors[0]["retryable"] is False and errors[0]["request"]
-    assert cli("run", str(data), "-c", str(config), "-o", str(out), "--retry-failed").returncode == 0
-    assert sim.stats()["calls"] == 2
 
 
 def test_fallback_model_answers_rows_too_long_for_the_main_model(tmp_path: Path, sim: SimServer) -> None:

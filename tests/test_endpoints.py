@@ -182,8 +182,8 @@ def test_a_batch_file_mixing_endpoints_comes_back_in_the_batch_output_format(
 def test_a_batch_format_job_is_written_in_the_batch_format_even_when_its_submit_is_slow(
         tmp_path: Path, sim: SimServer) -> None:
     """``run`` starts its collector beside its submit; a submit that is slow to start (here: it reads
-    an output of 30,000 lines first) must not leave the collector guessing the job's format."""
-    n = 30_000
+    an output of 20,000 lines first) must not leave the collector guessing the job's format."""
+    n = 20_000
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
     data = write_jsonl(tmp_path / "batch.jsonl", [batch_line(str(i), "/v1/chat/completions", body) for i in range(n)])
     out = tmp_path / "output.jsonl"

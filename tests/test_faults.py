@@ -48,7 +48,7 @@ def test_worker_killed_three_times_loses_nothing(tmp_path: Path, sim: SimServer,
     data = write_jsonl(tmp_path / "data.jsonl", seed_rows(300))
     out = tmp_path / "output.jsonl"
     config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, visibility_timeout=2,
-                          model={"name": MODEL}, lease_seconds=10)  # a dead worker's rows back after 10 s
+                          model={"name": MODEL}, lease_seconds=6)  # a dead worker's rows back after 6 s
     c = ("-c", str(config))
     assert cli("submit", str(data), *c, "-o", str(out)).returncode == 0
     collector = start_cli("collect", *c, "-o", str(out), log=tmp_path / "collect.log")
