@@ -62,8 +62,10 @@ LEASE_POLL = 1.0
 PUBLISH_PATIENCE = 600.0
 """How long a paid answer waits for Redis to take it before the row is given up to a retry."""
 UNREACHABLE_TRIES = 3
+UNREACHABLE_FIRST_SECONDS = 2.0
 """A base URL that no connection of this worker has reached yet is given up after this many
-connection failures in a row (refused, DNS, TLS): a wrong ``api_base`` stops the job in seconds."""
+connection failures in a row (refused, DNS, TLS) spread over at least this long (rows in flight
+fail together: a blip of a moment is not enough): a wrong ``api_base`` stops the job in seconds."""
 UNREACHABLE_SECONDS = 60.0
 """A base URL that answered before is given up once every connection fails for this long (a
 server restarting is waited for)."""
@@ -125,7 +127,7 @@ class _Reach:
             self.failing_since = now
         if self.answered:
             return now - self.failing_since >= UNREACHABLE_SECONDS
-        return self.failures >= UNREACHABLE_TRIES
+        return self.failures >= UNREACHABLE_TRIES and now - self.failing_since >= UNREACHABLE_FIRST_SECONDS
 
     def reached(self) -> None:
         self.answered, self.failures, self.failing_since = True, 0, None
@@ -500,6 +502,9 @@ class Engine:
             if not self._abandon:
                 raise
             # Abandoned by a shutdown (see drain): the row goes back; the call may have been paid.
+            current = asyncio.current_task()
+            if current is not None and hasattr(current, "uncancel"):
+                current.uncancel()  # the cancel was ours and is handled: later timeouts work as usual
             if stamped is not None:
                 await stamped
                 await self.pool.settle(lease, row.tokens)
