@@ -45,7 +45,7 @@ from opt_queue import answers, formats, metrics
 from opt_queue import client as api
 from opt_queue import keys as rkeys
 from opt_queue.broker import envelope
-from opt_queue.chunks import CANCEL_POLL, Chunk, store_chunk
+from opt_queue.chunks import CANCEL_POLL, HANDOFF_SECONDS, Chunk, store_chunk
 from opt_queue.config import ApiKey, Config
 from opt_queue.jobs import STOPPED, AsyncJob, RowResult
 from opt_queue.prices import Prices, Usage, nano
@@ -156,12 +156,13 @@ class BatchLane:
             return None
         stopped = status == STOPPED
         late = bool(cutover) and time.time() >= float(cutover or 0)
-        delay = await self._step(job, chunk_id, chunk, stopped, late)
+        delay = await self._step(job, chunk_id, chunk, stopped, late, float(cutover or 0))
         if delay is not None and cutover and not late:
             delay = min(delay, max(0.0, float(cutover) - time.time()))  # the next look is at the cut-over
         return delay
 
-    async def _step(self, job: AsyncJob, chunk_id: str, chunk: Chunk, stopped: bool, late: bool) -> float | None:
+    async def _step(self, job: AsyncJob, chunk_id: str, chunk: Chunk, stopped: bool, late: bool,
+                    cutover: float = 0.0) -> float | None:
         job_id = job.id
         if chunk.state == "creating":
             found = await self._find(chunk, job_id, chunk_id)
@@ -173,7 +174,7 @@ class BatchLane:
                 await self._finish(job, chunk_id, chunk, [], await self._lines(job_id, chunk_id), late=not stopped)
                 return None
             return await self._create(job, chunk_id, chunk)
-        return await self._poll(job, chunk_id, chunk, stopped or late, late)
+        return await self._poll(job, chunk_id, chunk, stopped or late, late, cutover)
 
     async def _save(self, job_id: str, chunk_id: str, chunk: Chunk) -> None:
         await self.client.hset(rkeys.job_batches(job_id), chunk_id, chunk.dumps())
@@ -332,7 +333,8 @@ class BatchLane:
                 break
         return None
 
-    async def _poll(self, job: AsyncJob, chunk_id: str, chunk: Chunk, cancel: bool, late: bool) -> float | None:
+    async def _poll(self, job: AsyncJob, chunk_id: str, chunk: Chunk, cancel: bool, late: bool,
+                    cutover: float = 0.0) -> float | None:
         key = self._key(chunk.key)
         if key is None:  # the key left the config: the batch is out of reach; send its rows again
             log.warning("job %s: chunk %s's key %s is no longer configured", job.id, chunk_id, chunk.key)
@@ -350,6 +352,8 @@ class BatchLane:
             batch = await sdk.batches.retrieve(batch.id)  # a cancel may be done at once: no tick lost
             chunk.status = batch.status
         if batch.status in IN_FLIGHT:
+            if late and not chunk.handed and time.time() >= cutover + HANDOFF_SECONDS:
+                await self._hand_over(job, chunk_id, chunk, batch.status)
             delay = min(self.config.batch_poll, CANCEL_POLL) if cancel else chunk.next_poll(self.config.batch_poll)
             await self._save(job.id, chunk_id, chunk)
             return delay
@@ -360,6 +364,19 @@ class BatchLane:
                 found += [json.loads(line) for line in content.text.splitlines() if line.strip()]
         await self._finish(job, chunk_id, chunk, found, await self._lines(job.id, chunk_id), late=late)
         return None
+
+    async def _hand_over(self, job: AsyncJob, chunk_id: str, chunk: Chunk, status: str) -> None:
+        """The deadline's cut-over passed and the provider is still cancelling the batch after the
+        hand-off's own time: its rows go to the synchronous lane now, so that the deadline holds.
+        The batch is still read once cancelled: an answer it gives first is kept (and a row task
+        that comes after it finds the row done and calls nothing); a row that both lanes finished
+        was paid twice, the price of the deadline when the provider is slow to cancel."""
+        lines = await self._lines(job.id, chunk_id)
+        await self._to_sync(job.id, [self._task_row(chunk, i, lines[i]) for i in lines], chunk.options)
+        chunk.handed, chunk.moved = True, len(lines)
+        await self._save(job.id, chunk_id, chunk)
+        log.warning("job %s: batch %s is still %s after the cut-over; its %d rows go through the synchronous "
+                    "lane now (an answer the batch gives first is kept)", job.id, chunk.batch_id, status, len(lines))
 
     async def _failed(self, job: AsyncJob, chunk_id: str, chunk: Chunk, batch: Any) -> float | None:
         errors = list(getattr(batch.errors, "data", None) or [])
@@ -501,6 +518,8 @@ class BatchLane:
         if left and status == STOPPED:
             for index in left:
                 queue(pipe, self._scripts.release, **job._release_call(index))
+        elif left and chunk.handed:
+            pass  # in the synchronous lane already (_hand_over)
         elif left and late:
             # Row tasks first, then the chunk's end: a crash in between sends the tasks twice, and
             # the rows' leases keep the second copy from paying.

@@ -38,6 +38,8 @@ class Chunk:
     answered: int = 0
     nulls: int = 0
     moved: int = 0
+    handed: bool = False
+    """Its rows went to the synchronous lane while the provider was still cancelling its batch."""
     polls: int = 0
     reserved_nano: int = 0
     reserved_tokens: int = 0

@@ -114,6 +114,7 @@ class SimConfig:
     flex_latency: float = 0.0  # more seconds before a Flex answer
     batch_delay: float = 2.0  # seconds from a batch's creation to its completion (rows finish in file order)
     batch_expire_after: float = 0.0  # > 0: a batch not completed this long after its creation expires
+    batch_cancel_delay: float = 0.0  # seconds a cancelled batch stays "cancelling" (the real API: up to 10 min)
     batch_enqueued_tokens: int = 0  # > 0: an organization's enqueued-token limit per model (prompt tokens)
     batch_max_lines: int = 50_000
     seed: int = 0

@@ -232,7 +232,8 @@ class SimBatches:
         now = time.monotonic()
         elapsed = now - batch.created
         if batch.status == "cancelling":
-            self._finish(batch, "cancelled", (batch.cancelled_at or now) - batch.created, "batch_cancelled")
+            if now - (batch.cancelled_at or now) >= cfg.batch_cancel_delay:  # rows stop at the cancel
+                self._finish(batch, "cancelled", (batch.cancelled_at or now) - batch.created, "batch_cancelled")
         elif cfg.batch_expire_after and elapsed >= cfg.batch_expire_after and cfg.batch_expire_after < cfg.batch_delay:
             self._finish(batch, "expired", cfg.batch_expire_after, "batch_expired")
         elif elapsed >= cfg.batch_delay:
