@@ -119,40 +119,49 @@ def test_collector_killed_repeatedly_and_a_torn_line_are_repaired(tmp_path: Path
     report("collector SIGKILLed 3 times + torn last line", data, out, sim)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_stopped_run_keeps_every_answer_and_the_rerun_pays_for_none_again(tmp_path: Path, sim: SimServer,
-                                                                              sig: int) -> None:
-    """Ctrl-C (SIGINT to the whole foreground group, as a terminal sends it) or SIGTERM: no call
-    starts after it, the calls on the wire finish, every answer is written, exit 130; the same
-    command then sends only the rest."""
-    sim.configure(latency=0.5)  # calls still on the wire when the signal comes
-    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(300))
-    out = tmp_path / "output.jsonl"
-    # 25 requests a second: at the signal, most rows in flight wait for a slot (as they do when a
-    # key's limit binds); none of them may start a call after it
-    config = write_config(tmp_path / "config.json", sim, model={"name": MODEL}, limits={"requests": ["25/s"]})
+def _stop_run(data: Path, out: Path, config: Path, sim: SimServer, sig: int, after: int) -> None:
+    """``run`` stopped by ``sig`` to its whole process group once ``after`` lines are on disk: no call
+    starts after the signal (at 25 requests a second most rows wait for a slot when it comes; only
+    the calls on the wire may follow), every answer is on disk, exit 130."""
+    # a terminal's foreground job has SIGINT at its default (a non-interactive shell's background
+    # job inherits it ignored, and Python would then never see Ctrl-C)
     run = subprocess.Popen([sys.executable, "-m", "opt_queue", "run", str(data), "-c", str(config),
-                            "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
-    wait_for(lambda: lines_in(out) >= 60, what="60 rows")
+                            "-o", str(out), "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    wait_for(lambda: lines_in(out) >= after, what=f"{after} rows")
     os.killpg(run.pid, sig)
     at_signal = sim.stats()["calls"]
     _, err = run.communicate(timeout=60)
     assert run.returncode == 130 and "run the same command again to resume" in err, err[-2000:]
     assert "Traceback" not in err
     assert sim.stats()["calls"] - at_signal <= 25  # the calls on the wire at most, not the waiting rows
-    state = tmp_path / "output.jsonl.oq-redis"
+    state = tmp_path_state(out)
     assert (state / "appendonlydir").exists() or (state / "appendonly.aof").exists()
     assert not (state / "redis.pid").exists() or not _alive(state / "redis.pid")
-    on_disk = read_output(out).answered
     # every answer the API gave is on disk: none is left for the re-run to pay again
-    assert len(on_disk) == sim.stats()["answered"] < 300
+    assert len(read_output(out).answered) == sim.stats()["answered"] < 300
+
+
+def tmp_path_state(out: Path) -> Path:
+    return out.with_name(out.name + ".oq-redis")
+
+
+def test_a_stopped_run_keeps_every_answer_and_the_rerun_pays_for_none_again(tmp_path: Path, sim: SimServer) -> None:
+    """Ctrl-C (SIGINT to the whole foreground group, as a terminal sends it), then SIGTERM to the
+    re-run: each stops cleanly with every answer written; the last run sends only the rest."""
+    sim.configure(latency=0.5)  # calls still on the wire when the signal comes
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(300))
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, model={"name": MODEL}, limits={"requests": ["25/s"]})
+    _stop_run(data, out, config, sim, signal.SIGINT, 60)
+    _stop_run(data, out, config, sim, signal.SIGTERM, 120)
 
     unlimited = write_config(tmp_path / "unlimited.json", sim, model={"name": MODEL})  # the re-run's pace is not tested
     again = cli("run", str(data), "-c", str(unlimited), "-o", str(out), timeout=150)
     assert again.returncode == 0, again.stderr
     assert_complete(data, out)
-    report(f"{signal.Signals(sig).name} to run's process group, then run again", data, out, sim)
+    report("SIGINT, then SIGTERM, to run's process group, then run again", data, out, sim)
     assert paid_twice(sim) == 0 and sim.stats()["answered"] == 300
 
 
