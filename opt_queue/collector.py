@@ -83,6 +83,11 @@ class CollectStatus:
 class ResultStream:
     """The job's results stream, read through the collectors' consumer group."""
 
+    pending_every = 5.0
+    """Seconds of reading nothing after which the entries delivered before are read again: a read
+    whose reply a Redis restart lost, and which redis-py then ran again by itself, left its entries
+    delivered to this consumer but never seen (they would wait for ever)."""
+
     def __init__(self, client: redis.Redis, job_id: str) -> None:
         self.client = client
         self.key = keys.job_results(job_id)
@@ -119,6 +124,7 @@ class ResultStream:
         Rides out a Redis restart: it waits for the server to come back instead of failing.
         """
         pending = True
+        idle_since = time.monotonic()
         while not should_stop():
             try:
                 got = self.read(pending)
@@ -129,7 +135,12 @@ class ResultStream:
                 continue
             if pending and not got:
                 pending = False
+                idle_since = time.monotonic()
                 continue
+            if got:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= self.pending_every:
+                pending = True  # see pending_every
             yield got
 
 
