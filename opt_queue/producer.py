@@ -311,7 +311,7 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
             fresh = [r for r in batch if r.index in claimed]
             report.retried_nulls += sum(r.index in nulls for r in fresh)
             report.resent += sum(r.index in claim.redone and r.index not in nulls for r in fresh)
-            if fresh:
+            if fresh and config.dedupe is not False:
                 copies = _dedupe(job, fresh, config, sampled, report)
                 fresh = [r for r in fresh if r.index not in copies]
             try:
