@@ -24,6 +24,7 @@ from opt_queue.config import ENV_OVERRIDES, Config, load_config
 from opt_queue.errors import ConfigError, Interrupted, OptQueueError
 from opt_queue.jobs import Job, job_id_for
 from opt_queue.redis_conn import connect, redact_url
+from opt_queue.tokens import TOKEN_COUNTS
 from opt_queue.ui import Display, print_summary
 
 console = Console(stderr=True, soft_wrap=True)
@@ -565,10 +566,16 @@ def demo(directory: str, rows: int, lane: str) -> None:
               help="Seconds a Batch API batch takes from its creation to its completion.")
 @click.option("--batch-enqueued-tokens", type=int, default=0, show_default=True,
               help="Enqueued-token limit per organization and model of the Batch API (0: none).")
+@click.option("--token-count", type=click.Choice(TOKEN_COUNTS), default="typical", show_default=True,
+              help="How a prompt's tokens are counted, for the rate limits and the usage: typical (4 ASCII "
+                   "characters a token, one per other character), chars4 (characters / 4), o200k, cl100k "
+                   "(the tokenizers, as OpenAI bills), estimator (opt-queue's own count).")
+@click.option("--limit-count", type=click.Choice(TOKEN_COUNTS), help="The same for the rate limits only.")
+@click.option("--usage-count", type=click.Choice(TOKEN_COUNTS), help="The same for the usage only.")
 @friendly
 def sim(host: str, port: int, keys: tuple[str, ...], rpm: int | None, tpm: int | None, rpd: int | None,
         minute: float, latency: float, error_rate: float, no_headers: bool, batch_delay: float,
-        batch_enqueued_tokens: int) -> None:
+        batch_enqueued_tokens: int, token_count: str, limit_count: str | None, usage_count: str | None) -> None:
     """Serve the simulated OpenAI-compatible API (every Batch endpoint) until Ctrl-C, to try
     opt-queue without paying: set api_base to the URL it prints."""
     import time
@@ -578,7 +585,8 @@ def sim(host: str, port: int, keys: tuple[str, ...], rpm: int | None, tpm: int |
     secrets = keys or ("sk-sim-key",)
     config = SimConfig(keys=[SimKey(k, rpm=rpm, tpm=tpm, rpd=rpd) for k in secrets], minute=minute,
                        latency=latency, transient_rate=error_rate, send_headers=not no_headers,
-                       batch_delay=batch_delay, batch_enqueued_tokens=batch_enqueued_tokens)
+                       batch_delay=batch_delay, batch_enqueued_tokens=batch_enqueued_tokens,
+                       limit_count=limit_count or token_count, usage_count=usage_count or token_count)
     try:
         server = SimServer(config, port=port, hosts=(host,)).start()
     except OSError as exc:

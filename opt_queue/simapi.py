@@ -19,6 +19,14 @@ Response shapes that are not plain text, on demand: a request with ``tools`` get
 first tool (``content: null``, ``finish_reason: "tool_calls"``); a last message containing
 ``REFUSE`` gets a refusal (``message.refusal``); a ``max_tokens`` below the answer's length cuts
 it (``finish_reason: "length"``).
+
+**How it counts prompt tokens** is a setting, for its rate limits (``limit_count``) and for the
+usage it reports and bills (``usage_count``) separately, because real servers differ
+(:data:`TOKEN_COUNTS`): ``typical`` (4 ASCII characters a token, one per other character, 3 per
+message), ``chars4`` (ceil(characters / 4) of the prompt's text, no overhead: what OpenAI's rate
+limiter is reported to count), ``o200k`` / ``cl100k`` (the tokenizer with the chat format's
+overhead: what OpenAI bills) and ``estimator`` (opt-queue's own count of the request). A client
+that assumes the server counts as it does is tested against the others.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from typing import Any
 from aiohttp import web
 
 from opt_queue.config import fingerprint
+from opt_queue.tokens import TOKEN_COUNTS
 from opt_queue.request import CHAT_URL, ENDPOINTS
 
 DEFAULT_MODELS = {"gpt-3.5-turbo-0613": 4096, "gpt-3.5-turbo": 4096, "gpt-3.5-turbo-16k-0613": 16384,
@@ -117,7 +126,14 @@ class SimConfig:
     batch_cancel_delay: float = 0.0  # seconds a cancelled batch stays "cancelling" (the real API: up to 10 min)
     batch_enqueued_tokens: int = 0  # > 0: an organization's enqueued-token limit per model (prompt tokens)
     batch_max_lines: int = 50_000
+    limit_count: str = "typical"  # how the rate-limit windows count a prompt (TOKEN_COUNTS)
+    usage_count: str = "typical"  # how the usage counts (and bills) a prompt (TOKEN_COUNTS)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("limit_count", "usage_count"):
+            if getattr(self, name) not in TOKEN_COUNTS:
+                raise ValueError(f"{name} must be one of {', '.join(TOKEN_COUNTS)}, not {getattr(self, name)!r}")
 
 
 class _Windows:
@@ -187,6 +203,20 @@ def _texts(value: Any) -> list[str]:
     return []
 
 
+def _count_prompt(how: str, url: str, body: dict[str, Any], model: str, typical: int) -> int:
+    """A request's prompt tokens counted ``how`` (:data:`TOKEN_COUNTS`); ``typical`` is that count."""
+    if how == "typical":
+        return typical
+    if how == "chars4":
+        endpoint = ENDPOINTS.get(url, ENDPOINTS[CHAT_URL])
+        chars = sum(len(t) for name in endpoint.prompt for t in _texts(body.get(name)))
+        return math.ceil(chars / 4)
+    from opt_queue.tokens import estimate_parts  # the client's counting, for the server's ways
+
+    as_model = {"o200k": "gpt-4o", "cl100k": "gpt-4"}.get(how, model)
+    return estimate_parts({**body, "model": as_model}, url)[0]
+
+
 ASKED_AGAIN = "does not match the required JSON schema"
 
 
@@ -204,9 +234,22 @@ class _Request:
     completion_tokens: int = 0
     built: dict[str, Any] = field(default_factory=dict)
 
+    limit_prompt: int = 0  # the prompt as the rate-limit windows count it
+
     @classmethod
-    def of(cls, url: str, body: dict[str, Any], model: str) -> _Request:
-        """Read and check a request body (ValueError: a 400 with its message)."""
+    def of(cls, url: str, body: dict[str, Any], model: str, usage_count: str = "typical",
+           limit_count: str = "typical") -> _Request:
+        """Read and check a request body (ValueError: a 400 with its message); count its prompt
+        the two ways the config says."""
+        req = cls._read(url, body, model)
+        typical = req.prompt_tokens
+        req.prompt_tokens = _count_prompt(usage_count, url, body, model, typical)
+        req.limit_prompt = _count_prompt(limit_count, url, body, model, typical)
+        req.built = req._build()
+        return req
+
+    @classmethod
+    def _read(cls, url: str, body: dict[str, Any], model: str) -> _Request:
         n = int(body.get("n") or 1)
         if url == CHAT_URL:
             messages = body.get("messages")
@@ -238,7 +281,6 @@ class _Request:
                 raise ValueError("'input' is a required property")
             tokens = sum(len(i) if isinstance(i, list) else count_tokens(str(i)) for i in inputs)
             req = cls(url, body, model, inputs, tokens, 0)
-        req.built = req._build()
         return req
 
     def _text(self, messages: list[Any], cap: int) -> tuple[str, str]:
@@ -489,7 +531,7 @@ class SimAPI:
             return _error(404, f"The model `{model}` does not exist or you do not have access to it.",
                           "invalid_request_error", "model_not_found")
         try:
-            req = _Request.of(url, body, model)
+            req = _Request.of(url, body, model, cfg.usage_count, cfg.limit_count)
         except ValueError as exc:
             return _error(400, str(exc), "invalid_request_error", None)
         flex = body.get("service_tier") == "flex"
@@ -505,7 +547,7 @@ class SimAPI:
                           "context_length_exceeded", param="messages")
         # The window counts a request as it arrives: its prompt plus its max_tokens (the real API's
         # rule), and a smaller usage afterwards gives nothing back. Without max_tokens, the answer.
-        counted = req.prompt_tokens + (req.max_tokens * req.n if req.max_tokens else req.completion_tokens)
+        counted = req.limit_prompt + (req.max_tokens * req.n if req.max_tokens else req.completion_tokens)
         now = time.monotonic()
         win = self.windows.setdefault((k.org or k.key, model), _Windows())
         k = k.limits(model)
@@ -527,10 +569,11 @@ class SimAPI:
             self._limit_headers(resp, k, win)
             return resp
         win.admit(now, counted)
+        seen = self._window_headers(k, win)  # the headers tell the window as this request left it
         fault = await self._fault(request)
         if fault is not None:
             if fault.content_type == "application/json":
-                self._limit_headers(fault, k, win)  # the API's own errors carry them, a proxy's do not
+                self._limit_headers(fault, k, win, seen)  # the API's own errors carry them, a proxy's do not
             return fault
         delay = cfg.latency + (self.rng.uniform(0, cfg.latency_jitter) if cfg.latency_jitter else 0.0)
         delay += cfg.flex_latency if flex else 0.0
@@ -545,7 +588,7 @@ class SimAPI:
         self.per_key[fingerprint(k.key)] += 1
         resp = web.json_response(req.response(self.calls, cached), dumps=lambda o: json.dumps(o, ensure_ascii=False))
         resp.headers["x-request-id"] = f"req_sim{self.calls}"
-        self._limit_headers(resp, k, win)
+        self._limit_headers(resp, k, win, seen)
         return resp
 
     async def _fault(self, request: web.Request) -> web.StreamResponse | None:
@@ -580,19 +623,30 @@ class SimAPI:
         return web.json_response({"id": "x", "object": "chat.completion", "choices": [],
                                   "usage": {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}})
 
-    def _limit_headers(self, resp: web.StreamResponse, k: SimKey, win: _Windows) -> None:
+    def _limit_headers(self, resp: web.StreamResponse, k: SimKey, win: _Windows,
+                       seen: dict[str, str] | None = None) -> None:
+        """Put the ``x-ratelimit-*`` headers on ``resp``: ``seen`` (the window as the request found
+        it on arrival, when the API counted it), else the window now."""
+        if self.config.send_headers:
+            resp.headers.update(self._window_headers(k, win) if seen is None else seen)
+
+    def _window_headers(self, k: SimKey, win: _Windows) -> dict[str, str]:
         if not self.config.send_headers:
-            return
-        oldest = win.log[0][0] + self.config.minute - time.monotonic() if win.log else 0.0
+            return {}
+        now = time.monotonic()
+        log = [(ts, t) for ts, t in win.log if ts > now - self.config.minute]
+        oldest = log[0][0] + self.config.minute - now if log else 0.0
+        out: dict[str, str] = {}
         if k.rpm is not None:
-            resp.headers["x-ratelimit-limit-requests"] = str(k.rpm)
-            resp.headers["x-ratelimit-remaining-requests"] = str(max(0, k.rpm - len(win.log)))
-            resp.headers["x-ratelimit-reset-requests"] = f"{max(oldest, 0):.3f}s"
+            out["x-ratelimit-limit-requests"] = str(k.rpm)
+            out["x-ratelimit-remaining-requests"] = str(max(0, k.rpm - len(log)))
+            out["x-ratelimit-reset-requests"] = f"{max(oldest, 0):.3f}s"
         if k.tpm is not None:
-            used = sum(t for _, t in win.log)
-            resp.headers["x-ratelimit-limit-tokens"] = str(k.tpm)
-            resp.headers["x-ratelimit-remaining-tokens"] = str(max(0, k.tpm - used))
-            resp.headers["x-ratelimit-reset-tokens"] = f"{max(oldest, 0):.3f}s"
+            used = sum(t for _, t in log)
+            out["x-ratelimit-limit-tokens"] = str(k.tpm)
+            out["x-ratelimit-remaining-tokens"] = str(max(0, k.tpm - used))
+            out["x-ratelimit-reset-tokens"] = f"{max(oldest, 0):.3f}s"
+        return out
 
 
 def _error(status: int, message: str, type_: str, code: str | None, param: str | None = None) -> web.Response:

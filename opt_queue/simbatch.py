@@ -151,7 +151,7 @@ class SimBatches:
         tokens = 0
         for line in lines:
             try:
-                tokens += _Request.of(url, line["body"], model).prompt_tokens
+                tokens += _Request.of(url, line["body"], model, limit_count=self.api.config.limit_count).limit_prompt
             except ValueError:
                 pass  # answered with a 400 in the error file
         batch = _Batch(self._id("batch"), org, url, body["input_file_id"], model, lines, tokens, time.monotonic(),
@@ -255,7 +255,7 @@ class SimBatches:
                                                               f"batch was {status}."}})
                 continue
             try:
-                req = _Request.of(batch.endpoint, line["body"], batch.model)
+                req = _Request.of(batch.endpoint, line["body"], batch.model, self.api.config.usage_count)
             except ValueError as exc:
                 err.append({"id": f"batch_req_{batch.id}_{number}", "custom_id": custom_id,
                             "response": {"status_code": 400, "request_id": f"req_b{number}",

@@ -1,117 +1,151 @@
-"""Token estimates, as the server counts a request against its tokens-per-minute window.
+"""Token counts of a request, as the server counts it against its tokens-per-minute window and
+bills it. Pure functions; the limiter, the producer and ``estimate`` use them.
 
-The server counts a request when it arrives: an estimate of its prompt plus its completion's
-maximum (``max_tokens`` / ``max_completion_tokens``, times ``n``), and a smaller usage afterwards
-gives nothing back. Pure functions; the limiter and ``estimate`` use them.
+**Exact counts, offline.** A model of a known family is counted with its real tokenizer:
+``o200k_base`` for gpt-4o, gpt-4.1, gpt-4.5, gpt-5, chatgpt-4o and the o-series, ``cl100k_base``
+for gpt-4, gpt-3.5 and OpenAI's embeddings (:func:`encoding_name`). The vocabularies ship inside
+the ``bpe-openai`` package (tiktoken's API over a Rust tokenizer, both encodings built in), so a
+worker with no internet counts exactly; tiktoken itself downloads its encoding files on first use.
+A chat request counts OpenAI's format: 3 tokens per message, its role and content (and a name, plus
+one), and 3 that prime the reply (the cookbook's ``num_tokens_from_messages``). An image part
+counts 765 tokens (a 1024x1024 image at high detail; 85 with ``detail: low``).
 
-Two estimators, and :func:`estimator` says which one is in use:
+**Other models** (Llama on vLLM, a proxy's own names) fall back to estimates: the limiter uses
+:func:`char_estimate`, an upper bound (one token per 3 characters plus one per UTF-8 byte beyond a
+character's first), and ``estimate`` the central :func:`typical_estimate`. ``OPT_QUEUE_TOKENIZER=
+chars`` forces the estimates for every model.
 
-* **tiktoken** (``cl100k_base``) when tiktoken is installed and its encoding file is already in
-  its cache on this machine (never downloaded: workers may have no internet);
-* the **character estimate** otherwise, an upper bound: one token per 3 characters (OpenAI's
-  tokenizers give about 4 in English, digits come in groups of 3), plus one per UTF-8 byte beyond
-  a character's first (an accented letter 1 more, a CJK character 2, an emoji 3; tokenizers give a
-  CJK character 1 to 1.5 tokens). ``OPT_QUEUE_TOKENIZER=chars``
-  forces it.
+The limiter does not take any of this for the server's count: servers count in their own way
+(OpenAI's rate limiter is said to count about 4 characters a token), and it learns each server's
+way from the ``x-ratelimit-*-tokens`` headers (``limiter.py``, calibration).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
 from opt_queue.request import CHAT_URL, ENDPOINTS
 
 CHARS_PER_TOKEN = 3.0
-TOKENS_PER_MESSAGE = 4
-TYPICAL_TOKENS_PER_MESSAGE = 3
-"""OpenAI's count: 3 tokens around each message, and 3 that prime the reply."""
-TIKTOKEN_ENCODING = "cl100k_base"
-_TIKTOKEN_URL = f"https://openaipublic.blob.core.windows.net/encodings/{TIKTOKEN_ENCODING}.tiktoken"
+TOKENS_PER_MESSAGE = 3
+"""OpenAI's count: 3 tokens around each message (and 1 more for a ``name``)."""
+REPLY_PRIMING = 3
+"""Tokens that prime the reply (``<|start|>assistant<|message|>``)."""
+IMAGE_TOKENS = 765
+"""An image part: gpt-4o's count for a 1024x1024 image at high detail (85 + 170 per 512 px tile)."""
+IMAGE_TOKENS_LOW = 85
+O200K = "o200k_base"
+CL100K = "cl100k_base"
+TOKEN_COUNTS = ("typical", "chars4", "o200k", "cl100k", "estimator")
+"""Ways a server may count a prompt, which the simulated API can each take (``simapi.py``)."""
+_O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "chatgpt-4o", "o1", "o3", "o4", "gpt-oss",
+                   "omni-moderation", "codex-mini", "computer-use")
+_CL100K_PREFIXES = ("gpt-4", "gpt-3.5", "gpt-35", "text-embedding-3", "text-embedding-ada-002")
+
+
+def encoding_name(model: str | None) -> str | None:
+    """The tokenizer of ``model`` (``o200k_base``, ``cl100k_base``), None for a model of unknown
+    family. A fine-tune (``ft:gpt-4o-mini:org::id``) and an Azure-style name (``gpt-35-turbo``)
+    count as their base model."""
+    if not model or os.environ.get("OPT_QUEUE_TOKENIZER", "auto") == "chars":
+        return None
+    name = model.lower().removeprefix("ft:").removeprefix("openai/")
+    if name.startswith(_O200K_PREFIXES):
+        return O200K
+    if name.startswith(_CL100K_PREFIXES):
+        return CL100K
+    return None
 
 
 @functools.cache
-def _tokenizer() -> Callable[[str], int] | None:
-    if os.environ.get("OPT_QUEUE_TOKENIZER", "auto") == "chars":
-        return None
+def _encoder(name: str) -> Callable[[str], int] | None:
     try:
-        import tiktoken  # optional
-    except ImportError:
+        import bpe_openai
+        encoding = bpe_openai.get_encoding(name)
+    except Exception:  # an install without the package or its data: fall back, never fail a row
         return None
-    cache_dir = (os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
-                 or os.path.join(tempfile.gettempdir(), "data-gym-cache"))
-    if not os.path.exists(os.path.join(cache_dir, hashlib.sha1(_TIKTOKEN_URL.encode()).hexdigest())):
-        return None
-    try:
-        encoding = tiktoken.get_encoding(TIKTOKEN_ENCODING)
-    except Exception:  # a corrupt cache or an incompatible version: fall back, never fail a row
-        return None
-    return lambda text: len(encoding.encode(text, disallowed_special=()))
+    return lambda text: len(encoding.encode_ordinary(text))
 
 
-def estimator() -> str:
-    """Which estimate is in use, for logs, ``status`` and ``estimate``."""
-    if _tokenizer() is not None:
-        return f"tiktoken {TIKTOKEN_ENCODING}"
-    return "character estimate (an upper bound; install tiktoken's encoding for exact counts)"
+def counter(model: str | None) -> Callable[[str], int] | None:
+    """The exact token count of text for ``model``, None when its tokenizer is not known."""
+    name = encoding_name(model)
+    return _encoder(name) if name else None
 
 
-def typical_estimator() -> str:
-    """Which estimate ``estimate`` uses for costs."""
-    if _tokenizer() is not None:
-        return f"tiktoken {TIKTOKEN_ENCODING}"
-    return ("typical character estimate (4 ASCII characters a token, one per other character; "
-            "install tiktoken's encoding for exact counts)")
+def estimator(model: str | None = None) -> str:
+    """How the prompts of ``model`` are counted, for logs, ``status`` and ``estimate``."""
+    name = encoding_name(model)
+    if name and _encoder(name) is not None:
+        return f"{name} (exact)"
+    return "character estimate (model of unknown tokenizer: an upper bound until the server's headers say)"
+
+
+def typical_estimator(model: str | None = None) -> str:
+    """How ``estimate`` counts the prompts of ``model``."""
+    name = encoding_name(model)
+    if name and _encoder(name) is not None:
+        return f"{name} (exact)"
+    return "typical estimate (model of unknown tokenizer: 4 ASCII characters a token, one per other character)"
 
 
 def char_estimate(text: str) -> int:
-    """The character estimate of ``text`` (see the module docstring): never below the server's."""
+    """The character estimate of ``text`` (see the module docstring): never below a tokenizer's."""
     extra = 0 if text.isascii() else len(text.encode("utf-8")) - len(text)
     return math.ceil(len(text) / CHARS_PER_TOKEN) + extra
 
 
 def typical_estimate(text: str) -> int:
-    """A central estimate of ``text``'s tokens, for what a run will cost (``estimate``): about 4
-    ASCII characters a token (OpenAI's tokenizers on English), one token per other character
-    (CJK: 1 to 1.5). Not an upper bound: the limiter uses :func:`char_estimate`."""
+    """A central estimate of ``text``'s tokens: about 4 ASCII characters a token (OpenAI's
+    tokenizers on English), one token per other character (CJK: 1 to 1.5). Not an upper bound."""
     if text.isascii():
         return math.ceil(len(text) / 4)
     ascii_chars = sum(1 for c in text if c < "\x80")
     return math.ceil(ascii_chars / 4) + len(text) - ascii_chars
 
 
-def count_typical_tokens(text: str) -> int:
-    """Tokens of ``text`` for cost estimates: tiktoken's count when available, else the typical estimate."""
-    tokenize = _tokenizer()
-    return tokenize(text) if tokenize else typical_estimate(text)
+def _image_tokens(part: dict[str, Any]) -> int:
+    image = part.get("image_url")
+    detail = (image.get("detail") if isinstance(image, dict) else part.get("detail")) or "auto"
+    return IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS
 
 
-def count_prompt_tokens(text: str) -> int:
-    """Tokens of ``text``: tiktoken's count when available, else the character estimate."""
-    tokenize = _tokenizer()
-    return tokenize(text) if tokenize else char_estimate(text)
-
-
-def _texts(value: Any, out: list[str], per_message: int = TOKENS_PER_MESSAGE) -> int:
-    """Gather the strings of a prompt field into ``out``; return the tokens given as token ids
-    (an embedding's or completion's input may be token arrays) and the messages met."""
+def _texts(value: Any, out: list[str], per_message: int) -> int:
+    """Gather the strings of a prompt field into ``out``; return the tokens counted otherwise:
+    token ids (an embedding's or completion's input may be token arrays), each message's overhead,
+    images."""
     if isinstance(value, str):
         out.append(value)
         return 0
     if isinstance(value, int):
         return 1
-    if isinstance(value, dict):  # a message or an input item: its content, at a message's cost
-        content = value.get("content", value.get("text"))
-        if isinstance(content, (str, list)):
-            return per_message + _texts(content, out, per_message)
+    if isinstance(value, dict):
+        kind = value.get("type")
+        if kind in ("image_url", "input_image"):
+            return _image_tokens(value)
+        if "role" in value or "content" in value:  # a message or an input item
+            extra = per_message
+            for name in ("role", "name"):
+                if isinstance(value.get(name), str):
+                    out.append(value[name])
+                    extra += name == "name"
+            content = value.get("content")
+            if isinstance(content, (str, list)):
+                return extra + _texts(content, out, per_message)
+            for name in ("tool_calls", "function_call"):
+                if value.get(name):
+                    out.append(json.dumps(value[name], ensure_ascii=False))
+            return extra
+        if isinstance(value.get("text"), str):  # a content part
+            out.append(value["text"])
+            return 0
         out.append(json.dumps(value, ensure_ascii=False))
-        return per_message
+        return 0
     if isinstance(value, list):
         return sum(_texts(v, out, per_message) for v in value)
     if value is not None:
@@ -121,18 +155,25 @@ def _texts(value: Any, out: list[str], per_message: int = TOKENS_PER_MESSAGE) ->
 
 def estimate_parts(body: dict[str, Any], url: str = CHAT_URL, completion_default: int | None = None,
                    typical: bool = False) -> tuple[int, int]:
-    """``(prompt tokens, completion cap)`` of a request: the prompt's estimate (the limiter's upper
-    bound, or with ``typical`` the central estimate of :func:`count_typical_tokens` and OpenAI's 3
-    tokens a message), and the completion's maximum (the endpoint's cap field, times ``n``; the
-    endpoint's default when none is set, ``completion_default`` when given)."""
+    """``(prompt tokens, completion cap)`` of a request: the prompt's count (exact for a model of
+    known tokenizer; else the limiter's upper bound, or with ``typical`` the central estimate), and
+    the completion's maximum (the endpoint's cap field, times ``n``; the endpoint's default when
+    none is set, ``completion_default`` when given)."""
     endpoint = ENDPOINTS.get(url, ENDPOINTS[CHAT_URL])
     texts: list[str] = []
-    count = count_typical_tokens if typical else count_prompt_tokens
-    per_message = TYPICAL_TOKENS_PER_MESSAGE if typical else TOKENS_PER_MESSAGE
+    per_message = TOKENS_PER_MESSAGE if endpoint.completion_default else 0
     extra = sum(_texts(body.get(name), texts, per_message) for name in endpoint.prompt)
-    prompt = count("\n".join(texts)) + extra + (3 if texts or extra else 0)
+    for name in ("tools", "functions", "response_format", "text"):
+        if body.get(name) and endpoint.completion_default:  # counted by the server in a form of its own
+            texts.append(json.dumps(body[name], ensure_ascii=False))
+    count = counter(body.get("model") or endpoint.default_model)
+    if count is not None:
+        prompt = sum(count(t) for t in texts) + extra
+    else:
+        prompt = (typical_estimate if typical else char_estimate)("\n".join(texts)) + extra
     if not endpoint.completion_default:
         return prompt, 0
+    prompt += REPLY_PRIMING
     cap = next((body[name] for name in endpoint.completion if body.get(name)), None)
     if cap is None:
         cap = endpoint.completion_default if completion_default is None else completion_default
