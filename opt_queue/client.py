@@ -136,6 +136,21 @@ def server_limits(headers: Any) -> dict[str, int]:
     return out
 
 
+def token_window(headers: Any) -> tuple[int, int] | None:
+    """``(x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens)``: how much of its token window the
+    server had counted when the request arrived; None when either is missing or unreadable."""
+    if headers is None:
+        return None
+    try:
+        limit = int(headers.get("x-ratelimit-limit-tokens") or 0)
+        remaining = int(headers.get("x-ratelimit-remaining-tokens") or -1)
+    except ValueError:
+        return None
+    if limit <= 0 or remaining < 0:
+        return None
+    return limit, min(remaining, limit)
+
+
 def _error_fields(body: Any) -> tuple[str | None, str | None]:
     if isinstance(body, dict):
         inner = body.get("error", body)

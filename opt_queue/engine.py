@@ -96,6 +96,8 @@ class _Row:
     ask_alone: bool = False  # its queue found it needs more than a slot: its next admission is its own
     too_large_samples: int = 0  # admissions whose whole sample of keys found the request too large
     server_limits: dict[str, int] = field(default_factory=dict)  # what the answer's headers said
+    token_window: tuple[int, int] | None = None  # the answer's (limit, remaining) tokens
+    sent_ms: int | None = None  # when its last request was sent (its stamp, Redis' clock)
     last_usage: Usage | None = None  # what the last call was billed, when it gave no answer
     cache_key: str | None = None  # the response cache's key of the row's request (cache on)
     cache_entry: str | None = None  # what the cache keeps of the answer, stored with the result
@@ -318,6 +320,7 @@ class Engine:
                 self.pool.queue_spend(row.to_settle[0], row.to_settle[2], pipe)
                 # the limits first: other rows waiting for this probe's answer must find them
                 self.pool.queue_learn(row.to_settle[0], row.server_limits, pipe)
+                self.pool.queue_calibrate(row.to_settle[0], row.sent_ms, row.token_window, pipe)
                 self.pool.queue_answered(row.to_settle[0], pipe)
             if row.cache_entry is not None and self.config.cache is not None:
                 pipe.set(row.cache_key, row.cache_entry, ex=int(self.config.cache.ttl))
@@ -405,7 +408,7 @@ class Engine:
 
                 t0 = time.monotonic()
                 got = await self.admissions.wait(model, row.tokens, exclude, self._budget(row, model), left,
-                                                 still_wanted)
+                                                 still_wanted, prompt=row.prompt_tokens)
                 metrics.WAITS.labels(model).inc()
                 metrics.WAIT_SECONDS.labels(model).inc(time.monotonic() - t0)
                 if isinstance(got, Lease):
@@ -452,7 +455,8 @@ class Engine:
             granted = None
         queued = granted is None and not row.ask_alone and self.admissions.waiting(model, exclude, budget)
         row.ask_alone = False
-        plan = None if granted is not None or queued else self.pool.plan(model, row.tokens, exclude, budget)
+        plan = None if granted is not None or queued else self.pool.plan(model, row.tokens, exclude, budget,
+                                                                               row.prompt_tokens)
 
         def state_and_acquire(pipe: Any) -> None:
             row.job.queue_state(row.index, pipe)
@@ -522,7 +526,8 @@ class Engine:
             if stamped is not None:
                 await stamped
                 used = row.last_usage.input_tokens + row.last_usage.output_tokens if row.last_usage else 0
-                await self.pool.settle(lease, used, row.last_usage)
+                await self.pool.settle(lease, used, row.last_usage,
+                                       refused=failure.kind is api.Kind.RATE_LIMITED)
             else:
                 await self.pool.cancel(lease)
             await self.pool.count_error(lease.key, failure.reason)
@@ -546,11 +551,12 @@ class Engine:
         reach = self._reach.get(base_of(lease.key))
         if reach is None or reach.failures or not reach.answered:
             self._reach.setdefault(base_of(lease.key), _Reach()).reached()
+        row.sent_ms = None
         try:  # bookkeeping: a Redis error here must not throw the paid answer away
             if stamped is not None:
-                await stamped
+                row.sent_ms = await stamped
             else:  # not seen leaving (an HTTP stack without the hook): stamp late, the safe side
-                await self.pool.stamp(lease)
+                row.sent_ms = await self.pool.stamp(lease)
         except redis.RedisError as exc:
             log.warning("row %s: the limiter's bookkeeping failed after the call (%s); the answer "
                         "is kept", row.index, type(exc).__name__)
@@ -560,11 +566,13 @@ class Engine:
         row.to_settle = (lease, used, usage)
         metrics.observe_call(lease.key.fingerprint, row.body["model"], "200", usage)
         row.server_limits = api.server_limits(answer.headers)
+        row.token_window = api.token_window(answer.headers)
         parsed, problem, final = answers.structured(row.url, row.body, reply)
         if problem is not None and not final and row.asked_again < self.config.schema_retries:
             # Ask again with what was wrong; this call is paid and settled now, not with the result.
             await self.pool.settle(lease, used, usage)
             await self.pool.learn(lease, row.server_limits)
+            await self.pool.calibrate(lease, row.sent_ms, row.token_window)
             await self.pool.answered(lease, alive=True)
             row.to_settle = None
             row.asked_again += 1

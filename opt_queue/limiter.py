@@ -50,8 +50,19 @@ One script call admits one request or several in order (a worker's queue of wait
 sample size (``ACQUIRE_SAMPLE`` for a row alone), else at a random sample of that many, so that its
 cost does not grow with the number of keys.
 
-After a response, a real usage above the admission's estimate raises it (``lua/settle.lua``); a
-smaller one gives nothing back, as on the server.
+**How the server counts** (:meth:`AsyncKeyPool.queue_calibrate`, ``lua/calibrate.lua``): servers
+count a prompt their own way (OpenAI's rate limiter about 4 characters a token whatever the
+language, a self-hosted server its model's tokenizer, a proxy anything), and an estimate that
+counts 3 times what the server counts leaves two thirds of the limit unused, one that counts half
+meets 429s. A response's ``x-ratelimit-limit-tokens`` and ``-remaining-tokens`` say how much the
+server had counted in its window when the request arrived; the limiter compares that with what it
+admitted on the scope in the same window (each admission's prompt estimate and completion cap are
+in its uid) and keeps a factor per scope (``tok_factor`` in its Redis state, so the whole fleet uses
+it) by which every later admission's prompt estimate is multiplied. Until a server has said
+anything the estimate holds (the scope's first request is a probe, so the factor is known before
+the burst); a server that sends no token headers keeps the estimate, and its usage above an
+admission's count raises it (``lua/settle.lua``; a smaller one gives nothing back, as on the
+server). Once a scope has a factor, the headers, not the bill, say what its windows hold.
 """
 
 from __future__ import annotations
@@ -89,6 +100,13 @@ PACE_ABOVE = 600
 enforced over every 1/:data:`PACE_DIVISOR` of the period, so that a large budget is not sent in
 one burst."""
 PACE_DIVISOR = 60
+CALIBRATE_WEIGHT = 0.4
+"""How far one observation of the server's counting moves a scope's factor (in log space) after the
+first, which is taken as it is."""
+CALIBRATE_EVERY = 0.2
+"""A worker sends at most one observation per scope this often (seconds), past its first few: each
+reads the scope's admissions of a header period in Redis."""
+CALIBRATE_FIRST = 5
 LEARN_REFRESH_SHARE = 4
 """A worker writes a limit the headers repeat once per ``learned_limits_ttl / 4`` (a changed one at
 once), so that a learned limit stays fresh while responses keep coming, at little cost."""
@@ -223,7 +241,8 @@ class _AcquirePlan:
     args: list[Any]
     model: str
     asks: tuple[tuple[int, str, Budget | None], ...]
-    """Each request's tokens, admission uid and share of the job's budget, in order."""
+    """Each request's tokens, admission uid and share of the job's budget, in order (the uid carries
+    the prompt's estimate and the completion's cap, for calibration)."""
     new_scopes: tuple[str, ...] = ()
 
 
@@ -261,6 +280,7 @@ class AsyncKeyPool:
         self._plans: dict[tuple[str, str], tuple[WindowSpec, ...]] = {}
         self._fragments: dict[tuple[str, str], tuple[list[str], list[Any]]] = {}
         self._learned: dict[str, tuple[dict[str, int], float]] = {}
+        self._calibrated: dict[str, tuple[int, float]] = {}  # per scope: observations sent, last one
 
     @classmethod
     def from_config(cls, client: Any, config: Config, keys: list[ApiKey] | None = None) -> AsyncKeyPool:
@@ -324,18 +344,19 @@ class AsyncKeyPool:
         return out
 
     def plan(self, model: str, tokens: int, exclude: set[str] | None = None,
-             budget: Budget | None = None) -> _AcquirePlan | None:
+             budget: Budget | None = None, prompt: int = 0) -> _AcquirePlan | None:
         """What an admission of one request needs (None when no usable key serves ``model`` at
         all): queue it with :meth:`queue_acquire` and read its reply with :meth:`granted`. With
         ``budget``, the job's budget must hold the request too, and the admission reserves its
-        share."""
-        return self.plan_many(model, [(tokens, budget)], exclude)
+        share. ``prompt`` is the part of ``tokens`` that estimates the prompt (a scope that learned
+        how its server counts scales it; 0: the request is counted as ``tokens``)."""
+        return self.plan_many(model, [(tokens, budget, prompt)], exclude)
 
-    def plan_many(self, model: str, asks: Sequence[tuple[int, Budget | None]], exclude: set[str] | None = None,
+    def plan_many(self, model: str, asks: Sequence[tuple[int, Budget | None, int]], exclude: set[str] | None = None,
                   sample: int = ACQUIRE_SAMPLE) -> _AcquirePlan | None:
         """An admission of several requests of ``model`` in one script call, in order, each with
-        its tokens and its share of the job's budget (all of one job, or all None); it looks at
-        ``sample`` buckets."""
+        its tokens, its share of the job's budget (all of one job, or all None) and its prompt's
+        part of the tokens; it looks at ``sample`` buckets."""
         cands = self.candidates(model, exclude or set())
         if not cands:
             return None
@@ -343,13 +364,15 @@ class AsyncKeyPool:
         # sample keeps the script's cost flat in the number of keys.
         order = random.sample(list(cands), min(len(cands), sample))
         new = tuple(scope_name(b, model) for b in order if (b, model) not in self._plans)
-        budget_key = next((b.key for _, b in asks if b is not None), None)
-        planned = tuple((tokens, uuid.uuid4().hex[:16], budget) for tokens, budget in asks)
+        budget_key = next((b.key for _, b, _ in asks if b is not None), None)
+        prompts = [min(max(prompt, 0), tokens) for tokens, _, prompt in asks]
+        planned = tuple((tokens, f"{uuid.uuid4().hex[:16]}.{prompt}.{tokens - prompt}", budget)
+                        for (tokens, budget, _), prompt in zip(asks, prompts))
         ks: list[str] = []
         argv: list[Any] = [len(planned), len(order), RESERVE_MS, self.probe_ms, self.now_ms or 0,
                            self.refresh_ms, PACE_ABOVE, int(self.header_period * 1000), int(budget_key is not None)]
-        for tokens, uid, budget in planned:
-            argv += [tokens, uid, budget.cost_nano if budget else 0, budget.tokens if budget else 0]
+        for (tokens, uid, budget), prompt in zip(planned, prompts):
+            argv += [tokens, uid, budget.cost_nano if budget else 0, budget.tokens if budget else 0, prompt]
         for bucket in order:
             scope_keys, scope_args = self._fragment(bucket, model)
             ks += scope_keys
@@ -377,8 +400,8 @@ class AsyncKeyPool:
         now_ms = int(reply[0])
         sampled = len(plan.order) < len(plan.cands)  # buckets outside the sample may be free now
         out: list[Lease | Wait | Never | BudgetReached] = []
-        for (tokens, uid, budget), status, value in zip(plan.asks, reply[1::2], reply[2::2]):
-            status, value = int(status), int(value)
+        for (tokens, uid, budget), status, value, charged in zip(plan.asks, reply[1::3], reply[2::3], reply[3::3]):
+            status, value, tokens = int(status), int(value), int(charged)
             if status == 1:
                 bucket = plan.order[value - 1]
                 members = plan.cands[bucket]
@@ -399,10 +422,10 @@ class AsyncKeyPool:
         return out
 
     async def acquire(self, model: str, tokens: int, exclude: set[str] | None = None,
-                      budget: Budget | None = None) -> Lease | Wait | Never | BudgetReached | None:
+                      budget: Budget | None = None, prompt: int = 0) -> Lease | Wait | Never | BudgetReached | None:
         """Try to admit one request in its own round trip (the engine batches it with the row's
         state instead); ``None`` when no usable key serves ``model`` at all."""
-        plan = self.plan(model, tokens, exclude, budget)
+        plan = self.plan(model, tokens, exclude, budget, prompt)
         if plan is None:
             return None
         return (await self.run_acquire(plan))[0]
@@ -452,25 +475,28 @@ class AsyncKeyPool:
             pipe.hincrby(lease.budget.key, "reserved_nano", -lease.budget.cost_nano)
             pipe.hincrby(lease.budget.key, "reserved_tokens", -lease.budget.tokens)
 
-    def queue_settle(self, lease: Lease, used_tokens: int, pipe: Any) -> None:
+    def queue_settle(self, lease: Lease, used_tokens: int, pipe: Any, refused: bool = False) -> None:
         """Queue the settlement on ``pipe`` (sent with the row's result, in one round trip): a real
-        usage above what the admission counted raises it; a smaller one gives nothing back (the
-        server counts a request's prompt and ``max_tokens`` on arrival), so that the next request
-        does not go in early. The request is counted in the key's statistics."""
+        usage above what the admission counted raises it, unless the scope learned how its server
+        counts; a smaller one gives nothing back (the server counts a request's prompt and
+        ``max_tokens`` on arrival), so that the next request does not go in early. A request the
+        server ``refused`` (429) leaves calibration. The request is counted in the key's
+        statistics."""
         toks = [w for w in lease.windows if w.dim == "tok"]
-        if toks and used_tokens > lease.tokens:
+        if toks and (used_tokens > lease.tokens or refused):
             queue(pipe, self._scripts.settle,
                   [rkeys.bucket_state(lease.scope)] + [rkeys.bucket_window(lease.scope, "tok", w.period) for w in toks],
-                  [lease.uid, lease.tokens, used_tokens, *[w.period_ms for w in toks]])
+                  [lease.uid, lease.tokens, used_tokens, int(refused), *[w.period_ms for w in toks]])
         stats = rkeys.key_stats(lease.key.fingerprint)
         pipe.hincrby(stats, "requests", 1)
         pipe.hincrby(stats, "tokens", max(used_tokens, 0))
 
-    async def settle(self, lease: Lease, used_tokens: int, usage: Usage | None = None) -> None:
+    async def settle(self, lease: Lease, used_tokens: int, usage: Usage | None = None,
+                     refused: bool = False) -> None:
         """Settle the lease's tokens to the real usage (never down), count the request and what it
         cost (``usage``; None: nothing billed), and give back its share of the job's budget."""
         def fill(pipe: Any) -> None:
-            self.queue_settle(lease, used_tokens, pipe)
+            self.queue_settle(lease, used_tokens, pipe, refused)
             self.queue_spend(lease, usage, pipe)
 
         await run_pipeline(self.client, fill)
@@ -526,6 +552,29 @@ class AsyncKeyPool:
         queue(pipe, self._scripts.learn, *self._tell_call(lease, "ok", 0.0, server))
         self._learned[lease.scope] = (dict(server), now)
         return True
+
+    def queue_calibrate(self, lease: Lease, sent_ms: int | None, window: tuple[int, int] | None,
+                        pipe: Any) -> bool:
+        """Queue on ``pipe`` an observation of how the scope's server counts tokens: ``window`` is
+        the response's ``(x-ratelimit-limit-tokens, -remaining-tokens)``, ``sent_ms`` the request's
+        stamp (see the module docstring). A worker sends its first few observations of a scope,
+        then one per :data:`CALIBRATE_EVERY`. Return whether one was queued."""
+        header = next((w for w in lease.windows if w.dim == "tok" and w.period == self.header_period), None)
+        if window is None or sent_ms is None or header is None or window[0] <= 0:
+            return False
+        sent, last = self._calibrated.get(lease.scope, (0, 0.0))
+        now = self.now_ms / 1000 if self.now_ms is not None else time.monotonic()  # tests move the clock
+        if sent >= CALIBRATE_FIRST and now - last < CALIBRATE_EVERY:
+            return False
+        self._calibrated[lease.scope] = (sent + 1, now)
+        queue(pipe, self._scripts.calibrate,
+              [rkeys.bucket_state(lease.scope), rkeys.bucket_window(lease.scope, "tok", header.period)],
+              [window[0], window[1], sent_ms, header.period_ms, CALIBRATE_WEIGHT, self.now_ms or 0])
+        return True
+
+    async def calibrate(self, lease: Lease, sent_ms: int | None, window: tuple[int, int] | None) -> None:
+        """:meth:`queue_calibrate` in its own round trip."""
+        await run_pipeline(self.client, lambda pipe: self.queue_calibrate(lease, sent_ms, window, pipe))
 
     async def learn(self, lease: Lease, server: dict[str, int]) -> None:
         """:meth:`queue_learn` in its own round trip."""

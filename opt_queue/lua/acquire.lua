@@ -20,13 +20,15 @@
 --         max_tokens_total (absent or 0: no limit) must hold spent + reserved + each request,
 --         which is then reserved
 -- ARGV[10..] for each request: tokens it is estimated to use, its unique id, its budget share in
---         nano-dollars, its tokens for max_tokens_total
+--         nano-dollars, its tokens for max_tokens_total, the part of its tokens that is the
+--         prompt's estimate (the scope's learned "tok_factor" scales that part: lua/calibrate.lua)
 -- then for each scope: the number of windows, then per window: is_tokens (0/1), limit, period_ms,
 --         mode, margin_ms. Modes (limiter.py): 0 configured; 1 configured, of the header period (a
 --         learned limit lowers it); 2 discovered (the learned limit, else `limit`, 0 for none);
 --         3 pacing (limit/60 of the header window of its dimension, when that is large)
--- Returns {now_ms, s1, v1, s2, v2, ...}: a status and a value for each request in order, up to and
--- including the first that has to wait (the ones after it are not looked at):
+-- Returns {now_ms, s1, v1, t1, s2, v2, t2, ...}: a status, a value and the tokens counted (the
+-- scope's, admitted; else the estimate) for each request in order, up to and including the first
+-- that has to wait (the ones after it are not looked at):
 --   1, b        admitted on scope b (1-based)
 --   0, wait_ms  no scope can admit it now; the earliest may in wait_ms
 --  -1, 0        no scope can ever admit a request this large (the next request is looked at)
@@ -91,14 +93,15 @@ end
 -- Admissions made by this call keep `used` in step, so each request is judged without reading
 -- the scopes again.
 local scopes = {}
-local kk, a = 1, 10 + 4 * k
+local kk, a = 1, 10 + 5 * k
 for b = 1, n do
   local state = KEYS[kk]
   kk = kk + 1
   local nwin = tonumber(ARGV[a])
   a = a + 1
   local st = redis.call('HMGET', state, 'cool_until', 'answered_until', 'probe_until', 'learned:req',
-                       'learned_at:req', 'learned:tok', 'learned_at:tok', 'slow_factor', 'slow_at')
+                       'learned_at:req', 'learned:tok', 'learned_at:tok', 'slow_factor', 'slow_at',
+                       'tok_factor')
   local learned = {}
   for i, dim in ipairs({'req', 'tok'}) do
     local v, at = tonumber(st[2 + 2 * i] or '0'), tonumber(st[3 + 2 * i] or '0')
@@ -151,7 +154,8 @@ for b = 1, n do
     -- its probe is still out: look again soon (its answer, or its expiry, frees the scope)
     busy = math.max(busy, now + math.min(tonumber(st[3]) - now, 250))
   end
-  scopes[b] = {state = state, windows = windows, probing = probing, busy = busy, judged = {}}
+  scopes[b] = {state = state, windows = windows, probing = probing, busy = busy, judged = {},
+               tok_factor = tonumber(st[10] or '1')}
 end
 
 -- A request of `need_tokens` on scope s: 'never' (larger than a window), or its wait (ms, 0: it
@@ -206,12 +210,20 @@ local function admit(s, uid, need_tokens)
   end
 end
 
+-- The tokens a request counts on scope s: its prompt's estimate times what the scope learned of
+-- how its server counts, and the rest (the completion's cap) as is.
+local function counted(s, tokens, prompt)
+  if prompt <= 0 or s.tok_factor == 1 then return tokens end
+  return tokens - prompt + math.ceil(prompt * s.tok_factor - 1e-9)
+end
+
 local out = {now}
 for r = 1, k do
-  local base = 10 + 4 * (r - 1)
-  local need_tokens, uid = tonumber(ARGV[base]), ARGV[base + 1]
+  local base = 10 + 5 * (r - 1)
+  local tokens, uid = tonumber(ARGV[base]), ARGV[base + 1]
   local budget_cost, budget_tokens = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
-  local status, value = nil, 0
+  local prompt = tonumber(ARGV[base + 4])
+  local status, value, charged = nil, 0, tokens
   if budget then
     local b = redis.call('HMGET', budget, 'max_cost_nano', 'spent_nano', 'reserved_nano',
                          'max_tokens_total', 'spent_tokens', 'reserved_tokens')
@@ -225,7 +237,7 @@ for r = 1, k do
   if status == nil then
     local best, best_room, min_wait, never = nil, -1, nil, 0
     for b = 1, n do
-      local wait, room = judge(scopes[b], need_tokens)
+      local wait, room = judge(scopes[b], counted(scopes[b], tokens, prompt))
       if wait == 'never' then
         never = never + 1
       elseif wait > 0 then
@@ -235,7 +247,8 @@ for r = 1, k do
       end
     end
     if best ~= nil then
-      admit(scopes[best], uid, need_tokens)
+      charged = counted(scopes[best], tokens, prompt)
+      admit(scopes[best], uid, charged)
       if budget then
         redis.call('HINCRBY', budget, 'reserved_nano', budget_cost)
         redis.call('HINCRBY', budget, 'reserved_tokens', budget_tokens)
@@ -249,6 +262,7 @@ for r = 1, k do
   end
   out[#out + 1] = status
   out[#out + 1] = value
+  out[#out + 1] = charged
   if status == 0 or status == -2 or status == -3 then break end
 end
 return out

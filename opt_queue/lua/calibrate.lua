@@ -1,0 +1,39 @@
+-- Learn how a scope's server counts prompt tokens, from a response's x-ratelimit-*-tokens headers.
+-- The server said it had counted `limit - remaining` tokens in its window when this request
+-- arrived; the limiter's log says what it admitted in the same window (the admissions stamped in
+-- the header period up to this request's stamp), each with its prompt's estimate and its
+-- completion's cap (in its uid: "<hex>.<prompt>.<cap>"). The server's count of the prompts is then
+-- (counted - caps), and its ratio to the estimates is one observation of the scope's factor.
+-- The first observation is taken as it is; later ones move the factor part of the way, in log
+-- space, so that it follows a change without jumping on one noisy reading.
+-- KEYS[1] the scope's state hash   KEYS[2] its token window of the header period (sorted set)
+-- ARGV[1] the server's token limit   ARGV[2] its remaining tokens   ARGV[3] the request's stamp, ms
+-- ARGV[4] the header period, ms      ARGV[5] the weight of a later observation (0..1)
+-- ARGV[6] the time in ms (0: Redis' TIME)
+-- Returns the factor, as a string ("" when nothing was learned: no admission with an estimate in
+-- the window, or one from an older version).
+local now = tonumber(ARGV[6])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local counted = tonumber(ARGV[1]) - tonumber(ARGV[2])
+local stamp, period = tonumber(ARGV[3]), tonumber(ARGV[4])
+local prompts, caps = 0, 0
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. (stamp - period), stamp)) do
+  local p, c = string.match(m, '%.(%d+)%.(%d+):%d+$')
+  if p then
+    prompts, caps = prompts + tonumber(p), caps + tonumber(c)
+  end
+end
+if prompts <= 0 then return '' end
+local seen = math.min(20, math.max(0.05, (counted - caps) / prompts))
+local old = tonumber(redis.call('HGET', KEYS[1], 'tok_factor') or '0')
+local f = seen
+if old > 0 then
+  local w = tonumber(ARGV[5])
+  f = math.exp((1 - w) * math.log(old) + w * math.log(seen))
+end
+redis.call('HSET', KEYS[1], 'tok_factor', tostring(f), 'tok_factor_at', now, 'tok_factor_seen', tostring(seen))
+redis.call('HINCRBY', KEYS[1], 'tok_factor_n', 1)
+return tostring(f)

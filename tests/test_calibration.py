@@ -1,0 +1,134 @@
+"""How the limiter learns the way a server counts tokens (``lua/calibrate.lua``), on a real Redis
+with the time under the test's control: a server that counts a third of the estimate, or twice it,
+is learned in a few responses, the factor scales later admissions, a factor stays on its scope, a
+refused request leaves calibration, and a calibrated scope's windows follow the headers, not the
+bill."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import redis
+
+from opt_queue import keys as rkeys
+from opt_queue.limiter import Lease, Wait
+from tests.test_limiter import T0, key, make  # noqa: F401  (the fixture)
+
+LIMIT = 100_000
+PERIOD_MS = 60_000
+
+
+class Server:
+    """A server's token window: it counts a prompt as ``ratio`` times the client's estimate, plus
+    the completion's cap, when the request arrives (a sliding log of one header period)."""
+
+    def __init__(self, ratio: float) -> None:
+        self.ratio = ratio
+        self.log: list[tuple[int, int]] = []
+
+    def arrive(self, at_ms: int, prompt: int, cap: int) -> tuple[int, int]:
+        self.log = [(t, n) for t, n in self.log if t > at_ms - PERIOD_MS]
+        self.log.append((at_ms, math.ceil(prompt * self.ratio) + cap))
+        used = sum(n for _, n in self.log)
+        return LIMIT, max(0, LIMIT - used)
+
+
+def send(p: Any, server: Server, prompt: int, cap: int, model: str = "m") -> Lease:
+    lease = p.run(p.pool.acquire(model, prompt + cap, prompt=prompt))
+    assert isinstance(lease, Lease), lease
+    stamp = p.run(p.pool.stamp(lease))
+    window = server.arrive(stamp, prompt, cap)
+    p.run(p.pool.calibrate(lease, stamp, window))
+    p.advance(500)
+    return lease
+
+
+def factor(rclient: redis.Redis, scope: str) -> float | None:
+    got = rclient.hget(rkeys.bucket_state(scope), "tok_factor")
+    return float(got) if got is not None else None
+
+
+@pytest.mark.parametrize("ratio", [1 / 3, 2.0, 0.8])
+def test_the_factor_converges_to_how_the_server_counts(make, rclient: redis.Redis, ratio: float) -> None:  # noqa: F811
+    p = make([key("sk-a", {"tokens": [f"{LIMIT}/60s"]})], header_period=60.0)
+    server = Server(ratio)
+    first = send(p, server, 1000, 100)
+    assert first.tokens == 1100  # the estimate holds until the server has said something
+    assert factor(rclient, first.scope) == pytest.approx(ratio, rel=0.01)  # the probe alone: exact
+    for _ in range(20):  # 1,000-token prompts: the window stays below the limit
+        last = send(p, server, 1000, 100)
+    assert factor(rclient, first.scope) == pytest.approx(ratio, rel=0.02)
+    assert last.tokens == math.ceil(1000 * factor(rclient, first.scope)) + 100  # the cap is not scaled
+
+
+def test_the_factor_follows_a_change_and_a_noisy_start(make, rclient: redis.Redis) -> None:  # noqa: F811
+    p = make([key("sk-a", {"tokens": [f"{LIMIT}/60s"]})], header_period=60.0)
+    server = Server(3.0)  # a first reading 3x the estimate (say, another client's traffic)
+    lease = send(p, server, 1000, 100)
+    assert factor(rclient, lease.scope) == pytest.approx(3.0, rel=0.01)
+    server.ratio, server.log = 0.5, []
+    p.advance(PERIOD_MS)  # the old traffic leaves both windows
+    for n in range(1, 30):
+        send(p, server, 1000, 100)
+        if abs(factor(rclient, lease.scope) / 0.5 - 1) < 0.05:
+            break
+    assert n <= 12, n  # within 5% in a dozen responses
+
+
+def test_a_factor_stays_on_its_scope(make, rclient: redis.Redis) -> None:  # noqa: F811
+    a = key("sk-a", {"tokens": [f"{LIMIT}/60s"]})
+    b = key("sk-b", {"tokens": [f"{LIMIT}/60s"]}, models=("n",))
+    p = make([a], header_period=60.0)
+    q = make([b], header_period=60.0)
+    lease = send(p, Server(0.25), 1000, 100)
+    other = q.run(q.pool.acquire("n", 1100, prompt=1000))
+    assert factor(rclient, lease.scope) == pytest.approx(0.25, rel=0.01)
+    assert factor(rclient, other.scope) is None and other.tokens == 1100
+    again = p.run(p.pool.acquire("m2", 1100, prompt=1000))  # the same key, another model: its own scope
+    assert again.tokens == 1100
+
+
+def test_the_factor_lets_a_token_bound_window_hold_what_the_server_allows(make, rclient: redis.Redis) -> None:  # noqa: F811
+    """The estimate counts 4x what the server counts: after the probe, the 10,000-token window
+    holds about 4x the rows the estimate would let in, and never more than the server allows."""
+    p = make([key("sk-a", {"tokens": ["10000/60s"]})], header_period=60.0)
+    server = Server(0.25)
+    server_limit = 10_000
+    admitted = 0
+    while True:
+        lease = p.run(p.pool.acquire("m", 1100, prompt=1000))
+        if isinstance(lease, Wait):
+            break
+        stamp = p.run(p.pool.stamp(lease))
+        _limit, _left = server.arrive(stamp, 1000, 100)
+        p.run(p.pool.calibrate(lease, stamp, (server_limit, max(0, server_limit - (LIMIT - _left)))))
+        admitted += 1
+    used = sum(n for _, n in server.log)
+    assert used <= server_limit
+    # the probe counted as estimated (1,100), every row after it as the server counts (350): 26 rows,
+    # where the estimate alone lets 9 in (the server would take 28)
+    assert admitted == 1 + (server_limit - 1100) // 350
+
+
+def test_a_refused_request_leaves_calibration_and_a_calibrated_scope_ignores_the_bill(
+        make, rclient: redis.Redis) -> None:  # noqa: F811
+    p = make([key("sk-a", {"tokens": [f"{LIMIT}/60s"]})], header_period=60.0)
+    server = Server(0.5)
+    first = send(p, server, 1000, 100)
+    refused = p.run(p.pool.acquire("m", 1100, prompt=1000))
+    p.run(p.pool.stamp(refused))
+    p.run(p.pool.settle(refused, 0, refused=True))  # a 429: the server counted nothing
+    window = rkeys.bucket_window(first.scope, "tok", 60.0)
+    members = [m.decode() for m in rclient.zrange(window, 0, -1)]
+    assert any(m.startswith(refused.uid.split(".")[0] + ":") for m in members)  # it keeps its place
+    assert not any(m.startswith(refused.uid + ":") for m in members)  # without its estimate
+    # the next reading is not lowered by the refused request
+    send(p, server, 1000, 100)
+    assert factor(rclient, first.scope) == pytest.approx(0.5, rel=0.01)
+    # a bill above the admission's count raises nothing once the headers say how the server counts
+    billed = send(p, server, 1000, 100)
+    before = rclient.hget(rkeys.bucket_state(first.scope), "tsum:60000")
+    p.run(p.pool.settle(billed, 5000))
+    assert rclient.hget(rkeys.bucket_state(first.scope), "tsum:60000") == before
