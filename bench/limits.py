@@ -3,8 +3,8 @@
 N keys x R requests per shortened minute (W seconds) on the simulated API, with 300 ms latency and
 1% transient server errors; the dataset is K windows' worth of rows. A fresh window admits a burst
 of N*R at once, and every further N*R calls need one more window, so the earliest the C-th call
-(C = every call the API received, retries of injected errors included: they use quota too) can
-arrive after the first is
+(C = every call the API counted: retries of injected errors included, they use quota too; not
+the 429s, for which the server counts nothing) can arrive after the first is
 
     ideal = W * (ceil(C / (N*R)) - 1)
 
@@ -25,10 +25,17 @@ reports ``ceiling`` = min(1, capacity / combined limit): the best active ratio t
 
 ``--limits configured`` writes each key's limit in the config; ``discovered`` writes none (the
 original toolkit's config plus ``header_period``): every key is probed, then runs at the limit its
-headers give. ``--tokens`` makes the rows token-bound instead: each key allows R rows' worth of
-tokens per window (prompt + max_tokens, as the server counts them) and no request limit.
+headers give. ``--tokens HOW`` makes the rows token-bound instead: each key allows R rows' worth of
+tokens per window (prompt + max_tokens, as the server counts them) and no request limit, and the
+simulated API counts a prompt HOW: ``chars4`` (characters / 4, as OpenAI's rate limiter is
+reported to), ``o200k`` or ``cl100k`` (a tokenizer), ``typical`` or ``estimator`` (opt-queue's own
+count: the one case where client and server agree). The rows are ~1,000 tokens of mixed English and
+Chinese with ``max_tokens`` 100, on ``--model`` (gpt-4o-mini: opt-queue counts o200k exactly; a
+model of unknown tokenizer such as llama-3.1-8b: it starts from its character estimate, an upper
+bound). No figure of this mode rests on the client counting as the server does unless HOW says so.
 
-Run:  python bench/limits.py [--keys 5 20 100 1000] [--rpm 2] [--window 15] [--limits both] [--tokens]
+Run:  python bench/limits.py [--keys 5 20 100 1000] [--rpm 2] [--window 15] [--limits both]
+                             [--tokens chars4|o200k|cl100k|typical|estimator] [--model M]
                              [--capacity] [--set JSON]
 """
 
@@ -45,30 +52,28 @@ import tempfile
 import time
 from pathlib import Path
 
-from opt_queue.simapi import SimConfig, SimKey, SimServer, count_tokens
-from opt_queue.tokens import estimate_tokens
+from opt_queue.simapi import DEFAULT_MODELS, SimConfig, SimKey, SimServer, _Request
+from opt_queue.tokens import TOKEN_COUNTS
 
 
 EXTRA: dict = {}
 """Config fields added to every run (``--set``)."""
-PROMPT_CHARS = 3000
+MODEL = "gpt-4o-mini"
 MAX_TOKENS = 100
+TEXT = ("The committee reviewed the quarterly figures and asked for a short summary of the risks. "
+        "请用一句话总结以下内容，并指出其中最重要的风险。今天的会议讨论了预算和进度。") * 24
+"""~1,000 o200k tokens of mixed English and Chinese (the original toolkit's users write Chinese)."""
 
 
 def token_row(i: int) -> dict:
-    return {"index": str(i), "max_tokens": MAX_TOKENS,
-            "messages": [{"role": "user", "content": f"{i:06d}" + "x" * (PROMPT_CHARS - 6)}]}
+    return {"index": str(i), "model": MODEL, "max_tokens": MAX_TOKENS,
+            "messages": [{"role": "user", "content": f"{i:06d} " + TEXT}]}
 
 
-def row_tokens(tokenizer: str) -> int:
-    """A token-bound row's tokens as the key's limit counts them. ``chars4``: as the simulated API
-    counts them (4 characters a token + 3 per message + max_tokens), while opt-queue's character
-    estimate counts a third more: the figure is the estimator's cost. ``estimate``: as opt-queue
-    estimates them (the server counts a little less, so R rows always fit): the figure is the
-    pacing's fidelity, as with an exact tokenizer."""
-    if tokenizer == "estimate":
-        return estimate_tokens(token_row(0))
-    return count_tokens("x" * PROMPT_CHARS) + 6 + MAX_TOKENS  # the message's 3, the reply's 3
+def row_tokens(how: str) -> int:
+    """A token-bound row's tokens as the simulated API counts them against its limit (``how``)."""
+    req = _Request.of("/v1/chat/completions", token_row(0), MODEL, limit_count=how)
+    return req.limit_prompt + MAX_TOKENS
 
 
 def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, errors: float,
@@ -78,7 +83,9 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
     own = {} if limits == "unlimited" else {"tpm": rpm * per_row} if tokens else {"rpm": rpm}
     keys = [SimKey(f"sk-bench-{i:04d}-xxxxxxxxxxxxxxxx", **own) for i in range(n_keys)]
     rows = n_keys * rpm * windows
-    sim = SimConfig(keys=keys, minute=window, latency=latency, transient_rate=errors, seed=1)
+    sim = SimConfig(keys=keys, minute=window, latency=latency, transient_rate=errors, seed=1,
+                    models={**DEFAULT_MODELS, MODEL: 128000}, limit_count=tokens or "typical",
+                    usage_count=tokens or "typical")
     with SimServer(sim) as server, tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         with open(d / "data.jsonl", "w") as fh:
@@ -104,7 +111,8 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
         stats = server.stats()
         answered = sum(1 for line in open(d / "out.jsonl") if ": null}" not in line)
     calls = stats["calls"]
-    ideal = window * (math.ceil(calls / (n_keys * rpm)) - 1)
+    counted = calls - stats["rate_limited"]  # a refused call uses no quota on the server
+    ideal = window * (math.ceil(counted / (n_keys * rpm)) - 1)
     active = stats["last_call"] - stats["first_call"]
     if limits == "unlimited":  # what the machine sustains: no ratio to a limit
         return {"keys": n_keys, "limits": "none (capacity)", "limit": "-", "rows": rows, "answered": answered,
@@ -123,6 +131,7 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
 
 
 def main() -> None:
+    global MODEL
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", type=int, nargs="+", default=[5, 20, 100, 1000])
     ap.add_argument("--rpm", type=int, default=2, help="requests per key per window")
@@ -137,16 +146,19 @@ def main() -> None:
                     help="first run the same rows on keys without limits: what the machine sustains; "
                          "the `ceiling` column is then the best active ratio this machine allows")
     ap.add_argument("--set", default="{}", help='more config fields, as JSON: \'{"rows_per_task": 16}\'')
-    ap.add_argument("--tokens", choices=["chars4", "estimate"], default=None,
-                    help="token-bound rows; each key allows R rows' worth of tokens as the simulated API "
-                         "counts them (chars4) or as opt-queue estimates them (estimate)")
+    ap.add_argument("--tokens", choices=TOKEN_COUNTS, default=None,
+                    help="token-bound rows; the simulated API counts a prompt this way, and each key "
+                         "allows R rows' worth of tokens as it counts them")
+    ap.add_argument("--model", default="gpt-4o-mini", help="the rows' model (token-bound rows)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=500, help="rows in flight per worker process")
     args = ap.parse_args()
+    MODEL = args.model
     EXTRA.update(json.loads(args.set))
     print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"# latency {args.latency}s, {args.errors:.0%} transient errors, margin {args.fraction:.0%} "
-          f"of a window up to {args.margin}s, tokens: {args.tokens or 'no (request-bound)'}, "
+          f"of a window up to {args.margin}s, tokens: "
+          f"{f'the server counts {args.tokens}, model {MODEL}' if args.tokens else 'no (request-bound)'}, "
           f"{args.workers} worker processes x {args.concurrency} rows in flight, settings {EXTRA or 'default'}")
     cols = ["keys", "limits", "limit", "rows", "answered", "calls", "ideal_s", "active_s", "wall_s", "calls_per_s_active",
             "combined_limit_per_s", "active_ratio", "ceiling", "end_to_end_ratio", "http_429", "injected_errors"]

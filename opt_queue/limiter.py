@@ -107,6 +107,8 @@ CALIBRATE_EVERY = 0.2
 """A worker sends at most one observation per scope this often (seconds), past its first few: each
 reads the scope's admissions of a header period in Redis."""
 CALIBRATE_FIRST = 5
+CALIBRATE_SLACK_MS = 100
+"""Requests sent this close to each other may reach the server in either order (calibrate.lua)."""
 LEARN_REFRESH_SHARE = 4
 """A worker writes a limit the headers repeat once per ``learned_limits_ttl / 4`` (a changed one at
 once), so that a learned limit stays fresh while responses keep coming, at little cost."""
@@ -569,7 +571,8 @@ class AsyncKeyPool:
         self._calibrated[lease.scope] = (sent + 1, now)
         queue(pipe, self._scripts.calibrate,
               [rkeys.bucket_state(lease.scope), rkeys.bucket_window(lease.scope, "tok", header.period)],
-              [window[0], window[1], sent_ms, header.period_ms, CALIBRATE_WEIGHT, self.now_ms or 0])
+              [window[0], window[1], sent_ms, header.period_ms, CALIBRATE_WEIGHT, self.now_ms or 0, lease.uid,
+               CALIBRATE_SLACK_MS, lease.tokens])
         return True
 
     async def calibrate(self, lease: Lease, sent_ms: int | None, window: tuple[int, int] | None) -> None:

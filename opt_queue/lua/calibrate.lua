@@ -4,12 +4,18 @@
 -- the header period up to this request's stamp), each with its prompt's estimate and its
 -- completion's cap (in its uid: "<hex>.<prompt>.<cap>"). The server's count of the prompts is then
 -- (counted - caps), and its ratio to the estimates is one observation of the scope's factor.
+-- Requests sent within `slack` ms of this one, or of the window's start, may have reached the
+-- server in either order: when they hold more than a tenth of the window's prompts (a burst), the
+-- reading is ambiguous and skipped.
 -- The first observation is taken as it is; later ones move the factor part of the way, in log
 -- space, so that it follows a change without jumping on one noisy reading.
 -- KEYS[1] the scope's state hash   KEYS[2] its token window of the header period (sorted set)
 -- ARGV[1] the server's token limit   ARGV[2] its remaining tokens   ARGV[3] the request's stamp, ms
 -- ARGV[4] the header period, ms      ARGV[5] the weight of a later observation (0..1)
--- ARGV[6] the time in ms (0: Redis' TIME)
+-- ARGV[6] the time in ms (0: Redis' TIME)   ARGV[7] the request's uid   ARGV[8] slack, ms
+-- ARGV[9] the tokens the request was admitted with: once the factor is known, the request's own
+--         entry in the window is counted again with it (the scope's first request, a probe, was
+--         admitted on the estimate alone and would hold its window's room until it expires)
 -- Returns the factor, as a string ("" when nothing was learned: no admission with an estimate in
 -- the window, or one from an older version).
 local now = tonumber(ARGV[6])
@@ -19,14 +25,21 @@ if now == 0 then
 end
 local counted = tonumber(ARGV[1]) - tonumber(ARGV[2])
 local stamp, period = tonumber(ARGV[3]), tonumber(ARGV[4])
-local prompts, caps = 0, 0
-for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. (stamp - period), stamp)) do
+local own, slack = ARGV[7], tonumber(ARGV[8])
+local prompts, caps, unsure = 0, 0, 0
+local got = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. (stamp - period - slack), stamp + slack, 'WITHSCORES')
+for i = 1, #got, 2 do
+  local m, score = got[i], tonumber(got[i + 1])
   local p, c = string.match(m, '%.(%d+)%.(%d+):%d+$')
-  if p then
+  if p and string.sub(m, 1, #own + 1) ~= own .. ':' then
+    p = tonumber(p)
+    if math.abs(score - stamp) < slack or math.abs(score - (stamp - period)) < slack then unsure = unsure + p end
+    if score > stamp - period and score <= stamp then prompts, caps = prompts + p, caps + tonumber(c) end
+  elseif p then
     prompts, caps = prompts + tonumber(p), caps + tonumber(c)
   end
 end
-if prompts <= 0 then return '' end
+if prompts <= 0 or unsure > prompts / 10 then return '' end
 local seen = math.min(20, math.max(0.05, (counted - caps) / prompts))
 local old = tonumber(redis.call('HGET', KEYS[1], 'tok_factor') or '0')
 local f = seen
@@ -36,4 +49,16 @@ if old > 0 then
 end
 redis.call('HSET', KEYS[1], 'tok_factor', tostring(f), 'tok_factor_at', now, 'tok_factor_seen', tostring(seen))
 redis.call('HINCRBY', KEYS[1], 'tok_factor_n', 1)
+local p, c = string.match(own, '%.(%d+)%.(%d+)$')
+local was = tonumber(ARGV[9])
+if p and was then
+  local now_counted = tonumber(c) + math.ceil(tonumber(p) * f - 1e-9)
+  local member = own .. ':' .. was
+  local score = redis.call('ZSCORE', KEYS[2], member)
+  if score and now_counted ~= was then
+    redis.call('ZREM', KEYS[2], member)
+    redis.call('ZADD', KEYS[2], score, own .. ':' .. now_counted)
+    redis.call('HINCRBY', KEYS[1], 'tsum:' .. period, now_counted - was)
+  end
+end
 return tostring(f)
