@@ -380,11 +380,9 @@ def _run_and_report(input_path: str, output: str, cfg: Config, config_path: str 
 
 
 def _print_estimate(input_path: str, output: str, cfg: Config, output_tokens: int | None, as_json: bool) -> None:
-    from opt_queue.dataset import validate_input
     from opt_queue.estimate import describe, estimate
 
-    validate_input(input_path)  # a bad line is reported as by submit, before anything is counted
-    est = estimate(input_path, output, cfg, output_tokens)
+    est = estimate(input_path, output, cfg, output_tokens)  # a bad line is reported as by submit
     if as_json:
         out.print_json(json.dumps(est.as_dict()))
     else:

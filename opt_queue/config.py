@@ -318,6 +318,7 @@ class Config(BaseModel):
     max_cost: float | None = Field(default=None, gt=0)
     max_tokens_total: int | None = Field(default=None, gt=0)
     dedupe: bool | None = None
+    context_window: int | dict[str, int] | None = None  # tokens: one for every model, or per model
     retry_failed: bool = False
     lane: Literal["sync", "flex", "batch"] = "sync"
     flex_fallback: bool = True

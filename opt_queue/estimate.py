@@ -2,12 +2,19 @@
 starts and without calling the API.
 
 For the rows a run would send (the input's rows that the output lacks or holds as null), it counts
-the prompt tokens (``tokens``: tiktoken when its encoding is on the machine, else the typical
-character estimate: about 4 ASCII characters a token, one per other character), the output tokens (each request's cap: ``max_tokens`` and the
-like, or the endpoint's default; or the average the user states with ``--output-tokens``), prices
-them per model (``prices``) and gives the cost as a range: the prompts alone, at least, and every
-answer at its cap, at most. The ETA comes from the keys' configured limits, per model, naming the
-limit that binds (requests or tokens per minute, requests per day) and what more keys would do.
+the prompt tokens (``tokens``: the model's tokenizer, exact, for OpenAI's model families; else the
+typical character estimate: about 4 ASCII characters a token, one per other character), the
+output tokens (each request's cap: ``max_tokens`` and the like, or the endpoint's default; or the
+average the user states with ``--output-tokens``), prices them per model (``prices``) and gives
+the cost as a range: the prompts alone, every prompt block the provider may cache at its cached
+price, at least, and every answer at its cap, at most. Rows whose prompt and cap exceed the
+model's context window (``tokens.CONTEXT_WINDOWS``, or the config's ``context_window``) are
+listed: the API would refuse them. The ETA comes from the keys' configured limits, per model,
+naming the limit that binds (requests or tokens per minute, requests per day) and what more keys
+would do.
+
+Costs are linear in tokens, so rows are summed per model, endpoint and tier and priced once: a
+row costs one tokenization.
 """
 
 from __future__ import annotations
@@ -18,10 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opt_queue.config import Config
-from opt_queue.dataset import final_failures, iter_input, read_output
+from opt_queue.dataset import MAX_PROBLEMS_SHOWN, final_failures, iter_input, read_output
+from opt_queue.errors import InputError
 from opt_queue.prices import Prices, money
-from opt_queue.request import failure_key, paid_once, request_body, request_hash
-from opt_queue.tokens import estimate_parts, typical_estimator
+from opt_queue.request import FLEX_URLS, failure_key, paid_once, request_body, request_hash
+from opt_queue.tokens import context_window, estimate_parts, typical_estimator
 
 
 @dataclass
@@ -47,6 +55,12 @@ class ModelEstimate:
     binding: str | None = None
     keys: int = 0
     limits_known: bool = False
+    estimator: str = ""
+    """How its prompts are counted (its tokenizer, exact, or an estimate)."""
+    context_window: int | None = None
+    too_long: int = 0
+    """Rows whose prompt and completion cap exceed the context window: the API refuses them (400)."""
+    too_long_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -136,31 +150,51 @@ def _eta(m: ModelEstimate, keys: int, rates: dict[str, float]) -> None:
         m.binding, m.eta_s = max(times.items(), key=lambda item: item[1])
 
 
+CACHE_MIN_TOKENS = 1024
+"""OpenAI caches a prompt's prefix from this length, in blocks of 128 tokens."""
+TOO_LONG_SHOWN = 20
+"""Rows too long for their model's context that ``estimate`` names (``--json``: up to 1,000)."""
+
+
+@dataclass
+class _Group:
+    """Rows of one model, endpoint and tier of their own: priced together at the end (costs are
+    linear in tokens), so that a row costs a tokenization, not nine price look-ups."""
+
+    prompt: int = 0
+    cap: int = 0
+    assumed: int = 0
+    cacheable: int = 0
+    """Prompt tokens the provider may bill at its cached price: of every prompt of
+    :data:`CACHE_MIN_TOKENS` or more, its 128-token blocks (a shared prefix is cached)."""
+
+
 def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], config: Config,
              output_tokens: int | None = None) -> Estimate:
     """Estimate a run of ``input_path`` into ``output_path`` (resume counted) without calling the API."""
     state = read_output(output_path, offsets=False)
     prices = Prices({name: p.model_dump() for name, p in config.prices.items()})
-    est = Estimate(estimator=typical_estimator(), lane=config.lane,
+    est = Estimate(estimator=typical_estimator(config.model.name), lane=config.lane,
                    output_assumption=(f"{output_tokens} tokens per answer on average (--output-tokens)"
                                       if output_tokens is not None else
                                       "every answer at its cap (max_tokens, else the endpoint's default); "
                                       "--output-tokens N states an average"))
-    found: dict[str, Any] = {}
+    groups: dict[tuple[str, str, str | None], _Group] = {}
+    windows: dict[str, int | None] = {}
     seen: set[bytes] = set()
     keep = {} if config.retry_failed else final_failures(output_path, state.nulls)
+    name, params, lane = config.model.name, config.model.params, config.lane
     for row in _rows(input_path, state, est):
-        failed = keep.get(row.index)
+        failed = keep.get(row.index) if keep else None
         if failed is not None and failed.request in (None, failure_key(row.url, request_body(
-                row.url, row.body, config.model.name, config.model.params, config.lane), config.model.fallback)):
+                row.url, row.body, name, params, lane), config.model.fallback)):
             est.failed_kept += 1  # a null that the same request would meet again: not sent
             est.nulls_to_retry -= 1
             est.rows_to_send -= 1
             continue
-        sync = request_body(row.url, row.body, config.model.name, config.model.params)
-        flex = request_body(row.url, row.body, config.model.name, config.model.params, "flex")
-        batch = {**sync, "service_tier": "batch"}  # priced as the Batch API bills it
-        body = {"flex": flex, "batch": batch}.get(config.lane, sync)
+        sync = request_body(row.url, row.body, name, params)
+        body = {**sync, "service_tier": "batch"} if lane == "batch" else (
+            request_body(row.url, row.body, name, params, lane) if lane == "flex" else sync)
         digest = bytes.fromhex(request_hash(row.url, body)[:16])
         if digest in seen:
             if paid_once(config.dedupe, row.url, body):
@@ -168,30 +202,62 @@ def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[
                 continue  # it gets the answer of the row it repeats: nothing to pay
             est.repeats_sent += 1
         seen.add(digest)
-        model = body.get("model") or config.model.name
+        model = body.get("model") or name
         prompt, cap = estimate_parts(body, row.url, typical=True)
         assumed = cap if output_tokens is None or not cap else min(cap, output_tokens * int(body.get("n") or 1))
         m = est.models.get(model)
         if m is None:
-            m = est.models[model] = ModelEstimate()
-            found[model] = prices.price(model)
+            m = est.models[model] = ModelEstimate(estimator=typical_estimator(model))
+            windows[model] = context_window(model, config.context_window)
         m.rows += 1
         m.prompt_tokens += prompt
         m.cap_tokens += cap
         m.assumed_tokens += assumed
-        for name, completion, sent in (("cost_low", 0, body), ("cost_expected", assumed, body),
-                                       ("cost_high", cap, body), ("sync_low", 0, sync), ("sync_high", cap, sync),
-                                       ("flex_low", 0, flex), ("flex_high", cap, flex),
-                                       ("batch_low", 0, batch), ("batch_high", cap, batch)):
-            cost = prices.cost(model, row.url, sent, prompt, completion)
-            setattr(m, name, None if cost is None or getattr(m, name) is None else getattr(m, name) + cost)
+        window = windows[model]
+        if window is not None and prompt + cap > window:
+            m.too_long += 1
+            if len(m.too_long_rows) < 1000:
+                m.too_long_rows.append({"index": row.index, "prompt_tokens": prompt, "cap": cap})
+        group = groups.get((model, row.url, sync.get("service_tier")))
+        if group is None:
+            group = groups[(model, row.url, sync.get("service_tier"))] = _Group()
+        group.prompt += prompt
+        group.cap += cap
+        group.assumed += assumed
+        if prompt >= CACHE_MIN_TOKENS:
+            group.cacheable += prompt // 128 * 128
+    _price(est, groups, prices)
     for model, m in est.models.items():
+        m.context_window = windows[model]
         _eta(m, *_rates(config, model))
     return est
 
 
+def _price(est: Estimate, groups: dict[tuple[str, str, str | None], _Group], prices: Prices) -> None:
+    """Each model's costs: its groups' tokens at its price, in each lane (the tier a row names
+    is kept; Flex where the endpoint takes it; the Batch API at its discount)."""
+    lane = est.lane
+    for (model, url, tier), g in groups.items():
+        m = est.models[model]
+        flex_tier = tier or ("flex" if url in FLEX_URLS else None)
+        tiers = {"sync": tier, "flex": flex_tier, "batch": "batch"}
+        costs: dict[str, float | None] = {}
+        for label, completion, which in (("cost_low", 0, lane), ("cost_expected", g.assumed, lane),
+                                         ("cost_high", g.cap, lane), ("sync_low", 0, "sync"),
+                                         ("sync_high", g.cap, "sync"), ("flex_low", 0, "flex"),
+                                         ("flex_high", g.cap, "flex"), ("batch_low", 0, "batch"),
+                                         ("batch_high", g.cap, "batch")):
+            cached = g.cacheable if label.endswith("_low") else 0  # a minimum: every cacheable block hits
+            costs[label] = prices.cost(model, url, {"service_tier": tiers[which]}, g.prompt, completion, cached)
+        for label, cost in costs.items():
+            setattr(m, label, None if cost is None or getattr(m, label) is None else getattr(m, label) + cost)
+
+
 def _rows(input_path: str | os.PathLike[str], state: Any, est: Estimate) -> Iterator[Any]:
-    for row in iter_input(input_path, skip_bad=True):
+    """The rows to send; the input is checked in the same pass (a bad line is reported as by
+    ``submit``, after the pass: one reading of a large file, not two)."""
+    bad: list[tuple[int, str]] = []
+    for row in iter_input(input_path, skip_bad=True, bad=bad):
         est.rows_in_input += 1
         if row.index in state.answered:
             est.already_answered += 1
@@ -199,6 +265,10 @@ def _rows(input_path: str | os.PathLike[str], state: Any, est: Estimate) -> Iter
         est.nulls_to_retry += row.index in state.nulls
         est.rows_to_send += 1
         yield row
+    if bad:
+        raise InputError(str(input_path), bad[:MAX_PROBLEMS_SHOWN], total=len(bad))
+    if not est.rows_in_input:
+        raise InputError(str(input_path), [(0, "the file holds no rows")])
 
 
 def _duration(seconds: float) -> str:
@@ -239,6 +309,14 @@ def describe(est: Estimate) -> list[str]:
             cost += f", about {money(m.cost_expected)} as assumed"
         lines.append(f"{model}: {m.rows} rows, {m.prompt_tokens} prompt tokens + up to {m.cap_tokens} output "
                      f"tokens ({m.assumed_tokens} assumed); {cost}")
+        if m.estimator != est.estimator:
+            lines.append(f"  its prompts: {m.estimator}")
+        if m.too_long:
+            shown = ", ".join(r["index"] for r in m.too_long_rows[:TOO_LONG_SHOWN])
+            more = f" and {m.too_long - TOO_LONG_SHOWN} more" if m.too_long > TOO_LONG_SHOWN else ""
+            lines.append(f"  {m.too_long} rows do not fit {model}'s context window of {m.context_window} tokens "
+                         f"(prompt + max_tokens): {shown}{more}; the API refuses them (null, "
+                         f"context_length_exceeded): shorten them or lower max_tokens (--json lists them)")
         if not m.keys:
             lines.append(f"  no configured key serves {model}")
         elif not m.limits_known:

@@ -211,10 +211,43 @@ def _count_prompt(how: str, url: str, body: dict[str, Any], model: str, typical:
         endpoint = ENDPOINTS.get(url, ENDPOINTS[CHAT_URL])
         chars = sum(len(t) for name in endpoint.prompt for t in _texts(body.get(name)))
         return math.ceil(chars / 4)
-    from opt_queue.tokens import estimate_parts  # the client's counting, for the server's ways
+    if how == "estimator":
+        from opt_queue.tokens import estimate_parts  # the client's own count: the one way that agrees
 
-    as_model = {"o200k": "gpt-4o", "cl100k": "gpt-4"}.get(how, model)
-    return estimate_parts({**body, "model": as_model}, url)[0]
+        return estimate_parts(body, url)[0]
+    return _tokenizer_count("o200k_base" if how == "o200k" else "cl100k_base", url, body)
+
+
+def _tokenizer_count(encoding: str, url: str, body: dict[str, Any]) -> int:
+    """A prompt as OpenAI bills it, written apart from opt-queue's own count (``tokens.py``) so that
+    the two can disagree: the tokenizer's ``encode_ordinary`` on every text, and for chat messages 3
+    tokens each, their role, content and name (plus one), and 3 that prime the reply."""
+    import bpe_openai
+
+    enc = bpe_openai.get_encoding(encoding)
+
+    def n(text: Any) -> int:
+        return len(enc.encode_ordinary(text)) if isinstance(text, str) else 0
+
+    def content(value: Any) -> int:
+        if isinstance(value, list):
+            return sum(n(part.get("text")) if isinstance(part, dict) else n(part) for part in value)
+        return n(value)
+
+    if url in (CHAT_URL, "/v1/responses"):
+        given = body.get("messages") if url == CHAT_URL else body.get("input")
+        items = [{"role": "user", "content": given}] if isinstance(given, str) else list(given or [])
+        if url != CHAT_URL and body.get("instructions"):
+            items.insert(0, {"role": "system", "content": body["instructions"]})
+        total = 3
+        for m in items:
+            if isinstance(m, dict):
+                total += 3 + n(m.get("role")) + content(m.get("content"))
+                if m.get("name"):
+                    total += n(m["name"]) + 1
+        return total
+    endpoint = ENDPOINTS.get(url, ENDPOINTS[CHAT_URL])
+    return sum(n(t) for name in endpoint.prompt for t in _texts(body.get(name)))
 
 
 ASKED_AGAIN = "does not match the required JSON schema"
@@ -430,9 +463,13 @@ class SimAPI:
         self.last_call: float | None = None
         self.last_answer: float | None = None
         self.requests: list[dict[str, Any]] = []
+        self.prompt_tokens_billed = 0  # the usage's prompt tokens over every answer
+        self.peak_window_tokens: Counter[str] = Counter()  # per organization/model: the most its window held
 
     def stats(self) -> dict[str, Any]:
         return {"calls": self.calls, "answered": self.answered, "rate_limited": self.rate_limited,
+                "prompt_tokens_billed": self.prompt_tokens_billed,
+                "peak_window_tokens": dict(self.peak_window_tokens),
                 "refusals": dict(self.refusals), "faults": dict(self.faults),
                 "per_prompt": dict(self.per_prompt), "per_key": dict(self.per_key),
                 "calls_per_key": dict(self.calls_per_key),
@@ -569,6 +606,9 @@ class SimAPI:
             self._limit_headers(resp, k, win)
             return resp
         win.admit(now, counted)
+        held = sum(t for ts, t in win.log if ts > now - cfg.minute)
+        scope = f"{k.org or fingerprint(k.key)}/{model}"
+        self.peak_window_tokens[scope] = max(self.peak_window_tokens[scope], held)
         seen = self._window_headers(k, win)  # the headers tell the window as this request left it
         fault = await self._fault(request)
         if fault is not None:
@@ -580,6 +620,7 @@ class SimAPI:
         if delay > 0:
             await asyncio.sleep(delay)
         self.answered += 1
+        self.prompt_tokens_billed += req.prompt_tokens
         self.last_answer = time.monotonic()
         prompt_id = prompt_key(req.prompt)
         cached = (req.prompt_tokens // 128 * 128 if self.per_prompt[prompt_id]

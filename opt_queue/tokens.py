@@ -64,18 +64,70 @@ def encoding_name(model: str | None) -> str | None:
 
 @functools.cache
 def _encoder(name: str) -> Callable[[str], int] | None:
+    """Count the tokens of a text with encoding ``name`` (special tokens' text counts as ordinary
+    text, as in a prompt). The Rust backend's ``count`` is used where this version of the package
+    has it (twice as fast as ``encode_ordinary``, which builds the token list): an estimate of a
+    million rows takes a tokenization each."""
     try:
         import bpe_openai
         encoding = bpe_openai.get_encoding(name)
     except Exception:  # an install without the package or its data: fall back, never fail a row
         return None
-    return lambda text: len(encoding.encode_ordinary(text))
+    try:
+        from bpe_openai import _bindings  # the package's own backend (pinned below 0.2)
+
+        count = _bindings.tokenizer_for_encoding(name).count
+    except Exception:
+        def count(text: str) -> int:
+            return len(encoding.encode_ordinary(text))
+    short: dict[str, int] = {}  # roles and names repeat on every row
+
+    def tokens(text: str) -> int:
+        got = short.get(text) if len(text) <= 16 else None
+        if got is None:
+            got = tokens_of(text)
+            if len(text) <= 16 and len(short) < 4096:
+                short[text] = got
+        return got
+
+    def tokens_of(text: str) -> int:
+        try:
+            return count(text)
+        except UnicodeEncodeError:  # a lone surrogate: replaced, as tiktoken does
+            return count(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+
+    return tokens
 
 
+@functools.lru_cache(maxsize=256)
 def counter(model: str | None) -> Callable[[str], int] | None:
     """The exact token count of text for ``model``, None when its tokenizer is not known."""
     name = encoding_name(model)
     return _encoder(name) if name else None
+
+
+CONTEXT_WINDOWS = (
+    ("gpt-4.1", 1_047_576), ("gpt-5", 400_000), ("gpt-4o", 128_000), ("chatgpt-4o", 128_000),
+    ("gpt-4.5", 128_000), ("gpt-4-turbo", 128_000), ("gpt-4-1106", 128_000), ("gpt-4-0125", 128_000),
+    ("gpt-4-32k", 32_768), ("gpt-4", 8_192), ("gpt-3.5-turbo-instruct", 4_096), ("gpt-3.5-turbo", 16_385),
+    ("o1-mini", 128_000), ("o1", 200_000), ("o3", 200_000), ("o4", 200_000),
+    ("text-embedding-3", 8_191), ("text-embedding-ada-002", 8_191),
+)
+"""Context windows (prompt plus completion cap, tokens) of OpenAI's model families, by the longest
+prefix that matches; a config's ``context_window`` adds or overrides."""
+
+
+def context_window(model: str | None, configured: int | dict[str, int] | None = None) -> int | None:
+    """The context window of ``model``: the config's (one number for every model, or per model),
+    else :data:`CONTEXT_WINDOWS`; None when unknown."""
+    if isinstance(configured, int):
+        return configured
+    if not model:
+        return None
+    if configured and model in configured:
+        return configured[model]
+    name = model.lower().removeprefix("ft:").removeprefix("openai/")
+    return next((size for prefix, size in CONTEXT_WINDOWS if name.startswith(prefix)), None)
 
 
 def estimator(model: str | None = None) -> str:
