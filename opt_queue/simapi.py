@@ -32,6 +32,7 @@ that assumes the server counts as it does is tested against the others.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -218,13 +219,18 @@ def _count_prompt(how: str, url: str, body: dict[str, Any], model: str, typical:
     return _tokenizer_count("o200k_base" if how == "o200k" else "cl100k_base", url, body)
 
 
+@functools.cache
+def _encoding(name: str) -> Any:
+    import bpe_openai
+
+    return bpe_openai.get_encoding(name)
+
+
 def _tokenizer_count(encoding: str, url: str, body: dict[str, Any]) -> int:
     """A prompt as OpenAI bills it, written apart from opt-queue's own count (``tokens.py``) so that
     the two can disagree: the tokenizer's ``encode_ordinary`` on every text, and for chat messages 3
     tokens each, their role, content and name (plus one), and 3 that prime the reply."""
-    import bpe_openai
-
-    enc = bpe_openai.get_encoding(encoding)
+    enc = _encoding(encoding)
 
     def n(text: Any) -> int:
         return len(enc.encode_ordinary(text)) if isinstance(text, str) else 0

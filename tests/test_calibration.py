@@ -107,9 +107,9 @@ def test_the_factor_lets_a_token_bound_window_hold_what_the_server_allows(make, 
         admitted += 1
     used = sum(n for _, n in server.log)
     assert used <= server_limit
-    # the probe counted as estimated (1,100), every row after it as the server counts (350): 26 rows,
-    # where the estimate alone lets 9 in (the server would take 28)
-    assert admitted == 1 + (server_limit - 1100) // 350
+    # once the probe's answer tells the factor, the probe itself is counted again with it: the window
+    # holds every row the server takes (28), where the estimate alone lets 9 in
+    assert admitted == server_limit // 350
 
 
 def test_a_refused_request_leaves_calibration_and_a_calibrated_scope_ignores_the_bill(

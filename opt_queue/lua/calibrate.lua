@@ -5,8 +5,8 @@
 -- completion's cap (in its uid: "<hex>.<prompt>.<cap>"). The server's count of the prompts is then
 -- (counted - caps), and its ratio to the estimates is one observation of the scope's factor.
 -- Requests sent within `slack` ms of this one, or of the window's start, may have reached the
--- server in either order: when they hold more than a tenth of the window's prompts (a burst), the
--- reading is ambiguous and skipped.
+-- server in either order, and admissions not stamped yet may have been sent: when such requests
+-- hold more than a tenth of the window's prompts (a burst), the reading is ambiguous and skipped.
 -- The first observation is taken as it is; later ones move the factor part of the way, in log
 -- space, so that it follows a change without jumping on one noisy reading.
 -- KEYS[1] the scope's state hash   KEYS[2] its token window of the header period (sorted set)
@@ -38,6 +38,11 @@ for i = 1, #got, 2 do
   elseif p then
     prompts, caps = prompts + tonumber(p), caps + tonumber(c)
   end
+end
+-- admissions not stamped yet (scored in the future) may have been sent, and counted, already
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf')) do
+  local p = string.match(m, '%.(%d+)%.%d+:%d+$')
+  if p then unsure = unsure + tonumber(p) end
 end
 if prompts <= 0 or unsure > prompts / 10 then return '' end
 local seen = math.min(20, math.max(0.05, (counted - caps) / prompts))
