@@ -379,10 +379,29 @@ def _run_and_report(input_path: str, output: str, cfg: Config, config_path: str 
     return result.collected
 
 
-def _print_estimate(input_path: str, output: str, cfg: Config, output_tokens: int | None, as_json: bool) -> None:
+def _print_estimate(input_path: str, output: str, cfg: Config, output_tokens: int | None, as_json: bool,
+                    probe: bool = False) -> None:
+    from opt_queue import probe as probing
     from opt_queue.estimate import describe, estimate
+    from opt_queue.prices import Prices
 
-    est = estimate(input_path, output, cfg, output_tokens)  # a bad line is reported as by submit
+    known: Any = None
+    if probe:
+        if not cfg.keys():
+            raise ConfigError("--probe needs api_keys in the config: it asks each key's limits of the API")
+        prices = Prices({name: p.model_dump() for name, p in cfg.prices.items()})
+
+        def known(model: str) -> Any:
+            return probing.probe(cfg, model, prices)
+    elif cfg.broker_url:  # the limits the fleet learned before, if its Redis answers
+        try:
+            client = connect(cfg.broker_url, check=True, timeout=2.0)
+
+            def known(model: str) -> Any:
+                return probing.learned(client, cfg, model)
+        except OptQueueError:
+            known = None
+    est = estimate(input_path, output, cfg, output_tokens, known)  # a bad line is reported as by submit
     if as_json:
         out.print_json(json.dumps(est.as_dict()))
     else:
@@ -398,13 +417,18 @@ def _print_estimate(input_path: str, output: str, cfg: Config, output_tokens: in
 @output_tokens_option
 @lane_option
 @retry_failed_option
+@click.option("--probe", is_flag=True,
+              help="Ask the API each key's limits for the ETA: one call per key and model (max_tokens 1; its "
+                   "cost is shown). Without it, the ETA uses the configured limits, else those the fleet "
+                   "learned before (broker_url).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @friendly
 def estimate(input_path: str, config_path: str | None, output: str, output_tokens: int | None,
-             lane: str | None, deadline: str | None, retry_failed: bool, as_json: bool) -> None:
-    """Rows, tokens, cost range and ETA of a run, without calling the API."""
+             lane: str | None, deadline: str | None, retry_failed: bool, probe: bool, as_json: bool) -> None:
+    """Rows, tokens, cost range, rows too long for the context and ETA of a run; no API call
+    unless --probe."""
     cfg = _with_format(_config(config_path, require_keys=False), None, lane, deadline, retry_failed)
-    _print_estimate(input_path, output, cfg, output_tokens, as_json)
+    _print_estimate(input_path, output, cfg, output_tokens, as_json, probe)
 
 
 @main.command()

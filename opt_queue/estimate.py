@@ -20,7 +20,7 @@ row costs one tokenization.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +61,13 @@ class ModelEstimate:
     too_long: int = 0
     """Rows whose prompt and completion cap exceed the context window: the API refuses them (400)."""
     too_long_rows: list[dict[str, Any]] = field(default_factory=list)
+    limits_source: str = ""
+    """Where the ETA's limits came from: configured, learned by the fleet, probe."""
+    token_factor: float | None = None
+    """How the servers count a prompt, as a share of opt-queue's count (learned by the fleet)."""
+    probe_cost: float | None = None
+    """What ``--probe``'s calls cost."""
+    probe_errors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -109,10 +116,16 @@ class Estimate:
                 "models": {name: vars(m) for name, m in self.models.items()}}
 
 
-def _rates(config: Config, model: str) -> tuple[int, dict[str, float]]:
+def _rates(config: Config, model: str,
+           known: dict[str, Any] | None = None) -> tuple[int, dict[str, float], str, float | None]:
     """Keys serving ``model`` and their summed rates per second by limit name (a group counts
-    once: its keys share it); a dimension missing from any bucket is not known."""
+    once: its keys share it); a dimension missing from any bucket is not known. A bucket's limit
+    the config does not give comes from ``known`` (``probe.Limits`` per bucket: learned by the
+    fleet, or probed), per header period. Also where the limits came from, and the mean of the
+    buckets' token factors (how the server counts a prompt; None: not known)."""
     buckets: dict[str, dict[str, float]] = {}
+    sources: set[str] = set()
+    factors: list[float] = []
     for key in config.keys():
         if not key.serves(model) or key.bucket in buckets:
             continue
@@ -122,17 +135,29 @@ def _rates(config: Config, model: str) -> tuple[int, dict[str, float]]:
             for w in windows:
                 name = _limit_name(dim, w.period)
                 rates[name] = min(rates.get(name, float("inf")), w.limit / w.period)
+            if windows:
+                sources.add("configured")
+        said = (known or {}).get(key.bucket)
+        if said is not None:
+            for dim in ("requests", "tokens"):
+                value = getattr(said, dim)
+                if value and not getattr(limits, dim):
+                    rates[_limit_name(dim, config.header_period)] = value / config.header_period
+                    sources.add(said.source)
+            if said.token_factor:
+                factors.append(said.token_factor)
         buckets[key.bucket] = rates
     names = set().union(*buckets.values()) if buckets else set()
     summed = {n: sum(b[n] for b in buckets.values()) for n in names if all(n in b for b in buckets.values())}
-    return len(buckets), summed
+    factor = sum(factors) / len(factors) if factors else None
+    return len(buckets), summed, " and ".join(sorted(sources)), factor
 
 
 def sync_seconds(config: Config, model: str, rows: int, tokens: int) -> float | None:
     """How long ``rows`` requests of ``tokens`` in all take at the configured limits of the keys
     serving ``model`` (the binding limit's time); None when no key says its limits."""
     m = ModelEstimate(rows=rows, prompt_tokens=tokens)
-    _eta(m, *_rates(config, model))
+    _eta(m, *_rates(config, model)[:2])
     return m.eta_s
 
 
@@ -141,9 +166,10 @@ def _limit_name(dim: str, period: float) -> str:
     return ("RP" if dim == "requests" else "TP") + ({"min": "M", "day": "D", "s": "S", "h": "H"}.get(unit, f"/{unit}"))
 
 
-def _eta(m: ModelEstimate, keys: int, rates: dict[str, float]) -> None:
+def _eta(m: ModelEstimate, keys: int, rates: dict[str, float], factor: float | None = None) -> None:
     m.keys = keys
-    need = {"R": m.rows, "T": m.prompt_tokens + m.cap_tokens}
+    prompt = m.prompt_tokens * factor if factor else m.prompt_tokens  # as the server counts them
+    need = {"R": m.rows, "T": prompt + m.cap_tokens}
     times = {name: need[name[0]] / rate for name, rate in rates.items() if rate > 0}
     m.limits_known = bool(times)
     if times:
@@ -170,8 +196,10 @@ class _Group:
 
 
 def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], config: Config,
-             output_tokens: int | None = None) -> Estimate:
-    """Estimate a run of ``input_path`` into ``output_path`` (resume counted) without calling the API."""
+             output_tokens: int | None = None, known: Callable[[str], dict[str, Any]] | None = None) -> Estimate:
+    """Estimate a run of ``input_path`` into ``output_path`` (resume counted) without calling the
+    API. ``known(model)`` gives the limits the server stated for the buckets serving a model
+    (``probe.learned`` or ``probe.probe``), for the ones the config does not give."""
     state = read_output(output_path, offsets=False)
     prices = Prices({name: p.model_dump() for name, p in config.prices.items()})
     est = Estimate(estimator=typical_estimator(config.model.name), lane=config.lane,
@@ -226,11 +254,23 @@ def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[
         group.assumed += assumed
         if prompt >= CACHE_MIN_TOKENS:
             group.cacheable += prompt // 128 * 128
+    counted = {m.estimator for m in est.models.values()}
+    if len(counted) == 1:
+        est.estimator = counted.pop()  # the models' own; else each model says it (describe)
     _price(est, groups, prices)
     for model, m in est.models.items():
         m.context_window = windows[model]
-        _eta(m, *_rates(config, model))
+        said = known(model) if known is not None else None
+        keys, rates, m.limits_source, m.token_factor = _rates(config, model, said)
+        _eta(m, keys, rates, m.token_factor)
+        m.probe_cost = _probe_cost(said)
+        m.probe_errors = sorted({s.error for s in (said or {}).values() if s.error})
     return est
+
+
+def _probe_cost(said: dict[str, Any] | None) -> float | None:
+    costs = [s.cost for s in (said or {}).values() if s.source == "probe"]
+    return sum(c for c in costs if c is not None) if costs else None
 
 
 def _price(est: Estimate, groups: dict[tuple[str, str, str | None], _Group], prices: Prices) -> None:
@@ -320,13 +360,22 @@ def describe(est: Estimate) -> list[str]:
         if not m.keys:
             lines.append(f"  no configured key serves {model}")
         elif not m.limits_known:
-            lines.append(f"  ETA unknown: the {m.keys} key(s) serving {model} have no configured limits (they "
-                         f"are read from the API's headers once the job runs); give rpm/tpm to estimate it")
+            lines.append(f"  ETA unknown: the {m.keys} key(s) serving {model} have no configured limits and the "
+                         f"fleet has not learned them yet (the API's headers give them once a job runs); "
+                         f"--probe asks the API (one call of max_tokens 1 per key), or give rpm/tpm")
         else:
             more = (f"one more key like these: {_duration(m.eta_s * m.keys / (m.keys + 1))}; twice the keys: "
                     f"{_duration(m.eta_s / 2)}") if m.eta_s else ""
             what = "synchronous ETA (the batch lane's is the provider's)" if est.lane == "batch" else "ETA"
-            lines.append(f"  {what} {_duration(m.eta_s or 0)} on {m.keys} key(s), bound by {m.binding}; {more}")
+            lines.append(f"  {what} {_duration(m.eta_s or 0)} on {m.keys} key(s), bound by {m.binding} "
+                         f"({m.limits_source or 'configured'}); {more}")
+        if m.token_factor:
+            lines.append(f"  the server counts prompts x{m.token_factor:.2f} of this count (learned by the fleet); "
+                         f"the ETA uses its count")
+        if m.probe_cost is not None:
+            lines.append(f"  --probe: {m.keys} call(s) of max_tokens 1 cost {money(m.probe_cost)}")
+        for error in m.probe_errors:
+            lines.append(f"  --probe: a key told no limits: {error}")
     high, low = est.total("cost_high"), est.total("cost_low")
     if len(est.models) > 1:
         lines.append(f"total: {money(low)} to {money(high)}" + (f", ETA {_duration(est.eta_s)}"

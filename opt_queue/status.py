@@ -81,6 +81,9 @@ def key_status(client: redis.Redis, retired: dict[str, str] | None = None,
             cool = int(state.get("cool_until", 0)) - now
             per_bucket.setdefault(bucket, []).append(
                 {"model": d["model"], "windows": windows, "cooldown_s": round(cool / 1000, 2) if cool > 0 else 0,
+                 # how the server counts a prompt, as a share of opt-queue's count (limiter.py)
+                 "token_factor": round(float(state["tok_factor"]), 4) if state.get("tok_factor") else None,
+                 "token_factor_readings": int(state.get("tok_factor_n", 0)),
                  "rate_limited": int(state.get("rate_limited", 0)),
                  "slowed_down": int(state.get("slowed_down", 0))})
     out = []

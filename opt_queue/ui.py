@@ -171,6 +171,8 @@ def status_tables(snap: dict[str, Any], width: int = WIDE) -> list[Table]:
         for i, m in enumerate(k["models"]):
             shown = [w for w in m["windows"] if w["mode"] != "paced" or w["limit"]]
             limits = "; ".join(_limit_cell(w) for w in shown)
+            if m.get("token_factor"):
+                limits += f"; the server counts prompts x{m['token_factor']:.2f} of opt-queue's count"
             usage = ", ".join(f"{w['used']} {'req' if w['dim'] == 'req' else 'tok'}/{w['period']:g}s" for w in shown)
             ks.add_row(k["key"] if i == 0 else "", m["model"], limits, usage,
                        f"{m['cooldown_s']}s" if m["cooldown_s"] else "", *(counters if i == 0 else ("",) * 5))

@@ -325,3 +325,32 @@ def test_the_response_cache_answers_a_second_job_without_calls(
     assert {k: v["text"] for k, v in again.items()} == answers and all(v["from_cache"] for v in again.values())
     spend = json.loads(cli("status", "-c", str(config), "-o", str(second), "--json").stdout)["jobs"][0]["spend"]
     assert spend["calls"] == 0 and spend["cost"] == 0 and spend["cache_hits"] == 12 and spend["cache_saved"] > 0
+
+
+def test_estimate_lists_rows_too_long_for_the_context_and_probes_limits_for_the_eta(
+        tmp_path: Path, sim: SimServer) -> None:
+    from conftest import TEST_KEY
+
+    from opt_queue.simapi import SimKey
+
+    sim.configure(keys=[SimKey(TEST_KEY, rpm=600, tpm=60_000)])
+    rows = english_rows(6) + [{"index": "long", "instruction": "Summarize", "input": "word " * 3000}]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    config = write_config(tmp_path / "config.json", sim, prices=PRICES, context_window={"gpt-4o-mini": 2000},
+                          model={"name": "gpt-4o-mini", "max_tokens": 100})
+    out = tmp_path / "output.jsonl"
+    plain = cli("estimate", str(data), "-c", str(config), "-o", str(out))
+    assert plain.returncode == 0, plain.stderr
+    assert "1 rows do not fit gpt-4o-mini's context window of 2000 tokens" in plain.stdout
+    assert "ETA unknown" in plain.stdout and "--probe" in plain.stdout and sim.stats()["calls"] == 0
+    probed = cli("estimate", str(data), "-c", str(config), "-o", str(out), "--probe", "--json")
+    assert probed.returncode == 0, probed.stderr
+    est = json.loads(probed.stdout)
+    m = est["models"]["gpt-4o-mini"]
+    assert [r["index"] for r in m["too_long_rows"]] == ["long"] and m["too_long_rows"][0]["prompt_tokens"] > 2000
+    assert sim.stats()["calls"] == 1  # one key, one minimal call
+    assert m["limits_source"] == "probe" and m["binding"] == "TPM"
+    tokens = m["prompt_tokens"] + m["cap_tokens"]
+    assert est["eta_s"] == pytest.approx(tokens / (60_000 / 60.0), rel=0.01)  # the headers' minute (60 s)
+    assert m["probe_cost"] == pytest.approx((sim.stats()["prompt_tokens_billed"] * 100 + 1 * 200) / 1e6)  # max_tokens 1
+    assert TEST_KEY not in probed.stdout + probed.stderr

@@ -57,7 +57,7 @@ def test_token_bound_rows_fill_the_servers_window_however_it_counts(
     assert done.returncode == 0, done.stderr
     assert len(read_jsonl(out)) == 36 and all(v for line in read_jsonl(out) for v in line.values())
     stats = sim.stats()
-    assert stats["rate_limited"] <= 1, (why, stats["rate_limited"])  # 0 measured; 4 when not learned
+    assert stats["rate_limited"] <= 1, (why, stats["rate_limited"], [rclient.hgetall(rkeys.bucket_state(s.decode())) for s in rclient.hkeys(rkeys.KNOWN_SCOPES)])  # 0 measured; 4 when not learned
     peaks = stats["peak_window_tokens"]
     assert len(peaks) == 2 and min(peaks.values()) >= 0.88 * limit, (why, peaks, limit)
     assert max(peaks.values()) <= limit
@@ -69,3 +69,13 @@ def test_token_bound_rows_fill_the_servers_window_however_it_counts(
     for scope in rclient.hkeys(rkeys.KNOWN_SCOPES):
         learned = float(rclient.hget(rkeys.bucket_state(scope.decode()), "tok_factor"))
         assert learned == pytest.approx(ratio, rel=0.03), (scope, learned, ratio)
+    snap = json.loads(cli("status", "-c", str(cfg), "--json").stdout)
+    assert [m["token_factor"] == pytest.approx(ratio, rel=0.03) for k in snap["keys"] for m in k["models"]] == [True] * 2
+    # the next estimate plans with what the fleet learned: the keys' limits and the server's count
+    more = write_jsonl(tmp_path / "more.jsonl", rows(65))
+    est = json.loads(cli("estimate", str(more), "-c", str(cfg), "-o", str(tmp_path / "more.out.jsonl"),
+                         "--json").stdout)["models"][model]
+    assert est["limits_source"] == "learned by the fleet" and est["binding"].startswith("TP")
+    assert est["token_factor"] == pytest.approx(ratio, rel=0.03)
+    served = (est["prompt_tokens"] * est["token_factor"] + est["cap_tokens"]) / (2 * limit / 3.0)
+    assert est["eta_s"] == pytest.approx(served, rel=0.01)  # 65 rows at 2 x 6.5 rows per 3 s: about 15 s
