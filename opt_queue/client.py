@@ -136,6 +136,13 @@ def server_limits(headers: Any) -> dict[str, int]:
     return out
 
 
+def on_tokens(message: str | None) -> bool:
+    """Whether a 429's message says the tokens-per-minute limit refused it (OpenAI: "... on tokens
+    per min (TPM): Limit 30000, Used 29000, Requested 1500")."""
+    lowered = (message or "").lower()
+    return "tokens per min" in lowered or "(tpm)" in lowered
+
+
 def token_window(headers: Any) -> tuple[int, int] | None:
     """``(x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens)``: how much of its token window the
     server had counted when the request arrived; None when either is missing or unreadable."""

@@ -536,7 +536,8 @@ class Engine:
             # What the server said about the limits goes first: a probe's answer lets other
             # requests in, and they must find the limits it reported.
             if failure.kind is api.Kind.RATE_LIMITED:
-                left = await self.pool.cool(lease, failure.retry_after or 1.0, failure.server_limits)
+                left = await self.pool.cool(lease, failure.retry_after or 1.0, failure.server_limits,
+                                            tokens=api.on_tokens(failure.message))
                 log.info("key %s rate limited by the server; cooling for %.1fs", lease.key.fingerprint, left)
             elif failure.kind is api.Kind.SLOW_DOWN:
                 await self.pool.slow_down(lease)

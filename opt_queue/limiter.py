@@ -107,7 +107,9 @@ CALIBRATE_EVERY = 0.2
 """A worker sends at most one observation per scope this often (seconds), past its first few: each
 reads the scope's admissions of a header period in Redis."""
 CALIBRATE_FIRST = 5
-CALIBRATE_SLACK_MS = 100
+TOKENS_429_STEP = 1.1
+"""A tokens-per-minute 429 on a scope with a factor multiplies the factor by this (learn.lua)."""
+CALIBRATE_SLACK_MS = 250
 """Requests sent this close to each other may reach the server in either order (calibrate.lua)."""
 LEARN_REFRESH_SHARE = 4
 """A worker writes a limit the headers repeat once per ``learned_limits_ttl / 4`` (a changed one at
@@ -583,12 +585,14 @@ class AsyncKeyPool:
         """:meth:`queue_learn` in its own round trip."""
         await run_pipeline(self.client, lambda pipe: self.queue_learn(lease, server, pipe))
 
-    async def cool(self, lease: Lease, seconds: float, server: dict[str, int] | None = None) -> float:
+    async def cool(self, lease: Lease, seconds: float, server: dict[str, int] | None = None,
+                   tokens: bool = False) -> float:
         """A 429: cool the scope for ``seconds`` and learn the limits the headers (or the message)
-        give, or, when there are none, half of what the window held when the server refused.
-        Return the cooldown."""
+        give, or, when there are none, half of what the window held when the server refused. A
+        refusal on ``tokens`` per minute where the limiter saw room says the server counts more
+        than the scope's factor: it grows by :data:`TOKENS_429_STEP`. Return the cooldown."""
         self._learned.pop(lease.scope, None)
-        return await self._tell(lease, "429", seconds, server) / 1000.0
+        return await self._tell(lease, "429tok" if tokens else "429", seconds, server) / 1000.0
 
     async def slow_down(self, lease: Lease) -> None:
         """A 503 ``slow_down``: halve the scope's per-minute limits; they ramp back over two header

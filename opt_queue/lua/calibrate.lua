@@ -49,7 +49,10 @@ local seen = math.min(20, math.max(0.05, (counted - caps) / prompts))
 local old = tonumber(redis.call('HGET', KEYS[1], 'tok_factor') or '0')
 local f = seen
 if old > 0 then
+  -- a reading below the factor moves it half as far as one above: a reading is more often too
+  -- low (a request the server had not counted yet) than too high, and too low costs 429s
   local w = tonumber(ARGV[5])
+  if seen < old then w = w / 2 end
   f = math.exp((1 - w) * math.log(old) + w * math.log(seen))
 end
 redis.call('HSET', KEYS[1], 'tok_factor', tostring(f), 'tok_factor_at', now, 'tok_factor_seen', tostring(seen))

@@ -1,7 +1,8 @@
 -- What the server said about a scope's limits: a response's x-ratelimit-limit-* headers, a 429, or a
 -- 503 slow_down.
 -- KEYS[1] the scope's state hash   KEYS[2] its request window of the header period (sorted set)
--- ARGV[1] "ok" (a response's headers), "429" (refused) or "slow" (503 slow_down)
+-- ARGV[1] "ok" (a response's headers), "429" (refused), "429tok" (refused on tokens per minute: a
+--         scope's token factor grows by a tenth) or "slow" (503 slow_down)
 -- ARGV[2] cooldown in ms (429)
 -- ARGV[3] the server's request limit, ARGV[4] its token limit, per header period (0: not given)
 -- ARGV[5] the time in ms (0: Redis' TIME)   ARGV[6] the header period in ms
@@ -24,6 +25,13 @@ for i, dim in ipairs({'req', 'tok'}) do
     redis.call('HSET', state, 'learned:' .. dim, v, 'learned_at:' .. dim, now, 'source:' .. dim, 'headers')
     told = true
   end
+end
+if kind == '429tok' then
+  -- refused on tokens where the limiter saw room: the server counts more than the scope's factor
+  -- says (a reading the burst made ambiguous, another client): count more from now on
+  local f = tonumber(redis.call('HGET', state, 'tok_factor') or '0')
+  if f > 0 then redis.call('HSET', state, 'tok_factor', tostring(math.min(20, f * 1.1))) end
+  kind = '429'
 end
 if kind == '429' then
   local cool = tonumber(redis.call('HGET', state, 'cool_until') or '0')
