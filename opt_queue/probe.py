@@ -12,7 +12,6 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from opt_queue import client as api
 from opt_queue import keys as rkeys
 from opt_queue.config import ApiKey, Config
 from opt_queue.limiter import scope_name
@@ -60,6 +59,8 @@ def probe(config: Config, model: str, prices: Prices) -> dict[str, Limits]:
 
 
 async def _probe_all(config: Config, model: str, prices: Prices, keys: dict[str, ApiKey]) -> dict[str, Limits]:
+    from opt_queue import client as api  # the SDK: imported only to call
+
     clients = api.ApiClients(config.api_client)
     try:
         got = await asyncio.gather(*(_probe_one(clients, key, model, config, prices) for key in keys.values()))
@@ -68,7 +69,9 @@ async def _probe_all(config: Config, model: str, prices: Prices, keys: dict[str,
     return dict(zip(keys, got))
 
 
-async def _probe_one(clients: api.ApiClients, key: ApiKey, model: str, config: Config, prices: Prices) -> Limits:
+async def _probe_one(clients: Any, key: ApiKey, model: str, config: Config, prices: Prices) -> Limits:
+    from opt_queue import client as api
+
     body = {"model": model, **PROBE_BODY}
     secrets = [key.secret.get_secret_value()]
     try:

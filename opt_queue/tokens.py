@@ -36,6 +36,8 @@ TOKENS_PER_MESSAGE = 3
 """OpenAI's count: 3 tokens around each message (and 1 more for a ``name``)."""
 REPLY_PRIMING = 3
 """Tokens that prime the reply (``<|start|>assistant<|message|>``)."""
+CHAT_FORMAT_URLS = frozenset({CHAT_URL, "/v1/responses"})
+"""Endpoints whose prompt is a list of messages (the chat format's overhead applies)."""
 IMAGE_TOKENS = 765
 """An image part: gpt-4o's count for a 1024x1024 image at high detail (85 + 170 per 512 px tile)."""
 IMAGE_TOKENS_LOW = 85
@@ -62,31 +64,58 @@ def encoding_name(model: str | None) -> str | None:
     return None
 
 
+def _backend() -> Any:
+    """``bpe_openai``'s Rust extension, loaded without the package's ``__init__``: that imports its
+    tiktoken compatibility layer, which builds the rank tables of every encoding at import (1.1 s
+    of CPU for each worker process and command, measured; the extension alone loads in 2 ms and
+    one encoding in 0.1 s). Upstream: ``bpe_openai/compat.py`` (0.1.4) calls ``_metadata`` for all
+    encodings at import time. None when this version lays its files out otherwise."""
+    import importlib.machinery
+    import importlib.util
+
+    package = importlib.util.find_spec("bpe_openai")
+    if package is None or not package.submodule_search_locations:
+        return None
+    for folder in package.submodule_search_locations:
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("_bindings.") and name.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+                spec = importlib.util.spec_from_file_location("bpe_openai._bindings", os.path.join(folder, name))
+                if spec is None or spec.loader is None:
+                    return None
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                return module
+    return None
+
+
 @functools.cache
 def _encoder(name: str) -> Callable[[str], int] | None:
     """Count the tokens of a text with encoding ``name`` (special tokens' text counts as ordinary
-    text, as in a prompt). The Rust backend's ``count`` is used where this version of the package
-    has it (twice as fast as ``encode_ordinary``, which builds the token list): an estimate of a
-    million rows takes a tokenization each."""
+    text, as in a prompt), with the Rust backend's ``count`` (twice as fast as the package's
+    ``encode_ordinary``, which builds the token list: an estimate of a million rows takes a
+    tokenization each); the package's public API when the backend cannot be loaded alone."""
     try:
-        import bpe_openai
-        encoding = bpe_openai.get_encoding(name)
-    except Exception:  # an install without the package or its data: fall back, never fail a row
-        return None
-    try:
-        from bpe_openai import _bindings  # the package's own backend (pinned below 0.2)
-
-        count = _bindings.tokenizer_for_encoding(name).count
+        backend = _backend()
+        count = backend.tokenizer_for_encoding(name).count if backend is not None else None
     except Exception:
+        count = None
+    if count is None:
+        try:
+            import bpe_openai
+
+            encoding = bpe_openai.get_encoding(name)
+        except Exception:  # an install without the package or its data: fall back, never fail a row
+            return None
+
         def count(text: str) -> int:
             return len(encoding.encode_ordinary(text))
-    short: dict[str, int] = {}  # roles and names repeat on every row
+    short: dict[str, int] = {}  # roles, names and instructions repeat on every row
 
     def tokens(text: str) -> int:
-        got = short.get(text) if len(text) <= 16 else None
+        got = short.get(text) if len(text) <= 64 else None
         if got is None:
             got = tokens_of(text)
-            if len(text) <= 16 and len(short) < 4096:
+            if len(text) <= 64 and len(short) < 8192:
                 short[text] = got
         return got
 
@@ -213,19 +242,21 @@ def estimate_parts(body: dict[str, Any], url: str = CHAT_URL, completion_default
     none is set, ``completion_default`` when given)."""
     endpoint = ENDPOINTS.get(url, ENDPOINTS[CHAT_URL])
     texts: list[str] = []
-    per_message = TOKENS_PER_MESSAGE if endpoint.completion_default else 0
+    chat = url in CHAT_FORMAT_URLS  # messages: each with its overhead, and the reply primed
+    per_message = TOKENS_PER_MESSAGE if chat else 0
     extra = sum(_texts(body.get(name), texts, per_message) for name in endpoint.prompt)
     for name in ("tools", "functions", "response_format", "text"):
-        if body.get(name) and endpoint.completion_default:  # counted by the server in a form of its own
+        if body.get(name) and chat:  # counted by the server in a form of its own
             texts.append(json.dumps(body[name], ensure_ascii=False))
     count = counter(body.get("model") or endpoint.default_model)
     if count is not None:
         prompt = sum(count(t) for t in texts) + extra
     else:
         prompt = (typical_estimate if typical else char_estimate)("\n".join(texts)) + extra
+    if chat:
+        prompt += REPLY_PRIMING
     if not endpoint.completion_default:
         return prompt, 0
-    prompt += REPLY_PRIMING
     cap = next((body[name] for name in endpoint.completion if body.get(name)), None)
     if cap is None:
         cap = endpoint.completion_default if completion_default is None else completion_default

@@ -83,3 +83,19 @@ def test_context_windows_come_from_the_table_or_the_config() -> None:
     assert context_window("my-llama") is None
     assert context_window("my-llama", {"my-llama": 8192}) == 8192
     assert context_window("gpt-4o", 4096) == 4096
+
+
+def test_counting_loads_one_vocabulary_not_the_whole_package(tmp_path) -> None:
+    """bpe-openai's package import builds every encoding's tables (1.1 s of CPU per process):
+    counting loads its backend alone, and gives the package's own counts."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from opt_queue.tokens import counter; n = counter('gpt-4o')('hello world'); "
+            "print(n, 'bpe_openai.compat' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["2", "False"]
+    import bpe_openai
+
+    text = "请考试我的软件！12345 and some English, émoji 👋"
+    assert counter("gpt-4o")(text) == len(bpe_openai.get_encoding("o200k_base").encode_ordinary(text))  # type: ignore[misc]
