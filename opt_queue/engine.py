@@ -172,7 +172,8 @@ class Engine:
         engine = cls(config, client, api_clients)
         await engine.pool.describe()
         await engine.pool.clock.calibrate(client)
-        log.info("token estimate: %s", estimator())
+        log.info("prompts of %s are counted with: %s; each server's own way is learned from its "
+                 "x-ratelimit-*-tokens headers", config.model.name, estimator(config.model.name))
         engine.api.warm_up()
         engine.leases.start()
         return engine
