@@ -46,7 +46,7 @@ def test_token_bound_rows_fill_the_servers_window_however_it_counts(
     limit = math.floor(6.5 * per_row)
     sim.configure(keys=[SimKey(k, tpm=limit) for k in KEYS], minute=2.0, latency=0.05,
                   limit_count=counts, usage_count=counts, models={**DEFAULT_MODELS, model: 128_000})
-    data = write_jsonl(tmp_path / "data.jsonl", rows(24))  # two windows a key
+    data = write_jsonl(tmp_path / "data.jsonl", rows(14))  # a window a key, and one row more
     cfg = write_config(tmp_path / "config.json", sim, api_keys=KEYS, broker_url=redis_url,
                        model={"name": model, "max_tokens": MAX_TOKENS})
     data_cfg = json.loads(cfg.read_text())
@@ -55,7 +55,7 @@ def test_token_bound_rows_fill_the_servers_window_however_it_counts(
     out = tmp_path / "output.jsonl"
     done = cli("run", str(data), "-c", str(cfg), "-o", str(out), timeout=180)
     assert done.returncode == 0, done.stderr
-    assert len(read_jsonl(out)) == 24 and all(v for line in read_jsonl(out) for v in line.values())
+    assert len(read_jsonl(out)) == 14 and all(v for line in read_jsonl(out) for v in line.values())
     stats = sim.stats()
     assert stats["rate_limited"] <= 1, (why, stats["rate_limited"], [rclient.hgetall(rkeys.bucket_state(s.decode())) for s in rclient.hkeys(rkeys.KNOWN_SCOPES)])  # 0 measured; 4 when not learned
     peaks = stats["peak_window_tokens"]
@@ -69,6 +69,8 @@ def test_token_bound_rows_fill_the_servers_window_however_it_counts(
     for scope in rclient.hkeys(rkeys.KNOWN_SCOPES):
         learned = float(rclient.hget(rkeys.bucket_state(scope.decode()), "tok_factor"))
         assert learned == pytest.approx(ratio, rel=0.03), (scope, learned, ratio)
+    if counts != "cl100k":
+        return  # the next checks once, on the server that counts more (two CLI calls: 3 s)
     snap = json.loads(cli("status", "-c", str(cfg), "--json").stdout)
     assert [m["token_factor"] == pytest.approx(ratio, rel=0.03) for k in snap["keys"] for m in k["models"]] == [True] * 2
     # the next estimate plans with what the fleet learned: the keys' limits and the server's count
