@@ -59,11 +59,15 @@ def transport_options(visibility_timeout: int) -> dict[str, int]:
 
 
 def configure(broker_url: str, visibility_timeout: int = 3600) -> Celery:
-    """Point the app at ``broker_url``; return it."""
+    """Point the app at ``broker_url``; return it. A ``redis://`` broker uses kombu's Redis
+    transport with one client per channel (``transport.py``) unless ``OPT_QUEUE_STOCK_TRANSPORT``
+    is set."""
     if app.conf.broker_url != broker_url:
         app.close()  # drop pooled connections to the previous broker
     app.conf.broker_url = broker_url
     app.conf.broker_transport_options = transport_options(visibility_timeout)
+    plain = broker_url.startswith("redis://") and not os.environ.get("OPT_QUEUE_STOCK_TRANSPORT")
+    app.conf.broker_transport = "opt_queue.transport:Transport" if plain else None
     return app
 
 
