@@ -574,7 +574,7 @@ class AsyncKeyPool:
         queue(pipe, self._scripts.calibrate,
               [rkeys.bucket_state(lease.scope), rkeys.bucket_window(lease.scope, "tok", header.period)],
               [window[0], window[1], sent_ms, header.period_ms, CALIBRATE_WEIGHT, self.now_ms or 0, lease.uid,
-               CALIBRATE_SLACK_MS, lease.tokens])
+               CALIBRATE_SLACK_MS, lease.tokens, ANSWERED_MS])
         return True
 
     async def calibrate(self, lease: Lease, sent_ms: int | None, window: tuple[int, int] | None) -> None:

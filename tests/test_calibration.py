@@ -148,3 +148,14 @@ def test_a_refused_request_leaves_calibration_and_a_calibrated_scope_ignores_the
     before = rclient.hget(rkeys.bucket_state(first.scope), "tsum:60000")
     p.run(p.pool.settle(billed, 5000))
     assert rclient.hget(rkeys.bucket_state(first.scope), "tsum:60000") == before
+
+
+def test_a_factor_left_unread_for_ten_minutes_is_replaced_by_the_next_reading(make, rclient: redis.Redis) -> None:  # noqa: F811
+    """A new job after a pause (other text, so another ratio) starts from its probe's reading, not
+    from the last job's factor moved a little."""
+    p = make([key("sk-a", {"tokens": [f"{LIMIT}/60s"]})], header_period=60.0)
+    lease = send(p, Server(0.3), 1000, 100)
+    assert factor(rclient, lease.scope) == pytest.approx(0.3, rel=0.01)
+    p.advance(11 * 60_000)
+    send(p, Server(0.9), 1000, 100)
+    assert factor(rclient, lease.scope) == pytest.approx(0.9, rel=0.01)

@@ -16,6 +16,8 @@
 -- ARGV[9] the tokens the request was admitted with: once the factor is known, the request's own
 --         entry in the window is counted again with it (the scope's first request, a probe, was
 --         admitted on the estimate alone and would hold its window's room until it expires)
+-- ARGV[10] how long a factor stays current without a reading, ms: an older one is replaced by the
+--         next reading as it is (a scope silent that long is probed again: a new job, other text)
 -- Returns the factor, as a string ("" when nothing was learned: no admission with an estimate in
 -- the window, or one from an older version).
 local now = tonumber(ARGV[6])
@@ -47,6 +49,7 @@ end
 if prompts <= 0 or unsure > prompts / 10 then return '' end
 local seen = math.min(20, math.max(0.05, (counted - caps) / prompts))
 local old = tonumber(redis.call('HGET', KEYS[1], 'tok_factor') or '0')
+if now - tonumber(redis.call('HGET', KEYS[1], 'tok_factor_at') or '0') > tonumber(ARGV[10]) then old = 0 end
 local f = seen
 if old > 0 then
   -- a reading below the factor moves it half as far as one above: a reading is more often too
