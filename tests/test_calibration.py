@@ -159,3 +159,13 @@ def test_a_factor_left_unread_for_ten_minutes_is_replaced_by_the_next_reading(ma
     p.advance(11 * 60_000)
     send(p, Server(0.9), 1000, 100)
     assert factor(rclient, lease.scope) == pytest.approx(0.9, rel=0.01)
+
+
+def test_a_first_reading_far_above_the_estimate_is_capped(make, rclient: redis.Redis) -> None:  # noqa: F811
+    """A probe whose reading counts traffic the limiter never saw (an earlier run's requests still in
+    the server's window) would throttle the job to a crawl: the first reading moves at most to 3x."""
+    p = make([key("sk-a", {"tokens": [f"{LIMIT}/60s"]})], header_period=60.0)
+    server = Server(0.9)
+    server.log = [(T0 - 1000, 9000)]  # another client's (or run's) tokens in the server's window
+    lease = send(p, server, 1000, 100)
+    assert factor(rclient, lease.scope) == pytest.approx(3.0)

@@ -50,7 +50,11 @@ if prompts <= 0 or unsure > prompts / 10 then return '' end
 local seen = math.min(20, math.max(0.05, (counted - caps) / prompts))
 local old = tonumber(redis.call('HGET', KEYS[1], 'tok_factor') or '0')
 if now - tonumber(redis.call('HGET', KEYS[1], 'tok_factor_at') or '0') > tonumber(ARGV[10]) then old = 0 end
+-- A first reading is taken as it is, up to 3x the estimate: above that it more likely counts traffic
+-- the limiter never saw (an earlier run on another Redis, another client of the key) than a server
+-- that counts so much more; later readings and tokens-per-minute 429s raise it further if need be.
 local f = seen
+if old == 0 and f > 3 then f = 3 end
 if old > 0 then
   -- a reading below the factor moves it half as far as one above: a reading is more often too
   -- low (a request the server had not counted yet) than too high, and too low costs 429s
