@@ -29,7 +29,7 @@ from opt_queue.dataset import MAX_PROBLEMS_SHOWN, final_failures, iter_input, re
 from opt_queue.errors import InputError
 from opt_queue.prices import Prices, money
 from opt_queue.request import FLEX_URLS, failure_key, paid_once, request_body, request_hash
-from opt_queue.tokens import context_window, estimate_parts, typical_estimator
+from opt_queue.tokens import context_window, estimate_parts, estimator
 
 
 @dataclass
@@ -202,7 +202,7 @@ def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[
     (``probe.learned`` or ``probe.probe``), for the ones the config does not give."""
     state = read_output(output_path, offsets=False)
     prices = Prices({name: p.model_dump() for name, p in config.prices.items()})
-    est = Estimate(estimator=typical_estimator(config.model.name), lane=config.lane,
+    est = Estimate(estimator=estimator(config.model.name, typical=True), lane=config.lane,
                    output_assumption=(f"{output_tokens} tokens per answer on average (--output-tokens)"
                                       if output_tokens is not None else
                                       "every answer at its cap (max_tokens, else the endpoint's default); "
@@ -235,7 +235,7 @@ def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[
         assumed = cap if output_tokens is None or not cap else min(cap, output_tokens * int(body.get("n") or 1))
         m = est.models.get(model)
         if m is None:
-            m = est.models[model] = ModelEstimate(estimator=typical_estimator(model))
+            m = est.models[model] = ModelEstimate(estimator=estimator(model, typical=True))
             windows[model] = context_window(model, config.context_window)
         m.rows += 1
         m.prompt_tokens += prompt

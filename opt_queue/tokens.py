@@ -159,20 +159,15 @@ def context_window(model: str | None, configured: int | dict[str, int] | None = 
     return next((size for prefix, size in CONTEXT_WINDOWS if name.startswith(prefix)), None)
 
 
-def estimator(model: str | None = None) -> str:
-    """How the prompts of ``model`` are counted, for logs, ``status`` and ``estimate``."""
+def estimator(model: str | None = None, typical: bool = False) -> str:
+    """How the prompts of ``model`` are counted, for logs, ``status`` and (``typical``: its central
+    estimate for a model of unknown tokenizer) ``estimate``."""
     name = encoding_name(model)
     if name and _encoder(name) is not None:
         return f"{name} (exact)"
+    if typical:
+        return "typical estimate (model of unknown tokenizer: 4 ASCII characters a token, one per other character)"
     return "character estimate (model of unknown tokenizer: an upper bound until the server's headers say)"
-
-
-def typical_estimator(model: str | None = None) -> str:
-    """How ``estimate`` counts the prompts of ``model``."""
-    name = encoding_name(model)
-    if name and _encoder(name) is not None:
-        return f"{name} (exact)"
-    return "typical estimate (model of unknown tokenizer: 4 ASCII characters a token, one per other character)"
 
 
 def char_estimate(text: str) -> int:
