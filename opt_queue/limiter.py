@@ -535,7 +535,7 @@ class AsyncKeyPool:
         header = rkeys.bucket_window(lease.scope, "req", self.header_period)
         return ([rkeys.bucket_state(lease.scope), header],
                 [kind, int(cooldown * 1000), server.get("requests", 0), server.get("tokens", 0),
-                 self.now_ms or 0, int(self.header_period * 1000)])
+                 self.now_ms or 0, int(self.header_period * 1000), TOKENS_429_STEP])
 
     async def _tell(self, lease: Lease, kind: str, cooldown: float = 0.0,
                     server: dict[str, int] | None = None) -> int:

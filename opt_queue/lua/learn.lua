@@ -2,10 +2,11 @@
 -- 503 slow_down.
 -- KEYS[1] the scope's state hash   KEYS[2] its request window of the header period (sorted set)
 -- ARGV[1] "ok" (a response's headers), "429" (refused), "429tok" (refused on tokens per minute: a
---         scope's token factor grows by a tenth) or "slow" (503 slow_down)
+--         scope's token factor grows by ARGV[7]) or "slow" (503 slow_down)
 -- ARGV[2] cooldown in ms (429)
 -- ARGV[3] the server's request limit, ARGV[4] its token limit, per header period (0: not given)
 -- ARGV[5] the time in ms (0: Redis' TIME)   ARGV[6] the header period in ms
+-- ARGV[7] what a tokens-per-minute 429 multiplies the scope's token factor by
 -- A limit the headers give replaces the learned one, up or down, and is stamped (it holds for the
 -- configured time, then it must be read again). A 429 without one teaches half the requests the
 -- window held when the server refused (a multiplicative decrease: a burst far above the limit is
@@ -30,7 +31,7 @@ if kind == '429tok' then
   -- refused on tokens where the limiter saw room: the server counts more than the scope's factor
   -- says (a reading the burst made ambiguous, another client): count more from now on
   local f = tonumber(redis.call('HGET', state, 'tok_factor') or '0')
-  if f > 0 then redis.call('HSET', state, 'tok_factor', tostring(math.min(20, f * 1.1))) end
+  if f > 0 then redis.call('HSET', state, 'tok_factor', tostring(math.min(20, f * tonumber(ARGV[7])))) end
   kind = '429'
 end
 if kind == '429' then
