@@ -2,7 +2,8 @@
 a budget is overshot.
 
 Figures:
-  estimate   seconds for `opt-queue estimate` of an N-row file (validation pass included)
+  estimate   seconds for `opt-queue estimate` of an N-row file of mixed English and Chinese rows
+             (validation pass included), and as a multiple of a process that only parses each line
   error      the estimate's prompt tokens and cost against the usage the simulated API reports,
              on a job of mixed English and Chinese rows run through `opt-queue run`
   budget     a job whose max_cost allows about a third of it, 2 worker processes: spend / budget,
@@ -64,16 +65,20 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def bench_estimate(d: Path, n: int) -> dict:
-    with open(d / "big.jsonl", "w") as fh:
-        for i in range(n):
-            fh.write(json.dumps({"index": str(i), "instruction": "Translate",
-                                 "input": f"row {i}: the quick brown fox jumps over the lazy dog"}) + "\n")
-    cfg = config(d, "est.json", model={"name": "gpt-4o-mini", "max_tokens": 100}, limits={"rpm": 500})
+    write(d / "big.jsonl", rows(n))  # mixed English and Chinese, 1-7 sentences
+    cfg = config(d, "est.json", model={"name": "gpt-4o-mini", "max_tokens": 200}, limits={"rpm": 500})
     started = time.monotonic()
     done = cli("estimate", str(d / "big.jsonl"), "-c", str(cfg), "-o", str(d / "none.jsonl"), "--json")
     wall = time.monotonic() - started
     assert done.returncode == 0, done.stderr
-    return {"estimate_rows": n, "estimate_wall_s": round(wall, 1), "estimate_rows_per_s": round(n / wall)}
+    # the reference, same run: a process that only parses every line (what reading a JSONL file
+    # costs here), so a loaded machine's figure can be told from a slower estimate
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import json, sys\nfor line in open(sys.argv[1], encoding='utf-8'): "
+                    "json.loads(line)", str(d / "big.jsonl")], check=True)
+    reference = time.monotonic() - started
+    return {"estimate_rows": n, "estimate_wall_s": round(wall, 1), "estimate_rows_per_s": round(n / wall),
+            "parse_only_wall_s": round(reference, 1), "estimate_x_parse_only": round(wall / reference, 1)}
 
 
 def bench_error(d: Path, n: int) -> dict:

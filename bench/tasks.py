@@ -12,13 +12,16 @@ while the work runs, from the first task (or API request) to the last, so start-
   sdk_call   the API call alone as the engine makes it through the SDK, 64 in flight on one
              event loop (no Celery, no Redis): what the SDK costs the worker per row
   aiohttp_call  the same call over aiohttp directly
+  floor      a minimal client of its own, in its own process: asyncio + aiohttp, 64 rows in
+             flight, one POST and one JSON parse a row, answers appended to a file (what one HTTP
+             call costs on this machine; every opt-queue figure is also given as a ratio to it)
 The simulated API answers at once with no limit, in this process (it takes CPU too: the noop
 figure does not pay for it, so the ratio is a lower bound of what the engine keeps).
 
 Each figure also gives the worker process's CPU time per task (user + system, between the same
 two moments): on a shared machine it moves less than the rates do.
 
-Run:  python bench/tasks.py [--rows 5000] [--only noop,rows,rows16,aiohttp16,handoff,sdk_call,aiohttp_call]
+Run:  python bench/tasks.py [--rows 5000] [--only floor,noop,rows,rows16,aiohttp16,handoff,sdk_call,aiohttp_call]
       [--repeat 3] [--set JSON]
 """
 
@@ -29,6 +32,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -80,6 +84,36 @@ def handoff(job, rows, options=None):
 '''
 
 
+FLOOR_CLIENT = '''
+import asyncio, json, sys, time
+import aiohttp
+
+
+async def main(data, out, base, key):
+    rows = [json.loads(line) for line in open(data)]
+    gate = asyncio.Semaphore(64)
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession(base_url=base.rstrip("/") + "/", headers=headers) as session:
+        async def one(row, fh):
+            body = {"model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": row["instruction"] + "\\n" + row["input"]}]}
+            async with gate:
+                async with session.post("chat/completions", json=body) as resp:
+                    answer = json.loads(await resp.read())["choices"][0]["message"]["content"]
+            fh.write(json.dumps({row["index"]: answer}) + "\\n")
+
+        with open(out, "w") as fh:
+            await asyncio.gather(*(one(row, fh) for row in rows[:200]))  # connections open, code warm
+            cpu = time.process_time()
+            await asyncio.gather(*(one(row, fh) for row in rows[200:]))
+            cpu = time.process_time() - cpu
+    print(json.dumps({"rows": len(rows) - 200, "cpu": cpu}))
+
+
+asyncio.run(main(*sys.argv[1:]))
+'''
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -128,7 +162,7 @@ def bench_noop(d: Path, url: str, rows: int, threads: int, task: str = "noop") -
     return rows / (last - first), cpu * 1000 / rows
 
 
-def bench_rows(d: Path, url: str, rows: int, settings: dict) -> tuple[float, float]:
+def bench_rows(d: Path, url: str, rows: int, settings: dict, profile: str | None = None) -> tuple[float, float]:
     client = redis.Redis.from_url(url)
     client.flushall()
     with SimServer(SimConfig(keys=[SimKey(KEY)])) as sim:
@@ -145,14 +179,39 @@ def bench_rows(d: Path, url: str, rows: int, settings: dict) -> tuple[float, flo
                        check=True, capture_output=True)
         worker = subprocess.Popen([sys.executable, "-m", "opt_queue", "worker", "-c", str(config), "--no-events"],
                                   stdout=subprocess.DEVNULL, stderr=open(d / "worker.log", "ab"))
+        spy = None
+        if profile:  # py-spy's collapsed stacks of the worker process, all threads, once rows run
+            while client.llen(keys.QUEUE) >= rows and worker.poll() is None:
+                time.sleep(0.005)
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(worker.pid), "--format", "raw", "--rate", "250",
+                                    "-o", profile], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
         try:
             _first, _last, cpu = wait_drained(client, keys.QUEUE, rows, worker.pid)
         finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
             worker.terminate()
             worker.wait(60)
         stats = sim.stats()
         assert stats["answered"] == rows, stats
     return rows / (stats["last_answer"] - stats["first_call"]), cpu * 1000 / rows
+
+
+def bench_floor(d: Path, rows: int) -> tuple[float, float]:
+    """The minimal client (FLOOR_CLIENT) in its own process: (rows/s, its CPU ms per row)."""
+    (d / "floor.py").write_text(FLOOR_CLIENT)
+    data = d / "floor.jsonl"
+    with open(data, "w") as fh:
+        for i in range(rows + 200):
+            fh.write(json.dumps({"index": str(i), "instruction": "Translate", "input": f"row {i}"}) + "\n")
+    with SimServer(SimConfig(keys=[SimKey(KEY)])) as sim:
+        done = subprocess.run([sys.executable, str(d / "floor.py"), str(data), str(d / "floor.out"),
+                               sim.base_url, KEY], check=True, capture_output=True, text=True)
+        stats = sim.stats()
+    got = json.loads(done.stdout)
+    return stats["answered"] / (stats["last_answer"] - stats["first_call"]), got["cpu"] * 1000 / got["rows"]
 
 
 def bench_calls(kind: str, calls: int, in_flight: int = 64) -> tuple[float, float]:
@@ -185,10 +244,13 @@ def bench_calls(kind: str, calls: int, in_flight: int = 64) -> tuple[float, floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=5000)
-    ap.add_argument("--only", default="noop,rows,rows16,aiohttp16")
+    ap.add_argument("--only", default="floor,noop,rows,rows16,aiohttp16")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run the cases this many times, interleaved; report each case's median")
     ap.add_argument("--set", default="{}", help="config fields added to every opt-queue run, as JSON")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="record each opt-queue case's worker with py-spy into DIR/<case>.txt (collapsed stacks; "
+                         "the sampling costs the worker CPU, so these runs' figures are not comparable)")
     args = ap.parse_args()
     extra = json.loads(args.set)
     print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}"
@@ -201,22 +263,29 @@ def main() -> None:
         try:
             for _ in range(args.repeat):
                 for part in args.only.split(","):
-                    if part in ("sdk_call", "aiohttp_call"):
+                    if part == "floor":
+                        got = bench_floor(d, args.rows)
+                    elif part in ("sdk_call", "aiohttp_call"):
                         got = bench_calls("openai" if part == "sdk_call" else "aiohttp", args.rows)
                     elif part in ("noop", "handoff"):
                         # the pool opt-queue gives a worker of the default concurrency and one row a task
                         got = bench_noop(d, server.url, args.rows, 512, part)
                     else:
-                        got = bench_rows(d, server.url, args.rows, {**cases[part], **extra})
+                        profile = f"{args.profile}/{part}.txt" if args.profile else None
+                        got = bench_rows(d, server.url, args.rows, {**cases[part], **extra}, profile)
                     runs.setdefault(part, []).append(got)
                     print(json.dumps({part: {"per_s": round(got[0], 1), "cpu_ms_per_task": round(got[1], 3)}}),
                           flush=True)
         finally:
             server.stop()
-    results: dict = {"rows": args.rows, "repeat": args.repeat}
+    results: dict = {"rows_per_case": args.rows, "repeat": args.repeat}
     for part, got in runs.items():
         results[part] = {"per_s": round(statistics.median(g[0] for g in got), 1),
                          "cpu_ms_per_task": round(statistics.median(g[1] for g in got), 3)}
+    if "floor" in results:
+        for part in runs:  # each figure's CPU per row as a multiple of the minimal client's
+            results[part]["cpu_x_floor"] = round(results[part]["cpu_ms_per_task"]
+                                                 / results["floor"]["cpu_ms_per_task"], 2)
     if "noop" in results and "rows" in results:
         # the rates' ratio (what the target names), and the same from the worker's CPU per task,
         # which a shared machine's neighbours disturb less

@@ -79,7 +79,7 @@ def iter_input(path: str | os.PathLike[str], *, skip_bad: bool = False,
                     raise BadLine(f"must be a JSON object, not {type(obj).__name__}")
                 fmt = fmt or detect(obj)
                 index, url, body = row_request(obj, fmt)
-                if index in seen:
+                if not seen.add(index):  # the last check: a bad line's index is not taken
                     raise BadLine(f"index {index!r} appears more than once")
             except BadLine as exc:
                 if not skip_bad:
@@ -87,7 +87,6 @@ def iter_input(path: str | os.PathLike[str], *, skip_bad: bool = False,
                 if bad is not None:
                     bad.append((number, str(exc)))
                 continue
-            seen.add(index)
             yield Row(seq=seq, line=number, index=index, body=body, raw=obj, url=url)
             seq += 1
 

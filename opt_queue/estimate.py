@@ -297,12 +297,13 @@ def _rows(input_path: str | os.PathLike[str], state: Any, est: Estimate) -> Iter
     """The rows to send; the input is checked in the same pass (a bad line is reported as by
     ``submit``, after the pass: one reading of a large file, not two)."""
     bad: list[tuple[int, str]] = []
+    answered, nulls = state.answered or None, state.nulls or None  # a first run has neither
     for row in iter_input(input_path, skip_bad=True, bad=bad):
         est.rows_in_input += 1
-        if row.index in state.answered:
+        if answered is not None and row.index in answered:
             est.already_answered += 1
             continue
-        est.nulls_to_retry += row.index in state.nulls
+        est.nulls_to_retry += nulls is not None and row.index in nulls
         est.rows_to_send += 1
         yield row
     if bad:
