@@ -19,7 +19,8 @@ The simulated API answers at once with no limit, in this process (it takes CPU t
 figure does not pay for it, so the ratio is a lower bound of what the engine keeps).
 
 Each figure also gives the worker process's CPU time per task (user + system, between the same
-two moments): on a shared machine it moves less than the rates do.
+two moments): on a shared machine it moves less than the rates do; and the Redis round trips per
+task (the server's count of reads), which do not move at all.
 
 Run:  python bench/tasks.py [--rows 5000] [--only floor,noop,rows,rows16,aiohttp16,handoff,sdk_call,aiohttp_call]
       [--repeat 3] [--set JSON]
@@ -120,19 +121,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+ROUND_TRIPS: list[float] = []
+"""Each run's Redis round trips per task (the server's count of reads, less this poller's own):
+unlike CPU time, a neighbour on the machine does not move it."""
+
+
+def _reads(client: redis.Redis) -> int:
+    return int(client.info("stats")["total_reads_processed"])
+
+
 def wait_drained(client: redis.Redis, queue: str, total: int, pid: int,
                  timeout: float = 900) -> tuple[float, float, float]:
     """Poll until ``queue`` and kombu's unacked hash are empty; return (first taken, all done,
     the worker process's CPU seconds in between)."""
     first = None
     cpu0 = 0.0
+    reads0, polls = _reads(client), 0
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        left, unacked = client.llen(queue), client.hlen(keys.UNACKED)
+        left, unacked = client.pipeline(transaction=False).llen(queue).hlen(keys.UNACKED).execute()
+        polls += 1
         now = time.monotonic()
         if first is None and left < total:
             first, cpu0 = now, cpu_seconds(pid)
         if first is not None and left == 0 and unacked == 0:
+            ROUND_TRIPS.append((_reads(client) - reads0 - polls - 1) / total)
             return first, now, cpu_seconds(pid) - cpu0
         time.sleep(0.005)
     raise SystemExit(f"{queue} did not drain in {timeout}s")
@@ -183,7 +196,7 @@ def bench_rows(d: Path, url: str, rows: int, settings: dict, profile: str | None
         if profile:  # py-spy's collapsed stacks of the worker process, all threads, once rows run
             while client.llen(keys.QUEUE) >= rows and worker.poll() is None:
                 time.sleep(0.005)
-            spy = subprocess.Popen(["py-spy", "record", "--pid", str(worker.pid), "--format", "raw", "--rate", "250",
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(worker.pid), "--format", "raw", "--rate", "250", "--gil", "--nonblocking",
                                     "-o", profile], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         try:
@@ -257,6 +270,7 @@ def main() -> None:
           + (f"; settings {extra}" if extra else ""))
     cases = {"rows": {}, "rows16": {"rows_per_task": 16}, "aiohttp16": {"rows_per_task": 16, "api_client": "aiohttp"}}
     runs: dict[str, list[tuple[float, float]]] = {}
+    round_trips: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         server = EmbeddedRedis(d / "redis", persist=False).start()
@@ -273,15 +287,20 @@ def main() -> None:
                     else:
                         profile = f"{args.profile}/{part}.txt" if args.profile else None
                         got = bench_rows(d, server.url, args.rows, {**cases[part], **extra}, profile)
+                    trips = ROUND_TRIPS.pop() if ROUND_TRIPS else None
                     runs.setdefault(part, []).append(got)
-                    print(json.dumps({part: {"per_s": round(got[0], 1), "cpu_ms_per_task": round(got[1], 3)}}),
-                          flush=True)
+                    if trips is not None:
+                        round_trips.setdefault(part, []).append(trips)
+                    print(json.dumps({part: {"per_s": round(got[0], 1), "cpu_ms_per_task": round(got[1], 3),
+                                             "redis_round_trips_per_task": trips and round(trips, 2)}}), flush=True)
         finally:
             server.stop()
     results: dict = {"rows_per_case": args.rows, "repeat": args.repeat}
     for part, got in runs.items():
         results[part] = {"per_s": round(statistics.median(g[0] for g in got), 1),
                          "cpu_ms_per_task": round(statistics.median(g[1] for g in got), 3)}
+        if part in round_trips:
+            results[part]["redis_round_trips_per_task"] = round(statistics.median(round_trips[part]), 2)
     if "floor" in results:
         for part in runs:  # each figure's CPU per row as a multiple of the minimal client's
             results[part]["cpu_x_floor"] = round(results[part]["cpu_ms_per_task"]

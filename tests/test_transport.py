@@ -44,3 +44,48 @@ def test_the_app_uses_it_for_plain_redis_urls_only() -> None:
     stock = subprocess.run([sys.executable, "-c", code, urls[0]], capture_output=True, text=True, check=True,
                            env={**__import__("os").environ, "OPT_QUEUE_STOCK_TRANSPORT": "1"})
     assert stock.stdout.split() == ["None"]
+
+
+def test_acknowledgements_ride_on_the_next_round_trip_and_none_is_left_at_close(redis_url: str) -> None:
+    """An ack is done in memory at once; its unacked record goes with the channel's next delivery
+    (one pipeline), else its next BRPOP, else its close: nothing is left behind and nothing comes
+    back to the queue."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    with Connection(redis_url, transport=NAME) as conn:
+        queue = conn.SimpleQueue("opt-queue-transport-acks")
+        qos = queue.consumer.channel.qos
+        unacked = qos.unacked_key
+        for n in range(3):
+            queue.put({"n": n})
+        first = queue.get(timeout=5)
+        assert client.hlen(unacked) == 1
+        first.ack()
+        assert client.hlen(unacked) == 1  # acknowledged in memory, the record not yet removed
+        assert first.acknowledged
+        second = queue.get(timeout=5)  # its record and the first one's removal: one round trip
+        assert client.hkeys(unacked) == [second.delivery_tag.encode()]
+        second.ack()
+        third = queue.get(timeout=5)
+        third.ack()
+        assert client.hlen(unacked) == 1  # the third's removal waits for the next round trip
+        queue.close()
+    assert client.hlen(unacked) == 0 and client.zcard(qos.unacked_index_key) == 0
+    assert client.llen("opt-queue-transport-acks") == 0  # no acknowledged message was restored
+
+
+def test_an_unacknowledged_message_is_still_restored_at_close(redis_url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    with Connection(redis_url, transport=NAME) as conn:
+        queue = conn.SimpleQueue("opt-queue-transport-restore")
+        queue.put({"n": 1})
+        queue.put({"n": 2})
+        done, running = queue.get(timeout=5), queue.get(timeout=5)
+        done.ack()
+        queue.close()
+    assert client.llen("opt-queue-transport-restore") == 1  # the one a task still ran came back
+    assert client.hlen("unacked") == 0
+    assert running.payload == {"n": 2}
