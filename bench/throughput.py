@@ -27,9 +27,10 @@ from pathlib import Path
 
 import redis
 
+from opt_queue.answers import RowResult
 from opt_queue.collector import Collector
 from opt_queue.dataset import read_output
-from opt_queue.jobs import Job, RowResult
+from opt_queue.jobs import Job
 from opt_queue.local import EmbeddedRedis
 from opt_queue.simapi import SimConfig, SimKey, SimServer
 

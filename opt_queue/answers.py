@@ -11,7 +11,7 @@ object.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from opt_queue.request import CHAT_URL
@@ -250,3 +250,52 @@ def check(text: str, kind: str, schema: dict[str, Any] | None) -> tuple[Any, str
             where = "/".join(str(p) for p in error.absolute_path)
             return None, f"{error.message}" + (f" (at {where})" if where else "")
     return parsed, None
+
+@dataclass
+class RowResult:
+    """The final outcome of one row, as published to the job's results stream.
+
+    ``answer`` is the ``seed`` format's value (text, vector or object; None for a failure);
+    ``detail`` what the job's output format needs beyond it (``formats``), None for ``seed``.
+    ``warning`` marks an answer that is kept but deserves a look (``finish_reason: length``)."""
+
+    index: str
+    answer: Any
+    error_type: str | None = None
+    error: str | None = None
+    attempts: int = 0
+    key: str | None = None
+    model: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    warning: str | None = None
+    detail: dict[str, Any] | None = None
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost: float | None = 0.0
+    """Dollars of the call that answered (None: the model's price is unknown)."""
+    copy_of: str | None = None
+    """The row whose identical request answered this one (it cost nothing)."""
+    retryable: bool = True
+    """A null only: whether sending the same request again can help (a timeout, a 5xx can; a context
+    length, a content filter cannot: a re-run keeps such a null unless the request changed)."""
+    request: str | None = None
+    """A null only: ``request.failure_key`` of what failed."""
+
+    def to_fields(self) -> dict[str, str]:
+        fields = asdict(self)
+        if self.detail is None:
+            del fields["detail"]  # seed results stay as small as before
+        return {"r": json.dumps(fields, ensure_ascii=False)}
+
+    @classmethod
+    def from_fields(cls, fields: dict[Any, Any]) -> RowResult:
+        raw = json.loads(fields.get(b"r", fields.get("r")))
+        raw.pop("seq", None)  # published by 0.1 workers
+        if raw.get("detail") is None:
+            raw.pop("detail", None)
+        copy = fields.get(b"copy", fields.get("copy"))
+        if copy is not None:  # the result of the row's primary (lua/publish.lua)
+            copy = copy.decode() if isinstance(copy, bytes) else copy
+            raw.update(copy_of=raw["index"], index=copy, cost=0.0)
+        return cls(**raw)

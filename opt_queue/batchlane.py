@@ -44,10 +44,11 @@ import redis
 from opt_queue import answers, formats, metrics
 from opt_queue import client as api
 from opt_queue import keys as rkeys
+from opt_queue.answers import RowResult
 from opt_queue.broker import envelope
 from opt_queue.chunks import CANCEL_POLL, HANDOFF_SECONDS, Chunk, store_chunk
 from opt_queue.config import ApiKey, Config
-from opt_queue.jobs import STOPPED, AsyncJob, RowResult
+from opt_queue.jobs import STOPPED, AsyncJob
 from opt_queue.prices import Prices, Usage, nano
 from opt_queue.request import CHAT_URL, failure_key
 from opt_queue.scripts import queue, run_pipeline, scripts_for

@@ -25,7 +25,7 @@ from opt_queue.errors import ConfigError, Interrupted, OptQueueError
 from opt_queue.jobs import Job, job_id_for
 from opt_queue.redis_conn import connect, redact_url
 from opt_queue.tokens import TOKEN_COUNTS
-from opt_queue.ui import Display, print_summary
+from opt_queue.ui import Display, print_summary, run_and_report
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -359,24 +359,9 @@ def run(input_path: str, config_path: str | None, output: str, job_name: str | N
     if workers == 0 and not cfg.broker_url:
         raise ConfigError("--workers 0 leaves the work to a fleet, which needs \"broker_url\" (or "
                           "OPT_QUEUE_BROKER_URL); without one, give --workers 1 or more")
-    status = _run_and_report(input_path, output, cfg, config_path, job_name, workers, skip_bad_lines)
+    status = run_and_report(console, out, input_path, output, cfg, config_path, job_name, workers, skip_bad_lines)
     if not status.complete:
         sys.exit(1)
-
-
-def _run_and_report(input_path: str, output: str, cfg: Config, config_path: str | None,
-                    job_name: str | None, workers: int, skip_bad: bool) -> CollectStatus:
-    from opt_queue.runner import run_job
-
-    with Display(console) as display:
-        result = run_job(input_path, output, cfg, config_path=config_path, job_name=job_name,
-                         workers=workers, skip_bad=skip_bad, on_submit=display.submitted,
-                         on_progress=display.collected)
-    report = result.submitted
-    if report.failed_kept or report.copies or report.repeats_sent:
-        out.print(f"submit: {report.describe()}", highlight=False)
-    print_summary(out, result.collected, output, errors_path(output), result.worker_log)
-    return result.collected
 
 
 def _print_estimate(input_path: str, output: str, cfg: Config, output_tokens: int | None, as_json: bool,
@@ -452,10 +437,9 @@ def merge(input_path: str, output_path: str, merged_path: str) -> None:
 @friendly
 def status(config_path: str | None, job_name: str | None, output: str | None, as_json: bool) -> None:
     """Show progress per job and usage per key."""
+    from opt_queue.runner import private_broker
     from opt_queue.status import snapshot
     from opt_queue.ui import status_tables
-
-    from opt_queue.runner import private_broker
 
     cfg = _config(config_path, require_keys=False)
     url = cfg.broker_url or (private_broker(output) if output else None)

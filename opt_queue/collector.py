@@ -25,6 +25,7 @@ from typing import IO, Any
 import redis
 
 from opt_queue import formats, keys
+from opt_queue.answers import RowResult
 from opt_queue.broker import LEASE_SECONDS, LostRows, recover_stale
 from opt_queue.config import Config
 from opt_queue.dataset import (
@@ -37,7 +38,7 @@ from opt_queue.dataset import (
     rewrite_output,
 )
 from opt_queue.errors import InputError, JobStopped, OptQueueError, OutputError
-from opt_queue.jobs import STOPPED, Job, Progress, RowResult
+from opt_queue.jobs import STOPPED, Job, Progress
 from opt_queue.producer import requeue
 from opt_queue.status import key_status
 

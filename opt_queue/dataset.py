@@ -17,7 +17,7 @@ from typing import Any, BinaryIO
 
 from opt_queue import formats
 from opt_queue.errors import InputError, OutputError
-from opt_queue.request import CHAT_URL, SEED, BadLine, detect, row_request
+from opt_queue.request import CHAT_URL, SEED, BadLine, detect, index_number, row_request
 
 MAX_PROBLEMS_SHOWN = 20
 
@@ -260,17 +260,6 @@ def repair_tail(path: str | os.PathLike[str]) -> int:
     return size - keep
 
 
-BITMAP_LIMIT = 1 << 24
-"""Decimal indices below this are bits (in an :class:`IndexSet`, and in a job's Redis bitmaps):
-2 MB per bitmap at most, however sparse the numbers."""
-
-
-def index_number(index: str) -> int | None:
-    """The bit of a canonical small decimal index (``"17"`` -> 17; ``"017"``, ``"x"`` -> None)."""
-    if len(index) <= 8 and index.isdigit() and index.isascii() and (index[0] != "0" or len(index) == 1):
-        n = int(index)
-        return n if n < BITMAP_LIMIT else None
-    return None
 
 
 class IndexSet:

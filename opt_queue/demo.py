@@ -12,6 +12,7 @@ from rich.console import Console
 
 from opt_queue.config import load_config
 from opt_queue.simapi import SimConfig, SimKey, SimServer
+from opt_queue.ui import run_and_report
 
 DEMO_KEYS = 6
 DEMO_RPM = 10          # requests per simulated "minute" ...
@@ -25,8 +26,6 @@ def demo_rows(limit: int) -> list[str]:
 
 def run_demo(directory: Path, rows: int, console: Console, out: Console, lane: str = "sync") -> None:
     """Serve the simulated API, write a dataset and a config, run the job, show the result."""
-    from opt_queue.cli import _run_and_report
-
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / "data.jsonl"
     data.write_text("".join(demo_rows(rows)), encoding="utf-8")
@@ -52,7 +51,7 @@ def run_demo(directory: Path, rows: int, console: Console, out: Console, lane: s
                   f"{DEMO_MINUTE:g}s, discovered from its headers (plus one spent key), simulated API at {server.base_url} with "
                   f"latency and 3% server errors")
         started = time.monotonic()
-        status = _run_and_report(str(data), str(output), cfg, str(config_path), None, 1, False)
+        status = run_and_report(console, out, str(data), str(output), cfg, str(config_path), None, 1, False)
         wall = time.monotonic() - started
         stats = server.stats()
     out.print(f"wall time {wall:.1f}s, {status.total / wall:.1f} rows/s end to end; the API saw "

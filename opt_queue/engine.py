@@ -30,12 +30,13 @@ import redis
 import redis.asyncio
 
 from opt_queue import answers, formats, metrics
-from opt_queue import keys as rkeys
 from opt_queue import client as api
+from opt_queue import keys as rkeys
 from opt_queue.admission import RETRY, Admissions
+from opt_queue.answers import RowResult
 from opt_queue.broker import DONE, HELD, Leases, split_row
 from opt_queue.config import Config
-from opt_queue.jobs import STOPPED, AsyncJob, RowResult
+from opt_queue.jobs import STOPPED, AsyncJob
 from opt_queue.limiter import AsyncKeyPool, Budget, BudgetReached, Lease, Never, Wait
 from opt_queue.prices import Prices, Usage, nano
 from opt_queue.redis_conn import redact_url

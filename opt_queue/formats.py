@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 from opt_queue.request import BATCH as BATCH_INPUT
 
 if TYPE_CHECKING:
-    from opt_queue.answers import Reply
-    from opt_queue.jobs import RowResult
+    from opt_queue.answers import Reply, RowResult
 
 SEED, FULL, BATCH, AUTO = "seed", "full", "batch", "auto"
 FORMATS = (SEED, FULL, BATCH)

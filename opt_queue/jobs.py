@@ -15,14 +15,16 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from opt_queue import keys
+from opt_queue.answers import RowResult
 from opt_queue.prices import dollars, money
+from opt_queue.request import index_number
 from opt_queue.scripts import queue, scripts_for
 
 log = logging.getLogger(__name__)
@@ -39,54 +41,6 @@ def job_id_for(output_path: str | os.PathLike[str], name: str | None = None) -> 
     return Path(output_path).stem[:24] + "-" + hashlib.sha256(resolved.encode()).hexdigest()[:8]
 
 
-@dataclass
-class RowResult:
-    """The final outcome of one row, as published to the job's results stream.
-
-    ``answer`` is the ``seed`` format's value (text, vector or object; None for a failure);
-    ``detail`` what the job's output format needs beyond it (``formats``), None for ``seed``.
-    ``warning`` marks an answer that is kept but deserves a look (``finish_reason: length``)."""
-
-    index: str
-    answer: Any
-    error_type: str | None = None
-    error: str | None = None
-    attempts: int = 0
-    key: str | None = None
-    model: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    warning: str | None = None
-    detail: dict[str, Any] | None = None
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
-    cost: float | None = 0.0
-    """Dollars of the call that answered (None: the model's price is unknown)."""
-    copy_of: str | None = None
-    """The row whose identical request answered this one (it cost nothing)."""
-    retryable: bool = True
-    """A null only: whether sending the same request again can help (a timeout, a 5xx can; a context
-    length, a content filter cannot: a re-run keeps such a null unless the request changed)."""
-    request: str | None = None
-    """A null only: ``request.failure_key`` of what failed."""
-
-    def to_fields(self) -> dict[str, str]:
-        fields = asdict(self)
-        if self.detail is None:
-            del fields["detail"]  # seed results stay as small as before
-        return {"r": json.dumps(fields, ensure_ascii=False)}
-
-    @classmethod
-    def from_fields(cls, fields: dict[Any, Any]) -> RowResult:
-        raw = json.loads(fields.get(b"r", fields.get("r")))
-        raw.pop("seq", None)  # published by 0.1 workers
-        if raw.get("detail") is None:
-            raw.pop("detail", None)
-        copy = fields.get(b"copy", fields.get("copy"))
-        if copy is not None:  # the result of the row's primary (lua/publish.lua)
-            copy = copy.decode() if isinstance(copy, bytes) else copy
-            raw.update(copy_of=raw["index"], index=copy, cost=0.0)
-        return cls(**raw)
 
 
 @dataclass
@@ -357,7 +311,7 @@ class Job(_JobBase):
             if int(flags) == 1 and index.decode() not in batched:
                 pipe.hdel(rows, index)
         for index in batched:
-            n = keys.index_number(index)
+            n = index_number(index)
             if n is not None:
                 pipe.setbit(claimed, n, 1)
         pipe.hset(self.meta_key, "claimed", int(reported or 0) + int(released or 0) + len(batched))
@@ -387,7 +341,7 @@ class AsyncJob(_JobBase):
     def queue_state(self, index: str, pipe: Any) -> None:
         """Queue the reads of ``(job status, row done)`` on ``pipe``: two replies for :meth:`read_state`."""
         pipe.hget(self.meta_key, "status")
-        n = keys.index_number(index)
+        n = index_number(index)
         if n is None:
             pipe.hget(keys.job_rows(self.id), index)
         else:
@@ -397,7 +351,7 @@ class AsyncJob(_JobBase):
     def read_state(index: str, replies: list[Any]) -> tuple[str | None, bool]:
         """``(job status or None when the job is unknown, row done)``."""
         status, done = replies
-        if keys.index_number(index) is None:
+        if index_number(index) is None:
             done = int(done or 0) & 2
         return (status.decode() if status else None), bool(done)
 

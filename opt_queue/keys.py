@@ -10,7 +10,7 @@ field of the ``rows`` hash (see :func:`slot` and ``lua/_rows.lua``).
 
 from __future__ import annotations
 
-from opt_queue.dataset import index_number
+from opt_queue.request import index_number
 
 PREFIX = "oq"
 JOBS = f"{PREFIX}:jobs"
@@ -22,9 +22,6 @@ message delivered to a worker and not acknowledged yet."""
 UNACKED_INDEX = "unacked_index"
 """Kombu's Redis transport: sorted set of those delivery tags, scored by delivery time (seconds)."""
 RECOVERY_LOCK = f"{PREFIX}:recovery-lock"
-
-__all__ = ["index_number"]
-
 
 def slot(index: str) -> str:
     """Where a row's state lives, as the Lua scripts take it: ``"17"`` (bit 17 of the bitmaps) or

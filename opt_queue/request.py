@@ -213,3 +213,15 @@ def request_hash(url: str, body: dict[str, Any]) -> str:
     same one are paid once (``dedupe``)."""
     canonical = json.dumps([url, body], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+BITMAP_LIMIT = 1 << 24
+"""Decimal indices below this are bits (in an :class:`IndexSet`, and in a job's Redis bitmaps):
+2 MB per bitmap at most, however sparse the numbers."""
+
+
+def index_number(index: str) -> int | None:
+    """The bit of a canonical small decimal index (``"17"`` -> 17; ``"017"``, ``"x"`` -> None)."""
+    if len(index) <= 8 and index.isdigit() and index.isascii() and (index[0] != "0" or len(index) == 1):
+        n = int(index)
+        return n if n < BITMAP_LIMIT else None
+    return None

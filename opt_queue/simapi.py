@@ -48,6 +48,7 @@ from aiohttp import web
 from opt_queue.config import fingerprint
 from opt_queue.tokens import TOKEN_COUNTS
 from opt_queue.request import CHAT_URL, ENDPOINTS
+from opt_queue.simbatch import SimBatches
 
 DEFAULT_MODELS = {"gpt-3.5-turbo-0613": 4096, "gpt-3.5-turbo": 4096, "gpt-3.5-turbo-16k-0613": 16384,
                   "gpt-4o-mini": 128000, "o3-mini": 200000, "gpt-3.5-turbo-instruct": 4096,
@@ -449,9 +450,7 @@ class SimAPI:
         self.config = config or SimConfig()
         self.rng = random.Random(self.config.seed)
         self.windows: dict[tuple[str, str], _Windows] = {}
-        from opt_queue.simbatch import SimBatches  # the Files and Batches API, a room of its own
-
-        self.batches = SimBatches(self)
+        self.batches = SimBatches(self)  # the Files and Batches API, a room of its own
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -487,6 +486,15 @@ class SimAPI:
             if k.key == secret:
                 return k
         return None
+
+    def read_request(self, url: str, body: dict[str, Any], model: str, usage_count: str = "typical",
+                     limit_count: str = "typical") -> _Request:
+        """A request body as the synchronous endpoints read it (ValueError: a 400 and its message)."""
+        return _Request.of(url, body, model, usage_count, limit_count)
+
+    def paid(self, req: _Request) -> None:
+        """Count a request's prompt as paid for (``per_prompt``: how often each prompt was)."""
+        self.per_prompt[prompt_key(req.prompt)] += 1
 
     def authorize(self, secret: str) -> tuple[SimKey | None, web.Response | None]:
         """The key a request's secret names, or the error the API answers for it."""

@@ -9,7 +9,7 @@ it is ``completed`` then, or ``expired`` at ``batch_expire_after`` with the rows
 (the rest in the error file with ``batch_expired``), or ``cancelled`` when asked, with the rows
 finished so far. A batch whose prompt tokens, added to its organization's batches in progress for
 the model, exceed ``batch_enqueued_tokens`` is ``failed`` with ``token_limit_exceeded`` at once, as
-the real API does. Answers and usage are those of the synchronous endpoints (``simapi._Request``);
+the real API does. Answers and usage are those of the synchronous endpoints (``SimAPI.read_request``);
 rate limits do not apply (the Batch API has its own pool). Time is read when a batch is looked at.
 """
 
@@ -20,15 +20,27 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from opt_queue.config import fingerprint
 from opt_queue.request import ENDPOINTS
 
-if TYPE_CHECKING:
-    from opt_queue.simapi import SimAPI
+
+
+class SimAPI(Protocol):
+    """What the batches take of the simulated API they belong to (``simapi.SimAPI``)."""
+
+    config: Any
+    calls_per_key: Counter[str]
+
+    def authorize(self, secret: str) -> tuple[Any, web.Response | None]: ...
+
+    def read_request(self, url: str, body: dict[str, Any], model: str, usage_count: str = "typical",
+                     limit_count: str = "typical") -> Any: ...
+
+    def paid(self, req: Any) -> None: ...
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
@@ -145,13 +157,12 @@ class SimBatches:
         problem = self._check(lines, url)
         if problem:
             return _error(400, problem)
-        from opt_queue.simapi import _Request  # the synchronous endpoints' request model
-
         model = lines[0]["body"].get("model") or ""
         tokens = 0
         for line in lines:
             try:
-                tokens += _Request.of(url, line["body"], model, limit_count=self.api.config.limit_count).limit_prompt
+                tokens += self.api.read_request(url, line["body"], model,
+                                                limit_count=self.api.config.limit_count).limit_prompt
             except ValueError:
                 pass  # answered with a 400 in the error file
         batch = _Batch(self._id("batch"), org, url, body["input_file_id"], model, lines, tokens, time.monotonic(),
@@ -242,8 +253,6 @@ class SimBatches:
             batch.done = int(len(batch.lines) * elapsed / cfg.batch_delay) if cfg.batch_delay else len(batch.lines)
 
     def _finish(self, batch: _Batch, status: str, worked: float, code: str) -> None:
-        from opt_queue.simapi import _Request, prompt_key
-
         delay = self.api.config.batch_delay
         finished = len(batch.lines) if not delay else min(len(batch.lines), math.ceil(len(batch.lines) * worked / delay))
         out, err = [], []
@@ -255,7 +264,7 @@ class SimBatches:
                                                               f"batch was {status}."}})
                 continue
             try:
-                req = _Request.of(batch.endpoint, line["body"], batch.model, self.api.config.usage_count)
+                req = self.api.read_request(batch.endpoint, line["body"], batch.model, self.api.config.usage_count)
             except ValueError as exc:
                 err.append({"id": f"batch_req_{batch.id}_{number}", "custom_id": custom_id,
                             "response": {"status_code": 400, "request_id": f"req_b{number}",
@@ -263,7 +272,7 @@ class SimBatches:
                                                             "param": None, "code": None}}},
                             "error": None})
                 continue
-            self.api.per_prompt[prompt_key(req.prompt)] += 1
+            self.api.paid(req)
             self.counts["lines"] += 1
             out.append({"id": f"batch_req_{batch.id}_{number}", "custom_id": custom_id,
                         "response": {"status_code": 200, "request_id": f"req_b{batch.id}_{number}",

@@ -18,7 +18,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from opt_queue.collector import CollectStatus
+from opt_queue.collector import CollectStatus, errors_path
+from opt_queue.config import Config
 from opt_queue.prices import money
 
 
@@ -246,3 +247,19 @@ def _limit_cell(w: dict[str, Any]) -> str:
     limit = f"{w['limit']}/{w['period']:g}s {unit}" if w["limit"] else f"? {unit}/{w['period']:g}s"
     read = f", {w['read_s_ago']:g}s ago" if w["read_s_ago"] is not None else ""
     return f"{limit} ({w['source']}{read})"
+
+
+def run_and_report(console: Console, out: Console, input_path: str, output: str, cfg: Config,
+                   config_path: str | None, job_name: str | None, workers: int, skip_bad: bool) -> CollectStatus:
+    """`run`: the job on this machine, its progress on ``console`` and its summary on ``out``."""
+    from opt_queue.runner import run_job  # the workers' machinery, for the one command that runs them
+
+    with Display(console) as display:
+        result = run_job(input_path, output, cfg, config_path=config_path, job_name=job_name,
+                         workers=workers, skip_bad=skip_bad, on_submit=display.submitted,
+                         on_progress=display.collected)
+    report = result.submitted
+    if report.failed_kept or report.copies or report.repeats_sent:
+        out.print(f"submit: {report.describe()}", highlight=False)
+    print_summary(out, result.collected, output, errors_path(output), result.worker_log)
+    return result.collected

@@ -13,11 +13,12 @@ import redis
 from conftest import queued_rows, seed_rows, write_jsonl
 
 from opt_queue import keys
+from opt_queue.answers import RowResult
 from opt_queue.app import configure
 from opt_queue.broker import DONE, HELD, TAKEN, Leases, LostRows, envelope, push, recover_stale
 from opt_queue.config import Config
 from opt_queue.dataset import iter_input
-from opt_queue.jobs import AsyncJob, Job, RowResult
+from opt_queue.jobs import AsyncJob, Job
 from opt_queue.producer import enqueue, requeue
 from opt_queue.redis_conn import connect_async
 from opt_queue.tasks import rows

@@ -10,8 +10,8 @@ import pytest
 from conftest import TEST_KEY, cli, read_jsonl, write_config, write_jsonl
 
 from opt_queue import answers, formats
+from opt_queue.answers import RowResult
 from opt_queue.dataset import read_output
-from opt_queue.jobs import RowResult
 from opt_queue.request import BadLine, row_request
 from opt_queue.simapi import SimServer, sim_answer
 from opt_queue.tokens import estimate_tokens

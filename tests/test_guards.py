@@ -14,11 +14,12 @@ import redis
 from conftest import TEST_KEY, read_jsonl, seed_rows, write_jsonl
 
 from opt_queue import keys
+from opt_queue.answers import RowResult
 from opt_queue.broker import Leases
 from opt_queue.collector import Collector
 from opt_queue.config import Config
 from opt_queue.engine import DUPLICATE, HANDED_BACK, PUBLISHED, Engine
-from opt_queue.jobs import AsyncJob, Job, RowResult
+from opt_queue.jobs import AsyncJob, Job
 from opt_queue.redis_conn import connect_async
 from opt_queue.simapi import SimServer
 

@@ -107,7 +107,8 @@ def test_rows_a_collector_writes_while_a_submit_runs_are_not_sent_again(tmp_path
     """A re-run's submit reads output.jsonl, then claims rows batch by batch; a collector beside it
     (``run`` starts one) writes the answers an earlier run left in Redis meanwhile. Those rows are
     on disk by the time the submit claims them: they must not be taken for lines gone missing."""
-    from opt_queue.jobs import Job, RowResult
+    from opt_queue.answers import RowResult
+    from opt_queue.jobs import Job
 
     data = write_jsonl(tmp_path / "data.jsonl", seed_rows(40))
     out = tmp_path / "output.jsonl"

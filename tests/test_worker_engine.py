@@ -97,7 +97,7 @@ def test_a_row_that_fails_for_good_does_not_hold_back_its_batch(sim: SimServer, 
 
 def _results(client: redis.Redis, job_id: str) -> list:  # type: ignore[type-arg]
     from opt_queue import keys
-    from opt_queue.jobs import RowResult
+    from opt_queue.answers import RowResult
 
     return [RowResult.from_fields(fields) for _, fields in client.xrange(keys.job_results(job_id))]
 
