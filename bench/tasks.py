@@ -44,7 +44,7 @@ from pathlib import Path
 import redis
 
 from opt_queue import keys
-from opt_queue.client import ApiClients
+from opt_queue.providers.openai import OpenAIProvider
 from opt_queue.config import Config
 from opt_queue.local import EmbeddedRedis
 from opt_queue.simapi import SimConfig, SimKey, SimServer
@@ -228,14 +228,14 @@ def bench_floor(d: Path, rows: int) -> tuple[float, float]:
 
 
 def bench_calls(kind: str, calls: int, in_flight: int = 64) -> tuple[float, float]:
-    """The API call alone, as the engine makes it (``client.ApiClients.call``, ``kind`` "openai":
+    """The API call alone, as the engine makes it (``providers.openai.OpenAIProvider.call``, ``kind`` "openai":
     through the SDK; "aiohttp": direct): (calls/s, CPU ms per call of the thread that runs the
     event loop). The simulated API runs in another thread, so its CPU is not counted."""
     with SimServer(SimConfig(keys=[SimKey(KEY)])) as sim:
         key = Config.model_validate({"api_keys": [KEY], "api_base": sim.base_url}).keys()[0]
 
         async def run() -> tuple[float, float]:
-            api = ApiClients(kind)
+            api = OpenAIProvider(kind)
             api.warm_up()
             body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Translate: row"}]}
             gate = asyncio.Semaphore(in_flight)

@@ -42,14 +42,15 @@ import openai
 import redis
 
 from opt_queue import answers, formats, metrics
-from opt_queue import client as api
 from opt_queue import keys as rkeys
+from opt_queue import providers as api
 from opt_queue.answers import RowResult
 from opt_queue.broker import envelope
 from opt_queue.chunks import CANCEL_POLL, HANDOFF_SECONDS, Chunk, store_chunk
 from opt_queue.config import ApiKey, Config
 from opt_queue.jobs import STOPPED, AsyncJob
 from opt_queue.prices import Prices, Usage, nano
+from opt_queue.providers.openai import OpenAIProvider, classify_status
 from opt_queue.request import CHAT_URL, failure_key
 from opt_queue.scripts import queue, run_pipeline, scripts_for
 from opt_queue.tokens import estimate_parts
@@ -73,11 +74,11 @@ class BatchLane:
     """The batch lane's steps, run by a worker process on its event loop (see the module doc).
     It shares the engine's Redis client, API clients, keys and prices."""
 
-    def __init__(self, config: Config, client: Any, api_clients: api.ApiClients, keys: list[ApiKey],
+    def __init__(self, config: Config, client: Any, provider: OpenAIProvider, keys: list[ApiKey],
                  prices: Prices) -> None:
         self.config = config
         self.client = client
-        self.api = api_clients
+        self.api = provider
         self.keys = keys
         self.prices = prices
         self._scripts = scripts_for(client)
@@ -252,7 +253,7 @@ class BatchLane:
                 input_file_id=file_id, endpoint=chunk.url, completion_window="24h",  # type: ignore[arg-type]
                 metadata={"opt_queue_job": job.id, "opt_queue_chunk": chunk_id, "opt_queue_tag": chunk.tag})
         except Exception as exc:
-            failure = api.classify(exc)
+            failure = self.api.classify(exc)
             chunk.state = "pending"
             pipe = self.client.pipeline(transaction=True)
             self._unreserve(pipe, job, chunk)
@@ -561,7 +562,7 @@ class BatchLane:
             return None, None
         body = response.get("body")
         if response.get("status_code") != 200:
-            failure = api.classify_status(int(response.get("status_code") or 500), body, {}, json.dumps(body))
+            failure = classify_status(int(response.get("status_code") or 500), body, {}, json.dumps(body))
             if failure.kind in (api.Kind.TRANSIENT, api.Kind.RATE_LIMITED, api.Kind.SLOW_DOWN) and not final:
                 return None, None
             return RowResult(answer=None, error_type=failure.reason, error=failure.message, **common,
@@ -569,7 +570,7 @@ class BatchLane:
         try:
             reply = answers.read(chunk.url, body)
         except answers.AnswerError as exc:
-            failure = api.classify(exc)
+            failure = self.api.classify(exc)
             return RowResult(answer=None, error_type=failure.reason, error=failure.message, **common,
                              **_final_fields(failure, chunk, request)), None
         usage = self.prices.usage(model, chunk.url, {**request, "service_tier": "batch"}, reply)

@@ -29,8 +29,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from opt_queue import answers, formats, metrics
-from opt_queue import client as api
+from opt_queue import answers, formats, metrics, providers
 from opt_queue import keys as rkeys
 from opt_queue.admission import RETRY, Admissions
 from opt_queue.answers import RowResult
@@ -149,10 +148,10 @@ class Engine:
     inside the loop it will run on.
     """
 
-    def __init__(self, config: Config, client: redis.asyncio.Redis, api_clients: Any = None) -> None:
+    def __init__(self, config: Config, client: redis.asyncio.Redis, provider: providers.Provider | None = None) -> None:
         self.config = config
         self.client = client
-        self.api = api_clients or api.ApiClients(config.api_client)
+        self.provider = provider or providers.for_config(config)
         self.prices = Prices({name: p.model_dump() for name, p in config.prices.items()})
         self.keys = config.keys()
         self.pool = AsyncKeyPool.from_config(client, config, self.keys)
@@ -167,22 +166,22 @@ class Engine:
         self._abandon = False
 
     @classmethod
-    async def start(cls, config: Config, client: redis.asyncio.Redis, api_clients: Any = None) -> Engine:
+    async def start(cls, config: Config, client: redis.asyncio.Redis, provider: providers.Provider | None = None) -> Engine:
         """Build the engine on the running loop: describe the keys in Redis, open the HTTP session.
-        ``api_clients`` stands in for the API (``client.ApiClients`` of the config's kind when None)."""
-        engine = cls(config, client, api_clients)
+        ``provider`` is the API (``providers.for_config(config)`` when None; a test's fake)."""
+        engine = cls(config, client, provider)
         await engine.pool.describe()
         await engine.pool.clock.calibrate(client)
         log.info("prompts of %s are counted with: %s; each server's own way is learned from its "
                  "x-ratelimit-*-tokens headers", config.model.name, estimator(config.model.name))
-        engine.api.warm_up()
+        engine.provider.warm_up()
         engine.leases.start()
         return engine
 
     async def close(self) -> None:
         """Stop renewing leases; close the HTTP session and the Redis connections of this loop."""
         await self.leases.stop()
-        await self.api.close()
+        await self.provider.close()
         await self.client.aclose()
 
     def drain(self, seconds: float = DRAIN_SECONDS) -> None:
@@ -298,7 +297,7 @@ class Engine:
         except Exception as exc:  # a bug must not lose the row: it ends null, with the reason
             log.exception("row %s of job %s: internal error", row.index, job.id)
             result = self._null(row, "internal_error",
-                                api.redact(f"{type(exc).__name__}: {exc}", self._secrets))
+                                providers.redact(f"{type(exc).__name__}: {exc}", self._secrets))
         if isinstance(result, str):
             return result
         if result is None:
@@ -500,7 +499,7 @@ class Engine:
             if task is not None:
                 self._on_wire.add(task)
             try:
-                answer = await self.api.call(lease.key, row.url, row.body, timeout, on_send=on_send)
+                answer = await self.provider.call(lease.key, row.url, row.body, timeout, on_send=on_send)
             finally:
                 if task is not None:
                     self._on_wire.discard(task)
@@ -518,9 +517,9 @@ class Engine:
                 await self.pool.cancel(lease)
             return HANDED_BACK
         except Exception as exc:  # every failure is classified; none escapes as a crash
-            failure = api.classify(exc)
-            failure.message = api.redact(failure.message, self._secrets)
-            if failure.kind is not api.Kind.UNREACHABLE and failure.status is not None:
+            failure = self.provider.classify(exc)
+            failure.message = providers.redact(failure.message, self._secrets)
+            if failure.kind is not providers.Kind.UNREACHABLE and failure.status is not None:
                 self._reach.setdefault(base_of(lease.key), _Reach()).reached()
             # An error status is not billed; a 200 without a usable answer (a refusal) is.
             paid = getattr(exc, "usage", None)
@@ -529,7 +528,7 @@ class Engine:
                 await stamped
                 used = row.last_usage.input_tokens + row.last_usage.output_tokens if row.last_usage else 0
                 await self.pool.settle(lease, used, row.last_usage,
-                                       refused=failure.kind is api.Kind.RATE_LIMITED)
+                                       refused=failure.kind is providers.Kind.RATE_LIMITED)
             else:
                 await self.pool.cancel(lease)
             await self.pool.count_error(lease.key, failure.reason)
@@ -537,19 +536,19 @@ class Engine:
                                  row.last_usage)
             # What the server said about the limits goes first: a probe's answer lets other
             # requests in, and they must find the limits it reported.
-            if failure.kind is api.Kind.RATE_LIMITED:
+            if failure.kind is providers.Kind.RATE_LIMITED:
                 left = await self.pool.cool(lease, failure.retry_after or 1.0, failure.server_limits,
-                                            tokens=api.on_tokens(failure.message))
+                                            tokens=failure.tokens)
                 log.info("key %s rate limited by the server; cooling for %.1fs", lease.key.fingerprint, left)
-            elif failure.kind is api.Kind.SLOW_DOWN:
+            elif failure.kind is providers.Kind.SLOW_DOWN:
                 await self.pool.slow_down(lease)
                 log.info("key %s: the server asks to slow down; its per-minute limits are halved and "
                          "ramp back", lease.key.fingerprint)
             else:
                 await self.pool.learn(lease, failure.server_limits)
-            if failure.kind is not api.Kind.KEY_DEAD:  # a dead key's probe stays out: no second call
-                await self.pool.answered(lease, alive=failure.kind not in (api.Kind.TRANSIENT,
-                                                                           api.Kind.UNREACHABLE))
+            if failure.kind is not providers.Kind.KEY_DEAD:  # a dead key's probe stays out: no second call
+                await self.pool.answered(lease, alive=failure.kind not in (providers.Kind.TRANSIENT,
+                                                                           providers.Kind.UNREACHABLE))
             return await self._on_failure(row, lease, failure)
         reach = self._reach.get(base_of(lease.key))
         if reach is None or reach.failures or not reach.answered:
@@ -568,8 +567,8 @@ class Engine:
         usage = self._usage(row, reply)
         row.to_settle = (lease, used, usage)
         metrics.observe_call(lease.key.fingerprint, row.body["model"], "200", usage)
-        row.server_limits = api.server_limits(answer.headers)
-        row.token_window = api.token_window(answer.headers)
+        row.server_limits = answer.server_limits
+        row.token_window = answer.token_window
         parsed, problem, final = answers.structured(row.url, row.body, reply)
         if problem is not None and not final and row.asked_again < self.config.schema_retries:
             # Ask again with what was wrong; this call is paid and settled now, not with the result.
@@ -613,14 +612,14 @@ class Engine:
         """What a call used and cost, from its response's usage."""
         return self.prices.usage(row.body["model"], row.url, row.body, reply)
 
-    async def _on_failure(self, row: _Row, lease: Lease, f: api.Failure) -> RowResult | None:
+    async def _on_failure(self, row: _Row, lease: Lease, f: providers.Failure) -> RowResult | None:
         fp = lease.key.fingerprint
-        if f.kind is api.Kind.RATE_LIMITED:
+        if f.kind is providers.Kind.RATE_LIMITED:
             return None  # cooled in _call; the row goes round the loop to a slot
-        if f.kind is api.Kind.SLOW_DOWN:
+        if f.kind is providers.Kind.SLOW_DOWN:
             await self._pause(f.retry_after or 0.0)
             return None
-        if f.kind is api.Kind.FLEX_UNAVAILABLE:
+        if f.kind is providers.Kind.FLEX_UNAVAILABLE:
             if self.config.flex_fallback and row.body.get("service_tier") == "flex":
                 # Flex capacity is short now: this row goes at the standard tier (and price)
                 log.info("row %s: Flex capacity unavailable; sending it at the standard tier", row.index)
@@ -629,15 +628,15 @@ class Engine:
             row.flex_waits += 1  # Flex only (flex_fallback false): wait and ask again, no attempt used
             await self._pause(self._backoff(min(row.flex_waits, 8), f.retry_after))
             return None
-        if f.kind is api.Kind.TOO_LARGE:
+        if f.kind is providers.Kind.TOO_LARGE:
             row.too_large_for.add(fp)  # this row can never pass on this key; others still can
             return None
-        if f.kind is api.Kind.KEY_DEAD:
+        if f.kind is providers.Kind.KEY_DEAD:
             if await row.job.retire_key(fp, f"{f.status} {f.reason}: {f.message}"):
                 log.warning("key %s retired for job %s: %s %s", fp, row.job.id, f.status, f.reason)
             self._retired.pop(row.job.id, None)
             return None
-        if f.kind is api.Kind.UNREACHABLE:
+        if f.kind is providers.Kind.UNREACHABLE:
             # Nothing reached the server, so nothing was paid and no attempt is used; the row tries
             # again (another key, or this one after a pause) until the base is given up.
             base = base_of(lease.key)
@@ -647,7 +646,7 @@ class Engine:
             row.connect_failures += 1
             await self._pause(self._backoff(min(row.connect_failures, 8), None))
             return None
-        if f.kind is api.Kind.TRANSIENT:
+        if f.kind is providers.Kind.TRANSIENT:
             row.attempts += 1
             if row.attempts > self.config.max_retries:
                 return self._null(row, f.reason, f.message)
@@ -656,19 +655,19 @@ class Engine:
                      self.config.max_retries, delay)
             await self._pause(delay)
             return None
-        if f.kind is api.Kind.TOO_LONG:
+        if f.kind is providers.Kind.TOO_LONG:
             row.attempts += 1
             if row.fallback and not row.fallback_used and row.url == CHAT_URL:  # the job's chat fallback
                 log.info("row %s too long for %s; trying %s", row.index, row.body["model"], row.fallback)
                 row.body["model"], row.fallback_used = row.fallback, True
                 return None
             return self._null(row, f.reason, f.message, retryable=False)
-        if f.kind is api.Kind.JOB_CONFIG:
+        if f.kind is providers.Kind.JOB_CONFIG:
             if await row.job.stop(f"the API refused the job's request: {f.status} {f.reason}: {f.message}"):
                 log.error("job %s stopped: %s %s: %s", row.job.id, f.status, f.reason, f.message)
             return None
         row.attempts += 1
-        return self._null(row, f.reason, f.message, retryable=f.kind not in api.FINAL_KINDS)
+        return self._null(row, f.reason, f.message, retryable=f.kind not in providers.FINAL_KINDS)
 
     def _backoff(self, attempt: int, hint: float | None) -> float:
         """Full-jitter exponential backoff, never shorter than the server's hint."""

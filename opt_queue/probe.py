@@ -59,30 +59,30 @@ def probe(config: Config, model: str, prices: Prices) -> dict[str, Limits]:
 
 
 async def _probe_all(config: Config, model: str, prices: Prices, keys: dict[str, ApiKey]) -> dict[str, Limits]:
-    from opt_queue import client as api  # the SDK: imported only to call
+    from opt_queue import providers  # the SDK: imported only to call
 
-    clients = api.ApiClients(config.api_client)
+    provider = providers.for_config(config)
     try:
-        got = await asyncio.gather(*(_probe_one(clients, key, model, config, prices) for key in keys.values()))
+        got = await asyncio.gather(*(_probe_one(provider, key, model, config, prices) for key in keys.values()))
     finally:
-        await clients.close()
+        await provider.close()
     return dict(zip(keys, got))
 
 
-async def _probe_one(clients: Any, key: ApiKey, model: str, config: Config, prices: Prices) -> Limits:
-    from opt_queue import client as api
+async def _probe_one(provider: Any, key: ApiKey, model: str, config: Config, prices: Prices) -> Limits:
+    from opt_queue.providers import redact
 
     body = {"model": model, **PROBE_BODY}
     secrets = [key.secret.get_secret_value()]
     try:
-        answer = await clients.call(key, CHAT_URL, body, min(config.request_timeout, 30.0))
+        answer = await provider.call(key, CHAT_URL, body, min(config.request_timeout, 30.0))
     except Exception as exc:  # a refusal still carries the limits; anything else says why not
-        failure = api.classify(exc)
+        failure = provider.classify(exc)
         said = failure.server_limits
-        message = api.redact(failure.message, secrets)
+        message = redact(failure.message, secrets)
         return Limits(said.get("requests"), said.get("tokens"), source="probe",
                       error=None if said else f"{failure.reason}: {message}"[:200])
-    said = api.server_limits(answer.headers)
+    said = answer.server_limits
     reply = answer.reply
     cost = prices.cost(model, CHAT_URL, body, reply.prompt_tokens, reply.completion_tokens)
     return Limits(said.get("requests"), said.get("tokens"), source="probe", cost=cost,

@@ -46,7 +46,7 @@ class _Runtime:
         self.engine: Engine = self.run(Engine.start(config, client))
         # The batch lane's steps (upload, poll, publish) run on the same loop, with the engine's
         # connections and keys; any worker process takes the steps that are due.
-        self.lane = BatchLane(config, client, self.engine.api, self.engine.keys, self.engine.prices)
+        self.lane = BatchLane(config, client, self.engine.provider, self.engine.keys, self.engine.prices)
         self.loop.call_soon_threadsafe(self.lane.start)
         self._stop = threading.Event()
         self.recovery = threading.Thread(target=self._recover, args=(config.lease_seconds,),

@@ -15,7 +15,7 @@ from opt_queue import keys
 from opt_queue.app import configure
 from opt_queue.batchlane import BatchLane
 from opt_queue.chunks import HANDOFF_SECONDS, Chunk, ChunkWriter, chunk_states, cutover_at
-from opt_queue.client import ApiClients
+from opt_queue.providers.openai import OpenAIProvider
 from opt_queue.config import load_config
 from opt_queue.jobs import Job
 from opt_queue.prices import Prices
@@ -75,7 +75,7 @@ def test_a_crash_between_creating_a_batch_and_recording_it_creates_no_second_bat
 
     async def next_step() -> float | None:
         client = connect_async(redis_url, max_connections=8)
-        api = ApiClients()
+        api = OpenAIProvider()
         lane = BatchLane(config, client, api, config.keys(), Prices())
         try:
             return await lane.step("job-b", chunk_id)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from opt_queue.client import Kind, classify_status, parse_duration, redact, retry_after_seconds
+from opt_queue.providers import Kind, redact
+from opt_queue.providers.openai import classify_status, parse_duration, retry_after_seconds
 from opt_queue.tokens import char_estimate, estimate_tokens
 
 

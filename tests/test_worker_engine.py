@@ -103,13 +103,13 @@ def _results(client: redis.Redis, job_id: str) -> list:  # type: ignore[type-arg
 
 
 def test_the_send_hook_fires_once_just_before_the_request_leaves(sim: SimServer) -> None:
-    from opt_queue import client as api
+    from opt_queue.providers import openai as api
     sim.configure(keys=[SimKey(TEST_KEY)], latency=1.0)
     key = _engine_config(sim).keys()[0]
     seen: list[float] = []
 
     async def go() -> api.Answer:
-        clients = api.ApiClients()
+        clients = api.OpenAIProvider()
         try:
             return await clients.call(key, CHAT_URL, _rows(1)[0][1], 5.0,
                                       on_send=lambda: seen.append(time.monotonic()))
@@ -163,7 +163,7 @@ def test_rows_waiting_longer_than_a_task_may_be_held_go_back_to_the_queue_and_ar
 def test_azure_keys_and_extra_headers_go_through_the_sdk(sim: SimServer) -> None:
     """An Azure-style key: the deployment URL, api-version and the api-key header, as the SDK's
     AsyncAzureOpenAI sends them; a plain key's extra headers reach the server."""
-    from opt_queue import client as api
+    from opt_queue.providers import openai as api
     from opt_queue.config import Config
 
     azure_key, plain_key = "sk-azure-0123456789abcdefghijkl", "sk-plain-0123456789abcdefghijkl"
@@ -176,7 +176,7 @@ def test_azure_keys_and_extra_headers_go_through_the_sdk(sim: SimServer) -> None
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2}
 
     async def go() -> list[api.Answer]:
-        clients = api.ApiClients()
+        clients = api.OpenAIProvider()
         try:
             return [await clients.call(azure, CHAT_URL, body, 5.0), await clients.call(plain, CHAT_URL, body, 5.0)]
         finally:

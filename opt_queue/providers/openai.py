@@ -1,4 +1,5 @@
-"""One API call of any endpoint, and what its failure means.
+"""OpenAI's API (and Azure OpenAI's) behind the provider seam: one call of any endpoint, what its
+failure means, and what its headers say about the key.
 
 Calls go through the official ``openai`` SDK (``api_client: "openai"``, the default):
 ``AsyncOpenAI`` on the SDK's aiohttp transport, one client per key and base URL, kept open, all
@@ -13,19 +14,18 @@ second on a small machine.
 
 :func:`classify` turns any exception of a call into a :class:`Failure` with a :class:`Kind` that
 the error policy acts on; :func:`parse_duration` and :func:`retry_after_seconds` read the
-server's pacing hints. All three are pure and unit-tested without a server.
+server's pacing hints, :func:`server_limits` and :func:`token_window` its ``x-ratelimit-*``
+headers. All are pure and unit-tested without a server.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
+import contextvars
 import json
 import logging
 import re
-import contextvars
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -38,45 +38,8 @@ except ImportError:  # pragma: no cover - SDKs on httpx
 
 from opt_queue import __version__, answers
 from opt_queue.config import ApiKey
+from opt_queue.providers.base import Answer, CallFailed, Failure, Kind
 from opt_queue.request import ENDPOINTS
-
-
-class Kind(enum.Enum):
-    """What a failed call means for the row and the key (see the README's error table)."""
-
-    RATE_LIMITED = "rate_limited"        # cool the key, try another, no attempt used
-    SLOW_DOWN = "slow_down"              # 503 slow_down: lower the rate, ramp back, no attempt used
-    FLEX_UNAVAILABLE = "resource_unavailable"  # 429 on a Flex request: standard tier (or later), no attempt used
-    KEY_DEAD = "key_dead"                # retire the key for the job, try another
-    TOO_LARGE = "request_too_large"      # larger than the key's whole TPM window: never passes
-    TRANSIENT = "transient"              # back off and retry, up to max_retries
-    UNREACHABLE = "unreachable"          # connection refused, DNS, TLS: no request left; its base may be wrong
-    TOO_LONG = "context_length_exceeded" # fallback model once, else null
-    JOB_CONFIG = "job_config"            # wrong model or parameter for every row: stop the job
-    BAD_ROW = "bad_request"              # this row cannot succeed: null
-
-
-FINAL_KINDS = frozenset({Kind.TOO_LARGE, Kind.TOO_LONG, Kind.BAD_ROW})
-"""Failures that the same request meets again however often it is sent: a null of one of these is
-not sent again by a re-run unless the request changed (or ``--retry-failed``)."""
-
-
-@dataclass
-class Failure:
-    """A classified failure of one call."""
-
-    kind: Kind
-    message: str
-    status: int | None = None
-    code: str | None = None
-    retry_after: float | None = None
-    server_limits: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def reason(self) -> str:
-        """Short machine-readable reason: the API's code, else the kind."""
-        return self.code or self.kind.value
-
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
@@ -173,8 +136,10 @@ def classify_status(status: int, body: Any, headers: Any, text: str = "") -> Fai
     lowered = message.lower()
     failure = _classify(status, code, message, lowered, headers)
     failure.server_limits = server_limits(headers)  # the API's own errors carry its limits too
-    if failure.kind is Kind.RATE_LIMITED and not failure.server_limits:
-        failure.server_limits = limits_in_message(message)
+    if failure.kind is Kind.RATE_LIMITED:
+        failure.tokens = on_tokens(message)
+        if not failure.server_limits:
+            failure.server_limits = limits_in_message(message)
     return failure
 
 
@@ -213,14 +178,6 @@ def _classify(status: int, code: str | None, message: str, lowered: str, headers
         return Failure(Kind.TRANSIENT, message, status, code or f"http_{status}",
                        retry_after=retry_after_seconds(headers, rate_limited=False))
     return Failure(Kind.BAD_ROW, message, status, code or f"http_{status}")
-
-
-class CallFailed(Exception):
-    """The API answered with an error status; ``failure`` says what it means."""
-
-    def __init__(self, failure: Failure) -> None:
-        super().__init__(f"HTTP {failure.status}: {failure.message}")
-        self.failure = failure
 
 
 def _is_httpx_connect_error(exc: BaseException) -> bool:
@@ -309,20 +266,6 @@ async def _request_leaving(request: Any) -> None:
         callback()
 
 
-@dataclass
-class Answer:
-    """A successful call: what the endpoint answered, and the response's headers the engine needs
-    (limits, retry hints, the request id)."""
-
-    reply: answers.Reply
-    body: dict[str, Any]
-    headers: dict[str, str]
-
-    @property
-    def request_id(self) -> str | None:
-        return self.headers.get("x-request-id")
-
-
 def _kept(headers: Any) -> dict[str, str]:
     return {k.lower(): v for k, v in headers.items() if k.lower().startswith(KEPT_HEADERS)}
 
@@ -334,14 +277,14 @@ def _json(text: str) -> Any:
         raise answers.BadResponse("the server answered 200 with a body that is not JSON") from None
 
 
-class ApiClients:
-    """The API side of one event loop, which the engine is given: one client per key and base
-    URL, kept open, all on one connection pool. :meth:`call` sends one request of any endpoint.
+class OpenAIProvider:
+    """OpenAI's API on one event loop (a :class:`~opt_queue.providers.base.Provider`): one client
+    per key and base URL, kept open, all on one connection pool. :meth:`call` sends one request of
+    any endpoint.
 
     ``api_client: "openai"`` (the default) goes through the official SDK (``AsyncOpenAI`` or
     ``AsyncAzureOpenAI`` on the SDK's aiohttp transport); ``"aiohttp"`` sends the same documented
-    wire format over aiohttp directly. Another object with the same ``call``/``warm_up``/``close``
-    may stand in (a test double, another lane)."""
+    wire format over aiohttp directly."""
 
     def __init__(self, api_client: str = "openai") -> None:
         self.kind = api_client
@@ -350,7 +293,7 @@ class ApiClients:
         self._clients: dict[tuple[str, str], openai.AsyncOpenAI] = {}
 
     def __repr__(self) -> str:
-        return f"<ApiClients {self.kind} clients={len(self._clients)}>"
+        return f"<OpenAIProvider {self.kind} clients={len(self._clients)}>"
 
     def session(self) -> aiohttp.ClientSession:
         """The loop's aiohttp session: one connection pool for every key (the engine bounds the
@@ -418,7 +361,7 @@ class ApiClients:
         reads the send time then. Nothing is retried here: the engine's policy decides. Errors
         raise the SDK's exceptions (or, with ``api_client: "aiohttp"``, :class:`CallFailed`, a
         timeout or an ``aiohttp.ClientError``), or ``answers``' BadResponse, ContentFiltered or
-        Refused; :func:`classify` says what each means.
+        Refused; :meth:`classify` says what each means.
         """
         if self.kind == "aiohttp":
             data, headers = await self._call_aiohttp(key, url, body, timeout, on_send)
@@ -429,7 +372,12 @@ class ApiClients:
             finally:
                 _on_send.reset(token)
             data, headers = _json(raw.text), _kept(raw.headers)
-        return Answer(answers.read(url, data), data, headers)
+        return Answer(answers.read(url, data), data, request_id=headers.get("x-request-id"),
+                      server_limits=server_limits(headers), token_window=token_window(headers))
+
+    def classify(self, exc: BaseException) -> Failure:
+        """What an exception raised by :meth:`call` means (:func:`classify`)."""
+        return classify(exc)
 
     async def _call_aiohttp(self, key: ApiKey, url: str, body: dict[str, Any], timeout: float,
                             on_send: Callable[[], None] | None) -> tuple[Any, dict[str, str]]:
@@ -461,11 +409,3 @@ async def _sdk_create(client: openai.AsyncOpenAI, url: str, body: dict[str, Any]
     (docs/benchmarks.md), are skipped. The body is sent as the row gives it."""
     return await client.post("/" + ENDPOINTS[url].path, cast_to=_HttpResponse, body=body,
                              options={"timeout": timeout})
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    """Replace every secret in ``text`` by ``***`` (defence in depth for error messages)."""
-    for s in secrets:
-        if s and s in text:
-            text = text.replace(s, "***")
-    return text

@@ -1,0 +1,112 @@
+"""The seam between the engine and an API: what a provider is, what it gives back and what its
+failures mean. Nothing here knows a provider's wire format.
+
+A provider (:class:`Provider`) sends one request of a row with one key and returns an
+:class:`Answer`, or raises; its :meth:`Provider.classify` turns whatever it raised into a
+:class:`Failure`, whose :class:`Kind` is all the engine's error policy acts on. The engine reads
+no header and catches no SDK exception itself: a provider reads its own rate-limit headers into
+``Answer.server_limits`` / ``Answer.token_window`` (and ``Failure.server_limits``), and says
+whether a 429 was the tokens' window (``Failure.tokens``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from opt_queue import answers
+from opt_queue.config import ApiKey
+
+
+class Kind(enum.Enum):
+    """What a failed call means for the row and the key (see the README's error table)."""
+
+    RATE_LIMITED = "rate_limited"        # cool the key, try another, no attempt used
+    SLOW_DOWN = "slow_down"              # 503 slow_down: lower the rate, ramp back, no attempt used
+    FLEX_UNAVAILABLE = "resource_unavailable"  # 429 on a Flex request: standard tier (or later), no attempt used
+    KEY_DEAD = "key_dead"                # retire the key for the job, try another
+    TOO_LARGE = "request_too_large"      # larger than the key's whole TPM window: never passes
+    TRANSIENT = "transient"              # back off and retry, up to max_retries
+    UNREACHABLE = "unreachable"          # connection refused, DNS, TLS: no request left; its base may be wrong
+    TOO_LONG = "context_length_exceeded" # fallback model once, else null
+    JOB_CONFIG = "job_config"            # wrong model or parameter for every row: stop the job
+    BAD_ROW = "bad_request"              # this row cannot succeed: null
+
+
+FINAL_KINDS = frozenset({Kind.TOO_LARGE, Kind.TOO_LONG, Kind.BAD_ROW})
+"""Failures that the same request meets again however often it is sent: a null of one of these is
+not sent again by a re-run unless the request changed (or ``--retry-failed``)."""
+
+
+@dataclass
+class Failure:
+    """A classified failure of one call."""
+
+    kind: Kind
+    message: str
+    status: int | None = None
+    code: str | None = None
+    retry_after: float | None = None
+    server_limits: dict[str, int] = field(default_factory=dict)
+    """The key's limits the error response stated (``{"requests": n, "tokens": n}``)."""
+    tokens: bool = False
+    """A rate limit of the tokens' window (not the requests'): the server counts prompts as more
+    than the limiter did, and the limiter learns it."""
+
+    @property
+    def reason(self) -> str:
+        """Short machine-readable reason: the API's code, else the kind."""
+        return self.code or self.kind.value
+
+
+class CallFailed(Exception):
+    """The API answered with an error status; ``failure`` says what it means."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(f"HTTP {failure.status}: {failure.message}")
+        self.failure = failure
+
+
+@dataclass
+class Answer:
+    """A successful call: what the endpoint answered, and what the response said about the key."""
+
+    reply: answers.Reply
+    body: dict[str, Any]
+    request_id: str | None = None
+    server_limits: dict[str, int] = field(default_factory=dict)
+    """The key's limits the response stated (``{"requests": n, "tokens": n}``), learned by the limiter."""
+    token_window: tuple[int, int] | None = None
+    """``(limit, remaining)`` of the key's token window as the server had counted it when the request
+    arrived, which calibrates the limiter's count of prompts (None: not stated)."""
+
+
+class Provider(Protocol):
+    """One API, as the engine uses it on one event loop: a client per key kept open."""
+
+    def warm_up(self) -> None:
+        """Open what the first call needs (its connection pool) before any admission waits on it."""
+
+    async def call(self, key: ApiKey, url: str, body: dict[str, Any], timeout: float,
+                   on_send: Callable[[], None] | None = None) -> Answer:
+        """Send one request of endpoint ``url`` (a path of ``request.ENDPOINTS``) with ``key``.
+
+        ``on_send`` is called once, synchronously, right before the request's bytes leave: the
+        limiter reads the send time then. Nothing is retried here: the engine's policy decides.
+        A failure raises anything :meth:`classify` knows."""
+
+    def classify(self, exc: BaseException) -> Failure:
+        """What an exception raised by :meth:`call` means."""
+
+    async def close(self) -> None:
+        """Close the clients and their connections."""
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """Replace every secret in ``text`` by ``***`` (defence in depth for error messages)."""
+    for s in secrets:
+        if s and s in text:
+            text = text.replace(s, "***")
+    return text
