@@ -4,7 +4,7 @@ The original toolkit's file still works::
 
     {"api_keys": ["sk-...", "sk-..."], "api_base": "https://..."}
 
-Every other field is optional; see ``config.example.json`` and the README for the full reference.
+Every other field is optional; see ``config.example.json`` and docs/configuration.md for the full reference.
 The environment is read in one place, :func:`load_config`: ``OPT_QUEUE_API_KEYS`` (comma separated
 keys, added to the file's), ``OPT_QUEUE_BROKER_URL`` (overrides ``broker_url``).
 """

@@ -1,7 +1,7 @@
 """The error policy: take a slot, call the API, act on the outcome, publish the row's result.
 
 One :class:`Engine` per worker process holds the config, the Redis connection and the key pool;
-:meth:`Engine.process_rows` is everything a rows task does. The policy (see the README):
+:meth:`Engine.process_rows` is everything a rows task does. The policy (docs/how-it-works.md, "Error policy"):
 
 =============  ===========================================  =========================================
 class          examples                                     what happens

@@ -21,7 +21,7 @@ from opt_queue.config import ApiKey
 
 
 class Kind(enum.Enum):
-    """What a failed call means for the row and the key (see the README's error table)."""
+    """What a failed call means for the row and the key (the error policy: docs/how-it-works.md)."""
 
     RATE_LIMITED = "rate_limited"        # cool the key, try another, no attempt used
     SLOW_DOWN = "slow_down"              # 503 slow_down: lower the rate, ramp back, no attempt used
