@@ -26,10 +26,10 @@ from pathlib import Path
 
 import redis
 
-from opt_queue.jobs import Job, job_id_for
-from opt_queue.local import EmbeddedRedis
-from opt_queue.prices import dollars
-from opt_queue.simapi import SimConfig, SimKey, SimServer
+from opt_queue.store.jobs import Job, job_id_for
+from opt_queue.jobflow.local import EmbeddedRedis
+from opt_queue.core.prices import dollars
+from opt_queue.sim.api import SimConfig, SimKey, SimServer
 
 KEY = "sk-bench-economy-xxxxxxxxxxxxxxxxxxxx"
 PRICES = {"gpt-4o-mini": {"input": 0.15, "cached_input": 0.075, "output": 0.6}}

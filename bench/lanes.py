@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from opt_queue.simapi import SimConfig, SimKey, SimServer
+from opt_queue.sim.api import SimConfig, SimKey, SimServer
 
 KEY = "sk-bench-lanes-xxxxxxxxxxxxxxxxxxxxxxx"
 PRICES = {"gpt-4o-mini": {"input": 0.15, "cached_input": 0.075, "output": 0.6}}

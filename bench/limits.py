@@ -52,8 +52,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from opt_queue.simapi import DEFAULT_MODELS, SimConfig, SimKey, SimServer, _Request
-from opt_queue.tokens import TOKEN_COUNTS
+from opt_queue.sim.api import DEFAULT_MODELS, SimConfig, SimKey, SimServer, _Request
+from opt_queue.core.tokens import TOKEN_COUNTS
 
 
 EXTRA: dict = {}

@@ -43,17 +43,17 @@ from pathlib import Path
 
 import redis
 
-from opt_queue import keys
+from opt_queue.store import keys
 from opt_queue.providers.openai import OpenAIProvider
-from opt_queue.config import Config
-from opt_queue.local import EmbeddedRedis
-from opt_queue.simapi import SimConfig, SimKey, SimServer
+from opt_queue.core.config import Config
+from opt_queue.jobflow.local import EmbeddedRedis
+from opt_queue.sim.api import SimConfig, SimKey, SimServer
 
 KEY = "sk-bench-tasks-xxxxxxxxxxxxxxxxxxxxxxxx"
 NOOP_APP = '''
 import os
 from celery import Celery
-from opt_queue.app import app as real, transport_options
+from opt_queue.queue.app import app as real, transport_options
 
 app = Celery("noop")
 app.conf.update({k: v for k, v in real.conf.items() if k.startswith(("task_", "worker_", "broker_"))

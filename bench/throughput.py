@@ -27,12 +27,12 @@ from pathlib import Path
 
 import redis
 
-from opt_queue.answers import RowResult
-from opt_queue.collector import Collector
-from opt_queue.dataset import read_output
-from opt_queue.jobs import Job
-from opt_queue.local import EmbeddedRedis
-from opt_queue.simapi import SimConfig, SimKey, SimServer
+from opt_queue.core.answers import RowResult
+from opt_queue.jobflow.collector import Collector
+from opt_queue.jobflow.dataset import read_output
+from opt_queue.store.jobs import Job
+from opt_queue.jobflow.local import EmbeddedRedis
+from opt_queue.sim.api import SimConfig, SimKey, SimServer
 
 KEY = "sk-bench-throughput-xxxxxxxxxxxxxxxx"
 

@@ -1,3 +1,3 @@
-from opt_queue.cli import main
+from opt_queue.cli.commands import main
 
 main()

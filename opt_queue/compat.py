@@ -24,17 +24,17 @@ from typing import Any, NamedTuple
 
 from rich.console import Console
 
-from opt_queue.app import configure
-from opt_queue.collector import errors_path, gather
-from opt_queue.config import Config, ModelConfig, load_config
-from opt_queue.dataset import Row, merge
-from opt_queue.jobs import Job
-from opt_queue.local import EmbeddedRedis, LocalWorkers
-from opt_queue.broker import push
-from opt_queue.producer import enqueue, envelopes
-from opt_queue.redis_conn import connect
-from opt_queue.request import seed_messages
-from opt_queue.ui import Display, print_summary
+from opt_queue.queue.app import configure
+from opt_queue.jobflow.collector import errors_path, gather
+from opt_queue.core.config import Config, ModelConfig, load_config
+from opt_queue.jobflow.dataset import Row, merge
+from opt_queue.store.jobs import Job
+from opt_queue.jobflow.local import EmbeddedRedis, LocalWorkers
+from opt_queue.queue.broker import push
+from opt_queue.jobflow.producer import enqueue, envelopes
+from opt_queue.store.redis_conn import connect
+from opt_queue.core.request import seed_messages
+from opt_queue.cli.ui import Display, print_summary
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class ParallelToolkit:
     # -- datasets -------------------------------------------------------------------------------
     def run(self) -> None:
         """Process ``input_path`` into ``output_path``, resuming: only missing and null rows are sent."""
-        from opt_queue.runner import run_job
+        from opt_queue.jobflow.runner import run_job
 
         if not self.input_path or not self.output_path:
             raise ValueError("run() needs input_path and output_path")

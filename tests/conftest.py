@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import redis
 
-from opt_queue.local import EmbeddedRedis, LocalWorkers
-from opt_queue.simapi import SimConfig, SimKey, SimServer
+from opt_queue.jobflow.local import EmbeddedRedis, LocalWorkers
+from opt_queue.sim.api import SimConfig, SimKey, SimServer
 
 TEST_KEY = "sk-test-0123456789abcdefghijklmnopqrstuv"
 
@@ -124,8 +124,8 @@ def lines_in(path: Path) -> int:
 
 def assert_complete(data: Path, out: Path, model: str = "gpt-3.5-turbo-0613") -> None:
     """One line per input row, in input order, each the simulated API's answer."""
-    from opt_queue.dataset import iter_input
-    from opt_queue.simapi import sim_answer
+    from opt_queue.jobflow.dataset import iter_input
+    from opt_queue.sim.api import sim_answer
 
     rows = list(iter_input(data))
     lines = read_jsonl(out)
@@ -192,7 +192,7 @@ def workers(redis_url: str, tmp_path: Path) -> Iterator[Any]:
 def queued_rows(client: redis.Redis) -> list[str]:
     """The indices of every row in a task message waiting in the queue, sorted as numbers when
     they are (repeats kept)."""
-    from opt_queue.broker import messages  # noqa: PLC0415
+    from opt_queue.queue.broker import messages  # noqa: PLC0415
 
     indices = [i for tag, _job, batch in messages(client) if tag is None for i in batch]
     return sorted(indices, key=lambda i: (not i.isdigit(), int(i) if i.isdigit() else 0, i))

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from opt_queue import answers
-from opt_queue.config import ApiKey
+from opt_queue.core import answers
+from opt_queue.core.config import ApiKey
 from opt_queue.providers import Answer, CallFailed, Failure, Kind
 from opt_queue.providers.openai import classify_status
 

@@ -13,10 +13,10 @@ import pytest
 import redis
 import redis.asyncio
 
-from opt_queue import keys as rkeys
-from opt_queue.admission import Admissions
-from opt_queue.limiter import AsyncKeyPool, Budget, Lease, Never, Wait
-from opt_queue.local import free_port
+from opt_queue.store import keys as rkeys
+from opt_queue.limits.admission import Admissions
+from opt_queue.limits.limiter import AsyncKeyPool, Budget, Lease, Never, Wait
+from opt_queue.jobflow.local import free_port
 from tests.test_limiter import T0, key
 
 

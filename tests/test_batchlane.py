@@ -11,17 +11,17 @@ import openai
 import redis
 from conftest import TEST_KEY, write_config, write_jsonl
 
-from opt_queue import keys
-from opt_queue.app import configure
-from opt_queue.batchlane import BatchLane
-from opt_queue.chunks import HANDOFF_SECONDS, Chunk, ChunkWriter, chunk_states, cutover_at
+from opt_queue.store import keys
+from opt_queue.queue.app import configure
+from opt_queue.lanes.batchlane import BatchLane
+from opt_queue.lanes.chunks import HANDOFF_SECONDS, Chunk, ChunkWriter, chunk_states, cutover_at
 from opt_queue.providers.openai import OpenAIProvider
-from opt_queue.config import load_config
-from opt_queue.jobs import Job
-from opt_queue.prices import Prices
-from opt_queue.producer import submit
-from opt_queue.redis_conn import connect_async
-from opt_queue.simapi import SimServer
+from opt_queue.core.config import load_config
+from opt_queue.store.jobs import Job
+from opt_queue.core.prices import Prices
+from opt_queue.jobflow.producer import submit
+from opt_queue.store.redis_conn import connect_async
+from opt_queue.sim.api import SimServer
 
 
 def chat(i: int, text: str = "hello", model: str = "gpt-4o-mini") -> dict:  # type: ignore[type-arg]

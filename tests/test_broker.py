@@ -12,16 +12,17 @@ from pathlib import Path
 import redis
 from conftest import queued_rows, seed_rows, write_jsonl
 
-from opt_queue import keys
-from opt_queue.answers import RowResult
-from opt_queue.app import configure
-from opt_queue.broker import DONE, HELD, TAKEN, Leases, LostRows, envelope, push, recover_stale
-from opt_queue.config import Config
-from opt_queue.dataset import iter_input
-from opt_queue.jobs import AsyncJob, Job
-from opt_queue.producer import enqueue, requeue
-from opt_queue.redis_conn import connect_async
-from opt_queue.tasks import rows
+from opt_queue.store import keys
+from opt_queue.core.answers import RowResult
+from opt_queue.queue.app import configure
+from opt_queue.queue.broker import LostRows, envelope, push, recover_stale
+from opt_queue.store.leases import DONE, HELD, TAKEN, Leases
+from opt_queue.core.config import Config
+from opt_queue.jobflow.dataset import iter_input
+from opt_queue.store.jobs import AsyncJob, Job
+from opt_queue.jobflow.producer import enqueue, requeue
+from opt_queue.store.redis_conn import connect_async
+from opt_queue.worker.tasks import rows
 
 
 def shape(message: dict) -> dict:

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import redis
 
-from opt_queue import keys as rkeys
-from opt_queue.limiter import Lease, Wait
+from opt_queue.store import keys as rkeys
+from opt_queue.limits.limiter import Lease, Wait
 from tests.test_limiter import T0, key, make  # noqa: F401  (the fixture)
 
 LIMIT = 100_000

@@ -10,8 +10,8 @@ import pytest
 import redis
 from conftest import TEST_KEY, cli, read_jsonl, seed_rows, start_cli, wait_for, write_config, write_jsonl
 
-from opt_queue import keys
-from opt_queue.simapi import SimServer
+from opt_queue.store import keys
+from opt_queue.sim.api import SimServer
 
 
 def no_traceback(result) -> None:  # type: ignore[no-untyped-def]

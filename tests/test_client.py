@@ -6,7 +6,7 @@ import pytest
 
 from opt_queue.providers import Kind, redact
 from opt_queue.providers.openai import classify_status, parse_duration, retry_after_seconds
-from opt_queue.tokens import char_estimate, estimate_tokens
+from opt_queue.core.tokens import char_estimate, estimate_tokens
 
 
 @pytest.mark.parametrize("text, seconds", [("12ms", 0.012), ("1.5s", 1.5), ("6m0s", 360.0),

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import os
 
-from opt_queue.simapi import SimServer, sim_answer
+from opt_queue.sim.api import SimServer, sim_answer
 
 MODEL = "gpt-3.5-turbo-0613"
 

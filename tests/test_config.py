@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from opt_queue.config import Limits, Window, fingerprint, load_config
-from opt_queue.errors import ConfigError
+from opt_queue.core.config import Limits, Window, fingerprint, load_config
+from opt_queue.core.errors import ConfigError
 
 SECRET = "sk-abcdefghijklmnopqrstuvwxyz0123456789"
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from opt_queue.dataset import (IndexSet, iter_input, merge, read_output, repair_tail, rewrite_output,
+from opt_queue.jobflow.dataset import (IndexSet, iter_input, merge, read_output, repair_tail, rewrite_output,
                                validate_input)
-from opt_queue.errors import InputError, OutputError
+from opt_queue.core.errors import InputError, OutputError
 
 
 def test_seed_rows_become_system_and_user_messages_and_int_index_becomes_string(tmp_path: Path) -> None:

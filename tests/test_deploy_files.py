@@ -15,8 +15,8 @@ import yaml
 from conftest import assert_complete, cli, seed_rows, write_config, write_jsonl
 from dotenv import dotenv_values
 
-from opt_queue.config import load_config
-from opt_queue.simapi import SimServer
+from opt_queue.core.config import load_config
+from opt_queue.sim.api import SimServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +80,7 @@ def test_the_entrypoint_runs_workers_flower_and_host_commands(tmp_path: Path) ->
 
     assert entry() == "opt-queue worker"
     assert entry("worker", "--concurrency", "64") == "opt-queue worker --concurrency 64"
-    assert entry("flower").startswith("celery -A opt_queue.app flower --port=5555 --persistent=True")
+    assert entry("flower").startswith("celery -A opt_queue.queue.app flower --port=5555 --persistent=True")
     assert entry("submit", "data.jsonl", "-o", "out.jsonl") == "opt-queue submit data.jsonl -o out.jsonl"
     assert entry("collect", "-o", "out.jsonl") == "opt-queue collect -o out.jsonl"
     assert entry("echo", "anything") == "anything"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from conftest import cli, read_jsonl, seed_rows, start_cli, write_config, write_jsonl
 
-from opt_queue.config import fingerprint
-from opt_queue.simapi import SimKey, SimServer
+from opt_queue.core.config import fingerprint
+from opt_queue.sim.api import SimKey, SimServer
 
 SLOW, FAST = "sk-slow-xxxxxxxxxxxxxxxxxxxxxxxx", "sk-fast-xxxxxxxxxxxxxxxxxxxxxxxx"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from opt_queue.cli import main
+from opt_queue.cli.commands import main
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

@@ -10,11 +10,11 @@ import pytest
 import redis
 from conftest import cli, read_jsonl, write_config, write_jsonl
 
-from opt_queue.config import Config
-from opt_queue.estimate import estimate
-from opt_queue.jobs import Job, job_id_for
-from opt_queue.prices import Price, Prices, Usage, dollars, nano
-from opt_queue.simapi import SimServer
+from opt_queue.core.config import Config
+from opt_queue.jobflow.estimate import estimate
+from opt_queue.store.jobs import Job, job_id_for
+from opt_queue.core.prices import Price, Prices, Usage, dollars, nano
+from opt_queue.sim.api import SimServer
 
 # one token = one hundredth of a cent in, two hundredths out: costs are easy to read
 PRICES = {"gpt-4o-mini": {"input": 100.0, "cached_input": 50.0, "output": 200.0}}
@@ -186,7 +186,7 @@ def test_workers_and_collect_serve_prometheus_metrics(
         tmp_path: Path, sim: SimServer, redis_url: str) -> None:
     from conftest import kill_group, start_cli, wait_for
 
-    from opt_queue.local import free_port
+    from opt_queue.jobflow.local import free_port
 
     sim.configure(latency=0.3)
     rows = english_rows(24)
@@ -236,7 +236,7 @@ def _up(port: int) -> bool:
 @pytest.mark.slow
 def test_identical_requests_are_paid_once_and_every_copy_gets_the_answer(
         tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
-    from opt_queue.simapi import sim_answer
+    from opt_queue.sim.api import sim_answer
 
     rows = english_rows(95)
     # 5% repeat another row; the copies come first in the input, before the rows they repeat
@@ -331,7 +331,7 @@ def test_estimate_lists_rows_too_long_for_the_context_and_probes_limits_for_the_
         tmp_path: Path, sim: SimServer) -> None:
     from conftest import TEST_KEY
 
-    from opt_queue.simapi import SimKey
+    from opt_queue.sim.api import SimKey
 
     sim.configure(keys=[SimKey(TEST_KEY, rpm=600, tpm=60_000)])
     rows = english_rows(6) + [{"index": "long", "instruction": "Summarize", "input": "word " * 3000}]

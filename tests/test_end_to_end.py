@@ -8,8 +8,8 @@ from pathlib import Path
 
 from conftest import TEST_KEY, cli, read_jsonl, write_config, write_jsonl
 
-from opt_queue.dataset import iter_input
-from opt_queue.simapi import SimServer, prompt_key, sim_answer
+from opt_queue.jobflow.dataset import iter_input
+from opt_queue.sim.api import SimServer, prompt_key, sim_answer
 
 MODEL = "gpt-3.5-turbo-0613"
 

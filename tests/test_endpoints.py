@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from conftest import TEST_KEY, cli, read_jsonl, write_config, write_jsonl
 
-from opt_queue import answers, formats
-from opt_queue.answers import RowResult
-from opt_queue.dataset import read_output
-from opt_queue.request import BadLine, row_request
-from opt_queue.simapi import SimServer, sim_answer
-from opt_queue.tokens import estimate_tokens
+from opt_queue.core import answers, formats
+from opt_queue.core.answers import RowResult
+from opt_queue.jobflow.dataset import read_output
+from opt_queue.core.request import BadLine, row_request
+from opt_queue.sim.api import SimServer, sim_answer
+from opt_queue.core.tokens import estimate_tokens
 
 SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
           "required": ["title", "year"], "additionalProperties": False}

@@ -12,13 +12,13 @@ import pytest
 import redis
 from fakes import Call, FakeProvider, error, ok
 
-from opt_queue import keys as rkeys
-from opt_queue.answers import RowResult
-from opt_queue.config import Config
-from opt_queue.engine import Engine
-from opt_queue.jobs import Job
-from opt_queue.prices import nano
-from opt_queue.redis_conn import connect_async
+from opt_queue.store import keys as rkeys
+from opt_queue.core.answers import RowResult
+from opt_queue.core.config import Config
+from opt_queue.engine.engine import Engine
+from opt_queue.store.jobs import Job
+from opt_queue.core.prices import nano
+from opt_queue.store.redis_conn import connect_async
 
 MODEL = "gpt-4o-mini"
 KEYS = [f"sk-policy-{i}-0123456789abcdefghijklmn" for i in range(3)]

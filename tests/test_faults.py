@@ -16,11 +16,11 @@ import redis
 from conftest import (assert_complete, cli, kill_group, lines_in, queued_rows, read_jsonl, seed_rows, start_cli,
                       wait_for, write_config, write_jsonl)
 
-from opt_queue import keys
-from opt_queue.dataset import iter_input, read_output
-from opt_queue.jobs import Job, job_id_for
-from opt_queue.local import EmbeddedRedis
-from opt_queue.simapi import SimServer
+from opt_queue.store import keys
+from opt_queue.jobflow.dataset import iter_input, read_output
+from opt_queue.store.jobs import Job, job_id_for
+from opt_queue.jobflow.local import EmbeddedRedis
+from opt_queue.sim.api import SimServer
 
 MODEL = "gpt-3.5-turbo-0613"
 pytestmark = pytest.mark.slow

@@ -11,9 +11,9 @@ from pathlib import Path
 import redis
 from conftest import cli, read_jsonl, seed_rows, write_config, write_jsonl
 
-from opt_queue import keys
-from opt_queue.broker import _rows_of
-from opt_queue.simapi import SimServer
+from opt_queue.store import keys
+from opt_queue.queue.broker import _rows_of
+from opt_queue.sim.api import SimServer
 
 
 @contextmanager

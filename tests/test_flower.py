@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import TEST_KEY, cli, seed_rows, wait_for, write_config, write_jsonl
 
-from opt_queue.local import free_port
-from opt_queue.simapi import SimServer
+from opt_queue.jobflow.local import free_port
+from opt_queue.sim.api import SimServer
 
 AUTH = "admin:s3cret-flower"
 
@@ -38,7 +38,7 @@ def test_flower_lists_workers_and_tasks_without_keys_and_refuses_anonymous(
         tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     env = dict(os.environ, OPT_QUEUE_BROKER_URL=redis_url)
-    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "opt_queue.app", "flower",
+    flower = subprocess.Popen([sys.executable, "-m", "celery", "-A", "opt_queue.queue.app", "flower",
                                f"--port={port}", "--address=127.0.0.1", f"--basic-auth={AUTH}"],
                               env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "flower.log", "wb"))
     base = f"http://127.0.0.1:{port}"
@@ -90,7 +90,7 @@ def test_two_workers_on_one_host_have_distinct_names(tmp_path: Path, sim: SimSer
     """Started without --hostname, as a user starts them: Flower shows each worker by its name."""
     from conftest import kill_group, start_cli
 
-    from opt_queue.app import app, configure
+    from opt_queue.queue.app import app, configure
 
     config = write_config(tmp_path / "config.json", sim, broker_url=redis_url)
     procs = [start_cli("worker", "-c", str(config), "--concurrency", "2", log=tmp_path / f"w{i}.log")

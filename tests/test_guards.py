@@ -13,15 +13,15 @@ import pytest
 import redis
 from conftest import TEST_KEY, read_jsonl, seed_rows, write_jsonl
 
-from opt_queue import keys
-from opt_queue.answers import RowResult
-from opt_queue.broker import Leases
-from opt_queue.collector import Collector
-from opt_queue.config import Config
-from opt_queue.engine import DUPLICATE, HANDED_BACK, PUBLISHED, Engine
-from opt_queue.jobs import AsyncJob, Job
-from opt_queue.redis_conn import connect_async
-from opt_queue.simapi import SimServer
+from opt_queue.store import keys
+from opt_queue.core.answers import RowResult
+from opt_queue.store.leases import Leases
+from opt_queue.jobflow.collector import Collector
+from opt_queue.core.config import Config
+from opt_queue.engine.engine import DUPLICATE, HANDED_BACK, PUBLISHED, Engine
+from opt_queue.store.jobs import AsyncJob, Job
+from opt_queue.store.redis_conn import connect_async
+from opt_queue.sim.api import SimServer
 
 MODEL = "gpt-3.5-turbo-0613"
 
@@ -136,7 +136,7 @@ def test_entries_delivered_but_never_seen_are_read_again(redis_url: str, rclient
     """A Redis restart can lose the reply of a read after Redis recorded the delivery, and redis-py
     then runs the read again by itself: the entry is delivered to the collector and never seen. Such
     entries are read again once the stream has been quiet for a while."""
-    from opt_queue.collector import ResultStream
+    from opt_queue.jobflow.collector import ResultStream
 
     stream = ResultStream(rclient, "lost-reply")
     stream.pending_every = 0.6

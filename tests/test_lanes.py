@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import TEST_KEY, cli, kill_group, read_jsonl, wait_for, write_config, write_jsonl
 
-from opt_queue.simapi import SimKey, SimServer
+from opt_queue.sim.api import SimKey, SimServer
 
 PRICES = {"gpt-4o-mini": {"input": 100.0, "output": 200.0}}
 
@@ -252,8 +252,8 @@ def test_cancel_cancels_the_batches_keeps_their_answers_and_a_rerun_finishes(
 @pytest.mark.slow
 def test_a_budget_holds_in_the_batch_lane_and_a_higher_one_finishes(
         tmp_path: Path, sim: SimServer, redis_url: str, rclient, workers) -> None:  # type: ignore[no-untyped-def]
-    from opt_queue.jobs import Job, job_id_for
-    from opt_queue.prices import dollars
+    from opt_queue.store.jobs import Job, job_id_for
+    from opt_queue.core.prices import dollars
 
     sim.configure(batch_delay=0.5)
     data = write_jsonl(tmp_path / "data.jsonl", rows(24))

@@ -1,10 +1,13 @@
-"""The package's import graph has no circle: every import of one opt_queue module by another is
-counted, at module level, inside functions and under ``TYPE_CHECKING`` alike, so that each module
-can be read (and moved) knowing only the ones below it."""
+"""The package's layout holds: its import graph has no circle and no package imports one above it
+in the layering (every import of one opt_queue module by another is counted, at module level,
+inside functions and under ``TYPE_CHECKING`` alike), so that each room can be read knowing only
+the ones below it; and the engine runs without Celery."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import opt_queue
@@ -34,7 +37,7 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
         else:
             continue
         for name in names:
-            while name and name not in modules:  # opt_queue.jobs.Job -> opt_queue.jobs
+            while name and name not in modules:  # opt_queue.store.jobs.Job -> opt_queue.store.jobs
                 name = name.rpartition(".")[0]
             if name and name != here and name != "opt_queue":  # the package's face imports no room
                 found.add(name)
@@ -85,15 +88,54 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
 def test_the_finder_sees_a_circle_and_every_kind_of_import(tmp_path: Path) -> None:
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert circles({"a": {"b"}, "b": set()}) == []
-    sample = PACKAGE / "request.py"  # a module that imports no other room: the test reads others'
+    sample = PACKAGE / "core" / "request.py"  # a module that imports no other room: the test reads others'
     graph = import_graph()
-    assert graph[module_name(sample)] <= {"opt_queue.errors"}
-    assert "opt_queue.jobs" in graph["opt_queue.engine"]  # from opt_queue.jobs import ...
-    assert "opt_queue.keys" in graph["opt_queue.jobs"]  # from opt_queue import keys
-    assert "opt_queue.runner" in graph["opt_queue.ui"]  # an import inside a function counts
-    assert "opt_queue.answers" in graph["opt_queue.formats"]  # so does one under TYPE_CHECKING
+    assert graph[module_name(sample)] <= {"opt_queue.core.errors"}
+    assert "opt_queue.store.jobs" in graph["opt_queue.engine.engine"]  # from opt_queue.store.jobs import ...
+    assert "opt_queue.store.keys" in graph["opt_queue.store.jobs"]  # from opt_queue import keys
+    assert "opt_queue.jobflow.runner" in graph["opt_queue.cli.ui"]  # an import inside a function counts
+    assert "opt_queue.core.answers" in graph["opt_queue.core.formats"]  # so does one under TYPE_CHECKING
 
 
 def test_no_module_imports_itself_back_through_others() -> None:
     found = circles(import_graph())
     assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+LAYERS = [
+    {"core"},                        # requests, answers, formats, tokens, prices, config, errors
+    {"store", "providers", "sim"},   # Redis; the APIs; the simulated API
+    {"limits"},                      # windows, budgets, admission queues
+    {"engine"},                      # a worker's rows: the error policy
+    {"queue"},                       # Celery, kombu, task messages, recovery
+    {"lanes"},                       # the Batch API lane
+    {"worker"},                      # the Celery task on the engine
+    {"jobflow"},                     # submit, collect, run, estimate, status
+    {"cli"},                         # the command line
+    {"compat", "__main__"},          # the original toolkit's API; python -m opt_queue
+    {""},                            # the package's face (opt_queue/__init__.py)
+]
+
+
+def layer(module: str) -> int:
+    room = module.split(".")[1] if "." in module else ""
+    return next(n for n, rooms in enumerate(LAYERS) if room in rooms)
+
+
+def test_no_package_imports_one_above_it_or_beside_it() -> None:
+    wrong = sorted(f"{a} -> {b}" for a, deps in import_graph().items() for b in deps
+                   if a.split(".")[:2] != b.split(".")[:2] and layer(b) >= layer(a))
+    assert not wrong, "imports against the layering (README: project layout): " + "; ".join(wrong)
+
+
+def test_every_package_is_on_a_layer() -> None:
+    rooms = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    rooms |= {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    assert rooms <= set().union(*LAYERS), f"rooms on no layer: {rooms - set().union(*LAYERS)}"
+
+
+def test_the_engine_runs_without_celery() -> None:
+    code = ("import sys, opt_queue.engine.engine, opt_queue.providers.openai\n"
+            "print(sorted(m for m in ('celery', 'kombu') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
 
-from opt_queue.config import ApiKey, Config, Limits, fingerprint
-from opt_queue.limiter import (
+from opt_queue.core.config import ApiKey, Config, Limits, fingerprint
+from opt_queue.limits.limiter import (
     CEILING,
     DISCOVER,
     FIXED,
@@ -313,8 +313,8 @@ def test_limiter_matches_the_sliding_log_model(redis_url: str, rclient: redis.Re
 # -- the job's budget, reserved and settled with the admission ----------------------------------
 def test_a_budget_reserves_worst_cases_waits_for_settlements_then_says_it_is_reached(
         make, rclient: redis.Redis) -> None:  # type: ignore[no-untyped-def]
-    from opt_queue.limiter import Budget, BudgetReached
-    from opt_queue.prices import Usage
+    from opt_queue.limits.limiter import Budget, BudgetReached
+    from opt_queue.core.prices import Usage
 
     meta = "oq:{budget-test}:meta"
     rclient.delete(meta)
@@ -356,8 +356,8 @@ def test_the_clock_is_calibrated_before_the_first_stamp(redis_url: str) -> None:
     would put the first stamps hundreds of ms late; the calibration's quiet round trips replace it."""
     import time
 
-    from opt_queue.limiter import RedisClock
-    from opt_queue.redis_conn import connect_async
+    from opt_queue.limits.limiter import RedisClock
+    from opt_queue.store.redis_conn import connect_async
 
     async def go() -> tuple[int, int]:
         client = connect_async(redis_url, max_connections=2)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import TEST_KEY, kill_group, read_jsonl, seed_rows, start_cli, wait_for, write_config, write_jsonl
 
-from opt_queue.dataset import iter_input
-from opt_queue.local import EmbeddedRedis
-from opt_queue.simapi import SimConfig, SimKey, SimServer, sim_answer
+from opt_queue.jobflow.dataset import iter_input
+from opt_queue.jobflow.local import EmbeddedRedis
+from opt_queue.sim.api import SimConfig, SimKey, SimServer, sim_answer
 
 MODEL = "gpt-3.5-turbo-0613"
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import TEST_KEY, cli, read_jsonl, seed_rows, write_config, write_jsonl
 
-from opt_queue.config import fingerprint
-from opt_queue.simapi import SimKey, SimServer
+from opt_queue.core.config import fingerprint
+from opt_queue.sim.api import SimKey, SimServer
 
 MODEL = "gpt-3.5-turbo-0613"
 
@@ -70,7 +70,7 @@ def test_an_unreachable_api_base_stops_the_job_before_it_pays(tmp_path: Path, si
     the api_base and the error; no row is null (they stay unanswered); a key on a reachable base
     serves the job as usual. A timeout on a reachable server stays a transient error (see
     test_transient_errors_are_retried_then_null_with_the_reason)."""
-    from opt_queue.local import free_port
+    from opt_queue.jobflow.local import free_port
 
     dead_base = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     data = write_jsonl(tmp_path / "data.jsonl", seed_rows(10))

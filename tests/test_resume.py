@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import assert_complete, cli, kill_group, lines_in, seed_rows, start_cli, wait_for, write_config, write_jsonl
 
-from opt_queue.dataset import iter_input, read_output
-from opt_queue.simapi import SimServer, prompt_key
+from opt_queue.jobflow.dataset import iter_input, read_output
+from opt_queue.sim.api import SimServer, prompt_key
 
 MODEL = "gpt-3.5-turbo-0613"
 

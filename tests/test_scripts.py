@@ -11,8 +11,8 @@ import pytest
 import redis
 import redis.asyncio
 
-from opt_queue.redis_conn import connect_async
-from opt_queue.scripts import queue, run_pipeline, run_script, scripts_for
+from opt_queue.store.redis_conn import connect_async
+from opt_queue.store.scripts import queue, run_pipeline, run_script, scripts_for
 
 
 def _run(coro: Any) -> Any:

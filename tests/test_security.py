@@ -9,9 +9,9 @@ from pathlib import Path
 import redis
 from conftest import cli, queued_rows, seed_rows, write_config, write_jsonl
 
-from opt_queue.config import fingerprint
-from opt_queue.local import LocalWorkers
-from opt_queue.simapi import SimKey, SimServer
+from opt_queue.core.config import fingerprint
+from opt_queue.jobflow.local import LocalWorkers
+from opt_queue.sim.api import SimKey, SimServer
 
 GOOD = "sk-proj-GOODgoodGOODgood1234567890abcdef"
 REVOKED = "sk-proj-REVOKEDrevokedREVOKED0987654321"

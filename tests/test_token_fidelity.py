@@ -19,8 +19,8 @@ import pytest
 import redis
 from conftest import cli, read_jsonl, write_config, write_jsonl
 
-from opt_queue import keys as rkeys
-from opt_queue.simapi import DEFAULT_MODELS, SimKey, SimServer, _Request
+from opt_queue.store import keys as rkeys
+from opt_queue.sim.api import DEFAULT_MODELS, SimKey, SimServer, _Request
 
 KEYS = ["sk-tok-a-xxxxxxxxxxxxxxxxxxxxxxxx", "sk-tok-b-xxxxxxxxxxxxxxxxxxxxxxxx"]
 TEXT = ("The committee reviewed the quarterly figures and asked for a short summary of the risks. "
@@ -63,7 +63,7 @@ def test_token_bound_rows_fill_the_servers_window_however_it_counts(
     assert max(peaks.values()) <= limit
     # what the fleet learned, in Redis: the server's count over opt-queue's, for each key's scope
     est_prompt = per_row - MAX_TOKENS  # as the server counts
-    from opt_queue.tokens import estimate_parts
+    from opt_queue.core.tokens import estimate_parts
 
     ratio = est_prompt / estimate_parts(body)[0]
     for scope in rclient.hkeys(rkeys.KNOWN_SCOPES):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from opt_queue.tokens import (
+from opt_queue.core.tokens import (
     IMAGE_TOKENS,
     char_estimate,
     context_window,
@@ -91,7 +91,7 @@ def test_counting_loads_one_vocabulary_not_the_whole_package(tmp_path) -> None:
     import subprocess
     import sys
 
-    code = ("import sys; from opt_queue.tokens import counter; n = counter('gpt-4o')('hello world'); "
+    code = ("import sys; from opt_queue.core.tokens import counter; n = counter('gpt-4o')('hello world'); "
             "print(n, 'bpe_openai.compat' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["2", "False"]

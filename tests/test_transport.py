@@ -8,7 +8,7 @@ import sys
 
 from kombu import Connection
 
-from opt_queue.transport import NAME, Channel
+from opt_queue.queue.transport import NAME, Channel
 
 
 def test_a_channel_hands_out_one_client_until_its_pool_changes(redis_url: str) -> None:
@@ -34,7 +34,7 @@ def test_a_channel_hands_out_one_client_until_its_pool_changes(redis_url: str) -
 
 
 def test_the_app_uses_it_for_plain_redis_urls_only() -> None:
-    code = ("import sys; from opt_queue.app import app, configure; out = []\n"
+    code = ("import sys; from opt_queue.queue.app import app, configure; out = []\n"
             "for url in sys.argv[1:]:\n"
             "    configure(url); out.append(str(app.conf.broker_transport))\n"
             "print(' '.join(out))")

@@ -15,10 +15,10 @@ import redis
 from conftest import (assert_complete, cli, kill_group, lines_in, read_jsonl, seed_rows, start_cli, wait_for,
                       write_config, write_jsonl)
 
-from opt_queue import keys
-from opt_queue.dataset import iter_input
-from opt_queue.jobs import job_id_for
-from opt_queue.simapi import SimServer, prompt_key
+from opt_queue.store import keys
+from opt_queue.jobflow.dataset import iter_input
+from opt_queue.store.jobs import job_id_for
+from opt_queue.sim.api import SimServer, prompt_key
 
 MODEL = "gpt-3.5-turbo-0613"
 
@@ -107,8 +107,8 @@ def test_rows_a_collector_writes_while_a_submit_runs_are_not_sent_again(tmp_path
     """A re-run's submit reads output.jsonl, then claims rows batch by batch; a collector beside it
     (``run`` starts one) writes the answers an earlier run left in Redis meanwhile. Those rows are
     on disk by the time the submit claims them: they must not be taken for lines gone missing."""
-    from opt_queue.answers import RowResult
-    from opt_queue.jobs import Job
+    from opt_queue.core.answers import RowResult
+    from opt_queue.store.jobs import Job
 
     data = write_jsonl(tmp_path / "data.jsonl", seed_rows(40))
     out = tmp_path / "output.jsonl"
@@ -241,9 +241,9 @@ def test_a_batch_with_a_redis_error_and_a_handed_back_row_finishes_both(
     """One task of three rows: "0" is answered at once, "1" waits for the key's next window past
     its task's hold (handed back), "x" meets a Redis error (its model's only key has limiter state
     of the wrong type) until the test mends it. Both "1" and "x" must finish, each paid once."""
-    from opt_queue.config import fingerprint
-    from opt_queue.limiter import scope_name
-    from opt_queue.simapi import SimKey
+    from opt_queue.core.config import fingerprint
+    from opt_queue.limits.limiter import scope_name
+    from opt_queue.sim.api import SimKey
 
     slow, other = "sk-test-slow-0123456789abcdefghij", "sk-test-other-0123456789abcdefgh"
     sim.configure(keys=[SimKey(slow), SimKey(other)])

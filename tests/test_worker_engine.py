@@ -12,12 +12,12 @@ import pytest
 import redis
 from conftest import assert_complete, cli, seed_rows, write_config, write_jsonl
 
-from opt_queue.config import Config
-from opt_queue.engine import Engine
-from opt_queue.jobs import Job
-from opt_queue.redis_conn import connect_async
-from opt_queue.request import CHAT_URL
-from opt_queue.simapi import SimKey, SimServer
+from opt_queue.core.config import Config
+from opt_queue.engine.engine import Engine
+from opt_queue.store.jobs import Job
+from opt_queue.store.redis_conn import connect_async
+from opt_queue.core.request import CHAT_URL
+from opt_queue.sim.api import SimKey, SimServer
 
 MODEL = "gpt-3.5-turbo-0613"
 TEST_KEY = "sk-test-engine-0123456789abcdefghij"
@@ -96,8 +96,8 @@ def test_a_row_that_fails_for_good_does_not_hold_back_its_batch(sim: SimServer, 
 
 
 def _results(client: redis.Redis, job_id: str) -> list:  # type: ignore[type-arg]
-    from opt_queue import keys
-    from opt_queue.answers import RowResult
+    from opt_queue.store import keys
+    from opt_queue.core.answers import RowResult
 
     return [RowResult.from_fields(fields) for _, fields in client.xrange(keys.job_results(job_id))]
 
@@ -126,7 +126,7 @@ def test_the_send_hook_fires_once_just_before_the_request_leaves(sim: SimServer)
 
 
 def test_redis_clock_reads_redis_time_locally(rclient: redis.Redis) -> None:
-    from opt_queue.limiter import RedisClock
+    from opt_queue.limits.limiter import RedisClock
 
     clock = RedisClock()
     assert clock.now_ms() is None
@@ -164,7 +164,7 @@ def test_azure_keys_and_extra_headers_go_through_the_sdk(sim: SimServer) -> None
     """An Azure-style key: the deployment URL, api-version and the api-key header, as the SDK's
     AsyncAzureOpenAI sends them; a plain key's extra headers reach the server."""
     from opt_queue.providers import openai as api
-    from opt_queue.config import Config
+    from opt_queue.core.config import Config
 
     azure_key, plain_key = "sk-azure-0123456789abcdefghijkl", "sk-plain-0123456789abcdefghijkl"
     sim.configure(keys=[SimKey(azure_key), SimKey(plain_key)])

@@ -10,7 +10,7 @@ case "${1:-worker}" in
     ;;
   flower)
     shift
-    exec celery -A opt_queue.app flower --port="${FLOWER_PORT:-5555}" --persistent=True \
+    exec celery -A opt_queue.queue.app flower --port="${FLOWER_PORT:-5555}" --persistent=True \
       --db=/data/flower.db --state_save_interval=60000 "$@"
     ;;
   submit|collect|status|run|reset|merge|demo|sim)

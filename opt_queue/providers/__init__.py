@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from opt_queue.providers.base import FINAL_KINDS, Answer, CallFailed, Failure, Kind, Provider, redact
 
 if TYPE_CHECKING:
-    from opt_queue.config import Config
+    from opt_queue.core.config import Config
 
 __all__ = ["FINAL_KINDS", "Answer", "CallFailed", "Failure", "Kind", "Provider", "for_config", "redact"]
 

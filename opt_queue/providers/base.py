@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from opt_queue import answers
-from opt_queue.config import ApiKey
+from opt_queue.core import answers
+from opt_queue.core.config import ApiKey
 
 
 class Kind(enum.Enum):

@@ -36,10 +36,11 @@ try:
 except ImportError:  # pragma: no cover - SDKs on httpx
     from httpx import Response as _HttpResponse  # type: ignore[no-redef]
 
-from opt_queue import __version__, answers
-from opt_queue.config import ApiKey
+from opt_queue import __version__
+from opt_queue.core import answers
+from opt_queue.core.config import ApiKey
 from opt_queue.providers.base import Answer, CallFailed, Failure, Kind
-from opt_queue.request import ENDPOINTS
+from opt_queue.core.request import ENDPOINTS
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}

@@ -1,0 +1,2 @@
+"""The `opt-queue` command (commands), its terminal display (ui) and the demo (demo).
+"""

@@ -1,0 +1,503 @@
+"""JSONL in and out, with no Redis and no network: input rows, output state, atomic rewrites.
+
+The input formats and what a row asks for are ``request``'s; the shapes of output lines are
+``formats``' (reading here is format-blind: an answer, or null).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from opt_queue.core import formats
+from opt_queue.core.errors import InputError, OutputError
+from opt_queue.core.request import CHAT_URL, SEED, BadLine, detect, index_number, row_request
+
+MAX_PROBLEMS_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class Row:
+    """One valid input row: its position, its index, and the request it asks for."""
+
+    seq: int
+    line: int
+    index: str
+    body: dict[str, Any]
+    raw: dict[str, Any]
+    url: str = CHAT_URL
+    """The endpoint (``/v1/chat/completions`` unless a Batch-format row names another)."""
+
+
+def _decode_lines(fh: BinaryIO, digest: Any = None) -> Iterator[tuple[int, str | None, str | None]]:
+    """Yield ``(line number, text, problem)`` for each non-blank line; handles BOM and CRLF.
+    ``digest`` (a hashlib object), when given, is fed every byte of the file."""
+    for number, raw in enumerate(fh, 1):
+        if digest is not None:
+            digest.update(raw)
+        if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        raw = raw.rstrip(b"\r\n")
+        if not raw.strip():
+            continue
+        try:
+            yield number, raw.decode("utf-8"), None
+        except UnicodeDecodeError as exc:
+            yield number, None, f"not valid UTF-8 (byte {exc.start})"
+
+
+def iter_input(path: str | os.PathLike[str], *, skip_bad: bool = False,
+               bad: list[tuple[int, str]] | None = None, digest: Any = None) -> Iterator[Row]:
+    """Stream the rows of an input file.
+
+    A bad line raises :class:`InputError` at once unless ``skip_bad``, in which case it is
+    appended to ``bad`` and skipped. Duplicate indices are bad lines too (the first one wins).
+    """
+    fmt: str | None = None
+    seen = IndexSet()
+    seq = 0
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise InputError(str(path), [(0, f"cannot open: {exc.strerror}")]) from None
+    with fh:
+        for number, text, problem in _decode_lines(fh, digest):
+            try:
+                if problem:
+                    raise BadLine(problem)
+                try:
+                    obj = json.loads(text)  # type: ignore[arg-type]
+                except json.JSONDecodeError as exc:
+                    raise BadLine(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(obj, dict):
+                    raise BadLine(f"must be a JSON object, not {type(obj).__name__}")
+                fmt = fmt or detect(obj)
+                index, url, body = row_request(obj, fmt)
+                if not seen.add(index):  # the last check: a bad line's index is not taken
+                    raise BadLine(f"index {index!r} appears more than once")
+            except BadLine as exc:
+                if not skip_bad:
+                    raise InputError(str(path), [(number, str(exc))]) from None
+                if bad is not None:
+                    bad.append((number, str(exc)))
+                continue
+            yield Row(seq=seq, line=number, index=index, body=body, raw=obj, url=url)
+            seq += 1
+
+
+@dataclass
+class InputSummary:
+    """What :func:`validate_input` found."""
+
+    rows: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)
+    sha256: str = ""
+    """Fingerprint of the file's bytes: the job records which input it was submitted from."""
+    format: str = SEED
+    """The input format (``request.SEED``, ``CHAT`` or ``BATCH``), from the first row."""
+
+
+def validate_input(path: str | os.PathLike[str], *, skip_bad: bool = False) -> InputSummary:
+    """Read the whole file once; raise :class:`InputError` listing bad lines unless ``skip_bad``."""
+    summary = InputSummary()
+    digest = hashlib.sha256()
+    for row in iter_input(path, skip_bad=True, bad=summary.bad, digest=digest):
+        if summary.rows == 0:
+            summary.format = detect(row.raw)
+        summary.rows += 1
+    summary.sha256 = digest.hexdigest()
+    if summary.bad and not skip_bad:
+        raise InputError(str(path), summary.bad[:MAX_PROBLEMS_SHOWN], total=len(summary.bad))
+    if summary.rows == 0 and not summary.bad:
+        raise InputError(str(path), [(0, "the file holds no rows")])
+    return summary
+
+
+def iter_indices(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield the indices of the valid rows of an input file, in order."""
+    for row in iter_input(path, skip_bad=True):
+        yield row.index
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def beside(output: str | os.PathLike[str], suffix: str) -> Path:
+    """A file beside the output: ``output.jsonl`` -> ``output<suffix>`` (``.errors.jsonl``, ``.worker.log``)."""
+    p = Path(output)
+    return p.with_name(p.name[: -len(".jsonl")] + suffix if p.name.endswith(".jsonl") else p.name + suffix)
+
+
+def errors_path(output: str | os.PathLike[str]) -> Path:
+    """``output.errors.jsonl`` beside ``output.jsonl``: why each null is null."""
+    return beside(output, ".errors.jsonl")
+
+
+@dataclass
+class FinalFailure:
+    """A null that retrying the same request cannot help (``jobs.RowResult.retryable``)."""
+
+    reason: str
+    request: str | None
+
+
+def final_failures(output: str | os.PathLike[str], nulls: Any) -> dict[str, FinalFailure]:
+    """The nulls among ``nulls`` whose last reason in the errors file says that sending the same
+    request again cannot help (a context length, a content filter, a schema that the answers kept
+    missing), by index. A re-run leaves them null unless their request changed."""
+    path = errors_path(output)
+    found: dict[str, FinalFailure] = {}
+    if not nulls or not path.exists():
+        return found
+    with open(path, "rb") as fh:
+        for raw in fh:
+            try:
+                entry = _DECODE(raw.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                continue  # a torn last line
+            index = formats.error_index(entry)
+            if index is None or index not in nulls or entry.get("warning"):
+                continue
+            if entry.get("retryable") is False:
+                error = entry.get("error")
+                reason = entry.get("error_type") or (error.get("code") if isinstance(error, dict) else None)
+                found[index] = FinalFailure(str(reason or "unknown"), entry.get("request"))
+            else:
+                found.pop(index, None)  # a later line says it can be retried
+    return found
+
+
+def check_writable(output: str | os.PathLike[str]) -> None:
+    """Raise :class:`OutputError` unless ``output`` (and the files beside it: errors, lock, state)
+    can be written: checked before anything is enqueued or paid for."""
+    p = Path(output)
+    if p.is_dir():
+        raise OutputError(f"{p} is a directory; give -o a file name such as {p / 'output.jsonl'}")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the directory {p.parent} for {p.name} ({exc.strerror}); "
+                          f"choose another -o or fix its permissions") from None
+    try:  # a real write (mode bits say nothing to root, nor about read-only mounts)
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=p.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"cannot write {p}: the directory {p.parent} is not writable ({exc.strerror}); "
+                          f"choose another -o or fix its permissions") from None
+    if p.exists():
+        try:
+            open(p, "ab").close()
+        except OSError as exc:
+            raise OutputError(f"cannot write {p} ({exc.strerror}); fix its permissions (chmod u+w {p})") from None
+
+
+_DECODE = json.JSONDecoder().decode
+
+
+def _parse_output_line(path: Path, number: int, raw: bytes) -> tuple[str, Any]:
+    try:
+        obj = _DECODE(raw.decode("utf-8-sig"))  # json.loads(bytes) spends a third again guessing
+    except (ValueError, UnicodeDecodeError):
+        obj = None
+    parsed = formats.parse(obj)
+    if parsed is None:
+        raise OutputError(f"{path}:{number}: this line is not an opt-queue output line "
+                          f'({{"<index>": "answer"}} or a Batch-format line); is {path} the right output file?')
+    return parsed
+
+
+def output_format(path: str | os.PathLike[str], lines: int = 1000) -> str | None:
+    """The format of an existing output file (``formats``), from its first line that shows it (a
+    null of the seed and full formats does not), among its first ``lines``; None when none does."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    with open(p, "rb") as fh:
+        for number, raw in enumerate(fh):
+            if number >= lines:
+                break
+            if raw.strip():
+                try:
+                    found = formats.format_of(_DECODE(raw.decode("utf-8-sig")))
+                except (ValueError, UnicodeDecodeError):
+                    return None
+                if found is not None:
+                    return found
+    return None
+
+
+def repair_tail(path: str | os.PathLike[str]) -> int:
+    """Cut a half-written last line (a crash mid-write); return how many bytes were removed."""
+    p = Path(path)
+    if not p.exists():
+        return 0
+    size = p.stat().st_size
+    if size == 0:
+        return 0
+    with open(p, "rb+") as fh:
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return 0
+        back = min(size, 1 << 16)
+        while True:
+            fh.seek(size - back)
+            chunk = fh.read(back)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0 or back == size:
+                keep = size - back + cut + 1 if cut >= 0 else 0
+                break
+            back = min(size, back * 4)
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return size - keep
+
+
+
+
+class IndexSet:
+    """A set of row indices that costs one bit for a small decimal index ("0", "17": the usual
+    case, up to 2**24) and a string for any other, so a million-row job's sets take kilobytes."""
+
+    __slots__ = ("_bits", "_count", "_other")
+
+    def __init__(self, items: Iterable[str] = ()) -> None:
+        self._bits = bytearray()
+        self._other: set[str] = set()
+        self._count = 0
+        for index in items:
+            self.add(index)
+
+    _number = staticmethod(index_number)
+
+    def add(self, index: str) -> bool:
+        """Add ``index``; return whether it was new."""
+        n = self._number(index)
+        if n is None:
+            if index in self._other:
+                return False
+            self._other.add(index)
+            self._count += 1
+            return True
+        byte, bit = divmod(n, 8)
+        if byte >= len(self._bits):
+            self._bits.extend(bytes(max(byte + 1, 2 * len(self._bits)) - len(self._bits)))
+        if self._bits[byte] >> bit & 1:
+            return False
+        self._bits[byte] |= 1 << bit
+        self._count += 1
+        return True
+
+    def discard(self, index: str) -> None:
+        n = self._number(index)
+        if n is None:
+            if index in self._other:
+                self._other.discard(index)
+                self._count -= 1
+            return
+        byte, bit = divmod(n, 8)
+        if byte < len(self._bits) and self._bits[byte] >> bit & 1:
+            self._bits[byte] &= ~(1 << bit) & 0xFF
+            self._count -= 1
+
+    def __contains__(self, index: object) -> bool:
+        if not isinstance(index, str):
+            return False
+        n = self._number(index)
+        if n is None:
+            return index in self._other
+        byte, bit = divmod(n, 8)
+        return byte < len(self._bits) and bool(self._bits[byte] >> bit & 1)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[str]:
+        for byte, value in enumerate(self._bits):
+            if value:
+                for bit in range(8):
+                    if value >> bit & 1:
+                        yield str(8 * byte + bit)
+        yield from self._other
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (IndexSet, set, frozenset)):
+            return len(self) == len(other) and all(i in self for i in other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"<IndexSet of {self._count}>"
+
+
+@dataclass
+class OutputState:
+    """Which indices an output file answers, which are null, and (when asked for) where each
+    line lives."""
+
+    answered: IndexSet = field(default_factory=IndexSet)
+    nulls: IndexSet = field(default_factory=IndexSet)
+    offsets: dict[str, tuple[int, int]] | None = field(default_factory=dict)
+    end: int = 0
+    """Bytes of the file read so far (up to its last complete line)."""
+    inode: int | None = None
+    """The file read: a rewrite (temp file + rename) is another file, read again from its start."""
+
+    def has(self, index: str) -> bool:
+        return index in self.answered or index in self.nulls
+
+    def record(self, index: str, answer: Any, offset: int = -1, length: int = 0) -> bool:
+        """Note one line; return False when it adds nothing (the index is already answered)."""
+        if answer is None:
+            if index in self.answered or not self.nulls.add(index):
+                return False
+        else:
+            if not self.answered.add(index):
+                return False
+            if self.nulls:
+                self.nulls.discard(index)
+        if self.offsets is not None:
+            self.offsets[index] = (offset, length)
+        return True
+
+
+def read_output(path: str | os.PathLike[str], *, repair: bool = True, offsets: bool = True) -> OutputState:
+    """Read an output file (missing means empty). An answer beats a null for the same index.
+
+    Without ``offsets`` (the producer's case) no per-line position is kept, so the memory stays
+    that of two :class:`IndexSet`.
+    """
+    p = Path(path)
+    state = OutputState(offsets={} if offsets else None)
+    if not p.exists():
+        return state
+    if repair:
+        repair_tail(p)
+    _read_lines(p, state, whole=True)
+    return state
+
+
+def _read_lines(p: Path, state: OutputState, whole: bool = False) -> None:
+    """Record the lines of ``p`` from ``state.end`` on. Unless ``whole``, a last line with no
+    newline yet (a collector is writing it) is left for the next read."""
+    with open(p, "rb") as fh:
+        state.inode = os.fstat(fh.fileno()).st_ino
+        fh.seek(state.end)
+        offset = state.end
+        for number, raw in enumerate(fh, 1):
+            if not whole and not raw.endswith(b"\n"):
+                break
+            length = len(raw)
+            if raw.strip():
+                index, answer = _parse_output_line(p, number, raw)
+                state.record(index, answer, offset, length)
+            offset += length
+        state.end = offset
+
+
+def catch_up(path: str | os.PathLike[str], state: OutputState) -> OutputState:
+    """Bring ``state`` (from :func:`read_output`) up to date with the lines a collector appended
+    to ``path`` since; a file rewritten meanwhile is read again whole. Returns the state."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return state
+    if st.st_ino != state.inode or st.st_size < state.end:
+        fresh = OutputState(offsets={} if state.offsets is not None else None)
+        _read_lines(p, fresh)
+        return fresh
+    if st.st_size > state.end:
+        _read_lines(p, state)
+    return state
+
+
+def atomic_write(path: str | os.PathLike[str], lines: Iterator[str] | Iterator[bytes],
+                 binary: bool = False) -> None:
+    """Write ``lines`` to a temporary file beside ``path``, fsync it, then rename over ``path``."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=p.name + ".", suffix=".tmp", dir=p.parent or ".")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as fh:
+            for line in lines:
+                fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(p.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rewrite_output(output: str | os.PathLike[str], order: Iterator[str]) -> tuple[int, int]:
+    """Rewrite ``output`` with one line per index of ``order``, taken from its current lines.
+
+    Returns ``(lines written, indices missing)``; missing indices are left out.
+    """
+    state = read_output(output)
+    offsets = state.offsets or {}
+    written = missing = 0
+
+    def lines() -> Iterator[bytes]:
+        nonlocal written, missing
+        with open(output, "rb") as src:
+            for index in order:
+                where = offsets.get(index)
+                if where is None:
+                    missing += 1
+                    continue
+                src.seek(where[0])
+                written += 1
+                yield src.read(where[1])
+
+    atomic_write(output, lines(), binary=True)
+    return written, missing
+
+
+def merge(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
+          merged_path: str | os.PathLike[str]) -> int:
+    """Write the input rows, each with its ``"output"``, as one JSON array (indent 4)."""
+    answers: dict[str, Any] = {}
+    p = Path(output_path)
+    if p.exists():
+        with open(p, "rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                if raw.strip():
+                    index, answer = _parse_output_line(p, number, raw)
+                    if answer is not None or index not in answers:
+                        answers[index] = answer
+    count = 0
+
+    def chunks() -> Iterator[str]:
+        nonlocal count
+        yield "["
+        for row in iter_input(input_path, skip_bad=True):
+            item = dict(row.raw)
+            if "index" in item:
+                item["index"] = row.index
+            item["output"] = answers.get(row.index)
+            text = json.dumps(item, ensure_ascii=False, indent=4)
+            yield ("\n" if count == 0 else ",\n") + "    " + text.replace("\n", "\n    ")
+            count += 1
+        yield "\n]\n" if count else "]\n"
+
+    atomic_write(merged_path, chunks())
+    return count

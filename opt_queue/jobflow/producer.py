@@ -1,0 +1,349 @@
+"""Submit: validate the input, then enqueue the rows that output.jsonl does not answer yet
+(``rows_per_task`` rows to a task message). Rows are matched by index: the file is the truth."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from opt_queue.core import formats
+from opt_queue.lanes.chunks import ChunkWriter, cutover_at, wake
+from opt_queue.queue.broker import declare_queue, envelope, push
+from opt_queue.core.config import Config
+from opt_queue.jobflow.dataset import (
+    InputSummary,
+    Row,
+    FinalFailure,
+    catch_up,
+    final_failures,
+    iter_input,
+    output_format,
+    read_output,
+    validate_input,
+)
+from opt_queue.core.errors import Interrupted, JobStopped, OutputError
+from opt_queue.jobflow.estimate import sync_seconds
+from opt_queue.store.jobs import STOPPED, Job
+from opt_queue.core.prices import nano
+from opt_queue.core.request import CHAT_URL, failure_key, paid_once, request_body, request_hash
+from opt_queue.core.tokens import estimate_tokens
+
+log = logging.getLogger(__name__)
+BATCH = 1000
+
+
+@dataclass
+class SubmitReport:
+    """What a submit did."""
+
+    job: str
+    total: int = 0
+    enqueued: int = 0
+    answered: int = 0
+    queued: int = 0
+    """Rows queued or in flight already (an earlier submit's)."""
+    uncollected: int = 0
+    """Rows finished but not written to the output yet: ``collect`` writes them."""
+    retried_nulls: int = 0
+    copies: int = 0
+    """Rows whose request is identical to a row being sent: they get its answer, unpaid."""
+    repeats_sent: int = 0
+    """Rows that repeat the request of another row of this submit and are sent all the same: they
+    sample (see ``request.samples``), so each is its own draw."""
+    resent: int = 0
+    """Rows collected before whose line output.jsonl no longer has."""
+    failed_kept: Counter[str] = field(default_factory=Counter)
+    """Nulls not sent again, by reason: the same request would fail the same way (``--retry-failed``)."""
+    bad_lines: int = 0
+    input_changed: bool = False
+    chunks: int = 0
+    """Batch lane: the Batch API input files the rows were written into."""
+    sync_seconds: float | None = None
+    """Deadline: how long the rows would take synchronously at the keys' configured limits."""
+    cutover_at: float | None = None
+    """Deadline: when the batch lane hands what is not back to the synchronous lane (epoch s)."""
+
+    @property
+    def skipped(self) -> int:
+        return self.answered + self.queued + self.uncollected + sum(self.failed_kept.values())
+
+    def describe(self) -> str:
+        """One line for the user."""
+        files = f" in {self.chunks} batch files" if self.chunks else ""
+        text = (f"enqueued {self.enqueued} rows{files}, skipped {self.skipped} ({self.answered} already "
+                f"answered, {self.queued} already queued")
+        if self.uncollected:
+            text += f", {self.uncollected} finished and waiting for collect"
+        if self.failed_kept:
+            reasons = ", ".join(f"{n} {why}" for why, n in self.failed_kept.most_common())
+            text += (f", {sum(self.failed_kept.values())} nulls kept ({reasons}): the same request would fail "
+                     f"again; --retry-failed sends them")
+        text += ")"
+        if self.retried_nulls:
+            text += f", {self.retried_nulls} nulls retried"
+        if self.resent:
+            text += f", {self.resent} sent again because output.jsonl no longer has them"
+        if self.copies:
+            text += f"; {self.copies} rows repeat another row's request and get its answer, unpaid"
+        if self.repeats_sent:
+            text += (f"; {self.repeats_sent} rows repeat another row's request and are each sent (they "
+                     f"sample: temperature unset or above 0, or n > 1; \"dedupe\": true pays them once)")
+        return text
+
+
+def task_row(row: Row, config: Config, url: bool = False) -> list[Any]:
+    """A row as a task carries it: ``[index, request]``, or ``[index, request, url]`` for an
+    endpoint other than chat completions (or always, with ``url``)."""
+    body = request_body(row.url, row.body, config.model.name, config.model.params, config.lane)
+    return [row.index, body] if row.url == CHAT_URL and not url else [row.index, body, row.url]
+
+
+def task_options(config: Config, output: str = formats.SEED) -> dict[str, Any]:
+    """Job-wide options that travel with every task: the fallback model, the output format."""
+    options: dict[str, Any] = {"fallback": config.model.fallback} if config.model.fallback else {}
+    if output != formats.SEED:
+        options["output"] = output
+    return options
+
+
+def envelopes(job_id: str, rows: list[Row], config: Config, output: str = formats.SEED) -> list[str]:
+    """Task messages for ``rows``: ``config.rows_per_task`` rows to a task, in input order."""
+    options = task_options(config, output)
+    size = config.rows_per_task
+    return [envelope(job_id, [task_row(r, config) for r in rows[i:i + size]], options)
+            for i in range(0, len(rows), size)]
+
+
+def job_output_format(config: Config, summary: InputSummary, output_path: str | os.PathLike[str]) -> str:
+    """The job's output format (``config.output_format``, else the input's default), checked
+    against the lines ``output_path`` already holds: one file, one format."""
+    wanted = formats.resolve(config.output_format, summary.format)
+    found = output_format(output_path)
+    if found is not None and found != wanted:
+        raise OutputError(f"{output_path} holds {found}-format lines and this run would write {wanted}; "
+                          f"use --output-format {found} to go on with it, or write to another -o")
+    return wanted
+
+
+def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
+    batch: list[Row] = []
+    for r in rows:
+        batch.append(r)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
+           output_path: str | os.PathLike[str], config: Config, *, skip_bad: bool = False,
+           on_progress: Callable[[int, int], None] | None = None,
+           validated: InputSummary | None = None,
+           on_wait: Callable[[int], None] | None = None,
+           should_stop: Callable[[], bool] = lambda: False) -> SubmitReport:
+    """Enqueue every row of ``input_path`` that ``output_path`` lacks or holds as null.
+
+    Validates the whole input first (nothing is enqueued when a line is bad, unless ``skip_bad``).
+    Rows are matched by index, so the input may have been edited since the last submit. Rows
+    queued, in flight or finished but not yet collected are not enqueued twice. Safe to run
+    again at any time. ``should_stop`` is asked between batches: when it says so, the rows claimed
+    and not enqueued are given back and :class:`Interrupted` is raised.
+    """
+    summary = validated or validate_input(input_path, skip_bad=skip_bad)
+    output = job_output_format(config, summary, output_path)
+    state = read_output(output_path, offsets=False)
+    before = Job(client, job_id).meta().get("input_sha256")
+
+    first_nulls = set(state.nulls)
+
+    def on_disk(indices: set[str]) -> set[str]:
+        # A collector may be writing this output while we submit (``run`` starts one beside us; a
+        # fleet's ``collect --follow``): rows it acknowledged after our read look collected and
+        # missing to the claim. Their lines are on disk now (a collector fsyncs before it
+        # acknowledges): an answer, or a null where the file had none.
+        nonlocal state
+        state = catch_up(output_path, state)
+        return {i for i in indices if i in state.answered or (i in state.nulls and i not in first_nulls)}
+
+    meta = {"input": str(Path(input_path).resolve()), "output": str(Path(output_path).resolve()),
+            "input_sha256": summary.sha256}
+    keep = {} if config.retry_failed else final_failures(output_path, state.nulls)
+    report = enqueue(client, job_id, iter_input(input_path, skip_bad=skip_bad), summary.rows, config,
+                     answered=state.answered, nulls=state.nulls, keep=keep, on_progress=on_progress,
+                     bad_lines=len(summary.bad), on_wait=on_wait, output_format=output, on_disk=on_disk,
+                     should_stop=should_stop, **meta)
+    report.input_changed = before is not None and before != summary.sha256
+    return report
+
+
+def requeue(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str], config: Config,
+            indices: set[str]) -> int:
+    """Enqueue ``indices`` again from the input file (their task messages were lost)."""
+    rows = [r for r in iter_input(input_path, skip_bad=True) if r.index in indices]
+    output = Job(client, job_id).meta().get("output_format") or formats.SEED
+    push(client, envelopes(job_id, rows, config, output))
+    return len(rows)
+
+
+def _release_quietly(job: Job, indices: list[str]) -> None:
+    """Best effort: unclaim rows whose tasks were never pushed, so the next submit sends them."""
+    try:
+        for index in indices:
+            job.release(index)
+    except Exception:  # Redis is gone too: the collector finds such rows once the job stalls
+        log.warning("could not give back %d claimed rows of job %s; the collector enqueues them "
+                    "again once Redis is back", len(indices), job.id)
+
+
+def _unless_failed_for_good(batch: list[Row], wanted: list[str], keep: Mapping[str, FinalFailure],
+                            config: Config, report: SubmitReport) -> list[str]:
+    """``wanted`` without the rows whose last null is final and whose request is the same now."""
+    kept: set[str] = set()
+    for r in batch:
+        failed = keep.get(r.index)
+        if failed is None:
+            continue
+        now = failure_key(r.url, request_body(r.url, r.body, config.model.name, config.model.params, config.lane),
+                          config.model.fallback)
+        if failed.request is None or failed.request == now:
+            kept.add(r.index)
+            report.failed_kept[failed.reason] += 1
+    return [i for i in wanted if i not in kept] if kept else wanted
+
+
+def _dedupe(job: Job, rows: list[Row], config: Config, sampled: set[bytes], report: SubmitReport) -> set[str]:
+    """Register the rows whose identical requests are paid once (``request.paid_once``); return
+    those that became copies of a row being sent. Rows repeating a request that samples are counted
+    in ``report.repeats_sent`` (``sampled`` holds what this submit saw)."""
+    once: list[tuple[str, str]] = []
+    for r in rows:
+        body = request_body(r.url, r.body, config.model.name, config.model.params, config.lane)
+        digest = request_hash(r.url, body)
+        if paid_once(config.dedupe, r.url, body):
+            once.append((r.index, digest))
+        elif config.dedupe is None:
+            raw = bytes.fromhex(digest[:16])
+            report.repeats_sent += raw in sampled
+            sampled.add(raw)
+    copies = job.dedupe(once) if once else set()
+    report.copies += len(copies)
+    return copies
+
+
+def _wait_for_room(job: Job, max_queued: int, wanted: int, on_wait: Callable[[int], None] | None,
+                   should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Flow control: block while the job already has ``max_queued`` rows queued or in flight."""
+    while True:
+        outstanding = job.progress().outstanding
+        if outstanding + wanted <= max_queued or should_stop():
+            return
+        if on_wait:
+            on_wait(outstanding)
+        time.sleep(0.2)
+
+
+def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, config: Config, *,
+            answered: Container[str] | None = None, nulls: Container[str] | None = None,
+            on_progress: Callable[[int, int], None] | None = None, bad_lines: int = 0,
+            on_wait: Callable[[int], None] | None = None, output_format: str = formats.SEED,
+            on_disk: Callable[[set[str]], set[str]] | None = None,
+            should_stop: Callable[[], bool] = lambda: False,
+            keep: Mapping[str, FinalFailure] | None = None, **meta: str) -> SubmitReport:
+    """Claim and enqueue ``rows`` (skipping ``answered``; ``nulls`` are retried) for job ``job_id``.
+
+    At most ``config.max_queued`` rows of the job sit in Redis at once: the rest wait here until
+    rows finish, so Redis memory stays flat however large the input. Raises :class:`JobStopped`
+    when the job is stopped meanwhile (every key retired, a wrong model): nothing more is sent.
+    ``keep``: nulls that retrying cannot help (``dataset.final_failures``); they are sent again only
+    when their request changed.
+    """
+    # The batch lane's rows wait in chunks for the provider's batches, hours perhaps: they are not
+    # held back by max_queued (their files are in Redis until their batch is sent).
+    max_queued = config.max_queued if config.lane != "batch" else 0
+    answered, nulls = answered or set(), nulls or set()
+    job = Job(client, job_id)
+    if job.exists() and job.progress().outstanding == 0:
+        job.clear_reservations()  # budget shares of workers that died holding them
+    now = time.time()
+    job.begin_submit(total=total, model=config.model.name, output_format=output_format,
+                     max_cost_nano=nano(config.max_cost), max_tokens_total=config.max_tokens_total or 0,
+                     lane=config.lane, deadline_at=now + config.deadline if config.deadline else "",
+                     cutover_at=cutover_at(config.deadline, now) if config.deadline else "", **meta)
+    needed = [0, 0]  # deadline: rows and tokens the batch lane takes, to size the synchronous reserve
+    report = SubmitReport(job=job_id, total=total, bad_lines=bad_lines)
+    writer = (ChunkWriter(client, job_id, config, task_options(config, output_format))
+              if config.lane == "batch" else None)
+    wake(client, job_id, now=False)  # chunks of an earlier submit whose next step Redis lost
+    done = 0
+    sampled: set[bytes] = set()  # digests of the requests sent each time they repeat (they sample)
+    declare_queue()
+    try:
+        for batch in _batches(iter(rows), min(BATCH, max_queued) if max_queued else BATCH):
+            wanted = [r.index for r in batch if r.index not in answered]
+            report.answered += len(batch) - len(wanted)
+            if keep:
+                wanted = _unless_failed_for_good(batch, wanted, keep, config, report)
+            if max_queued:
+                _wait_for_room(job, max_queued, len(wanted), on_wait, should_stop)
+            if should_stop():
+                raise Interrupted("submit interrupted")
+            if job.status() == STOPPED:
+                raise JobStopped(f"job {job_id} stopped: {job.meta().get('reason', '')}")
+            claim = job.claim(wanted)
+            report.queued += claim.busy
+            report.uncollected += claim.pending
+            claimed = set(claim.claimed)
+            if claim.redone and on_disk is not None:
+                written = on_disk(claim.redone)  # collected meanwhile: on disk, not missing
+                job.unclaim(written)
+                claimed -= written
+                claim.redone -= written
+                report.answered += len(written)
+            fresh = [r for r in batch if r.index in claimed]
+            report.retried_nulls += sum(r.index in nulls for r in fresh)
+            report.resent += sum(r.index in claim.redone and r.index not in nulls for r in fresh)
+            if fresh and config.dedupe is not False:
+                copies = _dedupe(job, fresh, config, sampled, report)
+                fresh = [r for r in fresh if r.index not in copies]
+            try:
+                if writer is not None:
+                    for r in fresh:
+                        index, body, url = task_row(r, config, url=True)
+                        writer.add(index, body, url)
+                        if config.deadline:
+                            needed[0] += 1
+                            needed[1] += estimate_tokens(body, url)
+                else:
+                    push(client, envelopes(job_id, fresh, config, output_format))
+                report.enqueued += len(fresh)
+            except BaseException:  # Ctrl-C or Redis gone between claim and push: give the rows back
+                _release_quietly(job, sorted({r.index for r in fresh} | set(writer.held() if writer else ())))
+                raise
+            done += len(batch)
+            if on_progress:
+                on_progress(done, total)
+        if writer is not None:
+            try:
+                writer.flush()
+            except BaseException:
+                _release_quietly(job, writer.held())
+                raise
+            report.chunks = writer.chunks
+        if config.deadline:
+            report.sync_seconds = sync_seconds(config, config.model.name, *needed)
+            report.cutover_at = cutover_at(config.deadline, now, report.sync_seconds)
+            job.client.hset(job.meta_key, "cutover_at", report.cutover_at)
+    finally:
+        job.end_submit()
+    log.info("job %s: %d rows enqueued, %d already answered, %d already queued, %d awaiting collection",
+             job_id, report.enqueued, report.answered, report.queued, report.uncollected)
+    return report

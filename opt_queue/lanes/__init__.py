@@ -1,0 +1,3 @@
+"""The Batch API lane: chunks of rows written for batches (chunks), and the batches' submit side and
+worker side (batchlane).
+"""

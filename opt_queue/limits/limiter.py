@@ -1,0 +1,643 @@
+"""Shared per-key rate limits in Redis: one atomic admission per API call, on Redis' clock.
+
+Algorithm: a **sliding log** per window (``lua/acquire.lua``). Each admission is a member of a
+sorted set scored by Redis' ``TIME``; a request is admitted only if, for every window of the key,
+the admissions of the last ``period + margin`` plus this one stay within the limit. Why a log and
+not the alternatives:
+
+* GCRA / token buckets allow a full burst and then the steady rate, so a window of the configured
+  length can hold almost twice the limit; a 3 RPM key would meet 429s.
+* A sliding-window *counter* is an approximation that lets a window exceed its limit at the
+  boundary between two fixed windows.
+* A fixed window either admits 2x the limit across a boundary or, made conservative, gives a
+  3 RPM key only 2 requests in some minutes.
+
+The log is exact: no window of the configured length ever holds more than the limit, from the
+first request of a job on, and a key with 3 RPM gets exactly 3 requests in every minute. Its cost is
+one sorted-set entry per admission per window (bounded by the limit), and token windows keep a
+running sum so that a check is O(log n) plus the entries it expires.
+
+**Scopes.** Limits belong to an organization and a model: the unit of pacing is a *scope*, one
+bucket (a key, or a ``group`` of keys sharing one budget) for one model, with its own windows and
+state.
+
+**Where a limit comes from** (:func:`window_plan`, pure): a window the config gives is a ceiling
+the user chose; the window of the *header period* (a minute, the unit of the server's
+``x-ratelimit-limit-requests`` / ``-tokens``) that the config does not give is *discovered*: it
+takes the last value the headers said, up or down (``lua/learn.lua``), which expires after
+``learned_limits_ttl`` and is read again from the next response, so an upgrade is seen during a
+long job. Before anything is learned, a discovered window has the configured default
+(``default_limits``; none by default) and the scope is probed (below). A server that sends no
+headers teaches by its 429s: the limit an OpenAI-style message states, else half of what the window
+held when it refused.
+
+**Large limits are paced within the minute**: OpenAI may enforce 60,000 RPM as 1,000 a second, so a
+request limit of :data:`PACE_ABOVE` or more per header period also holds over every 1/60 of it
+(limit/60, rounded up). A 503 ``slow_down`` halves every per-minute limit of the scope, which then
+ramps back linearly over two header periods.
+
+An admission is first **reserved** (it counts, and cannot expire) and then **stamped** with the
+moment its request was sent, on Redis' clock (``lua/stamp.lua``; the worker reads that moment
+locally with :class:`RedisClock` right before the request body is written): the server counts a
+request when it arrives, and under load a request can wait a long time for the event loop or a
+connection between admission and sending. The **safety margin** lengthens every window to cover the
+short, jittery delay between the send and the server's own count: ``safety_fraction`` of the
+window (1%) but at most ``safety_margin`` seconds (0.25 s), so it never gives away more than 1% of
+a window, short or long.
+
+One script call admits one request or several in order (a worker's queue of waiting rows,
+``admission.py``), reading each scope once. It looks at every bucket that serves the model up to a
+sample size (``ACQUIRE_SAMPLE`` for a row alone), else at a random sample of that many, so that its
+cost does not grow with the number of keys.
+
+**How the server counts** (:meth:`AsyncKeyPool.queue_calibrate`, ``lua/calibrate.lua``): servers
+count a prompt their own way (OpenAI's rate limiter about 4 characters a token whatever the
+language, a self-hosted server its model's tokenizer, a proxy anything), and an estimate that
+counts 3 times what the server counts leaves two thirds of the limit unused, one that counts half
+meets 429s. A response's ``x-ratelimit-limit-tokens`` and ``-remaining-tokens`` say how much the
+server had counted in its window when the request arrived; the limiter compares that with what it
+admitted on the scope in the same window (each admission's prompt estimate and completion cap are
+in its uid) and keeps a factor per scope (``tok_factor`` in its Redis state, so the whole fleet uses
+it) by which every later admission's prompt estimate is multiplied. Until a server has said
+anything the estimate holds (the scope's first request is a probe, so the factor is known before
+the burst); a server that sends no token headers keeps the estimate, and its usage above an
+admission's count raises it (``lua/settle.lua``; a smaller one gives nothing back, as on the
+server). Once a scope has a factor, the headers, not the bill, say what its windows hold.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opt_queue.store import keys as rkeys
+from opt_queue.core.config import ApiKey, Config, Limits
+from opt_queue.core.prices import Usage
+from opt_queue.store.scripts import queue, run_pipeline, run_script, scripts_for
+
+ACQUIRE_SAMPLE = 32
+"""Buckets one admission looks at: all of them up to this many, else a random sample of this many.
+The script's cost is linear in the buckets it checks; with a thousand keys a full scan per request
+made Redis the bottleneck (docs/benchmarks.md)."""
+SAMPLE_POLL = 2.0
+"""Longest wait after a sampled admission found no room (unsampled buckets may have some); the
+engine spreads such waits so that thousands of waiting rows do not poll Redis in step."""
+RESERVE_MS = 120_000
+"""How long an admission that was never sent (its worker died) holds its place before expiring."""
+ANSWERED_MS = 600_000
+"""A scope that answered (anything but a dead key's error) within this long takes any number of
+requests at once; otherwise it is probed: one request in flight until one answers, so a revoked or
+spent key costs one call, not a burst, whatever the number of workers."""
+PACE_ABOVE = 600
+"""A request limit of this many or more per header period (10 a second for a minute) is also
+enforced over every 1/:data:`PACE_DIVISOR` of the period, so that a large budget is not sent in
+one burst."""
+PACE_DIVISOR = 60
+CALIBRATE_WEIGHT = 0.4
+"""How far one observation of the server's counting moves a scope's factor (in log space) after the
+first, which is taken as it is."""
+CALIBRATE_EVERY = 0.2
+"""A worker sends at most one observation per scope this often (seconds), past its first few: each
+reads the scope's admissions of a header period in Redis."""
+CALIBRATE_FIRST = 5
+TOKENS_429_STEP = 1.1
+"""A tokens-per-minute 429 on a scope with a factor multiplies the factor by this (learn.lua)."""
+CALIBRATE_SLACK_MS = 250
+"""Requests sent this close to each other may reach the server in either order (calibrate.lua)."""
+LEARN_REFRESH_SHARE = 4
+"""A worker writes a limit the headers repeat once per ``learned_limits_ttl / 4`` (a changed one at
+once), so that a learned limit stays fresh while responses keep coming, at little cost."""
+
+FIXED, CEILING, DISCOVER, PACE = 0, 1, 2, 3
+"""Window modes: a configured window; the configured window of the header period (a learned limit
+may lower it); a discovered window (the learned limit, else the default); a pacing window."""
+MODE_NAMES = {FIXED: "configured", CEILING: "configured", DISCOVER: "discovered", PACE: "paced"}
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """One window of a scope: ``limit`` (the configured one, or a discovered window's default, 0
+    for none) units of ``dim`` (``req`` or ``tok``) in any ``period`` seconds."""
+
+    dim: str
+    period: float
+    limit: int
+    mode: int
+
+    @property
+    def period_ms(self) -> int:
+        return int(self.period * 1000)
+
+
+def window_plan(limits: Limits, header_period: float, default: Limits | None = None) -> tuple[WindowSpec, ...]:
+    """The windows of a scope whose configured limits are ``limits`` (pure). Request windows come
+    first (the stamp, cancel and settle scripts rely on that order)."""
+    default = default or Limits()
+    out: list[WindowSpec] = []
+    for dim, configured, defaults in (("req", limits.requests, default.requests),
+                                      ("tok", limits.tokens, default.tokens)):
+        periods = {w.period for w in configured}
+        for w in sorted(configured, key=lambda w: w.period):
+            out.append(WindowSpec(dim, w.period, w.limit, CEILING if w.period == header_period else FIXED))
+        if header_period not in periods:
+            start = next((w.limit for w in defaults if w.period == header_period), 0)
+            out.append(WindowSpec(dim, header_period, start, DISCOVER))
+        if dim == "req" and header_period / PACE_DIVISOR not in periods:
+            out.append(WindowSpec(dim, header_period / PACE_DIVISOR, 0, PACE))
+    return tuple(out)
+
+
+def window_source(dim: str, period: float, limit: int, mode: int, state: dict[str, str], now_ms: int,
+                  refresh_ms: int) -> dict[str, Any]:
+    """For ``status`` (pure): a window's limit as ``acquire.lua`` applies it without the slow-down
+    factor, where it came from and how long ago it was read (None for a pacing window, which
+    follows its header window, or a discovered one with no limit yet)."""
+    learned = int(state.get(f"learned:{dim}", 0))
+    at = int(state.get(f"learned_at:{dim}", 0))
+    fresh = learned > 0 and at + refresh_ms > now_ms
+    read = round((now_ms - at) / 1000, 1) if fresh else None
+    source = "learned from " + ("429s" if state.get(f"source:{dim}") == "429" else "headers")
+    if mode == CEILING and fresh and learned < limit:
+        got = {"limit": learned, "source": source + " (below the configured %d)" % limit, "read_s_ago": read}
+    elif mode in (FIXED, CEILING):
+        got = {"limit": limit, "source": "configured", "read_s_ago": None}
+    elif mode == DISCOVER and fresh:
+        got = {"limit": learned, "source": source, "read_s_ago": read}
+    elif mode == DISCOVER:
+        got = {"limit": limit or None, "source": "default" if limit else "not known yet", "read_s_ago": None}
+    else:
+        got = {"limit": None, "source": f"paced at 1/{PACE_DIVISOR} of the minute limit from {PACE_ABOVE}",
+               "read_s_ago": None}
+    return {"dim": dim, "period": period, "mode": MODE_NAMES[mode], **got}
+
+
+def margin_ms(period: float, fraction: float, cap: float) -> int:
+    """The safety margin of a window (pure): ``fraction`` of it, at most ``cap`` seconds."""
+    return int(min(cap, period * fraction) * 1000)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A granted admission: the key to call with and what to settle afterwards."""
+
+    key: ApiKey
+    uid: str
+    tokens: int
+    scope: str
+    windows: tuple[WindowSpec, ...]
+    at_ms: int = 0
+    budget: Budget | None = None
+    """The job budget's reservation this admission holds (settled by :meth:`AsyncKeyPool.queue_spend`)."""
+
+    @property
+    def nreq(self) -> int:
+        return sum(1 for w in self.windows if w.dim == "req")
+
+
+@dataclass(frozen=True)
+class Wait:
+    """No key can admit now; ``seconds`` until the earliest might (``exact``), or until it is
+    worth looking again (a sample of the keys was full; others may not be)."""
+
+    seconds: float
+    at_ms: int = 0
+    exact: bool = True
+    too_large: bool = False  # every sampled scope refused the request as larger than its window
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A request's share of its job's budget: reserved at admission in the same script that admits
+    it (``acquire.lua``), settled to the real cost after the call."""
+
+    key: str
+    """The job's meta hash (``max_cost_nano``, ``spent_nano``, ``reserved_nano``, ...)."""
+    cost_nano: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class BudgetReached:
+    """The job's budget has no room for this request, and no request of the job is in flight."""
+
+
+@dataclass(frozen=True)
+class Never:
+    """No key serving the model can ever admit a request this large (TPM window too small)."""
+
+    tokens: int
+
+
+@dataclass(frozen=True)
+class _AcquirePlan:
+    """One ``acquire.lua`` call: its keys and arguments, and how to read its reply."""
+
+    order: list[str]
+    cands: dict[str, list[ApiKey]]
+    keys: list[str]
+    args: list[Any]
+    model: str
+    asks: tuple[tuple[int, str, Budget | None], ...]
+    """Each request's tokens, admission uid and share of the job's budget, in order (the uid carries
+    the prompt's estimate and the completion's cap, for calibration)."""
+    new_scopes: tuple[str, ...] = ()
+
+
+def scope_name(bucket: str, model: str) -> str:
+    """The pacing unit: a bucket (key or group) for one model."""
+    return f"{bucket}/{model}"
+
+
+class AsyncKeyPool:
+    """The keys a worker process may use, paced by the shared state in Redis (``redis.asyncio``).
+
+    ``probe`` (seconds, usually the request timeout): how long a scope's probe may stay out before
+    another request may probe it (see :data:`ANSWERED_MS`); 0 turns probing off. ``now_ms``, when
+    set, replaces Redis' clock in every script (tests control time with it)."""
+
+    def __init__(self, client: Any, keys: list[ApiKey], *, margin: float = 0.25, fraction: float = 0.01,
+                 probe: float = 0.0, header_period: float = 60.0, default: Limits | None = None,
+                 refresh: float = 600.0) -> None:
+        self.client = client
+        self.keys = list(keys)
+        self.margin = margin
+        self.fraction = fraction
+        self.probe_ms = int(probe * 1000)
+        self.header_period = header_period
+        self.default = default or Limits()
+        self.refresh_ms = int(refresh * 1000)
+        self.now_ms: int | None = None
+        self.clock = RedisClock()
+        self._scripts = scripts_for(client)
+        self._rr = itertools.count()
+        self.buckets: dict[str, list[ApiKey]] = {}
+        for k in self.keys:
+            self.buckets.setdefault(k.bucket, []).append(k)
+        self._candidates: dict[tuple[str, frozenset[str]], dict[str, list[ApiKey]]] = {}
+        self._plans: dict[tuple[str, str], tuple[WindowSpec, ...]] = {}
+        self._fragments: dict[tuple[str, str], tuple[list[str], list[Any]]] = {}
+        self._learned: dict[str, tuple[dict[str, int], float]] = {}
+        self._calibrated: dict[str, tuple[int, float]] = {}  # per scope: observations sent, last one
+
+    @classmethod
+    def from_config(cls, client: Any, config: Config, keys: list[ApiKey] | None = None) -> AsyncKeyPool:
+        return cls(client, config.keys() if keys is None else keys, margin=config.safety_margin,
+                   fraction=config.safety_fraction, probe=config.request_timeout,
+                   header_period=config.header_period, default=config.default_limits,
+                   refresh=config.learned_limits_ttl)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {len(self.keys)} keys in {len(self.buckets)} buckets>"
+
+    async def describe(self) -> None:
+        """Describe the keys in Redis for ``status`` (fingerprints, never secrets); call once."""
+        pipe = self.client.pipeline()
+        for k in self.keys:
+            configured = str(k.limits) if k.limits.requests or k.limits.tokens else "none configured"
+            desc = {"bucket": k.bucket, "limits": configured, "models": list(k.models or []),
+                    "api_base": k.api_base}
+            pipe.hset(rkeys.KNOWN_KEYS, k.fingerprint, json.dumps(desc))
+        await pipe.execute()
+
+    # -- admission ------------------------------------------------------------------------------
+    def windows(self, bucket: str, model: str) -> tuple[WindowSpec, ...]:
+        """The windows of ``bucket`` for ``model`` (cached)."""
+        got = self._plans.get((bucket, model))
+        if got is None:
+            got = self._plans[(bucket, model)] = window_plan(
+                self.buckets[bucket][0].limits_for(model), self.header_period, self.default)
+        return got
+
+    def _fragment(self, bucket: str, model: str) -> tuple[list[str], list[Any]]:
+        """A scope's part of an admission's keys and arguments (cached: with a thousand keys an
+        admission samples 32 scopes, and formatting their keys anew each time cost the event loop
+        enough lag to delay sends)."""
+        got = self._fragments.get((bucket, model))
+        if got is None:
+            scope = scope_name(bucket, model)
+            specs = self.windows(bucket, model)
+            ks = [rkeys.bucket_state(scope)] + [rkeys.bucket_window(scope, w.dim, w.period) for w in specs]
+            args: list[Any] = [len(specs)]
+            for w in specs:
+                args += [int(w.dim == "tok"), w.limit, w.period_ms, w.mode,
+                         margin_ms(w.period, self.fraction, self.margin)]
+            got = self._fragments[(bucket, model)] = (ks, args)
+        return got
+
+    def candidates(self, model: str, exclude: set[str]) -> dict[str, list[ApiKey]]:
+        """Buckets with at least one usable key that serves ``model`` (cached: the answer only
+        changes when a key is retired, and computing it is linear in the number of keys)."""
+        ident = (model, frozenset(exclude))
+        out = self._candidates.get(ident)
+        if out is None:
+            out = {}
+            for bucket, members in self.buckets.items():
+                usable = [k for k in members if k.serves(model) and k.fingerprint not in exclude]
+                if usable:
+                    out[bucket] = usable
+            if len(self._candidates) > 256:
+                self._candidates.clear()
+            self._candidates[ident] = out
+        return out
+
+    def plan(self, model: str, tokens: int, exclude: set[str] | None = None,
+             budget: Budget | None = None, prompt: int = 0) -> _AcquirePlan | None:
+        """What an admission of one request needs (None when no usable key serves ``model`` at
+        all): queue it with :meth:`queue_acquire` and read its reply with :meth:`granted`. With
+        ``budget``, the job's budget must hold the request too, and the admission reserves its
+        share. ``prompt`` is the part of ``tokens`` that estimates the prompt (a scope that learned
+        how its server counts scales it; 0: the request is counted as ``tokens``)."""
+        return self.plan_many(model, [(tokens, budget, prompt)], exclude)
+
+    def plan_many(self, model: str, asks: Sequence[tuple[int, Budget | None, int]], exclude: set[str] | None = None,
+                  sample: int = ACQUIRE_SAMPLE) -> _AcquirePlan | None:
+        """An admission of several requests of ``model`` in one script call, in order, each with
+        its tokens, its share of the job's budget (all of one job, or all None) and its prompt's
+        part of the tokens; it looks at ``sample`` buckets."""
+        cands = self.candidates(model, exclude or set())
+        if not cands:
+            return None
+        # Ties in headroom go to a random bucket, not always the first; beyond the sample a random
+        # sample keeps the script's cost flat in the number of keys.
+        order = random.sample(list(cands), min(len(cands), sample))
+        new = tuple(scope_name(b, model) for b in order if (b, model) not in self._plans)
+        budget_key = next((b.key for _, b, _ in asks if b is not None), None)
+        prompts = [min(max(prompt, 0), tokens) for tokens, _, prompt in asks]
+        planned = tuple((tokens, f"{uuid.uuid4().hex[:16]}.{prompt}.{tokens - prompt}", budget)
+                        for (tokens, budget, _), prompt in zip(asks, prompts))
+        ks: list[str] = []
+        argv: list[Any] = [len(planned), len(order), RESERVE_MS, self.probe_ms, self.now_ms or 0,
+                           self.refresh_ms, PACE_ABOVE, int(self.header_period * 1000), int(budget_key is not None)]
+        for (tokens, uid, budget), prompt in zip(planned, prompts):
+            argv += [tokens, uid, budget.cost_nano if budget else 0, budget.tokens if budget else 0, prompt]
+        for bucket in order:
+            scope_keys, scope_args = self._fragment(bucket, model)
+            ks += scope_keys
+            argv += scope_args
+        if budget_key is not None:
+            ks.append(budget_key)
+        return _AcquirePlan(order, cands, ks, argv, model, planned, new)
+
+    def queue_acquire(self, plan: _AcquirePlan, pipe: Any) -> None:
+        """Queue the admission on ``pipe`` (see ``scripts.run_pipeline``)."""
+        for scope in plan.new_scopes:  # for status: which scopes exist, and their windows
+            bucket, model = scope.split("/", 1)
+            pipe.hset(rkeys.KNOWN_SCOPES, scope, json.dumps(
+                {"bucket": bucket, "model": model,
+                 "windows": [[w.dim, w.period, w.limit, w.mode] for w in self.windows(bucket, model)]}))
+        queue(pipe, self._scripts.acquire, plan.keys, plan.args)
+
+    def granted(self, plan: _AcquirePlan, reply: Any) -> Lease | Wait | Never | BudgetReached:
+        """Read the reply of a one-request admission."""
+        return self.granted_all(plan, reply)[0]
+
+    def granted_all(self, plan: _AcquirePlan, reply: Any) -> list[Lease | Wait | Never | BudgetReached]:
+        """Read an admission's reply: what each request got, in order, up to the first that waits
+        (the requests after it were not looked at, and wait too)."""
+        now_ms = int(reply[0])
+        sampled = len(plan.order) < len(plan.cands)  # buckets outside the sample may be free now
+        out: list[Lease | Wait | Never | BudgetReached] = []
+        for (tokens, uid, budget), status, value, charged in zip(plan.asks, reply[1::3], reply[2::3], reply[3::3]):
+            status, value, tokens = int(status), int(value), int(charged)
+            if status == 1:
+                bucket = plan.order[value - 1]
+                members = plan.cands[bucket]
+                key = members[next(self._rr) % len(members)]  # itertools.count is atomic under the GIL
+                out.append(Lease(key=key, uid=uid, tokens=tokens, scope=scope_name(bucket, plan.model),
+                                 windows=self.windows(bucket, plan.model), at_ms=now_ms, budget=budget))
+            elif status == -3:
+                out.append(BudgetReached())
+            elif status == -2:  # the budget waits for requests in flight to settle
+                out.append(Wait(value / 1000.0, now_ms, exact=False))
+            elif status == -1 and not sampled:
+                out.append(Never(tokens))
+            elif sampled:
+                seconds = value / 1000.0 if status == 0 else SAMPLE_POLL
+                out.append(Wait(min(seconds, SAMPLE_POLL), now_ms, exact=False, too_large=status == -1))
+            else:
+                out.append(Wait(value / 1000.0, now_ms))
+        return out
+
+    async def acquire(self, model: str, tokens: int, exclude: set[str] | None = None,
+                      budget: Budget | None = None, prompt: int = 0) -> Lease | Wait | Never | BudgetReached | None:
+        """Try to admit one request in its own round trip (the engine batches it with the row's
+        state instead); ``None`` when no usable key serves ``model`` at all."""
+        plan = self.plan(model, tokens, exclude, budget, prompt)
+        if plan is None:
+            return None
+        return (await self.run_acquire(plan))[0]
+
+    async def run_acquire(self, plan: _AcquirePlan) -> list[Lease | Wait | Never | BudgetReached]:
+        """Run an admission in its own round trip (coalesced with others of the same turn)."""
+        t0 = time.monotonic()
+        reply = (await run_pipeline(self.client, lambda pipe: self.queue_acquire(plan, pipe)))[-1]
+        self.clock.observe(t0, time.monotonic(), int(reply[0]))
+        return self.granted_all(plan, reply)
+
+    # -- after the admission --------------------------------------------------------------------
+    @staticmethod
+    def _window_keys(lease: Lease) -> list[str]:
+        """The lease's window sorted sets: request windows first, then token windows."""
+        return [rkeys.bucket_window(lease.scope, w.dim, w.period) for w in lease.windows]
+
+    async def stamp(self, lease: Lease, sent_ms: int | None = None) -> int:
+        """Start the lease's windows at ``sent_ms`` (when its request was sent, on Redis' clock:
+        see :class:`RedisClock`), else now; return the stamp (ms)."""
+        args: list[Any] = [lease.uid, lease.tokens, lease.nreq]
+        sent_ms = self.now_ms if self.now_ms is not None else sent_ms
+        if sent_ms is not None:
+            args += [sent_ms, lease.at_ms, int(self.now_ms is not None)]
+        return int(await run_script(self.client, self._scripts.stamp, self._window_keys(lease), args))
+
+    async def cancel(self, lease: Lease) -> None:
+        """Give back a lease whose request was never sent (and its share of the job's budget)."""
+        def fill(pipe: Any) -> None:
+            queue(pipe, self._scripts.cancel, [rkeys.bucket_state(lease.scope), *self._window_keys(lease)],
+                  [lease.uid, lease.tokens, lease.nreq, *[w.period_ms for w in lease.windows if w.dim == "tok"]])
+            self.queue_spend(lease, None, pipe)
+
+        await run_pipeline(self.client, fill)
+
+    def queue_spend(self, lease: Lease, usage: Usage | None, pipe: Any) -> None:
+        """Queue on ``pipe`` what a call cost (``usage``; None: nothing billed, e.g. an error): the
+        key's and the job's spend and tokens grow by it, then the job budget's reservation is
+        given back (in that order: a concurrent admission never sees the budget freer than it is)."""
+        if usage is not None:
+            stats = rkeys.key_stats(lease.key.fingerprint)
+            for target in (stats, *([lease.budget.key] if lease.budget else [])):
+                for name, value in usage.counters().items():
+                    if value:
+                        pipe.hincrby(target, name, value)
+        if lease.budget is not None:
+            pipe.hincrby(lease.budget.key, "reserved_nano", -lease.budget.cost_nano)
+            pipe.hincrby(lease.budget.key, "reserved_tokens", -lease.budget.tokens)
+
+    def queue_settle(self, lease: Lease, used_tokens: int, pipe: Any, refused: bool = False) -> None:
+        """Queue the settlement on ``pipe`` (sent with the row's result, in one round trip): a real
+        usage above what the admission counted raises it, unless the scope learned how its server
+        counts; a smaller one gives nothing back (the server counts a request's prompt and
+        ``max_tokens`` on arrival), so that the next request does not go in early. A request the
+        server ``refused`` (429) leaves calibration. The request is counted in the key's
+        statistics."""
+        toks = [w for w in lease.windows if w.dim == "tok"]
+        if toks and (used_tokens > lease.tokens or refused):
+            queue(pipe, self._scripts.settle,
+                  [rkeys.bucket_state(lease.scope)] + [rkeys.bucket_window(lease.scope, "tok", w.period) for w in toks],
+                  [lease.uid, lease.tokens, used_tokens, int(refused), *[w.period_ms for w in toks]])
+        stats = rkeys.key_stats(lease.key.fingerprint)
+        pipe.hincrby(stats, "requests", 1)
+        pipe.hincrby(stats, "tokens", max(used_tokens, 0))
+
+    async def settle(self, lease: Lease, used_tokens: int, usage: Usage | None = None,
+                     refused: bool = False) -> None:
+        """Settle the lease's tokens to the real usage (never down), count the request and what it
+        cost (``usage``; None: nothing billed), and give back its share of the job's budget."""
+        def fill(pipe: Any) -> None:
+            self.queue_settle(lease, used_tokens, pipe, refused)
+            self.queue_spend(lease, usage, pipe)
+
+        await run_pipeline(self.client, fill)
+
+    def _now(self) -> int | None:
+        return self.now_ms if self.now_ms is not None else self.clock.now_ms()
+
+    def queue_answered(self, lease: Lease, pipe: Any) -> None:
+        """The scope answered: no probing for a while (the time is Redis', read locally)."""
+        now = self._now()
+        if self.probe_ms and now is not None:
+            pipe.hset(rkeys.bucket_state(lease.scope), mapping={"answered_until": now + ANSWERED_MS,
+                                                                 "probe_until": 0})
+
+    async def answered(self, lease: Lease, alive: bool) -> None:
+        """After a failed call: an answer from a live key ends probing like a success; a
+        transient failure says nothing about the key, so it only lets another probe go."""
+        if not self.probe_ms:
+            return
+        if alive:
+            await run_pipeline(self.client, lambda pipe: self.queue_answered(lease, pipe))
+        else:
+            await self.client.hset(rkeys.bucket_state(lease.scope), "probe_until", 0)
+
+    async def count_error(self, key: ApiKey, reason: str) -> None:
+        await self.client.hincrby(rkeys.key_stats(key.fingerprint), f"error:{reason}", 1)
+
+    # -- what the server says -------------------------------------------------------------------
+    def _tell_call(self, lease: Lease, kind: str, cooldown: float = 0.0,
+                   server: dict[str, int] | None = None) -> tuple[list[str], list[Any]]:
+        server = server or {}
+        header = rkeys.bucket_window(lease.scope, "req", self.header_period)
+        return ([rkeys.bucket_state(lease.scope), header],
+                [kind, int(cooldown * 1000), server.get("requests", 0), server.get("tokens", 0),
+                 self.now_ms or 0, int(self.header_period * 1000), TOKENS_429_STEP])
+
+    async def _tell(self, lease: Lease, kind: str, cooldown: float = 0.0,
+                    server: dict[str, int] | None = None) -> int:
+        ks, args = self._tell_call(lease, kind, cooldown, server)
+        return int(await run_script(self.client, self._scripts.learn, ks, args))
+
+    def queue_learn(self, lease: Lease, server: dict[str, int], pipe: Any) -> bool:
+        """Queue on ``pipe`` the limits a response's ``x-ratelimit-limit-*`` headers give (up or
+        down), when they changed, or a few times per ``learned_limits_ttl`` while they do not
+        (the engine sends it with the row's result, before the scope is marked answered). Return
+        whether anything was queued."""
+        if not server:
+            return False
+        last = self._learned.get(lease.scope)
+        now = time.monotonic()
+        if last is not None and last[0] == server and now - last[1] < self.refresh_ms / 1000 / LEARN_REFRESH_SHARE:
+            return False
+        queue(pipe, self._scripts.learn, *self._tell_call(lease, "ok", 0.0, server))
+        self._learned[lease.scope] = (dict(server), now)
+        return True
+
+    def queue_calibrate(self, lease: Lease, sent_ms: int | None, window: tuple[int, int] | None,
+                        pipe: Any) -> bool:
+        """Queue on ``pipe`` an observation of how the scope's server counts tokens: ``window`` is
+        the response's ``(x-ratelimit-limit-tokens, -remaining-tokens)``, ``sent_ms`` the request's
+        stamp (see the module docstring). A worker sends its first few observations of a scope,
+        then one per :data:`CALIBRATE_EVERY`. Return whether one was queued."""
+        header = next((w for w in lease.windows if w.dim == "tok" and w.period == self.header_period), None)
+        if window is None or sent_ms is None or header is None or window[0] <= 0:
+            return False
+        sent, last = self._calibrated.get(lease.scope, (0, 0.0))
+        now = self.now_ms / 1000 if self.now_ms is not None else time.monotonic()  # tests move the clock
+        if sent >= CALIBRATE_FIRST and now - last < CALIBRATE_EVERY:
+            return False
+        self._calibrated[lease.scope] = (sent + 1, now)
+        queue(pipe, self._scripts.calibrate,
+              [rkeys.bucket_state(lease.scope), rkeys.bucket_window(lease.scope, "tok", header.period)],
+              [window[0], window[1], sent_ms, header.period_ms, CALIBRATE_WEIGHT, self.now_ms or 0, lease.uid,
+               CALIBRATE_SLACK_MS, lease.tokens, ANSWERED_MS])
+        return True
+
+    async def calibrate(self, lease: Lease, sent_ms: int | None, window: tuple[int, int] | None) -> None:
+        """:meth:`queue_calibrate` in its own round trip."""
+        await run_pipeline(self.client, lambda pipe: self.queue_calibrate(lease, sent_ms, window, pipe))
+
+    async def learn(self, lease: Lease, server: dict[str, int]) -> None:
+        """:meth:`queue_learn` in its own round trip."""
+        await run_pipeline(self.client, lambda pipe: self.queue_learn(lease, server, pipe))
+
+    async def cool(self, lease: Lease, seconds: float, server: dict[str, int] | None = None,
+                   tokens: bool = False) -> float:
+        """A 429: cool the scope for ``seconds`` and learn the limits the headers (or the message)
+        give, or, when there are none, half of what the window held when the server refused. A
+        refusal on ``tokens`` per minute where the limiter saw room says the server counts more
+        than the scope's factor: it grows by :data:`TOKENS_429_STEP`. Return the cooldown."""
+        self._learned.pop(lease.scope, None)
+        return await self._tell(lease, "429tok" if tokens else "429", seconds, server) / 1000.0
+
+    async def slow_down(self, lease: Lease) -> None:
+        """A 503 ``slow_down``: halve the scope's per-minute limits; they ramp back over two header
+        periods."""
+        await self._tell(lease, "slow")
+
+
+class RedisClock:
+    """Redis' clock (``TIME``, ms) read off this process's monotonic clock.
+
+    A request's stamp must be the moment its bytes leave, but a worker can only learn Redis' time
+    with a round trip, and on a busy event loop a round trip between stamping and sending delays
+    the send by the loop's lag (hundreds of ms in a burst of thousands of rows, past the safety
+    margin). So the worker reads the time locally at the send and maps it: every admission's reply
+    carries Redis' time, and the reply with the shortest round trip gives the offset (error at most
+    half that round trip; a sample ages by 5 ms per second so that a drifting clock is followed).
+    """
+
+    AGE_MS_PER_S = 5.0
+
+    def __init__(self) -> None:
+        self._offset_ms: float | None = None
+        self._rtt_ms = math.inf
+        self._at = 0.0
+
+    def observe(self, t0: float, t1: float, redis_ms: int) -> None:
+        """Note a Redis time read by a call sent at monotonic ``t0`` and answered at ``t1``."""
+        rtt_ms = (t1 - t0) * 1000
+        aged = self._rtt_ms + (t1 - self._at) * self.AGE_MS_PER_S
+        if rtt_ms <= aged:
+            self._offset_ms = redis_ms - (t0 + t1) * 500
+            self._rtt_ms, self._at = rtt_ms, t1
+
+    async def calibrate(self, client: Any, samples: int = 3) -> None:
+        """Read Redis' ``TIME`` a few times now, while the worker is idle: the first stamps of a
+        job are read off this offset. Without it they were read off the first admissions, which
+        wait behind a whole burst of rows (round trips of hundreds of ms, so an offset off by up to
+        half that)."""
+        for _ in range(samples):
+            t0 = time.monotonic()
+            seconds, micros = await client.time()
+            self.observe(t0, time.monotonic(), int(seconds) * 1000 + int(micros) // 1000)
+
+    def now_ms(self) -> int | None:
+        """Redis' time now, or None before the first observation."""
+        if self._offset_ms is None:
+            return None
+        return int(time.monotonic() * 1000 + self._offset_ms)

@@ -1,0 +1,74 @@
+"""The Celery application: Redis broker, late acks, I/O-bound defaults.
+
+The broker comes from :func:`configure` (the CLI calls it) or ``OPT_QUEUE_BROKER_URL``, so that
+``celery -A opt_queue.queue.app worker`` works too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from celery import Celery
+
+from opt_queue.store import keys
+
+DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
+
+app = Celery("opt_queue", include=["opt_queue.worker.tasks"])
+app.conf.update(
+    broker_url=os.environ.get("OPT_QUEUE_BROKER_URL", DEFAULT_BROKER),
+    task_default_queue=keys.QUEUE,
+    task_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    # A killed worker's rows are delivered again; publishing is idempotent by row, so that is safe.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    # One task of rows_per_task rows waits per pool thread: enough to keep rows flowing, few
+    # enough that the rows a worker holds stay close to its concurrency (fair among workers).
+    worker_prefetch_multiplier=1,
+    worker_send_task_events=False,  # `opt-queue worker --events` (the default) turns them on
+    task_send_sent_event=False,
+    broker_connection_retry_on_startup=True,
+    broker_connection_max_retries=None,
+    broker_transport_options=None,  # set below by configure()
+    worker_hijack_root_logger=False,
+    worker_enable_remote_control=True,
+)
+
+
+def task_slots(rows_in_flight: int, rows_per_task: int) -> int:
+    """Celery pool threads for a worker: twice the tasks it takes to fill ``rows_in_flight``.
+
+    The threads only wait on their batch (the rows run on the worker's event loop, which caps
+    them at ``rows_in_flight``); the spare half keeps the cap reached while a batch's last rows
+    finish.
+    """
+    return max(2, 2 * math.ceil(rows_in_flight / rows_per_task))
+
+
+def transport_options(visibility_timeout: int) -> dict[str, int]:
+    """Redis transport options: a killed worker's unacknowledged tasks go back to the queue once
+    ``visibility_timeout`` has passed, noticed by a sweep every few seconds (kombu's default sweep
+    runs a scan only every tenth 10-second tick, which left rows stranded for ~100 s). A worker
+    killed in the middle of a sweep leaves the sweep's lock behind: it expires after 15 s, not
+    kombu's 300 s."""
+    return {"visibility_timeout": visibility_timeout, "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1, "unacked_mutex_expire": 15}
+
+
+def configure(broker_url: str, visibility_timeout: int = 3600) -> Celery:
+    """Point the app at ``broker_url``; return it. A ``redis://`` broker uses kombu's Redis
+    transport with one client per channel (``transport.py``) unless ``OPT_QUEUE_STOCK_TRANSPORT``
+    is set."""
+    if app.conf.broker_url != broker_url:
+        app.close()  # drop pooled connections to the previous broker
+    app.conf.broker_url = broker_url
+    app.conf.broker_transport_options = transport_options(visibility_timeout)
+    plain = broker_url.startswith("redis://") and not os.environ.get("OPT_QUEUE_STOCK_TRANSPORT")
+    app.conf.broker_transport = "opt_queue.queue.transport:Transport" if plain else None
+    return app
+
+
+configure(app.conf.broker_url)

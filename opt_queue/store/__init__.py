@@ -1,0 +1,3 @@
+"""Everything opt-queue keeps in Redis: every key name (keys), a job's state and its row scripts
+(jobs), the Lua scripts and their round trips (scripts, lua/), connections (redis_conn).
+"""

@@ -1,0 +1,400 @@
+"""A job's state in Redis: its metadata, which rows are claimed and done, its results stream.
+
+A job is one output file (its id is derived from the output path unless named), fed by one input
+file. Rows are identified by their input ``index`` (see ``keys.slot``): an edited input (a fixed
+line, rows added, removed or reordered) keeps every row's state, and ``output.jsonl`` stays the
+truth: a row collected once and later missing or null on disk is claimed, and sent, again.
+A finished job's state expires (``state_ttl``); :meth:`Job.delete` forgets a job at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from opt_queue.store import keys
+from opt_queue.core.answers import RowResult
+from opt_queue.core.prices import dollars, money
+from opt_queue.core.request import index_number
+from opt_queue.store.scripts import queue, scripts_for
+
+log = logging.getLogger(__name__)
+RUNNING, STOPPED, COMPLETE = "running", "stopped", "complete"
+
+
+def job_id_for(output_path: str | os.PathLike[str], name: str | None = None) -> str:
+    """Return the job id: ``name`` when given, else a stable hash of the output's absolute path."""
+    if name:
+        if not all(c.isalnum() or c in "-_." for c in name):
+            raise ValueError("a job name may hold letters, digits, '-', '_' and '.' only")
+        return name
+    resolved = str(Path(output_path).resolve())
+    return Path(output_path).stem[:24] + "-" + hashlib.sha256(resolved.encode()).hexdigest()[:8]
+
+
+
+
+@dataclass
+class Progress:
+    """Counters of one job, read from its metadata."""
+
+    job: str
+    status: str = RUNNING
+    total: int = 0
+    claimed: int = 0
+    reported: int = 0
+    released: int = 0
+    nulls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    submitting: bool = False
+    reason: str = ""
+    meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def outstanding(self) -> int:
+        """Rows enqueued whose result has not been published yet."""
+        return max(0, self.claimed - self.reported - self.released)
+
+    def count(self, name: str) -> int:
+        return int(self.meta.get(name) or 0)
+
+    @property
+    def spend(self) -> dict[str, Any]:
+        """What every paid call of the job used and cost so far (all runs of it), its budget, and
+        the projected total: the spend per finished row times the rows of the job."""
+        spent = dollars(self.count("spent_nano"))
+        per_row = spent / self.reported if self.reported else None
+        return {"cost": spent, "calls": self.count("calls"), "unpriced_calls": self.count("unpriced_calls"),
+                "input_tokens": self.count("input_tokens"), "cached_tokens": self.count("cached_tokens"),
+                "output_tokens": self.count("output_tokens"), "reasoning_tokens": self.count("reasoning_tokens"),
+                "max_cost": dollars(self.count("max_cost_nano")) or None,
+                "max_tokens_total": self.count("max_tokens_total") or None,
+                "spent_tokens": self.count("spent_tokens"),
+                "projected_cost": per_row * self.total if per_row is not None and self.total else None,
+                "cache_hits": self.count("cache_hits"), "cache_saved": dollars(self.count("cache_saved_nano"))}
+
+
+@dataclass
+class Claim:
+    """What :meth:`Job.claim` found: the rows this caller must enqueue, and the rows it must not."""
+
+    claimed: list[str] = field(default_factory=list)
+    busy: int = 0
+    """Rows queued or in flight already."""
+    pending: int = 0
+    """Rows whose result is published but not collected yet (``collect`` writes them)."""
+    redone: set[str] = field(default_factory=set)
+    """Claimed rows that had been collected before (their line is missing or null on disk now)."""
+
+
+def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def _bits(raw: bytes) -> Iterable[int]:
+    """Positions of the set bits of a Redis bitmap (bit 0 is the top bit of the first byte)."""
+    for byte_no, value in enumerate(raw):
+        if value:
+            for bit in range(8):
+                if value & (0x80 >> bit):
+                    yield 8 * byte_no + bit
+
+
+class _JobBase:
+    """A job's Redis names and the arguments of the scripts both job handles call."""
+
+    def __init__(self, client: Any, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+        self._scripts = scripts_for(client)
+        self.meta_key = keys.job_meta(job_id)
+        self.rows = keys.row_state(job_id)
+        self.leases = [keys.job_leases(job_id), keys.job_lease_owners(job_id)]
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id}>"
+
+    def _publish_call(self, result: RowResult) -> dict[str, Any]:
+        flat: list[str] = []
+        for k, v in result.to_fields().items():
+            flat += [k, v]
+        return {"keys": [*self.rows, self.meta_key, keys.job_results(self.id), *self.leases,
+                         keys.job_copies(self.id)],
+                "args": [keys.slot(result.index), result.index, 0 if result.answer is None else 1,
+                         result.prompt_tokens, result.completion_tokens, *flat]}
+
+    def _release_call(self, index: str) -> dict[str, Any]:
+        return {"keys": [*self.rows, self.meta_key, *self.leases, keys.job_copies(self.id)],
+                "args": [keys.slot(index), index]}
+
+
+class Job(_JobBase):
+    """Handle on one job's Redis state (blocking client)."""
+
+    client: redis.Redis
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def begin_submit(self, **meta: Any) -> None:
+        """Record the job (paths, input fingerprint, model, total) as being submitted and running;
+        its state no longer expires."""
+        fields = {k: str(v) for k, v in meta.items() if v is not None}
+        fields.update(status=RUNNING, reason="", submitting="1", updated=str(time.time()))
+        pipe = self.client.pipeline()
+        pipe.hset(self.meta_key, mapping=fields)
+        pipe.hsetnx(self.meta_key, "created", str(time.time()))
+        pipe.delete(keys.job_retired(self.id))
+        pipe.sadd(keys.JOBS, self.id)
+        for key in keys.job_keys(self.id):
+            pipe.persist(key)
+        pipe.execute()
+
+    def begin_collect(self, output_format: str) -> None:
+        """Mark the job as being submitted, with its output format, before a collector starts
+        beside the submit (``run``): the collector then never guesses either."""
+        self.client.hset(self.meta_key, mapping={"submitting": "1", "output_format": output_format})
+
+    def clear_reservations(self) -> None:
+        """Forget the budget shares held by requests in flight (call only when none is)."""
+        self.client.hset(self.meta_key, mapping={"reserved_nano": 0, "reserved_tokens": 0})
+
+    def end_submit(self) -> None:
+        self.client.hset(self.meta_key, mapping={"submitting": "0", "updated": str(time.time())})
+
+    def stop(self, reason: str) -> bool:
+        """Stop the job for good with ``reason``; return False if it was already stopped."""
+        pipe = self.client.pipeline()
+        pipe.hget(self.meta_key, "status")
+        pipe.hset(self.meta_key, mapping={"status": STOPPED, "reason": reason})
+        before, _ = pipe.execute()
+        return before != STOPPED.encode()
+
+    def mark_complete(self, ttl: float | None = None) -> None:
+        """Every row has its final result on disk (set by the collector); the state expires after
+        ``ttl`` seconds unless the job is submitted again."""
+        pipe = self.client.pipeline()
+        pipe.hset(self.meta_key, mapping={"status": COMPLETE, "updated": str(time.time())})
+        if ttl:
+            for key in keys.job_keys(self.id):
+                pipe.expire(key, int(ttl))
+        pipe.execute()
+
+    def meta(self) -> dict[str, str]:
+        return _decode(self.client.hgetall(self.meta_key))
+
+    def exists(self) -> bool:
+        return bool(self.client.exists(self.meta_key))
+
+    def status(self) -> str | None:
+        raw = self.client.hget(self.meta_key, "status")
+        return raw.decode() if raw else None
+
+    def progress(self) -> Progress:
+        m = self.meta()
+
+        def num(name: str) -> int:
+            return int(m.get(name) or 0)
+
+        return Progress(job=self.id, status=m.get("status", RUNNING), total=num("total"),
+                        claimed=num("claimed"), reported=num("reported"), released=num("released"),
+                        nulls=num("nulls"), prompt_tokens=num("prompt_tokens"),
+                        completion_tokens=num("completion_tokens"),
+                        submitting=m.get("submitting") == "1", reason=m.get("reason", ""), meta=m)
+
+    # -- rows -----------------------------------------------------------------------------------
+    def claim(self, indices: Iterable[str], chunk: int = 2000) -> Claim:
+        """Claim rows that output.jsonl lacks or holds as null; say which ones to enqueue."""
+        out = Claim()
+        ks = [*self.rows, self.meta_key]
+        batch: list[str] = []
+
+        def flush() -> None:
+            claimed, busy, pending, redone = self._scripts.claim(keys=ks, args=[keys.slot(i) for i in batch])
+            by_slot = {keys.slot(i): i for i in batch}
+            out.claimed += [by_slot[s.decode()] for s in claimed]
+            out.redone.update(by_slot[s.decode()] for s in redone)
+            out.busy += int(busy)
+            out.pending += int(pending)
+            batch.clear()
+
+        for index in indices:
+            batch.append(index)
+            if len(batch) >= chunk:
+                flush()
+        if batch:
+            flush()
+        return out
+
+    def unclaim(self, indices: Iterable[str]) -> int:
+        """Give rows claimed a moment ago, and not enqueued, back to the collected state: their
+        lines reached output.jsonl after the submit read it (see ``lua/unclaim.lua``)."""
+        slots = [keys.slot(i) for i in indices]
+        return int(self._scripts.unclaim(keys=[*self.rows, self.meta_key], args=slots)) if slots else 0
+
+    def dedupe(self, rows: Iterable[tuple[str, str]]) -> set[str]:
+        """Register ``(index, request hash)`` of rows just claimed; return the indices that are
+        copies of a pending row with the identical request (not to be enqueued: they get its result)."""
+        args: list[str] = []
+        for index, digest in rows:
+            args += [digest, keys.slot(index), index]
+        if not args:
+            return set()
+        found = self._scripts.dedupe(keys=[*self.rows, keys.job_requests(self.id), keys.job_copies(self.id)],
+                                     args=args)
+        return {i.decode() if isinstance(i, bytes) else i for i in found}
+
+    def copies(self) -> set[str]:
+        """Rows waiting for the result of their primary (no task of their own)."""
+        out: set[str] = set()
+        for raw in self.client.hvals(keys.job_copies(self.id)):
+            out.update(entry.split("\n", 1)[1] for entry in json.loads(raw))
+        return out
+
+    def publish(self, result: RowResult) -> bool:
+        """Publish a row's final result; False when it was already published (another copy)."""
+        return bool(self._scripts.publish(**self._publish_call(result)))
+
+    def unfinished(self) -> set[str]:
+        """Rows claimed (a task was enqueued for them) whose result is not published yet."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(keys.job_claimed(self.id))
+        pipe.get(keys.job_done(self.id))
+        pipe.hgetall(keys.job_rows(self.id))
+        claimed, done, others = pipe.execute()
+        claimed, done = claimed or b"", done or b""
+        size = max(len(claimed), len(done))
+        mask = bytes(c & ~d & 0xFF for c, d in zip(claimed.ljust(size, b"\0"), done.ljust(size, b"\0")))
+        out = {str(n) for n in _bits(mask)}
+        out.update(k.decode() for k, v in others.items() if int(v) == 1)
+        return out - self.copies() - self.in_batch()
+
+    def in_batch(self) -> set[str]:
+        """Rows in a batch-lane chunk now: no task message holds them (see ``batchlane``)."""
+        return {i.decode() for i in self.client.smembers(keys.job_in_batch(self.id))}
+
+    def release(self, index: str) -> bool:
+        """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""
+        return bool(self._scripts.release(**self._release_call(index)))
+
+    def collected(self, entry_ids: list[Any], indices: list[str]) -> None:
+        """Acknowledge stream entries stored on disk and mark their rows collected."""
+        self._scripts.collected(keys=[*self.rows, keys.job_results(self.id)],
+                                args=[keys.COLLECTOR_GROUP, len(entry_ids), *entry_ids,
+                                      *(keys.slot(i) for i in indices)])
+
+    def forget_queued(self) -> None:
+        """Forget claims of rows that are not done (their tasks are gone).
+
+        Only for a private broker whose queue was purged: every claimed, unfinished row is then
+        claimable again; rows published but not collected keep their claim (their result is in
+        the stream).
+        """
+        claimed, done, rows = self.rows
+        pipe = self.client.pipeline()
+        pipe.bitop("AND", claimed, claimed, done)
+        pipe.hgetall(rows)
+        pipe.hget(self.meta_key, "reported")
+        pipe.hget(self.meta_key, "released")
+        _, others, reported, released = pipe.execute()
+        batched = self.in_batch()  # in a provider's batch: still claimed, not in the queue
+        pipe = self.client.pipeline()
+        for index, flags in others.items():
+            if int(flags) == 1 and index.decode() not in batched:
+                pipe.hdel(rows, index)
+        for index in batched:
+            n = index_number(index)
+            if n is not None:
+                pipe.setbit(claimed, n, 1)
+        pipe.hset(self.meta_key, "claimed", int(reported or 0) + int(released or 0) + len(batched))
+        pipe.delete(*self.leases, keys.job_copies(self.id))
+        pipe.execute()
+
+    def delete(self) -> None:
+        """Forget the job entirely (``reset``, and in-memory jobs once their answers are returned).
+
+        Task messages of the job still in the broker find no job and are dropped by the workers."""
+        chunks = [keys.job_chunk(self.id, c.decode()) for c in self.client.hkeys(keys.job_batches(self.id))]
+        self.client.delete(*keys.job_keys(self.id), *chunks)
+        self.client.srem(keys.JOBS, self.id)
+
+    # -- keys -----------------------------------------------------------------------------------
+    def retire_key(self, fingerprint: str, reason: str) -> bool:
+        """Retire a key for this job; return True the first time."""
+        return bool(self.client.hsetnx(keys.job_retired(self.id), fingerprint, reason))
+
+    def retired_keys(self) -> dict[str, str]:
+        return _decode(self.client.hgetall(keys.job_retired(self.id)))
+
+
+class AsyncJob(_JobBase):
+    """The calls a worker's engine makes on a job, on a ``redis.asyncio`` client."""
+
+    def queue_state(self, index: str, pipe: Any) -> None:
+        """Queue the reads of ``(job status, row done)`` on ``pipe``: two replies for :meth:`read_state`."""
+        pipe.hget(self.meta_key, "status")
+        n = index_number(index)
+        if n is None:
+            pipe.hget(keys.job_rows(self.id), index)
+        else:
+            pipe.getbit(keys.job_done(self.id), n)
+
+    @staticmethod
+    def read_state(index: str, replies: list[Any]) -> tuple[str | None, bool]:
+        """``(job status or None when the job is unknown, row done)``."""
+        status, done = replies
+        if index_number(index) is None:
+            done = int(done or 0) & 2
+        return (status.decode() if status else None), bool(done)
+
+    def queue_publish(self, result: RowResult, pipe: Any) -> None:
+        """Queue the publication of a row's result on ``pipe`` (see ``scripts.run_pipeline``);
+        its reply says whether it was new."""
+        queue(pipe, self._scripts.publish, **self._publish_call(result))
+
+    async def release(self, index: str) -> bool:
+        """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""
+        return bool(await self._scripts.release(**self._release_call(index)))
+
+    async def stop(self, reason: str) -> bool:
+        """Stop the job for good with ``reason``; return False if it was already stopped."""
+        pipe = self.client.pipeline()
+        pipe.hget(self.meta_key, "status")
+        pipe.hset(self.meta_key, mapping={"status": STOPPED, "reason": reason})
+        before, _ = await pipe.execute()
+        return before != STOPPED.encode()
+
+    async def stop_for_budget(self) -> None:
+        """The next request (or batch) would cross the job's budget with nothing in flight: stop
+        the job. Its unanswered rows stay unanswered; a submit with a higher budget resumes it."""
+        meta = await self.meta_fields("max_cost_nano", "spent_nano", "max_tokens_total", "spent_tokens")
+        max_cost, spent, max_tokens, spent_tokens = (int(v or 0) for v in meta)
+        if max_cost and (not max_tokens or spent / max_cost >= spent_tokens / max_tokens):
+            reason = f"budget reached: {money(dollars(spent))} of {money(dollars(max_cost))} (max_cost)"
+        else:
+            reason = f"budget reached: {spent_tokens} of {max_tokens} tokens (max_tokens_total)"
+        reason += "; the unanswered rows stay unanswered: raise the budget and run the same command again"
+        if await self.stop(reason):
+            log.warning("job %s stopped: %s", self.id, reason)
+
+    async def meta_fields(self, *names: str) -> list[str | None]:
+        return [v.decode() if v is not None else None for v in await self.client.hmget(self.meta_key, names)]
+
+    async def retire_key(self, fingerprint: str, reason: str) -> bool:
+        """Retire a key for this job; return True the first time."""
+        return bool(await self.client.hsetnx(keys.job_retired(self.id), fingerprint, reason))
+
+    async def retired_keys(self) -> dict[str, str]:
+        return _decode(await self.client.hgetall(keys.job_retired(self.id)))
+
+
+def list_jobs(client: redis.Redis) -> list[str]:
+    return sorted(j.decode() for j in client.smembers(keys.JOBS))
