@@ -388,50 +388,10 @@ class Engine:
                 row.too_large_samples += 1
                 if row.too_large_samples >= TOO_LARGE_SAMPLES:  # more keys than a sample: unlikely all
                     lease = Never(row.tokens)                   # 5 samples missed one that fits
-            if isinstance(lease, Wait) and not lease.too_large:
-                # Waiting for a slot (or for the job's budget) is not an attempt. The row queues
-                # with the worker's other waiting rows (admission.py), admitted in order as slots
-                # free; every second it looks at its job's state (stopped, or the row done by
-                # another copy) and retired keys, and leaves the queue when they changed. It is
-                # handed back when its task's hold is spent (a per-day limit), not before: else
-                # every copy of a row that waits longer than a hold would go round the queue
-                # non-stop.
-                left = row.hold_until - time.monotonic()
-                if left <= 0:
-                    return HANDED_BACK
-
-                async def still_wanted() -> bool:
-                    if self.draining:
-                        return False
-                    if await self._retired_for(row.job) | row.too_large_for != exclude:
-                        return False
-                    replies = await run_pipeline(self.client, lambda pipe: row.job.queue_state(row.index, pipe))
-                    status, done = row.job.read_state(row.index, replies)
-                    lost = (row.job.id, row.index) in self.leases.lost
-                    return status == "running" and not done and not lost
-
-                t0 = time.monotonic()
-                got = await self.admissions.wait(model, row.tokens, exclude, self._budget(row, model), left,
-                                                 still_wanted, prompt=row.prompt_tokens)
-                metrics.WAITS.labels(model).inc()
-                metrics.WAIT_SECONDS.labels(model).inc(time.monotonic() - t0)
-                if isinstance(got, Lease):
-                    row.granted = got
-                row.ask_alone = got == RETRY  # it needs more than a slot: its own admission says what
-                continue
             if isinstance(lease, Wait):
-                # A sample of the keys found the request too large: look again later, spread so
-                # that such rows do not ask in step.
-                delay = lease.seconds * random.uniform(0.8, 1.0)  # at most SAMPLE_POLL
-                if time.monotonic() + delay > row.hold_until:
-                    # Not before the hold is spent: handed back at once, every copy of a row that
-                    # waits longer than a hold would go round the queue non-stop.
-                    await self._pause(max(0.0, row.hold_until - time.monotonic()))
+                if not await (self._wait_in_queue(row, model, exclude) if not lease.too_large
+                              else self._wait_to_sample(row, model, lease)):
                     return HANDED_BACK
-                delay += random.uniform(0, WAKE_SPREAD)
-                metrics.WAITS.labels(model).inc()
-                metrics.WAIT_SECONDS.labels(model).inc(delay)
-                await self._pause(delay)
                 continue
             if isinstance(lease, Never):
                 return self._null(row, "request_too_large",
@@ -440,6 +400,57 @@ class Engine:
             outcome = await self._call(row, lease)
             if outcome is not None:
                 return outcome
+
+    async def _wait_in_queue(self, row: _Row, model: str, exclude: set[str]) -> bool:
+        """Wait for a slot (or the job's budget) in the worker's queue for the row's kind; False
+        when the task's hold is spent (the row is handed back)."""
+        # Waiting for a slot (or for the job's budget) is not an attempt. The row queues
+        # with the worker's other waiting rows (admission.py), admitted in order as slots
+        # free; every second it looks at its job's state (stopped, or the row done by
+        # another copy) and retired keys, and leaves the queue when they changed. It is
+        # handed back when its task's hold is spent (a per-day limit), not before: else
+        # every copy of a row that waits longer than a hold would go round the queue
+        # non-stop.
+        left = row.hold_until - time.monotonic()
+        if left <= 0:
+            return False
+
+        async def still_wanted() -> bool:
+            if self.draining:
+                return False
+            if await self._retired_for(row.job) | row.too_large_for != exclude:
+                return False
+            replies = await run_pipeline(self.client, lambda pipe: row.job.queue_state(row.index, pipe))
+            status, done = row.job.read_state(row.index, replies)
+            lost = (row.job.id, row.index) in self.leases.lost
+            return status == "running" and not done and not lost
+
+        t0 = time.monotonic()
+        got = await self.admissions.wait(model, row.tokens, exclude, self._budget(row, model), left,
+                                         still_wanted, prompt=row.prompt_tokens)
+        metrics.WAITS.labels(model).inc()
+        metrics.WAIT_SECONDS.labels(model).inc(time.monotonic() - t0)
+        if isinstance(got, Lease):
+            row.granted = got
+        row.ask_alone = got == RETRY  # it needs more than a slot: its own admission says what
+        return True
+
+    async def _wait_to_sample(self, row: _Row, model: str, lease: Wait) -> bool:
+        """A sample of the keys found the request too large: wait to look again; False when the
+        task's hold is spent first (the row is handed back)."""
+        # A sample of the keys found the request too large: look again later, spread so
+        # that such rows do not ask in step.
+        delay = lease.seconds * random.uniform(0.8, 1.0)  # at most SAMPLE_POLL
+        if time.monotonic() + delay > row.hold_until:
+            # Not before the hold is spent: handed back at once, every copy of a row that
+            # waits longer than a hold would go round the queue non-stop.
+            await self._pause(max(0.0, row.hold_until - time.monotonic()))
+            return False
+        delay += random.uniform(0, WAKE_SPREAD)
+        metrics.WAITS.labels(model).inc()
+        metrics.WAIT_SECONDS.labels(model).inc(delay)
+        await self._pause(delay)
+        return True
 
     def _budget(self, row: _Row, model: str) -> Budget:
         """The row's share of its job's budget: its worst case (the prompt's estimate and the
@@ -486,19 +497,18 @@ class Engine:
         """One API call; return the final result, None to go round the loop again, or
         :data:`HANDED_BACK` when a shutdown abandoned the call."""
         row.last_key = lease.key.fingerprint
-        stamped: asyncio.Future[int] | None = None
+        sent: list[asyncio.Future[int]] = []  # the send-time stamp, once the request leaves
 
         def on_send() -> None:
             # Runs just before the request's bytes are written: read the time now, on Redis'
             # clock, and let the stamp carry it to Redis (in the background: no round trip, so
             # no loop lag, between the reading and the sending).
-            nonlocal stamped
-            stamped = asyncio.ensure_future(self.pool.stamp(lease, self.pool.clock.now_ms()))
+            sent.append(asyncio.ensure_future(self.pool.stamp(lease, self.pool.clock.now_ms())))
 
+        timeout = (self.config.flex_timeout if row.body.get("service_tier") == "flex"
+                   else self.config.request_timeout)  # Flex answers slowly: allow for it
+        task = asyncio.current_task()
         try:
-            timeout = (self.config.flex_timeout if row.body.get("service_tier") == "flex"
-                       else self.config.request_timeout)  # Flex answers slowly: allow for it
-            task = asyncio.current_task()
             if task is not None:
                 self._on_wire.add(task)
             try:
@@ -509,50 +519,65 @@ class Engine:
         except asyncio.CancelledError:
             if not self._abandon:
                 raise
-            # Abandoned by a shutdown (see drain): the row goes back; the call may have been paid.
-            current = asyncio.current_task()
-            if current is not None and hasattr(current, "uncancel"):
-                current.uncancel()  # the cancel was ours and is handled: later timeouts work as usual
-            if stamped is not None:
-                await stamped
-                await self.pool.settle(lease, row.tokens)
-            else:
-                await self.pool.cancel(lease)
-            return HANDED_BACK
+            return await self._abandoned(lease, row, sent[0] if sent else None)
         except Exception as exc:  # every failure is classified; none escapes as a crash
-            failure = self.provider.classify(exc)
-            failure.message = providers.redact(failure.message, self._secrets)
-            if failure.kind is not providers.Kind.UNREACHABLE and failure.status is not None:
-                self._reach.setdefault(base_of(lease.key), _Reach()).reached()
-            # An error status is not billed; a 200 without a usable answer (a refusal) is.
-            paid = getattr(exc, "usage", None)
-            row.last_usage = self._usage(row, answers.Reply(value=None, usage=paid)) if paid else None
-            if stamped is not None:
-                await stamped
-                used = row.last_usage.input_tokens + row.last_usage.output_tokens if row.last_usage else 0
-                await self.pool.settle(lease, used, row.last_usage,
-                                       refused=failure.kind is providers.Kind.RATE_LIMITED)
-            else:
-                await self.pool.cancel(lease)
-            await self.pool.count_error(lease.key, failure.reason)
-            metrics.observe_call(lease.key.fingerprint, row.body["model"], str(failure.status or failure.reason),
-                                 row.last_usage)
-            # What the server said about the limits goes first: a probe's answer lets other
-            # requests in, and they must find the limits it reported.
-            if failure.kind is providers.Kind.RATE_LIMITED:
-                left = await self.pool.cool(lease, failure.retry_after or 1.0, failure.server_limits,
-                                            tokens=failure.tokens)
-                log.info("key %s rate limited by the server; cooling for %.1fs", lease.key.fingerprint, left)
-            elif failure.kind is providers.Kind.SLOW_DOWN:
-                await self.pool.slow_down(lease)
-                log.info("key %s: the server asks to slow down; its per-minute limits are halved and "
-                         "ramp back", lease.key.fingerprint)
-            else:
-                await self.pool.learn(lease, failure.server_limits)
-            if failure.kind is not providers.Kind.KEY_DEAD:  # a dead key's probe stays out: no second call
-                await self.pool.answered(lease, alive=failure.kind not in (providers.Kind.TRANSIENT,
-                                                                           providers.Kind.UNREACHABLE))
-            return await self._on_failure(row, lease, failure)
+            return await self._after_failure(row, lease, exc, sent[0] if sent else None)
+        return await self._after_answer(row, lease, answer, sent[0] if sent else None)
+
+    async def _abandoned(self, lease: Lease, row: _Row, stamped: asyncio.Future[int] | None) -> str:
+        """A shutdown abandoned the call (see :meth:`drain`): the row goes back; the call may have
+        been paid, so a call that left keeps its whole reservation."""
+        current = asyncio.current_task()
+        if current is not None and hasattr(current, "uncancel"):
+            current.uncancel()  # the cancel was ours and is handled: later timeouts work as usual
+        if stamped is not None:
+            await stamped
+            await self.pool.settle(lease, row.tokens)
+        else:
+            await self.pool.cancel(lease)
+        return HANDED_BACK
+
+    async def _after_failure(self, row: _Row, lease: Lease, exc: Exception,
+                             stamped: asyncio.Future[int] | None) -> RowResult | None:
+        """Tell the limiter what the failed call used and said, then apply the error policy."""
+        failure = self.provider.classify(exc)
+        failure.message = providers.redact(failure.message, self._secrets)
+        if failure.kind is not providers.Kind.UNREACHABLE and failure.status is not None:
+            self._reach.setdefault(base_of(lease.key), _Reach()).reached()
+        # An error status is not billed; a 200 without a usable answer (a refusal) is.
+        paid = getattr(exc, "usage", None)
+        row.last_usage = self._usage(row, answers.Reply(value=None, usage=paid)) if paid else None
+        if stamped is not None:
+            await stamped
+            used = row.last_usage.input_tokens + row.last_usage.output_tokens if row.last_usage else 0
+            await self.pool.settle(lease, used, row.last_usage,
+                                   refused=failure.kind is providers.Kind.RATE_LIMITED)
+        else:
+            await self.pool.cancel(lease)
+        await self.pool.count_error(lease.key, failure.reason)
+        metrics.observe_call(lease.key.fingerprint, row.body["model"], str(failure.status or failure.reason),
+                             row.last_usage)
+        # What the server said about the limits goes first: a probe's answer lets other
+        # requests in, and they must find the limits it reported.
+        if failure.kind is providers.Kind.RATE_LIMITED:
+            left = await self.pool.cool(lease, failure.retry_after or 1.0, failure.server_limits,
+                                        tokens=failure.tokens)
+            log.info("key %s rate limited by the server; cooling for %.1fs", lease.key.fingerprint, left)
+        elif failure.kind is providers.Kind.SLOW_DOWN:
+            await self.pool.slow_down(lease)
+            log.info("key %s: the server asks to slow down; its per-minute limits are halved and "
+                     "ramp back", lease.key.fingerprint)
+        else:
+            await self.pool.learn(lease, failure.server_limits)
+        if failure.kind is not providers.Kind.KEY_DEAD:  # a dead key's probe stays out: no second call
+            await self.pool.answered(lease, alive=failure.kind not in (providers.Kind.TRANSIENT,
+                                                                       providers.Kind.UNREACHABLE))
+        return await self._on_failure(row, lease, failure)
+
+    async def _after_answer(self, row: _Row, lease: Lease, answer: providers.Answer,
+                            stamped: asyncio.Future[int] | None) -> RowResult | None:
+        """A 200: stamp and settle it, check a structured answer (asking again when it may), and
+        build the row's result."""
         reach = self._reach.get(base_of(lease.key))
         if reach is None or reach.failures or not reach.answered:
             self._reach.setdefault(base_of(lease.key), _Reach()).reached()
