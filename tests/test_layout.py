@@ -139,3 +139,32 @@ def test_the_engine_runs_without_celery() -> None:
             "print(sorted(m for m in ('celery', 'kombu') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+JOB_INTERNALS = {"meta_key", "_scripts", "_publish_call", "_release_call", "_lease_call", "_renew_call"}
+
+
+def store_leaks(path: Path) -> list[str]:
+    """Where a module outside ``store/`` names a Redis key itself or reaches into a job's state:
+    a literal ``oq:`` key or kombu's ``unacked`` names (``store/keys.py`` has them all), a job's
+    hash (``meta_key``) or another object's row scripts (``x._scripts``, ``job._release_call``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and (
+                node.value.startswith("oq:") or node.value in ("unacked", "unacked_index")):
+            found.append(f"{path.name}:{node.lineno} names {node.value!r}")
+        if isinstance(node, ast.Attribute) and node.attr in JOB_INTERNALS:
+            own = isinstance(node.value, ast.Name) and node.value.id == "self" and node.attr == "_scripts"
+            if not own:
+                found.append(f"{path.name}:{node.lineno} uses .{node.attr}")
+    return found
+
+
+def test_only_the_store_names_redis_keys_and_job_fields(tmp_path: Path) -> None:
+    leaks = [leak for p in sorted(PACKAGE.rglob("*.py")) if "store" not in p.relative_to(PACKAGE).parts
+             for leak in store_leaks(p)]
+    assert not leaks, "Redis names and job state belong to opt_queue/store: " + "; ".join(leaks)
+    sample = tmp_path / "leaky.py"  # the finder sees each kind of leak
+    sample.write_text('r.hget("oq:{j}:meta", "x")\npipe.hincrby(job.meta_key, "n", 1)\n'
+                      'job._scripts.release()\nr.hlen("unacked")\nself._scripts.due()\n')
+    assert len(store_leaks(sample)) == 4

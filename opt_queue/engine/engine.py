@@ -329,8 +329,7 @@ class Engine:
             if row.cache_entry is not None and self.config.cache is not None:
                 pipe.set(row.cache_key, row.cache_entry, ex=int(self.config.cache.ttl))
             if row.from_cache:
-                pipe.hincrby(row.job.meta_key, "cache_hits", 1)
-                pipe.hincrby(row.job.meta_key, "cache_saved_nano", nano(row.saved))
+                row.job.queue_cache_hit(nano(row.saved), pipe)
             row.job.queue_publish(result, pipe)
 
         deadline = time.monotonic() + PUBLISH_PATIENCE
@@ -456,7 +455,7 @@ class Engine:
         """The row's share of its job's budget: its worst case (the prompt's estimate and the
         completion's cap at the model's prices; 0 dollars when the price is unknown)."""
         worst = self.prices.cost(model, row.url, row.body, row.prompt_tokens, row.tokens - row.prompt_tokens)
-        return Budget(row.job.meta_key, nano(worst), row.tokens)
+        return Budget(row.job.budget_key, nano(worst), row.tokens)
 
     async def _admit(self, row: _Row, model: str,
                      exclude: set[str]) -> tuple[str | None, bool, Lease | Wait | Never | BudgetReached | None]:

@@ -162,8 +162,8 @@ def purge_queue(client: redis.Redis) -> int:
     """Drop every queued and unacknowledged task (only for a private broker nobody else uses)."""
     pipe = client.pipeline()
     pipe.llen(keys.QUEUE)
-    pipe.hlen("unacked")
-    pipe.delete(keys.QUEUE, "unacked", "unacked_index")
+    pipe.hlen(keys.UNACKED)
+    pipe.delete(keys.QUEUE, keys.UNACKED, keys.UNACKED_INDEX)
     queued, unacked, _ = pipe.execute()
     return int(queued) + int(unacked)
 

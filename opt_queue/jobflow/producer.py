@@ -341,7 +341,7 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
         if config.deadline:
             report.sync_seconds = sync_seconds(config, config.model.name, *needed)
             report.cutover_at = cutover_at(config.deadline, now, report.sync_seconds)
-            job.client.hset(job.meta_key, "cutover_at", report.cutover_at)
+            job.set_cutover(report.cutover_at)
     finally:
         job.end_submit()
     log.info("job %s: %d rows enqueued, %d already answered, %d already queued, %d awaiting collection",

@@ -53,7 +53,7 @@ from opt_queue.store.jobs import STOPPED, AsyncJob
 from opt_queue.core.prices import Prices, Usage, nano
 from opt_queue.providers.openai import OpenAIProvider, classify_status
 from opt_queue.core.request import CHAT_URL, failure_key
-from opt_queue.store.scripts import queue, run_pipeline, scripts_for
+from opt_queue.store.scripts import run_pipeline, scripts_for
 from opt_queue.core.tokens import estimate_parts
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class BatchLane:
                 prompt, cap = estimate_parts(body, chunk.url)
                 cost += self.prices.cost(chunk.model, chunk.url, {**body, "service_tier": "batch"}, prompt, cap) or 0.0
                 tokens += prompt + cap
-        got = int(await self._scripts.reserve(keys=[job.meta_key], args=[nano(cost), tokens]))
+        got = await job.reserve(nano(cost), tokens)
         if got == 1:
             chunk.reserved_nano, chunk.reserved_tokens = nano(cost), tokens
             return None
@@ -305,10 +305,8 @@ class BatchLane:
 
     def _unreserve(self, pipe: Any, job: AsyncJob, chunk: Chunk) -> None:
         """Queue on ``pipe`` the end of the chunk's budget reservation (its real cost is counted)."""
-        if chunk.reserved_nano or chunk.reserved_tokens:
-            pipe.hincrby(job.meta_key, "reserved_nano", -chunk.reserved_nano)
-            pipe.hincrby(job.meta_key, "reserved_tokens", -chunk.reserved_tokens)
-            chunk.reserved_nano = chunk.reserved_tokens = 0
+        job.queue_unreserve(chunk.reserved_nano, chunk.reserved_tokens, pipe)
+        chunk.reserved_nano = chunk.reserved_tokens = 0
 
     async def _submitted(self, job: AsyncJob, chunk_id: str, chunk: Chunk, batch_id: str, file_id: str,
                          status: str | None = None) -> float:
@@ -446,7 +444,7 @@ class BatchLane:
         pipe = self.client.pipeline(transaction=True)
         pipe.srem(rkeys.job_in_batch(job.id), *lines)
         for part in pieces:
-            new_id = str(await self.client.hincrby(job.meta_key, "chunks", 1))
+            new_id = await job.next_chunk_id()
             tokens = sum(estimate_parts(line["body"], chunk.url)[0] for _i, line in part)
             store_chunk(pipe, job.id, new_id, Chunk(chunk.url, chunk.model, len(part), tokens, chunk.options,
                                                     attempt=chunk.attempt),
@@ -520,7 +518,7 @@ class BatchLane:
         self._unreserve(pipe, job, chunk)  # the real cost was added by _publish
         if left and status == STOPPED:
             for index in left:
-                queue(pipe, self._scripts.release, **job._release_call(index))
+                job.queue_release(index, pipe)
         elif left and chunk.handed:
             pass  # in the synchronous lane already (_hand_over)
         elif left and late:
@@ -531,7 +529,7 @@ class BatchLane:
             log.info("job %s: %d rows of chunk %s go through the synchronous lane (%s)",
                      job.id, len(left), chunk_id, why)
         elif left:
-            new_id = str(await self.client.hincrby(job.meta_key, "chunks", 1))
+            new_id = await job.next_chunk_id()
             tokens = sum(estimate_parts(lines[i]["body"], chunk.url)[0] for i in left)
             store_chunk(pipe, job.id, new_id, Chunk(chunk.url, chunk.model, len(left), tokens, chunk.options,
                                                     attempt=chunk.attempt + 1),
@@ -609,10 +607,10 @@ class BatchLane:
                 if usage is None:
                     continue
                 metrics.observe_call(chunk.key or "", result.model or chunk.model, "200", usage)
-                for target in (job.meta_key, rkeys.key_stats(chunk.key or "")):
-                    for name, value in usage.counters().items():
-                        if value:
-                            pipe.hincrby(target, name, value)
+                job.queue_usage(usage.counters(), pipe)
+                for name, value in usage.counters().items():  # the key's own spend (status)
+                    if value:
+                        pipe.hincrby(rkeys.key_stats(chunk.key or ""), name, value)
             await pipe.execute()
         return new
 

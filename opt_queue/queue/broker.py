@@ -37,7 +37,7 @@ import redis
 from opt_queue.store import keys
 from opt_queue.queue.app import app
 from opt_queue.store.jobs import Job
-from opt_queue.store.leases import LEASE_SECONDS, _index_slots, owner_id
+from opt_queue.store.leases import LEASE_SECONDS, owner_id
 from opt_queue.core.request import TaskRow, split_row
 
 log = logging.getLogger(__name__)
@@ -156,9 +156,7 @@ def restore(client: redis.Redis, tag: str) -> bool:
 # -- recovery ------------------------------------------------------------------------------------
 def _orphans(client: redis.Redis, job_id: str, indices: list[str]) -> set[str]:
     """Rows of a running job among ``indices`` that are not done and hold no live lease."""
-    job = Job(client, job_id)
-    found = job._scripts.orphans(keys=[*job.rows, job.meta_key, job.leases[0]], args=_index_slots(indices))
-    return {i.decode() if isinstance(i, bytes) else str(i) for i in found}
+    return Job(client, job_id).orphans(indices)
 
 
 def recover_stale(client: redis.Redis, lease_seconds: float = LEASE_SECONDS) -> int:

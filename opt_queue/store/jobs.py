@@ -25,7 +25,7 @@ from opt_queue.store import keys
 from opt_queue.core.answers import RowResult
 from opt_queue.core.prices import dollars, money
 from opt_queue.core.request import index_number
-from opt_queue.store.scripts import queue, scripts_for
+from opt_queue.store.scripts import queue, run_script, scripts_for
 
 log = logging.getLogger(__name__)
 RUNNING, STOPPED, COMPLETE = "running", "stopped", "complete"
@@ -124,6 +124,11 @@ class _JobBase:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id}>"
 
+    @property
+    def budget_key(self) -> str:
+        """The hash the job's budget and spend are kept in (``limiter.Budget``, ``lua/acquire.lua``)."""
+        return self.meta_key
+
     def _publish_call(self, result: RowResult) -> dict[str, Any]:
         flat: list[str] = []
         for k, v in result.to_fields().items():
@@ -136,6 +141,42 @@ class _JobBase:
     def _release_call(self, index: str) -> dict[str, Any]:
         return {"keys": [*self.rows, self.meta_key, *self.leases, keys.job_copies(self.id)],
                 "args": [keys.slot(index), index]}
+
+    def _lease_call(self, owner: str, ms: int, indices: list[str]) -> dict[str, Any]:
+        """``lua/lease.lua``: take the leases of ``indices`` for ``owner`` for ``ms``."""
+        return {"keys": [*self.rows, self.meta_key, *self.leases], "args": [owner, ms, *_index_slots(indices)]}
+
+    def _renew_call(self, owner: str, ms: int, indices: Iterable[str]) -> dict[str, Any]:
+        """``lua/renew.lua``: extend ``owner``'s leases of ``indices`` by ``ms`` (0: end them)."""
+        return {"keys": self.leases, "args": [owner, ms, *indices]}
+
+    def queue_release(self, index: str, pipe: Any) -> None:
+        """Queue on ``pipe`` the release of an unanswered row (the job stopped)."""
+        queue(pipe, self._scripts.release, **self._release_call(index))
+
+    def queue_usage(self, counters: dict[str, int], pipe: Any) -> None:
+        """Queue on ``pipe`` what a call used and cost (``prices.Usage.counters``) into the job's
+        spend."""
+        for name, value in counters.items():
+            if value:
+                pipe.hincrby(self.meta_key, name, value)
+
+    def queue_unreserve(self, cost_nano: int, tokens: int, pipe: Any) -> None:
+        """Queue on ``pipe`` the end of a budget reservation (its real cost is counted apart)."""
+        if cost_nano:
+            pipe.hincrby(self.meta_key, "reserved_nano", -cost_nano)
+        if tokens:
+            pipe.hincrby(self.meta_key, "reserved_tokens", -tokens)
+
+    def queue_cache_hit(self, saved_nano: int, pipe: Any) -> None:
+        """Queue on ``pipe`` a row answered from the response cache, and the dollars it saved."""
+        pipe.hincrby(self.meta_key, "cache_hits", 1)
+        pipe.hincrby(self.meta_key, "cache_saved_nano", saved_nano)
+
+
+def _index_slots(indices: Iterable[str]) -> list[str]:
+    """``index, slot, index, slot, ...``: how ``lua/lease.lua`` and ``lua/orphans.lua`` take rows."""
+    return [part for index in indices for part in (index, keys.slot(index))]
 
 
 class Job(_JobBase):
@@ -327,6 +368,15 @@ class Job(_JobBase):
         self.client.srem(keys.JOBS, self.id)
 
     # -- keys -----------------------------------------------------------------------------------
+    def orphans(self, indices: list[str]) -> set[str]:
+        """Rows of a running job among ``indices`` that are not done and hold no live lease."""
+        found = self._scripts.orphans(keys=[*self.rows, self.meta_key, self.leases[0]], args=_index_slots(indices))
+        return {i.decode() if isinstance(i, bytes) else str(i) for i in found}
+
+    def set_cutover(self, at: float | str) -> None:
+        """When the job's rows still in batches go through the synchronous lane (``--deadline``)."""
+        self.client.hset(self.meta_key, "cutover_at", at)
+
     def retire_key(self, fingerprint: str, reason: str) -> bool:
         """Retire a key for this job; return True the first time."""
         return bool(self.client.hsetnx(keys.job_retired(self.id), fingerprint, reason))
@@ -359,6 +409,23 @@ class AsyncJob(_JobBase):
         """Queue the publication of a row's result on ``pipe`` (see ``scripts.run_pipeline``);
         its reply says whether it was new."""
         queue(pipe, self._scripts.publish, **self._publish_call(result))
+
+    async def take_leases(self, owner: str, ms: int, indices: list[str]) -> list[Any]:
+        """``[job status, code per index]`` of ``lua/lease.lua`` (``store/leases.py`` reads it)."""
+        return list(await run_script(self.client, self._scripts.lease, **self._lease_call(owner, ms, indices)))
+
+    async def renew_leases(self, owner: str, ms: int, indices: Iterable[str]) -> list[Any]:
+        """Extend (``ms`` 0: end) ``owner``'s leases; the indices whose lease another took over."""
+        return list(await run_script(self.client, self._scripts.renew, **self._renew_call(owner, ms, indices)))
+
+    async def next_chunk_id(self) -> str:
+        """A new chunk of the batch lane's: its id."""
+        return str(await self.client.hincrby(self.meta_key, "chunks", 1))
+
+    async def reserve(self, cost_nano: int, tokens: int) -> int:
+        """Reserve a batch's worst case in the job's budget (``lua/reserve.lua``): 1 reserved, 0
+        not now (reservations in flight), -1 never (over the budget)."""
+        return int(await self._scripts.reserve(keys=[self.meta_key], args=[cost_nano, tokens]))
 
     async def release(self, index: str) -> bool:
         """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""

@@ -12,14 +12,11 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Iterable
 from typing import Any
 
 import redis
 
-from opt_queue.store import keys
-from opt_queue.store.jobs import _JobBase
-from opt_queue.store.scripts import run_script
+from opt_queue.store.jobs import AsyncJob
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +26,6 @@ renewing them (plus one recovery pass)."""
 TAKEN, HELD, DONE = 1, 0, 2
 """Per-row replies of ``lua/lease.lua``."""
 
-
-def _index_slots(indices: Iterable[str]) -> list[str]:
-    """``index, slot, index, slot, ...``: how ``lua/lease.lua`` and ``lua/orphans.lua`` take rows."""
-    return [part for index in indices for part in (index, keys.slot(index))]
 
 
 def owner_id() -> str:
@@ -59,11 +52,10 @@ class Leases:
     def __repr__(self) -> str:
         return f"<Leases {sum(map(len, self.held.values()))} held by {self.owner}>"
 
-    async def take(self, job: _JobBase, indices: list[str]) -> tuple[str, dict[str, int]]:
+    async def take(self, job: AsyncJob, indices: list[str]) -> tuple[str, dict[str, int]]:
         """Take the leases of ``indices`` of ``job``: ``(status, code per index)``; status
         ``unknown`` (the job was reset or expired) or ``stopped`` come with no codes."""
-        reply = await run_script(self.client, job._scripts.lease, [*job.rows, job.meta_key, *job.leases],
-                                 [self.owner, self.ms, *_index_slots(indices)])
+        reply = await job.take_leases(self.owner, self.ms, indices)
         status = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         codes = dict(zip(indices, (int(c) for c in reply[1:])))
         held = self.held.setdefault(job.id, set())
@@ -82,11 +74,11 @@ class Leases:
                 del self.held[job_id]
         self.lost.discard((job_id, index))
 
-    async def give_up(self, job: _JobBase, indices: list[str]) -> None:
+    async def give_up(self, job: AsyncJob, indices: list[str]) -> None:
         """End leases in Redis without a result (hand-back, a retry after a Redis error)."""
         mine = [i for i in indices if i in self.held.get(job.id, ())]
         if mine:
-            await run_script(self.client, job._scripts.renew, job.leases, [self.owner, 0, *mine])
+            await job.renew_leases(self.owner, 0, mine)
         for index in mine:
             self.forget(job.id, index)
 
@@ -95,8 +87,7 @@ class Leases:
         for job_id, held in list(self.held.items()):
             if not held:
                 continue
-            job = _JobBase(self.client, job_id)
-            lost = await job._scripts.renew(keys=job.leases, args=[self.owner, self.ms, *held])
+            lost = await AsyncJob(self.client, job_id).renew_leases(self.owner, self.ms, list(held))
             for raw in lost:
                 index = raw.decode() if isinstance(raw, bytes) else str(raw)
                 if (job_id, index) not in self.lost:
