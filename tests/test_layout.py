@@ -134,11 +134,16 @@ def test_every_package_is_on_a_layer() -> None:
     assert rooms <= set().union(*LAYERS), f"rooms on no layer: {rooms - set().union(*LAYERS)}"
 
 
-def test_the_engine_runs_without_celery() -> None:
+def test_the_engine_runs_without_celery_and_no_import_builds_the_app() -> None:
     code = ("import sys, opt_queue.engine.engine, opt_queue.providers.openai\n"
-            "print(sorted(m for m in ('celery', 'kombu') if m in sys.modules))")
+            "print(sorted(m for m in ('celery', 'kombu') if m in sys.modules))\n"
+            "import opt_queue, opt_queue.jobflow.producer, opt_queue.jobflow.collector, opt_queue.cli.commands\n"
+            "from opt_queue.queue import app as module\n"
+            "print(module._app is None)\n"
+            "from opt_queue.queue.app import app\n"  # what `celery -A opt_queue.queue.app` finds
+            "print(app is module.get_app() and type(app).__name__)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[]"
+    assert done.stdout.split() == ["[]", "True", "Celery"]
 
 
 JOB_INTERNALS = {"meta_key", "_scripts", "_publish_call", "_release_call", "_lease_call", "_renew_call"}

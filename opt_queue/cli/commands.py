@@ -20,7 +20,7 @@ from rich.console import Console
 
 from opt_queue import __version__
 from opt_queue.jobflow.collector import Collector, CollectStatus, errors_path
-from opt_queue.core.config import ENV_OVERRIDES, Config, load_config
+from opt_queue.core.config import Config, load_config
 from opt_queue.core.errors import ConfigError, Interrupted, OptQueueError
 from opt_queue.store.jobs import Job, job_id_for
 from opt_queue.store.redis_conn import connect, redact_url
@@ -266,19 +266,17 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
 def worker(config_path: str | None, concurrency: int | None, pool: str, loglevel: str | None,
            hostname: str | None, events: bool, metrics_port: int | None, metrics_addr: str) -> None:
     """Run a worker that answers rows from the broker's queue."""
+    from opt_queue.queue.app import configure, task_slots
     from opt_queue.store import keys
-    from opt_queue.queue.app import app, configure, task_slots
+    from opt_queue.worker import tasks
 
     cfg = _config(config_path)
     url = _broker(cfg)
     connect(url, check=True)
-    if config_path:
-        os.environ["OPT_QUEUE_CONFIG"] = str(Path(config_path).resolve())
-    os.environ["OPT_QUEUE_BROKER_URL"] = url
-    if concurrency:  # the engine (built from the config in the worker) caps rows in flight at it
-        overrides = json.loads(os.environ.get(ENV_OVERRIDES) or "{}")
-        os.environ[ENV_OVERRIDES] = json.dumps({**overrides, "concurrency": concurrency})
-    configure(url, cfg.visibility_timeout)
+    if concurrency:  # the engine caps rows in flight at it
+        cfg = cfg.model_copy(update={"concurrency": concurrency})
+    tasks.use(cfg)  # handed to the worker's runtime (and, forked, to a prefork pool's children)
+    app = configure(url, cfg.visibility_timeout)
     level = (loglevel or cfg.log_level).upper()
     _setup_logging(level)
     if metrics_port is not None and pool == "prefork":

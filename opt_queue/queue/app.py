@@ -1,7 +1,9 @@
 """The Celery application: Redis broker, late acks, I/O-bound defaults.
 
-The broker comes from :func:`configure` (the CLI calls it) or ``OPT_QUEUE_BROKER_URL``, so that
-``celery -A opt_queue.queue.app worker`` works too.
+:func:`create_app` builds one; :func:`get_app` is the process's own, built on first use (importing
+this module builds nothing). Its broker comes from :func:`configure` (the CLI calls it) or
+``OPT_QUEUE_BROKER_URL``, so that ``celery -A opt_queue.queue.app worker`` (or ``flower``) works
+too.
 """
 
 from __future__ import annotations
@@ -15,27 +17,51 @@ from opt_queue.store import keys
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
-app = Celery("opt_queue", include=["opt_queue.worker.tasks"])
-app.conf.update(
-    broker_url=os.environ.get("OPT_QUEUE_BROKER_URL", DEFAULT_BROKER),
-    task_default_queue=keys.QUEUE,
-    task_serializer="json",
-    accept_content=["json"],
-    task_ignore_result=True,
-    # A killed worker's rows are delivered again; publishing is idempotent by row, so that is safe.
-    task_acks_late=True,
-    task_reject_on_worker_lost=True,
-    # One task of rows_per_task rows waits per pool thread: enough to keep rows flowing, few
-    # enough that the rows a worker holds stay close to its concurrency (fair among workers).
-    worker_prefetch_multiplier=1,
-    worker_send_task_events=False,  # `opt-queue worker --events` (the default) turns them on
-    task_send_sent_event=False,
-    broker_connection_retry_on_startup=True,
-    broker_connection_max_retries=None,
-    broker_transport_options=None,  # set below by configure()
-    worker_hijack_root_logger=False,
-    worker_enable_remote_control=True,
-)
+
+def create_app(broker_url: str | None = None, visibility_timeout: int = 3600) -> Celery:
+    """A Celery app with opt-queue's settings, pointed at ``broker_url`` (``OPT_QUEUE_BROKER_URL``,
+    else a local Redis, when None). Nothing connects until a message is sent or consumed."""
+    app = Celery("opt_queue", include=["opt_queue.worker.tasks"])
+    app.conf.update(
+        task_default_queue=keys.QUEUE,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        # A killed worker's rows are delivered again; publishing is idempotent by row, so that is safe.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One task of rows_per_task rows waits per pool thread: enough to keep rows flowing, few
+        # enough that the rows a worker holds stay close to its concurrency (fair among workers).
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=False,  # `opt-queue worker --events` (the default) turns them on
+        task_send_sent_event=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_hijack_root_logger=False,
+        worker_enable_remote_control=True,
+    )
+    _point(app, broker_url or os.environ.get("OPT_QUEUE_BROKER_URL", DEFAULT_BROKER), visibility_timeout)
+    return app
+
+
+_app: Celery | None = None
+
+
+def get_app() -> Celery:
+    """The process's app (one per process: the worker's tasks are registered on it), built on
+    first use."""
+    global _app
+    if _app is None:
+        _app = create_app()
+    return _app
+
+
+def __getattr__(name: str) -> Celery:
+    # ``celery -A opt_queue.queue.app`` and ``from opt_queue.queue.app import app`` find the
+    # process's app; importing this module builds nothing
+    if name == "app":
+        return get_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def task_slots(rows_in_flight: int, rows_per_task: int) -> int:
@@ -59,16 +85,18 @@ def transport_options(visibility_timeout: int) -> dict[str, int]:
 
 
 def configure(broker_url: str, visibility_timeout: int = 3600) -> Celery:
-    """Point the app at ``broker_url``; return it. A ``redis://`` broker uses kombu's Redis
-    transport with one client per channel (``transport.py``) unless ``OPT_QUEUE_STOCK_TRANSPORT``
-    is set."""
+    """Point the process's app at ``broker_url``; return it."""
+    app = get_app()
     if app.conf.broker_url != broker_url:
         app.close()  # drop pooled connections to the previous broker
+    _point(app, broker_url, visibility_timeout)
+    return app
+
+
+def _point(app: Celery, broker_url: str, visibility_timeout: int) -> None:
+    """A ``redis://`` broker uses kombu's Redis transport with one client per channel
+    (``transport.py``) unless ``OPT_QUEUE_STOCK_TRANSPORT`` is set."""
     app.conf.broker_url = broker_url
     app.conf.broker_transport_options = transport_options(visibility_timeout)
     plain = broker_url.startswith("redis://") and not os.environ.get("OPT_QUEUE_STOCK_TRANSPORT")
     app.conf.broker_transport = "opt_queue.queue.transport:Transport" if plain else None
-    return app
-
-
-configure(app.conf.broker_url)

@@ -35,7 +35,7 @@ from typing import Any
 import redis
 
 from opt_queue.store import keys
-from opt_queue.queue.app import app
+from opt_queue.queue.app import get_app
 from opt_queue.store.jobs import Job
 from opt_queue.store.leases import LEASE_SECONDS, owner_id
 from opt_queue.core.request import TaskRow, split_row
@@ -67,6 +67,7 @@ def envelope(job_id: str, rows: list[TaskRow], options: dict[str, Any]) -> str:
 
     task_id = str(uuid.uuid4())
     argsrepr = args_repr(job_id, rows)
+    app = get_app()
     message = app.amqp.create_task_message(task_id, ROWS_TASK, (job_id, rows, options), {},
                                            argsrepr=argsrepr, kwargsrepr="{}", ignore_result=True,
                                            shadow=task_name(job_id, rows))
@@ -82,6 +83,7 @@ def envelope(job_id: str, rows: list[TaskRow], options: dict[str, Any]) -> str:
 
 def declare_queue() -> None:
     """Declare the row queue the ordinary way once, so the broker knows its binding."""
+    app = get_app()
     with app.producer_or_acquire() as producer:
         producer.maybe_declare(app.amqp.queues[keys.QUEUE])
 
@@ -97,7 +99,7 @@ def push(client: redis.Redis, entries: Iterable[str]) -> int:
 def hand_back(job_id: str, rows: list[Any], options: dict[str, Any] | None) -> None:
     """Enqueue rows again as a new task (behind the rows already queued); their leases must have
     been given up first, so that the new copy may take them."""
-    app.send_task(ROWS_TASK, args=(job_id, rows, options), argsrepr=args_repr(job_id, rows),
+    get_app().send_task(ROWS_TASK, args=(job_id, rows, options), argsrepr=args_repr(job_id, rows),
                   kwargsrepr="{}", queue=keys.QUEUE)
 
 

@@ -21,16 +21,27 @@ import redis
 from celery import Task
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from opt_queue.queue.app import app
+from opt_queue.queue.app import get_app
 from opt_queue.lanes.batchlane import BatchLane
 from opt_queue.queue.broker import ROWS_TASK, args_repr, hand_back, recover_stale
 from opt_queue.core.request import split_row
-from opt_queue.core.config import load_config
+from opt_queue.core.config import Config, load_config
 from opt_queue.engine.engine import HANDED_BACK, Engine
 from opt_queue.store.redis_conn import connect, connect_async
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+app = get_app()  # the process's app: the task below is registered on it
+
+_settings: Config | None = None
+
+
+def use(config: Config) -> None:
+    """The config this process's worker runs with (``opt-queue worker`` hands it over before the
+    worker starts; a worker started as ``celery -A opt_queue.queue.app worker`` reads it from the
+    environment, as ``config.load_config`` does)."""
+    global _settings
+    _settings = config
 
 
 class _Runtime:
@@ -40,7 +51,7 @@ class _Runtime:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="opt-queue-rows", daemon=True)
         self.thread.start()
-        config = load_config()
+        config = _settings if _settings is not None else load_config()
         # A row in flight holds at most two connections at a time (its send-time stamp runs beside
         # its call); the rest is for the engine.
         client = connect_async(app.conf.broker_url, max_connections=2 * config.concurrency + 16)
@@ -83,7 +94,7 @@ _runtime_lock = threading.Lock()
 
 
 def runtime() -> _Runtime:
-    """The worker process's runtime, built on first use from ``OPT_QUEUE_CONFIG`` and the broker."""
+    """The worker process's runtime, built on first use from its config (:func:`use`) and broker."""
     global _runtime
     with _runtime_lock:
         if _runtime is None:
