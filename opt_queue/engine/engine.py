@@ -39,7 +39,7 @@ from opt_queue.store.leases import DONE, HELD, Leases
 from opt_queue.core.request import split_row
 from opt_queue.core.config import Config
 from opt_queue.store.jobs import STOPPED, AsyncJob
-from opt_queue.limits.limiter import AsyncKeyPool, Budget, BudgetReached, Lease, Never, Wait
+from opt_queue.limits.limiter import AsyncKeyPool, Budget, BudgetReached, Lease, Never, Report, Wait
 from opt_queue.core.prices import Prices, Usage, nano
 from opt_queue.store.redis_conn import redact_url
 from opt_queue.core.request import CHAT_URL, ask_again, failure_key, request_hash
@@ -92,14 +92,12 @@ class _Row:
     last_key: str | None = None
     too_large_for: set[str] = field(default_factory=set)
     hold_until: float = float("inf")  # monotonic time after which a waiting row is handed back
-    to_settle: tuple[Lease, int, Usage] | None = None  # sent with the result, in one round trip
+    to_settle: tuple[Lease, Report] | None = None  # what the answer tells the limiter: sent with the result
     tokens: int = 0  # TPM estimate: the prompt's and the completion's cap (the fallback model keeps it)
     prompt_tokens: int = 0
     granted: Lease | None = None  # the admission its queue gave it, not yet looked at
     ask_alone: bool = False  # its queue found it needs more than a slot: its next admission is its own
     too_large_samples: int = 0  # admissions whose whole sample of keys found the request too large
-    server_limits: dict[str, int] = field(default_factory=dict)  # what the answer's headers said
-    token_window: tuple[int, int] | None = None  # the answer's (limit, remaining) tokens
     sent_ms: int | None = None  # when its last request was sent (its stamp, Redis' clock)
     last_usage: Usage | None = None  # what the last call was billed, when it gave no answer
     cache_key: str | None = None  # the response cache's key of the row's request (cache on)
@@ -320,12 +318,7 @@ class Engine:
         paid answer: a Redis error retries the publication, never the call."""
         def settle_and_publish(pipe: Any) -> None:
             if row.to_settle is not None:
-                self.pool.queue_settle(*row.to_settle[:2], pipe)
-                self.pool.queue_spend(row.to_settle[0], row.to_settle[2], pipe)
-                # the limits first: other rows waiting for this probe's answer must find them
-                self.pool.queue_learn(row.to_settle[0], row.server_limits, pipe)
-                self.pool.queue_calibrate(row.to_settle[0], row.sent_ms, row.token_window, pipe)
-                self.pool.queue_answered(row.to_settle[0], pipe)
+                self.pool.queue_report(*row.to_settle, pipe)
             if row.cache_entry is not None and self.config.cache is not None:
                 pipe.set(row.cache_key, row.cache_entry, ex=int(self.config.cache.ttl))
             if row.from_cache:
@@ -531,9 +524,7 @@ class Engine:
             current.uncancel()  # the cancel was ours and is handled: later timeouts work as usual
         if stamped is not None:
             await stamped
-            await self.pool.settle(lease, row.tokens)
-        else:
-            await self.pool.cancel(lease)
+        await self.pool.report(lease, Report(sent=stamped is not None, used_tokens=row.tokens, answered=None))
         return HANDED_BACK
 
     async def _after_failure(self, row: _Row, lease: Lease, exc: Exception,
@@ -547,30 +538,26 @@ class Engine:
         paid = getattr(exc, "usage", None)
         row.last_usage = self._usage(row, answers.Reply(value=None, usage=paid)) if paid else None
         if stamped is not None:
-            await stamped
-            used = row.last_usage.input_tokens + row.last_usage.output_tokens if row.last_usage else 0
-            await self.pool.settle(lease, used, row.last_usage,
-                                   refused=failure.kind is providers.Kind.RATE_LIMITED)
-        else:
-            await self.pool.cancel(lease)
-        await self.pool.count_error(lease.key, failure.reason)
+            await stamped  # the stamp reaches Redis before the lease is settled
+        kind = failure.kind
+        used = row.last_usage.input_tokens + row.last_usage.output_tokens if row.last_usage else 0
+        verdict = {providers.Kind.RATE_LIMITED: "429tok" if failure.tokens else "429",
+                   providers.Kind.SLOW_DOWN: "slow"}.get(kind)
+        # a dead key's probe stays out (no second call); a transient failure says nothing of the key
+        answered = None if kind is providers.Kind.KEY_DEAD else kind not in (providers.Kind.TRANSIENT,
+                                                                             providers.Kind.UNREACHABLE)
+        left = await self.pool.report(lease, Report(
+            sent=stamped is not None, used_tokens=used, usage=row.last_usage,
+            refused=kind is providers.Kind.RATE_LIMITED, error=failure.reason, verdict=verdict,
+            cooldown=failure.retry_after or 1.0 if verdict != "slow" else 0.0,
+            server=failure.server_limits if verdict != "slow" else {}, answered=answered))
         metrics.observe_call(lease.key.fingerprint, row.body["model"], str(failure.status or failure.reason),
                              row.last_usage)
-        # What the server said about the limits goes first: a probe's answer lets other
-        # requests in, and they must find the limits it reported.
-        if failure.kind is providers.Kind.RATE_LIMITED:
-            left = await self.pool.cool(lease, failure.retry_after or 1.0, failure.server_limits,
-                                        tokens=failure.tokens)
+        if kind is providers.Kind.RATE_LIMITED:
             log.info("key %s rate limited by the server; cooling for %.1fs", lease.key.fingerprint, left)
-        elif failure.kind is providers.Kind.SLOW_DOWN:
-            await self.pool.slow_down(lease)
+        elif kind is providers.Kind.SLOW_DOWN:
             log.info("key %s: the server asks to slow down; its per-minute limits are halved and "
                      "ramp back", lease.key.fingerprint)
-        else:
-            await self.pool.learn(lease, failure.server_limits)
-        if failure.kind is not providers.Kind.KEY_DEAD:  # a dead key's probe stays out: no second call
-            await self.pool.answered(lease, alive=failure.kind not in (providers.Kind.TRANSIENT,
-                                                                       providers.Kind.UNREACHABLE))
         return await self._on_failure(row, lease, failure)
 
     async def _after_answer(self, row: _Row, lease: Lease, answer: providers.Answer,
@@ -592,17 +579,13 @@ class Engine:
         reply = answer.reply
         used = reply.prompt_tokens + reply.completion_tokens
         usage = self._usage(row, reply)
-        row.to_settle = (lease, used, usage)
+        row.to_settle = (lease, Report(used_tokens=used, usage=usage, server=answer.server_limits,
+                                       sent_ms=row.sent_ms, window=answer.token_window))
         metrics.observe_call(lease.key.fingerprint, row.body["model"], "200", usage)
-        row.server_limits = answer.server_limits
-        row.token_window = answer.token_window
         parsed, problem, final = answers.structured(row.url, row.body, reply)
         if problem is not None and not final and row.asked_again < self.config.schema_retries:
             # Ask again with what was wrong; this call is paid and settled now, not with the result.
-            await self.pool.settle(lease, used, usage)
-            await self.pool.learn(lease, row.server_limits)
-            await self.pool.calibrate(lease, row.sent_ms, row.token_window)
-            await self.pool.answered(lease, alive=True)
+            await self.pool.report(*row.to_settle)
             row.to_settle = None
             row.asked_again += 1
             log.info("row %s: the answer does not match the JSON schema (%s); asking again (%d/%d)",

@@ -74,7 +74,7 @@ import random
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from opt_queue.store import keys as rkeys
@@ -233,6 +233,33 @@ class Never:
     """No key serving the model can ever admit a request this large (TPM window too small)."""
 
     tokens: int
+
+
+@dataclass
+class Report:
+    """Everything one call told the limiter, reported once (:meth:`AsyncKeyPool.queue_report`),
+    in one round trip: with the row's result after an answer, alone after a failure."""
+
+    sent: bool = True
+    """False: the request never left (the lease is cancelled, nothing counted)."""
+    used_tokens: int = 0
+    usage: Usage | None = None
+    """What the call was billed (None: nothing, e.g. an error status)."""
+    refused: bool = False
+    """A 429: the server counted nothing for it, and it leaves calibration."""
+    error: str | None = None
+    """The failure's reason, counted in the key's statistics."""
+    verdict: str | None = None
+    """What the server said of the scope: ``"429"``, ``"429tok"`` (its tokens' window), ``"slow"``."""
+    cooldown: float = 0.0
+    server: dict[str, int] = field(default_factory=dict)
+    """The limits the response stated."""
+    answered: bool | None = True
+    """The scope answered (ends its probing); False: a transient failure that says nothing of the
+    key (another probe may go); None: no word (a dead key's probe stays out)."""
+    sent_ms: int | None = None
+    window: tuple[int, int] | None = None
+    """The request's stamp and the response's token window: an observation for calibration."""
 
 
 @dataclass(frozen=True)
@@ -458,12 +485,12 @@ class AsyncKeyPool:
 
     async def cancel(self, lease: Lease) -> None:
         """Give back a lease whose request was never sent (and its share of the job's budget)."""
-        def fill(pipe: Any) -> None:
-            queue(pipe, self._scripts.cancel, [rkeys.bucket_state(lease.scope), *self._window_keys(lease)],
-                  [lease.uid, lease.tokens, lease.nreq, *[w.period_ms for w in lease.windows if w.dim == "tok"]])
-            self.queue_spend(lease, None, pipe)
+        await run_pipeline(self.client, lambda pipe: self._queue_cancel(lease, pipe))
 
-        await run_pipeline(self.client, fill)
+    def _queue_cancel(self, lease: Lease, pipe: Any) -> None:
+        queue(pipe, self._scripts.cancel, [rkeys.bucket_state(lease.scope), *self._window_keys(lease)],
+              [lease.uid, lease.tokens, lease.nreq, *[w.period_ms for w in lease.windows if w.dim == "tok"]])
+        self.queue_spend(lease, None, pipe)
 
     def queue_spend(self, lease: Lease, usage: Usage | None, pipe: Any) -> None:
         """Queue on ``pipe`` what a call cost (``usage``; None: nothing billed, e.g. an error): the
@@ -515,18 +542,61 @@ class AsyncKeyPool:
             pipe.hset(rkeys.bucket_state(lease.scope), mapping={"answered_until": now + ANSWERED_MS,
                                                                  "probe_until": 0})
 
-    async def answered(self, lease: Lease, alive: bool) -> None:
-        """After a failed call: an answer from a live key ends probing like a success; a
-        transient failure says nothing about the key, so it only lets another probe go."""
-        if not self.probe_ms:
-            return
+    def _queue_word(self, lease: Lease, alive: bool, pipe: Any) -> None:
+        """After a call: an answer from a live key ends probing like a success; a transient
+        failure says nothing about the key, so it only lets another probe go."""
         if alive:
-            await run_pipeline(self.client, lambda pipe: self.queue_answered(lease, pipe))
-        else:
-            await self.client.hset(rkeys.bucket_state(lease.scope), "probe_until", 0)
+            self.queue_answered(lease, pipe)
+        elif self.probe_ms:
+            pipe.hset(rkeys.bucket_state(lease.scope), "probe_until", 0)
+
+    async def answered(self, lease: Lease, alive: bool) -> None:
+        """:meth:`_queue_word` in its own round trip."""
+        await run_pipeline(self.client, lambda pipe: self._queue_word(lease, alive, pipe))
+
+    @staticmethod
+    def _queue_error(key: ApiKey, reason: str, pipe: Any) -> None:
+        pipe.hincrby(rkeys.key_stats(key.fingerprint), f"error:{reason}", 1)
 
     async def count_error(self, key: ApiKey, reason: str) -> None:
-        await self.client.hincrby(rkeys.key_stats(key.fingerprint), f"error:{reason}", 1)
+        await run_pipeline(self.client, lambda pipe: self._queue_error(key, reason, pipe))
+
+    def queue_report(self, lease: Lease, report: Report, pipe: Any) -> int | None:
+        """Queue on ``pipe`` all that one call tells the limiter, in the order the scope's other
+        requests need it: the lease settled (or cancelled) and the spend counted; the error
+        counted; what the server said of the scope's limits (a 429's cooldown, a slow-down, the
+        limits it stated) and the calibration, before the scope is marked answered, since requests
+        waiting for a probe's answer must find them. Return the position on ``pipe`` of the
+        verdict's reply (the cooldown in ms), if one was queued."""
+        if report.sent:
+            self.queue_settle(lease, report.used_tokens, pipe, report.refused)
+            self.queue_spend(lease, report.usage, pipe)
+        else:
+            self._queue_cancel(lease, pipe)
+        if report.error is not None:
+            self._queue_error(lease.key, report.error, pipe)
+        verdict_at = None
+        if report.verdict is not None:
+            verdict_at = len(pipe.command_stack)
+            self._queue_verdict(lease, report.verdict, report.cooldown, report.server, pipe)
+        else:
+            self.queue_learn(lease, report.server, pipe)
+        self.queue_calibrate(lease, report.sent_ms, report.window, pipe)
+        if report.answered is not None:
+            self._queue_word(lease, report.answered, pipe)
+        return verdict_at
+
+    async def report(self, lease: Lease, report: Report) -> float:
+        """:meth:`queue_report` in its own round trip; return the cooldown the scope took (s)."""
+        at: list[int | None] = []
+
+        def fill(pipe: Any) -> None:
+            start = len(pipe.command_stack)
+            where = self.queue_report(lease, report, pipe)
+            at.append(None if where is None else where - start)
+
+        replies = await run_pipeline(self.client, fill)
+        return int(replies[at[0]]) / 1000.0 if at and at[0] is not None else 0.0
 
     # -- what the server says -------------------------------------------------------------------
     def _tell_call(self, lease: Lease, kind: str, cooldown: float = 0.0,
@@ -537,10 +607,18 @@ class AsyncKeyPool:
                 [kind, int(cooldown * 1000), server.get("requests", 0), server.get("tokens", 0),
                  self.now_ms or 0, int(self.header_period * 1000), TOKENS_429_STEP])
 
+    def _queue_verdict(self, lease: Lease, kind: str, cooldown: float, server: dict[str, int] | None,
+                       pipe: Any) -> None:
+        """Queue what the server said of the scope (``lua/learn.lua``): ``429`` / ``429tok`` (cool
+        it for ``cooldown`` s, learn ``server``'s limits), ``slow`` (halve its per-minute limits)."""
+        if kind.startswith("429"):
+            self._learned.pop(lease.scope, None)
+        queue(pipe, self._scripts.learn, *self._tell_call(lease, kind, cooldown, server))
+
     async def _tell(self, lease: Lease, kind: str, cooldown: float = 0.0,
                     server: dict[str, int] | None = None) -> int:
-        ks, args = self._tell_call(lease, kind, cooldown, server)
-        return int(await run_script(self.client, self._scripts.learn, ks, args))
+        replies = await run_pipeline(self.client, lambda pipe: self._queue_verdict(lease, kind, cooldown, server, pipe))
+        return int(replies[0])
 
     def queue_learn(self, lease: Lease, server: dict[str, int], pipe: Any) -> bool:
         """Queue on ``pipe`` the limits a response's ``x-ratelimit-limit-*`` headers give (up or
@@ -591,7 +669,6 @@ class AsyncKeyPool:
         give, or, when there are none, half of what the window held when the server refused. A
         refusal on ``tokens`` per minute where the limiter saw room says the server counts more
         than the scope's factor: it grows by :data:`TOKENS_429_STEP`. Return the cooldown."""
-        self._learned.pop(lease.scope, None)
         return await self._tell(lease, "429tok" if tokens else "429", seconds, server) / 1000.0
 
     async def slow_down(self, lease: Lease) -> None:
