@@ -169,3 +169,32 @@ def test_a_first_reading_far_above_the_estimate_is_capped(make, rclient: redis.R
     server.log = [(T0 - 1000, 9000)]  # another client's (or run's) tokens in the server's window
     lease = send(p, server, 1000, 100)
     assert factor(rclient, lease.scope) == pytest.approx(3.0)
+
+
+def test_an_upper_bound_larger_than_the_window_is_sent_alone_and_teaches_the_scope(
+        make, rclient: redis.Redis) -> None:  # noqa: F811
+    """A model whose tokenizer opt-queue does not have gets an upper-bound estimate of its prompt.
+    Larger than the key's whole token window, it is no reason to give up before the server has said
+    anything: the request goes alone, in an empty window, charged the whole window; the server's
+    answer teaches the scope, and then it is judged by the scope's own count. An exact count, or a
+    completion cap larger than the window, is still refused at once."""
+    from opt_queue.limits.limiter import Never
+
+    limit = 2_000
+    p = make([key("sk-a", {"tokens": [f"{limit}/60s"]})], header_period=60.0)
+    unknown, exact = "llama-3.1-8b", "gpt-4o-mini"
+    assert isinstance(p.run(p.pool.acquire(exact, 3_000, prompt=2_900)), Never)  # its count is exact
+    assert isinstance(p.run(p.pool.acquire(unknown, 2_600, prompt=100)), Never)  # the cap alone: 2,500
+    first = p.run(p.pool.acquire(unknown, 3_000, prompt=2_900))
+    assert isinstance(first, Lease) and first.tokens == limit  # alone, charged the whole window
+    second = p.run(p.pool.acquire(unknown, 3_000, prompt=2_900))
+    assert isinstance(second, Wait) and not second.too_large  # behind it, not refused
+    # the server counted the prompt as 900 (not 2,900): its answer teaches the scope
+    stamp = p.run(p.pool.stamp(first))
+    p.run(p.pool.calibrate(first, stamp, (limit, limit - 1_000)))
+    assert factor(rclient, first.scope) == pytest.approx(900 / 2_900, rel=0.02)
+    p.advance(60_500)  # the first request's window has passed
+    later = p.run(p.pool.acquire(unknown, 3_000, prompt=2_900))
+    assert isinstance(later, Lease) and later.tokens == math.ceil(2_900 * 900 / 2_900) + 100
+    # a learned scope judges by its own count: a prompt it counts above the window never fits
+    assert isinstance(p.run(p.pool.acquire(unknown, 8_000, prompt=7_900)), Never)

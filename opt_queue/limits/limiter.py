@@ -80,6 +80,7 @@ from typing import Any
 from opt_queue.store import keys as rkeys
 from opt_queue.core.config import ApiKey, Config, Limits
 from opt_queue.core.prices import Usage
+from opt_queue.core.tokens import counter
 from opt_queue.store.scripts import queue, run_pipeline, run_script, scripts_for
 
 ACQUIRE_SAMPLE = 32
@@ -402,8 +403,9 @@ class AsyncKeyPool:
         ks: list[str] = []
         argv: list[Any] = [len(planned), len(order), RESERVE_MS, self.probe_ms, self.now_ms or 0,
                            self.refresh_ms, PACE_ABOVE, int(self.header_period * 1000), int(budget_key is not None)]
+        exact = int(counter(model) is not None)  # else the prompts' estimates are upper bounds
         for (tokens, uid, budget), prompt in zip(planned, prompts):
-            argv += [tokens, uid, budget.cost_nano if budget else 0, budget.tokens if budget else 0, prompt]
+            argv += [tokens, uid, budget.cost_nano if budget else 0, budget.tokens if budget else 0, prompt, exact]
         for bucket in order:
             scope_keys, scope_args = self._fragment(bucket, model)
             ks += scope_keys

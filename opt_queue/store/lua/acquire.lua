@@ -21,7 +21,12 @@
 --         which is then reserved
 -- ARGV[10..] for each request: tokens it is estimated to use, its unique id, its budget share in
 --         nano-dollars, its tokens for max_tokens_total, the part of its tokens that is the
---         prompt's estimate (the scope's learned "tok_factor" scales that part: lua/calibrate.lua)
+--         prompt's estimate (the scope's learned "tok_factor" scales that part: lua/calibrate.lua),
+--         and 1 when that estimate is exact (the model's tokenizer), 0 when it is an upper bound
+--         (a model whose tokenizer opt-queue does not have). On a scope that has not learned how
+--         its server counts, an upper bound larger than a token window is no reason to refuse the
+--         request for ever: it goes alone, in an empty window, charged the whole window, and its
+--         answer teaches the scope (its server may count far less).
 -- then for each scope: the number of windows, then per window: is_tokens (0/1), limit, period_ms,
 --         mode, margin_ms. Modes (limiter.py): 0 configured; 1 configured, of the header period (a
 --         learned limit lowers it); 2 discovered (the learned limit, else `limit`, 0 for none);
@@ -93,7 +98,7 @@ end
 -- Admissions made by this call keep `used` in step, so each request is judged without reading
 -- the scopes again.
 local scopes = {}
-local kk, a = 1, 10 + 5 * k
+local kk, a = 1, 10 + 6 * k
 for b = 1, n do
   local state = KEYS[kk]
   kk = kk + 1
@@ -154,13 +159,17 @@ for b = 1, n do
     -- its probe is still out: look again soon (its answer, or its expiry, frees the scope)
     busy = math.max(busy, now + math.min(tonumber(st[3]) - now, 250))
   end
+  local tok_cap = nil  -- the smallest token window: what an unsure request larger than it is charged
+  for _, w in ipairs(windows) do
+    if w.is_tok and w.limit > 0 and (tok_cap == nil or w.limit < tok_cap) then tok_cap = w.limit end
+  end
   scopes[b] = {state = state, windows = windows, probing = probing, busy = busy, judged = {},
-               tok_factor = tonumber(st[10] or '1')}
+               tok_factor = tonumber(st[10] or '1'), calibrated = st[10] ~= false, tok_cap = tok_cap}
 end
 
 -- A request of `need_tokens` on scope s: 'never' (larger than a window), or its wait (ms, 0: it
 -- fits now) and the headroom it would leave. Kept per size until the scope admits a request.
-local function judge_now(s, need_tokens)
+local function judge_now(s, need_tokens, unsure)
   local room, wait = 1.0, 0
   if s.busy > now then wait = s.busy - now end
   for _, w in ipairs(s.windows) do
@@ -168,6 +177,7 @@ local function judge_now(s, need_tokens)
     if limit > 0 then
       local need = w.is_tok and need_tokens or 1
       local first = w.mode == 3 and used == 0  -- an empty pacing window takes any request
+      if w.is_tok and need > limit and unsure then need, first = limit, used == 0 end
       if need > limit and not first then return 'never' end
       if used + need > limit and not first then
         if w.is_tok then
@@ -183,11 +193,12 @@ local function judge_now(s, need_tokens)
   return wait, room
 end
 
-local function judge(s, need_tokens)
-  local got = s.judged[need_tokens]
+local function judge(s, need_tokens, unsure)
+  local memo = unsure and (need_tokens .. 'u') or need_tokens
+  local got = s.judged[memo]
   if got == nil then
-    got = {judge_now(s, need_tokens)}
-    s.judged[need_tokens] = got
+    got = {judge_now(s, need_tokens, unsure)}
+    s.judged[memo] = got
   end
   return got[1], got[2]
 end
@@ -219,10 +230,12 @@ end
 
 local out = {now}
 for r = 1, k do
-  local base = 10 + 5 * (r - 1)
+  local base = 10 + 6 * (r - 1)
   local tokens, uid = tonumber(ARGV[base]), ARGV[base + 1]
   local budget_cost, budget_tokens = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
   local prompt = tonumber(ARGV[base + 4])
+  -- an upper bound of a prompt: unsure, unless the completion's cap alone fills a window
+  local upper = ARGV[base + 5] == '0' and prompt > 0
   local status, value, charged = nil, 0, tokens
   if budget then
     local b = redis.call('HMGET', budget, 'max_cost_nano', 'spent_nano', 'reserved_nano',
@@ -237,7 +250,9 @@ for r = 1, k do
   if status == nil then
     local best, best_room, min_wait, never = nil, -1, nil, 0
     for b = 1, n do
-      local wait, room = judge(scopes[b], counted(scopes[b], tokens, prompt))
+      local s = scopes[b]
+      local unsure = upper and not s.calibrated and s.tok_cap ~= nil and tokens - prompt < s.tok_cap
+      local wait, room = judge(s, counted(s, tokens, prompt), unsure)
       if wait == 'never' then
         never = never + 1
       elseif wait > 0 then
@@ -247,8 +262,13 @@ for r = 1, k do
       end
     end
     if best ~= nil then
-      charged = counted(scopes[best], tokens, prompt)
-      admit(scopes[best], uid, charged)
+      local s = scopes[best]
+      charged = counted(s, tokens, prompt)
+      if upper and not s.calibrated and s.tok_cap ~= nil and charged > s.tok_cap
+          and tokens - prompt < s.tok_cap then
+        charged = s.tok_cap
+      end
+      admit(s, uid, charged)
       if budget then
         redis.call('HINCRBY', budget, 'reserved_nano', budget_cost)
         redis.call('HINCRBY', budget, 'reserved_tokens', budget_tokens)
