@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,27 @@ class _JobBase:
         return {"keys": [*self.rows, self.meta_key, *self.leases, keys.job_copies(self.id)],
                 "args": [keys.slot(index), index]}
 
+    # -- one implementation for both handles: what to send and how to read it; ``_run`` sends it
+    # (and returns the value on a blocking client, an awaitable of it on an asyncio one) --------
+    def _run(self, fill: Callable[[Any], None], read: Callable[[list[Any]], Any]) -> Any:
+        raise NotImplementedError
+
+    def stop(self, reason: str) -> Any:
+        """Stop the job for good with ``reason``; whether it was running (False: stopped already)."""
+        def fill(pipe: Any) -> None:
+            pipe.hget(self.meta_key, "status")
+            pipe.hset(self.meta_key, mapping={"status": STOPPED, "reason": reason})
+        return self._run(fill, lambda replies: replies[0] != STOPPED.encode())
+
+    def retire_key(self, fingerprint: str, reason: str) -> Any:
+        """Retire a key for this job; True the first time."""
+        return self._run(lambda pipe: pipe.hsetnx(keys.job_retired(self.id), fingerprint, reason),
+                         lambda replies: bool(replies[0]))
+
+    def retired_keys(self) -> Any:
+        """The job's retired keys: fingerprint -> why."""
+        return self._run(lambda pipe: pipe.hgetall(keys.job_retired(self.id)), lambda replies: _decode(replies[0]))
+
     def _lease_call(self, owner: str, ms: int, indices: list[str]) -> dict[str, Any]:
         """``lua/lease.lua``: take the leases of ``indices`` for ``owner`` for ``ms``."""
         return {"keys": [*self.rows, self.meta_key, *self.leases], "args": [owner, ms, *_index_slots(indices)]}
@@ -210,14 +231,6 @@ class Job(_JobBase):
 
     def end_submit(self) -> None:
         self.client.hset(self.meta_key, mapping={"submitting": "0", "updated": str(time.time())})
-
-    def stop(self, reason: str) -> bool:
-        """Stop the job for good with ``reason``; return False if it was already stopped."""
-        pipe = self.client.pipeline()
-        pipe.hget(self.meta_key, "status")
-        pipe.hset(self.meta_key, mapping={"status": STOPPED, "reason": reason})
-        before, _ = pipe.execute()
-        return before != STOPPED.encode()
 
     def mark_complete(self, ttl: float | None = None) -> None:
         """Every row has its final result on disk (set by the collector); the state expires after
@@ -377,12 +390,10 @@ class Job(_JobBase):
         """When the job's rows still in batches go through the synchronous lane (``--deadline``)."""
         self.client.hset(self.meta_key, "cutover_at", at)
 
-    def retire_key(self, fingerprint: str, reason: str) -> bool:
-        """Retire a key for this job; return True the first time."""
-        return bool(self.client.hsetnx(keys.job_retired(self.id), fingerprint, reason))
-
-    def retired_keys(self) -> dict[str, str]:
-        return _decode(self.client.hgetall(keys.job_retired(self.id)))
+    def _run(self, fill: Callable[[Any], None], read: Callable[[list[Any]], Any]) -> Any:
+        pipe = self.client.pipeline()
+        fill(pipe)
+        return read(pipe.execute())
 
 
 class AsyncJob(_JobBase):
@@ -431,14 +442,6 @@ class AsyncJob(_JobBase):
         """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""
         return bool(await self._scripts.release(**self._release_call(index)))
 
-    async def stop(self, reason: str) -> bool:
-        """Stop the job for good with ``reason``; return False if it was already stopped."""
-        pipe = self.client.pipeline()
-        pipe.hget(self.meta_key, "status")
-        pipe.hset(self.meta_key, mapping={"status": STOPPED, "reason": reason})
-        before, _ = await pipe.execute()
-        return before != STOPPED.encode()
-
     async def stop_for_budget(self) -> None:
         """The next request (or batch) would cross the job's budget with nothing in flight: stop
         the job. Its unanswered rows stay unanswered; a submit with a higher budget resumes it."""
@@ -455,12 +458,10 @@ class AsyncJob(_JobBase):
     async def meta_fields(self, *names: str) -> list[str | None]:
         return [v.decode() if v is not None else None for v in await self.client.hmget(self.meta_key, names)]
 
-    async def retire_key(self, fingerprint: str, reason: str) -> bool:
-        """Retire a key for this job; return True the first time."""
-        return bool(await self.client.hsetnx(keys.job_retired(self.id), fingerprint, reason))
-
-    async def retired_keys(self) -> dict[str, str]:
-        return _decode(await self.client.hgetall(keys.job_retired(self.id)))
+    async def _run(self, fill: Callable[[Any], None], read: Callable[[list[Any]], Any]) -> Any:
+        pipe = self.client.pipeline()
+        fill(pipe)
+        return read(await pipe.execute())
 
 
 def list_jobs(client: redis.Redis) -> list[str]:
