@@ -20,10 +20,11 @@ import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
+from opt_queue.core.answers import RowResult, warning
 from opt_queue.core.request import BATCH as BATCH_INPUT
 
 if TYPE_CHECKING:
-    from opt_queue.core.answers import Reply, RowResult
+    from opt_queue.core.answers import Reply
 
 SEED, FULL, BATCH, AUTO = "seed", "full", "batch", "auto"
 FORMATS = (SEED, FULL, BATCH)
@@ -45,6 +46,22 @@ def detail(fmt: str, reply: Reply, parsed: Any, request_id: str | None, body: di
     if fmt == BATCH:
         return {"status_code": 200, "request_id": request_id, "body": body}
     return None
+
+
+def answered(index: str, reply: Reply, parsed: Any, problem: str | None, *, output: str, key: str | None,
+             model: str, attempts: int, cost: float | None, request_id: str | None, body: dict[str, Any],
+             failure_key: str | None = None) -> RowResult:
+    """A 200's result for its row, the same in both lanes: the answer, with what the output format
+    ``output`` keeps of it; or, when a structured answer misses its schema (``problem``, after
+    any asking again), a final null saying what was wrong, its usage counted."""
+    spent = {"index": index, "key": key, "model": model, "attempts": attempts, "cost": cost,
+             "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+             "cached_tokens": reply.cached_tokens, "reasoning_tokens": reply.reasoning_tokens}
+    if problem is not None:
+        return RowResult(answer=None, error_type="schema_invalid", error=problem, retryable=False,
+                         request=failure_key, **spent)
+    return RowResult(answer=reply.value, warning=warning(reply), detail=detail(output, reply, parsed, request_id, body),
+                     **spent)
 
 
 def batch_id(index: str) -> str:

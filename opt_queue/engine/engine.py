@@ -593,19 +593,12 @@ class Engine:
             row.body = ask_again(row.url, row.body, reply.text, problem)
             row.estimate()
             return None
-        common = {"index": row.index, "key": lease.key.fingerprint, "model": row.body["model"],
-                  "prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                  "cached_tokens": reply.cached_tokens, "reasoning_tokens": reply.reasoning_tokens,
-                  "cost": usage.cost}
-        if problem is not None:
-            return RowResult(answer=None, error_type="schema_invalid", error=problem, retryable=False,
-                             attempts=row.attempts + row.asked_again + 1, **common)
-        if row.cache_key is not None:
+        if row.cache_key is not None and problem is None:
             row.cache_entry = json.dumps({"body": answer.body, "request_id": answer.request_id, "cost": usage.cost,
                                           "model": row.body["model"]}, ensure_ascii=False)
-        return RowResult(answer=reply.value, attempts=row.attempts + row.asked_again + 1,
-                         warning=answers.warning(reply),
-                         detail=formats.detail(row.output, reply, parsed, answer.request_id, answer.body), **common)
+        return formats.answered(row.index, reply, parsed, problem, output=row.output, key=lease.key.fingerprint,
+                                model=row.body["model"], attempts=row.attempts + row.asked_again + 1,
+                                cost=usage.cost, request_id=answer.request_id, body=answer.body)
 
     def _from_cache(self, row: _Row, kept: dict[str, Any]) -> RowResult:
         """The row's result from the response cache: the answer a job got to the same request."""

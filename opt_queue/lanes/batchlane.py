@@ -573,16 +573,11 @@ class BatchLane:
             return RowResult(answer=None, error_type=failure.reason, error=failure.message, **common,
                              **_final_fields(failure, chunk, request)), None
         usage = self.prices.usage(model, chunk.url, {**request, "service_tier": "batch"}, reply)
-        cost = usage.cost
-        spent = {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
-                 "cached_tokens": reply.cached_tokens, "reasoning_tokens": reply.reasoning_tokens, "cost": cost}
-        parsed, problem, _final = answers.structured(chunk.url, request, reply)
-        if problem is not None:  # a batch cannot ask again: the row is null with the reason
-            return RowResult(answer=None, error_type="schema_invalid", error=problem, **common, **spent,
-                             retryable=False, request=failure_key(chunk.url, request, chunk.options.get("fallback"))), usage
-        detail = formats.detail(chunk.options.get("output", formats.SEED), reply, parsed,
-                                response.get("request_id"), body)
-        return RowResult(answer=reply.value, warning=answers.warning(reply), detail=detail, **common, **spent), usage
+        parsed, problem, _final = answers.structured(chunk.url, request, reply)  # a batch cannot ask again
+        return formats.answered(index, reply, parsed, problem, output=chunk.options.get("output", formats.SEED),
+                                key=chunk.key, model=model, attempts=chunk.attempt + 1, cost=usage.cost,
+                                request_id=response.get("request_id"), body=body,
+                                failure_key=failure_key(chunk.url, request, chunk.options.get("fallback"))), usage
 
     async def _publish(self, job: AsyncJob, chunk: Chunk, results: list[RowResult],
                        usages: dict[str, Usage]) -> int:

@@ -63,8 +63,9 @@ class _Queue:
 class Admissions:
     """The admission queues of one worker process (on its event loop)."""
 
-    def __init__(self, pool: AsyncKeyPool) -> None:
+    def __init__(self, pool: AsyncKeyPool, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.pool = pool
+        self.sleep = sleep  # how a queue waits for its next slot (tests record the waits it asks for)
         self._queues: dict[Group, _Queue] = {}
         self._giving_back: set[asyncio.Task[None]] = set()  # held until done (the loop keeps weak refs)
         self.calls = 0  # script calls made (for tests and benchmarks)
@@ -170,7 +171,7 @@ class Admissions:
             if wait is None:
                 continue
             seconds = wait.seconds if wait.exact else min(wait.seconds, SAMPLED_POLL)
-            await asyncio.sleep(min(seconds, MAX_SLEEP))
+            await self.sleep(min(seconds, MAX_SLEEP))
 
 
 def _settle(w: _Waiter, value: Lease | str) -> None:
