@@ -15,7 +15,8 @@ import redis.asyncio
 
 from opt_queue.store import keys as rkeys
 from opt_queue.limits.admission import Admissions
-from opt_queue.limits.limiter import AsyncKeyPool, Budget, Lease, Never, Wait
+from opt_queue.limits.limiter import AsyncKeyPool, Lease, Never, Wait
+from opt_queue.store.budget import Budget
 from opt_queue.jobflow.local import free_port
 from tests.test_limiter import T0, key
 

@@ -313,7 +313,7 @@ def test_limiter_matches_the_sliding_log_model(redis_url: str, rclient: redis.Re
 # -- the job's budget, reserved and settled with the admission ----------------------------------
 def test_a_budget_reserves_worst_cases_waits_for_settlements_then_says_it_is_reached(
         make, rclient: redis.Redis) -> None:  # type: ignore[no-untyped-def]
-    from opt_queue.limits.limiter import Budget, BudgetReached
+    from opt_queue.store.budget import Budget, BudgetReached
     from opt_queue.core.prices import Usage
 
     meta = "oq:{budget-test}:meta"

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 import redis
 
-from opt_queue.limits.limiter import AsyncKeyPool, Budget, Lease, Wait
+from opt_queue.limits.limiter import AsyncKeyPool, Lease, Wait
+from opt_queue.store.budget import Budget
 
 log = logging.getLogger(__name__)
 

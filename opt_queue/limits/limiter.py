@@ -81,6 +81,8 @@ from opt_queue.store import keys as rkeys
 from opt_queue.core.config import ApiKey, Config, Limits
 from opt_queue.core.prices import Usage
 from opt_queue.core.tokens import counter
+from opt_queue.store import budget as budgets
+from opt_queue.store.budget import Budget, BudgetReached
 from opt_queue.store.scripts import queue, run_pipeline, run_script, scripts_for
 
 ACQUIRE_SAMPLE = 32
@@ -213,20 +215,6 @@ class Wait:
     too_large: bool = False  # every sampled scope refused the request as larger than its window
 
 
-@dataclass(frozen=True)
-class Budget:
-    """A request's share of its job's budget: reserved at admission in the same script that admits
-    it (``acquire.lua``), settled to the real cost after the call."""
-
-    key: str
-    """The job's meta hash (``max_cost_nano``, ``spent_nano``, ``reserved_nano``, ...)."""
-    cost_nano: int
-    tokens: int
-
-
-@dataclass(frozen=True)
-class BudgetReached:
-    """The job's budget has no room for this request, and no request of the job is in flight."""
 
 
 @dataclass(frozen=True)
@@ -495,18 +483,11 @@ class AsyncKeyPool:
         self.queue_spend(lease, None, pipe)
 
     def queue_spend(self, lease: Lease, usage: Usage | None, pipe: Any) -> None:
-        """Queue on ``pipe`` what a call cost (``usage``; None: nothing billed, e.g. an error): the
-        key's and the job's spend and tokens grow by it, then the job budget's reservation is
-        given back (in that order: a concurrent admission never sees the budget freer than it is)."""
-        if usage is not None:
-            stats = rkeys.key_stats(lease.key.fingerprint)
-            for target in (stats, *([lease.budget.key] if lease.budget else [])):
-                for name, value in usage.counters().items():
-                    if value:
-                        pipe.hincrby(target, name, value)
-        if lease.budget is not None:
-            pipe.hincrby(lease.budget.key, "reserved_nano", -lease.budget.cost_nano)
-            pipe.hincrby(lease.budget.key, "reserved_tokens", -lease.budget.tokens)
+        """Queue on ``pipe`` what a call cost (``usage``; None: nothing billed) and the end of the
+        job budget's share its admission reserved (``budget.queue_spend``)."""
+        held = lease.budget
+        budgets.queue_spend(pipe, lease.key.fingerprint, held.key if held else None, usage,
+                           (held.cost_nano, held.tokens) if held else (0, 0))
 
     def queue_settle(self, lease: Lease, used_tokens: int, pipe: Any, refused: bool = False) -> None:
         """Queue the settlement on ``pipe`` (sent with the row's result, in one round trip): a real

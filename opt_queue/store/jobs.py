@@ -23,7 +23,7 @@ import redis
 
 from opt_queue.store import keys
 from opt_queue.core.answers import RowResult
-from opt_queue.core.prices import dollars, money
+from opt_queue.core.prices import dollars
 from opt_queue.core.request import index_number
 from opt_queue.store.scripts import queue, run_script, scripts_for
 
@@ -126,7 +126,7 @@ class _JobBase:
 
     @property
     def budget_key(self) -> str:
-        """The hash the job's budget and spend are kept in (``limiter.Budget``, ``lua/acquire.lua``)."""
+        """The hash the job's budget and spend are kept in (``store/budget.py``, ``lua/acquire.lua``)."""
         return self.meta_key
 
     def _publish_call(self, result: RowResult) -> dict[str, Any]:
@@ -174,20 +174,6 @@ class _JobBase:
     def queue_release(self, index: str, pipe: Any) -> None:
         """Queue on ``pipe`` the release of an unanswered row (the job stopped)."""
         queue(pipe, self._scripts.release, **self._release_call(index))
-
-    def queue_usage(self, counters: dict[str, int], pipe: Any) -> None:
-        """Queue on ``pipe`` what a call used and cost (``prices.Usage.counters``) into the job's
-        spend."""
-        for name, value in counters.items():
-            if value:
-                pipe.hincrby(self.meta_key, name, value)
-
-    def queue_unreserve(self, cost_nano: int, tokens: int, pipe: Any) -> None:
-        """Queue on ``pipe`` the end of a budget reservation (its real cost is counted apart)."""
-        if cost_nano:
-            pipe.hincrby(self.meta_key, "reserved_nano", -cost_nano)
-        if tokens:
-            pipe.hincrby(self.meta_key, "reserved_tokens", -tokens)
 
     def queue_cache_hit(self, saved_nano: int, pipe: Any) -> None:
         """Queue on ``pipe`` a row answered from the response cache, and the dollars it saved."""
@@ -434,26 +420,12 @@ class AsyncJob(_JobBase):
         return str(await self.client.hincrby(self.meta_key, "chunks", 1))
 
     async def reserve(self, cost_nano: int, tokens: int) -> int:
-        """Reserve a batch's worst case in the job's budget (``lua/reserve.lua``): 1 reserved, 0
-        not now (reservations in flight), -1 never (over the budget)."""
+        """``lua/reserve.lua`` on the job's budget (``budget.reserve`` says what it means)."""
         return int(await self._scripts.reserve(keys=[self.meta_key], args=[cost_nano, tokens]))
 
     async def release(self, index: str) -> bool:
         """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""
         return bool(await self._scripts.release(**self._release_call(index)))
-
-    async def stop_for_budget(self) -> None:
-        """The next request (or batch) would cross the job's budget with nothing in flight: stop
-        the job. Its unanswered rows stay unanswered; a submit with a higher budget resumes it."""
-        meta = await self.meta_fields("max_cost_nano", "spent_nano", "max_tokens_total", "spent_tokens")
-        max_cost, spent, max_tokens, spent_tokens = (int(v or 0) for v in meta)
-        if max_cost and (not max_tokens or spent / max_cost >= spent_tokens / max_tokens):
-            reason = f"budget reached: {money(dollars(spent))} of {money(dollars(max_cost))} (max_cost)"
-        else:
-            reason = f"budget reached: {spent_tokens} of {max_tokens} tokens (max_tokens_total)"
-        reason += "; the unanswered rows stay unanswered: raise the budget and run the same command again"
-        if await self.stop(reason):
-            log.warning("job %s stopped: %s", self.id, reason)
 
     async def meta_fields(self, *names: str) -> list[str | None]:
         return [v.decode() if v is not None else None for v in await self.client.hmget(self.meta_key, names)]
