@@ -40,7 +40,7 @@ from opt_queue.core.request import split_row
 from opt_queue.core.config import Config
 from opt_queue.store.jobs import STOPPED, AsyncJob
 from opt_queue.limits.limiter import AsyncKeyPool, Lease, Never, Report, Wait
-from opt_queue.store import budget
+from opt_queue.store import budget as budgets
 from opt_queue.store.budget import Budget, BudgetReached
 from opt_queue.core.prices import Prices, Usage, nano
 from opt_queue.store.redis_conn import redact_url
@@ -369,7 +369,7 @@ class Engine:
                     return DROPPED
                 return None if status == STOPPED else DUPLICATE
             if isinstance(lease, BudgetReached):
-                await budget.stop_for_budget(row.job)
+                await budgets.stop_for_budget(row.job)
                 return None
             if lease is None and row.too_large_for:
                 return self._null(row, "request_too_large",
@@ -450,7 +450,7 @@ class Engine:
         """The row's share of its job's budget: its worst case (the prompt's estimate and the
         completion's cap at the model's prices; 0 dollars when the price is unknown)."""
         worst = self.prices.cost(model, row.url, row.body, row.prompt_tokens, row.tokens - row.prompt_tokens)
-        return budget.share(row.job, nano(worst), row.tokens)
+        return budgets.share(row.job, nano(worst), row.tokens)
 
     async def _admit(self, row: _Row, model: str,
                      exclude: set[str]) -> tuple[str | None, bool, Lease | Wait | Never | BudgetReached | None]:

@@ -43,7 +43,7 @@ import redis
 
 from opt_queue.core import answers, formats
 from opt_queue.engine import metrics
-from opt_queue.store import budget
+from opt_queue.store import budget as budgets
 from opt_queue.store import keys as rkeys
 from opt_queue import providers as api
 from opt_queue.core.answers import RowResult
@@ -292,7 +292,7 @@ class BatchLane:
                 prompt, cap = estimate_parts(body, chunk.url)
                 cost += self.prices.cost(chunk.model, chunk.url, {**body, "service_tier": "batch"}, prompt, cap) or 0.0
                 tokens += prompt + cap
-        got = await budget.reserve(job, nano(cost), tokens)
+        got = await budgets.reserve(job, nano(cost), tokens)
         if got == 1:
             chunk.reserved_nano, chunk.reserved_tokens = nano(cost), tokens
             return None
@@ -301,12 +301,12 @@ class BatchLane:
         if chunk.rows > 1:
             await self._split(job, chunk_id, chunk, parts=2)
             return SPLIT
-        await budget.stop_for_budget(job)
+        await budgets.stop_for_budget(job)
         return 0.0
 
     def _unreserve(self, pipe: Any, job: AsyncJob, chunk: Chunk) -> None:
         """Queue on ``pipe`` the end of the chunk's budget reservation (its real cost is counted)."""
-        budget.queue_spend(pipe, None, job.budget_key, None, (chunk.reserved_nano, chunk.reserved_tokens))
+        budgets.queue_spend(pipe, None, job.budget_key, None, (chunk.reserved_nano, chunk.reserved_tokens))
         chunk.reserved_nano = chunk.reserved_tokens = 0
 
     async def _submitted(self, job: AsyncJob, chunk_id: str, chunk: Chunk, batch_id: str, file_id: str,
@@ -603,7 +603,7 @@ class BatchLane:
                 if usage is None:
                     continue
                 metrics.observe_call(chunk.key or "", result.model or chunk.model, "200", usage)
-                budget.queue_spend(pipe, chunk.key or "", job.budget_key, usage)
+                budgets.queue_spend(pipe, chunk.key or "", job.budget_key, usage)
             await pipe.execute()
         return new
 
