@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 from celery import Celery
 
@@ -45,6 +46,7 @@ def create_app(broker_url: str | None = None, visibility_timeout: int = 3600) ->
 
 
 _app: Celery | None = None
+_building = threading.Lock()
 
 
 def get_app() -> Celery:
@@ -52,7 +54,9 @@ def get_app() -> Celery:
     first use."""
     global _app
     if _app is None:
-        _app = create_app()
+        with _building:
+            if _app is None:
+                _app = create_app()
     return _app
 
 

@@ -27,7 +27,6 @@ TAKEN, HELD, DONE = 1, 0, 2
 """Per-row replies of ``lua/lease.lua``."""
 
 
-
 def owner_id() -> str:
     """A name for this worker process's leases: host, pid and a random part (pids are reused)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
