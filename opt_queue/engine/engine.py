@@ -551,7 +551,7 @@ class Engine:
         left = await self.pool.report(lease, Report(
             sent=stamped is not None, used_tokens=used, usage=row.last_usage,
             refused=kind is providers.Kind.RATE_LIMITED, error=failure.reason, verdict=verdict,
-            cooldown=failure.retry_after or 1.0 if verdict != "slow" else 0.0,
+            cooldown=(failure.retry_after or 1.0) if verdict != "slow" else 0.0,
             server=failure.server_limits if verdict != "slow" else {}, answered=answered))
         metrics.observe_call(lease.key.fingerprint, row.body["model"], str(failure.status or failure.reason),
                              row.last_usage)

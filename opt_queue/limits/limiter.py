@@ -541,9 +541,6 @@ class AsyncKeyPool:
     def _queue_error(key: ApiKey, reason: str, pipe: Any) -> None:
         pipe.hincrby(rkeys.key_stats(key.fingerprint), f"error:{reason}", 1)
 
-    async def count_error(self, key: ApiKey, reason: str) -> None:
-        await run_pipeline(self.client, lambda pipe: self._queue_error(key, reason, pipe))
-
     def queue_report(self, lease: Lease, report: Report, pipe: Any) -> int | None:
         """Queue on ``pipe`` all that one call tells the limiter, in the order the scope's other
         requests need it: the lease settled (or cancelled) and the spend counted; the error

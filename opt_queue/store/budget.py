@@ -66,7 +66,7 @@ def queue_spend(pipe: Any, key_fingerprint: str | None, budget_key: str | None, 
 async def reserve(job: AsyncJob, cost_nano: int, tokens: int) -> int:
     """Reserve a batch's worst case in the job's budget (``lua/reserve.lua``): 1 reserved, 0 not
     now (reservations in flight may leave room), -1 never (over the budget)."""
-    return await job.reserve(cost_nano, tokens)
+    return int(await job._scripts.reserve(keys=[job.budget_key], args=[cost_nano, tokens]))
 
 
 async def stop_for_budget(job: AsyncJob) -> None:

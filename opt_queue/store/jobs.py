@@ -419,10 +419,6 @@ class AsyncJob(_JobBase):
         """A new chunk of the batch lane's: its id."""
         return str(await self.client.hincrby(self.meta_key, "chunks", 1))
 
-    async def reserve(self, cost_nano: int, tokens: int) -> int:
-        """``lua/reserve.lua`` on the job's budget (``budget.reserve`` says what it means)."""
-        return int(await self._scripts.reserve(keys=[self.meta_key], args=[cost_nano, tokens]))
-
     async def release(self, index: str) -> bool:
         """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""
         return bool(await self._scripts.release(**self._release_call(index)))
