@@ -47,7 +47,7 @@ from opt_queue.store import budget as budgets
 from opt_queue.store import keys as rkeys
 from opt_queue import providers as api
 from opt_queue.core.answers import RowResult
-from opt_queue.queue.broker import envelope
+from opt_queue.queue.broker import envelope, queue_push
 from opt_queue.lanes.chunks import CANCEL_POLL, HANDOFF_SECONDS, Chunk, store_chunk
 from opt_queue.core.config import ApiKey, Config
 from opt_queue.store.jobs import STOPPED, AsyncJob
@@ -545,8 +545,7 @@ class BatchLane:
 
     async def _to_sync(self, job_id: str, rows: list[list[Any]], options: dict[str, Any]) -> None:
         entries = [envelope(job_id, [row], options) for row in rows]
-        for start in range(0, len(entries), 1000):
-            await self.client.lpush(rkeys.QUEUE, *entries[start:start + 1000])
+        await run_pipeline(self.client, lambda pipe: queue_push(pipe, entries))
 
     def _result(self, chunk: Chunk, index: str, request: dict[str, Any], entry: dict[str, Any],
                 final: bool) -> tuple[RowResult | None, Usage | None]:

@@ -88,19 +88,32 @@ def declare_queue() -> None:
         producer.maybe_declare(app.amqp.queues[keys.QUEUE])
 
 
+PUSH_GROUP = 1000
+"""Entries per LPUSH command."""
+
+
+def queue_push(pipe: Any, entries: list[str]) -> None:
+    """Queue on ``pipe`` the appending of task envelopes (:func:`envelope`) to the queue, first in,
+    first out. Every way a task reaches the queue goes through here: a submit (:func:`push`), a
+    hand-back (:func:`hand_back`) and the batch lane's hand-over to the synchronous lane."""
+    for start in range(0, len(entries), PUSH_GROUP):
+        pipe.lpush(keys.QUEUE, *entries[start:start + PUSH_GROUP])
+
+
 def push(client: redis.Redis, entries: Iterable[str]) -> int:
-    """Append entries to the queue in one round trip; first in, first out. Return how many."""
+    """Append task envelopes to the queue in one round trip, all or none; return how many."""
     batch = list(entries)
     if batch:
-        client.lpush(keys.QUEUE, *batch)
+        pipe = client.pipeline(transaction=True)
+        queue_push(pipe, batch)
+        pipe.execute()
     return len(batch)
 
 
-def hand_back(job_id: str, rows: list[Any], options: dict[str, Any] | None) -> None:
+def hand_back(client: redis.Redis, job_id: str, rows: list[Any], options: dict[str, Any] | None) -> None:
     """Enqueue rows again as a new task (behind the rows already queued); their leases must have
     been given up first, so that the new copy may take them."""
-    get_app().send_task(ROWS_TASK, args=(job_id, rows, options), argsrepr=args_repr(job_id, rows),
-                  kwargsrepr="{}", queue=keys.QUEUE)
+    push(client, [envelope(job_id, rows, options or {})])
 
 
 def _rows_of(message: dict[str, Any]) -> tuple[str, list[str]] | None:

@@ -60,6 +60,7 @@ class _Runtime:
         # connections and keys; any worker process takes the steps that are due.
         self.lane = BatchLane(config, client, self.engine.provider, self.engine.keys, self.engine.prices)
         self.loop.call_soon_threadsafe(self.lane.start)
+        self.redis = connect(app.conf.broker_url)  # the pool threads' own (blocking) client: hand-backs
         self._stop = threading.Event()
         self.recovery = threading.Thread(target=self._recover, args=(config.lease_seconds,),
                                          name="opt-queue-recovery", daemon=True)
@@ -67,10 +68,9 @@ class _Runtime:
 
     def _recover(self, lease_seconds: float) -> None:
         """Every few seconds, put dead workers' messages back in the queue (see ``broker``)."""
-        client = connect(app.conf.broker_url)
         while not self._stop.wait(lease_seconds / 6):
             try:
-                recover_stale(client, lease_seconds)
+                recover_stale(self.redis, lease_seconds)
             except redis.RedisError as exc:
                 log.debug("recovery pass skipped: %r", exc)
 
@@ -143,7 +143,7 @@ def rows(self: Task, job_id: str, rows: list[list[Any]], options: dict[str, Any]
         # Still waiting for a slot (or for another worker's lease): enqueue them again rather than
         # hold the message past its visibility timeout. Enqueued before this task is acked, so a
         # crash in between leaves at worst a second copy, which the rows' leases keep from paying.
-        hand_back(job_id, back, options)
+        hand_back(rt.redis, job_id, back, options)
         log.info("job %s: %d rows still waiting for a rate-limit slot were enqueued again", job_id, len(back))
     if unfinished:
         # Redis restarting or unreachable: those rows are neither done nor lost; run them again.
