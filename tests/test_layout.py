@@ -173,3 +173,26 @@ def test_only_the_store_names_redis_keys_and_job_fields(tmp_path: Path) -> None:
     sample.write_text('r.hget("oq:{j}:meta", "x")\npipe.hincrby(job.meta_key, "n", 1)\n'
                       'job._scripts.release()\nr.hlen("unacked")\nself._scripts.due()\n')
     assert len(store_leaks(sample)) == 4
+
+
+SDKS = ("openai", "anthropic", "google", "httpx", "httpx2")
+
+
+def sdk_imports(path: Path) -> list[str]:
+    """The providers' SDKs (and their HTTP stacks) that ``path`` imports, wherever in the file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+        found += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in SDKS]
+    return found
+
+
+def test_only_the_providers_import_an_api_sdk(tmp_path: Path) -> None:
+    """Calls, batches and their errors go through the provider seam: no other room knows an SDK."""
+    leaks = [leak for p in sorted(PACKAGE.rglob("*.py")) if "providers" not in p.relative_to(PACKAGE).parts
+             for leak in sdk_imports(p)]
+    assert not leaks, "an API SDK imported outside opt_queue/providers: " + "; ".join(leaks)
+    sample = tmp_path / "sdk.py"
+    sample.write_text("import openai\nfrom google import genai\nfrom . import openai_like\nimport json\n")
+    assert len(sdk_imports(sample)) == 2

@@ -38,7 +38,6 @@ import time
 import uuid
 from typing import Any
 
-import openai
 import redis
 
 from opt_queue.core import answers, formats
@@ -52,7 +51,6 @@ from opt_queue.lanes.chunks import CANCEL_POLL, HANDOFF_SECONDS, Chunk, store_ch
 from opt_queue.core.config import ApiKey, Config
 from opt_queue.store.jobs import STOPPED, AsyncJob
 from opt_queue.core.prices import Prices, Usage, nano
-from opt_queue.providers.openai import OpenAIProvider, classify_status
 from opt_queue.core.request import CHAT_URL, failure_key
 from opt_queue.store.scripts import run_pipeline, scripts_for
 from opt_queue.core.tokens import estimate_parts
@@ -76,7 +74,7 @@ class BatchLane:
     """The batch lane's steps, run by a worker process on its event loop (see the module doc).
     It shares the engine's Redis client, API clients, keys and prices."""
 
-    def __init__(self, config: Config, client: Any, provider: OpenAIProvider, keys: list[ApiKey],
+    def __init__(self, config: Config, client: Any, provider: api.BatchProvider, keys: list[ApiKey],
                  prices: Prices) -> None:
         self.config = config
         self.client = client
@@ -192,10 +190,6 @@ class BatchLane:
     def _key(self, fingerprint: str | None) -> ApiKey | None:
         return next((k for k in self.keys if k.fingerprint == fingerprint), None)
 
-    def _sdk(self, key: ApiKey) -> openai.AsyncOpenAI:
-        """The key's client (the engine's, kept open); uploads and downloads pass a longer timeout."""
-        return self.api.client(key, self.config.request_timeout)
-
     async def _pick(self, job: AsyncJob, chunk: Chunk) -> ApiKey | None | bool | int:
         """The key with the most room for the chunk; None while every key is full; False when no
         usable key serves the chunk's model; the largest limit (an int) when every usable key's
@@ -243,17 +237,15 @@ class BatchLane:
         file_id = chunk.file_id if chunk.file_id and chunk.file_key == key.fingerprint else None
         chunk.state, chunk.key, chunk.tag = "creating", key.fingerprint, uuid.uuid4().hex[:12]
         await self._save(job.id, chunk_id, chunk)  # before the call: a crash after it is found again
-        sdk = self._sdk(key)
         try:
             if file_id is None:
-                uploaded = await sdk.files.create(file=(f"{job.id}-{chunk_id}.jsonl", data or b""),
-                                                  purpose="batch", timeout=UPLOAD_TIMEOUT)
-                file_id = chunk.file_id = uploaded.id
+                file_id = chunk.file_id = await self.api.upload(key, f"{job.id}-{chunk_id}.jsonl", data or b"",
+                                                                UPLOAD_TIMEOUT)
                 chunk.file_key = key.fingerprint
                 await self._save(job.id, chunk_id, chunk)
-            created = await sdk.batches.create(
-                input_file_id=file_id, endpoint=chunk.url, completion_window="24h",  # type: ignore[arg-type]
-                metadata={"opt_queue_job": job.id, "opt_queue_chunk": chunk_id, "opt_queue_tag": chunk.tag})
+            created = await self.api.create_batch(
+                key, file_id, chunk.url, {"opt_queue_job": job.id, "opt_queue_chunk": chunk_id, "opt_queue_tag": chunk.tag},
+                self.config.request_timeout)
         except Exception as exc:
             failure = self.api.classify(exc)
             chunk.state = "pending"
@@ -320,14 +312,14 @@ class BatchLane:
         await pipe.execute()
         return delay
 
-    async def _find(self, chunk: Chunk, job_id: str, chunk_id: str) -> Any:
+    async def _find(self, chunk: Chunk, job_id: str, chunk_id: str) -> api.Batch | None:
         """The provider's batch created for this attempt of the chunk, if the create call went
         through before the worker died (its metadata names it)."""
         key = self._key(chunk.key)
         if key is None:
             return None
-        async for batch in self._sdk(key).batches.list(limit=100):
-            meta = batch.metadata or {}
+        async for batch in self.api.recent_batches(key, self.config.request_timeout):
+            meta = batch.metadata
             if (meta.get("opt_queue_job"), meta.get("opt_queue_chunk"), meta.get("opt_queue_tag")) == \
                     (job_id, chunk_id, chunk.tag):
                 return batch
@@ -342,16 +334,15 @@ class BatchLane:
             log.warning("job %s: chunk %s's key %s is no longer configured", job.id, chunk_id, chunk.key)
             await self._finish(job, chunk_id, chunk, [], await self._lines(job.id, chunk_id), late=late)
             return None
-        sdk = self._sdk(key)
-        batch = await sdk.batches.retrieve(chunk.batch_id or "")
+        batch = await self.api.batch(key, chunk.batch_id or "", self.config.request_timeout)
         chunk.status = batch.status
         if batch.status == "failed":
             return await self._failed(job, chunk_id, chunk, batch)
         if batch.status in IN_FLIGHT and cancel and batch.status != "cancelling":
             log.info("job %s: cancelling batch %s (%s)", job.id, batch.id,
                      "the deadline's cut-over" if late else "the job stopped")
-            await sdk.batches.cancel(batch.id)
-            batch = await sdk.batches.retrieve(batch.id)  # a cancel may be done at once: no tick lost
+            await self.api.cancel_batch(key, batch.id, self.config.request_timeout)
+            batch = await self.api.batch(key, batch.id, self.config.request_timeout)  # a cancel may be done at once
             chunk.status = batch.status
         if batch.status in IN_FLIGHT:
             if late and not chunk.handed and time.time() >= cutover + HANDOFF_SECONDS:
@@ -362,8 +353,8 @@ class BatchLane:
         found: list[dict[str, Any]] = []
         for file_id in (batch.output_file_id, batch.error_file_id):
             if file_id:
-                content = await sdk.files.content(file_id, timeout=UPLOAD_TIMEOUT)
-                found += [json.loads(line) for line in content.text.splitlines() if line.strip()]
+                text = await self.api.file_text(key, file_id, UPLOAD_TIMEOUT)
+                found += [json.loads(line) for line in text.splitlines() if line.strip()]
         await self._finish(job, chunk_id, chunk, found, await self._lines(job.id, chunk_id), late=late)
         return None
 
@@ -380,10 +371,9 @@ class BatchLane:
         log.warning("job %s: batch %s is still %s after the cut-over; its %d rows go through the synchronous "
                     "lane now (an answer the batch gives first is kept)", job.id, chunk.batch_id, status, len(lines))
 
-    async def _failed(self, job: AsyncJob, chunk_id: str, chunk: Chunk, batch: Any) -> float | None:
-        errors = list(getattr(batch.errors, "data", None) or [])
-        code = getattr(errors[0], "code", None) if errors else None
-        message = getattr(errors[0], "message", None) if errors else "the batch failed"
+    async def _failed(self, job: AsyncJob, chunk_id: str, chunk: Chunk, batch: api.Batch) -> float | None:
+        code, message = batch.errors[0] if batch.errors else (None, "the batch failed")
+        message = message or "the batch failed"
         pipe = self.client.pipeline(transaction=True)
         pipe.hincrby(rkeys.batch_enqueued(chunk.key or "", chunk.model), "tokens", -chunk.tokens)
         self._unreserve(pipe, job, chunk)  # nothing was billed; the next try reserves again
@@ -561,7 +551,7 @@ class BatchLane:
             return None, None
         body = response.get("body")
         if response.get("status_code") != 200:
-            failure = classify_status(int(response.get("status_code") or 500), body, {}, json.dumps(body))
+            failure = self.api.classify_response(int(response.get("status_code") or 500), body)
             if failure.kind in (api.Kind.TRANSIENT, api.Kind.RATE_LIMITED, api.Kind.SLOW_DOWN) and not final:
                 return None, None
             return RowResult(answer=None, error_type=failure.reason, error=failure.message, **common,

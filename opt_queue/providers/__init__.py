@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from opt_queue.providers.base import FINAL_KINDS, Answer, CallFailed, Failure, Kind, Provider, redact
+from opt_queue.providers.base import (FINAL_KINDS, Answer, Batch, BatchProvider, CallFailed, Failure, Kind, Provider,
+                                      redact)
 
 if TYPE_CHECKING:
     from opt_queue.core.config import Config
 
-__all__ = ["FINAL_KINDS", "Answer", "CallFailed", "Failure", "Kind", "Provider", "for_config", "redact"]
+__all__ = ["FINAL_KINDS", "Answer", "Batch", "BatchProvider", "CallFailed", "Failure", "Kind", "Provider", "for_config",
+           "redact"]
 
 
 def for_config(config: Config) -> Provider:

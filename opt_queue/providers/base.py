@@ -12,7 +12,7 @@ whether a 429 was the tokens' window (``Failure.tokens``).
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -83,6 +83,23 @@ class Answer:
     arrived, which calibrates the limiter's count of prompts (None: not stated)."""
 
 
+@dataclass
+class Batch:
+    """A provider's batch of requests (OpenAI's Batch API shape), as the batch lane reads it."""
+
+    id: str
+    status: str
+    """``validating``, ``in_progress``, ``finalizing``, ``completed``, ``failed``, ``expired``,
+    ``cancelling``, ``cancelled``."""
+    input_file_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: float = 0.0
+    metadata: dict[str, str] = field(default_factory=dict)
+    errors: list[tuple[str | None, str | None]] = field(default_factory=list)
+    """A failed batch's ``(code, message)`` pairs."""
+
+
 class Provider(Protocol):
     """One API, as the engine uses it on one event loop: a client per key kept open."""
 
@@ -102,6 +119,33 @@ class Provider(Protocol):
 
     async def close(self) -> None:
         """Close the clients and their connections."""
+
+
+class BatchProvider(Provider, Protocol):
+    """A provider with a batch API (the batch lane's): upload a file of requests, run it as a
+    batch, read its output and error files. Errors raise what :meth:`classify` knows."""
+
+    async def upload(self, key: ApiKey, name: str, data: bytes, timeout: float) -> str:
+        """Upload a batch's input file; its id."""
+
+    async def create_batch(self, key: ApiKey, file_id: str, endpoint: str, metadata: dict[str, str],
+                           timeout: float) -> Batch:
+        """Start a batch of the file's requests, to finish within the provider's window."""
+
+    async def batch(self, key: ApiKey, batch_id: str, timeout: float) -> Batch:
+        """A batch as it stands."""
+
+    async def cancel_batch(self, key: ApiKey, batch_id: str, timeout: float) -> None:
+        """Ask the provider to cancel a batch (what it finished stays readable)."""
+
+    def recent_batches(self, key: ApiKey, timeout: float) -> AsyncIterator[Batch]:
+        """The key's batches, newest first."""
+
+    async def file_text(self, key: ApiKey, file_id: str, timeout: float) -> str:
+        """A batch's output or error file."""
+
+    def classify_response(self, status: int, body: Any) -> Failure:
+        """What an error response inside a batch's output means (its status and body)."""
 
 
 def redact(text: str, secrets: list[str]) -> str:

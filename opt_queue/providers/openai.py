@@ -25,7 +25,7 @@ import contextvars
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover - SDKs on httpx
 from opt_queue import __version__
 from opt_queue.core import answers
 from opt_queue.core.config import ApiKey
-from opt_queue.providers.base import Answer, CallFailed, Failure, Kind
+from opt_queue.providers.base import Answer, Batch, CallFailed, Failure, Kind
 from opt_queue.core.request import ENDPOINTS
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
@@ -380,6 +380,34 @@ class OpenAIProvider:
         """What an exception raised by :meth:`call` means (:func:`classify`)."""
         return classify(exc)
 
+    # -- the Batch API (the batch lane's side of the seam: ``base.BatchProvider``) ------------
+    async def upload(self, key: ApiKey, name: str, data: bytes, timeout: float) -> str:
+        uploaded = await self.client(key, timeout).files.create(file=(name, data), purpose="batch", timeout=timeout)
+        return uploaded.id
+
+    async def create_batch(self, key: ApiKey, file_id: str, endpoint: str, metadata: dict[str, str],
+                           timeout: float) -> Batch:
+        created = await self.client(key, timeout).batches.create(
+            input_file_id=file_id, endpoint=endpoint, completion_window="24h", metadata=metadata,  # type: ignore[arg-type]
+            timeout=timeout)
+        return _batch(created)
+
+    async def batch(self, key: ApiKey, batch_id: str, timeout: float) -> Batch:
+        return _batch(await self.client(key, timeout).batches.retrieve(batch_id, timeout=timeout))
+
+    async def cancel_batch(self, key: ApiKey, batch_id: str, timeout: float) -> None:
+        await self.client(key, timeout).batches.cancel(batch_id, timeout=timeout)
+
+    async def recent_batches(self, key: ApiKey, timeout: float) -> AsyncIterator[Batch]:
+        async for found in self.client(key, timeout).batches.list(limit=100, timeout=timeout):
+            yield _batch(found)
+
+    async def file_text(self, key: ApiKey, file_id: str, timeout: float) -> str:
+        return (await self.client(key, timeout).files.content(file_id, timeout=timeout)).text
+
+    def classify_response(self, status: int, body: Any) -> Failure:
+        return classify_status(status, body, {}, json.dumps(body))
+
     async def _call_aiohttp(self, key: ApiKey, url: str, body: dict[str, Any], timeout: float,
                             on_send: Callable[[], None] | None) -> tuple[Any, dict[str, str]]:
         if key.azure is not None:
@@ -410,3 +438,11 @@ async def _sdk_create(client: openai.AsyncOpenAI, url: str, body: dict[str, Any]
     (docs/benchmarks.md), are skipped. The body is sent as the row gives it."""
     return await client.post("/" + ENDPOINTS[url].path, cast_to=_HttpResponse, body=body,
                              options={"timeout": timeout})
+
+
+def _batch(sdk_batch: Any) -> Batch:
+    errors = getattr(getattr(sdk_batch, "errors", None), "data", None) or []
+    return Batch(id=sdk_batch.id, status=sdk_batch.status, input_file_id=getattr(sdk_batch, "input_file_id", None),
+                 output_file_id=sdk_batch.output_file_id, error_file_id=sdk_batch.error_file_id,
+                 created_at=float(sdk_batch.created_at or 0), metadata=dict(sdk_batch.metadata or {}),
+                 errors=[(getattr(e, "code", None), getattr(e, "message", None)) for e in errors])
