@@ -372,7 +372,7 @@ class BatchLane:
                     "lane now (an answer the batch gives first is kept)", job.id, chunk.batch_id, status, len(lines))
 
     async def _failed(self, job: AsyncJob, chunk_id: str, chunk: Chunk, batch: api.Batch) -> float | None:
-        code, message = batch.errors[0] if batch.errors else (None, "the batch failed")
+        code, message = batch.errors[0] if batch.errors else (None, None)
         message = message or "the batch failed"
         pipe = self.client.pipeline(transaction=True)
         pipe.hincrby(rkeys.batch_enqueued(chunk.key or "", chunk.model), "tokens", -chunk.tokens)
