@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import redis
+import redis.asyncio
 from conftest import queued_rows, seed_rows, write_jsonl
 
 from opt_queue.store import keys
@@ -126,6 +127,49 @@ def test_a_lease_admits_one_owner_until_it_ends_or_expires(redis_url: str, rclie
         assert await a.take(job, ["k"]) == ("stopped", {})
         assert await a.take(AsyncJob(client, "job-gone"), ["1"]) == ("unknown", {})
         await client.aclose()
+
+    _run(go())
+
+
+def test_the_renewer_extends_every_held_lease_each_quarter_lease_and_outlives_a_redis_error(
+        redis_url: str, rclient: redis.Redis) -> None:
+    """The renew timer driven through an injected sleep: no wall-clock wait, no timing bound."""
+    _job(rclient, "job-renew", ["1", "2"])
+
+    async def go() -> None:
+        client = connect_async(redis_url, max_connections=4)
+        dead = redis.asyncio.Redis.from_url("redis://127.0.0.1:1/0")  # nothing listens there; no retries
+        asked: list[float] = []
+        ticks: asyncio.Queue[None] = asyncio.Queue()
+        renewed: asyncio.Queue[None] = asyncio.Queue()
+
+        async def sleep(seconds: float) -> None:
+            if asked:
+                renewed.put_nowait(None)  # the previous tick's renewal (or its failure) is over
+            asked.append(seconds)
+            await ticks.get()
+
+        leases = Leases(client, seconds=8, sleep=sleep)
+        job = AsyncJob(client, "job-renew")
+        await leases.take(job, ["1", "2"])
+        first = dict(rclient.zrange(keys.job_leases("job-renew"), 0, -1, withscores=True))
+        leases.start()
+        await asyncio.sleep(0)
+        leases.ms = 600_000  # renewals from now on reach ten minutes ahead: visible in the scores
+        leases.client = dead  # the first renewal meets a Redis that is down
+        ticks.put_nowait(None)
+        await renewed.get()
+        assert dict(rclient.zrange(keys.job_leases("job-renew"), 0, -1, withscores=True)) == first
+        leases.client = client  # Redis is back: the renewer kept going
+        ticks.put_nowait(None)
+        await renewed.get()
+        after = dict(rclient.zrange(keys.job_leases("job-renew"), 0, -1, withscores=True))
+        assert set(after) == {b"1", b"2"}
+        assert all(after[i] - first[i] > 500_000 for i in after)
+        assert asked[:2] == [2.0, 150.0]  # a quarter of the lease length, as it stood
+        await leases.stop()
+        await client.aclose()
+        await dead.aclose()
 
     _run(go())
 

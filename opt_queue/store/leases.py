@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import uuid
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import redis
 
@@ -40,8 +40,10 @@ class Leases:
     (this process stalled for longer than the lease) shows up in :attr:`lost`; a row whose lease is
     lost must not call the API."""
 
-    def __init__(self, client: Any, seconds: float = LEASE_SECONDS) -> None:
+    def __init__(self, client: Any, seconds: float = LEASE_SECONDS,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.client = client
+        self.sleep = sleep  # how the renewer waits between renewals (tests drive it)
         self.owner = owner_id()
         self.ms = int(seconds * 1000)
         self.held: dict[str, set[str]] = {}
@@ -98,7 +100,7 @@ class Leases:
         """Renew in the background, four times per lease length (call on the running loop)."""
         async def forever() -> None:
             while True:
-                await asyncio.sleep(self.ms / 4000)
+                await self.sleep(self.ms / 4000)
                 try:
                     await self.renew()
                 except redis.RedisError as exc:  # Redis restarting: keep trying; leases last a while
