@@ -166,6 +166,44 @@ class _Recovery:
             self.lost.check((p.reported, p.released, p.claimed, *signature))
 
 
+Entries = list[tuple[bytes, dict[Any, Any]]]
+COMPLETE, LEAVE = "complete", "leave"
+"""Verdicts that end :func:`read_results`: every row is in (the collector then rewrites its file), or
+leave for now (the job goes on without this collector)."""
+
+
+def read_results(job: Job, stream: ResultStream, recovery: _Recovery, take: Callable[[Entries], None],
+           verdict: Callable[[Progress, bool, bool], str | None], signature: Callable[[], Any],
+           should_stop: Callable[[], bool] = lambda: False, mark_collected: bool = True) -> str | None:
+    """The collection loop of both collectors (into a file, into memory).
+
+    Each batch of results goes to ``take`` (which stores it), then is acknowledged (with
+    ``mark_collected``, its rows are marked collected). After each read, ``verdict(progress, idle,
+    quiet)`` may end the loop: ``idle`` when the read found nothing, ``quiet`` when besides nothing
+    more can arrive (no row outstanding, no submit running, the stream empty). A stopped job that
+    is quiet raises :class:`JobStopped`; while idle, the broker's recovery runs (``signature``
+    tells it whether the job moved). Returns the verdict that ended it, None if asked to stop."""
+    for got in stream.entries(should_stop):
+        if got:
+            take(got)
+        try:
+            if got:
+                stream.ack(got, job if mark_collected else None)
+            p = job.progress()
+            quiet = not got and p.outstanding == 0 and not p.submitting and stream.empty()
+            ended = verdict(p, not got, quiet)
+        except _REDIS_DOWN:
+            continue  # entries() waits for Redis; unacknowledged entries come back, deduplicated
+        if ended:
+            return ended
+        if got:
+            continue
+        if p.status == STOPPED and quiet:
+            raise JobStopped(f"job {job.id} stopped: {p.reason}")
+        recovery.check(p, signature())
+    return None
+
+
 def gather(client: redis.Redis, job_id: str, count: int,
            on_result: Callable[[RowResult], None] | None = None,
            requeue: Callable[[set[str]], int] | None = None,
@@ -173,26 +211,20 @@ def gather(client: redis.Redis, job_id: str, count: int,
     """Collect ``count`` distinct results of a job into memory (no files); raise
     :class:`JobStopped` if the job stops first. Recovers stalled rows the way ``collect`` does
     (``requeue`` enqueues rows whose messages were lost)."""
-    job = Job(client, job_id)
-    stream = ResultStream(client, job_id)
-    recovery = _Recovery(client, job_id, requeue, lease_seconds)
     results: dict[str, RowResult] = {}
-    for batch in stream.entries():
-        for _id, fields in batch:
+
+    def take(entries: Entries) -> None:
+        for _id, fields in entries:
             if fields:
                 r = RowResult.from_fields(fields)
                 if r.index not in results and on_result:
                     on_result(r)
                 results.setdefault(r.index, r)
-        if batch:
-            stream.ack(batch)
-        if len(results) >= count:
-            return results
-        if not batch:
-            p = job.progress()
-            if p.status == STOPPED and p.outstanding == 0 and stream.empty():
-                raise JobStopped(f"job {job_id} stopped: {p.reason}")
-            recovery.check(p, len(results))
+
+    read_results(Job(client, job_id), ResultStream(client, job_id),
+           _Recovery(client, job_id, requeue, lease_seconds), take,
+           lambda p, idle, quiet: COMPLETE if len(results) >= count else None,
+           lambda: len(results), mark_collected=False)
     return results
 
 
@@ -266,40 +298,31 @@ class Collector:
         recovery = _Recovery(self.client, self.job.id,
                              (lambda lost: requeue(self.client, self.job.id, input_path, config, lost))
                              if self.config is not None else None, config.lease_seconds)
+        def verdict(p: Progress, idle: bool, quiet: bool) -> str | None:
+            status.progress = p
+            self._refresh_keys(status)
+            on_progress(status)
+            if not idle:
+                return None
+            if drain:  # write what Redis holds now and leave, unless that completes the file
+                return COMPLETE if quiet and status.remaining == 0 else LEAVE
+            if p.status == STOPPED:
+                return None  # read_results() raises JobStopped once nothing more can arrive
+            if quiet and status.remaining == 0:
+                return COMPLETE
+            return LEAVE if quiet and not follow else None
+
         out = open(self.output, "a", encoding="utf-8")
         err = open(self.errors, "a", encoding="utf-8")
         try:
-            for got in stream.entries(should_stop):
-                if got:
-                    self._write(got, state, inputs, status, out, err)
-                try:
-                    if got:
-                        stream.ack(got, self.job)
-                    status.progress = self.job.progress()
-                    self._refresh_keys(status)
-                    on_progress(status)
-                    if got:
-                        continue
-                    p = status.progress
-                    quiet = p.outstanding == 0 and not p.submitting and stream.empty()
-                except _REDIS_DOWN:
-                    continue  # entries() waits for Redis; unacknowledged entries come back, deduplicated
-                if drain:
-                    if quiet and status.remaining == 0:
-                        break
-                    return status
-                if p.status == STOPPED and quiet:
-                    raise JobStopped(f"job {self.job.id} stopped: {p.reason}")
-                if quiet and status.remaining == 0:
-                    break
-                if quiet and not follow:
-                    return status
-                recovery.check(p, status.written)
-            else:
-                return status  # asked to stop
+            ended = read_results(
+                self.job, stream, recovery, lambda got: self._write(got, state, inputs, status, out, err),
+                verdict, lambda: status.written, should_stop)
         finally:
             out.close()
             err.close()
+        if ended != COMPLETE:
+            return status  # asked to stop, or left a job that goes on
         self._finalize(order, status)
         on_progress(status)
         return status
