@@ -40,7 +40,7 @@ def send(p: Any, server: Server, prompt: int, cap: int, model: str = "m") -> Lea
     assert isinstance(lease, Lease), lease
     stamp = p.run(p.pool.stamp(lease))
     window = server.arrive(stamp, prompt, cap)
-    p.run(p.pool.calibrate(lease, stamp, window))
+    p.tell(lease, sent_ms=stamp, window=window)
     p.advance(500)
     return lease
 
@@ -87,9 +87,9 @@ def test_the_factor_follows_a_change_and_a_noisy_start(make, rclient: redis.Redi
 def test_a_refusal_on_tokens_raises_the_factor(make, rclient: redis.Redis) -> None:  # noqa: F811
     p = make([key("sk-a", {"tokens": [f"{LIMIT}/60s"]})], header_period=60.0)
     lease = send(p, Server(0.5), 1000, 100)
-    p.run(p.pool.cool(lease, 1.0, {"tokens": LIMIT}, tokens=True))
+    p.tell(lease, verdict="429tok", cooldown=1.0, server={"tokens": LIMIT})
     assert factor(rclient, lease.scope) == pytest.approx(0.55, rel=0.01)
-    p.run(p.pool.cool(lease, 1.0, {"requests": 10}))  # a refusal on requests says nothing of tokens
+    p.tell(lease, verdict="429", cooldown=1.0, server={"requests": 10})  # a refusal on requests says nothing of tokens
     assert factor(rclient, lease.scope) == pytest.approx(0.55, rel=0.01)
 
 
@@ -119,7 +119,7 @@ def test_the_factor_lets_a_token_bound_window_hold_what_the_server_allows(make, 
             break
         stamp = p.run(p.pool.stamp(lease))
         _limit, _left = server.arrive(stamp, 1000, 100)
-        p.run(p.pool.calibrate(lease, stamp, (server_limit, max(0, server_limit - (LIMIT - _left)))))
+        p.tell(lease, sent_ms=stamp, window=(server_limit, max(0, server_limit - (LIMIT - _left))))
         admitted += 1
     used = sum(n for _, n in server.log)
     assert used <= server_limit
@@ -135,7 +135,7 @@ def test_a_refused_request_leaves_calibration_and_a_calibrated_scope_ignores_the
     first = send(p, server, 1000, 100)
     refused = p.run(p.pool.acquire("m", 1100, prompt=1000))
     p.run(p.pool.stamp(refused))
-    p.run(p.pool.settle(refused, 0, refused=True))  # a 429: the server counted nothing
+    p.tell(refused, refused=True)  # a 429: the server counted nothing
     window = rkeys.bucket_window(first.scope, "tok", 60.0)
     members = [m.decode() for m in rclient.zrange(window, 0, -1)]
     assert any(m.startswith(refused.uid.split(".")[0] + ":") for m in members)  # it keeps its place
@@ -146,7 +146,7 @@ def test_a_refused_request_leaves_calibration_and_a_calibrated_scope_ignores_the
     # a bill above the admission's count raises nothing once the headers say how the server counts
     billed = send(p, server, 1000, 100)
     before = rclient.hget(rkeys.bucket_state(first.scope), "tsum:60000")
-    p.run(p.pool.settle(billed, 5000))
+    p.tell(billed, used_tokens=5000)
     assert rclient.hget(rkeys.bucket_state(first.scope), "tsum:60000") == before
 
 
@@ -191,7 +191,7 @@ def test_an_upper_bound_larger_than_the_window_is_sent_alone_and_teaches_the_sco
     assert isinstance(second, Wait) and not second.too_large  # behind it, not refused
     # the server counted the prompt as 900 (not 2,900): its answer teaches the scope
     stamp = p.run(p.pool.stamp(first))
-    p.run(p.pool.calibrate(first, stamp, (limit, limit - 1_000)))
+    p.tell(first, sent_ms=stamp, window=(limit, limit - 1_000))
     assert factor(rclient, first.scope) == pytest.approx(900 / 2_900, rel=0.02)
     p.advance(60_500)  # the first request's window has passed
     later = p.run(p.pool.acquire(unknown, 3_000, prompt=2_900))

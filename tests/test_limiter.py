@@ -25,6 +25,7 @@ from opt_queue.limits.limiter import (
     AsyncKeyPool,
     Lease,
     Never,
+    Report,
     Wait,
     WindowSpec,
     margin_ms,
@@ -61,6 +62,11 @@ class Pool:
         if send and isinstance(got, Lease):
             self.run(self.pool.stamp(got))  # sent at once, as the engine does
         return got
+
+    def tell(self, lease: Lease, **fields: Any) -> float:
+        """Report what a call told the limiter (as the engine does, in one round trip); fields not
+        given say nothing: no tokens used, no word on the key. Return the cooldown it took."""
+        return self.run(self.pool.report(lease, Report(**{"used_tokens": 0, "answered": None, **fields})))
 
     def close(self) -> None:
         self.run(self.pool.client.aclose())
@@ -167,9 +173,9 @@ def test_token_window_counts_estimates_and_only_settles_upwards(make) -> None:
     a = p.acquire(tokens=600)
     assert isinstance(a, Lease)
     assert isinstance(p.acquire(tokens=600), Wait)  # 1200 > 1000
-    p.run(p.pool.settle(a, 100))  # the call used less: the window keeps 600
+    p.tell(a, used_tokens=100)  # the call used less: the window keeps 600
     assert isinstance(p.acquire(tokens=500), Wait)
-    p.run(p.pool.settle(a, 800))  # the call used more than estimated: the window holds 800
+    p.tell(a, used_tokens=800)  # the call used more than estimated: the window holds 800
     assert isinstance(p.acquire(tokens=201), Wait)
     assert isinstance(p.acquire(tokens=200), Lease)  # 1000 <= 1000
     assert isinstance(p.acquire(tokens=5000), Never)  # larger than the whole window
@@ -207,13 +213,13 @@ def test_a_discovered_limit_follows_the_headers_up_and_down_and_expires(make) ->
     p = make([key("sk-d", {})], refresh=600.0)
     first = [p.acquire() for _ in range(50)]
     assert all(isinstance(x, Lease) for x in first)  # nothing known, no default: no limit yet
-    p.run(p.pool.learn(first[0], {"requests": 3}))
+    p.tell(first[0], server={"requests": 3})
     assert isinstance(p.acquire(), Wait)  # 50 in the window, the server says 3
     p.advance(60_001)
     assert [type(p.acquire()) for _ in range(4)] == [Lease, Lease, Lease, Wait]
-    p.run(p.pool.learn(first[0], {"requests": 600}))  # an upgrade: at once, up
+    p.tell(first[0], server={"requests": 600})  # an upgrade: at once, up
     assert all(isinstance(p.acquire(), Lease) for _ in range(6))
-    p.run(p.pool.learn(first[0], {"requests": 5}))
+    p.tell(first[0], server={"requests": 5})
     p.advance(600_001)  # not read again for the whole ttl: the learned limit is dropped
     assert all(isinstance(p.acquire(), Lease) for _ in range(20))
 
@@ -221,20 +227,20 @@ def test_a_discovered_limit_follows_the_headers_up_and_down_and_expires(make) ->
 def test_a_configured_limit_is_a_ceiling_that_the_server_may_lower(make) -> None:
     p = make([key("sk-ceil", {"rpm": 4})])
     a = p.acquire()
-    p.run(p.pool.learn(a, {"requests": 1000}))
+    p.tell(a, server={"requests": 1000})
     assert [type(p.acquire()) for _ in range(4)] == [Lease, Lease, Lease, Wait]  # 4, not 1000
     p.advance(60_001)
-    p.run(p.pool.learn(a, {"requests": 2}))
+    p.tell(a, server={"requests": 2})
     assert [type(p.acquire()) for _ in range(3)] == [Lease, Lease, Wait]
 
 
 def test_a_429_without_headers_teaches_half_of_what_the_window_held(make) -> None:
     p = make([key("sk-nh", {})])
     leases = [p.acquire() for _ in range(20)]
-    assert p.run(p.pool.cool(leases[-1], 1.0)) == pytest.approx(1.0)
+    assert p.tell(leases[-1], verdict="429", cooldown=1.0) == pytest.approx(1.0)
     p.advance(1000)
     assert isinstance(p.acquire(), Wait)  # 20 held, 10 taught
-    p.run(p.pool.cool(leases[-1], 0.0))  # the burst's other 429s do not lower it further
+    p.tell(leases[-1], verdict="429", cooldown=0.0)  # the burst's other 429s do not lower it further
     p.advance(60_001)
     assert [type(p.acquire()) for _ in range(12)].count(Lease) == 10
 
@@ -242,7 +248,7 @@ def test_a_429_without_headers_teaches_half_of_what_the_window_held(make) -> Non
 def test_a_429_with_headers_cools_and_learns(make) -> None:
     p = make([key("sk-429", {})])
     a = p.acquire()
-    p.run(p.pool.cool(a, 2.0, {"requests": 2}))
+    p.tell(a, verdict="429", cooldown=2.0, server={"requests": 2})
     w = p.acquire()
     assert isinstance(w, Wait) and w.seconds == pytest.approx(2.0, abs=0.01)
     p.advance(2000)
@@ -252,7 +258,7 @@ def test_a_429_with_headers_cools_and_learns(make) -> None:
 def test_slow_down_halves_the_minute_limit_and_ramps_back(make) -> None:
     p = make([key("sk-slow", {"rpm": 100})], header_period=60.0)
     a = p.acquire()
-    p.run(p.pool.slow_down(a))
+    p.tell(a, verdict="slow")
     assert sum(isinstance(p.acquire(), Lease) for _ in range(60)) == 49  # 50 in all
     p.advance(120_001)  # two header periods: back to 100
     assert sum(isinstance(p.acquire(), Lease) for _ in range(120)) == 100
@@ -271,7 +277,7 @@ def test_a_scope_that_never_answered_takes_one_request_at_a_time(make) -> None:
     p = make([key("sk-probe", {})], probe=60.0)
     probe = p.acquire()
     assert isinstance(probe, Lease) and isinstance(p.acquire(), Wait)
-    p.run(p.pool.answered(probe, alive=True))
+    p.tell(probe, answered=True)
     assert all(isinstance(p.acquire(), Lease) for _ in range(10))
 
 
@@ -325,7 +331,7 @@ def test_a_budget_reserves_worst_cases_waits_for_settlements_then_says_it_is_rea
         return p.run(p.pool.acquire("m", tokens, budget=Budget(meta, cost, tokens)))
 
     def settle(lease: Lease, tokens: int, cost: float) -> None:
-        p.run(p.pool.settle(lease, tokens, Usage(input_tokens=tokens, cost=cost)))
+        p.tell(lease, used_tokens=tokens, usage=Usage(input_tokens=tokens, cost=cost))
 
     first, second = admit(40, 100), admit(40, 100)
     assert isinstance(first, Lease) and isinstance(second, Lease)

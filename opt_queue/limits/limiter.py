@@ -505,16 +505,6 @@ class AsyncKeyPool:
         pipe.hincrby(stats, "requests", 1)
         pipe.hincrby(stats, "tokens", max(used_tokens, 0))
 
-    async def settle(self, lease: Lease, used_tokens: int, usage: Usage | None = None,
-                     refused: bool = False) -> None:
-        """Settle the lease's tokens to the real usage (never down), count the request and what it
-        cost (``usage``; None: nothing billed), and give back its share of the job's budget."""
-        def fill(pipe: Any) -> None:
-            self.queue_settle(lease, used_tokens, pipe, refused)
-            self.queue_spend(lease, usage, pipe)
-
-        await run_pipeline(self.client, fill)
-
     def _now(self) -> int | None:
         return self.now_ms if self.now_ms is not None else self.clock.now_ms()
 
@@ -532,10 +522,6 @@ class AsyncKeyPool:
             self.queue_answered(lease, pipe)
         elif self.probe_ms:
             pipe.hset(rkeys.bucket_state(lease.scope), "probe_until", 0)
-
-    async def answered(self, lease: Lease, alive: bool) -> None:
-        """:meth:`_queue_word` in its own round trip."""
-        await run_pipeline(self.client, lambda pipe: self._queue_word(lease, alive, pipe))
 
     @staticmethod
     def _queue_error(key: ApiKey, reason: str, pipe: Any) -> None:
@@ -595,11 +581,6 @@ class AsyncKeyPool:
             self._learned.pop(lease.scope, None)
         queue(pipe, self._scripts.learn, *self._tell_call(lease, kind, cooldown, server))
 
-    async def _tell(self, lease: Lease, kind: str, cooldown: float = 0.0,
-                    server: dict[str, int] | None = None) -> int:
-        replies = await run_pipeline(self.client, lambda pipe: self._queue_verdict(lease, kind, cooldown, server, pipe))
-        return int(replies[0])
-
     def queue_learn(self, lease: Lease, server: dict[str, int], pipe: Any) -> bool:
         """Queue on ``pipe`` the limits a response's ``x-ratelimit-limit-*`` headers give (up or
         down), when they changed, or a few times per ``learned_limits_ttl`` while they do not
@@ -634,27 +615,6 @@ class AsyncKeyPool:
               [window[0], window[1], sent_ms, header.period_ms, CALIBRATE_WEIGHT, self.now_ms or 0, lease.uid,
                CALIBRATE_SLACK_MS, lease.tokens, ANSWERED_MS])
         return True
-
-    async def calibrate(self, lease: Lease, sent_ms: int | None, window: tuple[int, int] | None) -> None:
-        """:meth:`queue_calibrate` in its own round trip."""
-        await run_pipeline(self.client, lambda pipe: self.queue_calibrate(lease, sent_ms, window, pipe))
-
-    async def learn(self, lease: Lease, server: dict[str, int]) -> None:
-        """:meth:`queue_learn` in its own round trip."""
-        await run_pipeline(self.client, lambda pipe: self.queue_learn(lease, server, pipe))
-
-    async def cool(self, lease: Lease, seconds: float, server: dict[str, int] | None = None,
-                   tokens: bool = False) -> float:
-        """A 429: cool the scope for ``seconds`` and learn the limits the headers (or the message)
-        give, or, when there are none, half of what the window held when the server refused. A
-        refusal on ``tokens`` per minute where the limiter saw room says the server counts more
-        than the scope's factor: it grows by :data:`TOKENS_429_STEP`. Return the cooldown."""
-        return await self._tell(lease, "429tok" if tokens else "429", seconds, server) / 1000.0
-
-    async def slow_down(self, lease: Lease) -> None:
-        """A 503 ``slow_down``: halve the scope's per-minute limits; they ramp back over two header
-        periods."""
-        await self._tell(lease, "slow")
 
 
 class RedisClock:
