@@ -171,6 +171,11 @@ class _JobBase:
         """``lua/renew.lua``: extend ``owner``'s leases of ``indices`` by ``ms`` (0: end them)."""
         return {"keys": self.leases, "args": [owner, ms, *indices]}
 
+    def release(self, index: str) -> Any:
+        """Give an unanswered row back (the job stopped) so that a later submit enqueues it;
+        truthy when this call released it (on an asyncio client, an awaitable of that)."""
+        return self._scripts.release(**self._release_call(index))
+
     def queue_release(self, index: str, pipe: Any) -> None:
         """Queue on ``pipe`` the release of an unanswered row (the job stopped)."""
         queue(pipe, self._scripts.release, **self._release_call(index))
@@ -321,10 +326,6 @@ class Job(_JobBase):
         """Rows in a batch-lane chunk now: no task message holds them (see ``batchlane``)."""
         return {i.decode() for i in self.client.smembers(keys.job_in_batch(self.id))}
 
-    def release(self, index: str) -> bool:
-        """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""
-        return bool(self._scripts.release(**self._release_call(index)))
-
     def collected(self, entry_ids: list[Any], indices: list[str]) -> None:
         """Acknowledge stream entries stored on disk and mark their rows collected."""
         self._scripts.collected(keys=[*self.rows, keys.job_results(self.id)],
@@ -418,10 +419,6 @@ class AsyncJob(_JobBase):
     async def next_chunk_id(self) -> str:
         """A new chunk of the batch lane's: its id."""
         return str(await self.client.hincrby(self.meta_key, "chunks", 1))
-
-    async def release(self, index: str) -> bool:
-        """Give an unanswered row back (the job stopped) so that a later submit enqueues it."""
-        return bool(await self._scripts.release(**self._release_call(index)))
 
     async def meta_fields(self, *names: str) -> list[str | None]:
         return [v.decode() if v is not None else None for v in await self.client.hmget(self.meta_key, names)]
