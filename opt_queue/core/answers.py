@@ -76,10 +76,13 @@ class Reply:
 
 
 def read(url: str, data: Any) -> Reply:
-    """The :class:`Reply` of a 200 response ``data`` from endpoint ``url``. A refusal raises
-    :class:`Refused`, a withheld answer :class:`ContentFiltered`, no usable answer :class:`BadResponse`."""
+    """The :class:`Reply` of a 200 response ``data`` from endpoint ``url`` (OpenAI's shapes, or
+    another provider's native answer, known by its shape). A refusal raises :class:`Refused`, a
+    withheld answer :class:`ContentFiltered`, no usable answer :class:`BadResponse`."""
     if not isinstance(data, dict):
         raise BadResponse("the server answered 200 with a body that is not a JSON object")
+    if data.get("type") == "message" and "content" in data:
+        return _anthropic(data)
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     try:
         reply = _READERS.get(url, _chat)(data)
@@ -299,3 +302,44 @@ class RowResult:
             copy = copy.decode() if isinstance(copy, bytes) else copy
             raw.update(copy_of=raw["index"], index=copy, cost=0.0)
         return cls(**raw)
+
+
+ANTHROPIC_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+                    "model_context_window_exceeded": "length", "pause_turn": "pause_turn"}
+"""Anthropic's ``stop_reason`` in OpenAI's ``finish_reason`` words."""
+
+
+def _messages_usage(native: Any) -> dict[str, Any]:
+    """A Messages usage in OpenAI's names (what opt-queue's bookkeeping and prices read)."""
+    if not isinstance(native, dict):
+        return {}
+    read = int(native.get("cache_read_input_tokens") or 0)
+    written = int(native.get("cache_creation_input_tokens") or 0)
+    prompt = int(native.get("input_tokens") or 0) + read + written
+    completion = int(native.get("output_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": written}}
+
+
+def _anthropic(data: dict[str, Any]) -> Reply:
+    """An Anthropic Messages response (``"type": "message"``): its text, ``finish_reason`` in
+    OpenAI's words, ``tool_use`` blocks as tool calls, usage in OpenAI's names and the native body
+    (``native``). ``stop_reason: refusal`` raises :class:`Refused`."""
+    usage = _messages_usage(data.get("usage"))
+    blocks = [b for b in data.get("content") or [] if isinstance(b, dict)]
+    text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text").strip()
+    tool_calls = [{"id": b.get("id"), "type": "function",
+                   "function": {"name": b.get("name"), "arguments": json.dumps(b.get("input") or {}, ensure_ascii=False)}}
+                  for b in blocks if b.get("type") == "tool_use"] or None
+    stop = data.get("stop_reason")
+    problem: AnswerError | None = None
+    if stop == "refusal":
+        problem = Refused("the model refused (stop_reason refusal)")
+    elif not text and not tool_calls:
+        problem = BadResponse(f"the server answered with no content (stop_reason {stop!r})")
+    if problem is not None:
+        problem.usage = usage or None
+        raise problem
+    value = text or json.dumps(tool_calls, ensure_ascii=False)
+    return Reply(value=value, text=value, finish_reason=ANTHROPIC_FINISH.get(stop, stop), usage=usage,
+                         tool_calls=tool_calls, extra={"native": data})

@@ -36,6 +36,11 @@ from opt_queue.core.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_API_BASE = "https://api.openai.com/v1"
+PROVIDERS = ("openai", "anthropic", "gemini")
+"""The APIs a key may speak (``"provider"`` of a key object; ``openai`` when it says none)."""
+DEFAULT_BASES = {"openai": DEFAULT_API_BASE, "anthropic": "https://api.anthropic.com",
+                 "gemini": "https://generativelanguage.googleapis.com"}
+"""Each provider's own base URL, as its SDK takes it (Anthropic's and Gemini's without a version path)."""
 DEFAULT_MODEL = "gpt-3.5-turbo-0613"
 ENV_KEYS = "OPT_QUEUE_API_KEYS"
 ENV_BROKER = "OPT_QUEUE_BROKER_URL"
@@ -45,6 +50,17 @@ ENV_OVERRIDES = "OPT_QUEUE_OVERRIDES"  # JSON object of key-free fields, set for
 _PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
             "h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
 _WINDOW_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d*\.?\d*)\s*([a-z]+)\s*$")
+
+
+def provider_of(model: str) -> str:
+    """The provider a model's name says: ``claude-*`` Anthropic's, ``gemini-*`` Google's Gemini
+    API, any other name OpenAI's API (or one that speaks it)."""
+    name = model.lower().rsplit("/", 1)[-1]  # "models/gemini-2.5-flash", "anthropic/claude-..."
+    if name.startswith("claude-"):
+        return "anthropic"
+    if name.startswith("gemini-"):
+        return "gemini"
+    return "openai"
 
 
 def _api_base(value: str | None) -> str | None:
@@ -215,6 +231,7 @@ class KeyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     key: SecretStr
+    provider: Literal["openai", "anthropic", "gemini"] = "openai"
     api_base: str | None = None
     azure: AzureConfig | None = None
     headers: dict[str, str] | None = None  # sent with every request of this key
@@ -249,6 +266,13 @@ class KeyConfig(BaseModel):
 
     _url = field_validator("api_base")(classmethod(lambda cls, v: _api_base(v)))
 
+    @model_validator(mode="after")
+    def _azure_is_openai(self) -> KeyConfig:
+        if self.azure is not None and self.provider != "openai":
+            raise ValueError(f"azure: a key of provider {self.provider!r} is not an Azure OpenAI key; "
+                             f"remove \"azure\" or the provider")
+        return self
+
 
 class ModelConfig(BaseModel):
     """The model and the request parameters sent with every row."""
@@ -271,6 +295,11 @@ class ApiKey(BaseModel):
     fingerprint: str
     api_base: str
     limits: Limits
+    provider: str = "openai"
+    """The API the key speaks (``PROVIDERS``)."""
+    speaks_for: tuple[str, ...] = ("openai",)
+    """The providers whose models (by name) this key serves when it lists no ``models``: its own,
+    and for an OpenAI key also those of providers no key of the config speaks (a gateway)."""
     models: tuple[str, ...] | None = None
     group: str | None = None
     model_limits: tuple[tuple[str, Limits], ...] = ()  # per model: windows replacing ``limits``'
@@ -290,7 +319,9 @@ class ApiKey(BaseModel):
         return f"group-{self.group}" if self.group else self.fingerprint
 
     def serves(self, model: str) -> bool:
-        return self.models is None or model in self.models
+        """Whether rows of ``model`` may go to this key: the key's ``models`` when it lists them,
+        else the model's name (:func:`provider_of`)."""
+        return model in self.models if self.models is not None else provider_of(model) in self.speaks_for
 
 
 class Config(BaseModel):
@@ -409,6 +440,11 @@ class Config(BaseModel):
             if e.group in self.groups and e.has_limits:
                 raise ValueError(f"api_keys[{i}]: a key of group {e.group!r} shares the group's budget; "
                                  f"put its limits on groups.{e.group}")
+        speaks: dict[str, str] = {}
+        for i, e in enumerate(entries):
+            if e.group is not None and speaks.setdefault(e.group, e.provider) != e.provider:
+                raise ValueError(f"api_keys[{i}]: group {e.group!r} holds keys of {speaks[e.group]!r} and "
+                                 f"{e.provider!r}; a group shares one provider's limits: give each its own group")
         return entries
 
     def keys(self) -> list[ApiKey]:
@@ -416,8 +452,11 @@ class Config(BaseModel):
         level's, then the model's, then the key's or its group's; what none of them sets for a
         window of the header period is discovered from the server)."""
         base = (self.api_base or "").strip() or DEFAULT_API_BASE
+        entries = self._entries()
+        spoken = {kc.provider for kc in entries}
+        gateway = tuple(p for p in PROVIDERS if p == "openai" or p not in spoken)
         out: list[ApiKey] = []
-        for kc in self._entries():
+        for kc in entries:
             secret = kc.key.get_secret_value()
             group = self.groups.get(kc.group) if kc.group else None
             own = group if group is not None else kc
@@ -425,8 +464,10 @@ class Config(BaseModel):
             for name, limits in ((own.models if isinstance(own.models, dict) else None) or {}).items():
                 models[name] = models[name].override(limits) if name in models else limits
             served = kc.models if isinstance(kc.models, list) else list(kc.models) if kc.models else None
-            out.append(ApiKey(secret=SecretStr(secret), fingerprint=fingerprint(secret),
-                              api_base=(kc.azure.endpoint if kc.azure else kc.api_base or base).rstrip("/"),
+            own_base = base if kc.provider == "openai" else DEFAULT_BASES[kc.provider]
+            out.append(ApiKey(secret=SecretStr(secret), fingerprint=fingerprint(secret), provider=kc.provider,
+                              speaks_for=gateway if kc.provider == "openai" else (kc.provider,),
+                              api_base=(kc.azure.endpoint if kc.azure else kc.api_base or own_base).rstrip("/"),
                               azure=kc.azure, headers=tuple(sorted((kc.headers or {}).items())),
                               limits=self.limits.override(own.own_limits()),
                               models=tuple(served) if served is not None else None,

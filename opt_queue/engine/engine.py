@@ -95,8 +95,11 @@ class _Row:
     too_large_for: set[str] = field(default_factory=set)
     hold_until: float = float("inf")  # monotonic time after which a waiting row is handed back
     to_settle: tuple[Lease, Report] | None = None  # what the answer tells the limiter: sent with the result
-    tokens: int = 0  # TPM estimate: the prompt's and the completion's cap (the fallback model keeps it)
+    tokens: int = 0  # what its key's token window counts: the prompt's estimate and, where the
+    # window counts output too (OpenAI's), the completion's cap (the fallback model keeps it)
     prompt_tokens: int = 0
+    cap: int = 0  # the completion's cap (the budget's worst case)
+    window_counts_output: bool = True
     granted: Lease | None = None  # the admission its queue gave it, not yet looked at
     ask_alone: bool = False  # its queue found it needs more than a slot: its next admission is its own
     too_large_samples: int = 0  # admissions whose whole sample of keys found the request too large
@@ -113,8 +116,12 @@ class _Row:
         self.estimate()
 
     def estimate(self) -> None:
-        self.prompt_tokens, cap = estimate_parts(self.body, self.url)
-        self.tokens = self.prompt_tokens + cap
+        self.prompt_tokens, self.cap = estimate_parts(self.body, self.url)
+        self.tokens = self.prompt_tokens + (self.cap if self.window_counts_output else 0)
+
+    def window_tokens(self, prompt: int, completion: int) -> int:
+        """What the key's token window counted for a call of ``prompt`` and ``completion`` tokens."""
+        return prompt + (completion if self.window_counts_output else 0)
 
 
 @dataclass
@@ -157,6 +164,7 @@ class Engine:
         self.provider = provider or providers.for_config(config)
         self.prices = Prices({name: p.model_dump() for name, p in config.prices.items()})
         self.keys = config.keys()
+        self._counts_output: dict[str, bool] = {}
         self.pool = AsyncKeyPool.from_config(client, config, self.keys)
         self.admissions = Admissions(self.pool)
         self.leases = Leases(client, config.lease_seconds)
@@ -266,7 +274,8 @@ class Engine:
                 return lease
         options = options or {}
         row = _Row(job, index, dict(body), options.get("fallback"), url=url, sent=body,
-                   output=options.get("output", formats.SEED), hold_until=hold_until)
+                   output=options.get("output", formats.SEED), hold_until=hold_until,
+                   window_counts_output=self._window_counts_output(body.get("model")))
         async with self._slots:
             outcome = await self._finish(row)  # a Redis error keeps the lease: the task gives it up
         if outcome != HANDED_BACK:  # else the task gives it up before it enqueues the row again
@@ -446,10 +455,20 @@ class Engine:
         await self._pause(delay)
         return True
 
+    def _window_counts_output(self, model: str | None) -> bool:
+        """Whether the token windows of the keys serving ``model`` count a request's output too
+        (``providers.WINDOW_COUNTS_OUTPUT``); the safe side when keys of several kinds serve it."""
+        found = self._counts_output.get(model or "")
+        if found is None:
+            serving = [k.provider for k in self.keys if k.serves(model or "")]
+            found = self._counts_output[model or ""] = (
+                not serving or any(providers.WINDOW_COUNTS_OUTPUT.get(p, True) for p in serving))
+        return found
+
     def _budget(self, row: _Row, model: str) -> Budget:
         """The row's share of its job's budget: its worst case (the prompt's estimate and the
         completion's cap at the model's prices; 0 dollars when the price is unknown)."""
-        worst = self.prices.cost(model, row.url, row.body, row.prompt_tokens, row.tokens - row.prompt_tokens)
+        worst = self.prices.cost(model, row.url, row.body, row.prompt_tokens, row.cap)
         return budgets.share(row.job, nano(worst), row.tokens)
 
     async def _admit(self, row: _Row, model: str,
@@ -542,7 +561,7 @@ class Engine:
         if stamped is not None:
             await stamped  # the stamp reaches Redis before the lease is settled
         kind = failure.kind
-        used = row.last_usage.input_tokens + row.last_usage.output_tokens if row.last_usage else 0
+        used = row.window_tokens(row.last_usage.input_tokens, row.last_usage.output_tokens) if row.last_usage else 0
         verdict = {providers.Kind.RATE_LIMITED: "429tok" if failure.tokens else "429",
                    providers.Kind.SLOW_DOWN: "slow"}.get(kind)
         # a dead key's probe stays out (no second call); a transient failure says nothing of the key
@@ -579,7 +598,7 @@ class Engine:
             log.warning("row %s: the limiter's bookkeeping failed after the call (%s); the answer "
                         "is kept", row.index, type(exc).__name__)
         reply = answer.reply
-        used = reply.prompt_tokens + reply.completion_tokens
+        used = row.window_tokens(reply.prompt_tokens, reply.completion_tokens)
         usage = self._usage(row, reply)
         row.to_settle = (lease, Report(used_tokens=used, usage=usage, server=answer.server_limits,
                                        sent_ms=row.sent_ms, window=answer.token_window))

@@ -1,26 +1,145 @@
 """The APIs opt-queue calls, behind one seam (:class:`Provider`, in ``base.py``).
 
 ``openai.py`` speaks OpenAI's API (Azure OpenAI included) through the official ``openai`` SDK, or
-over aiohttp directly with ``api_client: "aiohttp"``. :func:`for_config` gives the engine the
-provider of a config.
+over aiohttp directly with ``api_client: "aiohttp"``; ``anthropic.py`` Anthropic's Messages API
+through the ``anthropic`` SDK (the ``opt-queue[anthropic]`` extra). :func:`for_config` gives the
+engine one provider for all of a config's keys (:class:`Providers`): each call goes to the
+provider its key speaks, on one connection pool.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import importlib
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
+from opt_queue.core.errors import ConfigError
 from opt_queue.providers.base import (FINAL_KINDS, Answer, Batch, BatchProvider, CallFailed, Failure, Kind, Provider,
-                                      redact)
+                                      classify_other, redact)
+from opt_queue.providers.http import Http
 
 if TYPE_CHECKING:
-    from opt_queue.core.config import Config
+    from opt_queue.core.config import ApiKey, Config
 
-__all__ = ["FINAL_KINDS", "Answer", "Batch", "BatchProvider", "CallFailed", "Failure", "Kind", "Provider", "for_config",
-           "redact"]
+__all__ = ["EXTRAS", "FINAL_KINDS", "WINDOW_COUNTS_OUTPUT", "Answer", "Batch", "BatchProvider", "CallFailed",
+           "Failure", "Kind", "Provider", "Providers", "check_installed", "for_config", "redact"]
+
+EXTRAS = {"anthropic": ("anthropic", "anthropic"), "gemini": ("google.genai", "gemini")}
+"""Per provider beyond OpenAI: the SDK module it needs and the extra that installs it."""
+WINDOW_COUNTS_OUTPUT = {"openai": True, "anthropic": False, "gemini": False}
+"""Whether a provider's tokens-per-minute window counts a request's output (OpenAI counts the
+prompt and ``max_tokens`` on arrival; Anthropic's input-token and Gemini's token windows count input)."""
 
 
-def for_config(config: Config) -> Provider:
-    """The provider the config's keys speak (``api_client`` says how to reach OpenAI's API)."""
+def check_installed(config: Config) -> None:
+    """Refuse, before anything is paid, keys of a provider whose SDK is not installed."""
+    for i, entry in enumerate(config._entries()):
+        needs = EXTRAS.get(entry.provider)
+        if needs is None:
+            continue
+        try:
+            importlib.import_module(needs[0])
+        except ImportError:
+            raise ConfigError(f"api_keys[{i}]: provider {entry.provider!r} needs its SDK; install it with "
+                              f"pip install 'opt-queue[{needs[1]}]' (or 'opt-queue[all]')") from None
+
+
+def _make(name: str, api_client: str, http: Http) -> Any:
+    if name == "anthropic":
+        from opt_queue.providers.anthropic import AnthropicProvider
+
+        return AnthropicProvider(http)
     from opt_queue.providers.openai import OpenAIProvider  # the SDK is imported only to call
 
-    return OpenAIProvider(config.api_client)
+    return OpenAIProvider(api_client, http)
+
+
+class Providers:
+    """Every provider a config's keys speak, as one :class:`Provider`: a call goes to the provider
+    of its key, and what it raised leaves classified (:class:`CallFailed`), so that
+    :meth:`classify` needs no knowledge of which SDK raised it."""
+
+    def __init__(self, api_client: str = "openai") -> None:
+        self.api_client = api_client
+        self.http = Http()
+        self._by_name: dict[str, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<Providers {sorted(self._by_name)}>"
+
+    def of(self, key: ApiKey) -> Any:
+        """The provider ``key`` speaks (made on first use)."""
+        found = self._by_name.get(key.provider)
+        if found is None:
+            found = self._by_name[key.provider] = _make(key.provider, self.api_client, self.http)
+        return found
+
+    def warm_up(self) -> None:
+        self.http.session()
+
+    async def call(self, key: ApiKey, url: str, body: dict[str, Any], timeout: float,
+                   on_send: Callable[[], None] | None = None) -> Answer:
+        provider = self.of(key)
+        try:
+            return await provider.call(key, url, body, timeout, on_send)
+        except Exception as exc:
+            raise CallFailed(provider.classify(exc)) from exc
+
+    def classify(self, exc: BaseException) -> Failure:
+        return classify_other(exc)
+
+    async def close(self) -> None:
+        for provider in self._by_name.values():
+            await provider.close()
+        self._by_name.clear()
+        await self.http.close()
+
+    # -- the batch lane's operations go to the key's provider ----------------------------------
+    def _batches(self, key: ApiKey) -> Any:
+        provider = self.of(key)
+        if not hasattr(provider, "create_batch"):
+            raise CallFailed(Failure(Kind.JOB_CONFIG, f"the batch lane does not take {key.provider} keys yet; "
+                                                      f"use --lane sync for their models", code="no_batch_api"))
+        return provider
+
+    async def _run(self, key: ApiKey, op: str, *args: Any) -> Any:
+        provider = self._batches(key)
+        try:
+            return await getattr(provider, op)(key, *args)
+        except Exception as exc:
+            raise CallFailed(provider.classify(exc)) from exc
+
+    async def upload(self, key: ApiKey, name: str, data: bytes, timeout: float) -> str:
+        return await self._run(key, "upload", name, data, timeout)
+
+    async def create_batch(self, key: ApiKey, file_id: str, endpoint: str, metadata: dict[str, str],
+                           timeout: float) -> Batch:
+        return await self._run(key, "create_batch", file_id, endpoint, metadata, timeout)
+
+    async def batch(self, key: ApiKey, batch_id: str, timeout: float) -> Batch:
+        return await self._run(key, "batch", batch_id, timeout)
+
+    async def cancel_batch(self, key: ApiKey, batch_id: str, timeout: float) -> None:
+        await self._run(key, "cancel_batch", batch_id, timeout)
+
+    async def recent_batches(self, key: ApiKey, timeout: float) -> AsyncIterator[Batch]:
+        provider = self._batches(key)
+        try:
+            async for found in provider.recent_batches(key, timeout):
+                yield found
+        except Exception as exc:
+            raise CallFailed(provider.classify(exc)) from exc
+
+    async def file_text(self, key: ApiKey, file_id: str, timeout: float) -> str:
+        return await self._run(key, "file_text", file_id, timeout)
+
+    def classify_response(self, status: int, body: Any) -> Failure:
+        from opt_queue.providers.openai import classify_status  # batch output lines: OpenAI's shape
+
+        return classify_status(status, body, {}, "")
+
+
+def for_config(config: Config) -> Providers:
+    """The provider of a config's keys (``api_client`` says how to reach OpenAI's API)."""
+    check_installed(config)
+    return Providers(config.api_client)

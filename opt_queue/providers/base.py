@@ -11,6 +11,7 @@ whether a 429 was the tokens' window (``Failure.tokens``).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ class CallFailed(Exception):
     """The API answered with an error status; ``failure`` says what it means."""
 
     def __init__(self, failure: Failure) -> None:
-        super().__init__(f"HTTP {failure.status}: {failure.message}")
+        super().__init__(f"HTTP {failure.status}: {failure.message}" if failure.status else failure.message)
         self.failure = failure
 
 
@@ -146,6 +147,22 @@ class BatchProvider(Provider, Protocol):
 
     def classify_response(self, status: int, body: Any) -> Failure:
         """What an error response inside a batch's output means (its status and body)."""
+
+
+def classify_other(exc: BaseException) -> Failure:
+    """What an exception that is neither an HTTP error nor a connection failure means: a 200
+    without a usable answer (``answers``' errors), a timeout, else something unexpected (retried)."""
+    if isinstance(exc, CallFailed):
+        return exc.failure
+    if isinstance(exc, answers.ContentFiltered):
+        return Failure(Kind.BAD_ROW, str(exc), code="content_filter")
+    if isinstance(exc, answers.Refused):
+        return Failure(Kind.BAD_ROW, str(exc), code="refusal")
+    if isinstance(exc, answers.BadResponse):
+        return Failure(Kind.TRANSIENT, str(exc), code="bad_response")
+    if isinstance(exc, asyncio.TimeoutError):
+        return Failure(Kind.TRANSIENT, "the request timed out", code="timeout")
+    return Failure(Kind.TRANSIENT, f"unexpected {type(exc).__name__}: {exc}", code="unexpected_error")
 
 
 def redact(text: str, secrets: list[str]) -> str:

@@ -21,9 +21,7 @@ headers. All are pure and unit-tested without a server.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
-import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -36,10 +34,10 @@ try:
 except ImportError:  # pragma: no cover - SDKs on httpx
     from httpx import Response as _HttpResponse  # type: ignore[no-redef]
 
-from opt_queue import __version__
 from opt_queue.core import answers
 from opt_queue.core.config import ApiKey
-from opt_queue.providers.base import Answer, Batch, CallFailed, Failure, Kind
+from opt_queue.providers.base import Answer, Batch, CallFailed, Failure, Kind, classify_other
+from opt_queue.providers.http import KEEPALIVE, USER_AGENT, Http, json_body, kept, request_leaving, unreachable
 from opt_queue.core.request import ENDPOINTS
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|us|µs|ns|h|m|s)")
@@ -181,31 +179,11 @@ def _classify(status: int, code: str | None, message: str, lowered: str, headers
     return Failure(Kind.BAD_ROW, message, status, code or f"http_{status}")
 
 
-def _is_httpx_connect_error(exc: BaseException) -> bool:
-    """httpx's ConnectError (the SDK's own HTTP stack, ``httpx`` or its ``httpx2`` fork)."""
-    return any(t.__name__ == "ConnectError" and t.__module__.split(".")[0] in ("httpx", "httpx2")
-               for t in type(exc).__mro__)
-
-
-def _unreachable(exc: BaseException) -> BaseException | None:
-    """The error under ``exc`` that says no connection could be made (refused, DNS, TLS), if any.
-    The SDK's aiohttp transport reports such an error as a connect *timeout*, which it is not; a
-    server that accepted the connection and then did not answer in time is a timeout."""
-    seen: BaseException | None = exc
-    for _ in range(8):  # the SDK wraps httpx's error, which wraps aiohttp's
-        if seen is None:
-            return None
-        if isinstance(seen, aiohttp.ClientConnectorError) or _is_httpx_connect_error(seen):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def classify(exc: BaseException) -> Failure:
     """Classify an exception raised by :func:`call`."""
     if isinstance(exc, CallFailed):
         return exc.failure
-    refused = _unreachable(exc)
+    refused = unreachable(exc)
     if refused is not None:
         detail = str(refused) or type(refused).__name__
         return Failure(Kind.UNREACHABLE, f"cannot connect: {detail}", code="unreachable")
@@ -224,58 +202,10 @@ def classify(exc: BaseException) -> Failure:
         return Failure(Kind.TRANSIENT, "the request timed out", code="timeout")
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return Failure(Kind.TRANSIENT, f"connection error: {type(exc).__name__}", code="connection_error")
-    if isinstance(exc, answers.ContentFiltered):
-        return Failure(Kind.BAD_ROW, str(exc), code="content_filter")
-    if isinstance(exc, answers.Refused):
-        return Failure(Kind.BAD_ROW, str(exc), code="refusal")
-    if isinstance(exc, answers.BadResponse):
-        return Failure(Kind.TRANSIENT, str(exc), code="bad_response")
-    return Failure(Kind.TRANSIENT, f"unexpected {type(exc).__name__}: {exc}", code="unexpected_error")
+    return classify_other(exc)
 
 
-_on_send: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("opt_queue_on_send", default=None)
-USER_AGENT = f"opt-queue/{__version__}"
-for _name in ("httpx", "httpx2", "openai"):  # one INFO line per request would drown the worker log
-    logging.getLogger(_name).setLevel(max(logging.getLogger(_name).level, logging.WARNING))
-KEEPALIVE = 60.0
-"""Idle connections are kept a minute: a burst after a quiet limit window reuses them instead of
-opening hundreds at once (slow, and it delays requests past their stamp)."""
 KEPT_HEADERS = ("x-ratelimit", "retry", "x-request-id")
-
-
-async def _body_sending(session: Any, context: Any, params: Any) -> None:
-    """aiohttp trace hook, awaited right before a chunk of the request body is written (after the
-    connection is made: a new connection in a burst can take long). Runs the row's ``on_send``
-    once: passed with the request (``api_client: "aiohttp"``) or, through the SDK, which does not
-    pass it on, in a context variable the row's task set."""
-    hooks = context.trace_request_ctx
-    if isinstance(hooks, dict):
-        callback = hooks.pop("on_send", None)
-    else:
-        callback = _on_send.get()
-        _on_send.set(None)
-    if callback is not None:
-        callback()
-
-
-async def _request_leaving(request: Any) -> None:
-    """Fallback when the SDK's aiohttp transport cannot take our session: httpx's request hook,
-    the last step before the transport (a new connection is made after it)."""
-    callback = _on_send.get()
-    if callback is not None:
-        _on_send.set(None)
-        callback()
-
-
-def _kept(headers: Any) -> dict[str, str]:
-    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(KEPT_HEADERS)}
-
-
-def _json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise answers.BadResponse("the server answered 200 with a body that is not JSON") from None
 
 
 class OpenAIProvider:
@@ -287,30 +217,18 @@ class OpenAIProvider:
     ``AsyncAzureOpenAI`` on the SDK's aiohttp transport); ``"aiohttp"`` sends the same documented
     wire format over aiohttp directly."""
 
-    def __init__(self, api_client: str = "openai") -> None:
+    def __init__(self, api_client: str = "openai", http: Http | None = None) -> None:
         self.kind = api_client
-        self._session: aiohttp.ClientSession | None = None
+        self.pool = http or Http()
         self._http: Any = None
         self._clients: dict[tuple[str, str], openai.AsyncOpenAI] = {}
 
     def __repr__(self) -> str:
         return f"<OpenAIProvider {self.kind} clients={len(self._clients)}>"
 
-    def session(self) -> aiohttp.ClientSession:
-        """The loop's aiohttp session: one connection pool for every key (the engine bounds the
-        requests in flight, so the pool itself is unbounded)."""
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=KEEPALIVE)
-            trace = aiohttp.TraceConfig()
-            trace.on_request_chunk_sent.append(_body_sending)
-            self._session = aiohttp.ClientSession(
-                connector=connector, trace_configs=[trace],
-                headers={"User-Agent": USER_AGENT, "Content-Type": "application/json"})
-        return self._session
-
     def warm_up(self) -> None:
         """Create the connection pool now, not between an admission and its request."""
-        self.session()
+        self.pool.session()
 
     def _sdk_http_client(self) -> Any:
         """The SDK's aiohttp-based HTTP client on our session, whose trace hook reads the send time
@@ -323,8 +241,8 @@ class OpenAIProvider:
                 # 100 connections would hold sends back after their stamps)
                 limits=type(openai.DEFAULT_CONNECTION_LIMITS)(
                     max_connections=1_000_000, max_keepalive_connections=None, keepalive_expiry=KEEPALIVE),
-                event_hooks={"request": [_request_leaving]})
-        return openai.DefaultAioHttpClient(transport=AiohttpTransport(client=self.session()))
+                event_hooks={"request": [request_leaving]})
+        return openai.DefaultAioHttpClient(transport=AiohttpTransport(client=self.pool.session()))
 
     def client(self, key: ApiKey, timeout: float) -> openai.AsyncOpenAI:
         """The SDK client of ``key`` (one per key and base URL, kept open)."""
@@ -350,9 +268,7 @@ class OpenAIProvider:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.pool.close()
 
     async def call(self, key: ApiKey, url: str, body: dict[str, Any], timeout: float,
                    on_send: Callable[[], None] | None = None) -> Answer:
@@ -367,12 +283,9 @@ class OpenAIProvider:
         if self.kind == "aiohttp":
             data, headers = await self._call_aiohttp(key, url, body, timeout, on_send)
         else:
-            token = _on_send.set(on_send)
-            try:
+            with self.pool.sending(on_send):
                 raw = await _sdk_create(self.client(key, timeout), url, body, timeout)
-            finally:
-                _on_send.reset(token)
-            data, headers = _json(raw.text), _kept(raw.headers)
+            data, headers = json_body(raw.text), kept(raw.headers, KEPT_HEADERS)
         return Answer(answers.read(url, data), data, request_id=headers.get("x-request-id"),
                       server_limits=server_limits(headers), token_window=token_window(headers))
 
@@ -414,8 +327,9 @@ class OpenAIProvider:
             raise ValueError("Azure keys need api_client \"openai\"")
         payload = json.dumps(body, ensure_ascii=False).encode()
         target = key.api_base.rstrip("/") + "/" + ENDPOINTS[url].path
-        headers = {**dict(key.headers), "Authorization": "Bearer " + key.secret.get_secret_value()}
-        async with self.session().post(target, data=payload, headers=headers,
+        headers = {**dict(key.headers), "Authorization": "Bearer " + key.secret.get_secret_value(),
+                   "Content-Type": "application/json"}
+        async with self.pool.session().post(target, data=payload, headers=headers,
                                        timeout=aiohttp.ClientTimeout(total=timeout),
                                        trace_request_ctx={"on_send": on_send}) as response:
             raw = await response.read()
@@ -427,7 +341,7 @@ class OpenAIProvider:
             except ValueError:
                 error_body = None
             raise CallFailed(classify_status(status, error_body, got, text))
-        return _json(text), _kept(got)
+        return json_body(text), kept(got, KEPT_HEADERS)
 
 
 async def _sdk_create(client: openai.AsyncOpenAI, url: str, body: dict[str, Any], timeout: float) -> Any:

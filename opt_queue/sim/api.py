@@ -48,36 +48,17 @@ from aiohttp import web
 from opt_queue.core.config import fingerprint
 from opt_queue.core.tokens import TOKEN_COUNTS
 from opt_queue.core.request import CHAT_URL, ENDPOINTS
+from opt_queue.sim.anthropic import CLAUDE_MODELS, SimMessages
 from opt_queue.sim.batch import SimBatches
+from opt_queue.sim.common import _schema_instance, count_tokens, prompt_key, sim_answer
 
 DEFAULT_MODELS = {"gpt-3.5-turbo-0613": 4096, "gpt-3.5-turbo": 4096, "gpt-3.5-turbo-16k-0613": 16384,
                   "gpt-4o-mini": 128000, "o3-mini": 200000, "gpt-3.5-turbo-instruct": 4096,
-                  "text-embedding-3-small": 8192, "omni-moderation-latest": 32768}
+                  "text-embedding-3-small": 8192, "omni-moderation-latest": 32768, **CLAUDE_MODELS}
 _ROUTES = {**{u: u for u in ENDPOINTS}, **{u.removeprefix("/v1"): u for u in ENDPOINTS},
            **{"/openai/deployments/{deployment}" + u.removeprefix("/v1"): u for u in ENDPOINTS}}
 REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
 """Models that think before they answer: their usage reports reasoning tokens (billed as output)."""
-
-
-def sim_answer(model: str, messages: list[dict[str, Any]]) -> str:
-    """The (stripped) answer the simulated API gives to ``messages`` on ``model``."""
-    digest = hashlib.sha256(json.dumps([model, messages], ensure_ascii=False, sort_keys=True).encode())
-    last = str(messages[-1].get("content") or "")[:24] if messages else ""
-    return f"answer {digest.hexdigest()[:10]}: {last}".strip()
-
-
-def prompt_key(messages: list[dict[str, Any]]) -> str:
-    """Identity of a prompt, to count how often the same row was paid for."""
-    return hashlib.sha256(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def count_tokens(text: str) -> int:
-    """The simulated tokenizer, close to OpenAI's on average: four ASCII characters a token, one
-    token per other character (a CJK character is 1 to 1.5 tokens there)."""
-    if text.isascii():
-        return math.ceil(len(text) / 4)
-    ascii_chars = sum(1 for c in text if c < "\x80")
-    return math.ceil(ascii_chars / 4) + len(text) - ascii_chars
 
 
 @dataclass
@@ -88,6 +69,7 @@ class SimKey:
     rpm: int | None = None
     tpm: int | None = None
     rpd: int | None = None
+    otpm: int | None = None  # Anthropic's output tokens per minute (``tpm`` is its input tokens' window)
     org: str | None = None
     dead: str | None = None  # "invalid" (401), "quota" (429 insufficient_quota), "forbidden" (403)
     models: dict[str, dict[str, int]] | None = None  # per model: {"rpm", "tpm", "rpd"} replacing the key's
@@ -98,7 +80,7 @@ class SimKey:
         if not own:
             return self
         return SimKey(self.key, own.get("rpm", self.rpm), own.get("tpm", self.tpm), own.get("rpd", self.rpd),
-                      self.org, self.dead)
+                      own.get("otpm", self.otpm), self.org, self.dead)
 
 
 @dataclass
@@ -130,6 +112,9 @@ class SimConfig:
     batch_max_lines: int = 50_000
     limit_count: str = "typical"  # how the rate-limit windows count a prompt (TOKEN_COUNTS)
     usage_count: str = "typical"  # how the usage counts (and bills) a prompt (TOKEN_COUNTS)
+    overloaded_rate: float = 0.0  # Anthropic's endpoint: 529 overloaded_error
+    anthropic_output_count: str = "max_tokens"  # "max_tokens" (charged on arrival, adjusted) or "actual"
+    anthropic_token_rounding: int = 1000  # Anthropic's remaining-token headers are rounded (down, here)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -174,24 +159,6 @@ class _Windows:
     def admit(self, now: float, tokens: int) -> None:
         self.log.append((now, tokens))
         self.day.append(now)
-
-
-def _schema_instance(schema: Any, text: str) -> Any:
-    """A value that matches ``schema`` (the common keywords), for structured outputs."""
-    if not isinstance(schema, dict):
-        return text
-    if "enum" in schema:
-        return schema["enum"][0]
-    if "const" in schema:
-        return schema["const"]
-    kind = schema.get("type")
-    kind = kind[0] if isinstance(kind, list) else kind
-    if kind == "object" or "properties" in schema:
-        props = schema.get("properties") or {}
-        return {name: _schema_instance(sub, text) for name, sub in props.items()}
-    if kind == "array":
-        return [_schema_instance(schema.get("items"), text) for _ in range(int(schema.get("minItems") or 1))]
-    return {"string": text, "integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, text)
 
 
 def _texts(value: Any) -> list[str]:
@@ -451,6 +418,7 @@ class SimAPI:
         self.rng = random.Random(self.config.seed)
         self.windows: dict[tuple[str, str], _Windows] = {}
         self.batches = SimBatches(self)  # the Files and Batches API, a room of its own
+        self.messages = SimMessages(self)  # Anthropic's Messages API
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -520,6 +488,7 @@ class SimAPI:
             application.router.add_post("/openai/deployments/{deployment}" + url.removeprefix("/v1"),
                                         self.chat)  # Azure
         self.batches.routes(application)
+        self.messages.routes(application)
         application.router.add_get("/_sim/stats", self._stats)
         application.router.add_post("/_sim/config", self._configure)
         return application
