@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 from rich.console import Console
 
+from opt_queue import providers
 from opt_queue.queue.app import configure
 from opt_queue.jobflow.collector import errors_path, gather
 from opt_queue.core.config import Config, ModelConfig, load_config
@@ -80,6 +81,7 @@ class ParallelToolkit:
     def _load_config(self) -> Config:
         """config.json, with this object's model (when given), retries and threads on top."""
         cfg = load_config(self.config_path)
+        providers.check_installed(cfg)  # a provider's SDK missing: refused before anything is paid
         update: dict[str, Any] = {"max_retries": self.max_retries, "concurrency": self.threads}
         if self.openai_model is not None:
             update["model"] = ModelConfig(name=self.openai_model.model_name, fallback=cfg.model.fallback,

@@ -17,9 +17,11 @@ from typing import Any, TypeVar
 import click
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from opt_queue import __version__
 from opt_queue.jobflow.collector import Collector, CollectStatus, errors_path
+from opt_queue import providers
 from opt_queue.core.config import Config, load_config
 from opt_queue.core.errors import ConfigError, Interrupted, OptQueueError
 from opt_queue.store.jobs import Job, job_id_for
@@ -46,10 +48,11 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except Interrupted as exc:
-            console.print(f"[yellow]{exc}[/]", highlight=False, markup=True, soft_wrap=True)
+            console.print(f"[yellow]{escape(str(exc))}[/]", highlight=False, markup=True, soft_wrap=True)
             sys.exit(exc.exit_code)
         except OptQueueError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            # escaped: a message's own brackets ("opt-queue[anthropic]", "api_keys[1]") are text
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: nothing is lost; run the same command again to resume.")
@@ -90,6 +93,7 @@ def _config(path: str | None, require_keys: bool = True) -> Config:
     path = _config_path(path)
     _setup_logging("INFO")
     cfg = load_config(path, require_keys=require_keys)
+    providers.check_installed(cfg)  # a provider's SDK missing: refused before anything is paid
     logging.getLogger().setLevel(getattr(logging, cfg.log_level.upper(), logging.INFO))
     return cfg
 
