@@ -13,13 +13,16 @@ import pytest
 from conftest import TEST_KEY, cli, read_jsonl, write_config, write_jsonl
 
 from opt_queue.core import answers
-from opt_queue.core.config import Config, provider_of
+from opt_queue.core.config import Config, fingerprint, provider_of
 from opt_queue.providers import Kind
 from opt_queue.providers import anthropic as claude
+from opt_queue.providers import gemini
 from opt_queue.sim.api import SimKey, SimServer, sim_answer
 
 ANT_KEY = "sk-ant-api03-test-0123456789abcdefghijklmnopqrstuv"
+GEM_KEYS = ("AIzaSyTest-0123456789abcdefghijklmnopqrst", "AIzaSyTest-second-key-0123456789abcdefghij")
 CLAUDE = "claude-haiku-4-5"
+GEMINI = "gemini-2.5-flash"
 
 
 # -- configuration: which keys serve which rows ---------------------------------------------------
@@ -162,56 +165,170 @@ def test_the_limits_come_from_the_anthropic_ratelimit_headers() -> None:
     assert claude.server_limits({}) == {}
 
 
+# -- Gemini: the request, the answer, the errors ----------------------------------------------
+def test_a_chat_row_becomes_a_native_generate_content_request() -> None:
+    body = {"model": GEMINI, "temperature": 0.1, "top_p": 0.5, "seed": 3, "stop": ["END"], "n": 2,
+            "max_tokens": 64, "user": "u1", "service_tier": "flex",
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}},
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                             {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}},
+                                             {"type": "image_url", "image_url": {"url": "https://x.test/a.png"}}]},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "look", "arguments": '{"q": 1}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "a cat"}],
+            "tools": [{"type": "function", "function": {"name": "look", "parameters": {"type": "object"}}}],
+            "tool_choice": {"type": "function", "function": {"name": "look"}}}
+    assert gemini.to_gemini(body) == {
+        "systemInstruction": {"parts": [{"text": "Be brief."}]},
+        "contents": [
+            {"role": "user", "parts": [{"text": "What is this?"},
+                                       {"inlineData": {"mimeType": "image/png", "data": "iVBO"}},
+                                       {"fileData": {"mimeType": "image/png", "fileUri": "https://x.test/a.png"}}]},
+            {"role": "model", "parts": [{"functionCall": {"name": "look", "args": {"q": 1}}}]},
+            {"role": "user", "parts": [{"functionResponse": {"name": "look", "response": {"content": "a cat"}}}]}],
+        "generationConfig": {"temperature": 0.1, "topP": 0.5, "seed": 3, "maxOutputTokens": 64,
+                             "stopSequences": ["END"], "candidateCount": 2, "responseMimeType": "application/json",
+                             "responseJsonSchema": {"type": "object"}},
+        "tools": [{"functionDeclarations": [{"name": "look", "parameters": {"type": "object"}}]}],
+        "toolConfig": {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["look"]}}}
+    config = gemini.sdk_config(gemini.to_gemini(body))  # what the SDK is handed: the same, flattened
+    assert (config.max_output_tokens, config.candidate_count, config.should_return_http_response) == (64, 2, True)
+    assert config.system_instruction.parts[0].text == "Be brief."
+    with pytest.raises(gemini.NotMappable, match="functions"):
+        gemini.to_gemini({"model": GEMINI, "messages": [], "functions": []})
+
+
+def _candidate(parts: list, finish: str = "STOP") -> dict:
+    return {"content": {"role": "model", "parts": parts}, "finishReason": finish, "index": 0}
+
+
+def test_a_generate_content_answer_reads_like_an_openai_one() -> None:
+    usage = {"promptTokenCount": 30, "cachedContentTokenCount": 10, "candidatesTokenCount": 5,
+             "thoughtsTokenCount": 12, "totalTokenCount": 47}
+    reply = answers.read("/v1/chat/completions", {
+        "candidates": [_candidate([{"text": "plan", "thought": True}, {"text": " Hello "}]), _candidate([{"text": "B"}])],
+        "usageMetadata": usage, "responseId": "r1"})
+    assert (reply.value, reply.finish_reason, reply.extra["choices"]) == ("Hello", "stop", ["Hello", "B"])
+    assert (reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens, reply.reasoning_tokens) == (30, 10, 17, 12)
+    assert reply.full()["native"]["responseId"] == "r1"
+    cut = answers.read("/v1/chat/completions", {"candidates": [_candidate([{"text": "cu"}], "MAX_TOKENS")]})
+    assert cut.finish_reason == "length"
+    call = answers.read("/v1/chat/completions", {"candidates": [_candidate([{"functionCall": {"name": "f", "args": {"a": 1}}}])]})
+    assert call.finish_reason == "tool_calls" and json.loads(call.tool_calls[0]["function"]["arguments"]) == {"a": 1}
+    with pytest.raises(answers.ContentFiltered, match="blocked .SAFETY") as blocked:
+        answers.read("/v1/chat/completions", {"promptFeedback": {"blockReason": "SAFETY"},
+                                              "usageMetadata": {"promptTokenCount": 9}})
+    assert blocked.value.usage["prompt_tokens"] == 9  # a blocked prompt is billed
+    with pytest.raises(answers.ContentFiltered, match="RECITATION"):
+        answers.read("/v1/chat/completions", {"candidates": [{"finishReason": "RECITATION", "index": 0}]})
+
+
+def _exhausted(quota: str, value: str, delay: str | None = "43s") -> dict:
+    details = [{"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                "violations": [{"quotaId": quota, "quotaValue": value}]}]
+    if delay:
+        details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay})
+    return {"error": {"code": 429, "message": "You exceeded your current quota", "status": "RESOURCE_EXHAUSTED",
+                      "details": details}}
+
+
+def test_geminis_quota_errors_say_what_to_wait_and_learn() -> None:
+    minute = gemini.classify_status(429, _exhausted("GenerateRequestsPerMinutePerProjectPerModel", "15"))
+    assert (minute.kind, minute.retry_after, minute.server_limits, minute.tokens) == \
+        (Kind.RATE_LIMITED, 43.0, {"requests": 15}, False)
+    tokens = gemini.classify_status(429, _exhausted("GenerateContentInputTokensPerModelPerMinute-FreeTier", "250000", "0.5s"))
+    assert (tokens.retry_after, tokens.server_limits, tokens.tokens) == (0.5, {"tokens": 250000}, True)
+    day = gemini.classify_status(429, _exhausted("GenerateRequestsPerDayPerProjectPerModel", "1000", None))
+    assert day.kind is Kind.RATE_LIMITED and day.server_limits == {} and day.retry_after == 60.0
+    assert gemini.classify_status(429, _exhausted("GenerateRequestsPerMinutePerProjectPerModel-FreeTier", "0")).kind \
+        is Kind.KEY_DEAD  # no quota at all for this model on this project
+    invalid = {"error": {"code": 400, "message": "API key not valid.", "status": "INVALID_ARGUMENT", "details": [
+        {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}]}}
+    cases = [(400, invalid, Kind.KEY_DEAD),
+             (403, {"error": {"status": "PERMISSION_DENIED", "message": "denied"}}, Kind.KEY_DEAD),
+             (400, {"error": {"status": "FAILED_PRECONDITION", "message": "User location is not supported"}}, Kind.KEY_DEAD),
+             (400, {"error": {"status": "INVALID_ARGUMENT", "message": "The input token count (2000000) exceeds "
+                                                                        "the maximum number of tokens allowed (1048576)."}},
+              Kind.TOO_LONG),
+             (400, {"error": {"status": "INVALID_ARGUMENT", "message": "bad part"}}, Kind.BAD_ROW),
+             (404, {"error": {"status": "NOT_FOUND", "message": "models/x is not found"}}, Kind.JOB_CONFIG),
+             (503, {"error": {"status": "UNAVAILABLE", "message": "The model is overloaded."}}, Kind.SLOW_DOWN),
+             (500, {"error": {"status": "INTERNAL", "message": "internal"}}, Kind.TRANSIENT)]
+    for status, body, expected in cases:
+        assert gemini.classify_status(status, body).kind is expected, body
+
+
 # -- real workers against the simulated API -----------------------------------------------------
 def _mixed_rows(n: int) -> list[dict]:
+    """Rows of the job's model (OpenAI's), of a claude model and of a gemini model, in turn."""
     rows = []
     for i in range(n):
-        if i % 2:
-            rows.append({"index": str(i), "model": CLAUDE,
-                         "messages": [{"role": "system", "content": "Answer briefly."},
-                                      {"role": "user", "content": f"第 {i} 行: what is {i} squared?"}]})
+        question = [{"role": "system", "content": "Answer briefly."},
+                    {"role": "user", "content": f"第 {i} 行: what is {i} squared?"}]
+        if i % 3 == 1:
+            rows.append({"index": str(i), "model": CLAUDE, "messages": question})
+        elif i % 3 == 2:
+            rows.append({"index": str(i), "model": GEMINI, "messages": question})
         else:  # the job's model (an OpenAI one)
             rows.append({"index": str(i), "messages": [{"role": "user", "content": f"第 {i} 行 ✓"}]})
     return rows
 
 
-def _claude_config(path: Path, sim: SimServer, **fields: object) -> Path:
-    return write_config(path, sim, api_keys=[TEST_KEY, {"key": ANT_KEY, "provider": "anthropic",
-                                                        "api_base": sim.base_url.removesuffix("/v1")}],
-                        model={"name": "gpt-4o-mini", "max_tokens": 40}, **fields)
+def _three_providers_config(path: Path, sim: SimServer, **fields: object) -> Path:
+    base = sim.base_url.removesuffix("/v1")  # Anthropic's and Gemini's SDKs add their version path
+    return write_config(path, sim, api_keys=[
+        TEST_KEY, {"key": ANT_KEY, "provider": "anthropic", "api_base": base},
+        *({"key": k, "provider": "gemini", "group": "proj", "api_base": base} for k in GEM_KEYS)],
+        groups={"proj": {"limits": {"requests": ["6/2s"]}}},  # a Gemini project: typed (no headers)
+        model={"name": "gpt-4o-mini", "max_tokens": 40}, **fields)
 
 
-def test_one_job_mixes_openai_and_claude_rows_each_answered_by_its_provider_within_its_limits(
+def test_one_job_mixes_three_providers_each_row_answered_by_its_own_within_its_limits(
         tmp_path: Path, sim: SimServer) -> None:
     # Anthropic's windows bind (requests and input tokens, learned from its headers: no limits typed);
-    # its output window is set where this job cannot reach it. One call in ten meets 529 overloaded:
-    # a slow-down that uses no attempt (max_retries 0: a used attempt would leave a null)
-    sim.configure(keys=[SimKey(TEST_KEY), SimKey(ANT_KEY, rpm=8, tpm=120, otpm=100_000)], latency=0.05, minute=2,
-                  anthropic_token_rounding=1, overloaded_rate=0.1, seed=3)
-    data = write_jsonl(tmp_path / "data.jsonl", _mixed_rows(40))
+    # its output window is set where this job cannot reach it. The Gemini project's two keys share
+    # one budget of 6 requests a minute (typed in the config, enforced by the API per project).
+    # One call in ten meets 529 overloaded (Anthropic) or 503 overloaded (Gemini): a slow-down that
+    # uses no attempt (max_retries 0: a used attempt would leave a null)
+    sim.configure(keys=[SimKey(TEST_KEY), SimKey(ANT_KEY, rpm=8, tpm=120, otpm=100_000),
+                        *(SimKey(k, rpm=6, org="proj") for k in GEM_KEYS)],
+                  latency=0.05, minute=2, anthropic_token_rounding=1, overloaded_rate=0.1, seed=3)
+    data = write_jsonl(tmp_path / "data.jsonl", _mixed_rows(45))
     out = tmp_path / "output.jsonl"
-    result = cli("run", str(data), "-c", str(_claude_config(tmp_path / "config.json", sim, max_retries=0)),
-                 "-o", str(out), "--output-format", "full")
+    config = _three_providers_config(tmp_path / "config.json", sim, max_retries=0)
+    result = cli("run", str(data), "-c", str(config), "-o", str(out), "--output-format", "full")
     assert result.returncode == 0, result.stderr
     lines = {k: v for line in read_jsonl(out) for k, v in line.items()}
-    rows = {r["index"]: r for r in _mixed_rows(40)}
-    assert len(lines) == 40
+    rows = {r["index"]: r for r in _mixed_rows(45)}
+    assert len(lines) == 45
     for index, got in lines.items():
         row = rows[index]
-        if "model" in row:  # a claude row: answered through the Messages API, its native body kept
-            assert got["text"] == sim_answer(CLAUDE, row["messages"])
+        model = row.get("model", "gpt-4o-mini")
+        assert got["text"] == sim_answer(model, row["messages"]), index
+        if model == CLAUDE:  # answered through the Messages API, its native body kept
             assert got["native"]["type"] == "message" and got["finish_reason"] == "stop"
-            assert got["usage"]["prompt_tokens"] > 0
+        elif model == GEMINI:
+            assert "candidates" in got["native"] and got["finish_reason"] == "stop"
+            assert got["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0  # thoughts
         else:
-            assert got["text"] == sim_answer("gpt-4o-mini", row["messages"]) and "native" not in got
+            assert "native" not in got
     stats = sim.stats()
     assert stats["rate_limited"] == 0, stats["refusals"]
-    claude_calls = [r for r in sim.received() if r.get("_url") == "/v1/messages"]
-    assert stats["faults"].get("overloaded", 0) > 0
-    assert len(claude_calls) == 20 + stats["faults"]["overloaded"]  # one call a row, and one per 529
+    overloaded = stats["faults"].get("overloaded", 0)
+    assert overloaded > 0
+    received = sim.received()
+    claude_calls = [r for r in received if r.get("_url") == "/v1/messages"]
+    gemini_calls = [r for r in received if r.get("_url") == "generateContent"]
+    assert len(claude_calls) + len(gemini_calls) == 30 + overloaded  # one call a row, and one per overload
     assert all(r["system"] == "Answer briefly." and r["max_tokens"] == 40 for r in claude_calls)
-    assert len(stats["per_prompt"]) == 40 and set(stats["per_prompt"].values()) == {1}  # nothing paid twice
-    assert ANT_KEY not in result.stdout + result.stderr
+    assert all(r["systemInstruction"] == {"parts": [{"text": "Answer briefly."}]}
+               and r["generationConfig"] == {"maxOutputTokens": 40} for r in gemini_calls)
+    assert {fp for fp in stats["per_key"]} >= {fingerprint(k) for k in GEM_KEYS}  # the project's keys shared
+    assert len(stats["per_prompt"]) == 45 and set(stats["per_prompt"].values()) == {1}  # nothing paid twice
+    for secret in (ANT_KEY, *GEM_KEYS):
+        assert secret not in result.stdout + result.stderr
 
 
 def test_a_provider_whose_sdk_is_missing_is_refused_before_any_call(tmp_path: Path, sim: SimServer) -> None:
@@ -219,7 +336,7 @@ def test_a_provider_whose_sdk_is_missing_is_refused_before_any_call(tmp_path: Pa
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ImportError('No module named anthropic (test shim)')\n")
     data = write_jsonl(tmp_path / "data.jsonl", _mixed_rows(4))
-    config = _claude_config(tmp_path / "config.json", sim)
+    config = _three_providers_config(tmp_path / "config.json", sim)
     env = {"PYTHONPATH": os.pathsep.join([str(shim.parent), *sys.path])}
     for command in (("run", str(data), "-c", str(config), "-o", str(tmp_path / "out.jsonl")),
                     ("estimate", str(data), "-c", str(config))):

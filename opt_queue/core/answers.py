@@ -83,6 +83,8 @@ def read(url: str, data: Any) -> Reply:
         raise BadResponse("the server answered 200 with a body that is not a JSON object")
     if data.get("type") == "message" and "content" in data:
         return _anthropic(data)
+    if "candidates" in data or "promptFeedback" in data:
+        return _gemini(data)
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     try:
         reply = _READERS.get(url, _chat)(data)
@@ -343,3 +345,62 @@ def _anthropic(data: dict[str, Any]) -> Reply:
     value = text or json.dumps(tool_calls, ensure_ascii=False)
     return Reply(value=value, text=value, finish_reason=ANTHROPIC_FINISH.get(stop, stop), usage=usage,
                          tool_calls=tool_calls, extra={"native": data})
+
+
+GEMINI_FINISH = {"STOP": "stop", "MAX_TOKENS": "length"}
+"""Gemini's ``finishReason`` in OpenAI's words (safety stops are nulls: :data:`GEMINI_WITHHELD`)."""
+GEMINI_WITHHELD = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
+                             "LANGUAGE"})
+
+
+def _gemini_usage(native: Any) -> dict[str, Any]:
+    """Gemini's ``usageMetadata`` in OpenAI's names: thoughts are output (billed so) and reasoning."""
+    if not isinstance(native, dict):
+        return {}
+    prompt = int(native.get("promptTokenCount") or 0)
+    thoughts = int(native.get("thoughtsTokenCount") or 0)
+    completion = int(native.get("candidatesTokenCount") or 0) + thoughts
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": int(native.get("cachedContentTokenCount") or 0)},
+            "completion_tokens_details": {"reasoning_tokens": thoughts}}
+
+
+def _gemini_candidate(candidate: Any) -> tuple[str, list[Any] | None, str | None]:
+    content = candidate.get("content") if isinstance(candidate, dict) else None
+    parts = [p for p in (content or {}).get("parts") or [] if isinstance(p, dict)]
+    text = "".join(p.get("text", "") for p in parts if "text" in p and not p.get("thought")).strip()
+    calls = [{"id": p["functionCall"].get("id") or f"call_{i}", "type": "function",
+              "function": {"name": p["functionCall"].get("name"),
+                           "arguments": json.dumps(p["functionCall"].get("args") or {}, ensure_ascii=False)}}
+             for i, p in enumerate(parts) if isinstance(p.get("functionCall"), dict)] or None
+    return text, calls, candidate.get("finishReason") if isinstance(candidate, dict) else None
+
+
+def _gemini(data: dict[str, Any]) -> Reply:
+    """A Gemini ``generateContent`` response: the first candidate's text (thoughts left out),
+    ``functionCall`` parts as tool calls, usage in OpenAI's names, every candidate's text with
+    ``candidateCount`` > 1, and the native body (``native``). A blocked prompt or an answer
+    stopped for safety raises :class:`ContentFiltered` with the reason."""
+    usage = _gemini_usage(data.get("usageMetadata"))
+    problem: AnswerError | None = None
+    candidates = [c for c in data.get("candidates") or [] if isinstance(c, dict)]
+    blocked = (data.get("promptFeedback") or {}).get("blockReason") if isinstance(data.get("promptFeedback"), dict) else None
+    text, calls, finish = _gemini_candidate(candidates[0]) if candidates else ("", None, None)
+    if blocked:
+        problem = ContentFiltered(f"the prompt was blocked ({blocked})")
+    elif not candidates:
+        problem = BadResponse("the server answered 200 with no candidates")
+    elif finish in GEMINI_WITHHELD and not text:
+        problem = ContentFiltered(f"the answer was withheld (finishReason {finish})")
+    elif not text and not calls:
+        problem = BadResponse(f"the server answered with no content (finishReason {finish!r})")
+    if problem is not None:
+        problem.usage = usage or None
+        raise problem
+    value = text or json.dumps(calls, ensure_ascii=False)
+    extra: dict[str, Any] = {"native": data}
+    if len(candidates) > 1:
+        extra["choices"] = [_gemini_candidate(c)[0] for c in candidates]
+    return Reply(value=value, text=value, finish_reason="tool_calls" if calls and not text else
+                 GEMINI_FINISH.get(str(finish), str(finish).lower() if finish else None),
+                 usage=usage, tool_calls=calls, extra=extra)

@@ -2,7 +2,8 @@
 
 ``openai.py`` speaks OpenAI's API (Azure OpenAI included) through the official ``openai`` SDK, or
 over aiohttp directly with ``api_client: "aiohttp"``; ``anthropic.py`` Anthropic's Messages API
-through the ``anthropic`` SDK (the ``opt-queue[anthropic]`` extra). :func:`for_config` gives the
+through the ``anthropic`` SDK (the ``opt-queue[anthropic]`` extra); ``gemini.py`` the Gemini API's
+``generateContent`` through the ``google-genai`` SDK (``opt-queue[gemini]``). :func:`for_config` gives the
 engine one provider for all of a config's keys (:class:`Providers`): each call goes to the
 provider its key speaks, on one connection pool.
 """
@@ -49,6 +50,10 @@ def _make(name: str, api_client: str, http: Http) -> Any:
         from opt_queue.providers.anthropic import AnthropicProvider
 
         return AnthropicProvider(http)
+    if name == "gemini":
+        from opt_queue.providers.gemini import GeminiProvider
+
+        return GeminiProvider(http)
     from opt_queue.providers.openai import OpenAIProvider  # the SDK is imported only to call
 
     return OpenAIProvider(api_client, http)

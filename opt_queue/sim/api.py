@@ -39,7 +39,7 @@ import math
 import random
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,11 +50,13 @@ from opt_queue.core.tokens import TOKEN_COUNTS
 from opt_queue.core.request import CHAT_URL, ENDPOINTS
 from opt_queue.sim.anthropic import CLAUDE_MODELS, SimMessages
 from opt_queue.sim.batch import SimBatches
+from opt_queue.sim.gemini import GEMINI_MODELS, SimGemini
+from opt_queue.sim.common import Windows as _Windows
 from opt_queue.sim.common import _schema_instance, count_tokens, prompt_key, sim_answer
 
 DEFAULT_MODELS = {"gpt-3.5-turbo-0613": 4096, "gpt-3.5-turbo": 4096, "gpt-3.5-turbo-16k-0613": 16384,
                   "gpt-4o-mini": 128000, "o3-mini": 200000, "gpt-3.5-turbo-instruct": 4096,
-                  "text-embedding-3-small": 8192, "omni-moderation-latest": 32768, **CLAUDE_MODELS}
+                  "text-embedding-3-small": 8192, "omni-moderation-latest": 32768, **CLAUDE_MODELS, **GEMINI_MODELS}
 _ROUTES = {**{u: u for u in ENDPOINTS}, **{u.removeprefix("/v1"): u for u in ENDPOINTS},
            **{"/openai/deployments/{deployment}" + u.removeprefix("/v1"): u for u in ENDPOINTS}}
 REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")
@@ -121,44 +123,6 @@ class SimConfig:
         for name in ("limit_count", "usage_count"):
             if getattr(self, name) not in TOKEN_COUNTS:
                 raise ValueError(f"{name} must be one of {', '.join(TOKEN_COUNTS)}, not {getattr(self, name)!r}")
-
-
-class _Windows:
-    """Server-side sliding log of one organization's admitted requests."""
-
-    def __init__(self) -> None:
-        self.log: deque[tuple[float, int]] = deque()
-        self.day: deque[float] = deque()
-
-    def check(self, now: float, tokens: int, k: SimKey, cfg: SimConfig) -> tuple[str, float] | None:
-        while self.log and self.log[0][0] <= now - cfg.minute:
-            self.log.popleft()
-        while self.day and self.day[0] <= now - cfg.day:
-            self.day.popleft()
-        if k.rpm is not None and len(self.log) + 1 > k.rpm:
-            return "requests per min (RPM)", self.log[len(self.log) - k.rpm][0] + cfg.minute - now
-        if k.rpm is not None and cfg.burst_divisor > 0:
-            short, cap = cfg.minute / cfg.burst_divisor, math.ceil(k.rpm / cfg.burst_divisor)
-            recent = [ts for ts, _ in self.log if ts > now - short]
-            if len(recent) + 1 > cap:
-                return "requests per min (RPM)", recent[len(recent) - cap] + short - now
-        if k.tpm is not None:
-            used = sum(t for _, t in self.log)
-            if used + tokens > k.tpm:
-                freed, wait = 0, cfg.minute
-                for ts, t in self.log:
-                    freed += t
-                    if used - freed + tokens <= k.tpm:
-                        wait = ts + cfg.minute - now
-                        break
-                return "tokens per min (TPM)", wait
-        if k.rpd is not None and len(self.day) + 1 > k.rpd:
-            return "requests per day (RPD)", self.day[len(self.day) - k.rpd] + cfg.day - now
-        return None
-
-    def admit(self, now: float, tokens: int) -> None:
-        self.log.append((now, tokens))
-        self.day.append(now)
 
 
 def _texts(value: Any) -> list[str]:
@@ -419,6 +383,7 @@ class SimAPI:
         self.windows: dict[tuple[str, str], _Windows] = {}
         self.batches = SimBatches(self)  # the Files and Batches API, a room of its own
         self.messages = SimMessages(self)  # Anthropic's Messages API
+        self.gemini = SimGemini(self)  # the Gemini API's generateContent
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -489,6 +454,7 @@ class SimAPI:
                                         self.chat)  # Azure
         self.batches.routes(application)
         self.messages.routes(application)
+        self.gemini.routes(application)
         application.router.add_get("/_sim/stats", self._stats)
         application.router.add_post("/_sim/config", self._configure)
         return application

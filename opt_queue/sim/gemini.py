@@ -1,0 +1,188 @@
+"""The simulated API's Gemini endpoint (``POST /v1beta/models/{model}:generateContent``), for the
+gemini provider's tests and ``demo``.
+
+It follows Google's documentation where opt-queue relies on it:
+
+- authentication by ``x-goog-api-key`` (or ``?key=``); an unknown key is a 400
+  ``INVALID_ARGUMENT`` with ``google.rpc.ErrorInfo`` reason ``API_KEY_INVALID``
+  (https://ai.google.dev/gemini-api/docs/troubleshooting);
+- limits per Google Cloud **project** (a key's ``org``) and model, never per key: requests and
+  input tokens per minute, requests per day (https://ai.google.dev/gemini-api/docs/rate-limits).
+  No rate-limit headers. A refusal is a 429 ``RESOURCE_EXHAUSTED`` whose details hold a
+  ``google.rpc.QuotaFailure`` (the ``quotaId`` and its ``quotaValue``) and a
+  ``google.rpc.RetryInfo`` (``retryDelay``, when the window frees);
+- a prompt past the model's context is a 400 ``The input token count (N) exceeds the maximum
+  number of tokens allowed (M).``; an unknown model a 404 ``NOT_FOUND``; 500 ``INTERNAL`` at
+  ``transient_rate``; 503 ``UNAVAILABLE`` "The model is overloaded" at ``overloaded_rate``.
+
+Answers are those of the OpenAI endpoints for the same conversation (system instruction first,
+``model`` turns as ``assistant``). A prompt containing ``UNSAFE`` is blocked
+(``promptFeedback.blockReason: SAFETY``), one whose last turn contains ``REFUSE`` stops with
+``finishReason: SAFETY``; ``tools`` get a ``functionCall``; ``gemini-2.5-*`` models report
+``thoughtsTokenCount``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from typing import Any
+
+from aiohttp import web
+
+from opt_queue.core.config import fingerprint
+from opt_queue.core.request import CHAT_URL
+from opt_queue.sim.common import Windows, _schema_instance, count_tokens, prompt_key, sim_answer
+
+GEMINI_MODELS = {"gemini-2.5-flash": 1_048_576, "gemini-2.5-pro": 1_048_576, "gemini-2.0-flash": 1_048_576}
+QUOTAS = {"requests per min (RPM)": ("GenerateRequestsPerMinutePerProjectPerModel", "rpm"),
+          "tokens per min (TPM)": ("GenerateContentInputTokensPerModelPerMinute", "tpm"),
+          "requests per day (RPD)": ("GenerateRequestsPerDayPerProjectPerModel", "rpd")}
+"""The windows of :class:`~opt_queue.sim.common.Windows` as the Gemini API names their quotas."""
+
+
+def _text(parts: Any) -> str:
+    return "".join(p.get("text", "") for p in parts or [] if isinstance(p, dict))
+
+
+def conversation(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A ``generateContent`` request as OpenAI-style messages (the system instruction first)."""
+    system = (body.get("systemInstruction") or {}).get("parts") if isinstance(body.get("systemInstruction"), dict) else None
+    out = [{"role": "system", "content": _text(system)}] if system else []
+    return out + [{"role": "assistant" if c.get("role") == "model" else "user", "content": _text(c.get("parts"))}
+                  for c in body.get("contents") or [] if isinstance(c, dict)]
+
+
+def error(status: int, code: str, message: str, details: list[dict[str, Any]] | None = None) -> web.Response:
+    return web.json_response({"error": {"code": status, "message": message, "status": code,
+                                        **({"details": details} if details else {})}}, status=status)
+
+
+class SimGemini:
+    """``generateContent`` on a :class:`~opt_queue.sim.api.SimAPI` (its keys, counters, latency)."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+        self.windows: dict[tuple[str, str], Windows] = {}
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1beta/models/{call}", self.create)
+
+    async def create(self, request: web.Request) -> web.StreamResponse:
+        api, cfg = self.api, self.api.config
+        model, _, method = request.match_info["call"].partition(":")
+        if method != "generateContent":
+            return error(404, "NOT_FOUND", f"Method {method or 'none'} is not found.")
+        api.calls += 1
+        api.last_call = time.monotonic()
+        api.first_call = api.first_call or api.last_call
+        secret = request.headers.get("x-goog-api-key") or request.query.get("key", "")
+        api.calls_per_key[fingerprint(secret)] += 1
+        k = api.key(secret)
+        if k is None or k.dead == "invalid":
+            return error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.", [
+                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                 "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}}])
+        if k.dead in ("forbidden", "quota"):
+            return error(403, "PERMISSION_DENIED", "Permission denied: Consumer has been suspended.")
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
+        if model not in cfg.models:
+            return error(404, "NOT_FOUND", f"models/{model} is not found for API version v1beta, or is not "
+                                           f"supported for generateContent.")
+        if not isinstance(body, dict) or not body.get("contents"):
+            return error(400, "INVALID_ARGUMENT", "* GenerateContentRequest.contents: contents is not specified")
+        if len(api.requests) < 10000:
+            api.requests.append({"_url": "generateContent", "model": model,
+                                 **{n: v for n, v in body.items() if n != "contents"}})
+        said = conversation(body)
+        config = body.get("generationConfig") or {}
+        cap = int(config.get("maxOutputTokens") or 0)
+        req = api.read_request(CHAT_URL, {"model": model, "messages": said, "max_tokens": cap},
+                               model, cfg.usage_count, cfg.limit_count)
+        if req.prompt_tokens > cfg.models[model]:
+            return error(400, "INVALID_ARGUMENT", f"The input token count ({req.prompt_tokens}) exceeds the "
+                                                  f"maximum number of tokens allowed ({cfg.models[model]}).")
+        now = time.monotonic()
+        win = self.windows.setdefault((k.org or k.key, model), Windows())
+        limits = k.limits(model)
+        refused = win.check(now, req.limit_prompt, limits, cfg)  # input tokens only, on arrival
+        if refused is not None:
+            return self._exhausted(model, limits, *refused)
+        win.admit(now, req.limit_prompt)
+        scope = f"{k.org or fingerprint(k.key)}/{model}"
+        api.peak_window_tokens[scope] = max(api.peak_window_tokens[scope],
+                                            sum(t for ts, t in win.log if ts > now - cfg.minute))
+        roll = api.rng.random()
+        if roll < cfg.overloaded_rate:
+            api.faults["overloaded"] += 1
+            return error(503, "UNAVAILABLE", "The model is overloaded. Please try again later.")
+        if roll < cfg.overloaded_rate + cfg.transient_rate:
+            api.faults["transient"] += 1
+            return error(500, "INTERNAL", "An internal error has occurred. Please retry or report in "
+                                          "https://developers.generativeai.google/guide/troubleshooting")
+        delay = cfg.latency + (api.rng.uniform(0, cfg.latency_jitter) if cfg.latency_jitter else 0.0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        api.answered += 1
+        api.prompt_tokens_billed += req.prompt_tokens
+        api.last_answer = time.monotonic()
+        api.paid(req)
+        api.per_key[fingerprint(k.key)] += 1
+        return web.json_response(self._answer(model, body, req, said, cap),
+                                 dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+    def _exhausted(self, model: str, limits: Any, what: str, wait: float) -> web.Response:
+        api = self.api
+        api.rate_limited += 1
+        api.refusals[what] += 1
+        quota, field = QUOTAS[what]
+        return error(429, "RESOURCE_EXHAUSTED", "You exceeded your current quota, please check your plan and billing "
+                                                "details. For more information on this error, head to: "
+                                                "https://ai.google.dev/gemini-api/docs/rate-limits.", [
+            {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [
+                {"quotaMetric": "generativelanguage.googleapis.com/generate_content_paid_tier_requests",
+                 "quotaId": quota, "quotaDimensions": {"location": "global", "model": model},
+                 "quotaValue": str(getattr(limits, field))}]},
+            {"@type": "type.googleapis.com/google.rpc.Help",
+             "links": [{"description": "Learn more about Gemini API quotas",
+                        "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{max(1, math.ceil(wait))}s"}])
+
+    def _answer(self, model: str, body: dict[str, Any], req: Any, said: list[dict[str, Any]], cap: int) -> dict:
+        usage = {"promptTokenCount": req.prompt_tokens}
+        last = said[-1]["content"] if said else ""
+        if any("UNSAFE" in m["content"] for m in said):
+            return {"promptFeedback": {"blockReason": "SAFETY"},
+                    "usageMetadata": {**usage, "totalTokenCount": req.prompt_tokens}, "modelVersion": model}
+        finish = "STOP"
+        if "REFUSE" in last:
+            candidate: dict[str, Any] = {"finishReason": "SAFETY", "index": 0,
+                                         "safetyRatings": [{"category": "HARM_CATEGORY_DANGEROUS_CONTENT",
+                                                            "probability": "HIGH", "blocked": True}]}
+            written = 0
+        else:
+            if body.get("tools"):
+                fn = ((body["tools"][0].get("functionDeclarations") or [{}])[0]).get("name", "tool")
+                parts: list[dict[str, Any]] = [{"functionCall": {"name": fn, "args": {"text": last[:40]}}}]
+            else:
+                text = sim_answer(model, said)
+                config = body.get("generationConfig") or {}
+                if config.get("responseMimeType") == "application/json":
+                    text = json.dumps(_schema_instance(config.get("responseJsonSchema"), text)
+                                      if config.get("responseJsonSchema") else {"answer": text}, ensure_ascii=False)
+                elif cap and count_tokens(text) > cap:
+                    text, finish = text[: 4 * cap], "MAX_TOKENS"
+                parts = [{"text": text}]
+            written = sum(count_tokens(p.get("text") or json.dumps(p.get("functionCall"))) for p in parts)
+            candidate = {"content": {"role": "model", "parts": parts}, "finishReason": finish, "index": 0}
+        thoughts = 2 * written if model.startswith("gemini-2.5") and written else 0
+        usage.update(candidatesTokenCount=written, totalTokenCount=req.prompt_tokens + written + thoughts)
+        if thoughts:
+            usage["thoughtsTokenCount"] = thoughts
+        return {"candidates": [candidate], "usageMetadata": usage, "modelVersion": model,
+                "responseId": "sim" + prompt_key(said)[:12]}
