@@ -85,6 +85,53 @@ def test_known_keys_never_leave_the_config(tmp_path: Path, sim: SimServer, redis
     assert revoked in json.loads(status.stdout)["jobs"][0]["retired_keys"]
 
 
+ANT_GOOD = "sk-ant-api03-GOODgoodGOODgood1234567890abcdefAA"
+ANT_REVOKED = "sk-ant-api03-REVOKEDrevokedREVOKED0987654321AA"
+GEM_GOOD = "AIzaSyGOODgoodGOODgood1234567890abcdefgh"
+GEM_REVOKED = "AIzaSyREVOKEDrevokedREVOKED0987654321xy"
+
+
+def test_keys_of_every_provider_never_leave_the_config(tmp_path: Path, sim: SimServer, redis_url: str,
+                                                       rclient: redis.Redis) -> None:
+    sim.configure(keys=[SimKey(GOOD), SimKey(ANT_GOOD), SimKey(ANT_REVOKED, dead="invalid"),
+                        SimKey(GEM_GOOD, org="p1"), SimKey(GEM_REVOKED, dead="invalid", org="p2")],
+                  transient_rate=0.1, seed=7)
+    models = ("gpt-4o-mini", "claude-haiku-4-5", "gemini-2.5-flash")
+    rows = [{"index": str(i), "model": models[i % 3],
+             "messages": [{"role": "user", "content": f"row {i}: Translate to English"}]} for i in range(24)]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "output.jsonl"
+    base = sim.base_url.removesuffix("/v1")
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, log_level="DEBUG", api_keys=[
+        GOOD, *({"key": k, "provider": "anthropic", "api_base": base} for k in (ANT_GOOD, ANT_REVOKED)),
+        *({"key": k, "provider": "gemini", "api_base": base} for k in (GEM_GOOD, GEM_REVOKED))])
+    submitted = cli("submit", str(data), "-c", str(config), "-o", str(out))
+    assert submitted.returncode == 0, submitted.stderr
+    queued = dump_redis(rclient)
+    worker_log = tmp_path / "worker.log"
+    workers = LocalWorkers(redis_url, str(config), concurrency=4, loglevel="DEBUG", log_file=worker_log).start()
+    try:
+        collected = cli("collect", "-c", str(config), "-o", str(out))
+    finally:
+        workers.stop()
+    assert collected.returncode == 0, collected.stderr
+    status = cli("status", "-c", str(config), "--json")
+    table = cli("status", "-c", str(config))
+    everything = "\n".join([
+        submitted.stdout, submitted.stderr, queued, collected.stdout, collected.stderr,
+        worker_log.read_text(errors="replace"), dump_redis(rclient), status.stdout, table.stdout,
+        out.read_text(encoding="utf-8"), (tmp_path / "output.errors.jsonl").read_text(encoding="utf-8")])
+    for secret in (GOOD, ANT_GOOD, ANT_REVOKED, GEM_GOOD, GEM_REVOKED):
+        assert secret not in everything
+        assert secret[10:26] not in everything  # not even a long fragment
+    assert sum(1 for line in out.read_text().splitlines() if '": "answer ' in line) == 24
+    keys = {k["key"]: k for k in json.loads(status.stdout)["keys"]}
+    assert {keys[fingerprint(k)]["provider"] for k in (ANT_GOOD, ANT_REVOKED)} == {"anthropic"}
+    assert {keys[fingerprint(k)]["provider"] for k in (GEM_GOOD, GEM_REVOKED)} == {"gemini"}
+    retired = json.loads(status.stdout)["jobs"][0]["retired_keys"]
+    assert fingerprint(ANT_REVOKED) in retired and fingerprint(GEM_REVOKED) in retired  # named, by fingerprint
+
+
 def test_the_batch_lane_keeps_keys_out_of_redis_files_metadata_and_logs(
         tmp_path: Path, sim: SimServer, redis_url: str, rclient: redis.Redis) -> None:
     sim.configure(keys=[SimKey(GOOD), SimKey(REVOKED, dead="invalid")], batch_delay=0.5)

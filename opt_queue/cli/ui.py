@@ -161,21 +161,22 @@ def status_tables(snap: dict[str, Any], width: int = WIDE) -> list[Table]:
         jobs.add_row(j["job"], j["status"], str(j["total"]), str(j["finished"]), str(j["nulls"]),
                      str(j["in_flight_or_queued"]), _tokens_cell(s), cost, note)
     ks = Table(title="keys")
-    for col in ("key", "model", "limits (source, last read)", "in current windows", "cooldown", "requests",
-                "tokens in/cached/out/reasoning", "cost", "429s", "retired"):
+    for col in ("key", "provider", "model", "limits (source, last read)", "in current windows", "cooldown",
+                "requests", "tokens in/cached/out/reasoning", "cost", "429s", "retired"):
         ks.add_column(col, no_wrap=col == "key")
     for k in snap["keys"]:
         counters = (str(k["requests"]), _tokens_cell(k["spend"]), money(k["spend"]["cost"]), str(k["rate_limited"]),
                     k["retired"] or "")
+        provider = k.get("provider", "openai")
         if not k["models"]:
-            ks.add_row(k["key"], "", k["limits"] + " (no request yet)", "", "", *counters)
+            ks.add_row(k["key"], provider, "", k["limits"] + " (no request yet)", "", "", *counters)
         for i, m in enumerate(k["models"]):
             shown = [w for w in m["windows"] if w["mode"] != "paced" or w["limit"]]
             limits = "; ".join(_limit_cell(w) for w in shown)
             if m.get("token_factor"):
                 limits += f"; the server counts prompts x{m['token_factor']:.2f} of opt-queue's count"
             usage = ", ".join(f"{w['used']} {'req' if w['dim'] == 'req' else 'tok'}/{w['period']:g}s" for w in shown)
-            ks.add_row(k["key"] if i == 0 else "", m["model"], limits, usage,
+            ks.add_row(k["key"] if i == 0 else "", provider if i == 0 else "", m["model"], limits, usage,
                        f"{m['cooldown_s']}s" if m["cooldown_s"] else "", *(counters if i == 0 else ("",) * 5))
     tables = [jobs, ks]
     chunks = [(j["job"], b) for j in snap["jobs"] for b in j.get("batches") or []]
@@ -209,14 +210,15 @@ def _compact_tables(snap: dict[str, Any]) -> list[Table]:
         ks.add_column(col, no_wrap=col in ("key", "429s"), overflow="fold")
     for k in snap["keys"]:
         state = "retired" if k["retired"] else (f"cooling {k['cooldown_s']}s" if k["cooldown_s"] else "ready")
+        name = k["key"] if k.get("provider", "openai") == "openai" else f"{k['key']} ({k['provider']})"
         if not k["models"]:
-            ks.add_row(k["key"], "", k["limits"], "", str(k["rate_limited"]), state)
+            ks.add_row(name, "", k["limits"], "", str(k["rate_limited"]), state)
         for i, m in enumerate(k["models"]):
             shown = [w for w in m["windows"] if w["mode"] != "paced" or w["limit"]]
             limits = ", ".join(f"{w['limit'] or '?'}/{w['period']:g}s {'req' if w['dim'] == 'req' else 'tok'}"
                                for w in shown)
             used = ", ".join(str(w["used"]) for w in shown)
-            ks.add_row(k["key"] if i == 0 else "", m["model"], limits, used,
+            ks.add_row(name if i == 0 else "", m["model"], limits, used,
                        str(k["rate_limited"]) if i == 0 else "", state if i == 0 else "")
     tables: list[Any] = [jobs, ks]
     if notes:

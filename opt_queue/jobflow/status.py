@@ -96,7 +96,8 @@ def key_status(client: redis.Redis, retired: dict[str, str] | None = None,
                 if w["mode"] != "paced":
                     name = f"{'requests' if w['dim'] == 'req' else 'tokens'}/{w['period']:g}s"
                     usage[name] = usage.get(name, 0) + w["used"]
-        out.append({"key": fp, "bucket": desc["bucket"], "limits": desc["limits"], "api_base": desc["api_base"],
+        out.append({"key": fp, "provider": desc.get("provider", "openai"), "bucket": desc["bucket"],
+                    "limits": desc["limits"], "api_base": desc["api_base"],
                     "models": models, "usage": usage,
                     "cooldown_s": max((m["cooldown_s"] for m in models), default=0),
                     "rate_limited": sum(m["rate_limited"] for m in models),

@@ -318,7 +318,7 @@ class AsyncKeyPool:
         for k in self.keys:
             configured = str(k.limits) if k.limits.requests or k.limits.tokens else "none configured"
             desc = {"bucket": k.bucket, "limits": configured, "models": list(k.models or []),
-                    "api_base": k.api_base}
+                    "api_base": k.api_base, "provider": k.provider}
             pipe.hset(rkeys.KNOWN_KEYS, k.fingerprint, json.dumps(desc))
         await pipe.execute()
 
