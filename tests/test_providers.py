@@ -4,6 +4,7 @@ terms. Pure functions here; the jobs that mix providers through real workers are
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
@@ -14,6 +15,8 @@ from conftest import TEST_KEY, cli, read_jsonl, write_config, write_jsonl
 
 from opt_queue.core import answers
 from opt_queue.core.config import Config, fingerprint, provider_of
+from opt_queue.core.prices import Prices
+from opt_queue import providers
 from opt_queue.providers import Kind
 from opt_queue.providers import anthropic as claude
 from opt_queue.providers import gemini
@@ -260,6 +263,22 @@ def test_geminis_quota_errors_say_what_to_wait_and_learn() -> None:
         assert gemini.classify_status(status, body).kind is expected, body
 
 
+# -- money ----------------------------------------------------------------------------------------
+def test_claude_and_gemini_calls_cost_what_their_providers_bill() -> None:
+    prices = Prices()
+    haiku = prices.price(CLAUDE)
+    assert haiku is not None and haiku.source == "genai-prices (anthropic)" and haiku.cache_write == 1.25
+    # 10,000 prompt tokens: 6,000 read from the cache, 3,000 written to it, 1,000 plain; 500 out
+    reply = answers.read("/v1/chat/completions", _message([{"type": "text", "text": "x"}], input_tokens=1000,
+                                                          output_tokens=500, cache_read_input_tokens=6000,
+                                                          cache_creation_input_tokens=3000))
+    usage = prices.usage(CLAUDE, "/v1/chat/completions", {}, reply)
+    assert usage.cost == pytest.approx((1000 * 1.0 + 6000 * 0.1 + 3000 * 1.25 + 500 * 5.0) / 1e6)
+    pro = "gemini-2.5-pro"  # a prompt over 200,000 tokens pays the long-prompt rates on the whole call
+    assert prices.cost(pro, "/v1/chat/completions", {}, 100_000, 1000) == pytest.approx((100_000 * 1.25 + 1000 * 10) / 1e6)
+    assert prices.cost(pro, "/v1/chat/completions", {}, 300_000, 1000) == pytest.approx((300_000 * 2.5 + 1000 * 15) / 1e6)
+
+
 # -- real workers against the simulated API -----------------------------------------------------
 def _mixed_rows(n: int) -> list[dict]:
     """Rows of the job's model (OpenAI's), of a claude model and of a gemini model, in turn."""
@@ -283,6 +302,32 @@ def _three_providers_config(path: Path, sim: SimServer, **fields: object) -> Pat
         *({"key": k, "provider": "gemini", "group": "proj", "api_base": base} for k in GEM_KEYS)],
         groups={"proj": {"limits": {"requests": ["6/2s"]}}},  # a Gemini project: typed (no headers)
         model={"name": "gpt-4o-mini", "max_tokens": 40}, **fields)
+
+
+def test_a_refusal_or_a_block_fails_the_call_with_its_reason_and_keeps_what_was_billed(sim: SimServer) -> None:
+    sim.configure(keys=[SimKey(ANT_KEY), SimKey(GEM_KEYS[0])])
+    base = sim.base_url.removesuffix("/v1")
+    cfg = Config.model_validate({"api_keys": [{"key": ANT_KEY, "provider": "anthropic", "api_base": base},
+                                              {"key": GEM_KEYS[0], "provider": "gemini", "api_base": base}]})
+    ant, gem = cfg.keys()
+
+    async def go() -> list:
+        api = providers.for_config(cfg)
+        got = []
+        try:
+            for key, model, said in ((ant, CLAUDE, "REFUSE this"), (gem, GEMINI, "REFUSE this"),
+                                     (gem, GEMINI, "UNSAFE prompt")):
+                try:
+                    await api.call(key, "/v1/chat/completions",
+                                   {"model": model, "messages": [{"role": "user", "content": said}]}, 10)
+                except providers.CallFailed as exc:
+                    got.append((exc.failure.kind, exc.failure.code, exc.usage["prompt_tokens"] > 0))
+        finally:
+            await api.close()
+        return got
+
+    assert asyncio.run(go()) == [(Kind.BAD_ROW, "refusal", True), (Kind.BAD_ROW, "content_filter", True),
+                                 (Kind.BAD_ROW, "content_filter", True)]
 
 
 def test_one_job_mixes_three_providers_each_row_answered_by_its_own_within_its_limits(

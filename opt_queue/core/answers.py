@@ -62,6 +62,12 @@ class Reply:
         return int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
 
     @property
+    def cache_write_tokens(self) -> int:
+        """Prompt tokens written to the provider's cache (Anthropic bills them above the input price)."""
+        details = self.usage.get("prompt_tokens_details") or {}
+        return int(details.get("cache_write_tokens") or 0) if isinstance(details, dict) else 0
+
+    @property
     def reasoning_tokens(self) -> int:
         details = self.usage.get("completion_tokens_details") or self.usage.get("output_tokens_details") or {}
         return int(details.get("reasoning_tokens") or 0) if isinstance(details, dict) else 0

@@ -26,19 +26,31 @@ FREE_URLS = frozenset({"/v1/moderations"})
 
 @dataclass(frozen=True)
 class Price:
-    """Dollars per million tokens."""
+    """Dollars per million tokens: input, output, cache reads and (Anthropic's) cache writes, and
+    the higher rates of a long prompt (Gemini's tiers: ``(from prompt tokens, input, output,
+    cache reads)``, which apply to the whole call once its prompt exceeds them)."""
 
     input: float
     output: float
     cached_input: float | None = None
     source: str = "genai-prices"
+    cache_write: float | None = None
+    tiers: tuple[tuple[int, float, float, float | None], ...] = ()
 
-    def cost(self, prompt: int, completion: int, cached: int = 0, factor: float = 1.0) -> float:
-        """Dollars for ``prompt`` input tokens (``cached`` of them at the cached price) and
-        ``completion`` output tokens (reasoning included), times ``factor`` (a discounted tier)."""
+    def cost(self, prompt: int, completion: int, cached: int = 0, factor: float = 1.0, written: int = 0) -> float:
+        """Dollars for ``prompt`` input tokens (``cached`` of them read from the cache at its
+        price, ``written`` of them written to it at its price) and ``completion`` output tokens
+        (reasoning included), times ``factor`` (a discounted tier)."""
+        rate_in, rate_out, rate_cached = self.input, self.output, self.cached_input
+        for start, tier_in, tier_out, tier_cached in self.tiers:
+            if prompt > start:
+                rate_in, rate_out, rate_cached = tier_in, tier_out, tier_cached if tier_cached is not None else rate_cached
         cached = min(max(cached, 0), prompt)
-        cached_rate = self.input if self.cached_input is None else self.cached_input
-        dollars = ((prompt - cached) * self.input + cached * cached_rate + completion * self.output) / 1e6
+        written = min(max(written, 0), prompt - cached)
+        cached_rate = rate_in if rate_cached is None else rate_cached
+        write_rate = rate_in if self.cache_write is None else self.cache_write
+        dollars = ((prompt - cached - written) * rate_in + cached * cached_rate + written * write_rate
+                   + completion * rate_out) / 1e6
         return dollars * factor
 
 
@@ -52,6 +64,16 @@ def _number(value: Any) -> float | None:
         except (TypeError, ValueError):
             continue
     return None
+
+
+def _tiers(mp: Any) -> tuple[tuple[int, float, float, float | None], ...]:
+    """The prompt-size tiers of a genai-prices model price (Gemini's long-prompt rates)."""
+    def tiered(value: Any) -> dict[int, float]:
+        return {int(t.start): float(t.price) for t in getattr(value, "tiers", None) or []}
+
+    ins, outs, reads = tiered(mp.input_mtok), tiered(mp.output_mtok), tiered(mp.cache_read_mtok)
+    return tuple((start, ins[start], outs.get(start, _number(mp.output_mtok) or 0.0), reads.get(start))
+                 for start in sorted(ins))
 
 
 @functools.lru_cache(maxsize=256)
@@ -72,7 +94,8 @@ def _table_price(model: str) -> Price | None:
             if price_in is None:
                 return None
             return Price(price_in, price_out or 0.0, _number(mp.cache_read_mtok),
-                         source=f"genai-prices ({found.provider.id})")
+                         source=f"genai-prices ({found.provider.id})",
+                         cache_write=_number(getattr(mp, "cache_write_mtok", None)), tiers=_tiers(mp))
     return None
 
 
@@ -93,21 +116,23 @@ class Prices:
         return self.overrides.get(model) or _table_price(model)
 
     def cost(self, model: str, url: str, body: dict[str, Any], prompt: int, completion: int,
-             cached: int = 0) -> float | None:
+             cached: int = 0, written: int = 0) -> float | None:
         """Dollars one call costs (None: the model's price is unknown)."""
         if url in FREE_URLS:
             return 0.0
         price = self.price(model)
         if price is None:
             return None
-        return price.cost(prompt, completion, cached, DISCOUNTED_TIERS.get(str(body.get("service_tier")), 1.0))
+        return price.cost(prompt, completion, cached, DISCOUNTED_TIERS.get(str(body.get("service_tier")), 1.0),
+                          written)
 
 
     def usage(self, model: str, url: str, body: dict[str, Any], reply: Any) -> Usage:
         """What one answered call used and cost, from the usage its response reports (``reply``:
         an ``answers.Reply``); ``body`` names its tier (``service_tier``)."""
         return Usage(reply.prompt_tokens, reply.cached_tokens, reply.completion_tokens, reply.reasoning_tokens,
-                     self.cost(model, url, body, reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens))
+                     self.cost(model, url, body, reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens,
+                               reply.cache_write_tokens))
 
 
 def nano(dollars: float | None) -> int:

@@ -88,7 +88,7 @@ class Providers:
         try:
             return await provider.call(key, url, body, timeout, on_send)
         except Exception as exc:
-            raise CallFailed(provider.classify(exc)) from exc
+            raise CallFailed(provider.classify(exc), getattr(exc, "usage", None)) from exc
 
     def classify(self, exc: BaseException) -> Failure:
         return classify_other(exc)

@@ -63,11 +63,13 @@ class Failure:
 
 
 class CallFailed(Exception):
-    """The API answered with an error status; ``failure`` says what it means."""
+    """A call failed; ``failure`` says what it means, ``usage`` what it was billed (a 200 without a
+    usable answer, such as a refusal, is paid for)."""
 
-    def __init__(self, failure: Failure) -> None:
+    def __init__(self, failure: Failure, usage: dict[str, Any] | None = None) -> None:
         super().__init__(f"HTTP {failure.status}: {failure.message}" if failure.status else failure.message)
         self.failure = failure
+        self.usage = usage
 
 
 @dataclass
