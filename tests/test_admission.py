@@ -33,7 +33,7 @@ async def many(redis_url: str, keys: list, asks: list, budget_hash: dict | None 
             await client.hset("job:meta", mapping=budget_hash)
         pool = AsyncKeyPool(client, keys, margin=0.0)
         pool.now_ms = T0
-        plan = pool.plan_many("m", [(tokens, budget, 0) for tokens, budget in asks])
+        plan = pool.plan_many("m", [(tokens, budget, 0, 0) for tokens, budget in asks])
         return await pool.run_acquire(plan)
     finally:
         await client.aclose()

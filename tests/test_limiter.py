@@ -36,9 +36,9 @@ T0 = 1_700_000_000_000
 
 
 def key(secret: str, limits: dict, group: str | None = None, models: tuple[str, ...] | None = None,
-        model_limits: dict[str, dict] | None = None) -> ApiKey:
+        model_limits: dict[str, dict] | None = None, provider: str = "openai") -> ApiKey:
     return ApiKey(secret=SecretStr(secret), fingerprint=fingerprint(secret), api_base="http://x/v1",
-                  limits=Limits.model_validate(limits), group=group, models=models,
+                  limits=Limits.model_validate(limits), group=group, models=models, provider=provider,
                   model_limits=tuple((m, Limits.model_validate(v)) for m, v in (model_limits or {}).items()))
 
 
@@ -57,8 +57,9 @@ class Pool:
     def advance(self, ms: int) -> None:
         self.pool.now_ms += ms  # type: ignore[operator]
 
-    def acquire(self, model: str = "m", tokens: int = 1, exclude: set[str] | None = None, send: bool = True) -> Any:
-        got = self.run(self.pool.acquire(model, tokens, exclude))
+    def acquire(self, model: str = "m", tokens: int = 1, exclude: set[str] | None = None, send: bool = True,
+                output: int = 0) -> Any:
+        got = self.run(self.pool.acquire(model, tokens, exclude, output=output))
         if send and isinstance(got, Lease):
             self.run(self.pool.stamp(got))  # sent at once, as the engine does
         return got
@@ -181,6 +182,36 @@ def test_token_window_counts_estimates_and_only_settles_upwards(make) -> None:
     assert isinstance(p.acquire(tokens=5000), Never)  # larger than the whole window
     p.advance(60_001)
     assert isinstance(p.acquire(tokens=1000), Lease)  # the window emptied and gave its tokens back
+
+
+def test_an_output_window_holds_the_cap_until_the_answer_says_what_was_written(make) -> None:
+    """Anthropic's third window: a request holds its max_tokens there from admission (a server that
+    charges it on arrival), then what it wrote (where every server ends), up or down."""
+    p = make([key("sk-ant-o", {"output_tokens": ["1000/min"]}, provider="anthropic")])
+    a, b = p.acquire(tokens=10, output=400), p.acquire(tokens=10, output=400)
+    assert isinstance(a, Lease) and isinstance(b, Lease) and a.out_tokens == 400
+    assert isinstance(p.acquire(tokens=10, output=400), Wait)  # 1200 > 1000
+    p.tell(a, output_tokens=50)  # a wrote 50: the window holds 450
+    c = p.acquire(tokens=10, output=400)
+    assert isinstance(c, Lease) and isinstance(p.acquire(tokens=10, output=400), Wait)  # 850, then 1250
+    p.tell(b, output_tokens=900)  # b wrote more than it asked for (a server may): 50 + 900 + 400
+    assert isinstance(p.acquire(tokens=10, output=1), Wait)
+    p.run(p.pool.cancel(c))  # never sent: its 400 come back
+    assert isinstance(p.acquire(tokens=10, output=50), Lease)  # 950 + 50
+    assert isinstance(p.acquire(tokens=10, output=5000), Never)  # larger than the whole window
+    p.advance(60_001)
+    assert isinstance(p.acquire(tokens=10, output=1000), Lease)  # the window emptied
+
+
+def test_only_a_provider_with_an_output_window_gets_one_and_it_learns_the_limit_from_headers(make) -> None:
+    plain = make([key("sk-oa-o", {})])
+    assert isinstance(plain.acquire(tokens=10, output=10**7), Lease)  # OpenAI's keys: no output window
+    p = make([key("sk-ant-d", {}, provider="anthropic")], probe=60.0)
+    first = p.acquire(tokens=10, output=400)  # the scope's probe: its windows count it
+    assert isinstance(first, Lease) and [w.dim for w in first.windows].count("out") == 1
+    p.tell(first, server={"requests": 50, "output_tokens": 500}, output_tokens=400, answered=True)
+    assert isinstance(p.acquire(tokens=10, output=400), Wait)  # 400 + 400 > the 500 the headers state
+    assert isinstance(p.acquire(tokens=10, output=100), Lease)
 
 
 def test_group_keys_share_one_budget(make) -> None:

@@ -140,7 +140,7 @@ def test_anthropics_errors_map_to_the_error_policy() -> None:
     tokens = claude.classify_status(429, _error("rate_limit_error", "This request would exceed the rate limit "
                                                 "for your organization of 30,000 input tokens per minute."), headers)
     assert (tokens.kind, tokens.retry_after, tokens.tokens, tokens.server_limits) == \
-        (Kind.RATE_LIMITED, 7.0, True, {"requests": 50, "tokens": 30000})
+        (Kind.RATE_LIMITED, 7.0, True, {"requests": 50, "tokens": 30000})  # no output limit stated here
     requests = claude.classify_status(429, _error("rate_limit_error", "... of 50 requests per minute."), {})
     assert requests.kind is Kind.RATE_LIMITED and not requests.tokens
     cases = {(529, "overloaded_error", "Overloaded"): Kind.SLOW_DOWN,
@@ -162,7 +162,7 @@ def test_the_limits_come_from_the_anthropic_ratelimit_headers() -> None:
                "anthropic-ratelimit-input-tokens-remaining": "399000",
                "anthropic-ratelimit-input-tokens-reset": "2026-12-03T19:00:00Z",
                "anthropic-ratelimit-output-tokens-limit": "80000"}
-    assert claude.server_limits(headers) == {"requests": 4000, "tokens": 400000}
+    assert claude.server_limits(headers) == {"requests": 4000, "tokens": 400000, "output_tokens": 80000}
     assert claude.token_window(headers) == (400000, 399000)
     assert claude.token_window({"anthropic-ratelimit-input-tokens-limit": "x"}) is None
     assert claude.server_limits({}) == {}
@@ -332,22 +332,23 @@ def test_a_refusal_or_a_block_fails_the_call_with_its_reason_and_keeps_what_was_
 
 def test_one_job_mixes_three_providers_each_row_answered_by_its_own_within_its_limits(
         tmp_path: Path, sim: SimServer) -> None:
-    # Anthropic's windows bind (requests and input tokens, learned from its headers: no limits typed);
-    # its output window is set where this job cannot reach it. The Gemini project's two keys share
+    # Anthropic's three windows bind, learned from its headers (no limits typed): requests, input
+    # tokens, and output tokens, which the server charges as max_tokens (40) on arrival and adjusts
+    # to the output at the end (a row writes ~10): two rows in flight fill it. The Gemini project's two keys share
     # one budget of 6 requests a minute (typed in the config, enforced by the API per project).
-    # One call in ten meets 529 overloaded (Anthropic) or 503 overloaded (Gemini): a slow-down that
-    # uses no attempt (max_retries 0: a used attempt would leave a null)
-    sim.configure(keys=[SimKey(TEST_KEY), SimKey(ANT_KEY, rpm=8, tpm=120, otpm=100_000),
+    # Every fourth call of each meets 529 overloaded (Anthropic) or 503 overloaded (Gemini): a
+    # slow-down that uses no attempt (max_retries 0: a used attempt would leave a null)
+    sim.configure(keys=[SimKey(TEST_KEY), SimKey(ANT_KEY, rpm=8, tpm=120, otpm=100),
                         *(SimKey(k, rpm=6, org="proj") for k in GEM_KEYS)],
-                  latency=0.05, minute=2, anthropic_token_rounding=1, overloaded_rate=0.1, seed=3)
-    data = write_jsonl(tmp_path / "data.jsonl", _mixed_rows(45))
+                  latency=0.05, minute=2, anthropic_token_rounding=1, overloaded_every=4)
+    data = write_jsonl(tmp_path / "data.jsonl", _mixed_rows(30))
     out = tmp_path / "output.jsonl"
     config = _three_providers_config(tmp_path / "config.json", sim, max_retries=0)
     result = cli("run", str(data), "-c", str(config), "-o", str(out), "--output-format", "full")
     assert result.returncode == 0, result.stderr
     lines = {k: v for line in read_jsonl(out) for k, v in line.items()}
-    rows = {r["index"]: r for r in _mixed_rows(45)}
-    assert len(lines) == 45
+    rows = {r["index"]: r for r in _mixed_rows(30)}
+    assert len(lines) == 30
     for index, got in lines.items():
         row = rows[index]
         model = row.get("model", "gpt-4o-mini")
@@ -366,12 +367,12 @@ def test_one_job_mixes_three_providers_each_row_answered_by_its_own_within_its_l
     received = sim.received()
     claude_calls = [r for r in received if r.get("_url") == "/v1/messages"]
     gemini_calls = [r for r in received if r.get("_url") == "generateContent"]
-    assert len(claude_calls) + len(gemini_calls) == 30 + overloaded  # one call a row, and one per overload
+    assert len(claude_calls) + len(gemini_calls) == 20 + overloaded  # one call a row, and one per overload
     assert all(r["system"] == "Answer briefly." and r["max_tokens"] == 40 for r in claude_calls)
     assert all(r["systemInstruction"] == {"parts": [{"text": "Answer briefly."}]}
                and r["generationConfig"] == {"maxOutputTokens": 40} for r in gemini_calls)
     assert {fp for fp in stats["per_key"]} >= {fingerprint(k) for k in GEM_KEYS}  # the project's keys shared
-    assert len(stats["per_prompt"]) == 45 and set(stats["per_prompt"].values()) == {1}  # nothing paid twice
+    assert len(stats["per_prompt"]) == 30 and set(stats["per_prompt"].values()) == {1}  # nothing paid twice
     for secret in (ANT_KEY, *GEM_KEYS):
         assert secret not in result.stdout + result.stderr
 

@@ -550,12 +550,15 @@ def cancel(config_path: str | None, job_name: str | None, output: str | None) ->
 @click.option("--rows", default=120, show_default=True, help="Rows of the demo dataset to process.")
 @click.option("--lane", type=click.Choice(["sync", "flex", "batch"]), default="sync", show_default=True,
               help="The lane the demo's rows take (batch: the simulated Batch API).")
+@click.option("--providers", "which", type=click.Choice(["openai", "all"]), default="openai", show_default=True,
+              help="all: rows of OpenAI, Claude and Gemini models, each provider's keys and limits "
+                   "(needs opt-queue[all]).")
 @friendly
-def demo(directory: str, rows: int, lane: str) -> None:
+def demo(directory: str, rows: int, lane: str, which: str) -> None:
     """Run the whole system against a built-in simulated API, offline, in under a minute."""
     from opt_queue.cli.demo import run_demo
 
-    run_demo(Path(directory), rows, console, out, lane)
+    run_demo(Path(directory), rows, console, out, lane, which)
 
 
 @main.command()
@@ -584,8 +587,9 @@ def demo(directory: str, rows: int, lane: str) -> None:
 def sim(host: str, port: int, keys: tuple[str, ...], rpm: int | None, tpm: int | None, rpd: int | None,
         minute: float, latency: float, error_rate: float, no_headers: bool, batch_delay: float,
         batch_enqueued_tokens: int, token_count: str, limit_count: str | None, usage_count: str | None) -> None:
-    """Serve the simulated OpenAI-compatible API (every Batch endpoint) until Ctrl-C, to try
-    opt-queue without paying: set api_base to the URL it prints."""
+    """Serve the simulated APIs until Ctrl-C, to try opt-queue without paying: OpenAI's (every
+    Batch endpoint), Anthropic's Messages API and Gemini's generateContent, on one port; every key
+    works on all three. Set api_base to the URL it prints (without /v1 for Anthropic and Gemini keys)."""
     import time
 
     from opt_queue.sim.api import SimConfig, SimKey, SimServer
@@ -600,8 +604,9 @@ def sim(host: str, port: int, keys: tuple[str, ...], rpm: int | None, tpm: int |
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
     out.print(f"simulated API at [bold]{server.base_url}[/] ({len(secrets)} key(s); Ctrl-C stops it)\n"
-              f'config: {{"api_base": "{server.base_url}", "api_keys": {json.dumps(list(secrets))}}}',
-              highlight=False)
+              f'config: {{"api_base": "{server.base_url}", "api_keys": {json.dumps(list(secrets))}}}\n'
+              f'an Anthropic or Gemini key: {{"key": "...", "provider": "anthropic" or "gemini", '
+              f'"api_base": "{server.base_url.removesuffix("/v1")}"}}', highlight=False)
     try:
         while True:
             time.sleep(3600)

@@ -24,21 +24,50 @@ def demo_rows(limit: int) -> list[str]:
     return text.splitlines(keepends=True)[:limit]
 
 
-def run_demo(directory: Path, rows: int, console: Console, out: Console, lane: str = "sync") -> None:
-    """Serve the simulated API, write a dataset and a config, run the job, show the result."""
+MODELS = ("gpt-3.5-turbo-0613", "claude-haiku-4-5", "gemini-2.5-flash")
+"""``--providers all``: the rows' models in turn, one per provider."""
+
+
+def mixed_rows(lines: list[str]) -> str:
+    """The demo's seed rows as chat rows whose models take turns among the three providers."""
+    out = []
+    for i, line in enumerate(lines):
+        row = json.loads(line)
+        messages = ([{"role": "system", "content": row["instruction"]}] if row.get("instruction") else []) + \
+            [{"role": "user", "content": row.get("input") or row.get("instruction", "")}]
+        out.append(json.dumps({"index": row["index"], "model": MODELS[i % 3], "messages": messages},
+                              ensure_ascii=False) + "\n")
+    return "".join(out)
+
+
+def run_demo(directory: Path, rows: int, console: Console, out: Console, lane: str = "sync",
+             providers: str = "openai") -> None:
+    """Serve the simulated API, write a dataset and a config, run the job, show the result.
+    ``providers="all"``: rows of OpenAI, Claude and Gemini models, with each provider's keys."""
     directory.mkdir(parents=True, exist_ok=True)
     data = directory / "data.jsonl"
-    data.write_text("".join(demo_rows(rows)), encoding="utf-8")
+    lines = demo_rows(rows)
+    data.write_text(mixed_rows(lines) if providers == "all" else "".join(lines), encoding="utf-8")
     output = directory / "output.jsonl"
     for stale in (output, directory / "output.errors.jsonl", directory / "output.worker.log"):
         stale.unlink(missing_ok=True)
     keys = [SimKey(f"sk-demo-{i:02d}-not-a-real-key", rpm=DEMO_RPM, tpm=60000) for i in range(DEMO_KEYS)]
     keys.append(SimKey("sk-demo-spent-not-a-real-key", dead="quota"))  # shows a key being retired
-    sim = SimConfig(keys=keys, minute=DEMO_MINUTE, latency=0.2, latency_jitter=0.3, transient_rate=0.03,
-                    batch_delay=3.0)
+    others = []  # --providers all: two Anthropic keys, and two keys of one Gemini project
+    if providers == "all":
+        others = [SimKey(f"sk-ant-demo-{i}-not-a-real-key", rpm=DEMO_RPM, tpm=20000, otpm=20000) for i in range(2)]
+        others += [SimKey(f"AIza-demo-{i}-not-a-real-key", rpm=DEMO_RPM, org="demo-project") for i in range(2)]
+    sim = SimConfig(keys=keys + others, minute=DEMO_MINUTE, latency=0.2, latency_jitter=0.3, transient_rate=0.03,
+                    batch_delay=3.0, anthropic_token_rounding=1)
     with SimServer(sim) as server:
         config_path = directory / "config.json"
-        config = {"api_keys": [k.key for k in keys], "api_base": server.base_url,
+        base = server.base_url.removesuffix("/v1")
+        config = {"api_keys": [k.key for k in keys] + [
+                      {"key": k.key, "provider": "anthropic" if k.key.startswith("sk-ant") else "gemini",
+                       "api_base": base, **({"group": "demo-project"} if k.org else {})} for k in others],
+                  "groups": {"demo-project": {"limits": {"requests": [f"{DEMO_RPM}/{DEMO_MINUTE:g}s"]}}}
+                  if others else {},
+                  "api_base": server.base_url,
                   "header_period": DEMO_MINUTE,  # no limits typed: read from the API's headers
                   "model": {"name": "gpt-3.5-turbo-0613", "temperature": 0.1,
                             "fallback": "gpt-3.5-turbo-16k-0613"},
@@ -49,7 +78,9 @@ def run_demo(directory: Path, rows: int, console: Console, out: Console, lane: s
         cfg = load_config(config_path)
         out.print(f"[bold]opt-queue demo[/]: {rows} rows, {DEMO_KEYS} keys at {DEMO_RPM} requests per "
                   f"{DEMO_MINUTE:g}s, discovered from its headers (plus one spent key), simulated API at {server.base_url} with "
-                  f"latency and 3% server errors")
+                  f"latency and 3% server errors"
+                  + ("; a third of the rows for claude-haiku-4-5 (2 Anthropic keys) and a third for "
+                     "gemini-2.5-flash (a Gemini project of 2 keys)" if others else ""))
         started = time.monotonic()
         status = run_and_report(console, out, str(data), str(output), cfg, str(config_path), None, 1, False)
         wall = time.monotonic() - started

@@ -175,7 +175,7 @@ def status_tables(snap: dict[str, Any], width: int = WIDE) -> list[Table]:
             limits = "; ".join(_limit_cell(w) for w in shown)
             if m.get("token_factor"):
                 limits += f"; the server counts prompts x{m['token_factor']:.2f} of opt-queue's count"
-            usage = ", ".join(f"{w['used']} {'req' if w['dim'] == 'req' else 'tok'}/{w['period']:g}s" for w in shown)
+            usage = ", ".join(f"{w['used']} {w['dim']}/{w['period']:g}s" for w in shown)
             ks.add_row(k["key"] if i == 0 else "", provider if i == 0 else "", m["model"], limits, usage,
                        f"{m['cooldown_s']}s" if m["cooldown_s"] else "", *(counters if i == 0 else ("",) * 5))
     tables = [jobs, ks]
@@ -215,7 +215,7 @@ def _compact_tables(snap: dict[str, Any]) -> list[Table]:
             ks.add_row(name, "", k["limits"], "", str(k["rate_limited"]), state)
         for i, m in enumerate(k["models"]):
             shown = [w for w in m["windows"] if w["mode"] != "paced" or w["limit"]]
-            limits = ", ".join(f"{w['limit'] or '?'}/{w['period']:g}s {'req' if w['dim'] == 'req' else 'tok'}"
+            limits = ", ".join(f"{w['limit'] or '?'}/{w['period']:g}s {w['dim']}"
                                for w in shown)
             used = ", ".join(str(w["used"]) for w in shown)
             ks.add_row(name if i == 0 else "", m["model"], limits, used,
@@ -245,7 +245,7 @@ def _tokens_cell(spend: dict[str, Any]) -> str:
 
 
 def _limit_cell(w: dict[str, Any]) -> str:
-    unit = "req" if w["dim"] == "req" else "tok"
+    unit = w["dim"]
     limit = f"{w['limit']}/{w['period']:g}s {unit}" if w["limit"] else f"? {unit}/{w['period']:g}s"
     read = f", {w['read_s_ago']:g}s ago" if w["read_s_ago"] is not None else ""
     return f"{limit} ({w['source']}{read})"

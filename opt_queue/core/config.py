@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 DEFAULT_API_BASE = "https://api.openai.com/v1"
 PROVIDERS = ("openai", "anthropic", "gemini")
 """The APIs a key may speak (``"provider"`` of a key object; ``openai`` when it says none)."""
+OUTPUT_WINDOWS = frozenset({"anthropic"})
+"""Providers that limit output tokens per minute in a window of its own (learned from headers)."""
 DEFAULT_BASES = {"openai": DEFAULT_API_BASE, "anthropic": "https://api.anthropic.com",
                  "gemini": "https://generativelanguage.googleapis.com"}
 """Each provider's own base URL, as its SDK takes it (Anthropic's and Gemini's without a version path)."""
@@ -116,11 +118,14 @@ class Window(BaseModel):
 
 
 class Limits(BaseModel):
-    """Request windows and token windows of one key (or one group of keys)."""
+    """Request windows, token windows and output-token windows (Anthropic's) of one key (or one
+    group of keys). ``tokens`` are what the provider's token window counts: a request's prompt and
+    ``max_tokens`` on OpenAI's API, its input on Anthropic's and Gemini's."""
 
     model_config = ConfigDict(frozen=True)
     requests: tuple[Window, ...] = ()
     tokens: tuple[Window, ...] = ()
+    output_tokens: tuple[Window, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -130,16 +135,18 @@ class Limits(BaseModel):
         data = dict(data)
         requests = [_window(w) for w in data.pop("requests", [])]
         tokens = [_window(w) for w in data.pop("tokens", [])]
+        output = [_window(w) for w in data.pop("output_tokens", [])]
         for name, period, target in (("rpm", 60.0, requests), ("rpd", 86400.0, requests),
                                      ("rps", 1.0, requests), ("tpm", 60.0, tokens),
-                                     ("tpd", 86400.0, tokens)):
+                                     ("tpd", 86400.0, tokens), ("otpm", 60.0, output)):
             if name in data:
                 value = data.pop(name)
                 if value is not None:
                     target.append(Window(limit=value, period=period))
         if data:
-            raise ValueError(f"unknown field(s) {sorted(data)}; use rpm, tpm, rpd, requests, tokens")
-        return {"requests": requests, "tokens": tokens}
+            raise ValueError(f"unknown field(s) {sorted(data)}; use rpm, tpm, otpm, rpd, requests, tokens, "
+                             f"output_tokens")
+        return {"requests": requests, "tokens": tokens, "output_tokens": output}
 
     def override(self, other: Limits) -> Limits:
         """Return these limits with ``other``'s windows replacing those of the same period."""
@@ -147,10 +154,12 @@ class Limits(BaseModel):
             periods = {w.period for w in top}
             return tuple(sorted((*(w for w in base if w.period not in periods), *top), key=lambda w: w.period))
         return Limits(requests=merge(self.requests, other.requests),
-                      tokens=merge(self.tokens, other.tokens))
+                      tokens=merge(self.tokens, other.tokens),
+                      output_tokens=merge(self.output_tokens, other.output_tokens))
 
     def __str__(self) -> str:
-        parts = [f"{w} req" for w in self.requests] + [f"{w} tok" for w in self.tokens]
+        parts = [f"{w} req" for w in self.requests] + [f"{w} tok" for w in self.tokens] + \
+            [f"{w} out" for w in self.output_tokens]
         return ", ".join(parts) or "unlimited"
 
 
@@ -185,6 +194,7 @@ class GroupConfig(BaseModel):
     models: dict[str, Limits] | None = None
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
+    otpm: int | None = Field(default=None, ge=1)
     rpd: int | None = Field(default=None, ge=1)
 
     _models = field_validator("models", mode="before")(classmethod(lambda cls, v: _model_limits(v)))
@@ -192,7 +202,7 @@ class GroupConfig(BaseModel):
     def own_limits(self) -> Limits:
         """The group's windows (its ``limits`` then its shorthands), without any default."""
         limits = self.limits or Limits()
-        short = {k: v for k, v in (("rpm", self.rpm), ("tpm", self.tpm), ("rpd", self.rpd)) if v}
+        short = {k: v for k, v in (("rpm", self.rpm), ("tpm", self.tpm), ("otpm", self.otpm), ("rpd", self.rpd)) if v}
         return limits.override(Limits(**short)) if short else limits
 
 
@@ -240,6 +250,7 @@ class KeyConfig(BaseModel):
     limits: Limits | None = None
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
+    otpm: int | None = Field(default=None, ge=1)  # output tokens per minute (Anthropic's third window)
     rpd: int | None = Field(default=None, ge=1)
 
     @field_validator("models", mode="before")
@@ -250,12 +261,12 @@ class KeyConfig(BaseModel):
     def own_limits(self) -> Limits:
         """The key's windows (its ``limits`` then its shorthands), without any default."""
         limits = self.limits or Limits()
-        short = {k: v for k, v in (("rpm", self.rpm), ("tpm", self.tpm), ("rpd", self.rpd)) if v}
+        short = {k: v for k, v in (("rpm", self.rpm), ("tpm", self.tpm), ("otpm", self.otpm), ("rpd", self.rpd)) if v}
         return limits.override(Limits(**short)) if short else limits
 
     @property
     def has_limits(self) -> bool:
-        return bool(self.limits or self.rpm or self.tpm or self.rpd or isinstance(self.models, dict))
+        return bool(self.limits or self.rpm or self.tpm or self.otpm or self.rpd or isinstance(self.models, dict))
 
     @field_validator("key")
     @classmethod

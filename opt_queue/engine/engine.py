@@ -164,7 +164,7 @@ class Engine:
         self.provider = provider or providers.for_config(config)
         self.prices = Prices({name: p.model_dump() for name, p in config.prices.items()})
         self.keys = config.keys()
-        self._counts_output: dict[str, bool] = {}
+        self._providers_of: dict[str, frozenset[str]] = {}
         self.pool = AsyncKeyPool.from_config(client, config, self.keys)
         self.admissions = Admissions(self.pool)
         self.leases = Leases(client, config.lease_seconds)
@@ -273,9 +273,10 @@ class Engine:
             if isinstance(lease, str):
                 return lease
         options = options or {}
-        row = _Row(job, index, dict(body), options.get("fallback"), url=url, sent=body,
-                   output=options.get("output", formats.SEED), hold_until=hold_until,
-                   window_counts_output=self._window_counts_output(body.get("model")))
+        serving = self._serving(body.get("model"))
+        row = _Row(job, index, providers.with_required_cap(serving, dict(body)), options.get("fallback"), url=url,
+                   sent=body, output=options.get("output", formats.SEED), hold_until=hold_until,
+                   window_counts_output=providers.window_counts_output(serving))
         async with self._slots:
             outcome = await self._finish(row)  # a Redis error keeps the lease: the task gives it up
         if outcome != HANDED_BACK:  # else the task gives it up before it enqueues the row again
@@ -430,7 +431,7 @@ class Engine:
 
         t0 = time.monotonic()
         got = await self.admissions.wait(model, row.tokens, exclude, self._budget(row, model), left,
-                                         still_wanted, prompt=row.prompt_tokens)
+                                         still_wanted, prompt=row.prompt_tokens, output=row.cap)
         metrics.WAITS.labels(model).inc()
         metrics.WAIT_SECONDS.labels(model).inc(time.monotonic() - t0)
         if isinstance(got, Lease):
@@ -455,14 +456,11 @@ class Engine:
         await self._pause(delay)
         return True
 
-    def _window_counts_output(self, model: str | None) -> bool:
-        """Whether the token windows of the keys serving ``model`` count a request's output too
-        (``providers.WINDOW_COUNTS_OUTPUT``); the safe side when keys of several kinds serve it."""
-        found = self._counts_output.get(model or "")
+    def _serving(self, model: str | None) -> frozenset[str]:
+        """The providers of the keys that serve ``model`` (cached)."""
+        found = self._providers_of.get(model or "")
         if found is None:
-            serving = [k.provider for k in self.keys if k.serves(model or "")]
-            found = self._counts_output[model or ""] = (
-                not serving or any(providers.WINDOW_COUNTS_OUTPUT.get(p, True) for p in serving))
+            found = self._providers_of[model or ""] = frozenset(k.provider for k in self.keys if k.serves(model or ""))
         return found
 
     def _budget(self, row: _Row, model: str) -> Budget:
@@ -484,7 +482,7 @@ class Engine:
         queued = granted is None and not row.ask_alone and self.admissions.waiting(model, exclude, budget)
         row.ask_alone = False
         plan = None if granted is not None or queued else self.pool.plan(model, row.tokens, exclude, budget,
-                                                                               row.prompt_tokens)
+                                                                               row.prompt_tokens, row.cap)
 
         def state_and_acquire(pipe: Any) -> None:
             row.job.queue_state(row.index, pipe)
@@ -601,7 +599,8 @@ class Engine:
         used = row.window_tokens(reply.prompt_tokens, reply.completion_tokens)
         usage = self._usage(row, reply)
         row.to_settle = (lease, Report(used_tokens=used, usage=usage, server=answer.server_limits,
-                                       sent_ms=row.sent_ms, window=answer.token_window))
+                                       sent_ms=row.sent_ms, window=answer.token_window,
+                                       output_tokens=reply.completion_tokens))
         metrics.observe_call(lease.key.fingerprint, row.body["model"], "200", usage)
         parsed, problem, final = answers.structured(row.url, row.body, reply)
         if problem is not None and not final and row.asked_again < self.config.schema_retries:

@@ -75,7 +75,8 @@ def key_status(client: redis.Redis, retired: dict[str, str] | None = None,
             state = _decode(next(replies))
             windows = []
             for dim, period, limit, mode in d["windows"]:
-                used = next(replies) if dim == "req" else int(state.get(f"tsum:{int(period * 1000)}", 0))
+                sums = "osum" if dim == "out" else "tsum"
+                used = next(replies) if dim == "req" else int(state.get(f"{sums}:{int(period * 1000)}", 0))
                 windows.append(dict(window_source(dim, period, limit, mode, state, now, int(refresh * 1000)),
                                     used=used))
             cool = int(state.get("cool_until", 0)) - now
@@ -94,7 +95,7 @@ def key_status(client: redis.Redis, retired: dict[str, str] | None = None,
         for m in models:
             for w in m["windows"]:
                 if w["mode"] != "paced":
-                    name = f"{'requests' if w['dim'] == 'req' else 'tokens'}/{w['period']:g}s"
+                    name = f"{ {'req': 'requests', 'tok': 'tokens', 'out': 'output tokens'}[w['dim']]}/{w['period']:g}s"
                     usage[name] = usage.get(name, 0) + w["used"]
         out.append({"key": fp, "provider": desc.get("provider", "openai"), "bucket": desc["bucket"],
                     "limits": desc["limits"], "api_base": desc["api_base"],

@@ -52,6 +52,7 @@ class _Waiter:
     tokens: int
     budget: Budget | None
     prompt: int
+    output: int
     future: asyncio.Future[Lease | str]
 
 
@@ -82,7 +83,7 @@ class Admissions:
 
     async def wait(self, model: str, tokens: int, exclude: set[str], budget: Budget | None,
                    timeout: float, still_wanted: Callable[[], Awaitable[bool]] | None = None,
-                   every: float = CHECK_EVERY, prompt: int = 0) -> Lease | str | None:
+                   every: float = CHECK_EVERY, prompt: int = 0, output: int = 0) -> Lease | str | None:
         """Queue a request until it is admitted (its :class:`Lease`), :data:`RETRY`, or ``timeout``
         seconds pass (None; the request is no longer queued). Every ``every`` seconds
         ``still_wanted`` is awaited, the request keeping its place meanwhile; when it says no, the
@@ -93,7 +94,7 @@ class Admissions:
             q = self._queues[group] = _Queue()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Lease | str] = loop.create_future()
-        q.waiters.append(_Waiter(tokens, budget, prompt, future))
+        q.waiters.append(_Waiter(tokens, budget, prompt, output, future))
         if q.task is None or q.task.done():
             q.task = asyncio.create_task(self._serve(group, q))
         deadline = loop.time() + timeout
@@ -147,7 +148,8 @@ class Admissions:
             if not q.waiters:
                 return
             batch = [w for w in q.waiters if not w.future.done()][:BATCH]
-            plan = self.pool.plan_many(model, [(w.tokens, w.budget, w.prompt) for w in batch], set(exclude), FULL_SCAN)
+            plan = self.pool.plan_many(model, [(w.tokens, w.budget, w.prompt, w.output) for w in batch], set(exclude),
+                                       FULL_SCAN)
             if plan is None:  # no usable key any more: each row finds out for itself
                 for w in batch:
                     _settle(w, RETRY)

@@ -78,7 +78,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from opt_queue.store import keys as rkeys
-from opt_queue.core.config import ApiKey, Config, Limits
+from opt_queue.core.config import OUTPUT_WINDOWS, ApiKey, Config, Limits
 from opt_queue.core.prices import Usage
 from opt_queue.core.tokens import counter
 from opt_queue.store import budget as budgets
@@ -127,7 +127,8 @@ MODE_NAMES = {FIXED: "configured", CEILING: "configured", DISCOVER: "discovered"
 @dataclass(frozen=True)
 class WindowSpec:
     """One window of a scope: ``limit`` (the configured one, or a discovered window's default, 0
-    for none) units of ``dim`` (``req`` or ``tok``) in any ``period`` seconds."""
+    for none) units of ``dim`` (``req``, ``tok``, or ``out``: output tokens, Anthropic's third
+    window) in any ``period`` seconds."""
 
     dim: str
     period: float
@@ -139,13 +140,21 @@ class WindowSpec:
         return int(self.period * 1000)
 
 
-def window_plan(limits: Limits, header_period: float, default: Limits | None = None) -> tuple[WindowSpec, ...]:
-    """The windows of a scope whose configured limits are ``limits`` (pure). Request windows come
-    first (the stamp, cancel and settle scripts rely on that order)."""
+DIMS = {"req": 0, "tok": 1, "out": 2}
+"""How ``acquire.lua`` numbers a window's dimension."""
+
+
+def window_plan(limits: Limits, header_period: float, default: Limits | None = None,
+                output: bool = False) -> tuple[WindowSpec, ...]:
+    """The windows of a scope whose configured limits are ``limits`` (pure): request windows, then
+    token windows, then (with ``output``: its provider states one, or some are configured)
+    output-token windows (the stamp, cancel and settle scripts rely on that order)."""
     default = default or Limits()
     out: list[WindowSpec] = []
-    for dim, configured, defaults in (("req", limits.requests, default.requests),
-                                      ("tok", limits.tokens, default.tokens)):
+    dims = [("req", limits.requests, default.requests), ("tok", limits.tokens, default.tokens)]
+    if output or limits.output_tokens:
+        dims.append(("out", limits.output_tokens, default.output_tokens))
+    for dim, configured, defaults in dims:
         periods = {w.period for w in configured}
         for w in sorted(configured, key=lambda w: w.period):
             out.append(WindowSpec(dim, w.period, w.limit, CEILING if w.period == header_period else FIXED))
@@ -199,9 +208,16 @@ class Lease:
     budget: Budget | None = None
     """The job budget's reservation this admission holds (settled by :meth:`AsyncKeyPool.queue_spend`)."""
 
+    out_tokens: int = 0
+    """What its output-token windows hold for it: the completion's cap until the answer says."""
+
     @property
     def nreq(self) -> int:
         return sum(1 for w in self.windows if w.dim == "req")
+
+    @property
+    def ntok(self) -> int:
+        return sum(1 for w in self.windows if w.dim == "tok")
 
 
 @dataclass(frozen=True)
@@ -232,6 +248,8 @@ class Report:
     sent: bool = True
     """False: the request never left (the lease is cancelled, nothing counted)."""
     used_tokens: int = 0
+    output_tokens: int | None = None
+    """The output an answer wrote: its output-token windows hold that from now on (None: as admitted)."""
     usage: Usage | None = None
     """What the call was billed (None: nothing, e.g. an error status)."""
     refused: bool = False
@@ -260,7 +278,7 @@ class _AcquirePlan:
     keys: list[str]
     args: list[Any]
     model: str
-    asks: tuple[tuple[int, str, Budget | None], ...]
+    asks: tuple[tuple[int, str, Budget | None, int], ...]
     """Each request's tokens, admission uid and share of the job's budget, in order (the uid carries
     the prompt's estimate and the completion's cap, for calibration)."""
     new_scopes: tuple[str, ...] = ()
@@ -327,8 +345,10 @@ class AsyncKeyPool:
         """The windows of ``bucket`` for ``model`` (cached)."""
         got = self._plans.get((bucket, model))
         if got is None:
+            members = self.buckets[bucket]
             got = self._plans[(bucket, model)] = window_plan(
-                self.buckets[bucket][0].limits_for(model), self.header_period, self.default)
+                members[0].limits_for(model), self.header_period, self.default,
+                output=any(k.provider in OUTPUT_WINDOWS for k in members))
         return got
 
     def _fragment(self, bucket: str, model: str) -> tuple[list[str], list[Any]]:
@@ -342,7 +362,7 @@ class AsyncKeyPool:
             ks = [rkeys.bucket_state(scope)] + [rkeys.bucket_window(scope, w.dim, w.period) for w in specs]
             args: list[Any] = [len(specs)]
             for w in specs:
-                args += [int(w.dim == "tok"), w.limit, w.period_ms, w.mode,
+                args += [DIMS[w.dim], w.limit, w.period_ms, w.mode,
                          margin_ms(w.period, self.fraction, self.margin)]
             got = self._fragments[(bucket, model)] = (ks, args)
         return got
@@ -364,19 +384,21 @@ class AsyncKeyPool:
         return out
 
     def plan(self, model: str, tokens: int, exclude: set[str] | None = None,
-             budget: Budget | None = None, prompt: int = 0) -> _AcquirePlan | None:
+             budget: Budget | None = None, prompt: int = 0, output: int = 0) -> _AcquirePlan | None:
         """What an admission of one request needs (None when no usable key serves ``model`` at
         all): queue it with :meth:`queue_acquire` and read its reply with :meth:`granted`. With
         ``budget``, the job's budget must hold the request too, and the admission reserves its
         share. ``prompt`` is the part of ``tokens`` that estimates the prompt (a scope that learned
-        how its server counts scales it; 0: the request is counted as ``tokens``)."""
-        return self.plan_many(model, [(tokens, budget, prompt)], exclude)
+        how its server counts scales it; 0: the request is counted as ``tokens``); ``output`` what
+        an output-token window holds for it (the completion's cap)."""
+        return self.plan_many(model, [(tokens, budget, prompt, output)], exclude)
 
-    def plan_many(self, model: str, asks: Sequence[tuple[int, Budget | None, int]], exclude: set[str] | None = None,
-                  sample: int = ACQUIRE_SAMPLE) -> _AcquirePlan | None:
+    def plan_many(self, model: str, asks: Sequence[tuple[int, Budget | None, int, int]],
+                  exclude: set[str] | None = None, sample: int = ACQUIRE_SAMPLE) -> _AcquirePlan | None:
         """An admission of several requests of ``model`` in one script call, in order, each with
-        its tokens, its share of the job's budget (all of one job, or all None) and its prompt's
-        part of the tokens; it looks at ``sample`` buckets."""
+        its tokens, its share of the job's budget (all of one job, or all None), its prompt's
+        part of the tokens and its output tokens (for output windows); it looks at ``sample``
+        buckets."""
         cands = self.candidates(model, exclude or set())
         if not cands:
             return None
@@ -384,16 +406,17 @@ class AsyncKeyPool:
         # sample keeps the script's cost flat in the number of keys.
         order = random.sample(list(cands), min(len(cands), sample))
         new = tuple(scope_name(b, model) for b in order if (b, model) not in self._plans)
-        budget_key = next((b.key for _, b, _ in asks if b is not None), None)
-        prompts = [min(max(prompt, 0), tokens) for tokens, _, prompt in asks]
-        planned = tuple((tokens, f"{uuid.uuid4().hex[:16]}.{prompt}.{tokens - prompt}", budget)
-                        for (tokens, budget, _), prompt in zip(asks, prompts))
+        budget_key = next((b.key for _, b, _, _ in asks if b is not None), None)
+        prompts = [min(max(prompt, 0), tokens) for tokens, _, prompt, _ in asks]
+        planned = tuple((tokens, f"{uuid.uuid4().hex[:16]}.{prompt}.{tokens - prompt}", budget, max(output, 0))
+                        for (tokens, budget, _, output), prompt in zip(asks, prompts))
         ks: list[str] = []
         argv: list[Any] = [len(planned), len(order), RESERVE_MS, self.probe_ms, self.now_ms or 0,
                            self.refresh_ms, PACE_ABOVE, int(self.header_period * 1000), int(budget_key is not None)]
         exact = int(counter(model) is not None)  # else the prompts' estimates are upper bounds
-        for (tokens, uid, budget), prompt in zip(planned, prompts):
-            argv += [tokens, uid, budget.cost_nano if budget else 0, budget.tokens if budget else 0, prompt, exact]
+        for (tokens, uid, budget, output), prompt in zip(planned, prompts):
+            argv += [tokens, uid, budget.cost_nano if budget else 0, budget.tokens if budget else 0, prompt, exact,
+                     output]
         for bucket in order:
             scope_keys, scope_args = self._fragment(bucket, model)
             ks += scope_keys
@@ -421,14 +444,16 @@ class AsyncKeyPool:
         now_ms = int(reply[0])
         sampled = len(plan.order) < len(plan.cands)  # buckets outside the sample may be free now
         out: list[Lease | Wait | Never | BudgetReached] = []
-        for (tokens, uid, budget), status, value, charged in zip(plan.asks, reply[1::3], reply[2::3], reply[3::3]):
+        for (tokens, uid, budget, output), status, value, charged in zip(plan.asks, reply[1::3], reply[2::3],
+                                                                        reply[3::3]):
             status, value, tokens = int(status), int(value), int(charged)
             if status == 1:
                 bucket = plan.order[value - 1]
                 members = plan.cands[bucket]
                 key = members[next(self._rr) % len(members)]  # itertools.count is atomic under the GIL
                 out.append(Lease(key=key, uid=uid, tokens=tokens, scope=scope_name(bucket, plan.model),
-                                 windows=self.windows(bucket, plan.model), at_ms=now_ms, budget=budget))
+                                 windows=self.windows(bucket, plan.model), at_ms=now_ms, budget=budget,
+                                 out_tokens=output))
             elif status == -3:
                 out.append(BudgetReached())
             elif status == -2:  # the budget waits for requests in flight to settle
@@ -443,10 +468,11 @@ class AsyncKeyPool:
         return out
 
     async def acquire(self, model: str, tokens: int, exclude: set[str] | None = None,
-                      budget: Budget | None = None, prompt: int = 0) -> Lease | Wait | Never | BudgetReached | None:
+                      budget: Budget | None = None, prompt: int = 0,
+                      output: int = 0) -> Lease | Wait | Never | BudgetReached | None:
         """Try to admit one request in its own round trip (the engine batches it with the row's
         state instead); ``None`` when no usable key serves ``model`` at all."""
-        plan = self.plan(model, tokens, exclude, budget, prompt)
+        plan = self.plan(model, tokens, exclude, budget, prompt, output)
         if plan is None:
             return None
         return (await self.run_acquire(plan))[0]
@@ -467,10 +493,9 @@ class AsyncKeyPool:
     async def stamp(self, lease: Lease, sent_ms: int | None = None) -> int:
         """Start the lease's windows at ``sent_ms`` (when its request was sent, on Redis' clock:
         see :class:`RedisClock`), else now; return the stamp (ms)."""
-        args: list[Any] = [lease.uid, lease.tokens, lease.nreq]
         sent_ms = self.now_ms if self.now_ms is not None else sent_ms
-        if sent_ms is not None:
-            args += [sent_ms, lease.at_ms, int(self.now_ms is not None)]
+        args: list[Any] = [lease.uid, lease.tokens, lease.nreq, "" if sent_ms is None else sent_ms, lease.at_ms,
+                           int(self.now_ms is not None), lease.ntok, lease.out_tokens]
         return int(await run_script(self.client, self._scripts.stamp, self._window_keys(lease), args))
 
     async def cancel(self, lease: Lease) -> None:
@@ -479,7 +504,8 @@ class AsyncKeyPool:
 
     def _queue_cancel(self, lease: Lease, pipe: Any) -> None:
         queue(pipe, self._scripts.cancel, [rkeys.bucket_state(lease.scope), *self._window_keys(lease)],
-              [lease.uid, lease.tokens, lease.nreq, *[w.period_ms for w in lease.windows if w.dim == "tok"]])
+              [lease.uid, lease.tokens, lease.nreq, lease.ntok, lease.out_tokens,
+               *[w.period_ms for w in lease.windows if w.dim != "req"]])
         self.queue_spend(lease, None, pipe)
 
     def queue_spend(self, lease: Lease, usage: Usage | None, pipe: Any) -> None:
@@ -504,6 +530,15 @@ class AsyncKeyPool:
         stats = rkeys.key_stats(lease.key.fingerprint)
         pipe.hincrby(stats, "requests", 1)
         pipe.hincrby(stats, "tokens", max(used_tokens, 0))
+
+    def queue_settle_output(self, lease: Lease, written: int, pipe: Any) -> None:
+        """Queue on ``pipe`` what the lease's output-token windows hold from now on: the output the
+        answer wrote instead of the completion's cap (``lua/settle_out.lua``)."""
+        outs = [w for w in lease.windows if w.dim == "out"]
+        if outs and written != lease.out_tokens:
+            queue(pipe, self._scripts.settle_out,
+                  [rkeys.bucket_state(lease.scope)] + [rkeys.bucket_window(lease.scope, "out", w.period) for w in outs],
+                  [lease.uid, lease.out_tokens, max(written, 0), *[w.period_ms for w in outs]])
 
     def _now(self) -> int | None:
         return self.now_ms if self.now_ms is not None else self.clock.now_ms()
@@ -536,6 +571,8 @@ class AsyncKeyPool:
         verdict's reply (the cooldown in ms), if one was queued."""
         if report.sent:
             self.queue_settle(lease, report.used_tokens, pipe, report.refused)
+            if report.output_tokens is not None:
+                self.queue_settle_output(lease, report.output_tokens, pipe)
             self.queue_spend(lease, report.usage, pipe)
         else:
             self._queue_cancel(lease, pipe)
@@ -571,7 +608,7 @@ class AsyncKeyPool:
         header = rkeys.bucket_window(lease.scope, "req", self.header_period)
         return ([rkeys.bucket_state(lease.scope), header],
                 [kind, int(cooldown * 1000), server.get("requests", 0), server.get("tokens", 0),
-                 self.now_ms or 0, int(self.header_period * 1000), TOKENS_429_STEP])
+                 self.now_ms or 0, int(self.header_period * 1000), TOKENS_429_STEP, server.get("output_tokens", 0)])
 
     def _queue_verdict(self, lease: Lease, kind: str, cooldown: float, server: dict[str, int] | None,
                        pipe: Any) -> None:

@@ -15,21 +15,40 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from opt_queue.core.errors import ConfigError
-from opt_queue.providers.base import (FINAL_KINDS, Answer, Batch, BatchProvider, CallFailed, Failure, Kind, Provider,
-                                      classify_other, redact)
+from opt_queue.providers.base import (FINAL_KINDS, REQUIRED_MAX_TOKENS, Answer, Batch, BatchProvider, CallFailed,
+                                      Failure, Kind, Provider, classify_other, redact)
 from opt_queue.providers.http import Http
 
 if TYPE_CHECKING:
     from opt_queue.core.config import ApiKey, Config
 
-__all__ = ["EXTRAS", "FINAL_KINDS", "WINDOW_COUNTS_OUTPUT", "Answer", "Batch", "BatchProvider", "CallFailed",
-           "Failure", "Kind", "Provider", "Providers", "check_installed", "for_config", "redact"]
+__all__ = ["EXTRAS", "FINAL_KINDS", "REQUIRED_MAX_TOKENS", "WINDOW_COUNTS_OUTPUT", "Answer", "Batch", "BatchProvider",
+           "CallFailed", "Failure", "Kind", "Provider", "Providers", "check_installed", "for_config", "redact",
+           "window_counts_output", "with_required_cap"]
 
 EXTRAS = {"anthropic": ("anthropic", "anthropic"), "gemini": ("google.genai", "gemini")}
 """Per provider beyond OpenAI: the SDK module it needs and the extra that installs it."""
 WINDOW_COUNTS_OUTPUT = {"openai": True, "anthropic": False, "gemini": False}
 """Whether a provider's tokens-per-minute window counts a request's output (OpenAI counts the
 prompt and ``max_tokens`` on arrival; Anthropic's input-token and Gemini's token windows count input)."""
+CAPS = ("max_completion_tokens", "max_tokens")
+
+
+def window_counts_output(serving: frozenset[str]) -> bool:
+    """Whether the token windows of keys of these providers count a request's output; the safe side
+    when keys of several kinds serve a model (none: OpenAI's way)."""
+    return not serving or any(WINDOW_COUNTS_OUTPUT.get(p, True) for p in serving)
+
+
+def with_required_cap(serving: frozenset[str], body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` with the ``max_tokens`` its provider requires when it sets none (every serving
+    provider requires one: the request is the same whichever key takes it)."""
+    if not serving or any(c in body for c in CAPS):
+        return body
+    caps = {REQUIRED_MAX_TOKENS.get(p) for p in serving}
+    if len(caps) == 1 and None not in caps:
+        body["max_tokens"] = caps.pop()
+    return body
 
 
 def check_installed(config: Config) -> None:

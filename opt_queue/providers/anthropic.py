@@ -40,11 +40,12 @@ except ImportError:  # pragma: no cover - SDKs on httpx
 from opt_queue.core import answers
 from opt_queue.core.config import ApiKey
 from opt_queue.core.request import CHAT_URL
-from opt_queue.providers.base import Answer, CallFailed, Failure, Kind, classify_other
+from opt_queue.providers.base import REQUIRED_MAX_TOKENS, Answer, CallFailed, Failure, Kind, classify_other
 from opt_queue.providers.http import USER_AGENT, Http, json_body, kept, request_leaving, unreachable
 
-DEFAULT_MAX_TOKENS = 4096
-"""``max_tokens`` of a Messages request when neither the row nor the config's model gives one."""
+DEFAULT_MAX_TOKENS = REQUIRED_MAX_TOKENS["anthropic"]
+"""``max_tokens`` of a Messages request when neither the row nor the config's model gives one
+(the engine sets it on the row: ``providers.REQUIRED_MAX_TOKENS``)."""
 KEPT_HEADERS = ("anthropic-ratelimit-", "retry-after", "request-id")
 DROPPED = frozenset({"seed", "service_tier", "presence_penalty", "frequency_penalty", "logit_bias", "store",
                      "parallel_tool_calls", "stream_options", "prompt_cache_key", "safety_identifier",
@@ -181,10 +182,12 @@ def _int(headers: Any, name: str) -> int | None:
 
 
 def server_limits(headers: Any) -> dict[str, int]:
-    """``{"requests": n, "tokens": n}``: the requests and the input tokens per minute the headers state."""
+    """``{"requests": n, "tokens": n, "output_tokens": n}``: the requests, input tokens and output
+    tokens per minute the headers state."""
     out: dict[str, int] = {}
     for dim, name in (("requests", "anthropic-ratelimit-requests-limit"),
-                      ("tokens", "anthropic-ratelimit-input-tokens-limit")):
+                      ("tokens", "anthropic-ratelimit-input-tokens-limit"),
+                      ("output_tokens", "anthropic-ratelimit-output-tokens-limit")):
         value = _int(headers, name)
         if value is not None and value > 0:
             out[dim] = value

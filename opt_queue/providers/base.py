@@ -36,6 +36,10 @@ class Kind(enum.Enum):
     BAD_ROW = "bad_request"              # this row cannot succeed: null
 
 
+REQUIRED_MAX_TOKENS = {"anthropic": 4096}
+"""``max_tokens`` a provider requires, sent when neither the row nor the config gives one (its
+output-token window holds that much until the answer says what was written)."""
+
 FINAL_KINDS = frozenset({Kind.TOO_LARGE, Kind.TOO_LONG, Kind.BAD_ROW})
 """Failures that the same request meets again however often it is sent: a null of one of these is
 not sent again by a re-run unless the request changed (or ``--retry-failed``)."""

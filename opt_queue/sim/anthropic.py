@@ -84,6 +84,7 @@ class SimMessages:
         self.api = api
         self.windows: dict[tuple[str, str], _Windows] = {}
         self.calls = 0
+        self.admitted = 0  # calls past the limits (overloaded_every counts them)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self.create)
@@ -146,7 +147,8 @@ class SimMessages:
         scope = f"{k.org or fingerprint(k.key)}/{model}"
         api.peak_window_tokens[scope] = max(api.peak_window_tokens[scope], win.used()[1])
         roll = api.rng.random()
-        if roll < cfg.overloaded_rate:
+        self.admitted += 1
+        if roll < cfg.overloaded_rate or (cfg.overloaded_every and self.admitted % cfg.overloaded_every == 0):
             api.faults["overloaded"] += 1
             return error(529, "overloaded_error", "Overloaded")
         if roll < cfg.overloaded_rate + cfg.transient_rate:

@@ -114,7 +114,8 @@ class SimConfig:
     batch_max_lines: int = 50_000
     limit_count: str = "typical"  # how the rate-limit windows count a prompt (TOKEN_COUNTS)
     usage_count: str = "typical"  # how the usage counts (and bills) a prompt (TOKEN_COUNTS)
-    overloaded_rate: float = 0.0  # Anthropic's endpoint: 529 overloaded_error
+    overloaded_rate: float = 0.0  # Anthropic's endpoint: 529 overloaded_error; Gemini's: 503 overloaded
+    overloaded_every: int = 0  # > 0: every n-th admitted call of those endpoints is overloaded (deterministic)
     anthropic_output_count: str = "max_tokens"  # "max_tokens" (charged on arrival, adjusted) or "actual"
     anthropic_token_rounding: int = 1000  # Anthropic's remaining-token headers are rounded (down, here)
     seed: int = 0

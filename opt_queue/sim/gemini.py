@@ -66,6 +66,7 @@ class SimGemini:
     def __init__(self, api: Any) -> None:
         self.api = api
         self.windows: dict[tuple[str, str], Windows] = {}
+        self.admitted = 0  # calls past the limits (overloaded_every counts them)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1beta/models/{call}", self.create)
@@ -118,7 +119,8 @@ class SimGemini:
         api.peak_window_tokens[scope] = max(api.peak_window_tokens[scope],
                                             sum(t for ts, t in win.log if ts > now - cfg.minute))
         roll = api.rng.random()
-        if roll < cfg.overloaded_rate:
+        self.admitted += 1
+        if roll < cfg.overloaded_rate or (cfg.overloaded_every and self.admitted % cfg.overloaded_every == 0):
             api.faults["overloaded"] += 1
             return error(503, "UNAVAILABLE", "The model is overloaded. Please try again later.")
         if roll < cfg.overloaded_rate + cfg.transient_rate:

@@ -15,7 +15,7 @@ from redis.exceptions import NoScriptError
 
 _ROW_SCRIPTS = ("claim", "unclaim", "publish", "release", "collected", "lease", "orphans", "dedupe")
 """Scripts on a job's row state: ``lua/_rows.lua`` (its helpers) is put in front of each."""
-_NAMES = (*_ROW_SCRIPTS, "renew", "acquire", "stamp", "cancel", "settle", "learn", "calibrate", "due", "reserve")
+_NAMES = (*_ROW_SCRIPTS, "renew", "acquire", "stamp", "cancel", "settle", "settle_out", "learn", "calibrate", "due", "reserve")
 
 
 def _read(name: str) -> str:
@@ -48,6 +48,7 @@ class Scripts:
     stamp: Script
     cancel: Script
     settle: Script
+    settle_out: Script
     learn: Script
     calibrate: Script
     due: Script

@@ -22,13 +22,15 @@
 -- ARGV[10..] for each request: tokens it is estimated to use, its unique id, its budget share in
 --         nano-dollars, its tokens for max_tokens_total, the part of its tokens that is the
 --         prompt's estimate (the scope's learned "tok_factor" scales that part: lua/calibrate.lua),
---         and 1 when that estimate is exact (the model's tokenizer), 0 when it is an upper bound
---         (a model whose tokenizer opt-queue does not have). On a scope that has not learned how
+--         1 when that estimate is exact (the model's tokenizer), 0 when it is an upper bound
+--         (a model whose tokenizer opt-queue does not have), and the output tokens an output
+--         window holds for it (the completion's cap; settled to the real output: settle_out.lua). On a scope that has not learned how
 --         its server counts, an upper bound larger than a token window is no reason to refuse the
 --         request for ever: it goes alone, in an empty window, charged the whole window, and its
 --         answer teaches the scope (its server may count far less).
--- then for each scope: the number of windows, then per window: is_tokens (0/1), limit, period_ms,
---         mode, margin_ms. Modes (limiter.py): 0 configured; 1 configured, of the header period (a
+-- then for each scope: the number of windows, then per window: its dimension (0 requests, 1
+--         tokens, 2 output tokens: their running sum is "osum:<period>"), limit, period_ms, mode,
+--         margin_ms. Modes (limiter.py): 0 configured; 1 configured, of the header period (a
 --         learned limit lowers it); 2 discovered (the learned limit, else `limit`, 0 for none);
 --         3 pacing (limit/60 of the header window of its dimension, when that is large)
 -- Returns {now_ms, s1, v1, t1, s2, v2, t2, ...}: a status, a value and the tokens counted (the
@@ -98,7 +100,8 @@ end
 -- Admissions made by this call keep `used` in step, so each request is judged without reading
 -- the scopes again.
 local scopes = {}
-local kk, a = 1, 10 + 6 * k
+local PER_REQUEST = 7
+local kk, a = 1, 10 + PER_REQUEST * k
 for b = 1, n do
   local state = KEYS[kk]
   kk = kk + 1
@@ -106,10 +109,10 @@ for b = 1, n do
   a = a + 1
   local st = redis.call('HMGET', state, 'cool_until', 'answered_until', 'probe_until', 'learned:req',
                        'learned_at:req', 'learned:tok', 'learned_at:tok', 'slow_factor', 'slow_at',
-                       'tok_factor')
+                       'tok_factor', 'learned:out', 'learned_at:out')
   local learned = {}
-  for i, dim in ipairs({'req', 'tok'}) do
-    local v, at = tonumber(st[2 + 2 * i] or '0'), tonumber(st[3 + 2 * i] or '0')
+  for dim, at_field in pairs({req = 4, tok = 6, out = 11}) do
+    local v, at = tonumber(st[at_field] or '0'), tonumber(st[at_field + 1] or '0')
     if v > 0 and at + refresh > now then learned[dim] = v end
   end
   local factor = slow_factor(tonumber(st[8] or '1'), tonumber(st[9] or '0'))
@@ -118,8 +121,9 @@ for b = 1, n do
   local windows = {}
   for w = 1, nwin do
     local key = KEYS[kk]
-    local is_tok = ARGV[a] == '1'
-    local dim = is_tok and 'tok' or 'req'
+    local kind = tonumber(ARGV[a])
+    local is_tok = kind == 1
+    local dim = ({'req', 'tok', 'out'})[kind + 1]
     local limit, period, mode, margin = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
                                         tonumber(ARGV[a + 4])
     kk, a = kk + 1, a + 5
@@ -139,17 +143,17 @@ for b = 1, n do
     -- window is kept before its limit is known (a 429 without headers learns from how many it
     -- held); a discovered token window only while the scope is probed, so that the probe counts
     -- once the first answer tells the limit (a server that never tells one costs nothing).
-    if limit > 0 or (mode == 2 and (not is_tok or probing)) then
+    if limit > 0 or (mode == 2 and (kind == 0 or probing)) then
       local horizon = now - period - margin
       local used
-      if is_tok then
-        used = token_sum(state, key, 'tsum:' .. period, horizon)
+      if kind > 0 then
+        used = token_sum(state, key, (is_tok and 'tsum:' or 'osum:') .. period, horizon)
       else
         redis.call('ZREMRANGEBYSCORE', key, '-inf', horizon)
         used = redis.call('ZCARD', key)
       end
-      windows[#windows + 1] = {key = key, is_tok = is_tok, period = period, limit = limit, mode = mode,
-                               margin = margin, used = used}
+      windows[#windows + 1] = {key = key, kind = kind, is_tok = is_tok, period = period, limit = limit,
+                               mode = mode, margin = margin, used = used}
     end
   end
   local busy = 0  -- until when the scope admits nothing (a cooldown, its probe still out)
@@ -167,20 +171,21 @@ for b = 1, n do
                tok_factor = tonumber(st[10] or '1'), calibrated = st[10] ~= false, tok_cap = tok_cap}
 end
 
--- A request of `need_tokens` on scope s: 'never' (larger than a window), or its wait (ms, 0: it
--- fits now) and the headroom it would leave. Kept per size until the scope admits a request.
-local function judge_now(s, need_tokens, unsure)
+-- A request of `need_tokens` (and `need_out` output tokens) on scope s: 'never' (larger than a
+-- window), or its wait (ms, 0: it fits now) and the headroom it would leave. Kept per size until
+-- the scope admits a request.
+local function judge_now(s, need_tokens, need_out, unsure)
   local room, wait = 1.0, 0
   if s.busy > now then wait = s.busy - now end
   for _, w in ipairs(s.windows) do
     local limit, used = w.limit, w.used
     if limit > 0 then
-      local need = w.is_tok and need_tokens or 1
+      local need = ({1, need_tokens, need_out})[w.kind + 1]
       local first = w.mode == 3 and used == 0  -- an empty pacing window takes any request
       if w.is_tok and need > limit and unsure then need, first = limit, used == 0 end
       if need > limit and not first then return 'never' end
       if used + need > limit and not first then
-        if w.is_tok then
+        if w.kind > 0 then
           wait = math.max(wait, token_wait(w.key, used, need, limit, w.period, w.margin))
         else
           local oldest = redis.call('ZRANGE', w.key, used - limit, used - limit, 'WITHSCORES')
@@ -193,23 +198,24 @@ local function judge_now(s, need_tokens, unsure)
   return wait, room
 end
 
-local function judge(s, need_tokens, unsure)
-  local memo = unsure and (need_tokens .. 'u') or need_tokens
+local function judge(s, need_tokens, need_out, unsure)
+  local memo = need_tokens .. '/' .. need_out .. (unsure and 'u' or '')
   local got = s.judged[memo]
   if got == nil then
-    got = {judge_now(s, need_tokens, unsure)}
+    got = {judge_now(s, need_tokens, need_out, unsure)}
     s.judged[memo] = got
   end
   return got[1], got[2]
 end
 
-local function admit(s, uid, need_tokens)
+local function admit(s, uid, need_tokens, need_out)
   s.judged = {}
   for _, w in ipairs(s.windows) do
-    if w.is_tok then
-      redis.call('ZADD', w.key, now + reserve, uid .. ':' .. need_tokens)
-      redis.call('HINCRBY', s.state, 'tsum:' .. w.period, need_tokens)
-      w.used = w.used + need_tokens
+    if w.kind > 0 then
+      local amount = w.is_tok and need_tokens or need_out
+      redis.call('ZADD', w.key, now + reserve, uid .. ':' .. amount)
+      redis.call('HINCRBY', s.state, (w.is_tok and 'tsum:' or 'osum:') .. w.period, amount)
+      w.used = w.used + amount
     else
       redis.call('ZADD', w.key, now + reserve, uid)
       w.used = w.used + 1
@@ -230,8 +236,9 @@ end
 
 local out = {now}
 for r = 1, k do
-  local base = 10 + 6 * (r - 1)
+  local base = 10 + PER_REQUEST * (r - 1)
   local tokens, uid = tonumber(ARGV[base]), ARGV[base + 1]
+  local need_out = tonumber(ARGV[base + 6])
   local budget_cost, budget_tokens = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
   local prompt = tonumber(ARGV[base + 4])
   -- an upper bound of a prompt: unsure, unless the completion's cap alone fills a window
@@ -252,7 +259,7 @@ for r = 1, k do
     for b = 1, n do
       local s = scopes[b]
       local unsure = upper and not s.calibrated and s.tok_cap ~= nil and tokens - prompt < s.tok_cap
-      local wait, room = judge(s, counted(s, tokens, prompt), unsure)
+      local wait, room = judge(s, counted(s, tokens, prompt), need_out, unsure)
       if wait == 'never' then
         never = never + 1
       elseif wait > 0 then
@@ -268,7 +275,7 @@ for r = 1, k do
           and tokens - prompt < s.tok_cap then
         charged = s.tok_cap
       end
-      admit(s, uid, charged)
+      admit(s, uid, charged, need_out)
       if budget then
         redis.call('HINCRBY', budget, 'reserved_nano', budget_cost)
         redis.call('HINCRBY', budget, 'reserved_tokens', budget_tokens)

@@ -7,6 +7,7 @@
 -- ARGV[3] the server's request limit, ARGV[4] its token limit, per header period (0: not given)
 -- ARGV[5] the time in ms (0: Redis' TIME)   ARGV[6] the header period in ms
 -- ARGV[7] what a tokens-per-minute 429 multiplies the scope's token factor by
+-- ARGV[8] (optional) the server's output-token limit per header period (0: not given)
 -- A limit the headers give replaces the learned one, up or down, and is stamped (it holds for the
 -- configured time, then it must be read again). A 429 without one teaches half the requests the
 -- window held when the server refused (a multiplicative decrease: a burst far above the limit is
@@ -20,8 +21,8 @@ if now == 0 then
 end
 local state, kind = KEYS[1], ARGV[1]
 local told = false
-for i, dim in ipairs({'req', 'tok'}) do
-  local v = tonumber(ARGV[2 + i])
+for i, dim in ipairs({'req', 'tok', 'out'}) do
+  local v = tonumber(ARGV[i == 3 and 8 or 2 + i] or '0')
   if v > 0 then
     redis.call('HSET', state, 'learned:' .. dim, v, 'learned_at:' .. dim, now, 'source:' .. dim, 'headers')
     told = true
