@@ -34,9 +34,16 @@ Chinese with ``max_tokens`` 100, on ``--model`` (gpt-4o-mini: opt-queue counts o
 model of unknown tokenizer such as llama-3.1-8b: it starts from its character estimate, an upper
 bound). No figure of this mode rests on the client counting as the server does unless HOW says so.
 
+``--provider anthropic`` runs the same on Anthropic keys (the Messages API of the simulated API,
+its ``anthropic-ratelimit-*`` headers, remaining tokens rounded down to thousands as the real API
+rounds them): request-bound, or with ``--tokens`` input-token-bound (Anthropic's input window counts
+the prompt only, not ``max_tokens``). ``--provider gemini``: one key per Google Cloud project, limits
+per project; the Gemini API sends no headers, so *configured* types the project's limits (a group)
+and *discovered* learns them from the first ``RESOURCE_EXHAUSTED`` of each project (a 429 each).
+
 Run:  python bench/limits.py [--keys 5 20 100 1000] [--rpm 2] [--window 15] [--limits both]
                              [--tokens chars4|o200k|cl100k|typical|estimator] [--model M]
-                             [--capacity] [--set JSON]
+                             [--provider openai|anthropic|gemini] [--capacity] [--set JSON]
 """
 
 from __future__ import annotations
@@ -59,6 +66,8 @@ from opt_queue.core.tokens import TOKEN_COUNTS
 EXTRA: dict = {}
 """Config fields added to every run (``--set``)."""
 MODEL = "gpt-4o-mini"
+PROVIDER = "openai"
+PROVIDER_MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5", "gemini": "gemini-2.5-flash"}
 MAX_TOKENS = 100
 TEXT = ("The committee reviewed the quarterly figures and asked for a short summary of the risks. "
         "请用一句话总结以下内容，并指出其中最重要的风险。今天的会议讨论了预算和进度。") * 24
@@ -71,9 +80,24 @@ def token_row(i: int) -> dict:
 
 
 def row_tokens(how: str) -> int:
-    """A token-bound row's tokens as the simulated API counts them against its limit (``how``)."""
+    """A token-bound row's tokens as the simulated API counts them against its limit (``how``):
+    OpenAI's window counts the prompt and max_tokens, Anthropic's and Gemini's the prompt only."""
     req = _Request.of("/v1/chat/completions", token_row(0), MODEL, limit_count=how)
-    return req.limit_prompt + MAX_TOKENS
+    return req.limit_prompt + (MAX_TOKENS if PROVIDER == "openai" else 0)
+
+
+def key_entry(secret: str, limit: dict, limits: str) -> object:
+    """A key of the config: a string for OpenAI's; an object naming its provider otherwise (a
+    Gemini key is its own project: a group, whose limits are typed when ``limits`` is configured)."""
+    if PROVIDER == "openai":
+        return secret
+    entry = {"key": secret, "provider": PROVIDER, "api_base": BASE[0]}
+    if PROVIDER == "gemini":
+        entry["group"] = "p-" + secret[-8:]
+    return entry
+
+
+BASE = [""]  # the simulated API's address without /v1 (Anthropic's and Gemini's SDKs add their paths)
 
 
 def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, errors: float,
@@ -81,7 +105,8 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
           tokens: str | None) -> dict:
     per_row = row_tokens(tokens) if tokens else 0
     own = {} if limits == "unlimited" else {"tpm": rpm * per_row} if tokens else {"rpm": rpm}
-    keys = [SimKey(f"sk-bench-{i:04d}-xxxxxxxxxxxxxxxx", **own) for i in range(n_keys)]
+    prefix = {"openai": "sk-bench", "anthropic": "sk-ant-bench", "gemini": "AIza-bench"}[PROVIDER]
+    keys = [SimKey(f"{prefix}-{i:04d}-xxxxxxxxxxxxxxxx", **own) for i in range(n_keys)]
     rows = n_keys * rpm * windows
     sim = SimConfig(keys=keys, minute=window, latency=latency, transient_rate=errors, seed=1,
                     models={**DEFAULT_MODELS, MODEL: 128000}, limit_count=tokens or "typical",
@@ -90,14 +115,22 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
         d = Path(tmp)
         with open(d / "data.jsonl", "w") as fh:
             for i in range(rows):
-                row = token_row(i) if tokens else {"index": str(i), "instruction": "Say hi", "input": f"row {i}"}
+                row = token_row(i) if tokens else {"index": str(i), "model": MODEL, "max_tokens": MAX_TOKENS,
+                                                   "messages": [{"role": "user", "content": f"Say hi to row {i}"}]}
                 fh.write(json.dumps(row) + "\n")
         limit = ({"tokens": [f"{rpm * per_row}/{window:g}s"]} if tokens else {"requests": [f"{rpm}/{window:g}s"]})
-        config = {"api_keys": [k.key for k in keys], "api_base": server.base_url, "header_period": window,
+        BASE[0] = server.base_url.removesuffix("/v1")
+        config = {"api_keys": [key_entry(k.key, limit, limits) for k in keys], "api_base": server.base_url,
+                  "header_period": window,
                   "safety_margin": margin, "safety_fraction": fraction, "concurrency": concurrency,
                   "backoff_base": 0.2, "backoff_max": 2, "log_level": "WARNING"}
         if limits == "configured":
             config["limits"] = limit
+            if PROVIDER == "gemini":  # a project's limits are its group's
+                config["groups"] = {e["group"]: {"limits": limit} for e in config["api_keys"]}
+                del config["limits"]
+        if not tokens:
+            config["model"] = {"name": MODEL}
         config.update(EXTRA)
         (d / "config.json").write_text(json.dumps(config))
         os.chmod(d / "config.json", 0o600)
@@ -131,7 +164,7 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
 
 
 def main() -> None:
-    global MODEL
+    global MODEL, PROVIDER
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keys", type=int, nargs="+", default=[5, 20, 100, 1000])
     ap.add_argument("--rpm", type=int, default=2, help="requests per key per window")
@@ -149,16 +182,21 @@ def main() -> None:
     ap.add_argument("--tokens", choices=TOKEN_COUNTS, default=None,
                     help="token-bound rows; the simulated API counts a prompt this way, and each key "
                          "allows R rows' worth of tokens as it counts them")
-    ap.add_argument("--model", default="gpt-4o-mini", help="the rows' model (token-bound rows)")
+    ap.add_argument("--model", default=None, help="the rows' model (default: the provider's: gpt-4o-mini, "
+                                                     "claude-haiku-4-5, gemini-2.5-flash)")
+    ap.add_argument("--provider", choices=sorted(PROVIDER_MODELS), default="openai",
+                    help="whose API the keys speak (the simulated API serves all three)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=500, help="rows in flight per worker process")
     args = ap.parse_args()
-    MODEL = args.model
+    PROVIDER = args.provider
+    MODEL = args.model or PROVIDER_MODELS[PROVIDER]
     EXTRA.update(json.loads(args.set))
     print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"# latency {args.latency}s, {args.errors:.0%} transient errors, margin {args.fraction:.0%} "
           f"of a window up to {args.margin}s, tokens: "
-          f"{f'the server counts {args.tokens}, model {MODEL}' if args.tokens else 'no (request-bound)'}, "
+          f"{f'the server counts {args.tokens}' if args.tokens else 'no (request-bound)'}, provider {PROVIDER}, "
+          f"model {MODEL}, "
           f"{args.workers} worker processes x {args.concurrency} rows in flight, settings {EXTRA or 'default'}")
     cols = ["keys", "limits", "limit", "rows", "answered", "calls", "ideal_s", "active_s", "wall_s", "calls_per_s_active",
             "combined_limit_per_s", "active_ratio", "ceiling", "end_to_end_ratio", "http_429", "injected_errors"]

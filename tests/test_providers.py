@@ -336,19 +336,19 @@ def test_one_job_mixes_three_providers_each_row_answered_by_its_own_within_its_l
     # tokens, and output tokens, which the server charges as max_tokens (40) on arrival and adjusts
     # to the output at the end (a row writes ~10): two rows in flight fill it. The Gemini project's two keys share
     # one budget of 6 requests a minute (typed in the config, enforced by the API per project).
-    # Every fourth call of each meets 529 overloaded (Anthropic) or 503 overloaded (Gemini): a
+    # Every third call of each meets 529 overloaded (Anthropic) or 503 overloaded (Gemini): a
     # slow-down that uses no attempt (max_retries 0: a used attempt would leave a null)
     sim.configure(keys=[SimKey(TEST_KEY), SimKey(ANT_KEY, rpm=8, tpm=120, otpm=100),
                         *(SimKey(k, rpm=6, org="proj") for k in GEM_KEYS)],
-                  latency=0.05, minute=2, anthropic_token_rounding=1, overloaded_every=4)
-    data = write_jsonl(tmp_path / "data.jsonl", _mixed_rows(30))
+                  latency=0.05, minute=2, anthropic_token_rounding=1, overloaded_every=3)
+    data = write_jsonl(tmp_path / "data.jsonl", _mixed_rows(18))
     out = tmp_path / "output.jsonl"
     config = _three_providers_config(tmp_path / "config.json", sim, max_retries=0)
     result = cli("run", str(data), "-c", str(config), "-o", str(out), "--output-format", "full")
     assert result.returncode == 0, result.stderr
     lines = {k: v for line in read_jsonl(out) for k, v in line.items()}
-    rows = {r["index"]: r for r in _mixed_rows(30)}
-    assert len(lines) == 30
+    rows = {r["index"]: r for r in _mixed_rows(18)}
+    assert len(lines) == 18
     for index, got in lines.items():
         row = rows[index]
         model = row.get("model", "gpt-4o-mini")
@@ -367,12 +367,12 @@ def test_one_job_mixes_three_providers_each_row_answered_by_its_own_within_its_l
     received = sim.received()
     claude_calls = [r for r in received if r.get("_url") == "/v1/messages"]
     gemini_calls = [r for r in received if r.get("_url") == "generateContent"]
-    assert len(claude_calls) + len(gemini_calls) == 20 + overloaded  # one call a row, and one per overload
+    assert len(claude_calls) + len(gemini_calls) == 12 + overloaded  # one call a row, and one per overload
     assert all(r["system"] == "Answer briefly." and r["max_tokens"] == 40 for r in claude_calls)
     assert all(r["systemInstruction"] == {"parts": [{"text": "Answer briefly."}]}
                and r["generationConfig"] == {"maxOutputTokens": 40} for r in gemini_calls)
     assert {fp for fp in stats["per_key"]} >= {fingerprint(k) for k in GEM_KEYS}  # the project's keys shared
-    assert len(stats["per_prompt"]) == 30 and set(stats["per_prompt"].values()) == {1}  # nothing paid twice
+    assert len(stats["per_prompt"]) == 18 and set(stats["per_prompt"].values()) == {1}  # nothing paid twice
     for secret in (ANT_KEY, *GEM_KEYS):
         assert secret not in result.stdout + result.stderr
 
