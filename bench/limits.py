@@ -65,6 +65,8 @@ from opt_queue.core.tokens import TOKEN_COUNTS
 
 EXTRA: dict = {}
 """Config fields added to every run (``--set``)."""
+SIM_EXTRA: dict = {}
+"""Simulated API settings added to every run (``--sim``)."""
 MODEL = "gpt-4o-mini"
 PROVIDER = "openai"
 PROVIDER_MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5", "gemini": "gemini-2.5-flash"}
@@ -93,7 +95,7 @@ def key_entry(secret: str, limit: dict, limits: str) -> object:
         return secret
     entry = {"key": secret, "provider": PROVIDER, "api_base": BASE[0]}
     if PROVIDER == "gemini":
-        entry["group"] = "p-" + secret[-8:]
+        entry["group"] = "p-" + secret.split("-")[2]  # "AIza-bench-0007-...": project 0007
     return entry
 
 
@@ -110,7 +112,7 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
     rows = n_keys * rpm * windows
     sim = SimConfig(keys=keys, minute=window, latency=latency, transient_rate=errors, seed=1,
                     models={**DEFAULT_MODELS, MODEL: 128000}, limit_count=tokens or "typical",
-                    usage_count=tokens or "typical")
+                    usage_count=tokens or "typical", **SIM_EXTRA)
     with SimServer(sim) as server, tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         with open(d / "data.jsonl", "w") as fh:
@@ -179,6 +181,7 @@ def main() -> None:
                     help="first run the same rows on keys without limits: what the machine sustains; "
                          "the `ceiling` column is then the best active ratio this machine allows")
     ap.add_argument("--set", default="{}", help='more config fields, as JSON: \'{"rows_per_task": 16}\'')
+    ap.add_argument("--sim", default="{}", help='simulated API settings, as JSON: \'{"anthropic_token_rounding": 1}\'')
     ap.add_argument("--tokens", choices=TOKEN_COUNTS, default=None,
                     help="token-bound rows; the simulated API counts a prompt this way, and each key "
                          "allows R rows' worth of tokens as it counts them")
@@ -192,12 +195,14 @@ def main() -> None:
     PROVIDER = args.provider
     MODEL = args.model or PROVIDER_MODELS[PROVIDER]
     EXTRA.update(json.loads(args.set))
+    SIM_EXTRA.update(json.loads(args.sim))
     print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"# latency {args.latency}s, {args.errors:.0%} transient errors, margin {args.fraction:.0%} "
           f"of a window up to {args.margin}s, tokens: "
           f"{f'the server counts {args.tokens}' if args.tokens else 'no (request-bound)'}, provider {PROVIDER}, "
           f"model {MODEL}, "
-          f"{args.workers} worker processes x {args.concurrency} rows in flight, settings {EXTRA or 'default'}")
+          f"{args.workers} worker processes x {args.concurrency} rows in flight, settings {EXTRA or 'default'}, "
+          f"simulated API {SIM_EXTRA or 'default'}")
     cols = ["keys", "limits", "limit", "rows", "answered", "calls", "ideal_s", "active_s", "wall_s", "calls_per_s_active",
             "combined_limit_per_s", "active_ratio", "ceiling", "end_to_end_ratio", "http_429", "injected_errors"]
     print("| " + " | ".join(cols) + " |")

@@ -35,12 +35,14 @@ class Server:
         return LIMIT, max(0, LIMIT - used)
 
 
-def send(p: Any, server: Server, prompt: int, cap: int, model: str = "m") -> Lease:
+def send(p: Any, server: Server, prompt: int, cap: int, model: str = "m", rounding: int = 0) -> Lease:
     lease = p.run(p.pool.acquire(model, prompt + cap, prompt=prompt))
     assert isinstance(lease, Lease), lease
     stamp = p.run(p.pool.stamp(lease))
-    window = server.arrive(stamp, prompt, cap)
-    p.tell(lease, sent_ms=stamp, window=window)
+    limit, remaining = server.arrive(stamp, prompt, cap)
+    if rounding:  # as Anthropic states it: "rounded to the nearest thousand"
+        remaining = min(limit, int(remaining / rounding + 0.5) * rounding)
+    p.tell(lease, sent_ms=stamp, window=(limit, remaining), window_rounding=rounding)
     p.advance(500)
     return lease
 
@@ -198,3 +200,18 @@ def test_an_upper_bound_larger_than_the_window_is_sent_alone_and_teaches_the_sco
     assert isinstance(later, Lease) and later.tokens == math.ceil(2_900 * 900 / 2_900) + 100
     # a learned scope judges by its own count: a prompt it counts above the window never fits
     assert isinstance(p.run(p.pool.acquire(unknown, 8_000, prompt=7_900)), Never)
+
+
+@pytest.mark.parametrize("ratio", [0.46, 1.3])
+def test_a_server_that_rounds_what_remains_is_read_by_how_precise_each_reading_is(
+        make, rclient: redis.Redis, ratio: float) -> None:  # noqa: F811
+    """Anthropic rounds remaining tokens to the nearest thousand: a first reading in a nearly empty
+    window may be off by half its count. It takes the high end (never below the truth), and the
+    readings of a fuller window, more precise, bring the factor to the truth."""
+    p = make([key("sk-r", {"tokens": [f"{LIMIT}/60s"]})], header_period=60.0)
+    server = Server(ratio)
+    first = send(p, server, 1000, 0, rounding=1000)
+    assert factor(rclient, first.scope) >= ratio  # the high end of a reading that may be 50% off
+    for _ in range(60):
+        send(p, server, 1000, 0, rounding=1000)
+    assert factor(rclient, first.scope) == pytest.approx(ratio, rel=0.06)

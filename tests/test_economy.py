@@ -211,6 +211,7 @@ def test_workers_and_collect_serve_prometheus_metrics(
         wait_for(collect_reports_progress, timeout=60, what="collect's metrics to show answered rows")
         assert total(seen, "optq_job_budget_left_dollars") <= 100.0 and total(seen, "optq_job_cost_dollars_total") > 0
         assert total(seen, "optq_key_tokens_total") > 0  # counts that only grow are counters (*_total)
+        assert total(seen, "optq_key_info", provider="openai") >= 1  # which provider each key speaks
         assert collector.wait(60) == 0
         samples = scrape(worker_port)
         assert total(samples, "optq_rows_total", outcome="answered") == 24

@@ -377,6 +377,30 @@ def test_one_job_mixes_three_providers_each_row_answered_by_its_own_within_its_l
         assert secret not in result.stdout + result.stderr
 
 
+def test_a_gemini_project_without_typed_limits_learns_them_from_its_first_resource_exhausted(
+        tmp_path: Path, sim: SimServer) -> None:
+    # two keys of one project, 4 requests per 2 s between them, no limits typed (the API sends no
+    # headers): the first 429 names the quota and its value, the limiter learns it and honours the
+    # RetryInfo delay; a 429 uses no attempt (max_retries 0: one used would leave a null)
+    sim.configure(keys=[SimKey(k, rpm=4, org="proj") for k in GEM_KEYS], minute=2, latency=0.05)
+    rows = [{"index": str(i), "model": GEMINI, "messages": [{"role": "user", "content": f"row {i}"}]}
+            for i in range(12)]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    base = sim.base_url.removesuffix("/v1")
+    config = write_config(tmp_path / "config.json", sim, max_retries=0, api_keys=[
+        {"key": k, "provider": "gemini", "group": "proj", "api_base": base} for k in GEM_KEYS])
+    out = tmp_path / "output.jsonl"
+    result = cli("run", str(data), "-c", str(config), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    got = {k: v for line in read_jsonl(out) for k, v in line.items()}
+    assert got == {r["index"]: sim_answer(GEMINI, r["messages"]) for r in rows}
+    stats = sim.stats()
+    # the first burst, before any limit is known, meets 429s (at most the 8 rows past the 4 the
+    # window takes); the limit learned from them holds from then on
+    assert 1 <= stats["rate_limited"] <= 8, stats["refusals"]
+    assert stats["calls"] == 12 + stats["rate_limited"]
+
+
 def test_a_provider_whose_sdk_is_missing_is_refused_before_any_call(tmp_path: Path, sim: SimServer) -> None:
     shim = tmp_path / "shim" / "anthropic"
     shim.mkdir(parents=True)

@@ -600,6 +600,7 @@ class Engine:
         usage = self._usage(row, reply)
         row.to_settle = (lease, Report(used_tokens=used, usage=usage, server=answer.server_limits,
                                        sent_ms=row.sent_ms, window=answer.token_window,
+                                       window_rounding=answer.token_rounding,
                                        output_tokens=reply.completion_tokens))
         metrics.observe_call(lease.key.fingerprint, row.body["model"], "200", usage)
         parsed, problem, final = answers.structured(row.url, row.body, reply)

@@ -30,6 +30,8 @@ WAIT_SECONDS = Counter("optq_limiter_wait_seconds", "Seconds rows waited for rat
 
 JOB_ROWS = Gauge("optq_job_rows", "Rows of a job by state (answered, null, remaining)", ["job", "state"],
                  registry=REGISTRY)
+KEY_INFO = Gauge("optq_key_info", "Always 1: the provider each key speaks (join on key)", ["key", "provider"],
+                 registry=REGISTRY)
 JOB_PROJECTED = Gauge("optq_job_projected_cost_dollars", "A job's projected total cost", ["job"], registry=REGISTRY)
 JOB_BUDGET_LEFT = Gauge("optq_job_budget_left_dollars", "max_cost minus what the job spent", ["job"],
                         registry=REGISTRY)
@@ -97,6 +99,7 @@ def observe_job(job: str, answered: int, nulls: int, remaining: int, spend: dict
     if spend["max_cost"]:
         JOB_BUDGET_LEFT.labels(job).set(max(0.0, spend["max_cost"] - spend["cost"]))
     for k in keys:
+        KEY_INFO.labels(k["key"], k.get("provider", "openai")).set(1)
         TOTALS.set("optq_key_cost_dollars", (k["key"],), k["spend"]["cost"])
         TOTALS.set("optq_key_rate_limited", (k["key"],), k["rate_limited"])
         for kind in TOKEN_KINDS:

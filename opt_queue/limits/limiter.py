@@ -267,6 +267,8 @@ class Report:
     sent_ms: int | None = None
     window: tuple[int, int] | None = None
     """The request's stamp and the response's token window: an observation for calibration."""
+    window_rounding: int = 0
+    """How the server rounds the remaining tokens of ``window`` (0: exact)."""
 
 
 @dataclass(frozen=True)
@@ -584,7 +586,7 @@ class AsyncKeyPool:
             self._queue_verdict(lease, report.verdict, report.cooldown, report.server, pipe)
         else:
             self.queue_learn(lease, report.server, pipe)
-        self.queue_calibrate(lease, report.sent_ms, report.window, pipe)
+        self.queue_calibrate(lease, report.sent_ms, report.window, pipe, report.window_rounding)
         if report.answered is not None:
             self._queue_word(lease, report.answered, pipe)
         return verdict_at
@@ -634,7 +636,7 @@ class AsyncKeyPool:
         return True
 
     def queue_calibrate(self, lease: Lease, sent_ms: int | None, window: tuple[int, int] | None,
-                        pipe: Any) -> bool:
+                        pipe: Any, rounding: int = 0) -> bool:
         """Queue on ``pipe`` an observation of how the scope's server counts tokens: ``window`` is
         the response's ``(x-ratelimit-limit-tokens, -remaining-tokens)``, ``sent_ms`` the request's
         stamp (see the module docstring). A worker sends its first few observations of a scope,
@@ -650,7 +652,7 @@ class AsyncKeyPool:
         queue(pipe, self._scripts.calibrate,
               [rkeys.bucket_state(lease.scope), rkeys.bucket_window(lease.scope, "tok", header.period)],
               [window[0], window[1], sent_ms, header.period_ms, CALIBRATE_WEIGHT, self.now_ms or 0, lease.uid,
-               CALIBRATE_SLACK_MS, lease.tokens, ANSWERED_MS])
+               CALIBRATE_SLACK_MS, lease.tokens, ANSWERED_MS, rounding // 2])
         return True
 
 

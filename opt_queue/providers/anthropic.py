@@ -47,6 +47,8 @@ DEFAULT_MAX_TOKENS = REQUIRED_MAX_TOKENS["anthropic"]
 """``max_tokens`` of a Messages request when neither the row nor the config's model gives one
 (the engine sets it on the row: ``providers.REQUIRED_MAX_TOKENS``)."""
 KEPT_HEADERS = ("anthropic-ratelimit-", "retry-after", "request-id")
+REMAINING_ROUNDING = 1000
+"""Anthropic states remaining tokens "rounded to the nearest thousand" (its rate-limits page)."""
 DROPPED = frozenset({"seed", "service_tier", "presence_penalty", "frequency_penalty", "logit_bias", "store",
                      "parallel_tool_calls", "stream_options", "prompt_cache_key", "safety_identifier",
                      "reasoning_effort", "modalities", "verbosity", "prediction", "web_search_options", "audio"})
@@ -306,7 +308,8 @@ class AnthropicProvider:
                                                        options={"timeout": timeout})
         data, headers = json_body(raw.text), kept(raw.headers, KEPT_HEADERS)
         return Answer(answers.read(url, data), data, request_id=headers.get("request-id"),
-                      server_limits=server_limits(headers), token_window=token_window(headers))
+                      server_limits=server_limits(headers), token_window=token_window(headers),
+                      token_rounding=REMAINING_ROUNDING)
 
     def classify(self, exc: BaseException) -> Failure:
         return classify(exc)

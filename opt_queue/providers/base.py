@@ -88,6 +88,8 @@ class Answer:
     token_window: tuple[int, int] | None = None
     """``(limit, remaining)`` of the key's token window as the server had counted it when the request
     arrived, which calibrates the limiter's count of prompts (None: not stated)."""
+    token_rounding: int = 0
+    """How the server rounds the remaining tokens it states (Anthropic: to the nearest thousand)."""
 
 
 @dataclass

@@ -206,8 +206,8 @@ class SimMessages:
             if limit is None:
                 continue
             remaining = max(0, limit - used)
-            if rounded:
-                remaining = remaining // step * step
+            if rounded:  # "rounded to the nearest thousand" (Anthropic's documentation)
+                remaining = min(limit, int(remaining / step + 0.5) * step)
                 left.append(remaining)
             out[f"anthropic-ratelimit-{name}-limit"] = str(limit)
             out[f"anthropic-ratelimit-{name}-remaining"] = str(remaining)

@@ -117,7 +117,7 @@ class SimConfig:
     overloaded_rate: float = 0.0  # Anthropic's endpoint: 529 overloaded_error; Gemini's: 503 overloaded
     overloaded_every: int = 0  # > 0: every n-th admitted call of those endpoints is overloaded (deterministic)
     anthropic_output_count: str = "max_tokens"  # "max_tokens" (charged on arrival, adjusted) or "actual"
-    anthropic_token_rounding: int = 1000  # Anthropic's remaining-token headers are rounded (down, here)
+    anthropic_token_rounding: int = 1000  # Anthropic's remaining-token headers: rounded to the nearest thousand
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -18,6 +18,11 @@
 --         admitted on the estimate alone and would hold its window's room until it expires)
 -- ARGV[10] how long a factor stays current without a reading, ms: an older one is replaced by the
 --         next reading as it is (a scope silent that long is probed again: a new job, other text)
+-- ARGV[11] (optional) how far the server's rounding of `remaining` may be off (half its step). A
+--         first such reading takes the high end (too high costs a little room, too low costs 429s);
+--         later ones their middle, weighed against the factor by how precise each is (a reading
+--         in a nearly empty window is off by much more, relatively, than one in a full window):
+--         the factor's relative error is kept in "tok_factor_err"
 -- Returns the factor, as a string ("" when nothing was learned: no admission with an estimate in
 -- the window, or one from an older version).
 local now = tonumber(ARGV[6])
@@ -46,6 +51,7 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf')) do
   local p = string.match(m, '%.(%d+)%.%d+:%d+$')
   if p then unsure = unsure + tonumber(p) end
 end
+local off = tonumber(ARGV[11] or '0')
 if prompts <= 0 or unsure > prompts / 10 then return '' end
 local seen = math.min(20, math.max(0.05, (counted - caps) / prompts))
 local old = tonumber(redis.call('HGET', KEYS[1], 'tok_factor') or '0')
@@ -54,14 +60,28 @@ if now - tonumber(redis.call('HGET', KEYS[1], 'tok_factor_at') or '0') > tonumbe
 -- the limiter never saw (an earlier run on another Redis, another client of the key) than a server
 -- that counts so much more; later readings and tokens-per-minute 429s raise it further if need be.
 local f = seen
-if old == 0 and f > 3 then f = 3 end
-if old > 0 then
+local err = nil  -- the factor's relative error, when its readings are rounded
+if old == 0 then
+  if off > 0 then
+    f = math.min(20, (counted + off - caps) / prompts)
+    err = off / math.max(counted, 1)
+  end
+  if f > 3 then f = 3 end
+elseif off > 0 then
+  -- precision-weighted: the reading's weight is the factor's error over both errors together
+  local e_old = tonumber(redis.call('HGET', KEYS[1], 'tok_factor_err') or '0.05')
+  local e_new = off / math.max(counted, 1)
+  local w = e_old / (e_old + e_new)
+  f = math.exp((1 - w) * math.log(old) + w * math.log(seen))
+  err = math.max(0.05, 1 / (1 / e_old + 1 / e_new))  -- never so sure that it stops following
+else
   -- a reading below the factor moves it half as far as one above: a reading is more often too
   -- low (a request the server had not counted yet) than too high, and too low costs 429s
   local w = tonumber(ARGV[5])
   if seen < old then w = w / 2 end
   f = math.exp((1 - w) * math.log(old) + w * math.log(seen))
 end
+if err then redis.call('HSET', KEYS[1], 'tok_factor_err', tostring(err)) end
 redis.call('HSET', KEYS[1], 'tok_factor', tostring(f), 'tok_factor_at', now, 'tok_factor_seen', tostring(seen))
 redis.call('HINCRBY', KEYS[1], 'tok_factor_n', 1)
 local p, c = string.match(own, '%.(%d+)%.(%d+)$')
