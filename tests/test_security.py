@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import redis
 from conftest import cli, queued_rows, seed_rows, write_config, write_jsonl
@@ -48,6 +49,27 @@ def dump_redis(client: redis.Redis) -> str:
     return "\n".join(parts)
 
 
+def work_and_gather(tmp_path: Path, config: Path, out: Path, redis_url: str, rclient: redis.Redis,
+                    submitted: Any, queued: str) -> tuple[str, Any]:
+    """Run workers (DEBUG logs) and the collector on a submitted job; return everything a key could
+    leak into (the commands' output, the queue, the worker log, Redis, status, the output files)
+    and ``status --json``'s result."""
+    worker_log = tmp_path / "worker.log"
+    workers = LocalWorkers(redis_url, str(config), concurrency=4, loglevel="DEBUG", log_file=worker_log).start()
+    try:
+        collected = cli("collect", "-c", str(config), "-o", str(out))
+    finally:
+        workers.stop()
+    assert collected.returncode == 0, collected.stderr
+    status = cli("status", "-c", str(config), "--json")
+    table = cli("status", "-c", str(config))
+    everything = "\n".join([
+        submitted.stdout, submitted.stderr, queued, collected.stdout, collected.stderr,
+        worker_log.read_text(errors="replace"), dump_redis(rclient), status.stdout, table.stdout,
+        out.read_text(encoding="utf-8"), (tmp_path / "output.errors.jsonl").read_text(encoding="utf-8")])
+    return everything, status
+
+
 def test_known_keys_never_leave_the_config(tmp_path: Path, sim: SimServer, redis_url: str,
                                            rclient: redis.Redis) -> None:
     sim.configure(keys=[SimKey(GOOD), SimKey(REVOKED, dead="invalid")], transient_rate=0.2, seed=5)
@@ -62,26 +84,14 @@ def test_known_keys_never_leave_the_config(tmp_path: Path, sim: SimServer, redis
     assert queued_rows(rclient) == [str(i) for i in range(30)] + ["long"]
     assert "Translate to English" in queued  # the decoded task bodies are scanned too
 
-    worker_log = tmp_path / "worker.log"
-    workers = LocalWorkers(redis_url, str(config), concurrency=4, loglevel="DEBUG", log_file=worker_log).start()
-    try:
-        collected = cli("collect", "-c", str(config), "-o", str(out))
-    finally:
-        workers.stop()
-    assert collected.returncode == 0, collected.stderr
-    status = cli("status", "-c", str(config), "--json")
-    table = cli("status", "-c", str(config))
-    everything = "\n".join([
-        submitted.stdout, submitted.stderr, queued, collected.stdout, collected.stderr,
-        worker_log.read_text(errors="replace"), dump_redis(rclient), status.stdout, table.stdout,
-        out.read_text(encoding="utf-8"), (tmp_path / "output.errors.jsonl").read_text(encoding="utf-8")])
+    everything, status = work_and_gather(tmp_path, config, out, redis_url, rclient, submitted, queued)
     for secret in (GOOD, REVOKED):
         assert secret not in everything
         assert secret[8:24] not in everything  # not even a long fragment
     errors = [json.loads(line) for line in (tmp_path / "output.errors.jsonl").read_text().splitlines()]
     assert [e["index"] for e in errors] == ["long"] and errors[0]["key"].startswith("key-")
     revoked = fingerprint(REVOKED)  # the dead key is named, by its fingerprint, in both places
-    assert f"key {revoked} retired" in worker_log.read_text()
+    assert f"key {revoked} retired" in (tmp_path / "worker.log").read_text()
     assert revoked in json.loads(status.stdout)["jobs"][0]["retired_keys"]
 
 
@@ -108,19 +118,7 @@ def test_keys_of_every_provider_never_leave_the_config(tmp_path: Path, sim: SimS
     submitted = cli("submit", str(data), "-c", str(config), "-o", str(out))
     assert submitted.returncode == 0, submitted.stderr
     queued = dump_redis(rclient)
-    worker_log = tmp_path / "worker.log"
-    workers = LocalWorkers(redis_url, str(config), concurrency=4, loglevel="DEBUG", log_file=worker_log).start()
-    try:
-        collected = cli("collect", "-c", str(config), "-o", str(out))
-    finally:
-        workers.stop()
-    assert collected.returncode == 0, collected.stderr
-    status = cli("status", "-c", str(config), "--json")
-    table = cli("status", "-c", str(config))
-    everything = "\n".join([
-        submitted.stdout, submitted.stderr, queued, collected.stdout, collected.stderr,
-        worker_log.read_text(errors="replace"), dump_redis(rclient), status.stdout, table.stdout,
-        out.read_text(encoding="utf-8"), (tmp_path / "output.errors.jsonl").read_text(encoding="utf-8")])
+    everything, status = work_and_gather(tmp_path, config, out, redis_url, rclient, submitted, queued)
     for secret in (GOOD, ANT_GOOD, ANT_REVOKED, GEM_GOOD, GEM_REVOKED):
         assert secret not in everything
         assert secret[10:26] not in everything  # not even a long fragment

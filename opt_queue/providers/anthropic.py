@@ -40,7 +40,8 @@ except ImportError:  # pragma: no cover - SDKs on httpx
 from opt_queue.core import answers
 from opt_queue.core.config import ApiKey
 from opt_queue.core.request import CHAT_URL
-from opt_queue.providers.base import REQUIRED_MAX_TOKENS, Answer, CallFailed, Failure, Kind, classify_other
+from opt_queue.providers.base import (REQUIRED_MAX_TOKENS, Answer, Failure, Kind, NotMappable, classify_first,
+                                      classify_other, classify_sdk)
 from opt_queue.providers.http import USER_AGENT, Http, json_body, kept, request_leaving, unreachable
 
 DEFAULT_MAX_TOKENS = REQUIRED_MAX_TOKENS["anthropic"]
@@ -53,10 +54,6 @@ DROPPED = frozenset({"seed", "service_tier", "presence_penalty", "frequency_pena
                      "parallel_tool_calls", "stream_options", "prompt_cache_key", "safety_identifier",
                      "reasoning_effort", "modalities", "verbosity", "prediction", "web_search_options", "audio"})
 """OpenAI parameters that tune OpenAI's service and have no Messages equivalent: left out."""
-
-
-class NotMappable(ValueError):
-    """A request that has no Messages equivalent (the same for every row: the job stops)."""
 
 
 # -- the request --------------------------------------------------------------------------------
@@ -240,26 +237,7 @@ def classify_status(status: int, body: Any, headers: Any, text: str = "") -> Fai
 
 def classify(exc: BaseException) -> Failure:
     """What an exception of :meth:`AnthropicProvider.call` means."""
-    if isinstance(exc, NotMappable):
-        return Failure(Kind.JOB_CONFIG, str(exc), code="not_mappable")
-    if isinstance(exc, CallFailed):
-        return exc.failure
-    refused = unreachable(exc)
-    if refused is not None:
-        return Failure(Kind.UNREACHABLE, f"cannot connect: {str(refused) or type(refused).__name__}",
-                       code="unreachable")
-    if isinstance(exc, anthropic.APIStatusError):
-        try:
-            body = exc.response.json()
-        except ValueError:
-            body = None
-        return classify_status(exc.status_code, body, exc.response.headers, exc.response.text)
-    if isinstance(exc, anthropic.APITimeoutError):
-        return Failure(Kind.TRANSIENT, "the request timed out", code="timeout")
-    if isinstance(exc, anthropic.APIConnectionError):
-        return Failure(Kind.TRANSIENT, f"connection error: {type(exc.__cause__ or exc).__name__}",
-                       code="connection_error")
-    return classify_other(exc)
+    return classify_first(exc, unreachable) or classify_sdk(exc, anthropic, classify_status) or classify_other(exc)
 
 
 class AnthropicProvider:

@@ -157,6 +157,42 @@ class BatchProvider(Provider, Protocol):
         """What an error response inside a batch's output means (its status and body)."""
 
 
+class NotMappable(ValueError):
+    """A row's request has no equivalent in the provider's API (the same for every row of that
+    kind: the job stops, naming the parameter)."""
+
+
+def classify_first(exc: BaseException, unreachable: Callable[[BaseException], BaseException | None]) -> Failure | None:
+    """What every provider's classification starts with: a request with no native equivalent, a
+    failure already classified, a connection that could not be made (``unreachable`` finds it)."""
+    if isinstance(exc, NotMappable):
+        return Failure(Kind.JOB_CONFIG, str(exc), code="not_mappable")
+    if isinstance(exc, CallFailed):
+        return exc.failure
+    refused = unreachable(exc)
+    if refused is not None:
+        return Failure(Kind.UNREACHABLE, f"cannot connect: {str(refused) or type(refused).__name__}",
+                       code="unreachable")
+    return None
+
+
+def classify_sdk(exc: BaseException, sdk: Any, classify_status: Callable[[int, Any, Any, str], Failure]) -> Failure | None:
+    """The errors of an SDK shaped like ``openai``'s and ``anthropic``'s (``APIStatusError`` with
+    the HTTP response, ``APITimeoutError``, ``APIConnectionError``), else None."""
+    if isinstance(exc, sdk.APIStatusError):
+        try:
+            body = exc.response.json()
+        except ValueError:
+            body = None
+        return classify_status(exc.status_code, body, exc.response.headers, exc.response.text)
+    if isinstance(exc, sdk.APITimeoutError):
+        return Failure(Kind.TRANSIENT, "the request timed out", code="timeout")
+    if isinstance(exc, sdk.APIConnectionError):
+        return Failure(Kind.TRANSIENT, f"connection error: {type(exc.__cause__ or exc).__name__}",
+                       code="connection_error")
+    return None
+
+
 def classify_other(exc: BaseException) -> Failure:
     """What an exception that is neither an HTTP error nor a connection failure means: a 200
     without a usable answer (``answers``' errors), a timeout, else something unexpected (retried)."""

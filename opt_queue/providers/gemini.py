@@ -40,7 +40,7 @@ from google.genai import types
 from opt_queue.core import answers
 from opt_queue.core.config import ApiKey
 from opt_queue.core.request import CHAT_URL
-from opt_queue.providers.base import Answer, CallFailed, Failure, Kind, classify_other
+from opt_queue.providers.base import Answer, Failure, Kind, NotMappable, classify_first, classify_other
 from opt_queue.providers.http import USER_AGENT, Http, json_body, unreachable
 
 API_VERSION = "v1beta"
@@ -51,10 +51,6 @@ DROPPED = frozenset({"service_tier", "store", "user", "metadata", "parallel_tool
 _CONFIG = {"temperature": "temperature", "top_p": "topP", "top_k": "topK", "seed": "seed",
            "presence_penalty": "presencePenalty", "frequency_penalty": "frequencyPenalty",
            "top_logprobs": "logprobs"}
-
-
-class NotMappable(ValueError):
-    """A request with no ``generateContent`` equivalent (the same for every row: the job stops)."""
 
 
 # -- the request --------------------------------------------------------------------------------
@@ -256,14 +252,9 @@ def classify_status(status: int, body: Any, text: str = "") -> Failure:
 
 def classify(exc: BaseException) -> Failure:
     """What an exception of :meth:`GeminiProvider.call` means."""
-    if isinstance(exc, NotMappable):
-        return Failure(Kind.JOB_CONFIG, str(exc), code="not_mappable")
-    if isinstance(exc, CallFailed):
-        return exc.failure
-    refused = unreachable(exc)
-    if refused is not None:
-        return Failure(Kind.UNREACHABLE, f"cannot connect: {str(refused) or type(refused).__name__}",
-                       code="unreachable")
+    first = classify_first(exc, unreachable)
+    if first is not None:
+        return first
     if isinstance(exc, genai_errors.APIError):
         body = exc.details if isinstance(exc.details, dict) else None
         return classify_status(int(exc.code or 500), body, str(exc.message or ""))

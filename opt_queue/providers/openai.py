@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - SDKs on httpx
 
 from opt_queue.core import answers
 from opt_queue.core.config import ApiKey
-from opt_queue.providers.base import Answer, Batch, CallFailed, Failure, Kind, classify_other
+from opt_queue.providers.base import Answer, Batch, CallFailed, Failure, Kind, classify_first, classify_other, classify_sdk
 from opt_queue.providers.http import KEEPALIVE, USER_AGENT, Http, json_body, kept, request_leaving, unreachable
 from opt_queue.core.request import ENDPOINTS
 
@@ -180,25 +180,11 @@ def _classify(status: int, code: str | None, message: str, lowered: str, headers
 
 
 def classify(exc: BaseException) -> Failure:
-    """Classify an exception raised by :func:`call`."""
-    if isinstance(exc, CallFailed):
-        return exc.failure
-    refused = unreachable(exc)
-    if refused is not None:
-        detail = str(refused) or type(refused).__name__
-        return Failure(Kind.UNREACHABLE, f"cannot connect: {detail}", code="unreachable")
-    if isinstance(exc, openai.APIStatusError):
-        try:
-            body = exc.response.json()
-        except ValueError:
-            body = None
-        return classify_status(exc.status_code, body, exc.response.headers, exc.response.text)
-    if isinstance(exc, openai.APITimeoutError):
-        return Failure(Kind.TRANSIENT, "the request timed out", code="timeout")
-    if isinstance(exc, openai.APIConnectionError):
-        return Failure(Kind.TRANSIENT, f"connection error: {type(exc.__cause__ or exc).__name__}",
-                       code="connection_error")
-    if isinstance(exc, asyncio.TimeoutError):
+    """Classify an exception raised by :func:`call` (through the SDK, or over aiohttp directly)."""
+    found = classify_first(exc, unreachable) or classify_sdk(exc, openai, classify_status)
+    if found is not None:
+        return found
+    if isinstance(exc, asyncio.TimeoutError):  # an OSError too: checked first
         return Failure(Kind.TRANSIENT, "the request timed out", code="timeout")
     if isinstance(exc, (aiohttp.ClientError, OSError)):
         return Failure(Kind.TRANSIENT, f"connection error: {type(exc).__name__}", code="connection_error")
