@@ -215,3 +215,24 @@ def test_a_server_that_rounds_what_remains_is_read_by_how_precise_each_reading_i
     for _ in range(60):
         send(p, server, 1000, 0, rounding=1000)
     assert factor(rclient, first.scope) == pytest.approx(ratio, rel=0.06)
+
+
+def test_a_server_without_token_headers_is_read_from_what_it_billed(make, rclient: redis.Redis) -> None:  # noqa: F811
+    """Gemini states no window, but its token window counts input tokens as it bills them: one
+    answer's billed prompt over the estimate is an exact reading of how the server counts."""
+    p = make([key("sk-g", {"tokens": ["1000/60s"]}, provider="gemini")], header_period=60.0)
+
+    def admit() -> Lease | Wait:
+        got = p.run(p.pool.acquire("m", 400, prompt=400))
+        if isinstance(got, Lease):
+            p.run(p.pool.stamp(got))
+        return got
+
+    first = admit()
+    assert isinstance(first, Lease)
+    p.tell(first, used_tokens=200, prompt_counted=200)  # the server billed half the estimate
+    assert factor(rclient, first.scope) == pytest.approx(0.5)
+    more = 0
+    while isinstance(admit(), Lease):
+        more += 1
+    assert more == 3  # 400 (the first, as admitted) + 3 x 200 <= 1000; without the reading: 1

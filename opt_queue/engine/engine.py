@@ -601,6 +601,7 @@ class Engine:
         row.to_settle = (lease, Report(used_tokens=used, usage=usage, server=answer.server_limits,
                                        sent_ms=row.sent_ms, window=answer.token_window,
                                        window_rounding=answer.token_rounding,
+                                       prompt_counted=answer.prompt_counted,
                                        output_tokens=reply.completion_tokens))
         metrics.observe_call(lease.key.fingerprint, row.body["model"], "200", usage)
         parsed, problem, final = answers.structured(row.url, row.body, reply)

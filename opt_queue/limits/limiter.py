@@ -269,6 +269,8 @@ class Report:
     """The request's stamp and the response's token window: an observation for calibration."""
     window_rounding: int = 0
     """How the server rounds the remaining tokens of ``window`` (0: exact)."""
+    prompt_counted: int | None = None
+    """The server's count of the request's prompt, where its window counts what it bills (Gemini)."""
 
 
 @dataclass(frozen=True)
@@ -587,6 +589,8 @@ class AsyncKeyPool:
         else:
             self.queue_learn(lease, report.server, pipe)
         self.queue_calibrate(lease, report.sent_ms, report.window, pipe, report.window_rounding)
+        if report.prompt_counted:
+            self.queue_calibrate_usage(lease, report.prompt_counted, pipe)
         if report.answered is not None:
             self._queue_word(lease, report.answered, pipe)
         return verdict_at
@@ -633,6 +637,22 @@ class AsyncKeyPool:
             return False
         queue(pipe, self._scripts.learn, *self._tell_call(lease, "ok", 0.0, server))
         self._learned[lease.scope] = (dict(server), now)
+        return True
+
+    def queue_calibrate_usage(self, lease: Lease, counted: int, pipe: Any) -> bool:
+        """Queue on ``pipe`` a reading of how the scope's server counts prompts from what it billed
+        for this request (``lua/calibrate_usage.lua``): its first few readings, then one per
+        :data:`CALIBRATE_EVERY` (a scope's token window of the header period only)."""
+        if not any(w.dim == "tok" for w in lease.windows):
+            return False
+        estimate = int(lease.uid.split(".")[1]) if lease.uid.count(".") == 2 else 0
+        sent, last = self._calibrated.get(lease.scope, (0, 0.0))
+        now = self.now_ms / 1000 if self.now_ms is not None else time.monotonic()
+        if estimate <= 0 or (sent >= CALIBRATE_FIRST and now - last < CALIBRATE_EVERY):
+            return False
+        self._calibrated[lease.scope] = (sent + 1, now)
+        queue(pipe, self._scripts.calibrate_usage, [rkeys.bucket_state(lease.scope)],
+              [counted, estimate, CALIBRATE_WEIGHT, self.now_ms or 0, ANSWERED_MS])
         return True
 
     def queue_calibrate(self, lease: Lease, sent_ms: int | None, window: tuple[int, int] | None,

@@ -90,6 +90,9 @@ class Answer:
     arrived, which calibrates the limiter's count of prompts (None: not stated)."""
     token_rounding: int = 0
     """How the server rounds the remaining tokens it states (Anthropic: to the nearest thousand)."""
+    prompt_counted: int | None = None
+    """The server's count of this request's prompt, where its token window counts what it bills
+    and no header states the window (Gemini): an exact reading for calibration."""
 
 
 @dataclass

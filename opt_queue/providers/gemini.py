@@ -297,7 +297,10 @@ class GeminiProvider:
                 model=body["model"], contents=native["contents"], config=sdk_config(native))
         raw = got.sdk_http_response
         data = json_body(raw.body or "") if raw is not None else None
-        return Answer(answers.read(url, data), data, request_id=(data or {}).get("responseId"))
+        reply = answers.read(url, data)
+        # the project's token window counts input tokens as billed: the usage is an exact reading
+        return Answer(reply, data, request_id=(data or {}).get("responseId"),
+                      prompt_counted=reply.prompt_tokens or None)
 
     def classify(self, exc: BaseException) -> Failure:
         return classify(exc)

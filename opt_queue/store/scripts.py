@@ -15,7 +15,7 @@ from redis.exceptions import NoScriptError
 
 _ROW_SCRIPTS = ("claim", "unclaim", "publish", "release", "collected", "lease", "orphans", "dedupe")
 """Scripts on a job's row state: ``lua/_rows.lua`` (its helpers) is put in front of each."""
-_NAMES = (*_ROW_SCRIPTS, "renew", "acquire", "stamp", "cancel", "settle", "settle_out", "learn", "calibrate", "due", "reserve")
+_NAMES = (*_ROW_SCRIPTS, "renew", "acquire", "stamp", "cancel", "settle", "settle_out", "learn", "calibrate", "calibrate_usage", "due", "reserve")
 
 
 def _read(name: str) -> str:
@@ -51,6 +51,7 @@ class Scripts:
     settle_out: Script
     learn: Script
     calibrate: Script
+    calibrate_usage: Script
     due: Script
     reserve: Script
 
