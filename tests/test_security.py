@@ -49,11 +49,9 @@ def dump_redis(client: redis.Redis) -> str:
     return "\n".join(parts)
 
 
-def work_and_gather(tmp_path: Path, config: Path, out: Path, redis_url: str, rclient: redis.Redis,
-                    submitted: Any, queued: str) -> tuple[str, Any]:
-    """Run workers (DEBUG logs) and the collector on a submitted job; return everything a key could
-    leak into (the commands' output, the queue, the worker log, Redis, status, the output files)
-    and ``status --json``'s result."""
+def work_and_collect(tmp_path: Path, config: Path, out: Path, redis_url: str) -> tuple[Any, str]:
+    """Run workers (DEBUG logs) and the collector on a submitted job: the collector's result and
+    the worker log."""
     worker_log = tmp_path / "worker.log"
     workers = LocalWorkers(redis_url, str(config), concurrency=4, loglevel="DEBUG", log_file=worker_log).start()
     try:
@@ -61,11 +59,19 @@ def work_and_gather(tmp_path: Path, config: Path, out: Path, redis_url: str, rcl
     finally:
         workers.stop()
     assert collected.returncode == 0, collected.stderr
+    return collected, worker_log.read_text(errors="replace")
+
+
+def work_and_gather(tmp_path: Path, config: Path, out: Path, redis_url: str, rclient: redis.Redis,
+                    submitted: Any, queued: str) -> tuple[str, Any]:
+    """:func:`work_and_collect`, then everything a key could leak into (the commands' output, the
+    queue, the worker log, Redis, status, the output files) and ``status --json``'s result."""
+    collected, log = work_and_collect(tmp_path, config, out, redis_url)
     status = cli("status", "-c", str(config), "--json")
     table = cli("status", "-c", str(config))
     everything = "\n".join([
         submitted.stdout, submitted.stderr, queued, collected.stdout, collected.stderr,
-        worker_log.read_text(errors="replace"), dump_redis(rclient), status.stdout, table.stdout,
+        log, dump_redis(rclient), status.stdout, table.stdout,
         out.read_text(encoding="utf-8"), (tmp_path / "output.errors.jsonl").read_text(encoding="utf-8")])
     return everything, status
 
@@ -144,17 +150,11 @@ def test_the_batch_lane_keeps_keys_out_of_redis_files_metadata_and_logs(
     assert submitted.returncode == 0
     chunks = dump_redis(rclient)  # the batch files waiting in Redis
     assert "Translate to English" in chunks
-    worker_log = tmp_path / "worker.log"
-    workers = LocalWorkers(redis_url, str(config), concurrency=4, loglevel="DEBUG", log_file=worker_log).start()
-    try:
-        collected = cli("collect", "-c", str(config), "-o", str(out))
-    finally:
-        workers.stop()
-    assert collected.returncode == 0, collected.stderr
+    collected, log = work_and_collect(tmp_path, config, out, redis_url)
     uploaded = b"".join(sim.api.batches.files.values()).decode()
     metadata = repr([b.metadata for b in sim.api.batches.batches.values()])
     everything = "\n".join([submitted.stdout, submitted.stderr, chunks, collected.stdout, collected.stderr,
-                            worker_log.read_text(errors="replace"), dump_redis(rclient), uploaded, metadata,
+                            log, dump_redis(rclient), uploaded, metadata,
                             cli("status", "-c", str(config), "--json").stdout, out.read_text(encoding="utf-8")])
     for secret in (GOOD, REVOKED):
         assert secret not in everything and secret[8:24] not in everything
