@@ -15,7 +15,7 @@ from opt_queue.store import keys
 from opt_queue.queue.app import configure
 from opt_queue.lanes.batchlane import BatchLane
 from opt_queue.lanes.chunks import HANDOFF_SECONDS, Chunk, ChunkWriter, chunk_states, cutover_at
-from opt_queue.providers.openai import OpenAIProvider
+from opt_queue.providers import Providers
 from opt_queue.core.config import load_config
 from opt_queue.store.jobs import Job
 from opt_queue.core.prices import Prices
@@ -75,7 +75,7 @@ def test_a_crash_between_creating_a_batch_and_recording_it_creates_no_second_bat
 
     async def next_step() -> float | None:
         client = connect_async(redis_url, max_connections=8)
-        api = OpenAIProvider()
+        api = Providers()
         lane = BatchLane(config, client, api, config.keys(), Prices())
         try:
             return await lane.step("job-b", chunk_id)

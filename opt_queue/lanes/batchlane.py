@@ -1,4 +1,5 @@
-"""The batch lane: a job's rows through the provider's Batch API, at half price within 24 hours.
+"""The batch lane: a job's rows through the providers' batch APIs, at half price within 24 hours
+(OpenAI's Batch API, Anthropic's Message Batches, Gemini's Batch Mode: ``providers``' seam).
 
 ``submit --lane batch`` claims rows as the synchronous lane does, then, instead of task messages,
 writes them into *chunks* (:class:`ChunkWriter`): Batch API input files within the provider's
@@ -11,10 +12,14 @@ that are due (taking a step moves it a lease length ahead, renewed while it runs
 killed in the middle of a step leaves it to another one after ``lease_seconds``) and runs them:
 
 ``pending``   pick the key with the most room for the chunk's prompt tokens (its enqueued-token
-              limit, configured or learned from the provider's error), upload the file, create
-              the batch with ``metadata`` naming the job, the chunk and the attempt
+              limit, configured or learned from the provider's error), upload the file (where the
+              provider's batches read one), create the batch with ``metadata`` naming the job, the
+              chunk and the attempt (Gemini: its display name; Anthropic keeps none)
 ``creating``  (a crash between the create call and the record) find the batch by its metadata
-              before creating another, so the same rows are never uploaded into two batches
+              before creating another, so the same rows are never uploaded into two batches;
+              where the provider keeps no metadata, by its creation time and size, adopted by
+              one chunk only (``keys.batch_owner``), and its results checked against the
+              attempt's tag, which every custom id carries
 ``submitted`` poll; on ``token_limit_exceeded`` wait for room (learning the limit; a chunk alone
               above it is split); when the batch is completed, expired or cancelled, download its
               output and error files and publish every row through the same exactly-once path as
@@ -66,6 +71,12 @@ ENQUEUED_LIMIT = re.compile(r"Limit:\s*([\d,]+)\s*enqueued tokens", re.I)
 UPLOAD_TIMEOUT = 600.0
 SPLIT = -1.0
 """What :meth:`BatchLane._reserve` says of a chunk it split into smaller ones."""
+CLOCK_SKEW = 300.0
+"""Seconds a provider's clock may be behind ours when a lost batch is found by its creation time."""
+OWNER_SECONDS = 3 * 86400
+"""How long a batch's owner is kept: longer than any provider lets a batch run."""
+FIND_AT_MOST = 2000
+"""Batches looked at when a lost one is searched for."""
 
 
 
@@ -74,7 +85,7 @@ class BatchLane:
     """The batch lane's steps, run by a worker process on its event loop (see the module doc).
     It shares the engine's Redis client, API clients, keys and prices."""
 
-    def __init__(self, config: Config, client: Any, provider: api.BatchProvider, keys: list[ApiKey],
+    def __init__(self, config: Config, client: Any, provider: api.Providers, keys: list[ApiKey],
                  prices: Prices) -> None:
         self.config = config
         self.client = client
@@ -235,17 +246,22 @@ class BatchLane:
         # A chunk's content never changes: a file this key uploaded for it before (a batch that
         # failed, or a create that did not go through) is used again instead of a second upload.
         file_id = chunk.file_id if chunk.file_id and chunk.file_key == key.fingerprint else None
-        chunk.state, chunk.key, chunk.tag = "creating", key.fingerprint, uuid.uuid4().hex[:12]
+        chunk.state, chunk.key, chunk.tag, chunk.sent_at = "creating", key.fingerprint, uuid.uuid4().hex[:12], time.time()
         await self._save(job.id, chunk_id, chunk)  # before the call: a crash after it is found again
+        meta = {"opt_queue_job": job.id, "opt_queue_chunk": chunk_id, "opt_queue_tag": chunk.tag}
         try:
-            if file_id is None:
-                file_id = chunk.file_id = await self.api.upload(key, f"{job.id}-{chunk_id}.jsonl", data or b"",
-                                                                UPLOAD_TIMEOUT)
-                chunk.file_key = key.fingerprint
-                await self._save(job.id, chunk_id, chunk)
-            created = await self.api.create_batch(
-                key, file_id, chunk.url, {"opt_queue_job": job.id, "opt_queue_chunk": chunk_id, "opt_queue_tag": chunk.tag},
-                self.config.request_timeout)
+            if not self.api.files(key):  # the requests go with the create call, each named by the tag
+                lines = await self._lines(job.id, chunk_id)
+                created = await self.api.create_batch(key, chunk.url, chunk.model, meta, UPLOAD_TIMEOUT,
+                                                      requests=_to_wire(chunk, lines))
+            else:
+                if file_id is None:
+                    file_id = chunk.file_id = await self.api.upload(key, f"{job.id}-{chunk_id}.jsonl", data or b"",
+                                                                    UPLOAD_TIMEOUT)
+                    chunk.file_key = key.fingerprint
+                    await self._save(job.id, chunk_id, chunk)
+                created = await self.api.create_batch(key, chunk.url, chunk.model, meta, self.config.request_timeout,
+                                                      file_id=file_id)
         except Exception as exc:
             failure = self.api.classify(exc)
             chunk.state = "pending"
@@ -253,13 +269,20 @@ class BatchLane:
             self._unreserve(pipe, job, chunk)
             pipe.hset(rkeys.job_batches(job.id), chunk_id, chunk.dumps())
             await pipe.execute()
+            message = api.redact(failure.message, self._secrets)
             if failure.kind is api.Kind.KEY_DEAD:
-                await job.retire_key(key.fingerprint, f"{failure.status} {failure.reason}: "
-                                                      f"{api.redact(failure.message, self._secrets)}")
+                await job.retire_key(key.fingerprint, f"{failure.status} {failure.reason}: {message}")
                 log.warning("key %s retired for job %s: %s", key.fingerprint, job.id, failure.reason)
                 return 0.0
-            log.warning("job %s: chunk %s could not be sent to the Batch API (%s); trying again", job.id,
-                        chunk_id, api.redact(failure.message, self._secrets))
+            if failure.kind is api.Kind.JOB_CONFIG:  # the same for every chunk of the model: stop
+                if await job.stop(f"the batch lane cannot send chunk {chunk_id}: {message}"):
+                    log.error("job %s stopped: %s", job.id, message)
+                return 0.0
+            if failure.kind in api.FINAL_KINDS:  # the batch was refused as it is: a failed attempt
+                return await self._attempt_failed(job, chunk_id, chunk, failure.reason, message,
+                                                  f"chunk {chunk_id}'s batch was refused")
+            log.warning("job %s: chunk %s could not be sent to the batch API (%s); trying again", job.id,
+                        chunk_id, message)
             return max(failure.retry_after or 0.0, self.config.batch_poll)
         log.info("job %s: chunk %s (%d rows, ~%d prompt tokens) is batch %s on key %s", job.id, chunk_id,
                  chunk.rows, chunk.tokens, created.id, key.fingerprint)
@@ -301,12 +324,13 @@ class BatchLane:
         budgets.queue_spend(pipe, None, job.budget_key, None, (chunk.reserved_nano, chunk.reserved_tokens))
         chunk.reserved_nano = chunk.reserved_tokens = 0
 
-    async def _submitted(self, job: AsyncJob, chunk_id: str, chunk: Chunk, batch_id: str, file_id: str,
+    async def _submitted(self, job: AsyncJob, chunk_id: str, chunk: Chunk, batch_id: str, file_id: str | None,
                          status: str | None = None) -> float:
         chunk.state, chunk.batch_id, chunk.file_id, chunk.status = "submitted", batch_id, file_id, status
         chunk.file_key = chunk.key
         delay = chunk.next_poll(self.config.batch_poll)
         pipe = self.client.pipeline(transaction=True)
+        pipe.set(rkeys.batch_owner(chunk.key or "", batch_id), f"{job.id}\n{chunk_id}", ex=OWNER_SECONDS)
         pipe.hset(rkeys.job_batches(job.id), chunk_id, chunk.dumps())
         pipe.hincrby(rkeys.batch_enqueued(chunk.key or "", chunk.model), "tokens", chunk.tokens)
         await pipe.execute()
@@ -314,16 +338,27 @@ class BatchLane:
 
     async def _find(self, chunk: Chunk, job_id: str, chunk_id: str) -> api.Batch | None:
         """The provider's batch created for this attempt of the chunk, if the create call went
-        through before the worker died (its metadata names it)."""
+        through before the worker died: its metadata names it, or, where the provider keeps none,
+        the one batch of the chunk's size created since the attempt began that no chunk owns (a
+        wrong guess, two lost batches of one size at once, is caught when its results come back:
+        their custom ids carry another attempt's tag, and the rows are sent again)."""
         key = self._key(chunk.key)
         if key is None:
             return None
+        named = self.api.names_batches(key)
+        wanted = {"opt_queue_job": job_id, "opt_queue_chunk": chunk_id, "opt_queue_tag": chunk.tag}
+        seen = 0
         async for batch in self.api.recent_batches(key, self.config.request_timeout):
-            meta = batch.metadata
-            if (meta.get("opt_queue_job"), meta.get("opt_queue_chunk"), meta.get("opt_queue_tag")) == \
-                    (job_id, chunk_id, chunk.tag):
+            if named and all(batch.metadata.get(k) == v for k, v in wanted.items()):
                 return batch
-            if batch.created_at < time.time() - 86400 * 2:
+            if not named and batch.created_at >= chunk.sent_at - CLOCK_SKEW and batch.requests == chunk.rows:
+                owner = rkeys.batch_owner(key.fingerprint, batch.id)
+                member = f"{job_id}\n{chunk_id}"
+                if await self.client.set(owner, member, nx=True, ex=OWNER_SECONDS) or \
+                        (await self.client.get(owner) or b"").decode() == member:
+                    return batch
+            seen += 1
+            if seen >= FIND_AT_MOST or (batch.created_at and batch.created_at < chunk.sent_at - max(CLOCK_SKEW, 86400 * 2)):
                 break
         return None
 
@@ -350,12 +385,11 @@ class BatchLane:
             delay = min(self.config.batch_poll, CANCEL_POLL) if cancel else chunk.next_poll(self.config.batch_poll)
             await self._save(job.id, chunk_id, chunk)
             return delay
-        found: list[dict[str, Any]] = []
-        for file_id in (batch.output_file_id, batch.error_file_id):
-            if file_id:
-                text = await self.api.file_text(key, file_id, UPLOAD_TIMEOUT)
-                found += [json.loads(line) for line in text.splitlines() if line.strip()]
-        await self._finish(job, chunk_id, chunk, found, await self._lines(job.id, chunk_id), late=late)
+        lines = await self._lines(job.id, chunk_id)
+        found = await self.api.results(key, batch, UPLOAD_TIMEOUT)
+        if not self.api.files(key):
+            found = _from_wire(chunk, lines, found)
+        await self._finish(job, chunk_id, chunk, found, lines, late=late)
         return None
 
     async def _hand_over(self, job: AsyncJob, chunk_id: str, chunk: Chunk, status: str) -> None:
@@ -392,6 +426,12 @@ class BatchLane:
             chunk.state = "pending"
             await self._save(job.id, chunk_id, chunk)
             return self.config.batch_poll
+        return await self._attempt_failed(job, chunk_id, chunk, code, message, f"batch {batch.id} failed")
+
+    async def _attempt_failed(self, job: AsyncJob, chunk_id: str, chunk: Chunk, code: str | None, message: str,
+                              what: str) -> float | None:
+        """A batch of the chunk failed, or its create call was refused, for the batch's own sake: send
+        the rows again, up to ``batch_attempts`` times, then null them with the reason."""
         chunk.failures += 1
         if chunk.failures >= self.config.batch_attempts:
             lines = await self._lines(job.id, chunk_id)
@@ -399,8 +439,8 @@ class BatchLane:
                      for i in lines]
             await self._finish(job, chunk_id, chunk, nulls, lines, late=False, final=True)
             return None
-        log.warning("job %s: batch %s failed (%s: %s); sending its rows again (%d/%d)", job.id, batch.id, code,
-                    message, chunk.failures, self.config.batch_attempts)
+        log.warning("job %s: %s (%s: %s); sending its rows again (%d/%d)", job.id, what, code, message,
+                    chunk.failures, self.config.batch_attempts)
         chunk.state = "pending"
         await self._save(job.id, chunk_id, chunk)
         return self.config.batch_poll
@@ -551,7 +591,7 @@ class BatchLane:
             return None, None
         body = response.get("body")
         if response.get("status_code") != 200:
-            failure = self.api.classify_response(int(response.get("status_code") or 500), body)
+            failure = self.api.classify_response(self._key(chunk.key), int(response.get("status_code") or 500), body)
             if failure.kind in (api.Kind.TRANSIENT, api.Kind.RATE_LIMITED, api.Kind.SLOW_DOWN) and not final:
                 return None, None
             return RowResult(answer=None, error_type=failure.reason, error=failure.message, **common,
@@ -595,6 +635,29 @@ class BatchLane:
                 budgets.queue_spend(pipe, chunk.key or "", job.budget_key, usage)
             await pipe.execute()
         return new
+
+
+def _to_wire(chunk: Chunk, lines: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The chunk's requests as sent inline: custom ids ``{tag}-{place}`` (within every provider's
+    rules, such as Anthropic's ``^[a-zA-Z0-9_-]{1,64}$``, whatever the rows' indices are)."""
+    return [(f"{chunk.tag}-{place}", line["body"]) for place, line in enumerate(lines.values())]
+
+
+def _from_wire(chunk: Chunk, lines: dict[str, dict[str, Any]], found: list[api.BatchEntry]) -> list[api.BatchEntry]:
+    """Results of an inline batch with their rows' indices (:func:`_to_wire`'s custom ids read
+    back); a result of another attempt's tag is not this chunk's and is left out."""
+    order = list(lines)
+    prefix = f"{chunk.tag}-"
+    out = []
+    for entry in found:
+        custom_id = str(entry.get("custom_id"))
+        place = custom_id[len(prefix):] if custom_id.startswith(prefix) else ""
+        if place.isdigit() and int(place) < len(order):
+            out.append({**entry, "custom_id": order[int(place)]})
+    if len(out) < len(found):
+        log.warning("batch of chunk with tag %s: %d results of another attempt left out", chunk.tag,
+                    len(found) - len(out))
+    return out
 
 
 def _final_fields(failure: api.Failure, chunk: Chunk, request: dict[str, Any]) -> dict[str, Any]:

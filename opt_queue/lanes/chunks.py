@@ -13,6 +13,7 @@ import redis
 
 from opt_queue.store import keys as rkeys
 from opt_queue.core.config import Config
+from opt_queue.providers import BATCH_LIMITS
 from opt_queue.core.tokens import estimate_parts
 
 
@@ -34,6 +35,9 @@ class Chunk:
     file_key: str | None = None
     """The key that uploaded ``file_id`` (a file belongs to its key's organization)."""
     batch_id: str | None = None
+    sent_at: float = 0.0
+    """When this attempt's create call was made (a lost batch of a provider that keeps no metadata
+    is found by it)."""
     status: str | None = None
     answered: int = 0
     nulls: int = 0
@@ -81,7 +85,19 @@ class ChunkWriter:
         self.config = config
         self.options = options
         self._open: dict[tuple[str, str], tuple[list[str], list[str], list[int]]] = {}
+        self._limits: dict[str, tuple[int, int]] = {}
         self.chunks = 0
+
+    def limits(self, model: str) -> tuple[int, int]:
+        """The most rows and bytes a chunk of ``model`` may hold: the config's, within what a batch
+        of every provider whose keys serve the model takes (:data:`~opt_queue.providers.BATCH_LIMITS`)."""
+        found = self._limits.get(model)
+        if found is None:
+            serving = {k.provider for k in self.config.keys() if k.serves(model)} or {"openai"}
+            found = self._limits[model] = (
+                min([self.config.batch_max_lines, *(BATCH_LIMITS[p][0] for p in serving)]),
+                min([self.config.batch_max_bytes, *(BATCH_LIMITS[p][1] for p in serving)]))
+        return found
 
     def add(self, index: str, body: dict[str, Any], url: str) -> None:
         """Add a claimed row (as a task carries it: index, request, endpoint)."""
@@ -90,8 +106,8 @@ class ChunkWriter:
         tokens = estimate_parts(body, url)[0]
         lines, indices, sizes = self._open.setdefault((url, model), ([], [], [0, 0]))
         limit = self.config.batch_token_limit
-        if lines and (len(lines) >= self.config.batch_max_lines
-                      or sizes[0] + len(line.encode()) + 1 > self.config.batch_max_bytes
+        most_lines, most_bytes = self.limits(model)
+        if lines and (len(lines) >= most_lines or sizes[0] + len(line.encode()) + 1 > most_bytes
                       or (limit and sizes[1] + tokens > limit)):
             self._store(url, model)
             lines, indices, sizes = self._open.setdefault((url, model), ([], [], [0, 0]))

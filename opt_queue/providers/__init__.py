@@ -15,14 +15,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from opt_queue.core.errors import ConfigError
-from opt_queue.providers.base import (FINAL_KINDS, REQUIRED_MAX_TOKENS, Answer, Batch, BatchProvider, CallFailed,
+from opt_queue.providers.base import (FINAL_KINDS, REQUIRED_MAX_TOKENS, Answer, Batch, BatchEntry, BatchProvider, CallFailed,
                                       Failure, Kind, Provider, classify_other, redact)
 from opt_queue.providers.http import Http
 
 if TYPE_CHECKING:
     from opt_queue.core.config import ApiKey, Config
 
-__all__ = ["EXTRAS", "FINAL_KINDS", "REQUIRED_MAX_TOKENS", "WINDOW_COUNTS_OUTPUT", "Answer", "Batch", "BatchProvider",
+__all__ = ["BATCH_LIMITS", "EXTRAS", "FINAL_KINDS", "REQUIRED_MAX_TOKENS", "WINDOW_COUNTS_OUTPUT", "Answer", "Batch",
+           "BatchEntry", "BatchProvider",
            "CallFailed", "Failure", "Kind", "Provider", "Providers", "check_installed", "for_config", "redact",
            "window_counts_output", "with_required_cap"]
 
@@ -32,6 +33,12 @@ WINDOW_COUNTS_OUTPUT = {"openai": True, "anthropic": False, "gemini": False}
 """Whether a provider's tokens-per-minute window counts a request's output (OpenAI counts the
 prompt and ``max_tokens`` on arrival; Anthropic's input-token and Gemini's token windows count input)."""
 CAPS = ("max_completion_tokens", "max_tokens")
+BATCH_LIMITS = {"openai": (50_000, 200 * 1024 * 1024), "anthropic": (100_000, 256 * 1024 * 1024),
+                "gemini": (50_000, 18 * 1024 * 1024)}
+"""Per provider, the most requests and bytes one batch may hold: OpenAI's Batch API 50,000 lines and
+200 MB (its batch guide), Anthropic's Message Batches 100,000 requests and 256 MB (its batch
+processing guide), Gemini's inline Batch Mode requests 20 MB in all (its Batch Mode guide; 18 MB of
+rows leaves room for the native request's own shape; it states no count, so OpenAI's)."""
 
 
 def window_counts_output(serving: frozenset[str]) -> bool:
@@ -119,26 +126,29 @@ class Providers:
         await self.http.close()
 
     # -- the batch lane's operations go to the key's provider ----------------------------------
-    def _batches(self, key: ApiKey) -> Any:
-        provider = self.of(key)
-        if not hasattr(provider, "create_batch"):
-            raise CallFailed(Failure(Kind.JOB_CONFIG, f"the batch lane does not take {key.provider} keys yet; "
-                                                      f"use --lane sync for their models", code="no_batch_api"))
-        return provider
+    def files(self, key: ApiKey) -> bool:
+        """Whether ``key``'s batches read their requests from an uploaded file (``BatchProvider.files``)."""
+        return bool(self.of(key).files)
 
-    async def _run(self, key: ApiKey, op: str, *args: Any) -> Any:
-        provider = self._batches(key)
+    def names_batches(self, key: ApiKey) -> bool:
+        """Whether ``key``'s batches keep the metadata they were created with."""
+        return bool(self.of(key).names_batches)
+
+    async def _run(self, key: ApiKey, op: str, *args: Any, **kwargs: Any) -> Any:
+        provider = self.of(key)
         try:
-            return await getattr(provider, op)(key, *args)
+            return await getattr(provider, op)(key, *args, **kwargs)
         except Exception as exc:
             raise CallFailed(provider.classify(exc)) from exc
 
     async def upload(self, key: ApiKey, name: str, data: bytes, timeout: float) -> str:
         return await self._run(key, "upload", name, data, timeout)
 
-    async def create_batch(self, key: ApiKey, file_id: str, endpoint: str, metadata: dict[str, str],
-                           timeout: float) -> Batch:
-        return await self._run(key, "create_batch", file_id, endpoint, metadata, timeout)
+    async def create_batch(self, key: ApiKey, endpoint: str, model: str, metadata: dict[str, str], timeout: float,
+                           file_id: str | None = None,
+                           requests: list[tuple[str, dict[str, Any]]] | None = None) -> Batch:
+        return await self._run(key, "create_batch", endpoint, model, metadata, timeout, file_id=file_id,
+                               requests=requests)
 
     async def batch(self, key: ApiKey, batch_id: str, timeout: float) -> Batch:
         return await self._run(key, "batch", batch_id, timeout)
@@ -147,20 +157,24 @@ class Providers:
         await self._run(key, "cancel_batch", batch_id, timeout)
 
     async def recent_batches(self, key: ApiKey, timeout: float) -> AsyncIterator[Batch]:
-        provider = self._batches(key)
+        provider = self.of(key)
         try:
             async for found in provider.recent_batches(key, timeout):
                 yield found
         except Exception as exc:
             raise CallFailed(provider.classify(exc)) from exc
 
-    async def file_text(self, key: ApiKey, file_id: str, timeout: float) -> str:
-        return await self._run(key, "file_text", file_id, timeout)
+    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> list[BatchEntry]:
+        return await self._run(key, "results", batch, timeout)
 
-    def classify_response(self, status: int, body: Any) -> Failure:
-        from opt_queue.providers.openai import classify_status  # batch output lines: OpenAI's shape
+    def classify_response(self, key: ApiKey | None, status: int, body: Any) -> Failure:
+        """What an error inside a batch's results of ``key`` means (OpenAI's shape when the key is
+        no longer configured)."""
+        if key is None:
+            from opt_queue.providers.openai import classify_status
 
-        return classify_status(status, body, {}, "")
+            return classify_status(status, body, {}, "")
+        return self.of(key).classify_response(status, body)
 
 
 def for_config(config: Config) -> Providers:

@@ -22,12 +22,18 @@ token window paces: Anthropic counts a request's input against it, not its ``max
 Errors (https://docs.anthropic.com/en/api/errors): 429 ``rate_limit_error`` with ``retry-after``,
 529 ``overloaded_error`` (a transient slow-down of the whole API, no attempt used), 401/403 and a
 spent credit balance retire the key, ``prompt is too long`` is a context-length failure.
+
+The batch lane's side (https://docs.anthropic.com/en/api/creating-message-batches): Message Batches
+(``/v1/messages/batches``) take their requests inline, ``{"custom_id", "params"}`` each (custom ids
+match ``^[a-zA-Z0-9_-]{1,64}$``), and keep no metadata; a batch is ``in_progress``, ``canceling``
+or ``ended``, and once ended its results (``results_url``, JSONL, in any order) say of each request
+``succeeded``, ``errored``, ``canceled`` or ``expired``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anthropic
@@ -40,8 +46,8 @@ except ImportError:  # pragma: no cover - SDKs on httpx
 from opt_queue.core import answers
 from opt_queue.core.config import ApiKey
 from opt_queue.core.request import CHAT_URL
-from opt_queue.providers.base import (REQUIRED_MAX_TOKENS, Answer, Failure, Kind, NotMappable, classify_first,
-                                      classify_other, classify_sdk)
+from opt_queue.providers.base import (REQUIRED_MAX_TOKENS, Answer, Batch, BatchEntry, Failure, Kind, NotMappable,
+                                      classify_first, classify_other, classify_sdk)
 from opt_queue.providers.http import USER_AGENT, Http, json_body, kept, request_leaving, unreachable
 
 DEFAULT_MAX_TOKENS = REQUIRED_MAX_TOKENS["anthropic"]
@@ -235,6 +241,42 @@ def classify_status(status: int, body: Any, headers: Any, text: str = "") -> Fai
     return Failure(Kind.BAD_ROW, message, status, kind or f"http_{status}", server_limits=limits)
 
 
+ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
+                "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
+                "rate_limit_error": 429, "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
+"""The HTTP status of each error type (https://docs.anthropic.com/en/api/errors): an errored
+request of a batch states only its type."""
+NOT_RUN = {"canceled": "batch_cancelled", "expired": "batch_expired"}
+
+
+def _batch(sdk_batch: Any) -> Batch:
+    """A Message Batch in the batch lane's words: ``ended`` is ``completed``, or ``cancelled`` /
+    ``expired`` when it was cancelled or requests expired."""
+    counts = sdk_batch.request_counts
+    status = {"in_progress": "in_progress", "canceling": "cancelling"}.get(sdk_batch.processing_status)
+    if status is None:
+        status = "cancelled" if sdk_batch.cancel_initiated_at else "expired" if counts.expired else "completed"
+    total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
+    return Batch(id=sdk_batch.id, status=status, created_at=sdk_batch.created_at.timestamp(), requests=total,
+                 native=sdk_batch.results_url)
+
+
+def _entry(line: dict[str, Any]) -> BatchEntry:
+    """A result line of a Message Batch as a :data:`~opt_queue.providers.base.BatchEntry`."""
+    result = line.get("result") or {}
+    kind = result.get("type")
+    if kind == "succeeded":
+        return {"custom_id": line.get("custom_id"), "error": None,
+                "response": {"status_code": 200, "body": result.get("message"), "request_id": None}}
+    if kind == "errored":
+        body = result.get("error") or {}
+        error_type = (body.get("error") or {}).get("type") if isinstance(body, dict) else None
+        return {"custom_id": line.get("custom_id"), "error": None,
+                "response": {"status_code": ERROR_STATUS.get(str(error_type), 500), "body": body, "request_id": None}}
+    return {"custom_id": line.get("custom_id"), "response": None,
+            "error": {"code": NOT_RUN.get(str(kind), f"batch_{kind}"), "message": f"the request was {kind} before it ran"}}
+
+
 def classify(exc: BaseException) -> Failure:
     """What an exception of :meth:`AnthropicProvider.call` means."""
     return classify_first(exc, unreachable) or classify_sdk(exc, anthropic, classify_status) or classify_other(exc)
@@ -291,6 +333,47 @@ class AnthropicProvider:
 
     def classify(self, exc: BaseException) -> Failure:
         return classify(exc)
+
+    # -- Message Batches (the batch lane's side of the seam: ``base.BatchProvider``) -------------
+    files = False  # the requests go with the create call
+    names_batches = False  # a Message Batch keeps no metadata: a lost one is found by time and size
+
+    async def upload(self, key: ApiKey, name: str, data: bytes, timeout: float) -> str:
+        raise NotMappable("Message Batches take their requests inline, not from a file")
+
+    async def create_batch(self, key: ApiKey, endpoint: str, model: str, metadata: dict[str, str], timeout: float,
+                           file_id: str | None = None,
+                           requests: list[tuple[str, dict[str, Any]]] | None = None) -> Batch:
+        if endpoint != CHAT_URL:
+            raise NotMappable(f"Anthropic's API has no {endpoint} endpoint; rows of claude models must be chat rows")
+        params = [{"custom_id": custom_id, "params": to_messages(body)} for custom_id, body in requests or []]
+        created = await self.client(key, timeout).messages.batches.create(requests=params,  # type: ignore[arg-type]
+                                                                          timeout=timeout)
+        return _batch(created)
+
+    async def batch(self, key: ApiKey, batch_id: str, timeout: float) -> Batch:
+        return _batch(await self.client(key, timeout).messages.batches.retrieve(batch_id, timeout=timeout))
+
+    async def cancel_batch(self, key: ApiKey, batch_id: str, timeout: float) -> None:
+        await self.client(key, timeout).messages.batches.cancel(batch_id, timeout=timeout)
+
+    async def recent_batches(self, key: ApiKey, timeout: float) -> AsyncIterator[Batch]:
+        async for found in self.client(key, timeout).messages.batches.list(limit=100, timeout=timeout):
+            yield _batch(found)  # the most recently created first (the API's documentation)
+
+    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> list[BatchEntry]:
+        """The batch's results file, read as the SDK's ``batches.results`` reads it (the batch's
+        ``results_url``) but kept as the API wrote it: the answers' native bodies stay whole."""
+        url = batch.native or (await self.batch(key, batch.id, timeout)).native
+        if not url:
+            raise anthropic.AnthropicError(f"batch {batch.id} has no results_url: it has not ended")
+        raw = await self.client(key, timeout).get(url, cast_to=_HttpResponse,
+                                                  options={"headers": {"Accept": "application/binary"},
+                                                           "timeout": timeout})
+        return [_entry(json.loads(line)) for line in raw.text.splitlines() if line.strip()]
+
+    def classify_response(self, status: int, body: Any) -> Failure:
+        return classify_status(status, body, {}, "")
 
     async def close(self) -> None:
         self._clients.clear()

@@ -97,7 +97,8 @@ class Answer:
 
 @dataclass
 class Batch:
-    """A provider's batch of requests (OpenAI's Batch API shape), as the batch lane reads it."""
+    """A provider's batch of requests, as the batch lane reads it (in OpenAI's Batch API words; each
+    provider maps its own states to these)."""
 
     id: str
     status: str
@@ -108,8 +109,20 @@ class Batch:
     error_file_id: str | None = None
     created_at: float = 0.0
     metadata: dict[str, str] = field(default_factory=dict)
+    """What names the batch, as given to :meth:`BatchProvider.create_batch` (empty where a provider
+    keeps nothing of the kind: Anthropic's Message Batches)."""
     errors: list[tuple[str | None, str | None]] = field(default_factory=list)
     """A failed batch's ``(code, message)`` pairs."""
+    requests: int = 0
+    """How many requests it holds (0: not stated)."""
+    native: Any = None
+    """What the provider answered for it, where its results come with it (Gemini's inline responses)."""
+
+
+BatchEntry = dict[str, Any]
+"""One request's result in a finished batch, in the shape of a line of OpenAI's batch output and
+error files: ``{"custom_id", "response": {"status_code", "body", "request_id"} | None,
+"error": {"code", "message"} | None}`` (a request that the batch never ran has no response)."""
 
 
 class Provider(Protocol):
@@ -134,15 +147,27 @@ class Provider(Protocol):
 
 
 class BatchProvider(Provider, Protocol):
-    """A provider with a batch API (the batch lane's): upload a file of requests, run it as a
-    batch, read its output and error files. Errors raise what :meth:`classify` knows."""
+    """A provider with a batch API (the batch lane's): start a batch of requests, look at it,
+    cancel it, read its results. Errors raise what :meth:`classify` knows.
+
+    Where the provider's batches read their requests from an uploaded file (``files``: OpenAI), the
+    lane uploads the chunk's file first (:meth:`upload`) and keeps its id, so that a second attempt
+    of the same chunk uploads nothing again; elsewhere the requests go with the create call."""
+
+    files: bool
+    names_batches: bool
+    """Whether :meth:`recent_batches` gives back the ``metadata`` a batch was created with (OpenAI's
+    metadata, Gemini's display name); where not (Anthropic), the lane finds a batch it lost by its
+    creation time and size."""
 
     async def upload(self, key: ApiKey, name: str, data: bytes, timeout: float) -> str:
-        """Upload a batch's input file; its id."""
+        """Upload a batch's input file (OpenAI's JSONL lines); its id. Only where ``files``."""
 
-    async def create_batch(self, key: ApiKey, file_id: str, endpoint: str, metadata: dict[str, str],
-                           timeout: float) -> Batch:
-        """Start a batch of the file's requests, to finish within the provider's window."""
+    async def create_batch(self, key: ApiKey, endpoint: str, model: str, metadata: dict[str, str], timeout: float,
+                           file_id: str | None = None,
+                           requests: list[tuple[str, dict[str, Any]]] | None = None) -> Batch:
+        """Start a batch of the uploaded file's requests (``file_id``) or of ``requests`` (custom
+        id, row body), to finish within the provider's window."""
 
     async def batch(self, key: ApiKey, batch_id: str, timeout: float) -> Batch:
         """A batch as it stands."""
@@ -153,11 +178,11 @@ class BatchProvider(Provider, Protocol):
     def recent_batches(self, key: ApiKey, timeout: float) -> AsyncIterator[Batch]:
         """The key's batches, newest first."""
 
-    async def file_text(self, key: ApiKey, file_id: str, timeout: float) -> str:
-        """A batch's output or error file."""
+    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> list[BatchEntry]:
+        """Every result of a batch that ended, in the shape of :data:`BatchEntry`."""
 
     def classify_response(self, status: int, body: Any) -> Failure:
-        """What an error response inside a batch's output means (its status and body)."""
+        """What an error response inside a batch's results means (its status and body)."""
 
 
 class NotMappable(ValueError):

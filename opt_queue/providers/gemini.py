@@ -23,6 +23,14 @@ input tokens per minute, requests per day); the API sends no rate-limit headers.
 ``RESOURCE_EXHAUSTED`` carries ``google.rpc.RetryInfo`` (the delay to honour) and
 ``google.rpc.QuotaFailure`` (the quota: per minute or per day, requests or input tokens, with its
 value): the limiter learns a per-minute limit from it (https://ai.google.dev/gemini-api/docs/troubleshooting).
+
+The batch lane's side is Batch Mode (https://ai.google.dev/gemini-api/docs/batch-mode):
+``models/{model}:batchGenerateContent`` with the requests inline (each with ``metadata`` naming its
+custom id; inline requests total at most 20 MB, so the lane's chunks for Gemini stay under that),
+the batch named by its ``displayName`` (which the lane finds a lost batch by), ``batches/{id}`` to
+look at it (``BATCH_STATE_PENDING``, ``RUNNING``, ``SUCCEEDED``, ``FAILED``, ``CANCELLED``,
+``EXPIRED``), ``batches/{id}:cancel``, and the answers inline in the finished batch
+(``inlinedResponses``: a ``response`` or an ``error`` with a ``google.rpc.Code`` each).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from __future__ import annotations
 import json
 import mimetypes
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from google import genai
@@ -40,7 +48,8 @@ from google.genai import types
 from opt_queue.core import answers
 from opt_queue.core.config import ApiKey
 from opt_queue.core.request import CHAT_URL
-from opt_queue.providers.base import Answer, Failure, Kind, NotMappable, classify_first, classify_other
+from opt_queue.providers.base import (Answer, Batch, BatchEntry, Failure, Kind, NotMappable, classify_first,
+                                      classify_other)
 from opt_queue.providers.http import USER_AGENT, Http, json_body, unreachable
 
 API_VERSION = "v1beta"
@@ -167,13 +176,70 @@ def to_gemini(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def sdk_config(native: dict[str, Any]) -> types.GenerateContentConfig:
+def sdk_config(native: dict[str, Any], raw: bool = True) -> types.GenerateContentConfig:
     """The SDK's config for a native request: its ``generationConfig`` flattened beside the
-    system instruction and tools (the SDK nests them again on the wire), raw response asked for."""
+    system instruction and tools (the SDK nests them again on the wire), the raw response asked
+    for (``raw``: a synchronous call)."""
     fields = {**native.get("generationConfig", {}),
-              **{k: native[k] for k in ("systemInstruction", "tools", "toolConfig") if k in native},
-              "shouldReturnHttpResponse": True}
+              **{k: native[k] for k in ("systemInstruction", "tools", "toolConfig") if k in native}}
+    if raw:
+        fields["shouldReturnHttpResponse"] = True
     return types.GenerateContentConfig.model_validate(fields)
+
+
+# -- Batch Mode ---------------------------------------------------------------------------------
+STATES = {"JOB_STATE_PENDING": "validating", "JOB_STATE_QUEUED": "validating", "JOB_STATE_RUNNING": "in_progress",
+          "JOB_STATE_UPDATING": "in_progress", "JOB_STATE_PAUSED": "in_progress",
+          "JOB_STATE_SUCCEEDED": "completed", "JOB_STATE_PARTIALLY_SUCCEEDED": "completed",
+          "JOB_STATE_FAILED": "failed", "JOB_STATE_CANCELLING": "cancelling", "JOB_STATE_CANCELLED": "cancelled",
+          "JOB_STATE_EXPIRED": "expired"}
+"""Batch Mode's states (as the SDK names them) in the batch lane's words."""
+RPC_STATUS = {1: 499, 2: 500, 3: 400, 4: 504, 5: 404, 6: 409, 7: 403, 8: 429, 9: 400, 10: 409, 11: 400,
+              12: 501, 13: 500, 14: 503, 15: 500, 16: 401}
+"""The HTTP status of each ``google.rpc.Code`` (an inline response's error states only its code)."""
+RPC_NAME = {1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
+            6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
+            10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED", 13: "INTERNAL", 14: "UNAVAILABLE",
+            15: "DATA_LOSS", 16: "UNAUTHENTICATED"}
+NAME_PREFIX = "opt-queue/"
+
+
+def display_name(metadata: dict[str, str]) -> str:
+    """A batch's display name from the lane's metadata (job, chunk, attempt's tag)."""
+    return NAME_PREFIX + "/".join((metadata["opt_queue_job"], metadata["opt_queue_chunk"], metadata["opt_queue_tag"]))
+
+
+def _metadata(name: str | None) -> dict[str, str]:
+    if not name or not name.startswith(NAME_PREFIX):
+        return {}
+    parts = name[len(NAME_PREFIX):].rsplit("/", 2)
+    if len(parts) != 3:
+        return {}
+    return dict(zip(("opt_queue_job", "opt_queue_chunk", "opt_queue_tag"), parts))
+
+
+def _batch(job: Any) -> Batch:
+    state = getattr(job.state, "value", job.state)
+    error = getattr(job, "error", None)
+    return Batch(id=job.name, status=STATES.get(str(state), "in_progress"),
+                 created_at=job.create_time.timestamp() if job.create_time else 0.0,
+                 metadata=_metadata(job.display_name), native=job,
+                 errors=[(str(error.code), error.message)] if error is not None else [])
+
+
+def _entry(number: int, item: Any) -> BatchEntry:
+    """An inline response as a :data:`~opt_queue.providers.base.BatchEntry` (its custom id from its
+    metadata, else its place: inline responses keep the requests' order)."""
+    custom_id = (item.metadata or {}).get("custom_id", str(number))
+    if item.error is not None:
+        code = int(item.error.code or 2)
+        body = {"error": {"code": RPC_STATUS.get(code, 500), "message": item.error.message or "",
+                          "status": RPC_NAME.get(code, "UNKNOWN"), "details": item.error.details or []}}
+        return {"custom_id": custom_id, "error": None,
+                "response": {"status_code": RPC_STATUS.get(code, 500), "body": body, "request_id": None}}
+    body = item.response.model_dump(mode="json", by_alias=True, exclude_none=True) if item.response else {}
+    return {"custom_id": custom_id, "error": None,
+            "response": {"status_code": 200, "body": body, "request_id": body.get("responseId")}}
 
 
 # -- what errors say ----------------------------------------------------------------------------
@@ -304,6 +370,46 @@ class GeminiProvider:
 
     def classify(self, exc: BaseException) -> Failure:
         return classify(exc)
+
+    # -- Batch Mode (the batch lane's side of the seam: ``base.BatchProvider``) ------------------
+    files = False  # inline requests (at most 20 MB a batch)
+    names_batches = True  # by its display name
+
+    async def upload(self, key: ApiKey, name: str, data: bytes, timeout: float) -> str:
+        raise NotMappable("opt-queue sends Gemini batches' requests inline, not from a file")
+
+    async def create_batch(self, key: ApiKey, endpoint: str, model: str, metadata: dict[str, str], timeout: float,
+                           file_id: str | None = None,
+                           requests: list[tuple[str, dict[str, Any]]] | None = None) -> Batch:
+        if endpoint != CHAT_URL:
+            raise NotMappable(f"opt-queue sends only chat rows to the Gemini API, not {endpoint}")
+        inline = []
+        for custom_id, body in requests or []:
+            native = to_gemini(body)
+            inline.append(types.InlinedRequest(contents=native["contents"], config=sdk_config(native, raw=False),
+                                               metadata={"custom_id": custom_id}))
+        created = await self.client(key, timeout).aio.batches.create(
+            model=model, src=inline, config=types.CreateBatchJobConfig(display_name=display_name(metadata)))
+        return _batch(created)
+
+    async def batch(self, key: ApiKey, batch_id: str, timeout: float) -> Batch:
+        return _batch(await self.client(key, timeout).aio.batches.get(name=batch_id))
+
+    async def cancel_batch(self, key: ApiKey, batch_id: str, timeout: float) -> None:
+        await self.client(key, timeout).aio.batches.cancel(name=batch_id)
+
+    async def recent_batches(self, key: ApiKey, timeout: float) -> AsyncIterator[Batch]:
+        pager = await self.client(key, timeout).aio.batches.list(config=types.ListBatchJobsConfig(page_size=100))
+        async for job in pager:
+            yield _batch(job)
+
+    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> list[BatchEntry]:
+        job = batch.native if batch.native is not None else (await self.batch(key, batch.id, timeout)).native
+        responses = (job.dest.inlined_responses if job.dest is not None else None) or []
+        return [_entry(number, item) for number, item in enumerate(responses)]
+
+    def classify_response(self, status: int, body: Any) -> Failure:
+        return classify_status(status, body)
 
     async def close(self) -> None:
         self._clients.clear()  # their HTTP is the shared session, closed with it

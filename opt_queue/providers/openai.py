@@ -36,7 +36,8 @@ except ImportError:  # pragma: no cover - SDKs on httpx
 
 from opt_queue.core import answers
 from opt_queue.core.config import ApiKey
-from opt_queue.providers.base import Answer, Batch, CallFailed, Failure, Kind, classify_first, classify_other, classify_sdk
+from opt_queue.providers.base import (Answer, Batch, BatchEntry, CallFailed, Failure, Kind, classify_first, classify_other,
+                                      classify_sdk)
 from opt_queue.providers.http import KEEPALIVE, USER_AGENT, Http, json_body, kept, request_leaving, unreachable
 from opt_queue.core.request import ENDPOINTS
 
@@ -280,12 +281,18 @@ class OpenAIProvider:
         return classify(exc)
 
     # -- the Batch API (the batch lane's side of the seam: ``base.BatchProvider``) ------------
+    files = True  # a batch reads its requests from an uploaded JSONL file
+    names_batches = True  # a batch keeps its metadata
+
     async def upload(self, key: ApiKey, name: str, data: bytes, timeout: float) -> str:
         uploaded = await self.client(key, timeout).files.create(file=(name, data), purpose="batch", timeout=timeout)
         return uploaded.id
 
-    async def create_batch(self, key: ApiKey, file_id: str, endpoint: str, metadata: dict[str, str],
-                           timeout: float) -> Batch:
+    async def create_batch(self, key: ApiKey, endpoint: str, model: str, metadata: dict[str, str], timeout: float,
+                           file_id: str | None = None,
+                           requests: list[tuple[str, dict[str, Any]]] | None = None) -> Batch:
+        if file_id is None:
+            raise ValueError("OpenAI's Batch API reads its requests from an uploaded file")
         created = await self.client(key, timeout).batches.create(
             input_file_id=file_id, endpoint=endpoint, completion_window="24h", metadata=metadata,  # type: ignore[arg-type]
             timeout=timeout)
@@ -301,8 +308,14 @@ class OpenAIProvider:
         async for found in self.client(key, timeout).batches.list(limit=100, timeout=timeout):
             yield _batch(found)
 
-    async def file_text(self, key: ApiKey, file_id: str, timeout: float) -> str:
-        return (await self.client(key, timeout).files.content(file_id, timeout=timeout)).text
+    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> list[BatchEntry]:
+        """The lines of the batch's output and error files (already :data:`BatchEntry`'s shape)."""
+        found: list[BatchEntry] = []
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if file_id:
+                text = (await self.client(key, timeout).files.content(file_id, timeout=timeout)).text
+                found += [json.loads(line) for line in text.splitlines() if line.strip()]
+        return found
 
     def classify_response(self, status: int, body: Any) -> Failure:
         return classify_status(status, body, {}, json.dumps(body))
@@ -345,4 +358,5 @@ def _batch(sdk_batch: Any) -> Batch:
     return Batch(id=sdk_batch.id, status=sdk_batch.status, input_file_id=getattr(sdk_batch, "input_file_id", None),
                  output_file_id=sdk_batch.output_file_id, error_file_id=sdk_batch.error_file_id,
                  created_at=float(sdk_batch.created_at or 0), metadata=dict(sdk_batch.metadata or {}),
-                 errors=[(getattr(e, "code", None), getattr(e, "message", None)) for e in errors])
+                 errors=[(getattr(e, "code", None), getattr(e, "message", None)) for e in errors],
+                 requests=int(getattr(getattr(sdk_batch, "request_counts", None), "total", 0) or 0))

@@ -19,6 +19,15 @@ It follows Anthropic's documentation where opt-queue relies on it:
   ``retry-after``, 500 ``api_error`` at ``transient_rate``, 529 ``overloaded_error`` at
   ``overloaded_rate``; a ``request-id`` header.
 
+Message Batches (https://docs.anthropic.com/en/api/creating-message-batches): ``POST
+/v1/messages/batches`` (``requests`` of ``{"custom_id", "params"}``, custom ids matching
+``^[a-zA-Z0-9_-]{1,64}$`` and unique, each ``params`` checked when the batch runs, as the API does:
+an invalid one is an ``errored`` result), ``GET`` it, list them newest first (``limit``,
+``after_id``), ``POST .../cancel``, and ``GET .../results`` (JSONL, once ``ended``: ``succeeded``,
+``errored``, ``canceled``, ``expired``). Batches run as the simulated Batch API's do
+(``batch_delay``, ``batch_expire_after``, ``batch_cancel_delay``: ``batch.SimBatches``); rate limits
+do not apply to them.
+
 Answers are those of the OpenAI endpoints for the same conversation (:func:`conversation` gives
 the messages :func:`~opt_queue.sim.api.sim_answer` takes); a last message containing ``REFUSE``
 gets ``stop_reason: "refusal"``, a request with ``tools`` a ``tool_use`` block.
@@ -30,6 +39,7 @@ import asyncio
 import datetime as dt
 import json
 import math
+import re
 import time
 from collections import deque
 from typing import Any
@@ -41,6 +51,25 @@ from opt_queue.core.request import CHAT_URL
 from opt_queue.sim.common import _schema_instance, count_tokens, prompt_key, sim_answer
 
 CLAUDE_MODELS = {"claude-sonnet-4-5": 200_000, "claude-haiku-4-5": 200_000, "claude-opus-4-1": 200_000}
+CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+RESULT_TYPES = {"batch_expired": "expired", "batch_cancelled": "canceled"}
+
+
+class Refused(Exception):
+    """A request the Messages API refuses: its status, error type and message."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.message = status, kind, message
+
+    def body(self) -> dict[str, Any]:
+        return {"type": "error", "error": {"type": self.kind, "message": self.message}}
+
+
+def _rfc3339(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _text(content: Any) -> str:
@@ -57,6 +86,14 @@ def conversation(body: dict[str, Any]) -> list[dict[str, Any]]:
     """A Messages request as OpenAI-style messages (``system`` first), to answer and count it."""
     out = [{"role": "system", "content": _text(body["system"])}] if body.get("system") else []
     return out + [{"role": m.get("role"), "content": _text(m.get("content"))} for m in body.get("messages") or []]
+
+
+async def _json(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Refused(400, "invalid_request_error",
+                      "There was an issue with the format or content of your request.") from None
 
 
 def error(status: int, kind: str, message: str) -> web.Response:
@@ -88,6 +125,45 @@ class SimMessages:
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self.create)
+        app.router.add_post("/v1/messages/batches", self.create_batch)
+        app.router.add_get("/v1/messages/batches", self.list_batches)
+        app.router.add_get("/v1/messages/batches/{id}", self.retrieve_batch)
+        app.router.add_post("/v1/messages/batches/{id}/cancel", self.cancel_batch)
+        app.router.add_get("/v1/messages/batches/{id}/results", self.batch_results)
+
+    def _key(self, request: web.Request) -> Any:
+        """The key a request authenticates with (a Refused: the error the API answers)."""
+        secret = (request.headers.get("x-api-key", "").strip()  # the documented header; SDK 2.x sends
+                  or request.headers.get("Authorization", "").removeprefix("Bearer ").strip())  # a bearer
+        self.api.calls_per_key[fingerprint(secret)] += 1
+        k = self.api.key(secret)
+        if k is None or k.dead in ("invalid", "forbidden"):
+            raise Refused(401, "authentication_error", "invalid x-api-key")
+        if k.dead == "quota":
+            raise Refused(400, "invalid_request_error", "Your credit balance is too low to access the Anthropic "
+                                                        "API. Please go to Plans & Billing to upgrade or purchase credits.")
+        if not request.headers.get("anthropic-version"):
+            raise Refused(400, "invalid_request_error", "anthropic-version: header is required")
+        return k
+
+    def read(self, body: Any) -> tuple[Any, list[dict[str, Any]]]:
+        """A Messages request as the simulated API reads it, ``(req, conversation)`` (a Refused:
+        the API refuses it)."""
+        cfg = self.api.config
+        model = body.get("model") if isinstance(body, dict) else None
+        if model not in cfg.models:
+            raise Refused(404, "not_found_error", f"model: {model}")
+        if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
+            raise Refused(400, "invalid_request_error", "max_tokens: Field required")
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            raise Refused(400, "invalid_request_error", "messages: Field required")
+        said = conversation(body)
+        req = self.api.read_request(CHAT_URL, {"model": model, "messages": said, "max_tokens": body["max_tokens"]},
+                                    model, cfg.usage_count, cfg.limit_count)
+        if req.prompt_tokens + body["max_tokens"] > cfg.models[model]:
+            raise Refused(400, "invalid_request_error", f"prompt is too long: {req.prompt_tokens} tokens > "
+                                                        f"{cfg.models[model] - body['max_tokens']} maximum")
+        return req, said
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         api, cfg = self.api, self.api.config
@@ -95,36 +171,15 @@ class SimMessages:
         self.calls += 1
         api.last_call = time.monotonic()
         api.first_call = api.first_call or api.last_call
-        secret = (request.headers.get("x-api-key", "").strip()  # the documented header; SDK 2.x sends
-                  or request.headers.get("Authorization", "").removeprefix("Bearer ").strip())  # a bearer
-        api.calls_per_key[fingerprint(secret)] += 1
-        k = api.key(secret)
-        if k is None or k.dead in ("invalid", "forbidden"):
-            return error(401, "authentication_error", "invalid x-api-key")
-        if k.dead == "quota":
-            return error(400, "invalid_request_error", "Your credit balance is too low to access the Anthropic "
-                                                        "API. Please go to Plans & Billing to upgrade or purchase credits.")
-        if not request.headers.get("anthropic-version"):
-            return error(400, "invalid_request_error", "anthropic-version: header is required")
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error(400, "invalid_request_error", "There was an issue with the format or content of your request.")
-        model = body.get("model") if isinstance(body, dict) else None
-        if model not in cfg.models:
-            return error(404, "not_found_error", f"model: {model}")
-        if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
-            return error(400, "invalid_request_error", "max_tokens: Field required")
-        if not isinstance(body.get("messages"), list) or not body["messages"]:
-            return error(400, "invalid_request_error", "messages: Field required")
-        if len(api.requests) < 10000:
-            api.requests.append({"_url": "/v1/messages", **{n: v for n, v in body.items() if n != "messages"}})
-        said = conversation(body)
-        req = api.read_request(CHAT_URL, {"model": model, "messages": said, "max_tokens": body["max_tokens"]},
-                               model, cfg.usage_count, cfg.limit_count)
-        if req.prompt_tokens + body["max_tokens"] > cfg.models[model]:
-            return error(400, "invalid_request_error", f"prompt is too long: {req.prompt_tokens} tokens > "
-                                                       f"{cfg.models[model] - body['max_tokens']} maximum")
+            k = self._key(request)
+            body = await _json(request)
+            if len(api.requests) < 10000 and isinstance(body, dict):
+                api.requests.append({"_url": "/v1/messages", **{n: v for n, v in body.items() if n != "messages"}})
+            req, said = self.read(body)
+        except Refused as refused:
+            return error(refused.status, refused.kind, refused.message)
+        model = body["model"]
         now = time.monotonic()
         win = self.windows.setdefault((k.org or k.key, model), _Windows())
         win.expire(now, cfg.minute)
@@ -169,6 +224,111 @@ class SimMessages:
         if cfg.send_headers:
             resp.headers.update(seen)
         return resp
+
+    # -- Message Batches ----------------------------------------------------------------------------
+    def _answer_batched(self, number: int, params: dict[str, Any]) -> tuple[int, dict[str, Any], Any]:
+        try:
+            req, said = self.read(params)
+        except Refused as refused:
+            return refused.status, refused.body(), None
+        return 200, self._answer(params, req, said), req
+
+    def _public(self, request: web.Request, batch: Any) -> dict[str, Any]:
+        ended = batch.status in ("completed", "expired", "cancelled")
+        counts = {"processing": 0 if ended else len(batch.lines), "succeeded": 0, "errored": 0, "canceled": 0,
+                  "expired": 0}
+        for result in batch.results:
+            kind = RESULT_TYPES.get(result.code, "expired") if result.status is None else \
+                "succeeded" if result.status == 200 else "errored"
+            counts[kind] += 1
+        base = f"{request.scheme}://{request.host}"
+        return {"id": batch.id, "type": "message_batch",
+                "processing_status": "ended" if ended else "canceling" if batch.status == "cancelling" else "in_progress",
+                "request_counts": counts, "created_at": _rfc3339(batch.created_at),
+                "expires_at": _rfc3339(batch.created_at + 86400), "ended_at": _rfc3339(batch.ended_at),
+                "archived_at": None, "cancel_initiated_at": _rfc3339(batch.cancel_asked_at),
+                "results_url": f"{base}/v1/messages/batches/{batch.id}/results" if ended else None}
+
+    def _batch(self, request: web.Request) -> Any:
+        k = self._key(request)
+        batch = self.api.batches.batches.get(request.match_info["id"])
+        if batch is None or batch.kind != "anthropic" or batch.org != (k.org or k.key):
+            raise Refused(404, "not_found_error", f"batch {request.match_info['id']} not found")
+        self.api.batches.advance(batch)
+        return batch
+
+    async def create_batch(self, request: web.Request) -> web.Response:
+        try:
+            k = self._key(request)
+            body = await _json(request)
+            requests = body.get("requests") if isinstance(body, dict) else None
+            if not isinstance(requests, list) or not requests:
+                raise Refused(400, "invalid_request_error", "requests: Field required")
+            if len(requests) > self.api.config.batch_max_lines:
+                raise Refused(413, "request_too_large", f"a batch holds at most {self.api.config.batch_max_lines} requests")
+            ids = [r.get("custom_id") if isinstance(r, dict) else None for r in requests]
+            bad = next((i for i in ids if not isinstance(i, str) or not CUSTOM_ID.match(i)), False)
+            if bad is not False:
+                raise Refused(400, "invalid_request_error", f"requests: custom_id {bad!r} does not match "
+                                                            f"^[a-zA-Z0-9_-]{{1,64}}$")
+            if len(set(ids)) != len(ids):
+                raise Refused(400, "invalid_request_error", "requests: custom_id values must be unique")
+            if any(not isinstance(r.get("params"), dict) for r in requests):
+                raise Refused(400, "invalid_request_error", "requests: params: Field required")
+        except Refused as refused:
+            return error(refused.status, refused.kind, refused.message)
+        lines = [{"custom_id": r["custom_id"], "body": r["params"]} for r in requests]
+        model = str(requests[0]["params"].get("model") or "")
+        batch = self.api.batches.start("anthropic", k.org or k.key, model, lines, self._answer_batched, "msgbatch")
+        return web.json_response(self._public(request, batch))
+
+    async def list_batches(self, request: web.Request) -> web.Response:
+        try:
+            k = self._key(request)
+        except Refused as refused:
+            return error(refused.status, refused.kind, refused.message)
+        mine = self.api.batches.mine(k.org or k.key, "anthropic")
+        after = request.query.get("after_id")
+        if after:
+            ids = [b.id for b in mine]
+            mine = mine[ids.index(after) + 1:] if after in ids else []
+        limit = int(request.query.get("limit", 20))
+        page = mine[:limit]
+        return web.json_response({"data": [self._public(request, b) for b in page], "has_more": len(mine) > limit,
+                                  "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None})
+
+    async def retrieve_batch(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response(self._public(request, self._batch(request)))
+        except Refused as refused:
+            return error(refused.status, refused.kind, refused.message)
+
+    async def cancel_batch(self, request: web.Request) -> web.Response:
+        try:
+            batch = self._batch(request)
+        except Refused as refused:
+            return error(refused.status, refused.kind, refused.message)
+        self.api.batches.ask_cancel(batch)
+        self.api.batches.advance(batch)
+        return web.json_response(self._public(request, batch))
+
+    async def batch_results(self, request: web.Request) -> web.Response:
+        try:
+            batch = self._batch(request)
+        except Refused as refused:
+            return error(refused.status, refused.kind, refused.message)
+        if batch.status not in ("completed", "expired", "cancelled"):
+            return error(400, "invalid_request_error", f"Message Batch {batch.id} has not ended yet")
+        out = []
+        for result in batch.results:
+            if result.status is None:
+                entry: dict[str, Any] = {"type": RESULT_TYPES.get(result.code, "expired")}
+            elif result.status == 200:
+                entry = {"type": "succeeded", "message": result.body}
+            else:
+                entry = {"type": "errored", "error": result.body}
+            out.append(json.dumps({"custom_id": result.custom_id, "result": entry}, ensure_ascii=False))
+        return web.Response(body=("\n".join(out) + "\n").encode(), content_type="application/binary")
 
     @staticmethod
     def _refused(limits: Any, win: _Windows, prompt: int, charge: int) -> str | None:

@@ -1,5 +1,7 @@
-"""The simulated API's Files and Batches endpoints (OpenAI's Batch API), for the batch lane's tests
-and ``demo --lane batch``.
+"""The simulated API's batches: how a batch runs (:class:`SimBatches`, which every provider's batch
+endpoints share: Anthropic's Message Batches in ``anthropic.py``, Gemini's Batch Mode in
+``gemini.py``), and OpenAI's Files and Batches endpoints, for the batch lane's tests and
+``demo --lane batch``.
 
 ``POST /v1/files`` (multipart, ``purpose: batch``), ``GET /v1/files/{id}`` and
 ``GET /v1/files/{id}/content``; ``POST /v1/batches``, ``GET /v1/batches`` (newest first, ``limit``
@@ -19,6 +21,7 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,6 +48,22 @@ class SimAPI(Protocol):
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
 
+Answerer = Callable[[int, dict[str, Any]], tuple[int, dict[str, Any], Any]]
+"""How a batch's request is answered: (its place, its native body) -> (status, body, the request as
+``SimAPI.read_request`` read it when it was answered, else None)."""
+
+
+@dataclass
+class Result:
+    """One request's outcome in a finished batch: ``status`` None when the batch ended before it
+    ran (``code`` says why: ``batch_expired``, ``batch_cancelled``)."""
+
+    custom_id: str
+    status: int | None
+    body: dict[str, Any] | None = None
+    code: str = ""
+
+
 @dataclass
 class _Batch:
     id: str
@@ -53,6 +72,7 @@ class _Batch:
     input_file_id: str
     model: str
     lines: list[dict[str, Any]]
+    """``{"custom_id", "body"}`` each (OpenAI's file lines carry ``method`` and ``url`` too)."""
     tokens: int
     created: float
     metadata: dict[str, str] | None = None
@@ -64,9 +84,14 @@ class _Batch:
     done: int = 0
     failed: int = 0
     created_at: int = field(default_factory=lambda: int(time.time()))
+    kind: str = "openai"
+    answer: Answerer | None = None
+    results: list[Result] = field(default_factory=list)
+    ended_at: int | None = None
+    cancel_asked_at: int | None = None
 
     def public(self) -> dict[str, Any]:
-        """The batch object as the API returns it."""
+        """The batch object as OpenAI's API returns it."""
         return {"id": self.id, "object": "batch", "endpoint": self.endpoint, "input_file_id": self.input_file_id,
                 "completion_window": "24h", "status": self.status, "output_file_id": self.output_file_id,
                 "error_file_id": self.error_file_id, "created_at": self.created_at, "metadata": self.metadata,
@@ -101,6 +126,30 @@ class SimBatches:
     def _id(self, kind: str) -> str:
         self._next += 1
         return f"{kind}_sim{self._next}"
+
+    # -- what every provider's batch endpoints share ---------------------------------------------
+    def start(self, kind: str, org: str, model: str, lines: list[dict[str, Any]], answer: Answerer,
+              prefix: str, **fields: Any) -> _Batch:
+        """A new batch of ``kind``'s endpoints, in progress from now."""
+        batch = _Batch(self._id(prefix), org, fields.pop("endpoint", ""), fields.pop("input_file_id", ""), model,
+                       lines, fields.pop("tokens", 0), time.monotonic(), kind=kind, answer=answer, **fields)
+        self.batches[batch.id] = batch
+        self.counts["batches"] += 1
+        return batch
+
+    def mine(self, org: str, kind: str) -> list[_Batch]:
+        """An organization's batches of ``kind``'s endpoints, newest first, brought up to date."""
+        found = [b for b in reversed(self.batches.values()) if b.org == org and b.kind == kind]
+        for b in found:
+            self.advance(b)
+        return found
+
+    def ask_cancel(self, batch: _Batch) -> None:
+        """Cancel a batch that is in progress (it stays ``cancelling`` for ``batch_cancel_delay``)."""
+        if batch.status == "in_progress":
+            batch.status, batch.cancelled_at = "cancelling", time.monotonic()
+            batch.cancel_asked_at = int(time.time())
+            self.counts["cancelled"] += 1
 
     def _org(self, request: web.Request) -> tuple[str | None, web.Response | None]:
         secret = (request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
@@ -165,13 +214,11 @@ class SimBatches:
                                                 limit_count=self.api.config.limit_count).limit_prompt
             except ValueError:
                 pass  # answered with a 400 in the error file
-        batch = _Batch(self._id("batch"), org, url, body["input_file_id"], model, lines, tokens, time.monotonic(),
-                       body.get("metadata"))
-        self.batches[batch.id] = batch
-        self.counts["batches"] += 1
+        batch = self.start("openai", org, model, lines, self._answer_openai(url, model), "batch", endpoint=url,
+                           input_file_id=body["input_file_id"], tokens=tokens, metadata=body.get("metadata"))
         limit = self.api.config.batch_enqueued_tokens
-        enqueued = sum(b.tokens for b in self.batches.values()
-                       if b.org == org and b.model == model and b.status == "in_progress" and b is not batch)
+        enqueued = sum(b.tokens for b in self.batches.values() if b.org == org and b.kind == "openai"
+                       and b.model == model and b.status == "in_progress" and b is not batch)
         if limit and enqueued + tokens > limit:
             batch.status, batch.errors = "failed", [{
                 "code": "token_limit_exceeded", "line": None, "param": None,
@@ -201,13 +248,13 @@ class SimBatches:
             return refused
         limit = int(request.query.get("limit", 20))
         after = request.query.get("after")
-        mine = [b for b in reversed(self.batches.values()) if b.org == org]
+        mine = [b for b in reversed(self.batches.values()) if b.org == org and b.kind == "openai"]
         if after:
             ids = [b.id for b in mine]
             mine = mine[ids.index(after) + 1:] if after in ids else []
         page = mine[:limit]
         for b in page:
-            self._advance(b)
+            self.advance(b)
         return web.json_response({"object": "list", "data": [b.public() for b in page],
                                   "has_more": len(mine) > limit, "last_id": page[-1].id if page else None})
 
@@ -217,9 +264,9 @@ class SimBatches:
         if refused is not None:
             return refused
         batch = self.batches.get(request.match_info["id"])
-        if batch is None or batch.org != org:
+        if batch is None or batch.org != org or batch.kind != "openai":
             return _error(404, f"No batch found with id '{request.match_info['id']}'.", 404)
-        self._advance(batch)
+        self.advance(batch)
         return batch
 
     async def retrieve(self, request: web.Request) -> web.Response:
@@ -230,13 +277,11 @@ class SimBatches:
         batch = self._batch(request)
         if isinstance(batch, web.Response):
             return batch
-        if batch.status == "in_progress":
-            batch.status, batch.cancelled_at = "cancelling", time.monotonic()
-            self.counts["cancelled"] += 1
+        self.ask_cancel(batch)
         return web.json_response(batch.public())
 
-    def _advance(self, batch: _Batch) -> None:
-        """Bring the batch to what the time says: cancelled, expired or completed, with its files."""
+    def advance(self, batch: _Batch) -> None:
+        """Bring the batch to what the time says: cancelled, expired or completed, with its results."""
         if batch.status in TERMINAL:
             return
         cfg = self.api.config
@@ -255,29 +300,45 @@ class SimBatches:
     def _finish(self, batch: _Batch, status: str, worked: float, code: str) -> None:
         delay = self.api.config.batch_delay
         finished = len(batch.lines) if not delay else min(len(batch.lines), math.ceil(len(batch.lines) * worked / delay))
-        out, err = [], []
+        answer = batch.answer or self._answer_openai(batch.endpoint, batch.model)
         for number, line in enumerate(batch.lines):
-            custom_id = line.get("custom_id")
+            custom_id = str(line.get("custom_id"))
             if number >= finished:
-                err.append({"id": f"batch_req_{batch.id}_{number}", "custom_id": custom_id, "response": None,
-                            "error": {"code": code, "message": f"This request could not be executed before the "
-                                                              f"batch was {status}."}})
+                batch.results.append(Result(custom_id, None, code=code))
                 continue
+            got, body, req = answer(number, line["body"])
+            if req is not None and got == 200:
+                self.api.paid(req)
+                self.counts["lines"] += 1
+            batch.results.append(Result(custom_id, got, body))
+        batch.status, batch.ended_at = status, int(time.time())
+        batch.done = sum(1 for r in batch.results if r.status == 200)
+        batch.failed = len(batch.results) - batch.done
+        if batch.kind == "openai":
+            self._files(batch, status)
+
+    def _answer_openai(self, url: str, model: str) -> Answerer:
+        def answer(number: int, body: dict[str, Any]) -> tuple[int, dict[str, Any], Any]:
             try:
-                req = self.api.read_request(batch.endpoint, line["body"], batch.model, self.api.config.usage_count)
+                req = self.api.read_request(url, body, model, self.api.config.usage_count)
             except ValueError as exc:
-                err.append({"id": f"batch_req_{batch.id}_{number}", "custom_id": custom_id,
-                            "response": {"status_code": 400, "request_id": f"req_b{number}",
-                                         "body": {"error": {"message": str(exc), "type": "invalid_request_error",
-                                                            "param": None, "code": None}}},
-                            "error": None})
+                return 400, {"error": {"message": str(exc), "type": "invalid_request_error", "param": None,
+                                       "code": None}}, None
+            return 200, req.response(number, 0), req
+        return answer
+
+    def _files(self, batch: _Batch, status: str) -> None:
+        """OpenAI's output and error files of a finished batch."""
+        out, err = [], []
+        for number, result in enumerate(batch.results):
+            line: dict[str, Any] = {"id": f"batch_req_{batch.id}_{number}", "custom_id": result.custom_id}
+            if result.status is None:
+                err.append({**line, "response": None, "error": {
+                    "code": result.code, "message": f"This request could not be executed before the batch was {status}."}})
                 continue
-            self.api.paid(req)
-            self.counts["lines"] += 1
-            out.append({"id": f"batch_req_{batch.id}_{number}", "custom_id": custom_id,
-                        "response": {"status_code": 200, "request_id": f"req_b{batch.id}_{number}",
-                                     "body": req.response(number, 0)}, "error": None})
-        batch.status, batch.done, batch.failed = status, len(out), len(err)
+            line["response"] = {"status_code": result.status, "request_id": f"req_b{batch.id}_{number}",
+                                "body": result.body}
+            (out if result.status == 200 else err).append({**line, "error": None})
         if out:
             batch.output_file_id = self._id("file")
             self.files[batch.output_file_id] = _jsonl(out)

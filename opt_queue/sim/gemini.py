@@ -15,6 +15,16 @@ It follows Google's documentation where opt-queue relies on it:
   number of tokens allowed (M).``; an unknown model a 404 ``NOT_FOUND``; 500 ``INTERNAL`` at
   ``transient_rate``; 503 ``UNAVAILABLE`` "The model is overloaded" at ``overloaded_rate``.
 
+Batch Mode (https://ai.google.dev/gemini-api/docs/batch-mode): ``POST
+/v1beta/models/{model}:batchGenerateContent`` with inline requests (each with its ``metadata``), an
+operation named ``batches/{id}`` whose ``metadata`` holds the batch (``displayName``, ``state``
+``BATCH_STATE_RUNNING`` / ``SUCCEEDED`` / ``CANCELLED`` / ``EXPIRED``, and once it ended its
+``output.inlinedResponses``: a ``response`` or an ``error`` with a ``google.rpc.Code`` each, the
+requests' order and metadata kept; requests the batch never ran have none), ``GET
+/v1beta/batches/{id}``, ``GET /v1beta/batches`` (``pageSize``, ``pageToken``) and ``POST
+/v1beta/batches/{id}:cancel``. Batches run as the simulated Batch API's do (``batch.SimBatches``);
+rate limits do not apply to them.
+
 Answers are those of the OpenAI endpoints for the same conversation (system instruction first,
 ``model`` turns as ``assistant``). A prompt containing ``UNSAFE`` is blocked
 (``promptFeedback.blockReason: SAFETY``), one whose last turn contains ``REFUSE`` stops with
@@ -25,6 +35,7 @@ Answers are those of the OpenAI endpoints for the same conversation (system inst
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import math
 import time
@@ -41,6 +52,27 @@ QUOTAS = {"requests per min (RPM)": ("GenerateRequestsPerMinutePerProjectPerMode
           "tokens per min (TPM)": ("GenerateContentInputTokensPerModelPerMinute", "tpm"),
           "requests per day (RPD)": ("GenerateRequestsPerDayPerProjectPerModel", "rpd")}
 """The windows of :class:`~opt_queue.sim.common.Windows` as the Gemini API names their quotas."""
+STATES = {"in_progress": "BATCH_STATE_RUNNING", "cancelling": "BATCH_STATE_RUNNING",
+          "completed": "BATCH_STATE_SUCCEEDED", "cancelled": "BATCH_STATE_CANCELLED", "expired": "BATCH_STATE_EXPIRED"}
+RPC_CODES = {400: 3, 403: 7, 404: 5, 429: 8, 500: 13, 503: 14}
+"""``google.rpc.Code`` of an HTTP status, as an inline response's error states it."""
+
+
+class Refused(Exception):
+    """A request the Gemini API refuses: its status, ``error.status`` and message (and details)."""
+
+    def __init__(self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+    def response(self) -> web.Response:
+        return error(self.status, self.code, self.message, self.details)
+
+
+def _time(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _text(parts: Any) -> str:
@@ -53,6 +85,13 @@ def conversation(body: dict[str, Any]) -> list[dict[str, Any]]:
     out = [{"role": "system", "content": _text(system)}] if system else []
     return out + [{"role": "assistant" if c.get("role") == "model" else "user", "content": _text(c.get("parts"))}
                   for c in body.get("contents") or [] if isinstance(c, dict)]
+
+
+async def _json(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Refused(400, "INVALID_ARGUMENT", "Invalid JSON payload received.") from None
 
 
 def error(status: int, code: str, message: str, details: list[dict[str, Any]] | None = None) -> web.Response:
@@ -70,44 +109,60 @@ class SimGemini:
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1beta/models/{call}", self.create)
+        app.router.add_get("/v1beta/batches", self.list_batches)
+        app.router.add_get("/v1beta/batches/{id}", self.retrieve_batch)
+        app.router.add_post("/v1beta/batches/{call}", self.cancel_batch)
+
+    def _key(self, request: web.Request) -> Any:
+        """The key a request authenticates with (a Refused: the error the API answers)."""
+        secret = request.headers.get("x-goog-api-key") or request.query.get("key", "")
+        self.api.calls_per_key[fingerprint(secret)] += 1
+        k = self.api.key(secret)
+        if k is None or k.dead == "invalid":
+            raise Refused(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.", [
+                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                 "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}}])
+        if k.dead in ("forbidden", "quota"):
+            raise Refused(403, "PERMISSION_DENIED", "Permission denied: Consumer has been suspended.")
+        return k
+
+    def read(self, model: str, body: Any) -> tuple[Any, list[dict[str, Any]], int]:
+        """A ``generateContent`` request as the simulated API reads it, ``(req, conversation,
+        maxOutputTokens)`` (a Refused: the API refuses it)."""
+        cfg = self.api.config
+        if model not in cfg.models:
+            raise Refused(404, "NOT_FOUND", f"models/{model} is not found for API version v1beta, or is not "
+                                            f"supported for generateContent.")
+        if not isinstance(body, dict) or not body.get("contents"):
+            raise Refused(400, "INVALID_ARGUMENT", "* GenerateContentRequest.contents: contents is not specified")
+        said = conversation(body)
+        cap = int((body.get("generationConfig") or {}).get("maxOutputTokens") or 0)
+        req = self.api.read_request(CHAT_URL, {"model": model, "messages": said, "max_tokens": cap},
+                                    model, cfg.usage_count, cfg.limit_count)
+        if req.prompt_tokens > cfg.models[model]:
+            raise Refused(400, "INVALID_ARGUMENT", f"The input token count ({req.prompt_tokens}) exceeds the "
+                                                   f"maximum number of tokens allowed ({cfg.models[model]}).")
+        return req, said, cap
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         api, cfg = self.api, self.api.config
         model, _, method = request.match_info["call"].partition(":")
+        if method == "batchGenerateContent":
+            return await self.create_batch(request, model)
         if method != "generateContent":
             return error(404, "NOT_FOUND", f"Method {method or 'none'} is not found.")
         api.calls += 1
         api.last_call = time.monotonic()
         api.first_call = api.first_call or api.last_call
-        secret = request.headers.get("x-goog-api-key") or request.query.get("key", "")
-        api.calls_per_key[fingerprint(secret)] += 1
-        k = api.key(secret)
-        if k is None or k.dead == "invalid":
-            return error(400, "INVALID_ARGUMENT", "API key not valid. Please pass a valid API key.", [
-                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
-                 "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}}])
-        if k.dead in ("forbidden", "quota"):
-            return error(403, "PERMISSION_DENIED", "Permission denied: Consumer has been suspended.")
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error(400, "INVALID_ARGUMENT", "Invalid JSON payload received.")
-        if model not in cfg.models:
-            return error(404, "NOT_FOUND", f"models/{model} is not found for API version v1beta, or is not "
-                                           f"supported for generateContent.")
-        if not isinstance(body, dict) or not body.get("contents"):
-            return error(400, "INVALID_ARGUMENT", "* GenerateContentRequest.contents: contents is not specified")
-        if len(api.requests) < 10000:
-            api.requests.append({"_url": "generateContent", "model": model,
-                                 **{n: v for n, v in body.items() if n != "contents"}})
-        said = conversation(body)
-        config = body.get("generationConfig") or {}
-        cap = int(config.get("maxOutputTokens") or 0)
-        req = api.read_request(CHAT_URL, {"model": model, "messages": said, "max_tokens": cap},
-                               model, cfg.usage_count, cfg.limit_count)
-        if req.prompt_tokens > cfg.models[model]:
-            return error(400, "INVALID_ARGUMENT", f"The input token count ({req.prompt_tokens}) exceeds the "
-                                                  f"maximum number of tokens allowed ({cfg.models[model]}).")
+            k = self._key(request)
+            body = await _json(request)
+            if len(api.requests) < 10000 and isinstance(body, dict):
+                api.requests.append({"_url": "generateContent", "model": model,
+                                     **{n: v for n, v in body.items() if n != "contents"}})
+            req, said, cap = self.read(model, body)
+        except Refused as refused:
+            return refused.response()
         now = time.monotonic()
         win = self.windows.setdefault((k.org or k.key, model), Windows())
         limits = k.limits(model)
@@ -137,6 +192,101 @@ class SimGemini:
         api.per_key[fingerprint(k.key)] += 1
         return web.json_response(self._answer(model, body, req, said, cap),
                                  dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+    # -- Batch Mode ---------------------------------------------------------------------------------
+    def _answerer(self, model: str) -> Any:
+        def answer(number: int, body: dict[str, Any]) -> tuple[int, dict[str, Any], Any]:
+            try:
+                req, said, cap = self.read(model, body)
+            except Refused as refused:
+                return refused.status, {"code": RPC_CODES.get(refused.status, 2), "message": refused.message}, None
+            return 200, self._answer(model, body, req, said, cap), req
+        return answer
+
+    def _public(self, batch: Any) -> dict[str, Any]:
+        """The batch as the API returns it: a long-running operation whose metadata is the batch."""
+        ended = batch.status in ("completed", "expired", "cancelled")
+        meta: dict[str, Any] = {
+            "@type": "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch",
+            "model": f"models/{batch.model}", "displayName": (batch.metadata or {}).get("displayName", ""),
+            "state": STATES.get(batch.status, "BATCH_STATE_PENDING"), "name": f"batches/{batch.id}",
+            "createTime": _time(batch.created_at), "updateTime": _time(batch.ended_at or batch.created_at),
+            "batchStats": {"requestCount": str(len(batch.lines)),
+                           "pendingRequestCount": str(0 if ended else len(batch.lines))}}
+        if ended:
+            meta["endTime"] = _time(batch.ended_at)
+            responses = []
+            for result, line in zip(batch.results, batch.lines):
+                if result.status is None:
+                    continue  # the batch ended before it ran
+                entry: dict[str, Any] = {"metadata": line.get("metadata") or {}}
+                if result.status == 200:
+                    entry["response"] = result.body
+                else:
+                    entry["error"] = result.body
+                responses.append(entry)
+            meta["output"] = {"inlinedResponses": {"inlinedResponses": responses}}
+        return {"name": f"batches/{batch.id}", "metadata": meta, "done": ended}
+
+    def _batch(self, request: web.Request, batch_id: str) -> Any:
+        k = self._key(request)
+        batch = self.api.batches.batches.get(batch_id)
+        if batch is None or batch.kind != "gemini" or batch.org != (k.org or k.key):
+            raise Refused(404, "NOT_FOUND", f"Batch batches/{batch_id} not found.")
+        self.api.batches.advance(batch)
+        return batch
+
+    async def create_batch(self, request: web.Request, model: str) -> web.Response:
+        try:
+            k = self._key(request)
+            body = await _json(request)
+            if model not in self.api.config.models:
+                raise Refused(404, "NOT_FOUND", f"models/{model} is not found for API version v1beta.")
+            spec = (body or {}).get("batch") if isinstance(body, dict) else None
+            inline = (((spec or {}).get("inputConfig") or {}).get("requests") or {}).get("requests")
+            if not isinstance(inline, list) or not inline:
+                raise Refused(400, "INVALID_ARGUMENT", "* batch.input_config: requests is not specified")
+            if len(inline) > self.api.config.batch_max_lines:
+                raise Refused(400, "INVALID_ARGUMENT", f"a batch holds at most {self.api.config.batch_max_lines} requests")
+        except Refused as refused:
+            return refused.response()
+        lines = [{"custom_id": str((r.get("metadata") or {}).get("custom_id", n)), "body": r.get("request") or {},
+                  "metadata": r.get("metadata")} for n, r in enumerate(inline)]
+        batch = self.api.batches.start("gemini", k.org or k.key, model, lines, self._answerer(model), "gbatch",
+                                       metadata={"displayName": str(spec.get("displayName") or "")})
+        return web.json_response(self._public(batch))
+
+    async def list_batches(self, request: web.Request) -> web.Response:
+        try:
+            k = self._key(request)
+        except Refused as refused:
+            return refused.response()
+        mine = self.api.batches.mine(k.org or k.key, "gemini")
+        first = int(request.query.get("pageToken") or 0)
+        size = int(request.query.get("pageSize") or 50)
+        page = mine[first:first + size]
+        out: dict[str, Any] = {"operations": [self._public(b) for b in page]}
+        if first + size < len(mine):
+            out["nextPageToken"] = str(first + size)
+        return web.json_response(out)
+
+    async def retrieve_batch(self, request: web.Request) -> web.Response:
+        try:
+            return web.json_response(self._public(self._batch(request, request.match_info["id"])))
+        except Refused as refused:
+            return refused.response()
+
+    async def cancel_batch(self, request: web.Request) -> web.Response:
+        batch_id, _, method = request.match_info["call"].partition(":")
+        if method != "cancel":
+            return error(404, "NOT_FOUND", f"Method {method or 'none'} is not found.")
+        try:
+            batch = self._batch(request, batch_id)
+        except Refused as refused:
+            return refused.response()
+        self.api.batches.ask_cancel(batch)
+        self.api.batches.advance(batch)
+        return web.json_response({})
 
     def _exhausted(self, model: str, limits: Any, what: str, wait: float) -> web.Response:
         api = self.api

@@ -105,6 +105,12 @@ BATCH_DUE = f"{PREFIX}:batch-due"
 that takes a step pushes it a lease length ahead while it works (``lua/due.lua``)."""
 
 
+def batch_owner(fingerprint: str, batch_id: str) -> str:
+    """String: the ``job\nchunk`` a provider's batch belongs to (so that a lost batch of a provider
+    that keeps no metadata is adopted by one chunk only), kept as long as a batch may run."""
+    return f"{PREFIX}:batch-owner:{fingerprint}:{batch_id}"
+
+
 def batch_enqueued(fingerprint: str, model: str) -> str:
     """Hash of one key and model in the Batch API: ``tokens`` enqueued now, ``limit`` learned."""
     return f"{PREFIX}:batch-key:{fingerprint}:{model}"
