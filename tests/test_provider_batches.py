@@ -173,3 +173,28 @@ def test_an_anthropic_batch_adopted_by_mistake_gives_none_of_its_answers_to_the_
     states = chunk_states(rclient, "job-p")
     [again] = [c for c in states.values() if c.state == "pending"]
     assert again.rows == 5 and again.attempt == 1  # the rows go into a new chunk
+
+
+@pytest.mark.slow
+def test_a_deadline_hands_every_providers_batch_rows_to_the_synchronous_lane_in_time(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    # each provider's batch would take a minute, and its cancel half a minute (Anthropic's batches
+    # stay "canceling", Gemini's "running"): at the cut-over their rows go synchronously, the
+    # answers the batches gave kept, nothing paid in both lanes
+    sim.configure(keys=[SimKey(TEST_KEY), SimKey(ANT_KEY), SimKey(GEM_KEYS[0], org="proj")],
+                  batch_delay=60.0, batch_cancel_delay=30.0)
+    rows = _mixed_rows(30)
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "output.jsonl"
+    config = _config(tmp_path, sim, redis_url)
+    workers(config)
+    assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--deadline", "12s").returncode == 0
+    job = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)["jobs"][0]
+    assert cli("collect", "-c", str(config), "-o", str(out), timeout=180).returncode == 0
+    assert time.time() - job["deadline_at"] < 2.0  # the slack of test_lanes' deadline test
+    lines = {k: v for line in read_jsonl(out) for k, v in line.items()}
+    assert all(lines[r["index"]] == sim_answer(r.get("model", "gpt-4o-mini"), r["messages"]) for r in rows)
+    stats = sim.stats()
+    assert stats["batch"]["batches"] == 3 and stats["batch"]["cancelled"] == 3
+    assert len(stats["per_prompt"]) == 30 and set(stats["per_prompt"].values()) == {1}
+    assert {r.get("_url") for r in sim.received()} >= {"/v1/messages", "generateContent"}  # synchronous now
