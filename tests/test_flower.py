@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import TEST_KEY, cli, seed_rows, wait_for, write_config, write_jsonl
 
+from test_providers import ANT_KEY, CLAUDE
+
+from opt_queue.core.config import fingerprint
 from opt_queue.jobflow.local import free_port
-from opt_queue.sim.api import SimServer
+from opt_queue.sim.api import SimKey, SimServer
 
 AUTH = "admin:s3cret-flower"
 
@@ -44,10 +47,14 @@ def test_flower_lists_workers_and_tasks_without_keys_and_refuses_anonymous(
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: get(f"{base}/healthcheck", None)[0] == 200, timeout=30, what="flower up")
-        sim.configure(latency=0.05)
-        config = write_config(tmp_path / "config.json", sim, broker_url=redis_url)  # one task per row
+        sim.configure(latency=0.05, keys=[SimKey(TEST_KEY), SimKey(ANT_KEY)])
+        config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, api_keys=[  # one task per row
+            TEST_KEY, {"key": ANT_KEY, "provider": "anthropic", "api_base": sim.base_url.removesuffix("/v1")}])
         workers(config, concurrency=4)
-        data = write_jsonl(tmp_path / "data.jsonl", seed_rows(20))
+        data = write_jsonl(tmp_path / "data.jsonl", [  # chat rows: 20 of the job's model, 4 of a claude model
+            {"index": r["index"], **({"model": CLAUDE} if int(r["index"]) >= 20 else {}),
+             "messages": [{"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]}]}
+            for r in seed_rows(24)])
         out = tmp_path / "output.jsonl"
         assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
         assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
@@ -56,14 +63,18 @@ def test_flower_lists_workers_and_tasks_without_keys_and_refuses_anonymous(
             status, body = get(f"{base}/api/tasks")
             return json.loads(body) if status == 200 else {}
 
-        wait_for(lambda: len([t for t in tasks().values() if t.get("state") == "SUCCESS"]) == 20,
-                 timeout=30, what="flower to see 20 finished tasks, one per row")
+        wait_for(lambda: len([t for t in tasks().values() if t.get("state") == "SUCCESS"]) == 24,
+                 timeout=30, what="flower to see 24 finished tasks, one per row")
         seen = tasks()
         job = next(iter(seen.values()))["args"].split("'")[1]
         assert job.startswith("output-")
-        assert sorted(t["name"] for t in seen.values()) == sorted(f"row {job}:{i}" for i in range(20))
+        assert sorted(t["name"] for t in seen.values()) == sorted(f"row {job}:{i}" for i in range(24))
         shown = json.dumps(seen)
-        assert TEST_KEY not in shown and "Translate" not in shown  # neither the key nor the request
+        assert TEST_KEY not in shown and ANT_KEY not in shown and "Translate" not in shown  # no key, no request
+        for task in seen.values():  # the provider beside the fingerprint of the key that answered
+            by = "anthropic " + fingerprint(ANT_KEY) if int(task["name"].split(":")[-1]) >= 20 else \
+                "openai " + fingerprint(TEST_KEY)
+            assert f"'keys': {{'{by}': 1}}" in task["result"], task["result"]
         assert all(t["args"] == repr((job, [t["name"].split(":")[-1]])) for t in seen.values())
 
         status, body = get(f"{base}/api/workers?refresh=1")

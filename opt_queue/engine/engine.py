@@ -58,6 +58,21 @@ HANDED_BACK = "handed_back"
 DUPLICATE, RELEASED, DROPPED, PUBLISHED = "duplicate", "released", "dropped", "published"
 """Other outcomes: another copy of the row finished it (or works on it now); the job stopped and
 the row stays unanswered; the job is unknown (reset or expired); the row's result is out."""
+
+
+class Published(str):
+    """:data:`PUBLISHED`, with the key that answered as Flower may show it (``by``: its provider
+    and fingerprint, never the key)."""
+
+    by: str | None = None
+
+    @classmethod
+    def of(cls, by: str | None) -> Published:
+        outcome = cls(PUBLISHED)
+        outcome.by = by
+        return outcome
+
+
 RETIRED_CACHE_SECONDS = 1.0
 TOO_LARGE_SAMPLES = 5
 """With more keys than one admission samples, a request that every key of this many samples found
@@ -164,6 +179,7 @@ class Engine:
         self.provider = provider or providers.for_config(config)
         self.prices = Prices({name: p.model_dump() for name, p in config.prices.items()})
         self.keys = config.keys()
+        self._by_fingerprint = {k.fingerprint: k for k in self.keys}
         self._providers_of: dict[str, frozenset[str]] = {}
         self.pool = AsyncKeyPool.from_config(client, config, self.keys)
         self.admissions = Admissions(self.pool)
@@ -323,7 +339,10 @@ class Engine:
         if result.answer is None and published:
             log.warning("row %s of job %s failed for good: %s (%s)", row.index, job.id,
                         result.error_type, result.error)
-        return PUBLISHED if published else DUPLICATE
+        if not published:
+            return DUPLICATE
+        key = self._by_fingerprint.get(result.key or "")
+        return Published.of(f"{key.provider} {key.fingerprint}" if key is not None else result.key)
 
     async def _publish(self, row: _Row, result: RowResult) -> bool:
         """Settle the row's tokens and publish its result, in one round trip. The result may be a

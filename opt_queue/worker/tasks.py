@@ -26,7 +26,7 @@ from opt_queue.lanes.batchlane import BatchLane
 from opt_queue.queue.broker import ROWS_TASK, args_repr, hand_back, recover_stale
 from opt_queue.core.request import split_row
 from opt_queue.core.config import Config, load_config
-from opt_queue.engine.engine import HANDED_BACK, Engine
+from opt_queue.engine.engine import HANDED_BACK, Engine, Published
 from opt_queue.store.redis_conn import connect, connect_async
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def _close_runtime(**_: Any) -> None:
 
 @app.task(name=ROWS_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
           max_retries=None)
-def rows(self: Task, job_id: str, rows: list[list[Any]], options: dict[str, Any] | None = None) -> dict[str, int]:
+def rows(self: Task, job_id: str, rows: list[list[Any]], options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Answer a batch of one job's ``[index, request(, url)]`` rows; return how each one ended."""
     rt = runtime()
     outcomes = rt.run(rt.engine.process_rows(job_id, rows, options))
@@ -153,4 +153,8 @@ def rows(self: Task, job_id: str, rows: list[list[Any]], options: dict[str, Any]
                 job_id, len(unfinished), type(first).__name__, first)
         raise self.retry(args=(job_id, unfinished, options), countdown=min(30, 2 ** self.request.retries),
                          argsrepr=args_repr(job_id, unfinished), kwargsrepr="{}")
-    return dict(Counter(str(out) for out in outcomes))
+    ended: dict[str, Any] = dict(Counter(str(out) for out in outcomes))
+    keys = Counter(out.by for out in outcomes if isinstance(out, Published) and out.by)
+    if keys:
+        ended["keys"] = dict(keys)  # Flower's result column: which provider's key answered (fingerprints)
+    return ended
