@@ -157,8 +157,9 @@ def lane_option(fn: Any) -> Any:
     return click.option(
         "--lane", type=click.Choice(["sync", "flex", "batch"]), default=None,
         help="sync: standard synchronous calls; flex: service_tier flex (half price, slower; a row Flex "
-             "cannot take now goes at the standard tier unless flex_fallback is false); batch: the "
-             "provider's Batch API (half price, within 24 h). Default: the config's lane.")(fn)
+             "cannot take now goes at the standard tier unless flex_fallback is false); batch: each "
+             "provider's batch API (OpenAI's Batch API, Anthropic's Message Batches, Gemini's Batch Mode: "
+             "half price, within 24 h). Default: the config's lane.")(fn)
 
 
 def _with_format(cfg: Config, output_format: str | None, lane: str | None = None,
