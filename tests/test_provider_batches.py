@@ -33,8 +33,9 @@ PRICES = {"gpt-4o-mini": {"input": 100.0, "output": 200.0}, CLAUDE: {"input": 10
 
 def _config(tmp_path: Path, sim: SimServer, redis_url: str, **fields: object) -> Path:
     base = sim.base_url.removesuffix("/v1")
+    fields.setdefault("model", {"name": "gpt-4o-mini", "max_tokens": 40})
     return write_config(tmp_path / "config.json", sim, broker_url=redis_url, prices=PRICES, batch_poll=0.5,
-                        lease_seconds=6, model={"name": "gpt-4o-mini", "max_tokens": 40}, api_keys=[
+                        lease_seconds=6, api_keys=[
                             TEST_KEY, {"key": ANT_KEY, "provider": "anthropic", "api_base": base},
                             {"key": GEM_KEYS[0], "provider": "gemini", "group": "proj", "api_base": base}], **fields)
 
@@ -92,8 +93,9 @@ def test_three_providers_batches_survive_a_killed_worker_and_expiring_batches(
     assert job["spend"]["cost"] == pytest.approx(expected, rel=1e-6)  # at the batch price, every provider
 
 
-def _submitted_chunk(tmp_path: Path, sim: SimServer, rclient: redis.Redis, redis_url: str, model: str):  # type: ignore[no-untyped-def]
-    config = load_config(_config(tmp_path, sim, redis_url, lane="batch"))
+def _submitted_chunk(tmp_path: Path, sim: SimServer, rclient: redis.Redis, redis_url: str, model: str,  # type: ignore[no-untyped-def]
+                     extra: dict | None = None):  # type: ignore[type-arg]
+    config = load_config(_config(tmp_path, sim, redis_url, lane="batch", **(extra or {})))
     data = write_jsonl(tmp_path / "data.jsonl", [{"index": f"row/{i}", "model": model,
                                                   "messages": [{"role": "user", "content": f"q{i}"}]}
                                                  for i in range(5)])
@@ -198,3 +200,21 @@ def test_a_deadline_hands_every_providers_batch_rows_to_the_synchronous_lane_in_
     assert stats["batch"]["batches"] == 3 and stats["batch"]["cancelled"] == 3
     assert len(stats["per_prompt"]) == 30 and set(stats["per_prompt"].values()) == {1}
     assert {r.get("_url") for r in sim.received()} >= {"/v1/messages", "generateContent"}  # synchronous now
+
+
+def test_claude_rows_without_max_tokens_are_estimated_and_reserved_at_the_cap_anthropic_requires(
+        tmp_path: Path, sim: SimServer, rclient: redis.Redis, redis_url: str) -> None:
+    # Anthropic requires max_tokens: a row without one is sent with 4096, so the estimate's worst
+    # case and the batch lane's budget reservation count 4096 (not the 256 a chat row is given)
+    from opt_queue.jobflow.estimate import estimate
+
+    sim.configure(keys=[SimKey(TEST_KEY), SimKey(ANT_KEY)], batch_delay=60.0)
+    config, key, chunk_id, chunk, lines = _submitted_chunk(tmp_path, sim, rclient, redis_url, CLAUDE,
+                                                           {"model": {"name": "gpt-4o-mini"},  # no max_tokens
+                                                            "max_cost": 1000.0})
+    est = estimate(tmp_path / "data.jsonl", tmp_path / "out.jsonl", config)
+    assert est.models[CLAUDE].cap_tokens == 5 * 4096
+    # with a budget, the batch reserves its worst case before it is created
+    _step(config, redis_url, chunk_id)
+    held = chunk_states(rclient, "job-p")[chunk_id]
+    assert held.state == "submitted" and held.reserved_tokens == chunk.tokens + 5 * 4096

@@ -479,7 +479,7 @@ class Engine:
         """The providers of the keys that serve ``model`` (cached)."""
         found = self._providers_of.get(model or "")
         if found is None:
-            found = self._providers_of[model or ""] = frozenset(k.provider for k in self.keys if k.serves(model or ""))
+            found = self._providers_of[model or ""] = providers.serving(self.keys, model or "")
         return found
 
     def _budget(self, row: _Row, model: str) -> Budget:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from opt_queue import providers
 from opt_queue.core.config import Config
 from opt_queue.jobflow.dataset import MAX_PROBLEMS_SHOWN, final_failures, iter_input, read_output
 from opt_queue.core.errors import InputError
@@ -212,6 +213,7 @@ def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[
     seen: set[bytes] = set()
     keep = {} if config.retry_failed else final_failures(output_path, state.nulls)
     name, params, lane = config.model.name, config.model.params, config.lane
+    keys, serving_of = config.keys(), dict[str, frozenset[str]]()
     for row in _rows(input_path, state, est):
         failed = keep.get(row.index) if keep else None
         if failed is not None and failed.request in (None, failure_key(row.url, request_body(
@@ -231,6 +233,10 @@ def estimate(input_path: str | os.PathLike[str], output_path: str | os.PathLike[
             est.repeats_sent += 1
         seen.add(digest)
         model = body.get("model") or name
+        needs = serving_of.get(model)
+        if needs is None:
+            needs = serving_of[model] = providers.serving(keys, model)
+        body = providers.with_required_cap(needs, body)  # Anthropic's required max_tokens, as sent
         prompt, cap = estimate_parts(body, row.url, typical=True)
         assumed = cap if output_tokens is None or not cap else min(cap, output_tokens * int(body.get("n") or 1))
         m = est.models.get(model)

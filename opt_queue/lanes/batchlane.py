@@ -301,9 +301,10 @@ class BatchLane:
         if not any(int(v or 0) for v in budget):
             return None
         cost, tokens = 0.0, 0
+        needs = api.serving(self.keys, chunk.model)
         for line in data.decode().splitlines():
-            if line.strip():
-                body = json.loads(line)["body"]
+            if line.strip():  # as sent: with the max_tokens a provider requires
+                body = api.with_required_cap(needs, json.loads(line)["body"])
                 prompt, cap = estimate_parts(body, chunk.url)
                 cost += self.prices.cost(chunk.model, chunk.url, {**body, "service_tier": "batch"}, prompt, cap) or 0.0
                 tokens += prompt + cap

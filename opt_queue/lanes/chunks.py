@@ -13,7 +13,7 @@ import redis
 
 from opt_queue.store import keys as rkeys
 from opt_queue.core.config import Config
-from opt_queue.providers import BATCH_LIMITS
+from opt_queue.providers import BATCH_LIMITS, serving
 from opt_queue.core.tokens import estimate_parts
 
 
@@ -85,28 +85,28 @@ class ChunkWriter:
         self.config = config
         self.options = options
         self._open: dict[tuple[str, str], tuple[list[str], list[str], list[int]]] = {}
-        self._limits: dict[str, tuple[int, int]] = {}
+        self._models: dict[str, tuple[frozenset[str], int, int]] = {}
         self.chunks = 0
 
-    def limits(self, model: str) -> tuple[int, int]:
-        """The most rows and bytes a chunk of ``model`` may hold: the config's, within what a batch
-        of every provider whose keys serve the model takes (:data:`~opt_queue.providers.BATCH_LIMITS`)."""
-        found = self._limits.get(model)
+    def model(self, model: str) -> tuple[frozenset[str], int, int]:
+        """The providers whose keys serve ``model``, and the most rows and bytes a chunk of it may
+        hold: the config's, within what a batch of each of them takes (:data:`~opt_queue.providers.BATCH_LIMITS`)."""
+        found = self._models.get(model)
         if found is None:
-            serving = {k.provider for k in self.config.keys() if k.serves(model)} or {"openai"}
-            found = self._limits[model] = (
-                min([self.config.batch_max_lines, *(BATCH_LIMITS[p][0] for p in serving)]),
-                min([self.config.batch_max_bytes, *(BATCH_LIMITS[p][1] for p in serving)]))
+            providers = serving(self.config.keys(), model)
+            found = self._models[model] = (
+                providers, min([self.config.batch_max_lines, *(BATCH_LIMITS[p][0] for p in providers or {"openai"})]),
+                min([self.config.batch_max_bytes, *(BATCH_LIMITS[p][1] for p in providers or {"openai"})]))
         return found
 
     def add(self, index: str, body: dict[str, Any], url: str) -> None:
         """Add a claimed row (as a task carries it: index, request, endpoint)."""
         model = str(body.get("model") or "")
+        _providers, most_lines, most_bytes = self.model(model)
         line = file_line(index, url, body)
         tokens = estimate_parts(body, url)[0]
         lines, indices, sizes = self._open.setdefault((url, model), ([], [], [0, 0]))
         limit = self.config.batch_token_limit
-        most_lines, most_bytes = self.limits(model)
         if lines and (len(lines) >= most_lines or sizes[0] + len(line.encode()) + 1 > most_bytes
                       or (limit and sizes[1] + tokens > limit)):
             self._store(url, model)

@@ -11,7 +11,7 @@ provider its key speaks, on one connection pool.
 from __future__ import annotations
 
 import importlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from opt_queue.core.errors import ConfigError
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from opt_queue.core.config import ApiKey, Config
 
 __all__ = ["BATCH_LIMITS", "EXTRAS", "FINAL_KINDS", "REQUIRED_MAX_TOKENS", "WINDOW_COUNTS_OUTPUT", "Answer", "Batch",
-           "BatchEntry", "BatchProvider",
+           "BatchEntry", "BatchProvider", "serving",
            "CallFailed", "Failure", "Kind", "Provider", "Providers", "check_installed", "for_config", "redact",
            "window_counts_output", "with_required_cap"]
 
@@ -39,6 +39,11 @@ BATCH_LIMITS = {"openai": (50_000, 200 * 1024 * 1024), "anthropic": (100_000, 25
 200 MB (its batch guide), Anthropic's Message Batches 100,000 requests and 256 MB (its batch
 processing guide), Gemini's inline Batch Mode requests 20 MB in all (its Batch Mode guide; 18 MB of
 rows leaves room for the native request's own shape; it states no count, so OpenAI's)."""
+
+
+def serving(keys: Iterable[ApiKey], model: str) -> frozenset[str]:
+    """The providers of the keys that serve ``model``."""
+    return frozenset(k.provider for k in keys if k.serves(model))
 
 
 def window_counts_output(serving: frozenset[str]) -> bool:
