@@ -34,8 +34,9 @@ PRICES = {"gpt-4o-mini": {"input": 100.0, "output": 200.0}, CLAUDE: {"input": 10
 def _config(tmp_path: Path, sim: SimServer, redis_url: str, **fields: object) -> Path:
     base = sim.base_url.removesuffix("/v1")
     fields.setdefault("model", {"name": "gpt-4o-mini", "max_tokens": 40})
+    fields.setdefault("lease_seconds", 6)
     return write_config(tmp_path / "config.json", sim, broker_url=redis_url, prices=PRICES, batch_poll=0.5,
-                        lease_seconds=6, api_keys=[
+                        api_keys=[
                             TEST_KEY, {"key": ANT_KEY, "provider": "anthropic", "api_base": base},
                             {"key": GEM_KEYS[0], "provider": "gemini", "group": "proj", "api_base": base}], **fields)
 
@@ -48,11 +49,11 @@ def test_three_providers_batches_survive_a_killed_worker_and_expiring_batches(
     # rest go into the next batch: 20 rows a provider -> 5 -> 1, three batches each, if nothing
     # is created twice. The worker is killed while the first batches are in flight.
     sim.configure(keys=[SimKey(TEST_KEY), SimKey(ANT_KEY), SimKey(GEM_KEYS[0], org="proj")],
-                  batch_delay=4.0, batch_expire_after=3.0)
+                  batch_delay=2.0, batch_expire_after=1.5)
     rows = _mixed_rows(60)
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     out = tmp_path / "output.jsonl"
-    config = _config(tmp_path, sim, redis_url, batch_attempts=10)
+    config = _config(tmp_path, sim, redis_url, batch_attempts=10, lease_seconds=4)  # the killed worker's steps
     first = workers(config)
     submitted = cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "batch",
                     "--output-format", "full")
@@ -193,11 +194,14 @@ def test_a_deadline_hands_every_providers_batch_rows_to_the_synchronous_lane_in_
     assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--deadline", "12s").returncode == 0
     job = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)["jobs"][0]
     assert cli("collect", "-c", str(config), "-o", str(out), timeout=180).returncode == 0
-    assert time.time() - job["deadline_at"] < 2.0  # the slack of test_lanes' deadline test
+    # at the cut-over, not when the batches end (60 s) or their cancels do (30 s: 24 s past the
+    # deadline); how close to the deadline a loaded machine makes it is test_lanes' deadline test's
+    assert time.time() - job["deadline_at"] < 15.0
     lines = {k: v for line in read_jsonl(out) for k, v in line.items()}
     assert all(lines[r["index"]] == sim_answer(r.get("model", "gpt-4o-mini"), r["messages"]) for r in rows)
     stats = sim.stats()
     assert stats["batch"]["batches"] == 3 and stats["batch"]["cancelled"] == 3
+    assert stats["batch"]["cancel_requests"] == 3  # each asked once, whatever state its provider shows
     assert len(stats["per_prompt"]) == 30 and set(stats["per_prompt"].values()) == {1}
     assert {r.get("_url") for r in sim.received()} >= {"/v1/messages", "generateContent"}  # synchronous now
 

@@ -76,7 +76,8 @@ CLOCK_SKEW = 300.0
 OWNER_SECONDS = 3 * 86400
 """How long a batch's owner is kept: longer than any provider lets a batch run."""
 FIND_AT_MOST = 2000
-"""Batches looked at when a lost one is searched for."""
+"""Batches looked at, at most, when a lost one is searched for (the key's most recent ones where the
+provider lists them newest first: OpenAI, Anthropic)."""
 
 
 
@@ -358,8 +359,8 @@ class BatchLane:
                 if await self.client.set(owner, member, nx=True, ex=OWNER_SECONDS) or \
                         (await self.client.get(owner) or b"").decode() == member:
                     return batch
-            seen += 1
-            if seen >= FIND_AT_MOST or (batch.created_at and batch.created_at < chunk.sent_at - max(CLOCK_SKEW, 86400 * 2)):
+            seen += 1  # (not every provider lists its batches newest first: Gemini does not say)
+            if seen >= FIND_AT_MOST:
                 break
         return None
 
@@ -374,10 +375,11 @@ class BatchLane:
         chunk.status = batch.status
         if batch.status == "failed":
             return await self._failed(job, chunk_id, chunk, batch)
-        if batch.status in IN_FLIGHT and cancel and batch.status != "cancelling":
+        if batch.status in IN_FLIGHT and cancel and batch.status != "cancelling" and not chunk.cancel_asked:
             log.info("job %s: cancelling batch %s (%s)", job.id, batch.id,
                      "the deadline's cut-over" if late else "the job stopped")
             await self.api.cancel_batch(key, batch.id, self.config.request_timeout)
+            chunk.cancel_asked = True
             batch = await self.api.batch(key, batch.id, self.config.request_timeout)  # a cancel may be done at once
             chunk.status = batch.status
         if batch.status in IN_FLIGHT:

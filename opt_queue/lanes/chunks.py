@@ -42,6 +42,8 @@ class Chunk:
     answered: int = 0
     nulls: int = 0
     moved: int = 0
+    cancel_asked: bool = False
+    """The provider was asked to cancel the batch (once: Gemini's batches show no cancelling state)."""
     handed: bool = False
     """Its rows went to the synchronous lane while the provider was still cancelling its batch."""
     polls: int = 0

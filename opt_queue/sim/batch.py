@@ -145,7 +145,9 @@ class SimBatches:
         return found
 
     def ask_cancel(self, batch: _Batch) -> None:
-        """Cancel a batch that is in progress (it stays ``cancelling`` for ``batch_cancel_delay``)."""
+        """Cancel a batch that is in progress (it stays ``cancelling`` for ``batch_cancel_delay``);
+        ``cancel_requests`` counts every request, ``cancelled`` every batch cancelled."""
+        self.counts["cancel_requests"] += 1
         if batch.status == "in_progress":
             batch.status, batch.cancelled_at = "cancelling", time.monotonic()
             batch.cancel_asked_at = int(time.time())
