@@ -141,22 +141,35 @@ def test_keys_of_every_provider_never_leave_the_config(tmp_path: Path, sim: SimS
 
 def test_the_batch_lane_keeps_keys_out_of_redis_files_metadata_and_logs(
         tmp_path: Path, sim: SimServer, redis_url: str, rclient: redis.Redis) -> None:
-    sim.configure(keys=[SimKey(GOOD), SimKey(REVOKED, dead="invalid")], batch_delay=0.5)
-    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(30))
+    # OpenAI's Batch API (uploaded files, metadata), Anthropic's Message Batches and Gemini's Batch
+    # Mode (inline requests, display names)
+    sim.configure(keys=[SimKey(GOOD), SimKey(REVOKED, dead="invalid"), SimKey(ANT_GOOD), SimKey(GEM_GOOD, org="p1")],
+                  batch_delay=0.5)
+    models = ("gpt-4o-mini", "claude-haiku-4-5", "gemini-2.5-flash")
+    data = write_jsonl(tmp_path / "data.jsonl", [
+        {"index": r["index"], "model": models[int(r["index"]) % 3],
+         "messages": [{"role": "system", "content": r["instruction"]}, {"role": "user", "content": r["input"]}]}
+        for r in seed_rows(30)])
     out = tmp_path / "output.jsonl"
-    config = write_config(tmp_path / "config.json", sim, api_keys=[REVOKED, GOOD], broker_url=redis_url,
-                          log_level="DEBUG", lane="batch", batch_max_lines=10, batch_poll=0.5)
+    base = sim.base_url.removesuffix("/v1")
+    config = write_config(tmp_path / "config.json", sim, api_keys=[
+        REVOKED, GOOD, {"key": ANT_GOOD, "provider": "anthropic", "api_base": base},
+        {"key": GEM_GOOD, "provider": "gemini", "api_base": base}], broker_url=redis_url,
+        log_level="DEBUG", lane="batch", batch_max_lines=10, batch_poll=0.5)
     submitted = cli("submit", str(data), "-c", str(config), "-o", str(out))
     assert submitted.returncode == 0
     chunks = dump_redis(rclient)  # the batch files waiting in Redis
     assert "Translate to English" in chunks
     collected, log = work_and_collect(tmp_path, config, out, redis_url)
     uploaded = b"".join(sim.api.batches.files.values()).decode()
-    metadata = repr([b.metadata for b in sim.api.batches.batches.values()])
+    made = sim.api.batches.batches.values()
+    assert {b.kind for b in made} == {"openai", "anthropic", "gemini"}
+    metadata = repr([(b.metadata, b.lines) for b in made])  # display names, the inline requests
     everything = "\n".join([submitted.stdout, submitted.stderr, chunks, collected.stdout, collected.stderr,
                             log, dump_redis(rclient), uploaded, metadata,
                             cli("status", "-c", str(config), "--json").stdout, out.read_text(encoding="utf-8")])
-    for secret in (GOOD, REVOKED):
+    for secret in (GOOD, REVOKED, ANT_GOOD, GEM_GOOD):
         assert secret not in everything and secret[8:24] not in everything
+    assert sum(1 for line in out.read_text().splitlines() if '": "answer ' in line) == 30
     # found dead by its first upload (uploads are free), then retired: at most one try per file
     assert 1 <= sim.stats()["calls_per_key"].get(fingerprint(REVOKED), 0) <= 3

@@ -248,6 +248,7 @@ class BatchLane:
         # failed, or a create that did not go through) is used again instead of a second upload.
         file_id = chunk.file_id if chunk.file_id and chunk.file_key == key.fingerprint else None
         chunk.state, chunk.key, chunk.tag, chunk.sent_at = "creating", key.fingerprint, uuid.uuid4().hex[:12], time.time()
+        chunk.cancel_asked = False  # (a new batch)
         await self._save(job.id, chunk_id, chunk)  # before the call: a crash after it is found again
         meta = {"opt_queue_job": job.id, "opt_queue_chunk": chunk_id, "opt_queue_tag": chunk.tag}
         try:
