@@ -203,6 +203,33 @@ def test_an_output_window_holds_the_cap_until_the_answer_says_what_was_written(m
     assert isinstance(p.acquire(tokens=10, output=1000), Lease)  # the window emptied
 
 
+def test_an_output_window_learns_from_its_headers_whether_its_server_holds_max_tokens(make) -> None:
+    """Headers showing less used than a request's own max_tokens (rounding allowed for) refute a
+    server that holds max_tokens on arrival: requests then hold one token from their admission and
+    what they wrote after it; an output-token 429 while they do refutes that reading for good. A
+    request waiting for room in an output window looks again soon: answers free it early."""
+    p = make([key("sk-ant-w", {"output_tokens": ["1000/min"]}, provider="anthropic")])
+    a, _b = p.acquire(tokens=10, output=400), p.acquire(tokens=10, output=400)
+    waiting = p.acquire(tokens=10, output=400)
+    assert isinstance(waiting, Wait) and waiting.seconds <= 0.25  # not the minute to the oldest's expiry
+    p.tell(a, output_tokens=20, output_window=(1000, 0), window_rounding=1000)  # 800 used: max_tokens held
+    assert isinstance(p.acquire(tokens=10, output=400), Lease)  # 20 + 400 + 400
+    assert isinstance(p.acquire(tokens=10, output=400), Wait)  # still holding max_tokens
+    p.advance(60_001)
+    c = p.acquire(tokens=10, output=900)
+    p.tell(c, output_tokens=20, output_window=(1000, 1000), window_rounding=1000)  # at most 500 used < 900
+    held = [p.acquire(tokens=10, output=900) for _ in range(5)]
+    assert all(isinstance(h, Lease) and h.out_tokens == 1 for h in held)  # one token each now
+    p.tell(held[0], refused=True, output_refused=True)  # an output-token 429: the server holds them after all
+    assert isinstance(p.acquire(tokens=10, output=990), Wait)  # 20 + 4 + 990 > 1000: max_tokens held again
+    p.advance(60_001)
+    e = p.acquire(tokens=10, output=900)
+    assert e.out_tokens == 900
+    p.pool._out_written.clear()  # another worker process reads the same headers again
+    p.tell(e, output_tokens=20, output_window=(1000, 1000), window_rounding=1000)
+    assert isinstance(p.acquire(tokens=10, output=990), Wait)  # the refutation holds: 20 + 990
+
+
 def test_only_a_provider_with_an_output_window_gets_one_and_it_learns_the_limit_from_headers(make) -> None:
     plain = make([key("sk-oa-o", {})])
     assert isinstance(plain.acquire(tokens=10, output=10**7), Lease)  # OpenAI's keys: no output window

@@ -401,6 +401,49 @@ def test_a_gemini_project_without_typed_limits_learns_them_from_its_first_resour
     assert stats["calls"] == 12 + stats["rate_limited"]
 
 
+@pytest.mark.slow
+def test_anthropic_output_tokens_are_held_as_the_server_counts_them(
+        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+    # Rows ask max_tokens 2000 and write ~10; the output window takes 6000 a (2 s) minute. A server
+    # that holds max_tokens on arrival admits 3 at once; one that counts output as it is written
+    # admits all while its window is not full. Anthropic's documentation has said both; its headers
+    # tell which (remaining output tokens, rounded to thousands), unless they are stated after the
+    # answer was counted, when a server of the first kind looks like one of the second: its 429s
+    # refute that reading. max_retries 0: a 429 uses no attempt, so every row must end answered.
+    # One key per server (each its own model: its own scope), one worker for the three jobs.
+    cases = (("claude-haiku-4-5", "actual", "arrival"), ("claude-sonnet-4-5", "max_tokens", "arrival"),
+             ("claude-opus-4-1", "max_tokens", "end"))
+    secrets = [f"sk-ant-api03-output-{n}-0123456789abcdefghijklmnop" for n in range(3)]
+    base = sim.base_url.removesuffix("/v1")
+    sim.configure(keys=[SimKey(k, otpm=6000) for k in secrets], minute=2, latency=0.3)
+    config = write_config(tmp_path / "config.json", sim, broker_url=redis_url, max_retries=0, api_keys=[
+        {"key": k, "provider": "anthropic", "api_base": base, "models": [model]}
+        for k, (model, _, _) in zip(secrets, cases)])
+    workers(config)
+    for secret, (model, counts, headers_at) in zip(secrets, cases):
+        sim.configure(anthropic_output_count=counts, anthropic_headers_at=headers_at)
+        sim.api.reset_stats()
+        rows = [{"index": str(i), "model": model, "max_tokens": 2000,
+                 "messages": [{"role": "user", "content": f"row {i}"}]} for i in range(16)]
+        data = write_jsonl(tmp_path / f"{model}.jsonl", rows)
+        out = tmp_path / f"out-{model}.jsonl"
+        assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
+        assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
+        assert len([v for line in read_jsonl(out) for v in line.values() if v]) == 16
+        scope = f"{fingerprint(secret)}/{model}"
+        log = [line for line in (tmp_path / "worker.log").read_text().splitlines() if scope in line]
+        written = sum("counts output tokens as they are written" in line for line in log)
+        refuted = sum("holds max_tokens after all" in line for line in log)
+        stats = sim.stats()
+        if counts == "actual":  # more in flight than 6000 / 2000, and never refused
+            assert (written, refuted) == (1, 0) and stats["rate_limited"] == 0 and stats["max_in_flight"] > 3
+        elif headers_at == "arrival":  # held max_tokens throughout: at most 3 at once
+            assert (written, refuted) == (0, 0) and stats["rate_limited"] == 0 and stats["max_in_flight"] <= 3
+        else:  # read wrongly, refuted by the 429s of the requests admitted on that reading, and only those
+            assert written == 1 and stats["rate_limited"] == refuted >= 1, stats["refusals"]
+            assert set(stats["refusals"]) == {"output tokens per minute"}
+
+
 def test_a_provider_whose_sdk_is_missing_is_refused_before_any_call(tmp_path: Path, sim: SimServer) -> None:
     shim = tmp_path / "shim" / "anthropic"
     shim.mkdir(parents=True)

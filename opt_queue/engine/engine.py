@@ -586,7 +586,8 @@ class Engine:
                                                                              providers.Kind.UNREACHABLE)
         left = await self.pool.report(lease, Report(
             sent=stamped is not None, used_tokens=used, usage=row.last_usage,
-            refused=kind is providers.Kind.RATE_LIMITED, error=failure.reason, verdict=verdict,
+            refused=kind is providers.Kind.RATE_LIMITED, output_refused=failure.output, error=failure.reason,
+            verdict=verdict,
             cooldown=(failure.retry_after or 1.0) if verdict != "slow" else 0.0,
             server=failure.server_limits if verdict != "slow" else {}, answered=answered))
         metrics.observe_call(lease.key.fingerprint, row.body["model"], str(failure.status or failure.reason),
@@ -620,7 +621,7 @@ class Engine:
         row.to_settle = (lease, Report(used_tokens=used, usage=usage, server=answer.server_limits,
                                        sent_ms=row.sent_ms, window=answer.token_window,
                                        window_rounding=answer.token_rounding,
-                                       prompt_counted=answer.prompt_counted,
+                                       prompt_counted=answer.prompt_counted, output_window=answer.output_window,
                                        output_tokens=reply.completion_tokens))
         metrics.observe_call(lease.key.fingerprint, row.body["model"], "200", usage)
         parsed, problem, final = answers.structured(row.url, row.body, reply)

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import random
 import time
@@ -84,6 +85,8 @@ from opt_queue.core.tokens import counter
 from opt_queue.store import budget as budgets
 from opt_queue.store.budget import Budget, BudgetReached
 from opt_queue.store.scripts import queue, run_pipeline, run_script, scripts_for
+
+log = logging.getLogger(__name__)
 
 ACQUIRE_SAMPLE = 32
 """Buckets one admission looks at: all of them up to this many, else a random sample of this many.
@@ -271,6 +274,11 @@ class Report:
     """How the server rounds the remaining tokens of ``window`` (0: exact)."""
     prompt_counted: int | None = None
     """The server's count of the request's prompt, where its window counts what it bills (Gemini)."""
+    output_window: tuple[int, int] | None = None
+    """``(limit, remaining)`` of the output-token window as the response stated it: whether the
+    server held the request's ``max_tokens`` in it (``lua/out_mode.lua``)."""
+    output_refused: bool = False
+    """A 429 of the output-token window."""
 
 
 @dataclass(frozen=True)
@@ -323,6 +331,7 @@ class AsyncKeyPool:
         self._fragments: dict[tuple[str, str], tuple[list[str], list[Any]]] = {}
         self._learned: dict[str, tuple[dict[str, int], float]] = {}
         self._calibrated: dict[str, tuple[int, float]] = {}  # per scope: observations sent, last one
+        self._out_written: set[str] = set()  # scopes whose output-count reading was sent
 
     @classmethod
     def from_config(cls, client: Any, config: Config, keys: list[ApiKey] | None = None) -> AsyncKeyPool:
@@ -448,9 +457,9 @@ class AsyncKeyPool:
         now_ms = int(reply[0])
         sampled = len(plan.order) < len(plan.cands)  # buckets outside the sample may be free now
         out: list[Lease | Wait | Never | BudgetReached] = []
-        for (tokens, uid, budget, output), status, value, charged in zip(plan.asks, reply[1::3], reply[2::3],
-                                                                        reply[3::3]):
-            status, value, tokens = int(status), int(value), int(charged)
+        for (tokens, uid, budget, _output), status, value, charged, held in zip(
+                plan.asks, reply[1::4], reply[2::4], reply[3::4], reply[4::4]):
+            status, value, tokens, output = int(status), int(value), int(charged), int(held)
             if status == 1:
                 bucket = plan.order[value - 1]
                 members = plan.cands[bucket]
@@ -589,6 +598,7 @@ class AsyncKeyPool:
         else:
             self.queue_learn(lease, report.server, pipe)
         self.queue_calibrate(lease, report.sent_ms, report.window, pipe, report.window_rounding)
+        self.queue_output_mode(lease, report, pipe)
         if report.prompt_counted:
             self.queue_calibrate_usage(lease, report.prompt_counted, pipe)
         if report.answered is not None:
@@ -637,6 +647,30 @@ class AsyncKeyPool:
             return False
         queue(pipe, self._scripts.learn, *self._tell_call(lease, "ok", 0.0, server))
         self._learned[lease.scope] = (dict(server), now)
+        return True
+
+    def queue_output_mode(self, lease: Lease, report: Report, pipe: Any) -> bool:
+        """Queue on ``pipe`` what a response showed of how the scope's server counts output tokens
+        (``lua/out_mode.lua``): less used in the window when the request arrived than its own
+        ``max_tokens`` (remaining tokens rounded as ``window_rounding`` says) refutes a server that
+        holds ``max_tokens`` on arrival; an output-token 429 while one token was held refutes that
+        reading. Return whether anything was queued."""
+        state = rkeys.bucket_state(lease.scope)
+        if report.output_refused and lease.out_tokens <= 1:
+            queue(pipe, self._scripts.out_mode, [state], ["refuted"])
+            log.warning("%s: an output-token 429 while requests held one token of the window: its server "
+                        "holds max_tokens after all; requests hold their max_tokens again", lease.scope)
+            return True
+        if report.output_window is None or lease.out_tokens <= 1 or lease.scope in self._out_written:
+            return False
+        limit, remaining = report.output_window
+        if limit - remaining + report.window_rounding / 2 >= lease.out_tokens:
+            return False
+        self._out_written.add(lease.scope)  # once per scope and process: the script keeps a refutation
+        queue(pipe, self._scripts.out_mode, [state], ["written"])
+        log.info("%s: its server counts output tokens as they are written (%d used of %d when a request "
+                 "holding %d arrived): requests hold one token of the output window until they answer",
+                 lease.scope, limit - remaining, limit, lease.out_tokens)
         return True
 
     def queue_calibrate_usage(self, lease: Lease, counted: int, pipe: Any) -> bool:

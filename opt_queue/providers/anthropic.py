@@ -208,6 +208,15 @@ def token_window(headers: Any) -> tuple[int, int] | None:
     return limit, min(remaining, limit)
 
 
+def output_window(headers: Any) -> tuple[int, int] | None:
+    """``(output-tokens limit, remaining)`` as the response states them."""
+    limit = _int(headers, "anthropic-ratelimit-output-tokens-limit")
+    remaining = _int(headers, "anthropic-ratelimit-output-tokens-remaining")
+    if not limit or limit <= 0 or remaining is None or remaining < 0:
+        return None
+    return limit, min(remaining, limit)
+
+
 def _retry_after(headers: Any) -> float | None:
     value = headers.get("retry-after") if headers is not None else None
     try:
@@ -229,7 +238,8 @@ def classify_status(status: int, body: Any, headers: Any, text: str = "") -> Fai
     if status == 429:
         return Failure(Kind.RATE_LIMITED, message, status, kind or "rate_limit_error",
                        retry_after=_retry_after(headers), server_limits=limits,
-                       tokens="input tokens" in lowered or "input_tokens" in lowered)
+                       tokens="input tokens" in lowered or "input_tokens" in lowered,
+                       output="output tokens" in lowered or "output_tokens" in lowered)
     if status in (401, 403) or kind == "billing_error" or "credit balance" in lowered:
         return Failure(Kind.KEY_DEAD, message, status, kind or "authentication_error", server_limits=limits)
     if status == 400 and ("prompt is too long" in lowered or "context window" in lowered):
@@ -329,7 +339,7 @@ class AnthropicProvider:
         data, headers = json_body(raw.text), kept(raw.headers, KEPT_HEADERS)
         return Answer(answers.read(url, data), data, request_id=headers.get("request-id"),
                       server_limits=server_limits(headers), token_window=token_window(headers),
-                      token_rounding=REMAINING_ROUNDING)
+                      token_rounding=REMAINING_ROUNDING, output_window=output_window(headers))
 
     def classify(self, exc: BaseException) -> Failure:
         return classify(exc)

@@ -59,6 +59,8 @@ class Failure:
     tokens: bool = False
     """A rate limit of the tokens' window (not the requests'): the server counts prompts as more
     than the limiter did, and the limiter learns it."""
+    output: bool = False
+    """A rate limit of the output tokens' window (Anthropic's third)."""
 
     @property
     def reason(self) -> str:
@@ -93,6 +95,9 @@ class Answer:
     prompt_counted: int | None = None
     """The server's count of this request's prompt, where its token window counts what it bills
     and no header states the window (Gemini): an exact reading for calibration."""
+    output_window: tuple[int, int] | None = None
+    """``(limit, remaining)`` of the key's output-token window as the response stated it (rounded
+    as ``token_rounding`` says): whether the server held the request's ``max_tokens`` on arrival."""
 
 
 @dataclass

@@ -12,7 +12,9 @@ It follows Anthropic's documentation where opt-queue relies on it:
   arrival, adjusted to the real output at the end (``anthropic_output_count: "max_tokens"``), or
   only as written (``"actual"``): the documentation has said both. Every answer and every 429 carry
   ``anthropic-ratelimit-{requests,input-tokens,output-tokens,tokens}-{limit,remaining,reset}``,
-  resets as RFC 3339 timestamps, remaining tokens rounded down to ``anthropic_token_rounding``;
+  resets as RFC 3339 timestamps, remaining tokens rounded to ``anthropic_token_rounding``, stating
+  the windows as the request left them on arrival or, ``anthropic_headers_at: "end"``, once its
+  output was counted as written (the documentation does not say which);
 - errors (https://docs.anthropic.com/en/api/errors) as ``{"type": "error", "error": {"type",
   "message"}}``: 401 ``authentication_error``, 400 ``invalid_request_error`` (``prompt is too
   long`` past the model's context), 404 ``not_found_error``, 429 ``rate_limit_error`` with
@@ -210,10 +212,18 @@ class SimMessages:
             api.faults["transient"] += 1
             return error(500, "api_error", "Internal server error")
         delay = cfg.latency + (api.rng.uniform(0, cfg.latency_jitter) if cfg.latency_jitter else 0.0)
-        if delay > 0:
-            await asyncio.sleep(delay)
+        api.in_flight += 1  # the API's count: max_in_flight in its stats
+        api.max_in_flight = max(api.max_in_flight, api.in_flight)
+        try:
+            if delay > 0:
+                await asyncio.sleep(delay)
+        finally:
+            api.in_flight -= 1
         data = self._answer(body, req, said)
         entry[2] = float(data["usage"]["output_tokens"])  # the output window holds what was written
+        if cfg.anthropic_headers_at == "end":  # the windows once the answer is counted as written
+            win.expire(time.monotonic(), cfg.minute)
+            seen = self._headers(limits, win, time.monotonic())
         api.answered += 1
         api.prompt_tokens_billed += req.prompt_tokens
         api.last_answer = time.monotonic()

@@ -118,6 +118,7 @@ class SimConfig:
     overloaded_every: int = 0  # > 0: every n-th admitted call of those endpoints is overloaded (deterministic)
     anthropic_output_count: str = "max_tokens"  # "max_tokens" (charged on arrival, adjusted) or "actual"
     anthropic_token_rounding: int = 1000  # Anthropic's remaining-token headers: rounded to the nearest thousand
+    anthropic_headers_at: str = "arrival"  # the windows its headers state: on the request's "arrival", or at its "end"
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -15,7 +15,7 @@ from redis.exceptions import NoScriptError
 
 _ROW_SCRIPTS = ("claim", "unclaim", "publish", "release", "collected", "lease", "orphans", "dedupe")
 """Scripts on a job's row state: ``lua/_rows.lua`` (its helpers) is put in front of each."""
-_NAMES = (*_ROW_SCRIPTS, "renew", "acquire", "stamp", "cancel", "settle", "settle_out", "learn", "calibrate", "calibrate_usage", "due", "reserve")
+_NAMES = (*_ROW_SCRIPTS, "renew", "acquire", "stamp", "cancel", "settle", "settle_out", "out_mode", "learn", "calibrate", "calibrate_usage", "due", "reserve")
 
 
 def _read(name: str) -> str:
@@ -49,6 +49,7 @@ class Scripts:
     cancel: Script
     settle: Script
     settle_out: Script
+    out_mode: Script
     learn: Script
     calibrate: Script
     calibrate_usage: Script

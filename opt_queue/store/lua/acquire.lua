@@ -24,7 +24,9 @@
 --         prompt's estimate (the scope's learned "tok_factor" scales that part: lua/calibrate.lua),
 --         1 when that estimate is exact (the model's tokenizer), 0 when it is an upper bound
 --         (a model whose tokenizer opt-queue does not have), and the output tokens an output
---         window holds for it (the completion's cap; settled to the real output: settle_out.lua). On a scope that has not learned how
+--         window holds for it (the completion's cap; settled to the real output: settle_out.lua;
+--         on a scope whose server counts output only as it is written, "out_written" in its state
+--         (lua/out_mode.lua), one token: it must find the window not full). On a scope that has not learned how
 --         its server counts, an upper bound larger than a token window is no reason to refuse the
 --         request for ever: it goes alone, in an empty window, charged the whole window, and its
 --         answer teaches the scope (its server may count far less).
@@ -33,9 +35,9 @@
 --         margin_ms. Modes (limiter.py): 0 configured; 1 configured, of the header period (a
 --         learned limit lowers it); 2 discovered (the learned limit, else `limit`, 0 for none);
 --         3 pacing (limit/60 of the header window of its dimension, when that is large)
--- Returns {now_ms, s1, v1, t1, s2, v2, t2, ...}: a status, a value and the tokens counted (the
--- scope's, admitted; else the estimate) for each request in order, up to and including the first
--- that has to wait (the ones after it are not looked at):
+-- Returns {now_ms, s1, v1, t1, o1, s2, v2, t2, o2, ...}: a status, a value, the tokens counted (the
+-- scope's, admitted; else the estimate) and the output tokens held (admitted) for each request in
+-- order, up to and including the first that has to wait (the ones after it are not looked at):
 --   1, b        admitted on scope b (1-based)
 --   0, wait_ms  no scope can admit it now; the earliest may in wait_ms
 --  -1, 0        no scope can ever admit a request this large (the next request is looked at)
@@ -56,6 +58,7 @@ local pace_above = tonumber(ARGV[7])
 local header_period = tonumber(ARGV[8])
 local budget = nil
 if ARGV[9] == '1' then budget = KEYS[#KEYS] end
+local OUT_POLL = 250  -- ms: the longest wait for room in an output-token window
 
 local function weight(member)
   return tonumber(string.match(member, ':(%d+)$')) or 0
@@ -109,7 +112,7 @@ for b = 1, n do
   a = a + 1
   local st = redis.call('HMGET', state, 'cool_until', 'answered_until', 'probe_until', 'learned:req',
                        'learned_at:req', 'learned:tok', 'learned_at:tok', 'slow_factor', 'slow_at',
-                       'tok_factor', 'learned:out', 'learned_at:out')
+                       'tok_factor', 'learned:out', 'learned_at:out', 'out_written')
   local learned = {}
   for dim, at_field in pairs({req = 4, tok = 6, out = 11}) do
     local v, at = tonumber(st[at_field] or '0'), tonumber(st[at_field + 1] or '0')
@@ -168,7 +171,8 @@ for b = 1, n do
     if w.is_tok and w.limit > 0 and (tok_cap == nil or w.limit < tok_cap) then tok_cap = w.limit end
   end
   scopes[b] = {state = state, windows = windows, probing = probing, busy = busy, judged = {},
-               tok_factor = tonumber(st[10] or '1'), calibrated = st[10] ~= false, tok_cap = tok_cap}
+               tok_factor = tonumber(st[10] or '1'), calibrated = st[10] ~= false, tok_cap = tok_cap,
+               out_written = st[13] == '1'}
 end
 
 -- A request of `need_tokens` (and `need_out` output tokens) on scope s: 'never' (larger than a
@@ -185,7 +189,11 @@ local function judge_now(s, need_tokens, need_out, unsure)
       if w.is_tok and need > limit and unsure then need, first = limit, used == 0 end
       if need > limit and not first then return 'never' end
       if used + need > limit and not first then
-        if w.kind > 0 then
+        if w.kind == 2 then
+          -- an output window frees as answers come back (each gives back its max_tokens less what
+          -- it wrote: settle_out.lua), long before its entries expire: look again soon
+          wait = math.max(wait, math.min(token_wait(w.key, used, need, limit, w.period, w.margin), OUT_POLL))
+        elseif w.kind > 0 then
           wait = math.max(wait, token_wait(w.key, used, need, limit, w.period, w.margin))
         else
           local oldest = redis.call('ZRANGE', w.key, used - limit, used - limit, 'WITHSCORES')
@@ -227,6 +235,13 @@ local function admit(s, uid, need_tokens, need_out)
   end
 end
 
+-- The output tokens a request holds on scope s from its admission: its cap, or one token where the
+-- server counts output only as it is written (the window must not be full).
+local function held_out(s, need_out)
+  if s.out_written and need_out > 1 then return 1 end
+  return need_out
+end
+
 -- The tokens a request counts on scope s: its prompt's estimate times what the scope learned of
 -- how its server counts, and the rest (the completion's cap) as is.
 local function counted(s, tokens, prompt)
@@ -243,7 +258,7 @@ for r = 1, k do
   local prompt = tonumber(ARGV[base + 4])
   -- an upper bound of a prompt: unsure, unless the completion's cap alone fills a window
   local upper = ARGV[base + 5] == '0' and prompt > 0
-  local status, value, charged = nil, 0, tokens
+  local status, value, charged, held = nil, 0, tokens, need_out
   if budget then
     local b = redis.call('HMGET', budget, 'max_cost_nano', 'spent_nano', 'reserved_nano',
                          'max_tokens_total', 'spent_tokens', 'reserved_tokens')
@@ -259,7 +274,7 @@ for r = 1, k do
     for b = 1, n do
       local s = scopes[b]
       local unsure = upper and not s.calibrated and s.tok_cap ~= nil and tokens - prompt < s.tok_cap
-      local wait, room = judge(s, counted(s, tokens, prompt), need_out, unsure)
+      local wait, room = judge(s, counted(s, tokens, prompt), held_out(s, need_out), unsure)
       if wait == 'never' then
         never = never + 1
       elseif wait > 0 then
@@ -275,7 +290,8 @@ for r = 1, k do
           and tokens - prompt < s.tok_cap then
         charged = s.tok_cap
       end
-      admit(s, uid, charged, need_out)
+      held = held_out(s, need_out)
+      admit(s, uid, charged, held)
       if budget then
         redis.call('HINCRBY', budget, 'reserved_nano', budget_cost)
         redis.call('HINCRBY', budget, 'reserved_tokens', budget_tokens)
@@ -290,6 +306,7 @@ for r = 1, k do
   out[#out + 1] = status
   out[#out + 1] = value
   out[#out + 1] = charged
+  out[#out + 1] = held
   if status == 0 or status == -2 or status == -3 then break end
 end
 return out
