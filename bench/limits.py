@@ -41,6 +41,13 @@ the prompt only, not ``max_tokens``). ``--provider gemini``: one key per Google 
 per project; the Gemini API sends no headers, so *configured* types the project's limits (a group)
 and *discovered* learns them from the first ``RESOURCE_EXHAUSTED`` of each project (a 429 each).
 
+``--provider anthropic --output`` makes the rows output-bound instead: each asks ``max_tokens``
+``--output-cap`` (1000) and writes ~10 tokens; each key allows R rows' worth of *written* output
+tokens per window (``otpm``) and nothing else. A server that counts output as written
+(``--sim '{"anthropic_output_count": "actual"}'``) admits R rows a window; one that holds
+``max_tokens`` on arrival (the default) admits only what fits beside the caps in flight. The ideal
+counts the rows' written tokens: ``W * (ceil(written / (N * otpm)) - 1)``.
+
 Run:  python bench/limits.py [--keys 5 20 100 1000] [--rpm 2] [--window 15] [--limits both]
                              [--tokens chars4|o200k|cl100k|typical|estimator] [--model M]
                              [--provider openai|anthropic|gemini] [--capacity] [--set JSON]
@@ -59,7 +66,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from opt_queue.sim.api import DEFAULT_MODELS, SimConfig, SimKey, SimServer, _Request
+from opt_queue.sim.api import DEFAULT_MODELS, SimConfig, SimKey, SimServer, _Request, sim_answer
+from opt_queue.sim.common import count_tokens
 from opt_queue.core.tokens import TOKEN_COUNTS
 
 
@@ -79,6 +87,19 @@ TEXT = ("The committee reviewed the quarterly figures and asked for a short summ
 def token_row(i: int) -> dict:
     return {"index": str(i), "model": MODEL, "max_tokens": MAX_TOKENS,
             "messages": [{"role": "user", "content": f"{i:06d} " + TEXT}]}
+
+
+OUTPUT_CAP = [1000]
+
+
+def hi_row(i: int, cap: int = MAX_TOKENS) -> dict:
+    return {"index": str(i), "model": MODEL, "max_tokens": cap,
+            "messages": [{"role": "user", "content": f"Say hi to row {i}"}]}
+
+
+def written(i: int) -> int:
+    """The output tokens the simulated API writes for row ``i`` (its answer, as it counts them)."""
+    return max(1, min(OUTPUT_CAP[0], count_tokens(sim_answer(MODEL, hi_row(i)["messages"]))))
 
 
 def row_tokens(how: str) -> int:
@@ -104,12 +125,15 @@ BASE = [""]  # the simulated API's address without /v1 (Anthropic's and Gemini's
 
 def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, errors: float,
           margin: float, fraction: float, workers: int, concurrency: int, limits: str,
-          tokens: str | None) -> dict:
+          tokens: str | None, output: bool = False) -> dict:
     per_row = row_tokens(tokens) if tokens else 0
-    own = {} if limits == "unlimited" else {"tpm": rpm * per_row} if tokens else {"rpm": rpm}
+    rows = n_keys * rpm * windows
+    out_total = sum(written(i) for i in range(rows)) if output else 0
+    out_limit = math.ceil(rpm * out_total / rows) if output else 0  # R rows' worth of written output
+    own = ({} if limits == "unlimited" else {"otpm": out_limit} if output else
+           {"tpm": rpm * per_row} if tokens else {"rpm": rpm})
     prefix = {"openai": "sk-bench", "anthropic": "sk-ant-bench", "gemini": "AIza-bench"}[PROVIDER]
     keys = [SimKey(f"{prefix}-{i:04d}-xxxxxxxxxxxxxxxx", **own) for i in range(n_keys)]
-    rows = n_keys * rpm * windows
     sim = SimConfig(keys=keys, minute=window, latency=latency, transient_rate=errors, seed=1,
                     models={**DEFAULT_MODELS, MODEL: 128000}, limit_count=tokens or "typical",
                     usage_count=tokens or "typical", **SIM_EXTRA)
@@ -117,10 +141,10 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
         d = Path(tmp)
         with open(d / "data.jsonl", "w") as fh:
             for i in range(rows):
-                row = token_row(i) if tokens else {"index": str(i), "model": MODEL, "max_tokens": MAX_TOKENS,
-                                                   "messages": [{"role": "user", "content": f"Say hi to row {i}"}]}
+                row = token_row(i) if tokens else hi_row(i, OUTPUT_CAP[0] if output else MAX_TOKENS)
                 fh.write(json.dumps(row) + "\n")
-        limit = ({"tokens": [f"{rpm * per_row}/{window:g}s"]} if tokens else {"requests": [f"{rpm}/{window:g}s"]})
+        limit = ({"output_tokens": [f"{out_limit}/{window:g}s"]} if output else
+                 {"tokens": [f"{rpm * per_row}/{window:g}s"]} if tokens else {"requests": [f"{rpm}/{window:g}s"]})
         BASE[0] = server.base_url.removesuffix("/v1")
         config = {"api_keys": [key_entry(k.key, limit, limits) for k in keys], "api_base": server.base_url,
                   "header_period": window,
@@ -148,6 +172,8 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
     calls = stats["calls"]
     counted = calls - stats["rate_limited"]  # a refused call uses no quota on the server
     ideal = window * (math.ceil(counted / (n_keys * rpm)) - 1)
+    if output:  # the rows' written tokens (retried calls write again: the same answer)
+        ideal = window * (math.ceil(out_total * counted / rows / (n_keys * out_limit)) - 1)
     active = stats["last_call"] - stats["first_call"]
     if limits == "unlimited":  # what the machine sustains: no ratio to a limit
         return {"keys": n_keys, "limits": "none (capacity)", "limit": "-", "rows": rows, "answered": answered,
@@ -157,7 +183,8 @@ def bench(n_keys: int, rpm: int, window: float, windows: int, latency: float, er
                 "end_to_end_ratio": "-", "http_429": stats["rate_limited"],
                 "injected_errors": sum(stats["faults"].values()), "ceiling": "-"}
     return {"keys": n_keys, "limits": limits,
-            "limit": f"{rpm * per_row} tok/{window:g}s" if tokens else f"{rpm}/{window:g}s", "rows": rows, "answered": answered, "calls": calls,
+            "limit": (f"{out_limit} out tok/{window:g}s" if output else f"{rpm * per_row} tok/{window:g}s" if tokens
+                      else f"{rpm}/{window:g}s"), "rows": rows, "answered": answered, "calls": calls,
             "ideal_s": round(ideal, 2), "active_s": round(active, 2), "wall_s": round(wall, 2),
             "calls_per_s_active": round((calls - 1) / active, 1),
             "combined_limit_per_s": round(n_keys * rpm / window, 1),
@@ -189,17 +216,24 @@ def main() -> None:
                                                      "claude-haiku-4-5, gemini-2.5-flash)")
     ap.add_argument("--provider", choices=sorted(PROVIDER_MODELS), default="openai",
                     help="whose API the keys speak (the simulated API serves all three)")
+    ap.add_argument("--output", action="store_true",
+                    help="output-bound rows (--provider anthropic): max_tokens --output-cap, ~10 written, "
+                         "each key allows R rows' worth of written output tokens per window")
+    ap.add_argument("--output-cap", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=500, help="rows in flight per worker process")
     args = ap.parse_args()
     PROVIDER = args.provider
     MODEL = args.model or PROVIDER_MODELS[PROVIDER]
+    OUTPUT_CAP[0] = args.output_cap
+    if args.output and (PROVIDER != "anthropic" or args.tokens):
+        raise SystemExit("--output is for --provider anthropic, without --tokens")
     EXTRA.update(json.loads(args.set))
     SIM_EXTRA.update(json.loads(args.sim))
     print(f"# machine: {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"# latency {args.latency}s, {args.errors:.0%} transient errors, margin {args.fraction:.0%} "
           f"of a window up to {args.margin}s, tokens: "
-          f"{f'the server counts {args.tokens}' if args.tokens else 'no (request-bound)'}, provider {PROVIDER}, "
+          f"{f'the server counts {args.tokens}' if args.tokens else 'output-bound, max_tokens ' + str(args.output_cap) if args.output else 'no (request-bound)'}, provider {PROVIDER}, "
           f"model {MODEL}, "
           f"{args.workers} worker processes x {args.concurrency} rows in flight, settings {EXTRA or 'default'}, "
           f"simulated API {SIM_EXTRA or 'default'}")
@@ -212,7 +246,7 @@ def main() -> None:
         capacity = None
         for mode in (["unlimited"] if args.capacity else []) + modes:
             r = bench(n, args.rpm, args.window, args.windows, args.latency, args.errors, args.margin,
-                      args.fraction, args.workers, args.concurrency, mode, args.tokens)
+                      args.fraction, args.workers, args.concurrency, mode, args.tokens, args.output)
             if mode == "unlimited":
                 capacity = r["calls_per_s_active"]
             elif capacity is not None:

@@ -172,7 +172,7 @@ for b = 1, n do
   end
   scopes[b] = {state = state, windows = windows, probing = probing, busy = busy, judged = {},
                tok_factor = tonumber(st[10] or '1'), calibrated = st[10] ~= false, tok_cap = tok_cap,
-               out_written = st[13] == '1'}
+               out_written = st[13] == '1', out_refuted = st[13] == '0'}
 end
 
 -- A request of `need_tokens` (and `need_out` output tokens) on scope s: 'never' (larger than a
@@ -187,6 +187,9 @@ local function judge_now(s, need_tokens, need_out, unsure)
       local need = ({1, need_tokens, need_out})[w.kind + 1]
       local first = w.mode == 3 and used == 0  -- an empty pacing window takes any request
       if w.is_tok and need > limit and unsure then need, first = limit, used == 0 end
+      -- max_tokens above an output window may still pass a server that counts output as written:
+      -- until the scope knows (a refutation says it does not), such a request goes alone
+      if w.kind == 2 and need > limit and not s.out_refuted then need, first = limit, used == 0 end
       if need > limit and not first then return 'never' end
       if used + need > limit and not first then
         if w.kind == 2 then
