@@ -58,7 +58,7 @@ local pace_above = tonumber(ARGV[7])
 local header_period = tonumber(ARGV[8])
 local budget = nil
 if ARGV[9] == '1' then budget = KEYS[#KEYS] end
-local OUT_POLL = 250  -- ms: the longest wait for room in an output-token window
+local OUT_POLL = 100  -- ms: the longest wait for room in an output-token window
 
 local function weight(member)
   return tonumber(string.match(member, ':(%d+)$')) or 0
