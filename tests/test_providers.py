@@ -424,12 +424,12 @@ def test_anthropic_output_tokens_are_held_as_the_server_counts_them(
         sim.configure(anthropic_output_count=counts, anthropic_headers_at=headers_at)
         sim.api.reset_stats()
         rows = [{"index": str(i), "model": model, "max_tokens": 2000,
-                 "messages": [{"role": "user", "content": f"row {i}"}]} for i in range(16)]
+                 "messages": [{"role": "user", "content": f"row {i}"}]} for i in range(12)]
         data = write_jsonl(tmp_path / f"{model}.jsonl", rows)
         out = tmp_path / f"out-{model}.jsonl"
         assert cli("submit", str(data), "-c", str(config), "-o", str(out)).returncode == 0
         assert cli("collect", "-c", str(config), "-o", str(out)).returncode == 0
-        assert len([v for line in read_jsonl(out) for v in line.values() if v]) == 16
+        assert len([v for line in read_jsonl(out) for v in line.values() if v]) == 12
         scope = f"{fingerprint(secret)}/{model}"
         log = [line for line in (tmp_path / "worker.log").read_text().splitlines() if scope in line]
         written = sum("counts output tokens as they are written" in line for line in log)
