@@ -169,15 +169,12 @@ class SimMessages:
 
     async def create(self, request: web.Request) -> web.StreamResponse:
         api, cfg = self.api, self.api.config
-        api.calls += 1
+        api.called()
         self.calls += 1
-        api.last_call = time.monotonic()
-        api.first_call = api.first_call or api.last_call
         try:
             k = self._key(request)
             body = await _json(request)
-            if len(api.requests) < 10000 and isinstance(body, dict):
-                api.requests.append({"_url": "/v1/messages", **{n: v for n, v in body.items() if n != "messages"}})
+            api.record(body, _url="/v1/messages")
             req, said = self.read(body)
         except Refused as refused:
             return error(refused.status, refused.kind, refused.message)

@@ -472,10 +472,19 @@ class SimAPI:
         return web.json_response(asdict(self.config))
 
     # -- the endpoint ---------------------------------------------------------------------------
-    async def chat(self, request: web.Request) -> web.StreamResponse:
+    def called(self) -> None:
+        """Count a synchronous call of any endpoint (``calls``, ``first_call``, ``last_call``)."""
         self.calls += 1
         self.last_call = time.monotonic()
         self.first_call = self.first_call or self.last_call
+
+    def record(self, body: Any, **fields: Any) -> None:
+        """Keep a request's parameters (``received``) but its conversation, up to 10,000 of them."""
+        if len(self.requests) < 10000 and isinstance(body, dict):
+            self.requests.append({**fields, **{n: v for n, v in body.items() if n not in ("messages", "contents")}})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.called()
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:

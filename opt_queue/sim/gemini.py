@@ -151,15 +151,11 @@ class SimGemini:
             return await self.create_batch(request, model)
         if method != "generateContent":
             return error(404, "NOT_FOUND", f"Method {method or 'none'} is not found.")
-        api.calls += 1
-        api.last_call = time.monotonic()
-        api.first_call = api.first_call or api.last_call
+        api.called()
         try:
             k = self._key(request)
             body = await _json(request)
-            if len(api.requests) < 10000 and isinstance(body, dict):
-                api.requests.append({"_url": "generateContent", "model": model,
-                                     **{n: v for n, v in body.items() if n != "contents"}})
+            api.record(body, _url="generateContent", model=model)
             req, said, cap = self.read(model, body)
         except Refused as refused:
             return refused.response()
