@@ -210,8 +210,8 @@ class _Engine:
             self.tmp = tempfile.TemporaryDirectory(prefix="opt-queue-")
             self.redis = EmbeddedRedis(Path(self.tmp.name), persist=False).start()
             url = self.redis.url
-        self.client = connect(url, check=True)
-        configure(url, config.visibility_timeout)
+        self.client = connect(url, check=True, master=config.sentinel_master)
+        configure(url, config.visibility_timeout, config.sentinel_master)
         if self.redis is not None:
             self.workers = LocalWorkers(url, config_path, concurrency=threads, loglevel=config.log_level,
                                         overrides=overrides, events=False, die_signal=signal.SIGKILL).start()

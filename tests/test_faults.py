@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -30,7 +31,7 @@ def paid_twice(sim: SimServer) -> int:
     return sum(n - 1 for n in sim.stats()["per_prompt"].values())
 
 
-def report(fault: str, data: Path, out: Path, sim: SimServer) -> None:
+def report(fault: str, data: Path, out: Path, sim: SimServer, **measured: Any) -> None:
     """Append the measured outcome to $OPT_QUEUE_FAULT_REPORT (docs/faults.md is built from it)."""
     target = os.environ.get("OPT_QUEUE_FAULT_REPORT")
     if not target:
@@ -38,7 +39,7 @@ def report(fault: str, data: Path, out: Path, sim: SimServer) -> None:
     indices = [r.index for r in iter_input(data)]
     lines = [next(iter(line)) for line in read_jsonl(out)]
     row = {"fault": fault, "rows": len(indices), "lost": len(set(indices) - set(lines)),
-           "duplicated": len(lines) - len(set(lines)), "paid_twice": paid_twice(sim)}
+           "duplicated": len(lines) - len(set(lines)), "paid_twice": paid_twice(sim), **measured}
     with open(target, "a") as fh:
         fh.write(json.dumps(row) + "\n")
 

@@ -232,8 +232,8 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
     check_writable(output)
     validated = validate_input(input_path, skip_bad=skip_bad_lines)
     job_output_format(cfg, validated, output)
-    client = connect(url, check=True)
-    configure(url, cfg.visibility_timeout)
+    client = connect(url, check=True, master=cfg.sentinel_master)
+    configure(url, cfg.visibility_timeout, cfg.sentinel_master)
     job = job_id_for(output, job_name)
     with Display(console) as display:
         report = do_submit(client, job, input_path, output, cfg, skip_bad=skip_bad_lines,
@@ -277,11 +277,11 @@ def worker(config_path: str | None, concurrency: int | None, pool: str, loglevel
 
     cfg = _config(config_path)
     url = _broker(cfg)
-    connect(url, check=True)
+    connect(url, check=True, master=cfg.sentinel_master)
     if concurrency:  # the engine caps rows in flight at it
         cfg = cfg.model_copy(update={"concurrency": concurrency})
     tasks.use(cfg)  # handed to the worker's runtime (and, forked, to a prefork pool's children)
-    app = configure(url, cfg.visibility_timeout)
+    app = configure(url, cfg.visibility_timeout, cfg.sentinel_master)
     level = (loglevel or cfg.log_level).upper()
     _setup_logging(level)
     if metrics_port is not None and pool == "prefork":
@@ -316,7 +316,7 @@ def collect(config_path: str | None, output: str, job_name: str | None, input_pa
 
     cfg = _config(config_path, require_keys=False)
     check_writable(output)
-    client = connect(_broker(cfg), check=True, patient=True)
+    client = connect(_broker(cfg), check=True, patient=True, master=cfg.sentinel_master)
     job = job_id_for(output, job_name)
     _serve_metrics(metrics_port, metrics_addr)
     with Display(console) as display:
@@ -383,7 +383,7 @@ def _print_estimate(input_path: str, output: str, cfg: Config, output_tokens: in
             return probing.probe(cfg, model, prices)
     elif cfg.broker_url:  # the limits the fleet learned before, if its Redis answers
         try:
-            client = connect(cfg.broker_url, check=True, timeout=2.0)
+            client = connect(cfg.broker_url, check=True, timeout=2.0, master=cfg.sentinel_master)
 
             def known(model: str) -> Any:
                 return probing.learned(client, cfg, model)
@@ -453,7 +453,7 @@ def status(config_path: str | None, job_name: str | None, output: str | None, as
             raise ConfigError(f"no broker: no `opt-queue run` is working on {output} now nor left its state "
                               f"beside it, and neither \"broker_url\" nor OPT_QUEUE_BROKER_URL is set")
     else:
-        client = connect(_broker(cfg) if url is None else url, check=True)
+        client = connect(_broker(cfg) if url is None else url, check=True, master=cfg.sentinel_master)
         snap = snapshot(client, job, cfg.learned_limits_ttl)
     if as_json:
         click.echo(json.dumps(snap, indent=2, ensure_ascii=False))
@@ -487,7 +487,8 @@ def _job(config_path: str | None, job_name: str | None, output: str | None, verb
     """The broker and the job that ``--job`` or ``-o`` names (for reset and cancel)."""
     if not (job_name or output):
         raise ConfigError(f"say which job to {verb}: -o OUTPUT or --job ID")
-    client = connect(_broker(_config(config_path, require_keys=False)), check=True)
+    cfg = _config(config_path, require_keys=False)
+    client = connect(_broker(cfg), check=True, master=cfg.sentinel_master)
     return client, Job(client, job_name or job_id_for(output))  # type: ignore[arg-type]
 
 

@@ -6,7 +6,8 @@ The original toolkit's file still works::
 
 Every other field is optional; see ``config.example.json`` and docs/configuration.md for the full reference.
 The environment is read in one place, :func:`load_config`: ``OPT_QUEUE_API_KEYS`` (comma separated
-keys, added to the file's), ``OPT_QUEUE_BROKER_URL`` (overrides ``broker_url``).
+keys, added to the file's), ``OPT_QUEUE_BROKER_URL`` (overrides ``broker_url``),
+``OPT_QUEUE_SENTINEL_MASTER`` (overrides ``sentinel_master``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from opt_queue.core.errors import ConfigError
+from opt_queue.core.errors import ConfigError, OptQueueError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ DEFAULT_BASES = {"openai": DEFAULT_API_BASE, "anthropic": "https://api.anthropic
 DEFAULT_MODEL = "gpt-3.5-turbo-0613"
 ENV_KEYS = "OPT_QUEUE_API_KEYS"
 ENV_BROKER = "OPT_QUEUE_BROKER_URL"
+ENV_SENTINEL_MASTER = "OPT_QUEUE_SENTINEL_MASTER"
 ENV_CONFIG = "OPT_QUEUE_CONFIG"
 ENV_OVERRIDES = "OPT_QUEUE_OVERRIDES"  # JSON object of key-free fields, set for local workers
 
@@ -352,6 +354,8 @@ class Config(BaseModel):
     api_client: Literal["openai", "aiohttp"] = "openai"
     request_timeout: float = Field(default=60.0, gt=0)
     broker_url: str | None = Field(default=None, repr=False)  # may hold a password
+    sentinel_master: str | None = None  # the master's name, when broker_url names Sentinels
+    replica_acks: int | None = Field(default=None, ge=0, le=16)  # None: 1 under Sentinel, else 0
     concurrency: int = Field(default=256, ge=1, le=16384)
     rows_per_task: int = Field(default=1, ge=1, le=1000)
     output_format: Literal["auto", "seed", "full", "batch"] = "auto"
@@ -397,6 +401,33 @@ class Config(BaseModel):
         return {"name": v} if isinstance(v, str) else v
 
     _url = field_validator("api_base")(classmethod(lambda cls, v: _api_base(v)))
+
+    @model_validator(mode="after")
+    def _broker(self) -> Config:
+        from opt_queue.store.redis_conn import check_url, is_sentinel
+
+        if self.broker_url:
+            try:
+                check_url(self.broker_url, self.sentinel_master)
+            except OptQueueError as exc:
+                raise ValueError(str(exc)) from None
+        elif self.sentinel_master:
+            raise ValueError("sentinel_master: it names the master of Sentinels that broker_url lists; set "
+                             "broker_url to sentinel://HOST:26379;sentinel://HOST2:26379/0, or remove it")
+        if self.broker_url and self.sentinel_master and not is_sentinel(self.broker_url):
+            raise ValueError("sentinel_master: broker_url names one Redis, not Sentinels; remove "
+                             "sentinel_master, or write broker_url as sentinel://HOST:26379;...")
+        return self
+
+    @property
+    def acks_from_replicas(self) -> int:
+        """How many replicas must hold a row's result before its task is acknowledged (Redis
+        ``WAIT``): ``replica_acks``, else 1 under Sentinel and 0 with one Redis."""
+        if self.replica_acks is not None:
+            return self.replica_acks
+        from opt_queue.store.redis_conn import is_sentinel
+
+        return 1 if self.broker_url and is_sentinel(self.broker_url) else 0
 
     @field_validator("state_ttl", "header_period", "learned_limits_ttl", "deadline", "batch_poll", mode="before")
     @classmethod
@@ -492,6 +523,9 @@ _FIXES = {
 }
 
 
+TOP = "(top level)"
+
+
 def _where(loc: tuple[Any, ...]) -> str:
     """``api_keys[0].rpm`` from pydantic's location, without its union and validator tags."""
     out = ""
@@ -503,7 +537,7 @@ def _where(loc: tuple[Any, ...]) -> str:
             continue  # "lax-or-strict[...]", "function-after[...]": pydantic's inner names
         else:
             out += ("." if out else "") + str(part)
-    return out or "(top level)"
+    return out or TOP
 
 
 def _describe(err: ValidationError, source: str) -> str:
@@ -520,7 +554,8 @@ def _describe(err: ValidationError, source: str) -> str:
         found.setdefault(where, msg)  # a union reports each branch; the first says enough
     for where in [w for w in found if any(o.startswith(w + ".") for o in found)]:
         del found[where]  # "api_keys[0]: must be ..." when "api_keys[0].rpm: ..." says what is wrong
-    return f"{source} is not a valid opt-queue config: " + "; ".join(f"{w}: {m}" for w, m in found.items())
+    return f"{source} is not a valid opt-queue config: " + "; ".join(
+        m if w == TOP else f"{w}: {m}" for w, m in found.items())  # a whole-config check names its fields
 
 
 def load_config(path: str | os.PathLike[str] | None = None, *, env: dict[str, str] | None = None,
@@ -551,6 +586,8 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: dict[str, st
         data["api_keys"] = list(data.get("api_keys") or []) + extra
     if env.get(ENV_BROKER):
         data["broker_url"] = env[ENV_BROKER]
+    if env.get(ENV_SENTINEL_MASTER):
+        data["sentinel_master"] = env[ENV_SENTINEL_MASTER]
     if env.get(ENV_OVERRIDES):
         try:
             data.update(json.loads(env[ENV_OVERRIDES]))

@@ -360,7 +360,7 @@ class Engine:
         delay = 1.0
         while True:
             try:
-                return bool((await run_pipeline(self.client, settle_and_publish))[-1])
+                return bool((await run_pipeline(self.client, settle_and_publish, durable=True))[-1])
             except redis.RedisError as exc:
                 if time.monotonic() + delay > deadline:
                     raise

@@ -138,8 +138,8 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
     url = private.url if private else str(config.broker_url)
     log_file = worker_log(output_path) if workers else None
     try:
-        client = connect(url, check=True, patient=True)
-        configure(url, config.visibility_timeout)
+        client = connect(url, check=True, patient=True, master=config.sentinel_master)
+        configure(url, config.visibility_timeout, config.sentinel_master)
         if private:
             # Nobody else uses this broker: tasks left by an interrupted run are ours to redo.
             dropped = purge_queue(client)

@@ -625,7 +625,7 @@ class BatchLane:
                 for result in group:
                     job.queue_publish(result, pipe)
 
-            replies = await run_pipeline(self.client, fill)
+            replies = await run_pipeline(self.client, fill, durable=True)
             pipe = self.client.pipeline(transaction=False)
             for result, fresh in zip(group, replies):
                 if not fresh:

@@ -11,17 +11,20 @@ from __future__ import annotations
 import math
 import os
 import threading
+from typing import Any
 
 from celery import Celery
 
 from opt_queue.store import keys
+from opt_queue.store.redis_conn import is_sentinel, master_name
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
 
 def create_app(broker_url: str | None = None, visibility_timeout: int = 3600) -> Celery:
     """A Celery app with opt-queue's settings, pointed at ``broker_url`` (``OPT_QUEUE_BROKER_URL``,
-    else a local Redis, when None). Nothing connects until a message is sent or consumed."""
+    else a local Redis, when None; a Sentinel URL's master named by ``OPT_QUEUE_SENTINEL_MASTER``).
+    Nothing connects until a message is sent or consumed."""
     app = Celery("opt_queue", include=["opt_queue.worker.tasks"])
     app.conf.update(
         task_default_queue=keys.QUEUE,
@@ -78,29 +81,40 @@ def task_slots(rows_in_flight: int, rows_per_task: int) -> int:
     return max(2, 2 * math.ceil(rows_in_flight / rows_per_task))
 
 
-def transport_options(visibility_timeout: int) -> dict[str, int]:
+def transport_options(visibility_timeout: int, master: str | None = None) -> dict[str, Any]:
     """Redis transport options: a killed worker's unacknowledged tasks go back to the queue once
     ``visibility_timeout`` has passed, noticed by a sweep every few seconds (kombu's default sweep
     runs a scan only every tenth 10-second tick, which left rows stranded for ~100 s). A worker
     killed in the middle of a sweep leaves the sweep's lock behind: it expires after 15 s, not
-    kombu's 300 s."""
-    return {"visibility_timeout": visibility_timeout, "unacked_restore_interval": 5,
-            "unacked_restore_throttle": 1, "unacked_mutex_expire": 15}
+    kombu's 300 s. Under Sentinel, ``master_name`` tells kombu which master to follow."""
+    options: dict[str, Any] = {"visibility_timeout": visibility_timeout, "unacked_restore_interval": 5,
+                               "unacked_restore_throttle": 1, "unacked_mutex_expire": 15}
+    if master:
+        options["master_name"] = master
+    return options
 
 
-def configure(broker_url: str, visibility_timeout: int = 3600) -> Celery:
-    """Point the process's app at ``broker_url``; return it."""
+def configure(broker_url: str, visibility_timeout: int = 3600, master: str | None = None) -> Celery:
+    """Point the process's app at ``broker_url`` (Sentinels: of the master named ``master``, else
+    ``OPT_QUEUE_SENTINEL_MASTER``); return it."""
     app = get_app()
     if app.conf.broker_url != broker_url:
         app.close()  # drop pooled connections to the previous broker
-    _point(app, broker_url, visibility_timeout)
+    _point(app, broker_url, visibility_timeout, master)
     return app
 
 
-def _point(app: Celery, broker_url: str, visibility_timeout: int) -> None:
+def sentinel_master(app: Celery) -> str | None:
+    """The Sentinel master ``app`` follows (None for one Redis)."""
+    return (app.conf.broker_transport_options or {}).get("master_name")
+
+
+def _point(app: Celery, broker_url: str, visibility_timeout: int, master: str | None = None) -> None:
     """A ``redis://`` broker uses kombu's Redis transport with one client per channel
-    (``transport.py``) unless ``OPT_QUEUE_STOCK_TRANSPORT`` is set."""
+    (``transport.py``) unless ``OPT_QUEUE_STOCK_TRANSPORT`` is set; a ``sentinel://`` one kombu's
+    Sentinel channel."""
     app.conf.broker_url = broker_url
-    app.conf.broker_transport_options = transport_options(visibility_timeout)
+    master = master_name(master) if is_sentinel(broker_url) else None
+    app.conf.broker_transport_options = transport_options(visibility_timeout, master)
     plain = broker_url.startswith("redis://") and not os.environ.get("OPT_QUEUE_STOCK_TRANSPORT")
     app.conf.broker_transport = "opt_queue.queue.transport:Transport" if plain else None

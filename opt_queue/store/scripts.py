@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import weakref
 from collections.abc import Callable
 from functools import cache
@@ -12,6 +14,8 @@ from typing import Any
 import redis
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
+
+log = logging.getLogger(__name__)
 
 _ROW_SCRIPTS = ("claim", "unclaim", "publish", "release", "collected", "lease", "orphans", "dedupe")
 """Scripts on a job's row state: ``lua/_rows.lua`` (its helpers) is put in front of each."""
@@ -77,8 +81,12 @@ def queue(pipe: Any, script: Script, keys: list[str], args: list[Any]) -> None:
     pipe.evalsha(script.sha, len(keys), *keys, *args)
 
 
-async def run_pipeline(client: Any, fill: Callable[[Any], None]) -> list[Any]:
+async def run_pipeline(client: Any, fill: Callable[[Any], None], durable: bool = False) -> list[Any]:
     """Run what ``fill`` queues on a pipeline of the asyncio ``client``; return its replies.
+
+    ``durable``: the writes must reach the replicas :func:`durable_writes` asks of ``client``
+    before this returns (a result that a failover must not lose); the round trip then ends with
+    ``WAIT``, on the connection that made the writes (``WAIT`` counts that connection's writes).
 
     The fills of all coroutines that ask in the same turn of the event loop go out as one
     non-transactional pipeline (see :class:`Coalescer`): one round trip and one connection for
@@ -94,7 +102,21 @@ async def run_pipeline(client: Any, fill: Callable[[Any], None]) -> list[Any]:
     coalescer = _coalescers.get(client)
     if coalescer is None:
         coalescer = _coalescers[client] = Coalescer(client)
-    return await coalescer.run(fill)
+    return await coalescer.run(fill, durable)
+
+
+WAIT_MS = 1000
+"""How long a durable round trip waits for its replicas: a replica that lags longer than this (or
+is down) slows rows by this much each, and is logged, but stops nothing."""
+
+
+def durable_writes(client: Any, replicas: int) -> None:
+    """Make the durable round trips of the asyncio ``client`` wait (Redis ``WAIT``) until
+    ``replicas`` replicas hold their writes; 0: no waiting (one Redis has no replica)."""
+    coalescer = _coalescers.get(client)
+    if coalescer is None:
+        coalescer = _coalescers[client] = Coalescer(client)
+    coalescer.replicas = replicas
 
 
 async def run_script(client: Any, script: Script, keys: list[str], args: list[Any]) -> Any:
@@ -114,26 +136,34 @@ class Coalescer:
     (a flush does not wait for the one before it), so this adds no latency beyond one turn.
     """
 
+    replicas = 0
+    """Replicas a durable round trip waits for (:func:`durable_writes`)."""
+    _short_since = 0.0
+
     def __init__(self, client: Any) -> None:
         self.client = client
         self._pending: list[tuple[Callable[[Any], None], asyncio.Future[list[Any]]]] = []
+        self._durable = False
         self._flushes: set[asyncio.Task[None]] = set()
 
-    async def run(self, fill: Callable[[Any], None]) -> list[Any]:
+    async def run(self, fill: Callable[[Any], None], durable: bool = False) -> list[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)
         self._pending.append((fill, future))
+        self._durable = self._durable or durable
         return await future
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
-        task = asyncio.ensure_future(self._execute(batch))
+        durable, self._durable = self._durable and self.replicas > 0, False
+        task = asyncio.ensure_future(self._execute(batch, durable))
         self._flushes.add(task)  # a reference, so that the task is not collected while it runs
         task.add_done_callback(self._flushes.discard)
 
-    async def _execute(self, batch: list[tuple[Callable[[Any], None], asyncio.Future[list[Any]]]]) -> None:
+    async def _execute(self, batch: list[tuple[Callable[[Any], None], asyncio.Future[list[Any]]]],
+                       durable: bool = False) -> None:
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
             spans = []
@@ -146,6 +176,8 @@ class Coalescer:
                     _settle(future, exc)
                     continue
                 spans.append((fill, future, start, len(pipe.command_stack)))
+            if durable:
+                pipe.execute_command("WAIT", self.replicas, WAIT_MS)
             try:
                 replies = await pipe.execute(raise_on_error=False)
             except Exception as exc:  # the round trip failed: for every caller in it
@@ -156,6 +188,8 @@ class Coalescer:
                 for _fill, future, _start, _end in spans:
                     future.cancel()
                 raise
+            if durable:
+                self._check_replicas(replies[-1])
             again = []
             for fill, future, start, end in spans:
                 part = replies[start:end]
@@ -174,6 +208,17 @@ class Coalescer:
                 for _fill, future in batch:
                     _settle(future, exc)
                 return
+
+
+    def _check_replicas(self, acked: Any) -> None:
+        """Log (once a minute at most) when fewer replicas than asked took a durable write."""
+        if isinstance(acked, int) and acked >= self.replicas:
+            return
+        now = time.monotonic()
+        if now - self._short_since >= 60:
+            self._short_since = now
+            log.warning("Redis: %s of the %d replicas asked for took a result within %d ms (WAIT); a "
+                        "failover now could lose it and pay its row again", acked, self.replicas, WAIT_MS)
 
 
 def _settle(future: asyncio.Future[list[Any]], outcome: Any) -> None:

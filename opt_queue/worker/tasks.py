@@ -21,13 +21,14 @@ import redis
 from celery import Task
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from opt_queue.queue.app import get_app
+from opt_queue.queue.app import get_app, sentinel_master
 from opt_queue.lanes.batchlane import BatchLane
 from opt_queue.queue.broker import ROWS_TASK, args_repr, hand_back, recover_stale
 from opt_queue.core.request import split_row
 from opt_queue.core.config import Config, load_config
 from opt_queue.engine.engine import HANDED_BACK, Engine, Published
 from opt_queue.store.redis_conn import connect, connect_async
+from opt_queue.store.scripts import durable_writes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,13 +55,15 @@ class _Runtime:
         config = _settings if _settings is not None else load_config()
         # A row in flight holds at most two connections at a time (its send-time stamp runs beside
         # its call); the rest is for the engine.
-        client = connect_async(app.conf.broker_url, max_connections=2 * config.concurrency + 16)
+        master = sentinel_master(app)
+        client = connect_async(app.conf.broker_url, max_connections=2 * config.concurrency + 16, master=master)
+        durable_writes(client, config.acks_from_replicas)
         self.engine: Engine = self.run(Engine.start(config, client))
         # The batch lane's steps (upload, poll, publish) run on the same loop, with the engine's
         # connections and keys; any worker process takes the steps that are due.
         self.lane = BatchLane(config, client, self.engine.provider, self.engine.keys, self.engine.prices)
         self.loop.call_soon_threadsafe(self.lane.start)
-        self.redis = connect(app.conf.broker_url)  # the pool threads' own (blocking) client: hand-backs
+        self.redis = connect(app.conf.broker_url, master=master)  # the pool threads' own (blocking) client: hand-backs
         self._stop = threading.Event()
         self.recovery = threading.Thread(target=self._recover, args=(config.lease_seconds,),
                                          name="opt-queue-recovery", daemon=True)
