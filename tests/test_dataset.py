@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -158,3 +159,44 @@ def test_index_set_behaves_like_a_set_of_strings(ops: list[tuple[bool, str]]) ->
     assert sorted(compact) == sorted(model)
     assert all(i in compact for i in model)
     assert all((i in compact) == (i in model) for _, i in ops)
+
+
+def test_the_collectors_final_rewrite_keeps_no_per_row_map(tmp_path: Path, rclient: Any) -> None:
+    """200,000 rows whose lines arrived out of order (nulls later answered, a line twice) are
+    rewritten in input order with at most ~50 bytes of Python memory a row (a dict of line places,
+    a list of the input's indices or an output state with places cost 200-450)."""
+    import random
+    import tracemalloc
+
+    from opt_queue.jobflow.collector import Collector
+    from opt_queue.store.jobs import Job
+
+    rows = 200_000
+    data, out = tmp_path / "data.jsonl", tmp_path / "output.jsonl"
+    with open(data, "w") as fh:
+        for i in range(rows):
+            fh.write(f'{{"index": {i}, "instruction": "t", "input": "row {i}"}}\n')
+    order = list(range(rows))
+    random.Random(7).shuffle(order)
+    with open(out, "w") as fh:
+        for i in order[:500]:
+            fh.write(json.dumps({str(i): None}) + "\n")  # a null, later answered
+        for i in order:
+            fh.write(json.dumps({str(i): f"answer {i}"}) + "\n")
+        fh.write(json.dumps({str(order[0]): "a second answer, not kept"}) + "\n")
+    job = Job(rclient, "memory-bound")
+    job.begin_submit(total=rows, input=str(data))
+    job.end_submit()
+    tracemalloc.start()
+    try:
+        status = Collector(rclient, job.id, out, data).run()
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert status.complete and status.answered == rows and status.nulls == 0
+    with open(out) as fh:
+        first = [next(iter(json.loads(fh.readline()))) for _ in range(3)]
+        assert first == ["0", "1", "2"]
+        assert sum(1 for _ in fh) == rows - 3
+    assert read_output(out).answered == IndexSet(str(i) for i in range(rows))
+    assert peak <= 50 * rows, f"{peak / rows:.0f} bytes a row at the final rewrite"

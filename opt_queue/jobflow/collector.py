@@ -31,6 +31,7 @@ from opt_queue.queue.broker import LostRows, recover_stale
 from opt_queue.store.leases import LEASE_SECONDS
 from opt_queue.core.config import Config
 from opt_queue.jobflow.dataset import (
+    IndexList,
     IndexSet,
     atomic_write,
     errors_path,
@@ -283,11 +284,13 @@ class Collector:
              should_stop: Callable[[], bool], drain: bool = False) -> CollectStatus:
         input_path = self._input_path(follow)
         self.format = self.job.meta().get("output_format") or formats.SEED
+        # A few bytes a row, never a map of strings: the input's order as numbers, sets as bits, and
+        # the output's lines known by index only (their places are read at the final rewrite).
         try:
-            order = list(iter_indices(input_path))
+            order = IndexList(iter_indices(input_path))
         except InputError as exc:
             raise OptQueueError(f"cannot read the job's input {input_path}: {exc}; pass --input") from None
-        state = read_output(self.output)
+        state = read_output(self.output, offsets=False)
         repair_tail(self.errors)
         inputs = IndexSet(order)
         status = CollectStatus(job=self.job.id, total=len(order),
@@ -364,10 +367,11 @@ class Collector:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def _finalize(self, order: list[str], status: CollectStatus) -> None:
+    def _finalize(self, order: IndexList, status: CollectStatus) -> None:
         """Rewrite output.jsonl in input order, one line per row, and the errors of its nulls."""
-        rewrite_output(self.output, iter(order))
         state = read_output(self.output)
+        rewrite_output(self.output, iter(order), state)
+        state.offsets = None  # stale once rewritten; the sets stay true for the input's rows
         last_error: dict[str, str] = {}
         if self.errors.exists():
             with open(self.errors, encoding="utf-8") as fh:
@@ -386,7 +390,7 @@ class Collector:
             entry = json.loads(line)
             counter = status.warnings if entry.get("warning") else status.null_reasons
             counter[entry.get("error_type") or (entry.get("error") or {}).get("code") or "unknown"] += 1
-        status.answered = len(state.answered)
-        status.nulls = len(state.nulls)
+        status.answered = sum(i in state.answered for i in order)
+        status.nulls = sum(i in state.nulls for i in order)
         status.complete = True
         self.job.mark_complete((self.config or Config()).state_ttl)
