@@ -99,10 +99,7 @@ async def run_pipeline(client: Any, fill: Callable[[Any], None], durable: bool =
     built this way hold only reads, scripts and counters (a counter may then count twice;
     nothing else can).
     """
-    coalescer = _coalescers.get(client)
-    if coalescer is None:
-        coalescer = _coalescers[client] = Coalescer(client)
-    return await coalescer.run(fill, durable)
+    return await _coalescer(client).run(fill, durable)
 
 
 WAIT_MS = 1000
@@ -113,10 +110,15 @@ is down) slows rows by this much each, and is logged, but stops nothing."""
 def durable_writes(client: Any, replicas: int) -> None:
     """Make the durable round trips of the asyncio ``client`` wait (Redis ``WAIT``) until
     ``replicas`` replicas hold their writes; 0: no waiting (one Redis has no replica)."""
+    _coalescer(client).replicas = replicas
+
+
+def _coalescer(client: Any) -> Coalescer:
+    """The one :class:`Coalescer` of the asyncio ``client``."""
     coalescer = _coalescers.get(client)
     if coalescer is None:
         coalescer = _coalescers[client] = Coalescer(client)
-    coalescer.replicas = replicas
+    return coalescer
 
 
 async def run_script(client: Any, script: Script, keys: list[str], args: list[Any]) -> Any:
@@ -208,7 +210,6 @@ class Coalescer:
                 for _fill, future in batch:
                     _settle(future, exc)
                 return
-
 
     def _check_replicas(self, acked: Any) -> None:
         """Log (once a minute at most) when fewer replicas than asked took a durable write."""
