@@ -30,7 +30,8 @@ from opt_queue.sim.api import SimKey, SimServer
 from opt_queue.sim.common import prompt_key
 from opt_queue.store import keys
 from opt_queue.store.jobs import job_id_for
-from opt_queue.store.redis_conn import connect, connect_async, parse_sentinels, redact_url
+from opt_queue.core.broker_url import parse_sentinels, redact_url
+from opt_queue.store.redis_conn import connect, connect_async
 from opt_queue.store.scripts import WAIT_MS, durable_writes, run_pipeline
 
 MODEL = "gpt-3.5-turbo-0613"

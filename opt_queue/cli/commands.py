@@ -25,7 +25,8 @@ from opt_queue import providers
 from opt_queue.core.config import Config, load_config
 from opt_queue.core.errors import ConfigError, Interrupted, OptQueueError
 from opt_queue.store.jobs import Job, job_id_for
-from opt_queue.store.redis_conn import connect, redact_url
+from opt_queue.core.broker_url import redact_url
+from opt_queue.store.redis_conn import connect
 from opt_queue.core.tokens import TOKEN_COUNTS
 from opt_queue.cli.ui import Display, print_summary, run_and_report
 

@@ -404,7 +404,7 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _broker(self) -> Config:
-        from opt_queue.store.redis_conn import check_url, is_sentinel
+        from opt_queue.core.broker_url import check_url, is_sentinel
 
         if self.broker_url:
             try:
@@ -425,7 +425,7 @@ class Config(BaseModel):
         ``WAIT``): ``replica_acks``, else 1 under Sentinel and 0 with one Redis."""
         if self.replica_acks is not None:
             return self.replica_acks
-        from opt_queue.store.redis_conn import is_sentinel
+        from opt_queue.core.broker_url import is_sentinel
 
         return 1 if self.broker_url and is_sentinel(self.broker_url) else 0
 

@@ -43,7 +43,7 @@ from opt_queue.limits.limiter import AsyncKeyPool, Lease, Never, Report, Wait
 from opt_queue.store import budget as budgets
 from opt_queue.store.budget import Budget, BudgetReached
 from opt_queue.core.prices import Prices, Usage, nano
-from opt_queue.store.redis_conn import redact_url
+from opt_queue.core.broker_url import redact_url
 from opt_queue.core.request import CHAT_URL, ask_again, failure_key, request_hash
 from opt_queue.store.scripts import run_pipeline
 from opt_queue.core.tokens import estimate_parts, estimator

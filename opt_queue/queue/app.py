@@ -16,7 +16,7 @@ from typing import Any
 from celery import Celery
 
 from opt_queue.store import keys
-from opt_queue.store.redis_conn import is_sentinel, master_name
+from opt_queue.core.broker_url import is_sentinel, master_name
 
 DEFAULT_BROKER = "redis://127.0.0.1:6379/0"
 
