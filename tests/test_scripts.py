@@ -127,3 +127,31 @@ def test_many_callers_in_one_turn(redis_url: str, callers: int) -> None:
         return got
 
     assert _run(go()) == [[str(i).encode()] for i in range(callers)]
+
+
+def test_the_identical_request_entries_are_kept_only_for_rows_in_flight(rclient: redis.Redis) -> None:
+    """A job's requests hash (lua/dedupe.lua) keeps an entry only while its row can still make a
+    copy: published or given-back rows' entries are pruned, so it does not grow with the job."""
+    from opt_queue.core.answers import RowResult
+    from opt_queue.store import jobs, keys
+
+    job = jobs.Job(rclient, "prune")
+    job.begin_submit(total=30_000)
+    job._prune_at = 5_000
+    requests = keys.job_requests(job.id)
+    finished = 0
+    for start in range(0, 30_000, 1000):
+        batch = [str(i) for i in range(start, start + 1000)]
+        job.claim(batch)
+        assert job.dedupe((i, f"h{i}") for i in batch) == set()
+        for i in batch[:900]:  # most rows finish as the next ones are claimed; a few are given back
+            job.publish(RowResult(index=i, answer="a"))
+        for i in batch[900:950]:
+            job.release(i)
+        finished += 950
+        # bounded: the rows in flight plus what arrived since the last prune, never the whole job
+        assert rclient.hlen(requests) <= max(2 * 5_000, jobs.PRUNE_FLOOR) + 1000
+    assert job.prune_requests(step=100) == 30 * 50  # exactly the rows still in flight
+    # a pruned entry no longer makes a copy; a kept one still does
+    job.claim(["30000", "30001"])
+    assert job.dedupe([("30000", "h0"), ("30001", "h999")]) == {"30001"}

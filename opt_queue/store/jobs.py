@@ -29,6 +29,8 @@ from opt_queue.store.scripts import queue, run_script, scripts_for
 
 log = logging.getLogger(__name__)
 RUNNING, STOPPED, COMPLETE = "running", "stopped", "complete"
+PRUNE_FLOOR = 10_000
+"""Identical-request entries a job keeps before :meth:`Job.dedupe` first prunes them."""
 
 
 def job_id_for(output_path: str | os.PathLike[str], name: str | None = None) -> str:
@@ -195,6 +197,7 @@ class Job(_JobBase):
     """Handle on one job's Redis state (blocking client)."""
 
     client: redis.Redis
+    _prune_at = PRUNE_FLOOR
 
     # -- lifecycle ------------------------------------------------------------------------------
     def begin_submit(self, **meta: Any) -> None:
@@ -295,7 +298,20 @@ class Job(_JobBase):
             return set()
         found = self._scripts.dedupe(keys=[*self.rows, keys.job_requests(self.id), keys.job_copies(self.id)],
                                      args=args)
+        if self.client.hlen(keys.job_requests(self.id)) > self._prune_at:
+            self._prune_at = max(PRUNE_FLOOR, 2 * self.prune_requests())
         return {i.decode() if isinstance(i, bytes) else i for i in found}
+
+    def prune_requests(self, step: int = 1000) -> int:
+        """Forget the identical-request entries whose row is published or given back (they can
+        make no more copies), ``step`` entries a call so Redis never stalls; return how many are
+        left. :meth:`dedupe` runs it whenever the hash doubled since the last time, so it holds
+        about twice the rows in flight (``max_queued``), not a row for each row of the job."""
+        cursor: bytes | str = "0"
+        while True:
+            cursor, _removed = self._scripts.prune(keys=[*self.rows, keys.job_requests(self.id)], args=[cursor, step])
+            if cursor in (b"0", "0", 0):
+                return int(self.client.hlen(keys.job_requests(self.id)))
 
     def copies(self) -> set[str]:
         """Rows waiting for the result of their primary (no task of their own)."""

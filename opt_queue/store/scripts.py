@@ -17,7 +17,7 @@ from redis.exceptions import NoScriptError
 
 log = logging.getLogger(__name__)
 
-_ROW_SCRIPTS = ("claim", "unclaim", "publish", "release", "collected", "lease", "orphans", "dedupe")
+_ROW_SCRIPTS = ("claim", "unclaim", "publish", "release", "collected", "lease", "orphans", "dedupe", "prune")
 """Scripts on a job's row state: ``lua/_rows.lua`` (its helpers) is put in front of each."""
 _NAMES = (*_ROW_SCRIPTS, "renew", "acquire", "stamp", "cancel", "settle", "settle_out", "out_mode", "learn", "calibrate", "calibrate_usage", "due", "reserve")
 
@@ -47,6 +47,7 @@ class Scripts:
     lease: Script
     orphans: Script
     dedupe: Script
+    prune: Script
     renew: Script
     acquire: Script
     stamp: Script
