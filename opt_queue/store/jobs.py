@@ -309,7 +309,7 @@ class Job(_JobBase):
         about twice the rows in flight (``max_queued``), not a row for each row of the job."""
         cursor: bytes | str = "0"
         while True:
-            cursor, _removed = self._scripts.prune(keys=[*self.rows, keys.job_requests(self.id)], args=[cursor, step])
+            cursor = self._scripts.prune(keys=[*self.rows, keys.job_requests(self.id)], args=[cursor, step])
             if cursor in (b"0", "0", 0):
                 return int(self.client.hlen(keys.job_requests(self.id)))
 

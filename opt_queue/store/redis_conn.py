@@ -50,6 +50,15 @@ class _FollowingAsync(redis.asyncio.sentinel.SentinelManagedConnection):  # type
         await super().connect_check_health(check_health=check_health, retry_socket_connect=retry_socket_connect)
 
 
+def _master(sentinel_class: Any, connection_class: Any, url: str, master: str, timeout: float, **options: Any) -> Any:
+    """A client (sync or asyncio, as ``sentinel_class``) of the master that the Sentinels of ``url``
+    name ``master``, its connections of ``connection_class``."""
+    where = parse_sentinels(url)
+    sentinels = sentinel_class(
+        list(where.hosts), sentinel_kwargs={"socket_connect_timeout": timeout, "socket_timeout": timeout})
+    return sentinels.master_for(master, **where.master_kwargs(), connection_class=connection_class, **options)
+
+
 def _retry(patient: bool) -> Retry:
     return Retry(ExponentialBackoff(cap=2.0, base=0.05), 60 if patient else 8)
 
@@ -66,12 +75,9 @@ def connect(url: str, *, check: bool = False, timeout: float = 5.0, patient: boo
                                "health_check_interval": 30, "retry": _retry(patient),
                                "retry_on_error": _DOWN}
     if is_sentinel(url):
-        where = parse_sentinels(url)
-        sentinels = redis.sentinel.Sentinel(
-            list(where.hosts), sentinel_kwargs={"socket_connect_timeout": timeout, "socket_timeout": timeout})
-        client = sentinels.master_for(str(master), **where.master_kwargs(), connection_class=_Following, **options)
-        probe = sentinels.master_for(str(master), **where.master_kwargs(), socket_connect_timeout=timeout,
-                                     socket_timeout=timeout) if check else None
+        client = _master(redis.sentinel.Sentinel, _Following, url, str(master), timeout, **options)
+        probe = _master(redis.sentinel.Sentinel, redis.sentinel.SentinelManagedConnection, url, str(master),
+                        timeout, socket_connect_timeout=timeout, socket_timeout=timeout) if check else None
     else:
         client = redis.Redis.from_url(url, **options)
         probe = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout) if check else None
@@ -106,10 +112,6 @@ def connect_async(url: str, *, max_connections: int, timeout: float = 5.0,
         "retry": redis.asyncio.retry.Retry(ExponentialBackoff(cap=2.0, base=0.05), 60),
         "retry_on_error": _DOWN}
     if is_sentinel(url):
-        where = parse_sentinels(url)
-        sentinels = redis.asyncio.sentinel.Sentinel(
-            list(where.hosts), sentinel_kwargs={"socket_connect_timeout": timeout, "socket_timeout": timeout})
-        return sentinels.master_for(str(master), **where.master_kwargs(), connection_class=_FollowingAsync,
-                                    **options)
+        return _master(redis.asyncio.sentinel.Sentinel, _FollowingAsync, url, str(master), timeout, **options)
     pool = redis.asyncio.ConnectionPool.from_url(url, **options)
     return redis.asyncio.Redis(connection_pool=pool)

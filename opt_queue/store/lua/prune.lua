@@ -3,16 +3,15 @@
 -- flight, so the requests hash holds about as many entries as the job has rows queued.
 -- KEYS[1..3] row state (_rows.lua)   KEYS[4] requests hash
 -- ARGV[1] HSCAN cursor   ARGV[2] entries to look at in this call
--- Returns {next cursor ("0" when the scan is over), entries removed}.
+-- Returns the next cursor ("0" when the scan is over).
 local scan = redis.call('HSCAN', KEYS[4], ARGV[1], 'COUNT', tonumber(ARGV[2]))
-local entries, removed = scan[2], 0
+local entries = scan[2]
 for i = 1, #entries, 2 do
   local primary = entries[i + 1]
   local sep = string.find(primary, '\n', 1, true)
   local pslot = string.sub(primary, 1, sep - 1)
   if row_get(pslot, 'done') == 1 or row_get(pslot, 'claimed') == 0 then
     redis.call('HDEL', KEYS[4], entries[i])
-    removed = removed + 1
   end
 end
-return {scan[1], removed}
+return scan[1]
