@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TEST_KEY, cli, kill_group, read_jsonl, wait_for, write_config, write_jsonl
+import redis
+from conftest import TEST_KEY, cli, kill_group, read_jsonl, start_cli, wait_for, write_config, write_jsonl
 
 from opt_queue.sim.api import SimKey, SimServer
 
@@ -120,6 +121,34 @@ def test_the_batch_lane_answers_every_row_once_at_half_price_over_several_batche
     assert job["spend"]["cost"] == pytest.approx(expected, rel=1e-6) and job["spend"]["calls"] == 2000
     assert job["lane"] == "batch" and [b["state"] for b in job["batches"]] == ["done"] * 4
     assert sum(b["answered"] for b in job["batches"]) == 2000
+
+
+@pytest.mark.slow
+def test_the_batch_lane_writes_files_only_as_far_ahead_as_its_window(
+        tmp_path: Path, sim: SimServer, redis_url: str, rclient: redis.Redis, workers) -> None:  # type: ignore[no-untyped-def]
+    """A job ten times the batch lane's window: submit writes files as batches finish, and the rows
+    in files in Redis never pass the window; every row is answered once, in batches."""
+    sim.configure(batch_delay=0.3)
+    n, window = 2400, 500
+    data = write_jsonl(tmp_path / "data.jsonl", rows(n))
+    out = tmp_path / "output.jsonl"
+    config = batch_config(tmp_path, sim, redis_url, batch_max_lines=200, batch_max_queued=window)
+    workers(config, processes=1)
+    submitting = start_cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "batch",
+                           log=tmp_path / "submit.log")
+    peak = samples = 0
+    while submitting.poll() is None:
+        files = [rclient.get(k) or b"" for k in rclient.scan_iter(match="*:chunk:*", count=1000)]
+        peak = max(peak, sum(f.count(b"\n") for f in files))
+        samples += 1
+        time.sleep(0.05)
+    assert submitting.returncode == 0, (tmp_path / "submit.log").read_text()[-2000:]
+    assert cli("collect", "-c", str(config), "-o", str(out), timeout=180).returncode == 0
+    assert window // 2 <= peak <= window, f"{peak} rows in files at most, window {window} ({samples} samples)"
+    assert [next(iter(line)) for line in read_jsonl(out)] == [str(i) for i in range(n)]
+    paid_once(sim, n)
+    assert sim.stats()["calls"] == 0 and batch_stats(sim)["lines"] == n
+    assert not list(rclient.scan_iter(match="*:chunk:*"))  # every file deleted once its rows were published
 
 
 @pytest.mark.slow

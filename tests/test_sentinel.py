@@ -191,18 +191,21 @@ def test_a_master_killed_mid_job_loses_nothing_and_pays_nothing_twice(
             kill_group(proc, signal.SIGTERM)
         if collector.poll() is None:
             kill_group(collector)
-    assert_complete(data, out)
     stats = sim.stats()
     prompts = {r.index: prompt_key(r.body["messages"]) for r in iter_input(data)}
     again = {i for i in safe if stats["per_prompt"].get(prompts[i], 0) > 1}
-    assert not again, f"rows answered and replicated before the failover were paid again: {sorted(again)}"
     twice = sum(n - 1 for n in stats["per_prompt"].values())
-    assert twice <= max(in_flight, 8), f"{twice} calls paid twice; {in_flight} were on the wire at the kill"
-    assert len(paid_before) >= len(safe)
-    assert stats["rate_limited"] <= 10, f"{stats['rate_limited']} 429s: the limit did not hold"
+    # the figures first, so that a failing assertion below has them on record (figures.jsonl)
+    figures = dict(on_the_wire=in_flight, replicated_before=len(safe), paid_again_of_those=len(again),
+                   paid_twice=twice, rate_limited=stats["rate_limited"], promoted_s=round(promoted, 1),
+                   flowing_again_s=round(flowing, 1))
     report("Redis master SIGKILLed mid-job under Sentinel (2 replicas, 3 Sentinels; 2 workers, collector)",
-           data, out, sim, on_the_wire=in_flight, replicated_before=len(safe), paid_again_of_those=len(again),
-           rate_limited=stats["rate_limited"], promoted_s=round(promoted, 1), flowing_again_s=round(flowing, 1))
+           data, out, sim, **figures)
+    assert_complete(data, out)
+    assert not again, f"rows answered and replicated before the failover were paid again: {sorted(again)}; {figures}"
+    assert twice <= max(in_flight, 8), f"{twice} calls paid twice; {in_flight} were on the wire at the kill; {figures}"
+    assert len(paid_before) >= len(safe), figures
+    assert stats["rate_limited"] <= 10, f"{stats['rate_limited']} 429s: the limit did not hold; {figures}"
 
 
 def _done(client: redis.Redis, job: str) -> list[str]:

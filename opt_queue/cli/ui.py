@@ -64,9 +64,10 @@ class Display:
         self.progress.update(self._task("submit", total), completed=done, total=total)
 
     def waiting(self, outstanding: int) -> None:
-        """Submit is holding back: the job already has ``max_queued`` rows in Redis."""
-        self.progress.lines["wait"] = (f"  waiting for room: {outstanding} rows queued or in flight "
-                                       f"(max_queued); workers take them as keys allow")
+        """Submit is holding back: the job already has ``max_queued`` rows in Redis
+        (``batch_max_queued`` in the batch lane)."""
+        self.progress.lines["wait"] = (f"  waiting for room: {outstanding} rows queued, in flight or in batches "
+                                       f"(max_queued, batch_max_queued); workers take them as keys allow")
 
     def collected(self, status: CollectStatus) -> None:
         """Rows finished (answered + null), with nulls, rate, rows in flight and the keys' state."""

@@ -377,6 +377,7 @@ class Config(BaseModel):
     batch_attempts: int = Field(default=3, ge=1)
     cache: CacheConfig | None = None
     max_queued: int = Field(default=50_000, ge=0)
+    batch_max_queued: int = Field(default=500_000, ge=0)
     visibility_timeout: int = Field(default=3600, ge=1)
     lease_seconds: float = Field(default=30.0, ge=2)
     state_ttl: float = Field(default=7 * 86400.0, ge=0)

@@ -240,15 +240,45 @@ def _dedupe(job: Job, rows: list[Row], config: Config, sampled: set[bytes], repo
 
 
 def _wait_for_room(job: Job, max_queued: int, wanted: int, on_wait: Callable[[int], None] | None,
-                   should_stop: Callable[[], bool] = lambda: False) -> None:
-    """Flow control: block while the job already has ``max_queued`` rows queued or in flight."""
+                   should_stop: Callable[[], bool] = lambda: False, until: float = 0.0,
+                   before_waiting: Callable[[], None] | None = None) -> bool:
+    """Flow control: block while the job already has ``max_queued`` rows queued, in flight or in
+    batches. Return False when there is room (or ``should_stop`` says so), True when ``until``
+    (epoch s; 0: never) came first. ``before_waiting``: the batch lane's (it stores the files it
+    holds open before the first wait, so that they run and make room; a file's rows count until
+    the file is deleted, a moment after they are published)."""
+    waited = False
     while True:
         outstanding = job.progress().outstanding
+        if before_waiting is not None:
+            outstanding = max(outstanding, job.in_batches())
         if outstanding + wanted <= max_queued or should_stop():
-            return
+            return False
+        if until and time.time() >= until:
+            return True
+        if not waited and before_waiting is not None:
+            before_waiting()
+            waited = True
         if on_wait:
             on_wait(outstanding)
         time.sleep(0.2)
+
+
+def _plan(job: Job, config: Config, now: float, needed: list[int], done: int, total: int,
+          report: SubmitReport) -> float:
+    """A deadline job's cut-over (set on the job; returned) from what sending the batch lane's rows
+    synchronously would take at the keys' limits: ``needed`` (rows, tokens) of the ``done`` rows
+    read so far, projected to ``total``."""
+    scale = total / done if done else 1.0
+    report.sync_seconds = sync_seconds(config, config.model.name, round(needed[0] * scale), round(needed[1] * scale))
+    report.cutover_at = cutover_at(config.deadline or 0.0, now, report.sync_seconds)
+    job.set_cutover(report.cutover_at)
+    return report.cutover_at
+
+
+def _window(config: Config) -> int:
+    """How many rows of the job may sit in Redis at once in its lane (0: no bound)."""
+    return config.batch_max_queued if config.lane == "batch" else config.max_queued
 
 
 def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, config: Config, *,
@@ -266,9 +296,10 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
     ``keep``: nulls that retrying cannot help (``dataset.final_failures``); they are sent again only
     when their request changed.
     """
-    # The batch lane's rows wait in chunks for the provider's batches, hours perhaps: they are not
-    # held back by max_queued (their files are in Redis until their batch is sent).
-    max_queued = config.max_queued if config.lane != "batch" else 0
+    # The batch lane's rows wait in chunk files for the providers' batches, hours perhaps, so its
+    # window (batch_max_queued) is wider: batches run side by side, and Redis still holds a bounded
+    # part of the job. Past a deadline's cut-over the rows not chunked yet go synchronously.
+    max_queued = _window(config)
     answered, nulls = answered or set(), nulls or set()
     job = Job(client, job_id)
     if job.exists() and job.progress().outstanding == 0:
@@ -278,22 +309,37 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
                      max_cost_nano=nano(config.max_cost), max_tokens_total=config.max_tokens_total or 0,
                      lane=config.lane, deadline_at=now + config.deadline if config.deadline else "",
                      cutover_at=cutover_at(config.deadline, now) if config.deadline else "", **meta)
+    cutover = cutover_at(config.deadline, now) if config.deadline else 0.0
     needed = [0, 0]  # deadline: rows and tokens the batch lane takes, to size the synchronous reserve
     report = SubmitReport(job=job_id, total=total, bad_lines=bad_lines)
     writer = (ChunkWriter(client, job_id, config, task_options(config, output_format))
               if config.lane == "batch" else None)
     wake(client, job_id, now=False)  # chunks of an earlier submit whose next step Redis lost
-    done = 0
+    done = planned = 0
     sampled: set[bytes] = set()  # digests of the requests sent each time they repeat (they sample)
     declare_queue()
     try:
-        for batch in _batches(iter(rows), min(BATCH, max_queued) if max_queued else BATCH):
+        windows = [max(1, w // 4) for w in (max_queued, config.max_queued if config.deadline else 0) if w]
+        for batch in _batches(iter(rows), min([BATCH, *windows])):  # a quarter of every window at most
             wanted = [r.index for r in batch if r.index not in answered]
             report.answered += len(batch) - len(wanted)
             if keep:
                 wanted = _unless_failed_for_good(batch, wanted, keep, config, report)
-            if max_queued:
-                _wait_for_room(job, max_queued, len(wanted), on_wait, should_stop)
+            while True:
+                if writer is not None and cutover and time.time() >= cutover:
+                    # past the cut-over: the rows not chunked yet go synchronously, in its window
+                    writer.flush()
+                    report.chunks = writer.chunks
+                    writer, max_queued = None, config.max_queued
+                if not max_queued:
+                    break
+                if writer is not None and config.deadline and writer.chunks != planned:
+                    # a chunk more was stored: the cut-over from the rows' needs so far, projected
+                    cutover, planned = _plan(job, config, now, needed, done, total, report), writer.chunks
+                if not _wait_for_room(job, max_queued, len(wanted), on_wait, should_stop,
+                                      until=cutover if writer is not None else 0.0,
+                                      before_waiting=writer.flush if writer is not None else None):
+                    break
             if should_stop():
                 raise Interrupted("submit interrupted")
             if job.status() == STOPPED:
@@ -338,10 +384,8 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
                 _release_quietly(job, writer.held())
                 raise
             report.chunks = writer.chunks
-        if config.deadline:
-            report.sync_seconds = sync_seconds(config, config.model.name, *needed)
-            report.cutover_at = cutover_at(config.deadline, now, report.sync_seconds)
-            job.set_cutover(report.cutover_at)
+        if config.deadline and writer is not None:
+            _plan(job, config, now, needed, total, total, report)
     finally:
         job.end_submit()
     log.info("job %s: %d rows enqueued, %d already answered, %d already queued, %d awaiting collection",

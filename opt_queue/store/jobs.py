@@ -242,6 +242,10 @@ class Job(_JobBase):
     def exists(self) -> bool:
         return bool(self.client.exists(self.meta_key))
 
+    def in_batches(self) -> int:
+        """Rows in the batch lane's files now (deleted with a file, after its rows are published)."""
+        return int(self.client.scard(keys.job_in_batch(self.id)))
+
     def status(self) -> str | None:
         raw = self.client.hget(self.meta_key, "status")
         return raw.decode() if raw else None
