@@ -232,14 +232,17 @@ def test_batch_rows_that_can_never_fit_the_enqueued_token_limit_go_synchronously
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("window", [0, 12], ids=["every-row-in-files", "submit-waits-for-its-window"])
 def test_a_deadline_sends_the_leftovers_synchronously_in_time(
-        tmp_path: Path, sim: SimServer, redis_url: str, workers) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, sim: SimServer, redis_url: str, workers, window: int) -> None:  # type: ignore[no-untyped-def]
+    """With a window (``batch_max_queued``) smaller than the job, submit is still waiting for room
+    at the cut-over: the rows it has not written into files by then go synchronously."""
     # the batch would take a minute (a provider slow to cancel, as the real ones may be for up to
     # 10 minutes: test_provider_batches' deadline test, for the three providers' batches)
     sim.configure(batch_delay=60.0)
     data = write_jsonl(tmp_path / "data.jsonl", rows(40))
     out = tmp_path / "output.jsonl"
-    config = batch_config(tmp_path, sim, redis_url)
+    config = batch_config(tmp_path, sim, redis_url, batch_max_queued=window, batch_max_lines=6)
     workers(config)
     assert cli("submit", str(data), "-c", str(config), "-o", str(out), "--deadline", "12s").returncode == 0
     job = json.loads(cli("status", "-c", str(config), "-o", str(out), "--json").stdout)["jobs"][0]
@@ -250,8 +253,10 @@ def test_a_deadline_sends_the_leftovers_synchronously_in_time(
     assert late < 2.0, late
     assert all(v is not None for line in read_jsonl(out) for v in line.values())
     stats = batch_stats(sim)
-    assert stats["batches"] == 1 and stats.get("cancelled") == 1
-    paid_once(sim, 40)  # the cancelled batch's answered rows kept, the rest sent synchronously
+    files = -(-(window or 40) // 6)
+    # with a window, the rows past it were never in a file: only the window's files were sent
+    assert stats["batches"] == stats["files"] == files and stats.get("cancelled") == files, stats
+    paid_once(sim, 40)  # the cancelled batches' answered rows kept, the rest sent synchronously
     assert sim.stats()["calls"] == 40 - stats.get("lines", 0)
 
 

@@ -36,11 +36,13 @@ cancelled first and its answered rows kept, so no row is paid in both lanes).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import redis
@@ -51,8 +53,9 @@ from opt_queue.store import budget as budgets
 from opt_queue.store import keys as rkeys
 from opt_queue import providers as api
 from opt_queue.core.answers import RowResult
+from opt_queue.providers import BatchEntry
 from opt_queue.queue.broker import envelope, queue_push
-from opt_queue.lanes.chunks import CANCEL_POLL, HANDOFF_SECONDS, Chunk, store_chunk
+from opt_queue.lanes.chunks import CANCEL_POLL, HANDOFF_SECONDS, Chunk, ChunkLines, store_chunk
 from opt_queue.core.config import ApiKey, Config
 from opt_queue.store.jobs import STOPPED, AsyncJob
 from opt_queue.core.prices import Prices, Usage, nano
@@ -185,7 +188,8 @@ class BatchLane:
             chunk.state = "pending"
         if chunk.state == "pending":
             if stopped or late:
-                await self._finish(job, chunk_id, chunk, [], await self._lines(job_id, chunk_id), late=not stopped)
+                await self._finish(job, chunk_id, chunk, _entries(()), await self._lines(job_id, chunk_id),
+                                   late=not stopped)
                 return None
             return await self._create(job, chunk_id, chunk)
         return await self._poll(job, chunk_id, chunk, stopped or late, late, cutover)
@@ -193,11 +197,9 @@ class BatchLane:
     async def _save(self, job_id: str, chunk_id: str, chunk: Chunk) -> None:
         await self.client.hset(rkeys.job_batches(job_id), chunk_id, chunk.dumps())
 
-    async def _lines(self, job_id: str, chunk_id: str) -> dict[str, dict[str, Any]]:
-        """The chunk's requests by index."""
-        data = await self.client.get(rkeys.job_chunk(job_id, chunk_id))
-        lines = [json.loads(line) for line in (data or b"").decode().splitlines() if line.strip()]
-        return {str(line["custom_id"]): line for line in lines}
+    async def _lines(self, job_id: str, chunk_id: str) -> ChunkLines:
+        """The chunk's requests by index (each parsed when it is read)."""
+        return ChunkLines(await self.client.get(rkeys.job_chunk(job_id, chunk_id)) or b"")
 
     def _key(self, fingerprint: str | None) -> ApiKey | None:
         return next((k for k in self.keys if k.fingerprint == fingerprint), None)
@@ -304,7 +306,7 @@ class BatchLane:
             return None
         cost, tokens = 0.0, 0
         needs = api.serving(self.keys, chunk.model)
-        for line in data.decode().splitlines():
+        for line in data.splitlines():  # (bytes: no second copy of the file)
             if line.strip():  # as sent: with the max_tokens a provider requires
                 body = api.with_required_cap(needs, json.loads(line)["body"])
                 prompt, cap = estimate_parts(body, chunk.url)
@@ -370,7 +372,7 @@ class BatchLane:
         key = self._key(chunk.key)
         if key is None:  # the key left the config: the batch is out of reach; send its rows again
             log.warning("job %s: chunk %s's key %s is no longer configured", job.id, chunk_id, chunk.key)
-            await self._finish(job, chunk_id, chunk, [], await self._lines(job.id, chunk_id), late=late)
+            await self._finish(job, chunk_id, chunk, _entries(()), await self._lines(job.id, chunk_id), late=late)
             return None
         batch = await self.api.batch(key, chunk.batch_id or "", self.config.request_timeout)
         chunk.status = batch.status
@@ -390,7 +392,7 @@ class BatchLane:
             await self._save(job.id, chunk_id, chunk)
             return delay
         lines = await self._lines(job.id, chunk_id)
-        found = await self.api.results(key, batch, UPLOAD_TIMEOUT)
+        found = self.api.results(key, batch, UPLOAD_TIMEOUT)
         if not self.api.files(key):
             found = _from_wire(chunk, lines, found)
         await self._finish(job, chunk_id, chunk, found, lines, late=late)
@@ -403,7 +405,7 @@ class BatchLane:
         that comes after it finds the row done and calls nothing); a row that both lanes finished
         was paid twice, the price of the deadline when the provider is slow to cancel."""
         lines = await self._lines(job.id, chunk_id)
-        await self._to_sync(job.id, [self._task_row(chunk, i, lines[i]) for i in lines], chunk.options)
+        await self._to_sync(job.id, (self._task_row(chunk, i, lines[i]) for i in lines), chunk.options)
         chunk.handed, chunk.moved = True, len(lines)
         await self._save(job.id, chunk_id, chunk)
         log.warning("job %s: batch %s is still %s after the cut-over; its %d rows go through the synchronous "
@@ -439,8 +441,8 @@ class BatchLane:
         chunk.failures += 1
         if chunk.failures >= self.config.batch_attempts:
             lines = await self._lines(job.id, chunk_id)
-            nulls = [{"custom_id": i, "response": None, "error": {"code": code or "batch_failed", "message": message}}
-                     for i in lines]
+            nulls = _entries({"custom_id": i, "response": None,
+                              "error": {"code": code or "batch_failed", "message": message}} for i in lines)
             await self._finish(job, chunk_id, chunk, nulls, lines, late=False, final=True)
             return None
         log.warning("job %s: %s (%s: %s); sending its rows again (%d/%d)", job.id, what, code, message,
@@ -453,37 +455,36 @@ class BatchLane:
         """A chunk above its key's enqueued-token ``limit`` (new chunks of at most 90% of it each),
         or too large for what is left of the budget (``parts`` equal new chunks)."""
         lines = await self._lines(job.id, chunk_id)
+        tokens = {index: estimate_parts(lines[index]["body"], chunk.url)[0] for index in lines}
         if parts:
             size = -(-len(lines) // parts)
-            items = list(lines.items())
-            pieces = [items[i:i + size] for i in range(0, len(items), size)]
+            order = list(lines)
+            pieces = [order[i:i + size] for i in range(0, len(order), size)]
         else:
             pieces = [[]]
             used = 0
-            for index, line in lines.items():
-                tokens = estimate_parts(line["body"], chunk.url)[0]
-                if tokens > limit:
+            for index in lines:
+                if tokens[index] > limit:
                     continue  # alone above the limit: it never fits in a batch (see _too_large)
-                if pieces[-1] and used + tokens > limit * 0.9:
+                if pieces[-1] and used + tokens[index] > limit * 0.9:
                     pieces.append([])
                     used = 0
-                pieces[-1].append((index, line))
-                used += tokens
+                pieces[-1].append(index)
+                used += tokens[index]
             pieces = [p for p in pieces if p]
-        kept = {i for part in pieces for i, _line in part}
+        kept = {i for part in pieces for i in part}
         alone = [i for i in lines if i not in kept]
         if alone:
-            await self._to_sync(job.id, [self._task_row(chunk, i, lines[i]) for i in alone], chunk.options)
+            await self._to_sync(job.id, (self._task_row(chunk, i, lines[i]) for i in alone), chunk.options)
             log.warning("job %s: %d rows of chunk %s are each larger than the Batch API's enqueued-token limit "
                         "(%d): they go through the synchronous lane", job.id, len(alone), chunk_id, limit)
         pipe = self.client.pipeline(transaction=True)
         pipe.srem(rkeys.job_in_batch(job.id), *lines)
         for part in pieces:
             new_id = await job.next_chunk_id()
-            tokens = sum(estimate_parts(line["body"], chunk.url)[0] for _i, line in part)
-            store_chunk(pipe, job.id, new_id, Chunk(chunk.url, chunk.model, len(part), tokens, chunk.options,
-                                                    attempt=chunk.attempt),
-                        [json.dumps(line, ensure_ascii=False) for _i, line in part], [i for i, _l in part])
+            store_chunk(pipe, job.id, new_id, Chunk(chunk.url, chunk.model, len(part), sum(tokens[i] for i in part),
+                                                    chunk.options, attempt=chunk.attempt),
+                        [lines.raw(i) for i in part], part)
         self._done(pipe, job.id, chunk_id, chunk)
         await pipe.execute()
         log.info("job %s: chunk %s was %s: split into %d", job.id, chunk_id,
@@ -497,7 +498,7 @@ class BatchLane:
         if chunk.rows > 1:
             await self._split(job, chunk_id, chunk, limit)
             return
-        await self._finish(job, chunk_id, chunk, [], await self._lines(job.id, chunk_id), late=True,
+        await self._finish(job, chunk_id, chunk, _entries(()), await self._lines(job.id, chunk_id), late=True,
                            why=f"a row larger than the Batch API's enqueued-token limit, {limit}")
 
     @staticmethod
@@ -510,33 +511,47 @@ class BatchLane:
         pipe.delete(rkeys.job_chunk(job_id, chunk_id))
 
     # -- results ----------------------------------------------------------------------------------
-    async def _finish(self, job: AsyncJob, chunk_id: str, chunk: Chunk, found: list[dict[str, Any]],
-                      lines: dict[str, dict[str, Any]], late: bool, final: bool = False,
+    async def _finish(self, job: AsyncJob, chunk_id: str, chunk: Chunk, found: AsyncIterator[BatchEntry],
+                      lines: ChunkLines, late: bool, final: bool = False,
                       why: str = "the deadline's cut-over") -> None:
-        """Publish what the batch answered; move the other rows on (a new chunk, the synchronous
-        lane past the cut-over, or unanswered when the job stopped); end the chunk. ``late``: the
-        other rows go to the synchronous lane (``why`` says why, in the log)."""
-        results: list[RowResult] = []
+        """Publish what the batch answered, :data:`PUBLISH_GROUP` rows at a time as its results
+        stream in; move the other rows on (a new chunk, the synchronous lane past the cut-over, or
+        unanswered when the job stopped); end the chunk. ``late``: the other rows go to the
+        synchronous lane (``why`` says why, in the log)."""
+        unfinished = set(lines)
+        reasons: dict[str, dict[str, Any]] = {}  # why the rows that go on did not finish
+        group: list[RowResult] = []
         usages: dict[str, Usage] = {}
-        for entry in found:
+        published = 0
+
+        async def publish() -> int:
+            chunk.answered += sum(1 for r in group if r.answer is not None)
+            chunk.nulls += sum(1 for r in group if r.answer is None)
+            new = await self._publish(job, chunk, group, usages)
+            group.clear()
+            usages.clear()
+            return new
+
+        async for entry in found:
             index = str(entry.get("custom_id"))
-            line = lines.get(index)
-            if line is None:
+            if index not in unfinished:
+                continue  # not this chunk's, or read already
+            result, usage = self._result(chunk, index, lines[index]["body"], entry, final)
+            if result is None:
+                reasons[index] = entry.get("error") or {}
                 continue
-            result, usage = self._result(chunk, index, line["body"], entry, final)
-            if result is not None:
-                results.append(result)
-                if usage is not None:
-                    usages[index] = usage
-        published = await self._publish(job, chunk, results, usages)
-        chunk.answered += sum(1 for r in results if r.answer is not None)
-        chunk.nulls += sum(1 for r in results if r.answer is None)
-        finished = {r.index for r in results}
-        left = [index for index in lines if index not in finished]
+            unfinished.discard(index)
+            group.append(result)
+            if usage is not None:
+                usages[index] = usage
+            if len(group) >= PUBLISH_GROUP:
+                published += await publish()
+        published += await publish()
+        left = [index for index in lines if index in unfinished]
+        del unfinished
         status = (await job.meta_fields("status"))[0]
         if left and not late and status != STOPPED and chunk.attempt + 1 >= self.config.batch_attempts:
             # the rows met batch_attempts batches that ended without them: null, with the last reason
-            reasons = {str(e.get("custom_id")): e.get("error") or {} for e in found}
             given_up = [RowResult(index=i, answer=None, key=chunk.key, model=chunk.model, attempts=chunk.attempt + 1,
                                   error_type=str(reasons.get(i, {}).get("code") or f"batch_{chunk.status}"),
                                   error=str(reasons.get(i, {}).get("message") or
@@ -559,7 +574,7 @@ class BatchLane:
         elif left and late:
             # Row tasks first, then the chunk's end: a crash in between sends the tasks twice, and
             # the rows' leases keep the second copy from paying.
-            await self._to_sync(job.id, [self._task_row(chunk, i, lines[i]) for i in left], chunk.options)
+            await self._to_sync(job.id, (self._task_row(chunk, i, lines[i]) for i in left), chunk.options)
             chunk.moved = len(left)
             log.info("job %s: %d rows of chunk %s go through the synchronous lane (%s)",
                      job.id, len(left), chunk_id, why)
@@ -568,7 +583,7 @@ class BatchLane:
             tokens = sum(estimate_parts(lines[i]["body"], chunk.url)[0] for i in left)
             store_chunk(pipe, job.id, new_id, Chunk(chunk.url, chunk.model, len(left), tokens, chunk.options,
                                                     attempt=chunk.attempt + 1),
-                        [json.dumps(lines[i], ensure_ascii=False) for i in left], left)
+                        [lines.raw(i) for i in left], left)
             chunk.moved = len(left)
             log.info("job %s: %d rows of chunk %s (batch %s) were not answered; they go into chunk %s", job.id,
                      len(left), chunk_id, chunk.status, new_id)
@@ -577,9 +592,11 @@ class BatchLane:
         log.info("job %s: chunk %s done: %d rows published (%d answers)", job.id, chunk_id, published,
                  chunk.answered)
 
-    async def _to_sync(self, job_id: str, rows: list[list[Any]], options: dict[str, Any]) -> None:
-        entries = [envelope(job_id, [row], options) for row in rows]
-        await run_pipeline(self.client, lambda pipe: queue_push(pipe, entries))
+    async def _to_sync(self, job_id: str, rows: Iterable[list[Any]], options: dict[str, Any]) -> None:
+        """Row tasks for ``rows``, pushed :data:`PUBLISH_GROUP` at a time."""
+        rows = iter(rows)
+        while entries := [envelope(job_id, [row], options) for row in itertools.islice(rows, PUBLISH_GROUP)]:
+            await run_pipeline(self.client, lambda pipe, entries=entries: queue_push(pipe, entries))
 
     def _result(self, chunk: Chunk, index: str, request: dict[str, Any], entry: dict[str, Any],
                 final: bool) -> tuple[RowResult | None, Usage | None]:
@@ -641,27 +658,33 @@ class BatchLane:
         return new
 
 
-def _to_wire(chunk: Chunk, lines: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+def _to_wire(chunk: Chunk, lines: Mapping[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """The chunk's requests as sent inline: custom ids ``{tag}-{place}`` (within every provider's
     rules, such as Anthropic's ``^[a-zA-Z0-9_-]{1,64}$``, whatever the rows' indices are)."""
     return [(f"{chunk.tag}-{place}", line["body"]) for place, line in enumerate(lines.values())]
 
 
-def _from_wire(chunk: Chunk, lines: dict[str, dict[str, Any]], found: list[api.BatchEntry]) -> list[api.BatchEntry]:
+async def _from_wire(chunk: Chunk, lines: ChunkLines, found: AsyncIterator[BatchEntry]) -> AsyncIterator[BatchEntry]:
     """Results of an inline batch with their rows' indices (:func:`_to_wire`'s custom ids read
     back); a result of another attempt's tag is not this chunk's and is left out."""
     order = list(lines)
     prefix = f"{chunk.tag}-"
-    out = []
-    for entry in found:
+    foreign = 0
+    async for entry in found:
         custom_id = str(entry.get("custom_id"))
         place = custom_id[len(prefix):] if custom_id.startswith(prefix) else ""
         if place.isdigit() and int(place) < len(order):
-            out.append({**entry, "custom_id": order[int(place)]})
-    if len(out) < len(found):
-        log.warning("batch of chunk with tag %s: %d results of another attempt left out", chunk.tag,
-                    len(found) - len(out))
-    return out
+            yield {**entry, "custom_id": order[int(place)]}
+        else:
+            foreign += 1
+    if foreign:
+        log.warning("batch of chunk with tag %s: %d results of another attempt left out", chunk.tag, foreign)
+
+
+async def _entries(entries: Iterable[BatchEntry]) -> AsyncIterator[BatchEntry]:
+    """Results made here (none, or nulls), as a batch's results come (:meth:`BatchLane._finish`)."""
+    for entry in entries:
+        yield entry
 
 
 def _final_fields(failure: api.Failure, chunk: Chunk, request: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ here calls the API (``submit``, ``status`` and ``cancel`` import it without the 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -67,6 +68,40 @@ class Chunk:
 def file_line(index: str, url: str, body: dict[str, Any]) -> str:
     """One request as a line of a Batch API input file."""
     return json.dumps({"custom_id": index, "method": "POST", "url": url, "body": body}, ensure_ascii=False)
+
+
+class ChunkLines(Mapping[str, dict[str, Any]]):
+    """A chunk's file as its requests by index, each parsed when it is asked for: the file's bytes
+    and where each line lies are kept, not every line parsed (a 50,000-row file parsed whole
+    costs hundreds of MB)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._at: dict[str, tuple[int, int]] = {}
+        start, size = 0, len(data)
+        while start < size:
+            end = data.find(b"\n", start)
+            end = size if end < 0 else end
+            if data[start:end].strip():
+                self._at[str(json.loads(data[start:end])["custom_id"])] = (start, end)
+            start = end + 1
+
+    def __getitem__(self, index: str) -> dict[str, Any]:
+        return json.loads(self.raw(index))  # type: ignore[no-any-return]
+
+    def raw(self, index: str) -> str:
+        """The row's line as the file holds it."""
+        start, end = self._at[index]
+        return self._data[start:end].decode()
+
+    def __contains__(self, index: object) -> bool:
+        return index in self._at
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._at)
+
+    def __len__(self) -> int:
+        return len(self._at)
 
 
 def store_chunk(pipe: Any, job_id: str, chunk_id: str, chunk: Chunk, lines: list[str], indices: list[str]) -> None:

@@ -169,8 +169,14 @@ class Providers:
         except Exception as exc:
             raise CallFailed(provider.classify(exc)) from exc
 
-    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> list[BatchEntry]:
-        return await self._run(key, "results", batch, timeout)
+    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> AsyncIterator[BatchEntry]:
+        """A batch's results, streamed (``BatchProvider.results``)."""
+        provider = self.of(key)
+        try:
+            async for entry in provider.results(key, batch, timeout):
+                yield entry
+        except Exception as exc:
+            raise CallFailed(provider.classify(exc)) from exc
 
     def classify_response(self, key: ApiKey | None, status: int, body: Any) -> Failure:
         """What an error inside a batch's results of ``key`` means (OpenAI's shape when the key is

@@ -371,16 +371,21 @@ class AnthropicProvider:
         async for found in self.client(key, timeout).messages.batches.list(limit=100, timeout=timeout):
             yield _batch(found)  # the most recently created first (the API's documentation)
 
-    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> list[BatchEntry]:
-        """The batch's results file, read as the SDK's ``batches.results`` reads it (the batch's
-        ``results_url``) but kept as the API wrote it: the answers' native bodies stay whole."""
+    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> AsyncIterator[BatchEntry]:
+        """The batch's results file, streamed as the SDK's ``batches.results`` streams it (the
+        batch's ``results_url``) but kept as the API wrote it: the answers' native bodies stay whole."""
         url = batch.native or (await self.batch(key, batch.id, timeout)).native
         if not url:
             raise anthropic.AnthropicError(f"batch {batch.id} has no results_url: it has not ended")
-        raw = await self.client(key, timeout).get(url, cast_to=_HttpResponse,
+        raw = await self.client(key, timeout).get(url, cast_to=_HttpResponse, stream=True,
                                                   options={"headers": {"Accept": "application/binary"},
                                                            "timeout": timeout})
-        return [_entry(json.loads(line)) for line in raw.text.splitlines() if line.strip()]
+        try:
+            async for line in raw.aiter_lines():
+                if line.strip():
+                    yield _entry(json.loads(line))
+        finally:
+            await raw.aclose()
 
     def classify_response(self, status: int, body: Any) -> Failure:
         return classify_status(status, body, {}, "")

@@ -183,8 +183,9 @@ class BatchProvider(Provider, Protocol):
     def recent_batches(self, key: ApiKey, timeout: float) -> AsyncIterator[Batch]:
         """The key's batches, newest first."""
 
-    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> list[BatchEntry]:
-        """Every result of a batch that ended, in the shape of :data:`BatchEntry`."""
+    def results(self, key: ApiKey, batch: Batch, timeout: float) -> AsyncIterator[BatchEntry]:
+        """Every result of a batch that ended, in the shape of :data:`BatchEntry`, one at a time as
+        the provider's file downloads (a worker's memory does not grow with the batch's size)."""
 
     def classify_response(self, status: int, body: Any) -> Failure:
         """What an error response inside a batch's results means (its status and body)."""

@@ -403,10 +403,12 @@ class GeminiProvider:
         async for job in pager:
             yield _batch(job)
 
-    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> list[BatchEntry]:
+    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> AsyncIterator[BatchEntry]:
+        """The inline responses, which come with the batch (inline batches are 20 MB at most)."""
         job = batch.native if batch.native is not None else (await self.batch(key, batch.id, timeout)).native
         responses = (job.dest.inlined_responses if job.dest is not None else None) or []
-        return [_entry(number, item) for number, item in enumerate(responses)]
+        for number, item in enumerate(responses):
+            yield _entry(number, item)
 
     def classify_response(self, status: int, body: Any) -> Failure:
         return classify_status(status, body)

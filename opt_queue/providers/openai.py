@@ -308,14 +308,16 @@ class OpenAIProvider:
         async for found in self.client(key, timeout).batches.list(limit=100, timeout=timeout):
             yield _batch(found)
 
-    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> list[BatchEntry]:
-        """The lines of the batch's output and error files (already :data:`BatchEntry`'s shape)."""
-        found: list[BatchEntry] = []
+    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> AsyncIterator[BatchEntry]:
+        """The lines of the batch's output and error files (already :data:`BatchEntry`'s shape),
+        each as it downloads (the SDK's streaming response)."""
         for file_id in (batch.output_file_id, batch.error_file_id):
             if file_id:
-                text = (await self.client(key, timeout).files.content(file_id, timeout=timeout)).text
-                found += [json.loads(line) for line in text.splitlines() if line.strip()]
-        return found
+                files = self.client(key, timeout).files.with_streaming_response
+                async with files.content(file_id, timeout=timeout) as response:
+                    async for line in response.iter_lines():
+                        if line.strip():
+                            yield json.loads(line)
 
     def classify_response(self, status: int, body: Any) -> Failure:
         return classify_status(status, body, {}, json.dumps(body))
