@@ -82,3 +82,39 @@ def test_killed_run_resumes_from_its_private_redis(tmp_path: Path, sim: SimServe
     # seen once in a parallel suite run, not reproduced in six runs under a CPU burner)
     assert sum(n - 1 for n in per_prompt.values()) <= 4, f"paid twice: {twice}; {len(on_disk)} rows were on disk"
     assert Counter(per_prompt.values()).keys() <= {1, 2}
+
+
+def test_a_finished_job_run_again_reads_no_row_until_a_file_changes(tmp_path: Path, sim: SimServer,
+                                                                    redis_url: str) -> None:
+    """A finished job run again: nothing sent and the output left as it is (not one row read:
+    the collector's final rewrite would replace the file), until the input or the output changes;
+    then the rows missing are found and sent as before."""
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(30))
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, model={"name": MODEL})
+    c = ("-c", str(config), "-o", str(out), "--workers", "1")
+    assert cli("run", str(data), *c).returncode == 0
+    assert_complete(data, out)
+    before = out.stat()
+    calls = sim.stats()["calls"]
+
+    fleet = write_config(tmp_path / "fleet.json", sim, model={"name": MODEL}, broker_url=redis_url)
+    for command in (("run", str(data), *c), ("submit", str(data), "-c", str(fleet), "-o", str(out)),
+                    ("collect", "-c", str(fleet), "-o", str(out))):
+        again = cli(*command)
+        assert again.returncode == 0, again.stderr
+        assert (out.stat().st_ino, out.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns), command
+        assert command[0] != "submit" or "answers every row" in again.stdout, again.stdout
+    assert sim.stats()["calls"] == calls
+
+    rows = seed_rows(31)  # one row more: the input's hash changes, the scan sends it alone
+    write_jsonl(data, rows)
+    assert cli("run", str(data), *c).returncode == 0
+    assert_complete(data, out)
+    assert sim.stats()["calls"] == calls + 1
+
+    kept = out.read_text().splitlines()  # a line lost from the output: sent again
+    out.write_text("\n".join(kept[1:]) + "\n")
+    assert cli("run", str(data), *c).returncode == 0
+    assert_complete(data, out)
+    assert sim.stats()["calls"] == calls + 2

@@ -223,11 +223,16 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
     """Enqueue the rows that output.jsonl does not answer yet (rows_per_task rows to a task)."""
     from opt_queue.queue.app import configure
     from opt_queue.jobflow.dataset import check_writable, validate_input
-    from opt_queue.jobflow.producer import job_output_format
+    from opt_queue.jobflow.producer import finished, job_output_format
     from opt_queue.jobflow.producer import submit as do_submit
 
     cfg = _with_format(_config(config_path, require_keys=False), output_format, lane, deadline, retry_failed)
     url = _broker(cfg)
+    job = job_id_for(output, job_name)
+    done = finished(job, input_path, output)
+    if done is not None:  # finished before, and both files are as they were then
+        out.print(f"job [bold]{job}[/]: {done.describe()}; {output} answers every row")
+        return
     # Everything that can be checked is checked before a row is enqueued (and paid for); the
     # output file itself is read by submit before it touches the job's state.
     check_writable(output)
@@ -235,7 +240,6 @@ def submit(input_path: str, config_path: str | None, output: str, job_name: str 
     job_output_format(cfg, validated, output)
     client = connect(url, check=True, master=cfg.sentinel_master)
     configure(url, cfg.visibility_timeout, cfg.sentinel_master)
-    job = job_id_for(output, job_name)
     with Display(console) as display:
         report = do_submit(client, job, input_path, output, cfg, skip_bad=skip_bad_lines,
                            on_progress=display.submitted, on_wait=display.waiting, validated=validated)

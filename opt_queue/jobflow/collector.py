@@ -11,6 +11,7 @@ broker's recovery (``broker.recover_stale``, ``broker.LostRows``): it only calls
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -35,7 +36,9 @@ from opt_queue.jobflow.dataset import (
     IndexSet,
     atomic_write,
     errors_path,
-    iter_indices,
+    finished_rows,
+    iter_input,
+    mark_finished,
     read_output,
     repair_tail,
     rewrite_output,
@@ -282,12 +285,16 @@ class Collector:
 
     def _run(self, follow: bool, on_progress: Callable[[CollectStatus], None],
              should_stop: Callable[[], bool], drain: bool = False) -> CollectStatus:
+        rows = finished_rows(self._input, self.output)
+        if rows is not None:  # finished before, and both files are as they were then
+            return CollectStatus(job=self.job.id, total=rows, answered=rows, complete=True)
         input_path = self._input_path(follow)
         self.format = self.job.meta().get("output_format") or formats.SEED
         # A few bytes a row, never a map of strings: the input's order as numbers, sets as bits, and
         # the output's lines known by index only (their places are read at the final rewrite).
+        digest = hashlib.sha256()
         try:
-            order = IndexList(iter_indices(input_path))
+            order = IndexList(row.index for row in iter_input(input_path, skip_bad=True, digest=digest))
         except InputError as exc:
             raise OptQueueError(f"cannot read the job's input {input_path}: {exc}; pass --input") from None
         state = read_output(self.output, offsets=False)
@@ -326,7 +333,7 @@ class Collector:
             err.close()
         if ended != COMPLETE:
             return status  # asked to stop, or left a job that goes on
-        self._finalize(order, status)
+        self._finalize(order, status, input_path, digest.hexdigest())
         on_progress(status)
         return status
 
@@ -367,8 +374,9 @@ class Collector:
             fh.flush()
             os.fsync(fh.fileno())
 
-    def _finalize(self, order: IndexList, status: CollectStatus) -> None:
-        """Rewrite output.jsonl in input order, one line per row, and the errors of its nulls."""
+    def _finalize(self, order: IndexList, status: CollectStatus, input_path: Path, input_sha256: str) -> None:
+        """Rewrite output.jsonl in input order, one line per row, and the errors of its nulls;
+        when every row is answered, note it (:func:`~opt_queue.jobflow.dataset.mark_finished`)."""
         state = read_output(self.output)
         rewrite_output(self.output, iter(order), state)
         state.offsets = None  # stale once rewritten; the sets stay true for the input's rows
@@ -394,3 +402,5 @@ class Collector:
         status.nulls = sum(i in state.nulls for i in order)
         status.complete = True
         self.job.mark_complete((self.config or Config()).state_ttl)
+        if status.answered == len(order):
+            mark_finished(input_path, input_sha256, self.output, len(order))

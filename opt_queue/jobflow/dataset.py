@@ -120,12 +120,6 @@ def validate_input(path: str | os.PathLike[str], *, skip_bad: bool = False) -> I
     return summary
 
 
-def iter_indices(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield the indices of the valid rows of an input file, in order."""
-    for row in iter_input(path, skip_bad=True):
-        yield row.index
-
-
 # --- output ----------------------------------------------------------------------------------
 
 
@@ -138,6 +132,47 @@ def beside(output: str | os.PathLike[str], suffix: str) -> Path:
 def errors_path(output: str | os.PathLike[str]) -> Path:
     """``output.errors.jsonl`` beside ``output.jsonl``: why each null is null."""
     return beside(output, ".errors.jsonl")
+
+
+def finished_path(output: str | os.PathLike[str]) -> Path:
+    """``output.finished.json`` beside ``output.jsonl``: what the output was when its collector
+    finished it with every row answered (see :func:`finished_rows`)."""
+    return beside(output, ".finished.json")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes (as :func:`validate_input` reports it), read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mark_finished(input_path: str | os.PathLike[str], input_sha256: str, output: str | os.PathLike[str],
+                  rows: int) -> None:
+    """Note that ``output`` answers every one of the ``rows`` rows of ``input_path``, whose bytes
+    hash to ``input_sha256``, as the output is now (its size and modification time)."""
+    st = os.stat(output)
+    stamp = {"input": str(Path(input_path).resolve()), "input_sha256": input_sha256, "rows": rows,
+             "output_size": st.st_size, "output_mtime_ns": st.st_mtime_ns}
+    atomic_write(finished_path(output), iter([json.dumps(stamp) + "\n"]))
+
+
+def finished_rows(input_path: str | os.PathLike[str] | None, output: str | os.PathLike[str]) -> int | None:
+    """The rows of a finished job whose input (``input_path``, else the one it was finished
+    for) and output are as its collector left them (the output's size and time, the input's
+    SHA-256): a re-run then has nothing to send or to write, and says so without reading a row (a
+    hash of the input, ~1 s a GB). None otherwise: the re-run reads both files, as it must to find
+    what is missing."""
+    try:
+        stamp = json.loads(finished_path(output).read_text(encoding="utf-8"))
+        st = os.stat(output)
+        if (st.st_size, st.st_mtime_ns) != (stamp["output_size"], stamp["output_mtime_ns"]):
+            return None
+        return int(stamp["rows"]) if file_sha256(input_path or stamp["input"]) == stamp["input_sha256"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass

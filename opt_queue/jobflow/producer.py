@@ -24,6 +24,7 @@ from opt_queue.jobflow.dataset import (
     FinalFailure,
     catch_up,
     final_failures,
+    finished_rows,
     iter_input,
     output_format,
     read_output,
@@ -38,6 +39,8 @@ from opt_queue.core.tokens import estimate_tokens
 
 log = logging.getLogger(__name__)
 BATCH = 1000
+SAMPLED_AT_MOST = 250_000
+"""Distinct requests whose repeats submit counts (``SubmitReport.repeats_sent``) at most."""
 
 
 @dataclass
@@ -144,6 +147,14 @@ def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
         yield batch
 
 
+def finished(job_id: str, input_path: str | os.PathLike[str],
+             output_path: str | os.PathLike[str]) -> SubmitReport | None:
+    """What a submit does when the job finished before and both files are as they were then
+    (``dataset.finished_rows``): nothing, said without reading a row; None otherwise."""
+    rows = finished_rows(input_path, output_path)
+    return None if rows is None else SubmitReport(job=job_id, total=rows, answered=rows)
+
+
 def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
            output_path: str | os.PathLike[str], config: Config, *, skip_bad: bool = False,
            on_progress: Callable[[int, int], None] | None = None,
@@ -158,6 +169,9 @@ def submit(client: redis.Redis, job_id: str, input_path: str | os.PathLike[str],
     again at any time. ``should_stop`` is asked between batches: when it says so, the rows claimed
     and not enqueued are given back and :class:`Interrupted` is raised.
     """
+    done = finished(job_id, input_path, output_path) if validated is None else None
+    if done is not None:
+        return done
     summary = validated or validate_input(input_path, skip_bad=skip_bad)
     output = job_output_format(config, summary, output_path)
     state = read_output(output_path, offsets=False)
@@ -220,10 +234,11 @@ def _unless_failed_for_good(batch: list[Row], wanted: list[str], keep: Mapping[s
     return [i for i in wanted if i not in kept] if kept else wanted
 
 
-def _dedupe(job: Job, rows: list[Row], config: Config, sampled: set[bytes], report: SubmitReport) -> set[str]:
+def _dedupe(job: Job, rows: list[Row], config: Config, sampled: set[int], report: SubmitReport) -> set[str]:
     """Register the rows whose identical requests are paid once (``request.paid_once``); return
     those that became copies of a row being sent. Rows repeating a request that samples are counted
-    in ``report.repeats_sent`` (``sampled`` holds what this submit saw)."""
+    in ``report.repeats_sent`` (``sampled`` holds the first :data:`SAMPLED_AT_MOST` distinct
+    requests this submit saw, so that a job of any size costs at most ~20 MB for this count)."""
     once: list[tuple[str, str]] = []
     for r in rows:
         body = request_body(r.url, r.body, config.model.name, config.model.params, config.lane)
@@ -231,9 +246,11 @@ def _dedupe(job: Job, rows: list[Row], config: Config, sampled: set[bytes], repo
         if paid_once(config.dedupe, r.url, body):
             once.append((r.index, digest))
         elif config.dedupe is None:
-            raw = bytes.fromhex(digest[:16])
-            report.repeats_sent += raw in sampled
-            sampled.add(raw)
+            raw = int(digest[:16], 16)
+            if raw in sampled:
+                report.repeats_sent += 1
+            elif len(sampled) < SAMPLED_AT_MOST:
+                sampled.add(raw)
     copies = job.dedupe(once) if once else set()
     report.copies += len(copies)
     return copies
@@ -316,7 +333,7 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
               if config.lane == "batch" else None)
     wake(client, job_id, now=False)  # chunks of an earlier submit whose next step Redis lost
     done = planned = 0
-    sampled: set[bytes] = set()  # digests of the requests sent each time they repeat (they sample)
+    sampled: set[int] = set()  # digests of the requests sent each time they repeat (they sample)
     declare_queue()
     try:
         windows = [max(1, w // 4) for w in (max_queued, config.max_queued if config.deadline else 0) if w]

@@ -19,7 +19,7 @@ from opt_queue.jobflow.dataset import beside, check_writable, read_output, valid
 from opt_queue.store.jobs import Job, job_id_for
 from opt_queue.jobflow.local import EmbeddedRedis, LocalWorkers, purge_queue
 from opt_queue.core.errors import Interrupted
-from opt_queue.jobflow.producer import SubmitReport, job_output_format, submit
+from opt_queue.jobflow.producer import SubmitReport, finished, job_output_format, submit
 from opt_queue.store.redis_conn import connect
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,10 @@ def run_job(input_path: str | os.PathLike[str], output_path: str | os.PathLike[s
     """Run a whole job here. Without ``broker_url`` a private Redis is started beside the output
     (its append-only file lets an interrupted run resume) and removed once the job is complete."""
     job_id = job_id_for(output_path, job_name)
+    done = finished(job_id, input_path, output_path)
+    if done is not None:  # finished before, and both files are as they were then: nothing to do
+        return RunResult(job=job_id, submitted=done, broker="",
+                         collected=CollectStatus(job=job_id, total=done.total, answered=done.total, complete=True))
     # Everything that can be checked is checked before anything starts or anything is paid for.
     check_writable(output_path)
     validated = validate_input(input_path, skip_bad=skip_bad)
