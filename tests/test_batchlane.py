@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import openai
@@ -13,11 +14,11 @@ from conftest import TEST_KEY, write_config, write_jsonl
 
 from opt_queue.store import keys
 from opt_queue.queue.app import configure
-from opt_queue.lanes.batchlane import BatchLane
+from opt_queue.lanes.batchlane import PUBLISH_GROUP, BatchLane
 from opt_queue.lanes.chunks import HANDOFF_SECONDS, Chunk, ChunkWriter, chunk_states, cutover_at
 from opt_queue.providers import Providers
 from opt_queue.core.config import load_config
-from opt_queue.store.jobs import Job
+from opt_queue.store.jobs import AsyncJob, Job
 from opt_queue.core.prices import Prices
 from opt_queue.jobflow.producer import submit
 from opt_queue.store.redis_conn import connect_async
@@ -101,3 +102,50 @@ def test_the_cut_over_leaves_a_quarter_of_the_time_or_what_the_limits_need() -> 
     assert cutover_at(100.0, 1000.0, sync_seconds=40.0) == 1050.0 - HANDOFF_SECONDS  # 40 s and a quarter more
     assert cutover_at(100.0, 1000.0, sync_seconds=10.0) == 1075.0 - HANDOFF_SECONDS  # never less than a quarter
     assert cutover_at(100.0, 1000.0, sync_seconds=500.0) == 1000.0  # no time for a batch: synchronous now
+
+
+def test_a_finished_batch_is_published_as_its_results_stream_in(
+        tmp_path: Path, sim: SimServer, rclient: redis.Redis, redis_url: str) -> None:
+    """A worker publishes a finished batch's rows a group at a time while its results download:
+    it never holds every result of the batch (the whole output file parsed cost ~9 kB a row, so a
+    50,000-row batch ~450 MB). The results here come from a stream that checks, as each one is
+    taken, that the rows of all but the last group taken are published already."""
+    rows = 1600
+    config = load_config(write_config(tmp_path / "c.json", sim, broker_url=redis_url, lane="batch",
+                                      model={"name": "gpt-4o-mini", "max_tokens": 10}))
+    data = write_jsonl(tmp_path / "data.jsonl", [{"index": str(i), "messages": [{"role": "user", "content": f"q{i}"}]}
+                                                 for i in range(rows)])
+    configure(redis_url)
+    submit(rclient, "job-s", data, tmp_path / "out.jsonl", config)
+    [(chunk_id, chunk)] = chunk_states(rclient, "job-s").items()
+    chunk.state, chunk.key, chunk.batch_id = "submitted", config.keys()[0].fingerprint, "batch_x"
+    behind: list[tuple[int, int]] = []
+
+    async def finish() -> None:
+        client = connect_async(redis_url, max_connections=8)
+        api = Providers()
+        lane = BatchLane(config, client, api, config.keys(), Prices())
+        job = AsyncJob(client, "job-s")
+
+        async def results() -> AsyncIterator[dict]:  # type: ignore[type-arg]
+            for taken, index in enumerate(lines):
+                published = int(await client.hget(keys.job_meta("job-s"), "reported") or 0)
+                if published < taken - PUBLISH_GROUP:
+                    behind.append((taken, published))
+                body = {"id": f"c{index}", "object": "chat.completion", "model": "gpt-4o-mini",
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": f"a{index}"},
+                                     "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
+                yield {"custom_id": index, "error": None, "response": {"status_code": 200, "body": body}}
+
+        try:
+            lines = await lane._lines("job-s", chunk_id)
+            await lane._finish(job, chunk_id, chunk, results(), lines, late=False)
+        finally:
+            await api.close()
+            await client.aclose()
+
+    asyncio.run(finish())
+    assert Job(rclient, "job-s").progress().reported == rows
+    assert not behind, f"results taken before their rows were published (taken, published): {behind[:3]}"
+    assert rclient.scard(keys.job_in_batch("job-s")) == 0 and not rclient.exists(keys.job_chunk("job-s", chunk_id))

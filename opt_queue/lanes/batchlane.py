@@ -42,6 +42,7 @@ import logging
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
@@ -643,7 +644,7 @@ class BatchLane:
                     job.queue_publish(result, pipe)
 
             replies = await run_pipeline(self.client, fill, durable=True)
-            pipe = self.client.pipeline(transaction=False)
+            spent: Counter[str] = Counter()  # the group's spend, counted in one step
             for result, fresh in zip(group, replies):
                 if not fresh:
                     continue
@@ -653,8 +654,11 @@ class BatchLane:
                 if usage is None:
                     continue
                 metrics.observe_call(chunk.key or "", result.model or chunk.model, "200", usage)
-                budgets.queue_spend(pipe, chunk.key or "", job.budget_key, usage)
-            await pipe.execute()
+                spent.update(usage.counters())
+            if spent:
+                pipe = self.client.pipeline(transaction=False)
+                budgets.queue_counts(pipe, chunk.key or "", job.budget_key, spent)
+                await pipe.execute()
         return new
 
 

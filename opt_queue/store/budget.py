@@ -12,6 +12,7 @@ higher budget resumes it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,17 +51,23 @@ def queue_spend(pipe: Any, key_fingerprint: str | None, budget_key: str | None, 
     (``reserved``: nano-dollars, tokens) is given back, in that order, so that a concurrent
     admission never sees the budget freer than it is."""
     if usage is not None:
-        targets = ([keys.key_stats(key_fingerprint)] if key_fingerprint is not None else []) + \
-                  ([budget_key] if budget_key else [])
-        for target in targets:
-            for name, value in usage.counters().items():
-                if value:
-                    pipe.hincrby(target, name, value)
+        queue_counts(pipe, key_fingerprint, budget_key, usage.counters())
     cost_nano, tokens = reserved
     if budget_key and cost_nano:
         pipe.hincrby(budget_key, "reserved_nano", -cost_nano)
     if budget_key and tokens:
         pipe.hincrby(budget_key, "reserved_tokens", -tokens)
+
+
+def queue_counts(pipe: Any, key_fingerprint: str | None, budget_key: str | None, counts: Mapping[str, int]) -> None:
+    """Queue on ``pipe`` the growth of the key's and the job's spend and tokens by ``counts``
+    (``Usage.counters()``, or the sum of several: a batch's rows are counted a group at a time)."""
+    targets = ([keys.key_stats(key_fingerprint)] if key_fingerprint is not None else []) + \
+              ([budget_key] if budget_key else [])
+    for target in targets:
+        for name, value in counts.items():
+            if value:
+                pipe.hincrby(target, name, value)
 
 
 async def reserve(job: AsyncJob, cost_nano: int, tokens: int) -> int:
