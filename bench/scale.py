@@ -99,6 +99,7 @@ def sample(proc: subprocess.Popen[bytes], out: Path, peaks: Peaks, every: float)
     by_pid: dict[int, tuple[str, int]] = {}
     client: redis.Redis | None = None
     state = state_dir(out)
+    base_size = None
     while proc.poll() is None:
         for pid in children(proc.pid):
             try:
@@ -113,12 +114,14 @@ def sample(proc: subprocess.Popen[bytes], out: Path, peaks: Peaks, every: float)
             try:
                 memory, persistence = client.info("memory"), client.info("persistence")
                 peaks.redis_used = max(peaks.redis_used, int(memory["used_memory"]))
-                peaks.aof_rewrites = max(peaks.aof_rewrites, int(persistence.get("aof_rewrites", 0)))
+                if base_size is not None and persistence.get("aof_base_size") != base_size:
+                    peaks.aof_rewrites += 1  # (Redis 6 counts none: a rewrite sets a new base size)
+                base_size = persistence.get("aof_base_size")
             except redis.RedisError:
                 pass  # the run is closing
         if state.exists():
             try:
-                size = sum(f.stat().st_size for f in state.rglob("*.aof") if f.is_file())
+                size = sum(f.stat().st_size for f in state.rglob("appendonly*") if f.is_file())
             except OSError:
                 size = 0
             peaks.aof = max(peaks.aof, size)
@@ -127,7 +130,8 @@ def sample(proc: subprocess.Popen[bytes], out: Path, peaks: Peaks, every: float)
         peaks.rss[name] = max(peaks.rss.get(name, 0), rss)
 
 
-def run_once(server: SimServer, lane: str, rows: int, workers: int, every: float, work: Path) -> Peaks:
+def run_once(server: SimServer, lane: str, rows: int, workers: int, every: float, work: Path,
+             window: int | None) -> Peaks:
     data = work / f"data-{rows}.jsonl"
     with open(data, "w", encoding="utf-8") as fh:
         for i in range(rows):
@@ -137,7 +141,9 @@ def run_once(server: SimServer, lane: str, rows: int, workers: int, every: float
     config = work / f"config-{lane}-{rows}.json"
     config.write_text(json.dumps({"api_keys": [KEY], "api_base": server.base_url, "lane": lane,
                                   "model": {"name": "gpt-4o-mini", "max_tokens": 5}, "batch_poll": 1.0,
-                                  "log_level": "WARNING"}))
+                                  "log_level": "WARNING",
+                                  **({"batch_max_queued" if lane == "batch" else "max_queued": window}
+                                     if window is not None else {})}))
     peaks = Peaks(rows)
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "opt_queue", "run", str(data), "-c", str(config), "-o", str(out),
@@ -192,6 +198,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--every", type=float, default=0.5, help="seconds between two samples")
+    ap.add_argument("--window", type=int, help="max_queued (sync) or batch_max_queued (batch); default: "
+                                                "the config's default (50,000; 500,000)")
     ap.add_argument("--json", type=Path, help="append each run's peaks to this file")
     args = ap.parse_args()
     print(f"# {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
@@ -200,12 +208,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, SimServer(sim) as server:
         for rows in sorted(args.rows):
             server.api.reset_stats()
-            peaks = run_once(server, args.lane, rows, args.workers, args.every, Path(tmp))
+            peaks = run_once(server, args.lane, rows, args.workers, args.every, Path(tmp), args.window)
             runs.append(peaks)
             print(f"# {args.lane} {rows:,} rows: {peaks.seconds:,.0f} s, {json.dumps(peaks.__dict__)}", flush=True)
             if args.json:
                 with open(args.json, "a") as fh:
-                    fh.write(json.dumps({"lane": args.lane, **peaks.__dict__}) + "\n")
+                    fh.write(json.dumps({"lane": args.lane, "window": args.window, **peaks.__dict__}) + "\n")
     print("\n".join(table(args.lane, runs)))
 
 
