@@ -322,11 +322,11 @@ def enqueue(client: redis.Redis, job_id: str, rows: Iterable[Row], total: int, c
     if job.exists() and job.progress().outstanding == 0:
         job.clear_reservations()  # budget shares of workers that died holding them
     now = time.time()
+    cutover = cutover_at(config.deadline, now) if config.deadline else 0.0  # planned again as files are stored
     job.begin_submit(total=total, model=config.model.name, output_format=output_format,
                      max_cost_nano=nano(config.max_cost), max_tokens_total=config.max_tokens_total or 0,
                      lane=config.lane, deadline_at=now + config.deadline if config.deadline else "",
-                     cutover_at=cutover_at(config.deadline, now) if config.deadline else "", **meta)
-    cutover = cutover_at(config.deadline, now) if config.deadline else 0.0
+                     cutover_at=cutover or "", **meta)
     needed = [0, 0]  # deadline: rows and tokens the batch lane takes, to size the synchronous reserve
     report = SubmitReport(job=job_id, total=total, bad_lines=bad_lines)
     writer = (ChunkWriter(client, job_id, config, task_options(config, output_format))
