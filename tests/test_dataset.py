@@ -162,9 +162,10 @@ def test_index_set_behaves_like_a_set_of_strings(ops: list[tuple[bool, str]]) ->
 
 
 def test_the_collectors_final_rewrite_keeps_no_per_row_map(tmp_path: Path, rclient: Any) -> None:
-    """200,000 rows whose lines arrived out of order (nulls later answered, a line twice) are
-    rewritten in input order with at most ~50 bytes of Python memory a row (a dict of line places,
-    a list of the input's indices or an output state with places cost 200-450)."""
+    """200,000 rows whose lines arrived out of order (nulls later answered, a line twice), with
+    a warning in output.errors.jsonl for half of them, are rewritten in input order with at most ~50 bytes of Python
+    memory a row (a dict of line places, a list of the input's indices, an output state with places
+    or the errors' lines by index cost 200-450)."""
     import random
     import tracemalloc
 
@@ -184,6 +185,13 @@ def test_the_collectors_final_rewrite_keeps_no_per_row_map(tmp_path: Path, rclie
         for i in order:
             fh.write(json.dumps({str(i): f"answer {i}"}) + "\n")
         fh.write(json.dumps({str(order[0]): "a second answer, not kept"}) + "\n")
+    cut = set(order[::2])  # half the rows' answers cut at their token limit: a warning each
+    with open(tmp_path / "output.errors.jsonl", "w") as fh:
+        for i in order[:500]:
+            fh.write(json.dumps({"index": str(i), "error_type": "timeout", "message": "m", "attempts": 3}) + "\n")
+        for i in cut:
+            fh.write(json.dumps({"index": str(i), "error_type": "finish_reason_length", "warning": True,
+                                 "message": "the answer was cut at its token limit"}) + "\n")
     job = Job(rclient, "memory-bound")
     job.begin_submit(total=rows, input=str(data))
     job.end_submit()
@@ -199,4 +207,7 @@ def test_the_collectors_final_rewrite_keeps_no_per_row_map(tmp_path: Path, rclie
         assert first == ["0", "1", "2"]
         assert sum(1 for _ in fh) == rows - 3
     assert read_output(out).answered == IndexSet(str(i) for i in range(rows))
+    with open(tmp_path / "output.errors.jsonl") as fh:  # the warnings kept, in input order; the nulls' gone
+        assert [json.loads(line)["index"] for line in fh] == [str(i) for i in range(rows) if i in cut]
+    assert status.warnings == {"finish_reason_length": len(cut)} and not status.null_reasons
     assert peak <= 50 * rows, f"{peak / rows:.0f} bytes a row at the final rewrite"

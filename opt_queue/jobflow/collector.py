@@ -34,6 +34,8 @@ from opt_queue.core.config import Config
 from opt_queue.jobflow.dataset import (
     IndexList,
     IndexSet,
+    LinePlaces,
+    OutputState,
     atomic_write,
     errors_path,
     finished_rows,
@@ -374,30 +376,50 @@ class Collector:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def _rewrite_errors(self, order: IndexList, state: OutputState, status: CollectStatus) -> None:
+        """Rewrite output.errors.jsonl in input order with the last line of each row that has one
+        (a null's reason, an answer's warning), counting the reasons. Its memory is the places of
+        those lines (:class:`LinePlaces`), not their text: every row of a job may have one."""
+        places = LinePlaces()
+        found = self.errors.exists()
+        if found:
+            with open(self.errors, "rb") as fh:
+                offset = 0
+                for raw in fh:
+                    try:
+                        index = formats.error_index(json.loads(raw))
+                    except ValueError:
+                        index = None  # a torn line from a crash; the entry was re-read and rewritten
+                    if index is not None:
+                        warning = b'"warning": true' in raw
+                        if (index in state.nulls and not warning) or (index in state.answered and warning):
+                            places[index] = (offset, len(raw))
+                    offset += len(raw)
+
+        def lines() -> Iterator[bytes]:
+            if not found:
+                return
+            with open(self.errors, "rb") as src:
+                for index in order:
+                    where = places.get(index)
+                    if where is None:
+                        continue
+                    src.seek(where[0])
+                    line = src.read(where[1])
+                    entry = json.loads(line)
+                    counter = status.warnings if entry.get("warning") else status.null_reasons
+                    counter[entry.get("error_type") or (entry.get("error") or {}).get("code") or "unknown"] += 1
+                    yield line if line.endswith(b"\n") else line + b"\n"
+
+        atomic_write(self.errors, lines(), binary=True)
+
     def _finalize(self, order: IndexList, status: CollectStatus, input_path: Path, input_sha256: str) -> None:
         """Rewrite output.jsonl in input order, one line per row, and the errors of its nulls;
         when every row is answered, note it (:func:`~opt_queue.jobflow.dataset.mark_finished`)."""
         state = read_output(self.output)
         rewrite_output(self.output, iter(order), state)
         state.offsets = None  # stale once rewritten; the sets stay true for the input's rows
-        last_error: dict[str, str] = {}
-        if self.errors.exists():
-            with open(self.errors, encoding="utf-8") as fh:
-                for line in fh:
-                    try:
-                        index = formats.error_index(json.loads(line))
-                    except ValueError:
-                        index = None
-                    if index is None:
-                        continue  # a torn line from a crash; the entry was re-read and rewritten
-                    warning = '"warning": true' in line
-                    if (index in state.nulls and not warning) or (index in state.answered and warning):
-                        last_error[index] = line if line.endswith("\n") else line + "\n"
-        atomic_write(self.errors, (last_error[i] for i in order if i in last_error))
-        for line in last_error.values():
-            entry = json.loads(line)
-            counter = status.warnings if entry.get("warning") else status.null_reasons
-            counter[entry.get("error_type") or (entry.get("error") or {}).get("code") or "unknown"] += 1
+        self._rewrite_errors(order, state, status)
         status.answered = sum(i in state.answered for i in order)
         status.nulls = sum(i in state.nulls for i in order)
         status.complete = True
