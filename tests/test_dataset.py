@@ -162,10 +162,10 @@ def test_index_set_behaves_like_a_set_of_strings(ops: list[tuple[bool, str]]) ->
 
 
 def test_the_collectors_final_rewrite_keeps_no_per_row_map(tmp_path: Path, rclient: Any) -> None:
-    """200,000 rows whose lines arrived out of order (nulls later answered, a line twice), with
-    a warning in output.errors.jsonl for half of them, are rewritten in input order with at most ~50 bytes of Python
-    memory a row (a dict of line places, a list of the input's indices, an output state with places
-    or the errors' lines by index cost 200-450)."""
+    """200,000 rows whose lines arrived out of order (nulls later answered, a line twice), half
+    with a warning in output.errors.jsonl, are rewritten in input order with at most ~50 bytes of
+    Python memory a row (a dict of line places, a list of the input's indices, an output state
+    with places or the errors' lines by index cost 150-450)."""
     import random
     import tracemalloc
 
