@@ -111,10 +111,10 @@ class EmbeddedRedis:
                 "--pidfile", str(pidfile),
                 "--dir", str(self.directory.resolve()), "--appendonly", "yes" if self.persist else "no",
                 "--appendfsync", "everysec", "--save", "", "--maxmemory-policy", "noeviction",
-                # A long job writes ~5 kB a row to the AOF while its data stays small (the
-                # max_queued window): rewrite it each time it has grown by 256 MB and doubled
-                # (Redis' 64 MB meant a fork every ~13,000 rows, ~700 for 10M rows; now ~4x fewer,
-                # for a file of at most ~256 MB more than the data, replayed in seconds on resume).
+                # A long job writes ~7 kB a row to the AOF in the sync lane (bench/scale.py) while
+                # its data stays small (the max_queued window): rewrite it each time it has grown
+                # by 256 MB and doubled. Redis' 64 MB meant a fork every ~9,000 rows, ~1,100 for
+                # 10M rows; now ~4x fewer, for a file of at most ~256 MB more than the data.
                 "--auto-aof-rewrite-min-size", "256mb", "--auto-aof-rewrite-percentage", "100",
                 "--protected-mode", "yes", "--loglevel", "warning",
                 "--logfile", str((self.directory / "redis.log").resolve())]
