@@ -131,7 +131,7 @@ def sample(proc: subprocess.Popen[bytes], out: Path, peaks: Peaks, every: float)
 
 
 def run_once(server: SimServer, lane: str, rows: int, workers: int, every: float, work: Path,
-             window: int | None) -> Peaks:
+             window: int | None, extra: dict[str, object]) -> Peaks:
     data = work / f"data-{rows}.jsonl"
     with open(data, "w", encoding="utf-8") as fh:
         for i in range(rows):
@@ -143,7 +143,7 @@ def run_once(server: SimServer, lane: str, rows: int, workers: int, every: float
                                   "model": {"name": "gpt-4o-mini", "max_tokens": 5}, "batch_poll": 1.0,
                                   "log_level": "WARNING",
                                   **({"batch_max_queued" if lane == "batch" else "max_queued": window}
-                                     if window is not None else {})}))
+                                     if window is not None else {}), **extra}))
     peaks = Peaks(rows)
     start = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "opt_queue", "run", str(data), "-c", str(config), "-o", str(out),
@@ -200,6 +200,8 @@ def main() -> None:
     ap.add_argument("--every", type=float, default=0.5, help="seconds between two samples")
     ap.add_argument("--window", type=int, help="max_queued (sync) or batch_max_queued (batch); default: "
                                                 "the config's default (50,000; 500,000)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help='a config field, e.g. --set rows_per_task=16 --set api_client=\\"aiohttp\\"')
     ap.add_argument("--json", type=Path, help="append each run's peaks to this file")
     args = ap.parse_args()
     print(f"# {platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}")
@@ -208,7 +210,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, SimServer(sim) as server:
         for rows in sorted(args.rows):
             server.api.reset_stats()
-            peaks = run_once(server, args.lane, rows, args.workers, args.every, Path(tmp), args.window)
+            extra = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+            peaks = run_once(server, args.lane, rows, args.workers, args.every, Path(tmp), args.window, extra)
             runs.append(peaks)
             print(f"# {args.lane} {rows:,} rows: {peaks.seconds:,.0f} s, {json.dumps(peaks.__dict__)}", flush=True)
             if args.json:
