@@ -131,10 +131,10 @@ def test_the_batch_lane_writes_files_only_as_far_ahead_as_its_window(
     """A job ten times the batch lane's window: submit writes files as batches finish, and the rows
     in files in Redis never pass the window; every row is answered once, in batches."""
     sim.configure(batch_delay=0.3)
-    n, window = 2400, 500
+    n, window = 1200, 250
     data = write_jsonl(tmp_path / "data.jsonl", rows(n))
     out = tmp_path / "output.jsonl"
-    config = batch_config(tmp_path, sim, redis_url, batch_max_lines=200, batch_max_queued=window)
+    config = batch_config(tmp_path, sim, redis_url, batch_max_lines=100, batch_max_queued=window)
     workers(config, processes=1)
     submitting = start_cli("submit", str(data), "-c", str(config), "-o", str(out), "--lane", "batch",
                            log=tmp_path / "submit.log")
