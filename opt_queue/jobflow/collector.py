@@ -41,6 +41,7 @@ from opt_queue.jobflow.dataset import (
     finished_rows,
     iter_input,
     mark_finished,
+    placed_lines,
     read_output,
     repair_tail,
     rewrite_output,
@@ -399,17 +400,13 @@ class Collector:
         def lines() -> Iterator[bytes]:
             if not found:
                 return
-            with open(self.errors, "rb") as src:
-                for index in order:
-                    where = places.get(index)
-                    if where is None:
-                        continue
-                    src.seek(where[0])
-                    line = src.read(where[1])
-                    entry = json.loads(line)
-                    counter = status.warnings if entry.get("warning") else status.null_reasons
-                    counter[entry.get("error_type") or (entry.get("error") or {}).get("code") or "unknown"] += 1
-                    yield line if line.endswith(b"\n") else line + b"\n"
+            for _index, line in placed_lines(self.errors, order, places):
+                if line is None:
+                    continue
+                entry = json.loads(line)
+                counter = status.warnings if entry.get("warning") else status.null_reasons
+                counter[entry.get("error_type") or (entry.get("error") or {}).get("code") or "unknown"] += 1
+                yield line if line.endswith(b"\n") else line + b"\n"
 
         atomic_write(self.errors, lines(), binary=True)
 

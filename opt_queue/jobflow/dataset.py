@@ -561,18 +561,29 @@ def rewrite_output(output: str | os.PathLike[str], order: Iterator[str],
 
     def lines() -> Iterator[bytes]:
         nonlocal written, missing
-        with open(output, "rb") as src:
-            for index in order:
-                where = offsets.get(index)
-                if where is None:
-                    missing += 1
-                    continue
-                src.seek(where[0])
-                written += 1
-                yield src.read(where[1])
+        for _index, line in placed_lines(output, order, offsets):
+            if line is None:
+                missing += 1
+                continue
+            written += 1
+            yield line
 
     atomic_write(output, lines(), binary=True)
     return written, missing
+
+
+def placed_lines(path: str | os.PathLike[str], order: Iterable[str],
+                 places: LinePlaces) -> Iterator[tuple[str, bytes | None]]:
+    """Each index of ``order`` with its line of ``path`` (read where ``places`` says it lies), or
+    None where it has none: a file's lines in another order, one line in memory at a time."""
+    with open(path, "rb") as src:
+        for index in order:
+            where = places.get(index)
+            if where is None:
+                yield index, None
+                continue
+            src.seek(where[0])
+            yield index, src.read(where[1])
 
 
 def merge(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str],
