@@ -256,7 +256,7 @@ class BatchLane:
         meta = {"opt_queue_job": job.id, "opt_queue_chunk": chunk_id, "opt_queue_tag": chunk.tag}
         try:
             if not self.api.files(key):  # the requests go with the create call, each named by the tag
-                lines = await self._lines(job.id, chunk_id)
+                lines = ChunkLines(data or b"")  # (read above)
                 created = await self.api.create_batch(key, chunk.url, chunk.model, meta, UPLOAD_TIMEOUT,
                                                       requests=_to_wire(chunk, lines))
             else:
