@@ -161,22 +161,21 @@ class Providers:
     async def cancel_batch(self, key: ApiKey, batch_id: str, timeout: float) -> None:
         await self._run(key, "cancel_batch", batch_id, timeout)
 
-    async def recent_batches(self, key: ApiKey, timeout: float) -> AsyncIterator[Batch]:
+    async def _each(self, key: ApiKey, op: str, *args: Any) -> AsyncIterator[Any]:
+        """What :meth:`_run` is for a call that streams: each item, a failure classified."""
         provider = self.of(key)
         try:
-            async for found in provider.recent_batches(key, timeout):
+            async for found in getattr(provider, op)(key, *args):
                 yield found
         except Exception as exc:
             raise CallFailed(provider.classify(exc)) from exc
 
-    async def results(self, key: ApiKey, batch: Batch, timeout: float) -> AsyncIterator[BatchEntry]:
+    def recent_batches(self, key: ApiKey, timeout: float) -> AsyncIterator[Batch]:
+        return self._each(key, "recent_batches", timeout)
+
+    def results(self, key: ApiKey, batch: Batch, timeout: float) -> AsyncIterator[BatchEntry]:
         """A batch's results, streamed (``BatchProvider.results``)."""
-        provider = self.of(key)
-        try:
-            async for entry in provider.results(key, batch, timeout):
-                yield entry
-        except Exception as exc:
-            raise CallFailed(provider.classify(exc)) from exc
+        return self._each(key, "results", batch, timeout)
 
     def classify_response(self, key: ApiKey | None, status: int, body: Any) -> Failure:
         """What an error inside a batch's results of ``key`` means (OpenAI's shape when the key is
