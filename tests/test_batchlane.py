@@ -95,6 +95,45 @@ def test_a_crash_between_creating_a_batch_and_recording_it_creates_no_second_bat
     assert isinstance(Chunk.loads(rclient.hget(keys.job_batches("job-b"), chunk_id)), Chunk)
 
 
+def test_a_step_is_due_again_when_its_lease_renewer_outlives_its_cancel(
+        tmp_path: Path, sim: SimServer, rclient: redis.Redis, redis_url: str) -> None:
+    """A step's lease is renewed while it runs; once it ends, its next step is set and the renewer
+    must be gone. On Python 3.11 one cancel() of a task writing to Redis can be swallowed (redis-py
+    writes through asyncio.wait_for: ~1 in 60 in a loop of ZADDs), and the renewer went on moving
+    the step a lease ahead for ever: the batch was never polled again. The renewer here swallows
+    its first cancel as that does."""
+    config = load_config(write_config(tmp_path / "c.json", sim, broker_url=redis_url, lane="batch",
+                                      lease_seconds=2))
+    member = "job-r\n1"
+    rclient.zadd(keys.BATCH_DUE, {member: 0})
+
+    class Lane(BatchLane):
+        async def step(self, job_id: str, chunk_id: str) -> float | None:
+            await asyncio.sleep(0.8)  # the lease is renewed once (every 0.5 s)
+            return 0.0  # due again at once
+
+        async def _keep(self, member: str) -> None:
+            try:
+                await super()._keep(member)
+            except asyncio.CancelledError:  # swallowed: it goes on
+                await super()._keep(member)
+
+    async def run_step() -> tuple[float, float, bool]:
+        client = connect_async(redis_url, max_connections=8)
+        lane = Lane(config, client, Providers(), config.keys(), Prices())
+        try:
+            await lane._run(member)
+            await asyncio.sleep(1.5)  # three renewal periods
+            seconds, micros = await client.time()
+            leftover = [t for t in asyncio.all_tasks() if "_keep" in repr(t.get_coro())]
+            return seconds * 1000 + micros / 1000, await client.zscore(keys.BATCH_DUE, member), bool(leftover)
+        finally:
+            await client.aclose()
+
+    now, due, renewing = asyncio.run(run_step())
+    assert due <= now and not renewing, f"the step is due {due - now:.0f} ms from now; renewer alive: {renewing}"
+
+
 def test_the_cut_over_leaves_a_quarter_of_the_time_or_what_the_limits_need() -> None:
     # and, on top, the hand-off's own time (the batches' cancel, their answers read, the workers'
     # first look at the rows)

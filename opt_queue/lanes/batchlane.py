@@ -59,6 +59,7 @@ from opt_queue.queue.broker import envelope, queue_push
 from opt_queue.lanes.chunks import CANCEL_POLL, HANDOFF_SECONDS, Chunk, ChunkLines, store_chunk
 from opt_queue.core.config import ApiKey, Config
 from opt_queue.store.jobs import STOPPED, AsyncJob
+from opt_queue.store.redis_conn import stop_task
 from opt_queue.core.prices import Prices, Usage, nano
 from opt_queue.core.request import CHAT_URL, failure_key
 from opt_queue.store.scripts import run_pipeline, scripts_for
@@ -115,6 +116,8 @@ class BatchLane:
                     await self.dispatch()
                 except redis.RedisError as exc:
                     log.debug("batch lane: no look at the due steps (%r)", exc)
+                except Exception:  # a bug: this worker must not stop taking steps for good
+                    log.exception("batch lane: the look at the due steps failed")
         self._task = asyncio.ensure_future(forever())
 
     async def stop(self) -> None:
@@ -146,7 +149,9 @@ class BatchLane:
                         api.redact(f"{type(exc).__name__}: {exc}", self._secrets))
             delay = self.config.batch_poll
         finally:
-            renewer.cancel()
+            # Ended before the next step is set: a renewal that lands after it would move the
+            # step a lease ahead, again and again if the renewer outlived its cancel.
+            await stop_task(renewer)
         if delay is None:
             await self.client.zrem(rkeys.BATCH_DUE, member)
         else:
@@ -156,7 +161,10 @@ class BatchLane:
         """Keep a step that runs long (a large upload) away from other workers."""
         while True:
             await asyncio.sleep(self._lease_ms / 4000)
-            await self._scripts.due(keys=[rkeys.BATCH_DUE], args=["at", self._lease_ms, member])
+            try:
+                await self._scripts.due(keys=[rkeys.BATCH_DUE], args=["at", self._lease_ms, member])
+            except redis.RedisError as exc:  # Redis restarting: the lease lasts a while; try again
+                log.debug("batch lane: no renewal of %r's lease (%r)", member, exc)
 
     # -- one step ---------------------------------------------------------------------------------
     async def step(self, job_id: str, chunk_id: str) -> float | None:

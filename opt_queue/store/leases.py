@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable
 import redis
 
 from opt_queue.store.jobs import AsyncJob
+from opt_queue.store.redis_conn import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,5 @@ class Leases:
 
     async def stop(self) -> None:
         if self._renewer is not None:
-            self._renewer.cancel()
-            try:
-                await self._renewer
-            except asyncio.CancelledError:
-                pass
+            await stop_task(self._renewer)  # (one cancel() may not stop it: see stop_task)
             self._renewer = None
