@@ -94,6 +94,26 @@ def test_an_unreachable_api_base_stops_the_job_before_it_pays(tmp_path: Path, si
     assert all(v for line in read_jsonl(out) for v in line.values()) and sim.stats()["calls"] == 10
 
 
+@pytest.mark.slow
+def test_an_unreachable_api_base_stops_a_batch_lane_job_too(tmp_path: Path, sim: SimServer) -> None:
+    """The batch lane's upload and create calls meet the refused connection: the same rule as the
+    synchronous lane's retires the key and stops the job (it retried the upload for ever)."""
+    from opt_queue.jobflow.local import free_port
+
+    dead_base = f"http://127.0.0.1:{free_port()}/v1"
+    data = write_jsonl(tmp_path / "data.jsonl", seed_rows(10))
+    out = tmp_path / "output.jsonl"
+    config = write_config(tmp_path / "config.json", sim, api_base=dead_base, batch_poll=0.5)
+
+    stopped = cli("run", str(data), "-c", str(config), "-o", str(out), "--lane", "batch", timeout=120)
+
+    assert stopped.returncode == 4, stopped.stderr
+    assert f"no api_base serving {MODEL} can be reached: {dead_base}" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert read_jsonl(out) == []  # unanswered, not null
+    assert sim.stats()["calls"] == 0 and not sim.stats()["batch"].get("files")
+
+
 def test_all_keys_dead_stops_the_job_and_a_rerun_with_a_good_key_finishes(tmp_path: Path, sim: SimServer) -> None:
     dead = [SimKey("sk-revoked-1-xxxxxxxxxxxxxx", dead="invalid"), SimKey("sk-spent-1-xxxxxxxxxxxxxxxx", dead="quota")]
     good = SimKey("sk-fresh-key-xxxxxxxxxxxxxxx")

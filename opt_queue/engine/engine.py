@@ -37,7 +37,7 @@ from opt_queue.limits.admission import RETRY, Admissions
 from opt_queue.core.answers import RowResult
 from opt_queue.store.leases import DONE, HELD, Leases
 from opt_queue.core.request import split_row
-from opt_queue.core.config import Config
+from opt_queue.core.config import ApiKey, Config
 from opt_queue.store.jobs import STOPPED, AsyncJob
 from opt_queue.limits.limiter import AsyncKeyPool, Lease, Never, Report, Wait
 from opt_queue.store import budget as budgets
@@ -140,8 +140,9 @@ class _Row:
 
 
 @dataclass
-class _Reach:
-    """Whether a base URL can be reached, as this worker's calls found it."""
+class Reach:
+    """Whether a base URL can be reached, as this worker's calls found it (the engine's and the
+    batch lane's)."""
 
     answered: bool = False
     failures: int = 0  # connection failures in a row
@@ -187,7 +188,7 @@ class Engine:
         self._secrets = [k.secret.get_secret_value() for k in self.keys]
         self._retired: dict[str, tuple[float, dict[str, str]]] = {}
         self._slots = asyncio.Semaphore(config.concurrency)
-        self._reach: dict[str, _Reach] = {}  # per base URL: did it answer, since when it fails
+        self._reach: dict[str, Reach] = {}  # per base URL: did it answer, since when it fails
         self._draining = asyncio.Event()
         self._on_wire: set[asyncio.Task[Any]] = set()  # rows whose API call is under way
         self._abandon = False
@@ -571,7 +572,7 @@ class Engine:
         failure = self.provider.classify(exc)
         failure.message = providers.redact(failure.message, self._secrets)
         if failure.kind is not providers.Kind.UNREACHABLE and failure.status is not None:
-            self._reach.setdefault(base_of(lease.key), _Reach()).reached()
+            self._reach.setdefault(base_of(lease.key), Reach()).reached()
         # An error status is not billed; a 200 without a usable answer (a refusal) is.
         paid = getattr(exc, "usage", None)
         row.last_usage = self._usage(row, answers.Reply(value=None, usage=paid)) if paid else None
@@ -605,7 +606,7 @@ class Engine:
         build the row's result."""
         reach = self._reach.get(base_of(lease.key))
         if reach is None or reach.failures or not reach.answered:
-            self._reach.setdefault(base_of(lease.key), _Reach()).reached()
+            self._reach.setdefault(base_of(lease.key), Reach()).reached()
         row.sent_ms = None
         try:  # bookkeeping: a Redis error here must not throw the paid answer away
             if stamped is not None:
@@ -685,7 +686,7 @@ class Engine:
             # Nothing reached the server, so nothing was paid and no attempt is used; the row tries
             # again (another key, or this one after a pause) until the base is given up.
             base = base_of(lease.key)
-            if self._reach.setdefault(base, _Reach()).failed(time.monotonic()):
+            if self._reach.setdefault(base, Reach()).failed(time.monotonic()):
                 await self._give_up_base(row.job, base, f.message)
                 return None
             row.connect_failures += 1
@@ -737,27 +738,34 @@ class Engine:
         return set(cached[1])
 
     async def _give_up_base(self, job: AsyncJob, base: str, message: str) -> None:
-        """Retire, for the job, every key whose calls go to ``base``: it cannot be reached."""
-        shown = redact_url(base)
-        for key in self.keys:
-            if base_of(key) == base and await job.retire_key(key.fingerprint, f"{UNREACHABLE_MARK} {shown}: {message}"):
-                log.error("key %s retired for job %s: %s cannot be reached (%s)", key.fingerprint, job.id,
-                          shown, message)
+        await give_up_base(job, self.keys, base, message)
         self._retired.pop(job.id, None)
 
     async def _stop_no_keys(self, job: AsyncJob, model: str) -> None:
-        retired = await job.retired_keys()
-        unreachable = sorted({why for why in retired.values() if why.startswith(UNREACHABLE_MARK)})
-        if retired and len(unreachable) == len(set(retired.values())):
-            reason = (f"no api_base serving {model} can be reached: " + "; ".join(
-                why[len(UNREACHABLE_MARK) + 1:] for why in unreachable) + ". Check api_base in the config "
-                "(and the network), then run the same command again; the unanswered rows stay unanswered.")
-        elif retired:
-            detail = "; ".join(f"{fp}: {why}" for fp, why in sorted(retired.items()))
-            reason = (f"every key serving {model} is retired ({detail}). The unanswered rows stay "
-                      f"unanswered: add working keys and run the same command again.")
-        if not retired:
-            reason = (f"no configured key serves model {model}; add it to a key's \"models\" "
-                      f"or remove the \"models\" restriction.")
+        reason = no_keys_reason(await job.retired_keys(), model)
         if await job.stop(reason):
             log.error("job %s stopped: %s", job.id, reason)
+
+
+async def give_up_base(job: AsyncJob, keys: list[ApiKey], base: str, message: str) -> None:
+    """Retire, for the job, every key whose calls go to ``base``: it cannot be reached."""
+    shown = redact_url(base)
+    for key in keys:
+        if base_of(key) == base and await job.retire_key(key.fingerprint, f"{UNREACHABLE_MARK} {shown}: {message}"):
+            log.error("key %s retired for job %s: %s cannot be reached (%s)", key.fingerprint, job.id,
+                      shown, message)
+
+
+def no_keys_reason(retired: dict[str, str], model: str) -> str:
+    """Why a job stops when no key may serve ``model`` (``retired``: the job's retired keys and why)."""
+    unreachable = sorted({why for why in retired.values() if why.startswith(UNREACHABLE_MARK)})
+    if retired and len(unreachable) == len(set(retired.values())):
+        return (f"no api_base serving {model} can be reached: " + "; ".join(
+            why[len(UNREACHABLE_MARK) + 1:] for why in unreachable) + ". Check api_base in the config "
+            "(and the network), then run the same command again; the unanswered rows stay unanswered.")
+    if retired:
+        detail = "; ".join(f"{fp}: {why}" for fp, why in sorted(retired.items()))
+        return (f"every key serving {model} is retired ({detail}). The unanswered rows stay "
+                f"unanswered: add working keys and run the same command again.")
+    return (f"no configured key serves model {model}; add it to a key's \"models\" "
+            f"or remove the \"models\" restriction.")

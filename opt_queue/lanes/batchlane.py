@@ -50,6 +50,8 @@ import redis
 
 from opt_queue.core import answers, formats
 from opt_queue.engine import metrics
+from opt_queue.engine.engine import Reach, base_of, give_up_base, no_keys_reason
+from opt_queue.core.broker_url import redact_url
 from opt_queue.store import budget as budgets
 from opt_queue.store import keys as rkeys
 from opt_queue import providers as api
@@ -80,6 +82,10 @@ CLOCK_SKEW = 300.0
 """Seconds a provider's clock may be behind ours when a lost batch is found by its creation time."""
 OWNER_SECONDS = 3 * 86400
 """How long a batch's owner is kept: longer than any provider lets a batch run."""
+UNREACHABLE_POLL = 1.0
+"""Seconds until a chunk whose key's base URL refused the connection tries again, until the base is
+given up (the engine's rule: a base that never answered after 3 tries over 2 s, one that answered
+before after 60 s of failures); its keys are then retired for the job, as in the synchronous lane."""
 FIND_AT_MOST = 2000
 """Batches looked at, at most, when a lost one is searched for (the key's most recent ones where the
 provider lists them newest first: OpenAI, Anthropic)."""
@@ -103,6 +109,7 @@ class BatchLane:
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._secrets = [k.secret.get_secret_value() for k in keys]
+        self._reach: dict[str, Reach] = {}  # per base URL, as this worker's uploads and creates found it
 
     def __repr__(self) -> str:
         return f"<BatchLane steps running={len(self._running)}>"
@@ -240,8 +247,7 @@ class BatchLane:
     async def _create(self, job: AsyncJob, chunk_id: str, chunk: Chunk) -> float | None:
         key = await self._pick(job, chunk)
         if key is False:
-            reason = (f"no usable key serves model {chunk.model} for the batch lane; the unanswered rows "
-                      f"stay unanswered: add working keys and run the same command again.")
+            reason = no_keys_reason(await job.retired_keys(), chunk.model)
             if await job.stop(reason):
                 log.error("job %s stopped: %s", job.id, reason)
             return 0.0
@@ -283,6 +289,14 @@ class BatchLane:
             pipe.hset(rkeys.job_batches(job.id), chunk_id, chunk.dumps())
             await pipe.execute()
             message = api.redact(failure.message, self._secrets)
+            if failure.kind is api.Kind.UNREACHABLE:  # nothing reached the server: nothing was sent
+                base = base_of(key)
+                if self._reach.setdefault(base, Reach()).failed(time.monotonic()):
+                    await give_up_base(job, self.keys, base, message)  # the chunk goes to another key, or the job stops
+                    return 0.0
+                log.warning("job %s: chunk %s: %s cannot be reached (%s); trying again", job.id, chunk_id,
+                            redact_url(base), message)
+                return min(self.config.batch_poll, UNREACHABLE_POLL)
             if failure.kind is api.Kind.KEY_DEAD:
                 await job.retire_key(key.fingerprint, f"{failure.status} {failure.reason}: {message}")
                 log.warning("key %s retired for job %s: %s", key.fingerprint, job.id, failure.reason)
@@ -297,6 +311,7 @@ class BatchLane:
             log.warning("job %s: chunk %s could not be sent to the batch API (%s); trying again", job.id,
                         chunk_id, message)
             return max(failure.retry_after or 0.0, self.config.batch_poll)
+        self._reach.setdefault(base_of(key), Reach()).reached()
         log.info("job %s: chunk %s (%d rows, ~%d prompt tokens) is batch %s on key %s", job.id, chunk_id,
                  chunk.rows, chunk.tokens, created.id, key.fingerprint)
         return await self._submitted(job, chunk_id, chunk, created.id, file_id, created.status)
@@ -569,6 +584,13 @@ class BatchLane:
             await self._publish(job, chunk, given_up, {})
             chunk.nulls += len(given_up)
             left = []
+        if left and status == STOPPED:
+            # Given back before the chunk ends (a release is idempotent), through run_pipeline: it
+            # loads the script where this Redis does not know it yet (inside the transaction below,
+            # NOSCRIPT failed the step again and again, and the stopped job never ended).
+            for start in range(0, len(left), PUBLISH_GROUP):
+                await run_pipeline(self.client, lambda pipe, group=left[start:start + PUBLISH_GROUP]:
+                                   [job.queue_release(index, pipe) for index in group])
         pipe = self.client.pipeline(transaction=True)
         if lines:
             pipe.srem(rkeys.job_in_batch(job.id), *lines)
@@ -576,8 +598,7 @@ class BatchLane:
             pipe.hincrby(rkeys.batch_enqueued(chunk.key or "", chunk.model), "tokens", -chunk.tokens)
         self._unreserve(pipe, job, chunk)  # the real cost was added by _publish
         if left and status == STOPPED:
-            for index in left:
-                job.queue_release(index, pipe)
+            pass  # given back above
         elif left and chunk.handed:
             pass  # in the synchronous lane already (_hand_over)
         elif left and late:
