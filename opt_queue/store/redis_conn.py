@@ -33,7 +33,7 @@ async def stop_task(task: asyncio.Task[Any]) -> None:
 
     One ``cancel()`` is not enough for a task that talks to Redis: on Python 3.11 a cancellation
     that arrives as a command's socket write completes is swallowed by ``asyncio.wait_for``
-    (which redis-py's asyncio connection writes through; CPython gh-86296, fixed in 3.12), and
+    (which redis-py's asyncio connection writes through; CPython bpo-42130, gone in 3.12), and
     the task goes on as if nothing was asked. Measured with redis-py 8.2: 40 of 2,400 tasks
     looping on ``ZADD`` survived one ``cancel()``. A lease renewer that survived kept a batch
     step's lease for ever and no worker took the step again. So the task is cancelled again
