@@ -89,3 +89,21 @@ def test_an_unacknowledged_message_is_still_restored_at_close(redis_url: str) ->
     assert client.llen("opt-queue-transport-restore") == 1  # the one a task still ran came back
     assert client.hlen("unacked") == 0
     assert running.payload == {"n": 2}
+
+
+def test_a_channel_closing_after_its_connection_was_dropped_does_not_stop_the_worker(redis_url: str) -> None:
+    """After a broker outage kombu may close a channel once its connection is gone (its pool
+    dropped, the transport's client None): giving its unacknowledged messages back must fail as a
+    connection error, which kombu's closing ignores, not as the AttributeError from kombu's
+    connection parameters that ended a worker with "Unrecoverable error" in a Redis restart."""
+    from kombu.common import ignore_errors
+
+    with Connection(redis_url, transport=NAME) as conn:
+        channel = conn.default_channel
+        queue = conn.SimpleQueue("opt-queue-transport-dropped")
+        queue.put({"n": 1})
+        running = queue.get(timeout=5)  # unacknowledged, as a task a worker was running
+        channel._disconnect_pools()  # what the lost connection did
+        conn.transport.client = None  # what kombu's close of the connection did
+        ignore_errors(conn, channel.close)  # raised AttributeError
+    assert running.payload == {"n": 1}

@@ -113,6 +113,13 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if client:
             yield client
             return
+        if self._pool is None and getattr(self.connection, "client", None) is None:
+            # The broker connection was lost and kombu has closed it: no pool can be built (kombu
+            # reads the closed connection's address, and its AttributeError stopped the worker,
+            # "Unrecoverable error", when a Redis restart met a channel closing). A connection
+            # error is one kombu's closing ignores; the unacknowledged records stay in Redis and
+            # their messages come back after visibility_timeout.
+            raise kombu_redis.redis.ConnectionError("the broker connection is closed")
         pool = self.pool  # a new pool after a fork or a disconnect: a new client with it
         shared = self._shared
         if shared is None or shared[0] is not pool:
