@@ -328,6 +328,23 @@ def test_slow_down_halves_the_minute_limit_and_ramps_back(make) -> None:
     assert sum(isinstance(p.acquire(), Lease) for _ in range(120)) == 100
 
 
+def test_a_request_larger_than_a_slowed_window_waits_for_the_ramp_back_not_refused_for_ever(make) -> None:
+    # 120 tokens a minute, slowed twice (30 left): a 50-token request still fits the key's real
+    # window, so it waits until the limit ramps back past 50, and never counts as too large
+    p = make([key("sk-slow-tok", {"tpm": 120})], header_period=60.0)
+    for _ in range(2):
+        p.tell(p.acquire(tokens=1), verdict="slow")
+    got = p.acquire(tokens=50)
+    assert isinstance(got, Wait) and not got.too_large, got
+    # slowed to a quarter, back to 1 over 120 s: 50/120 of the window in (50/120 - 1/4) / (3/4) * 120 s
+    assert got.seconds == pytest.approx(26.67, abs=0.01)
+    assert isinstance(p.acquire(tokens=121), Never)  # larger than the real window: never
+    p.advance(26_660)
+    assert isinstance(p.acquire(tokens=50), Wait)  # then the window's 2 tokens still in it
+    p.advance(33_341)  # a minute: they expired, the window ramped back to 75
+    assert isinstance(p.acquire(tokens=50), Lease)
+
+
 def test_large_limits_are_paced_within_the_minute(make) -> None:
     p = make([key("sk-big", {"rpm": 6000})])  # 6000/min: at most 100 in any second
     assert sum(isinstance(p.acquire(), Lease) for _ in range(150)) == 100

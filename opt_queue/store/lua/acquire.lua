@@ -99,6 +99,12 @@ local function slow_factor(f0, at)
   return math.min(1, f0 + (1 - f0) * (now - at) / (2 * header_period))
 end
 
+-- Milliseconds until the slow-down factor, ramping back from f0 (set at `at`), reaches `target`.
+local function ramp_wait(f0, at, target)
+  if f0 >= 1 or target <= f0 then return 1 end
+  return math.max(1, math.ceil(at + (math.min(target, 1) - f0) / (1 - f0) * 2 * header_period - now) + 1)
+end
+
 -- Read every scope once: its state, and for each window that counts, its limit now and its use.
 -- Admissions made by this call keep `used` in step, so each request is judged without reading
 -- the scopes again.
@@ -118,9 +124,10 @@ for b = 1, n do
     local v, at = tonumber(st[at_field] or '0'), tonumber(st[at_field + 1] or '0')
     if v > 0 and at + refresh > now then learned[dim] = v end
   end
-  local factor = slow_factor(tonumber(st[8] or '1'), tonumber(st[9] or '0'))
+  local slow_f0, slow_at = tonumber(st[8] or '1'), tonumber(st[9] or '0')
+  local factor = slow_factor(slow_f0, slow_at)
   local probing = probe > 0 and tonumber(st[2] or '0') <= now
-  local header_limit = {}
+  local header_limit, header_full = {}, {}
   local windows = {}
   for w = 1, nwin do
     local key = KEYS[kk]
@@ -130,17 +137,20 @@ for b = 1, n do
     local limit, period, mode, margin = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]),
                                         tonumber(ARGV[a + 4])
     kk, a = kk + 1, a + 5
+    local full  -- the window's limit without a slow-down: what a request can never exceed
     if mode == 1 then
       if learned[dim] and learned[dim] < limit then limit = learned[dim] end
     elseif mode == 2 then
       limit = learned[dim] or limit
     elseif mode == 3 then
-      local h = header_limit[dim]
-      limit = 0
+      local h, hf = header_limit[dim], header_full[dim]
+      limit, full = 0, 0
       if h and h >= pace_above then limit = math.ceil(h * period / header_period) end
+      if hf and hf >= pace_above then full = math.ceil(hf * period / header_period) end
     end
+    full = full or limit
     if limit > 0 and mode > 0 and factor < 1 then limit = math.max(1, math.floor(limit * factor)) end
-    if mode == 1 or mode == 2 then header_limit[dim] = limit end
+    if mode == 1 or mode == 2 then header_limit[dim], header_full[dim] = limit, full end
     -- A pacing window of a small limit is not kept (it costs nothing; it starts empty when the
     -- limit grows past the threshold, so its first sub-window may burst). A discovered request
     -- window is kept before its limit is known (a 429 without headers learns from how many it
@@ -156,7 +166,7 @@ for b = 1, n do
         used = redis.call('ZCARD', key)
       end
       windows[#windows + 1] = {key = key, kind = kind, is_tok = is_tok, period = period, limit = limit,
-                               mode = mode, margin = margin, used = used}
+                               full = full, mode = mode, margin = margin, used = used}
     end
   end
   local busy = 0  -- until when the scope admits nothing (a cooldown, its probe still out)
@@ -171,6 +181,7 @@ for b = 1, n do
     if w.is_tok and w.limit > 0 and (tok_cap == nil or w.limit < tok_cap) then tok_cap = w.limit end
   end
   scopes[b] = {state = state, windows = windows, probing = probing, busy = busy, judged = {},
+               slow_f0 = slow_f0, slow_at = slow_at,
                tok_factor = tonumber(st[10] or '1'), calibrated = st[10] ~= false, tok_cap = tok_cap,
                out_written = st[13] == '1', out_refuted = st[13] == '0'}
 end
@@ -190,8 +201,11 @@ local function judge_now(s, need_tokens, need_out, unsure)
       -- max_tokens above an output window may still pass a server that counts output as written:
       -- until the scope knows (a refutation says it does not), such a request goes alone
       if w.kind == 2 and need > limit and not s.out_refuted then need, first = limit, used == 0 end
-      if need > limit and not first then return 'never' end
-      if used + need > limit and not first then
+      if need > limit and not first then
+        -- larger than the window only while a slow-down lowers it: it fits once the limit ramps back
+        if need > w.full then return 'never' end
+        wait = math.max(wait, ramp_wait(s.slow_f0, s.slow_at, need / w.full))
+      elseif used + need > limit and not first then
         if w.kind == 2 then
           -- an output window frees as answers come back (each gives back its max_tokens less what
           -- it wrote: settle_out.lua), long before its entries expire: look again soon
