@@ -99,7 +99,7 @@ def test_scripts_forgotten_by_redis_are_loaded_again_and_run_once(redis_url: str
     async def go() -> list[Any]:
         client = connect_async(redis_url, max_connections=8)
         scripts = scripts_for(client)
-        await client.zadd("coalesce:win", {"uid-1": 10})
+        await run_pipeline(client, lambda pipe: pipe.zadd("coalesce:win", {"uid-1": 10}))  # loads them
         rclient.script_flush()  # as after a Redis restart
         got = await asyncio.gather(
             run_script(client, scripts.stamp, ["coalesce:win"], ["uid-1", 0, 1, 1234, 0, 1]),
@@ -115,6 +115,28 @@ def test_scripts_forgotten_by_redis_are_loaded_again_and_run_once(redis_url: str
     assert stamp == 1234 and pair[1] == 1500 and score == 1500.0
     # the fill that met NOSCRIPT ran again whole: its counter counted twice (the documented cost)
     assert pair[0] in (1, 2) and int(counter) == pair[0]
+
+
+def test_a_new_clients_first_round_trip_loads_the_scripts_before_its_fills_run(redis_url: str,
+                                                                              rclient: redis.Redis) -> None:
+    # A fill that met NOSCRIPT runs again, but what it queued after the missing script ran the first
+    # time: a probe's answer was marked before its calibration (the burst went in on the estimate,
+    # and met 429s). On a Redis that holds no script, a new client's first round trip loads them.
+    rclient.script_flush()
+
+    async def go() -> tuple[Any, Any]:
+        client = connect_async(redis_url, max_connections=8)
+        scripts = scripts_for(client)
+        await client.zadd("coalesce:first", {"uid-1": 10})
+        got = await run_pipeline(client, lambda pipe: (
+            queue(pipe, scripts.stamp, ["coalesce:first"], ["uid-1", 0, 1, 1234, 0, 1]), pipe.incr("coalesce:after")))
+        counted = await client.get("coalesce:after")
+        await client.delete("coalesce:first", "coalesce:after")
+        await client.aclose()
+        return got, counted
+
+    got, counted = _run(go())
+    assert got == [1234, 1] and int(counted) == 1  # the fill ran once, its script first
 
 
 @pytest.mark.parametrize("callers", [1, 500])
