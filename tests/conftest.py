@@ -93,7 +93,7 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``opt-queue ARGS`` as a real process and return its result. ``run`` gets one local worker
     unless the test says otherwise: a worker process costs ~1.5 s of CPU to start, and the suite
-    runs two tests at a time on two cores (the default, one per core, is tested where it matters)."""
+    runs four tests at a time on two cores (the default, one per core, is tested where it matters)."""
     if args and args[0] == "run" and "--workers" not in args and "--dry-run" not in args:
         args = (*args, "--workers", "1")
     full_env = dict(os.environ, **(env or {}))
