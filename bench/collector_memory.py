@@ -1,0 +1,125 @@
+"""The collector's final rewrite at a given size, without a run: peak RSS of a process that collects
+a job whose every row is already in ``output.jsonl`` (out of input order, a few nulls later
+answered, a share of rows with a warning in ``output.errors.jsonl``), so it reads the files,
+rewrites both in input order and ends.
+
+This is the part of a job's memory that grew with its size in the collector (issue 26: ~450 bytes
+a row, ~4.5 GB at 10M rows). A full ``bench/scale.py`` run of the code before that issue takes
+hours at 1,000,000 rows on a 2-core machine; this measures its collector at that size in seconds,
+and the code after it the same way. ``--source`` runs the collector of another checkout (a git
+worktree of an older commit): its ``Job`` and ``Collector`` are used as they were.
+
+Each size runs in a fresh process: its kernel high-water mark (``VmHWM``) after the imports and
+after the collect; the per-row figure is the growth between two sizes (the slope), so that the
+process's fixed memory is not read as a per-row cost.
+
+Run:  python bench/collector_memory.py --rows 100000 1000000
+      git worktree add /tmp/before f457363
+      python bench/collector_memory.py --rows 100000 1000000 --source /tmp/before
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+CHILD = r"""
+import json, sys, time
+import redis
+from opt_queue.jobflow.collector import Collector
+from opt_queue.store.jobs import Job
+
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) * 1024
+
+url, job_id, data, out, rows = sys.argv[1:6]
+client = redis.Redis.from_url(url)
+job = Job(client, job_id)
+job.begin_submit(total=int(rows), input=data)
+job.end_submit()
+before = hwm()
+t = time.perf_counter()
+status = Collector(client, job_id, out, data).run()
+seconds = time.perf_counter() - t
+assert status.complete and status.answered == int(rows), status
+print(json.dumps({"base": before, "peak": hwm(), "seconds": seconds}))
+"""
+
+
+def make_files(work: Path, rows: int, warning_share: float) -> tuple[Path, Path]:
+    """The job's input, and its output with every row answered out of order (the first 500 rows
+    of that order first as nulls), and a warning line for ``warning_share`` of the rows."""
+    data, out = work / "data.jsonl", work / "output.jsonl"
+    with open(data, "w") as fh:
+        for i in range(rows):
+            fh.write(f'{{"index": {i}, "instruction": "t", "input": "row {i}"}}\n')
+    order = list(range(rows))
+    random.Random(7).shuffle(order)
+    with open(out, "w") as fh:
+        for i in order[:500]:
+            fh.write(json.dumps({str(i): None}) + "\n")
+        for i in order:
+            fh.write(json.dumps({str(i): f"answer {i}"}) + "\n")
+    step = max(1, round(1 / warning_share)) if warning_share > 0 else 0
+    with open(work / "output.errors.jsonl", "w") as fh:
+        for i in order[:500]:
+            fh.write(json.dumps({"index": str(i), "error_type": "timeout", "message": "m", "attempts": 3}) + "\n")
+        for i in (order[::step] if step else ()):
+            fh.write(json.dumps({"index": str(i), "error_type": "finish_reason_length", "warning": True,
+                                 "message": "the answer was cut at its token limit"}) + "\n")
+    return data, out
+
+
+def measure(rows: int, source: Path, redis_url: str, warning_share: float) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        data, out = make_files(Path(tmp), rows, warning_share)
+        env = dict(os.environ, PYTHONPATH=str(source))
+        job_id = f"bench-collector-{uuid.uuid4().hex[:8]}"
+        got = subprocess.run([sys.executable, "-c", CHILD, redis_url, job_id, str(data), str(out), str(rows)],
+                             capture_output=True, text=True, env=env, cwd=tmp)
+        if got.returncode != 0:
+            raise SystemExit(got.stderr[-3000:])
+        return json.loads(got.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--source", type=Path, default=Path(__file__).resolve().parent.parent,
+                    help="the checkout whose opt_queue runs (default: this one)")
+    ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/15",
+                    help="a Redis for the job's state (its job keys are left to expire)")
+    ap.add_argument("--warnings", type=float, default=0.25, help="share of rows with a warning line")
+    args = ap.parse_args()
+    runs = []
+    for rows in args.rows:
+        got = measure(rows, args.source, args.redis_url, args.warnings)
+        runs.append((rows, got))
+        print(f"# {rows:,} rows: peak {got['peak'] / 1e6:.0f} MB (after imports {got['base'] / 1e6:.0f} MB), "
+              f"{got['seconds']:.1f} s", flush=True)
+    print(f"\n| collector's final rewrite ({args.source.name}) | " + " | ".join(f"{r:,} rows" for r, _ in runs)
+          + " | per row | at 10M rows |")
+    print("|---|" + "---|" * (len(runs) + 2))
+    peaks = [g["peak"] for _, g in runs]
+    if len(runs) >= 2:
+        (r0, g0), (r1, g1) = runs[-2], runs[-1]
+        slope = (g1["peak"] - g0["peak"]) / (r1 - r0)
+        at10m = g1["peak"] + slope * (10_000_000 - r1)
+        tail = f" {slope:.0f} B | {at10m / 1e9:.2f} GB |"
+    else:
+        tail = " | |"
+    print("| peak RSS | " + " | ".join(f"{p / 1e6:.0f} MB" for p in peaks) + " |" + tail)
+    print("| time | " + " | ".join(f"{g['seconds']:.1f} s" for _, g in runs) + " | | |")
+
+
+if __name__ == "__main__":
+    main()
