@@ -1,7 +1,7 @@
 """The collector's final rewrite at a given size, without a run: peak RSS of a process that collects
 a job whose every row is already in ``output.jsonl`` (out of input order, a few nulls later
-answered, a share of rows with a warning in ``output.errors.jsonl``), so it reads the files,
-rewrites both in input order and ends.
+answered, a share of rows with a warning in ``output.errors.jsonl``: the files of the rewrite's
+memory test, ``tests/jobfiles.py``), so it reads the files, rewrites both in input order and ends.
 
 This is the part of a job's memory that grew with its size in the collector (issue 26: ~450 bytes
 a row, ~4.5 GB at 10M rows). A full ``bench/scale.py`` run of the code before that issue takes
@@ -23,12 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
 import uuid
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from jobfiles import answered_out_of_order  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -55,33 +58,9 @@ print(json.dumps({"base": before, "peak": hwm(), "seconds": seconds}))
 """
 
 
-def make_files(work: Path, rows: int, warning_share: float) -> tuple[Path, Path]:
-    """The job's input, and its output with every row answered out of order (the first 500 rows
-    of that order first as nulls), and a warning line for ``warning_share`` of the rows."""
-    data, out = work / "data.jsonl", work / "output.jsonl"
-    with open(data, "w") as fh:
-        for i in range(rows):
-            fh.write(f'{{"index": {i}, "instruction": "t", "input": "row {i}"}}\n')
-    order = list(range(rows))
-    random.Random(7).shuffle(order)
-    with open(out, "w") as fh:
-        for i in order[:500]:
-            fh.write(json.dumps({str(i): None}) + "\n")
-        for i in order:
-            fh.write(json.dumps({str(i): f"answer {i}"}) + "\n")
-    step = max(1, round(1 / warning_share)) if warning_share > 0 else 0
-    with open(work / "output.errors.jsonl", "w") as fh:
-        for i in order[:500]:
-            fh.write(json.dumps({"index": str(i), "error_type": "timeout", "message": "m", "attempts": 3}) + "\n")
-        for i in (order[::step] if step else ()):
-            fh.write(json.dumps({"index": str(i), "error_type": "finish_reason_length", "warning": True,
-                                 "message": "the answer was cut at its token limit"}) + "\n")
-    return data, out
-
-
 def measure(rows: int, source: Path, redis_url: str, warning_share: float) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        data, out = make_files(Path(tmp), rows, warning_share)
+        data, out, _warned = answered_out_of_order(Path(tmp), rows, round(1 / warning_share) if warning_share else 0)
         env = dict(os.environ, PYTHONPATH=str(source))
         job_id = f"bench-collector-{uuid.uuid4().hex[:8]}"
         got = subprocess.run([sys.executable, "-c", CHILD, redis_url, job_id, str(data), str(out), str(rows)],

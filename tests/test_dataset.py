@@ -166,32 +166,15 @@ def test_the_collectors_final_rewrite_keeps_no_per_row_map(tmp_path: Path, rclie
     quarter with a warning in output.errors.jsonl, are rewritten in input order with at most ~50 bytes of
     Python memory a row (a dict of line places, a list of the input's indices, an output state
     with places or the errors' lines by index cost 150-450)."""
-    import random
     import tracemalloc
+
+    from jobfiles import answered_out_of_order
 
     from opt_queue.jobflow.collector import Collector
     from opt_queue.store.jobs import Job
 
     rows = 200_000
-    data, out = tmp_path / "data.jsonl", tmp_path / "output.jsonl"
-    with open(data, "w") as fh:
-        for i in range(rows):
-            fh.write(f'{{"index": {i}, "instruction": "t", "input": "row {i}"}}\n')
-    order = list(range(rows))
-    random.Random(7).shuffle(order)
-    with open(out, "w") as fh:
-        for i in order[:500]:
-            fh.write(json.dumps({str(i): None}) + "\n")  # a null, later answered
-        for i in order:
-            fh.write(json.dumps({str(i): f"answer {i}"}) + "\n")
-        fh.write(json.dumps({str(order[0]): "a second answer, not kept"}) + "\n")
-    cut = set(order[::4])  # a quarter of the rows' answers cut at their token limit: a warning each
-    with open(tmp_path / "output.errors.jsonl", "w") as fh:
-        for i in order[:500]:
-            fh.write(json.dumps({"index": str(i), "error_type": "timeout", "message": "m", "attempts": 3}) + "\n")
-        for i in cut:
-            fh.write(json.dumps({"index": str(i), "error_type": "finish_reason_length", "warning": True,
-                                 "message": "the answer was cut at its token limit"}) + "\n")
+    data, out, cut = answered_out_of_order(tmp_path, rows)  # a quarter with a warning each
     job = Job(rclient, "memory-bound")
     job.begin_submit(total=rows, input=str(data))
     job.end_submit()
