@@ -58,9 +58,9 @@ print(json.dumps({"base": before, "peak": hwm(), "seconds": seconds}))
 """
 
 
-def measure(rows: int, source: Path, redis_url: str, warning_share: float) -> dict[str, float]:
+def measure(rows: int, source: Path, redis_url: str, warn_every: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        data, out, _warned = answered_out_of_order(Path(tmp), rows, round(1 / warning_share) if warning_share else 0)
+        data, out, _warned = answered_out_of_order(Path(tmp), rows, warn_every)
         env = dict(os.environ, PYTHONPATH=str(source))
         job_id = f"bench-collector-{uuid.uuid4().hex[:8]}"
         got = subprocess.run([sys.executable, "-c", CHILD, redis_url, job_id, str(data), str(out), str(rows)],
@@ -77,11 +77,11 @@ def main() -> None:
                     help="the checkout whose opt_queue runs (default: this one)")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/15",
                     help="a Redis for the job's state (its job keys are left to expire)")
-    ap.add_argument("--warnings", type=float, default=0.25, help="share of rows with a warning line")
+    ap.add_argument("--warn-every", type=int, default=4, help="every N-th row has a warning line (0: none)")
     args = ap.parse_args()
     runs = []
     for rows in args.rows:
-        got = measure(rows, args.source, args.redis_url, args.warnings)
+        got = measure(rows, args.source, args.redis_url, args.warn_every)
         runs.append((rows, got))
         print(f"# {rows:,} rows: peak {got['peak'] / 1e6:.0f} MB (after imports {got['base'] / 1e6:.0f} MB), "
               f"{got['seconds']:.1f} s", flush=True)
