@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from opt_queue.jobflow.dataset import (IndexSet, iter_input, merge, read_output, repair_tail, rewrite_output,
+from opt_queue.jobflow.dataset import (IndexList, IndexSet, iter_input, merge, read_output, repair_tail, rewrite_output,
                                validate_input)
 from opt_queue.core.errors import InputError, OutputError
 
@@ -159,6 +159,11 @@ def test_index_set_behaves_like_a_set_of_strings(ops: list[tuple[bool, str]]) ->
     assert sorted(compact) == sorted(model)
     assert all(i in compact for i in model)
     assert all((i in compact) == (i in model) for _, i in ops)
+    # an input's order (repeats kept) against the set, by number: as the collector counts
+    order = IndexList(i for _, i in ops)
+    assert list(order) == [i for _, i in ops]
+    assert order.count_in(compact) == sum(i in model for _, i in ops)
+    assert order.as_set() == {i for _, i in ops} and len(order.as_set()) == len({i for _, i in ops})
 
 
 def test_the_collectors_final_rewrite_keeps_no_per_row_map(tmp_path: Path, rclient: Any) -> None:

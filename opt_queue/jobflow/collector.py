@@ -302,10 +302,9 @@ class Collector:
             raise OptQueueError(f"cannot read the job's input {input_path}: {exc}; pass --input") from None
         state = read_output(self.output, offsets=False)
         repair_tail(self.errors)
-        inputs = IndexSet(order)
-        status = CollectStatus(job=self.job.id, total=len(order),
-                               answered=sum(i in state.answered for i in order),
-                               nulls=sum(i in state.nulls for i in order))
+        inputs = order.as_set()
+        status = CollectStatus(job=self.job.id, total=len(order), answered=order.count_in(state.answered),
+                               nulls=order.count_in(state.nulls))
         stream = ResultStream(self.client, self.job.id)
         config = self.config or Config()
         recovery = _Recovery(self.client, self.job.id,
@@ -417,8 +416,8 @@ class Collector:
         rewrite_output(self.output, iter(order), state)
         state.offsets = None  # stale once rewritten; the sets stay true for the input's rows
         self._rewrite_errors(order, state, status)
-        status.answered = sum(i in state.answered for i in order)
-        status.nulls = sum(i in state.nulls for i in order)
+        status.answered = order.count_in(state.answered)
+        status.nulls = order.count_in(state.nulls)
         status.complete = True
         self.job.mark_complete((self.config or Config()).state_ttl)
         if status.answered == len(order):
